@@ -1,0 +1,1 @@
+"""eval_svc: renders validation previews for a run's LoRA."""

@@ -1,0 +1,1 @@
+"""EditTuner core: configuration, datasets, storage, models, encoding, training, export, previews."""

@@ -1,0 +1,78 @@
+"""The error hierarchy of EditTuner.
+
+Every error a user can cause or meet is one of these. The services map them to gRPC status codes in one place
+(later: the interceptor); the CLI prints ``str(err)`` and exits 1, never a traceback. Each message names the
+file, field or object concerned and says what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class EditTunerError(Exception):
+    """Base class. ``str(err)`` is a complete, user-facing message."""
+
+
+class InvalidInput(EditTunerError):
+    """Bad input from the user: a config, a dataset, an image, a request (gRPC INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem in a user's input: ``where`` is a file plus JSON path (``config.json: $.model_flavour``)
+    or a file path, ``message`` says what is wrong and what to do."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+class ProblemsError(InvalidInput):
+    """Several problems found at once, reported together so the user can fix them in one pass."""
+
+    def __init__(self, problems: list[Problem], title: str = "invalid input"):
+        self.problems = list(problems)
+        self.title = title
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        n = len(self.problems)
+        head = f"{self.title}: {n} problem{'s' if n != 1 else ''}"
+        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+
+
+class ConfigError(ProblemsError):
+    """config.json / multidatabackend.json / key=value overrides are invalid."""
+
+    def __init__(self, problems: list[Problem], title: str = "invalid configuration"):
+        super().__init__(problems, title)
+
+
+class DatasetError(ProblemsError):
+    """The image folders do not form a usable paired dataset (missing references, unreadable images, ...)."""
+
+    def __init__(self, problems: list[Problem], title: str = "invalid dataset"):
+        super().__init__(problems, title)
+
+
+class NotFound(EditTunerError):
+    """A run, job or stored object does not exist (gRPC NOT_FOUND)."""
+
+
+class IntegrityError(EditTunerError):
+    """A stored object does not match its recorded sha256 (gRPC DATA_LOSS)."""
+
+
+class FailedPrecondition(EditTunerError):
+    """The system is not in a state that allows the request, e.g. a run already active (gRPC FAILED_PRECONDITION)."""
+
+
+class ResourceExhausted(EditTunerError):
+    """Out of GPU memory or a full queue (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class Unavailable(EditTunerError):
+    """A dependency is not ready yet, e.g. models still loading or the store unreachable (gRPC UNAVAILABLE)."""

@@ -1,0 +1,163 @@
+"""The ``edittuner`` command line.
+
+Bad input never ends in a traceback: every EditTunerError is printed as its message (all problems listed) and
+the command exits 1. Warnings (ignored config keys, orphan references) are printed once, before the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from shared.errors import EditTunerError
+
+DEFAULT_STORE = ".edittuner/store"
+
+
+def _store(args: argparse.Namespace):
+    from shared.storage import open_store
+
+    return open_store(args.store or os.environ.get("EDITTUNER_STORE") or DEFAULT_STORE)
+
+
+def _load(args: argparse.Namespace):
+    from shared.config import load_run_config
+
+    run = load_run_config(args.config, args.data, args.overrides)
+    for w in run.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return run
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="config.json (SimpleTuner style; // comments allowed)")
+    p.add_argument("--data", help="multidatabackend.json (default: the config's data_backend_config)")
+    p.add_argument("--store", help=f"object store: a directory (default {DEFAULT_STORE}, or $EDITTUNER_STORE), "
+                                   "or s3://bucket with EDITTUNER_S3_* variables")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override config keys (learning_rate=1e-4, model_kwargs.match_target_res=true) or "
+                        "example=NAME for a bundled preset")
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def cmd_check(args: argparse.Namespace) -> int:
+    from shared.datasets import pair_datasets
+    from shared.encoding import Manifests, cache_status, plan, settings_for
+    from shared.models import resolve_dtype
+    from shared.encoding import resolve_device
+
+    run = _load(args)
+    t = run.train
+    paired, warnings = pair_datasets(run)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    store = _store(args)
+    items = plan(run, paired, settings_for(run, resolve_dtype(t.mixed_precision, resolve_device(t.device))))
+    manifests = Manifests(store)
+    print(f"config  {run.config_source}: {t.model_flavour}, model {t.model_path}, {t.base_model_precision}")
+    print(f"data    {run.data.source}")
+    for ds in paired:
+        refs = run.data.references_of(ds.config)
+        per = len(refs) if t.conditioning_multidataset_sampling == "combined" or len(refs) == 1 else \
+            f"1 of {len(refs)} (random)"
+        buckets = ", ".join(f"{w}x{h} ×{n}" for (w, h), n in ds.buckets().items()) or "none"
+        print(f"dataset {ds.config.id!r} ({ds.role}): {len(ds.samples)} samples, {per} reference(s) per sample"
+              f" [{', '.join(r.id for r in refs)}]" + (f", {len(ds.skipped)} skipped" if ds.skipped else ""))
+        print(f"  buckets: {buckets}")
+        status = cache_status([i for i in items if i.dataset is ds], manifests)
+        print("  cached:  " + ", ".join(f"{k} {c}/{n}" for k, (c, n) in sorted(status.items())))
+    print(f"store   {store.describe()}")
+    print("ok: configuration and datasets are valid")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from shared.encoding import DatasetEncoder
+
+    run = _load(args)
+    store = _store(args)
+    enc = DatasetEncoder(run, store)
+    bar = tqdm(desc="encode", unit="item", disable=args.quiet)
+    started = time.perf_counter()
+
+    def progress(stats, total):
+        bar.total = total
+        bar.n = stats.total
+        bar.set_postfix(encoded=stats.encoded, cached=stats.cached, failed=stats.failed)
+        bar.refresh()
+
+    try:
+        stats = enc.encode(progress)
+    finally:
+        bar.close()
+        enc.release()
+    print(f"encoded {stats.encoded}, cached {stats.cached}, failed {stats.failed} "
+          f"in {time.perf_counter() - started:.1f}s; store {store.describe()}")
+    for f in stats.failures:
+        print(f"failed: {f}", file=sys.stderr)
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from shared.tiny_model import save_tiny_model
+
+    path = save_tiny_model(args.dir, args.flavour, seed=args.seed)
+    print(f"tiny {args.flavour} model written to {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from shared.demo import run_demo
+
+    run_demo(Path(args.output), flavour=args.flavour, samples=args.samples)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edittuner", description="LoRA training for Qwen-Image-Edit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="validate config + datasets, pair them, show buckets and cache status")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("encode", help="encode the datasets into the cache (VAE latents, caption embeddings)")
+    _add_run_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_encode)
+    p = sub.add_parser("make-tiny-model", help="write a tiny random-weight model in the real Hugging Face layout")
+    p.add_argument("dir")
+    p.add_argument("--flavour", choices=["edit-v1", "edit-v2", "edit-v3"], default="edit-v2")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny_model)
+    p = sub.add_parser("demo", help="tiny model + generated pairs, end to end on a CPU")
+    p.add_argument("--output", default="demo-out")
+    p.add_argument("--flavour", choices=["edit-v1", "edit-v2", "edit-v3"], default="edit-v2")
+    p.add_argument("--samples", type=int, default=8)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("bitsandbytes", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EditTunerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

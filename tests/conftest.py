@@ -5,3 +5,14 @@ ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """flavour → directory of a tiny random-weight model in the real layout, built once per session."""
+    from shared.tiny_model import get_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return lambda flavour, seed=0: get_tiny_model(flavour, root, seed)

@@ -1,0 +1,156 @@
+"""Encoding into the store: equal to diffusers' own computation, idempotent, re-encodes exactly what changed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from shared.config import load_run_config
+from shared.datasets import load_sample_images, pair_datasets
+from shared.encode_ops import pack_latents, resize_reference
+from shared.encoding import DatasetEncoder, model_fingerprint
+from shared.models import load_encoder_pipeline
+from shared.storage import LocalStore
+from shared.synthetic import write_configs, write_dataset
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_models):
+    cache = {}
+
+    def get(flavour):
+        if flavour not in cache:
+            cache[flavour] = load_encoder_pipeline(tiny_models(flavour), flavour)
+        return cache[flavour]
+    return get
+
+
+def setup(tmp_path: Path, tiny_models, flavour="edit-v2", refs=2, n=4, **overrides):
+    root = write_dataset(tmp_path / "data", n=n, references=refs)
+    cfg, _ = write_configs(tmp_path / "cfg", root, tiny_models(flavour), flavour, refs, **overrides)
+    return root, cfg, LocalStore(tmp_path / "store")
+
+
+def encode(cfg, store, pipe, *overrides):
+    run = load_run_config(cfg, overrides=list(overrides))
+    return DatasetEncoder(run, store, pipe=pipe).encode(), run
+
+
+def test_cached_tensors_equal_diffusers_pipeline_computation(tmp_path, tiny_models, pipes):
+    root, cfg, store = setup(tmp_path, tiny_models)
+    pipe = pipes("edit-v2")
+    stats, run = encode(cfg, store, pipe)
+    assert (stats.encoded, stats.cached, stats.failed) == (16, 0, 0)  # 4 targets + 8 references + 4 captions
+    [ds], _ = pair_datasets(run)
+    s = ds.samples[1]
+    target, refs = load_sample_images(ds, s, 10 ** 8)
+    # diffusers' VAE path: preprocess → _encode_vae_image (normalised, argmax) → _pack_latents
+    w, h = s.bucket
+    x = pipe.image_processor.preprocess(target, h, w).unsqueeze(2)
+    expected = pipe._encode_vae_image(x, generator=None)
+    expected_tokens = pipe._pack_latents(expected, 1, 16, h // 8, w // 8)
+    cached, meta = store.get_tensors(f"cache/vae/demo-images/{s.key}.safetensors")
+    assert cached["latents"].shape == (16, h // 8, w // 8)
+    torch.testing.assert_close(pack_latents(cached["latents"][None]), expected_tokens, atol=1e-5, rtol=1e-5)
+    # diffusers' prompt path: the Plus pipeline's encode_prompt with the references resized for the VL encoder
+    vl = [resize_reference(pipe.image_processor, r, 64 * 64) for r in refs]
+    pe, mask = pipe.encode_prompt(prompt=[s.caption], image=vl, device="cpu")
+    text, _ = store.get_tensors(f"cache/text/demo-images/{s.key}.safetensors")
+    assert text["prompt_embeds"].shape == pe[0].shape and int(text["prompt_mask"].sum()) == pe.shape[1]
+    torch.testing.assert_close(text["prompt_embeds"], pe[0], atol=1e-5, rtol=1e-5)
+
+
+def test_second_encode_encodes_nothing_and_a_changed_caption_exactly_one(tmp_path, tiny_models, pipes):
+    root, cfg, store = setup(tmp_path, tiny_models)
+    pipe = pipes("edit-v2")
+    encode(cfg, store, pipe)
+    before = {k: store.stat(k).sha256 for k in store.list("cache")}
+    stats, _ = encode(cfg, store, pipe)
+    assert (stats.encoded, stats.cached) == (0, 16)
+    (root / "images" / "0002.txt").write_text("make everything green")
+    stats, _ = encode(cfg, store, pipe)
+    assert (stats.encoded, stats.cached) == (1, 15)
+    after = {k: store.stat(k).sha256 for k in store.list("cache")}
+    changed = sorted(k for k in after if after[k] != before.get(k))
+    assert changed == ["cache/text/demo-images/0002.safetensors", "cache/text/demo-images/manifest.json"]
+
+
+def test_changed_reference_image_re_encodes_its_latent_and_the_caption_embedding(tmp_path, tiny_models, pipes):
+    root, cfg, store = setup(tmp_path, tiny_models)
+    pipe = pipes("edit-v2")
+    encode(cfg, store, pipe)
+    Image.new("RGB", (64, 64), "black").save(root / "reference_b" / "0001.png")
+    stats, _ = encode(cfg, store, pipe)
+    assert (stats.encoded, stats.cached) == (2, 14)
+    manifest = store.get_json("cache/vae/demo-reference-b/manifest.json")
+    assert set(manifest["entries"]) == {"0000", "0001", "0002", "0003"}
+
+
+def test_changed_resolution_and_model_re_encode(tmp_path, tiny_models, pipes):
+    root, cfg, store = setup(tmp_path, tiny_models, n=3)
+    pipe = pipes("edit-v2")
+    encode(cfg, store, pipe)
+    data = cfg.parent / "multidatabackend.json"
+    entries = json.loads(data.read_text())
+    entries[0]["resolution"] = 128
+    data.write_text(json.dumps(entries))
+    stats, _ = encode(cfg, store, pipe)
+    # every entry: strict references follow their target's bucket, and captions see their references
+    assert (stats.encoded, stats.cached) == (12, 0)
+    stats, _ = encode(cfg, store, pipe)
+    assert (stats.encoded, stats.cached) == (0, 12)
+    # another model: every entry
+    other = tiny_models("edit-v2", seed=1)
+    assert model_fingerprint(str(other), ["vae"]) != model_fingerprint(str(tiny_models("edit-v2")), ["vae"])
+    stats, _ = encode(cfg, store, load_encoder_pipeline(other, "edit-v2"), f"pretrained_model_name_or_path={other}")
+    assert (stats.encoded, stats.cached) == (12, 0)
+
+
+def test_manifest_records_shapes_dtypes_sources_and_model(tmp_path, tiny_models, pipes):
+    root, cfg, store = setup(tmp_path, tiny_models, n=2)
+    encode(cfg, store, pipes("edit-v2"))
+    m = store.get_json("cache/vae/demo-images/manifest.json")
+    e = m["entries"]["0001"]
+    assert e["object"] == "cache/vae/demo-images/0001.safetensors" and e["dataset"] == "demo-images"
+    assert e["shapes"] == {"latents": [16, e["bucket"][1] // 8, e["bucket"][0] // 8]}
+    assert e["dtypes"] == {"latents": "float32"} and e["model"] == str(tiny_models("edit-v2"))
+    import hashlib
+    assert e["sources"] == {"0001.png": hashlib.sha256((root / "images" / "0001.png").read_bytes()).hexdigest()}
+
+
+def test_edit_v1_embeds_go_to_the_conditioning_image_embeds_cache(tmp_path, tiny_models, pipes):
+    root, cfg, store = setup(tmp_path, tiny_models, flavour="edit-v1", refs=1, n=2,
+                             model_kwargs={"match_target_res": True, "vl_reference_area": 64 * 64})
+    pipe = pipes("edit-v1")
+    stats, run = encode(cfg, store, pipe)
+    assert stats.encoded == 6
+    keys = store.list("cache/conditioning_image_embeds/demo")
+    assert keys == ["cache/conditioning_image_embeds/demo/0000.safetensors",
+                    "cache/conditioning_image_embeds/demo/0001.safetensors",
+                    "cache/conditioning_image_embeds/demo/manifest.json"]
+    [ds], _ = pair_datasets(run)
+    s = ds.samples[0]
+    _, [ref] = load_sample_images(ds, s, 10 ** 8)
+    pe, _ = pipe.encode_prompt(prompt=[s.caption], image=resize_reference(pipe.image_processor, ref, 64 * 64),
+                               device="cpu")
+    text, _ = store.get_tensors(keys[0])
+    torch.testing.assert_close(text["prompt_embeds"], pe[0], atol=1e-5, rtol=1e-5)
+
+
+def test_random_sampling_and_caption_dropout_cache_one_embedding_per_choice_and_null(tmp_path, tiny_models, pipes):
+    root, cfg, store = setup(tmp_path, tiny_models, n=2)
+    stats, _ = encode(cfg, store, pipes("edit-v2"), "conditioning_multidataset_sampling=random",
+                      "caption_dropout_probability=0.1")
+    assert stats.encoded == 2 + 4 + 4
+    keys = [k for k in store.list("cache/text/demo-images") if not k.endswith("manifest.json")]
+    assert keys == [f"cache/text/demo-images/{s}/demo-reference-{c}.safetensors" for s in ("0000", "0001")
+                    for c in "ab"]
+    a, _ = store.get_tensors(keys[0])
+    b, _ = store.get_tensors(keys[1])
+    assert set(a) == {"prompt_embeds", "prompt_mask", "null_embeds", "null_mask"}
+    assert not torch.equal(a["prompt_embeds"], b["prompt_embeds"])  # each conditioned on its own reference
+    assert not torch.equal(a["prompt_embeds"], a["null_embeds"])

@@ -16,3 +16,15 @@ def tiny_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny-models")
     return lambda flavour, seed=0: get_tiny_model(flavour, root, seed)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (moto, its own process) on loopback: yields its endpoint URL."""
+    from s3server import start_s3_server
+
+    endpoint, stop = start_s3_server()
+    try:
+        yield endpoint
+    finally:
+        stop()

@@ -30,10 +30,7 @@ from shared.storage import (
     validate_key,
 )
 
-try:
-    from tests.s3server import ACCESS_KEY, SECRET_KEY, free_port, start_s3_server
-except ModuleNotFoundError:  # pytest run without the repo root on sys.path: tests/ itself is there
-    from s3server import ACCESS_KEY, SECRET_KEY, free_port, start_s3_server
+from s3server import ACCESS_KEY, SECRET_KEY, free_port
 
 S3_ENV = {"EDITTUNER_S3_ACCESS_KEY": ACCESS_KEY, "EDITTUNER_S3_SECRET_KEY": SECRET_KEY}
 BAD_KEYS = [
@@ -51,15 +48,6 @@ BAD_KEYS = [
     ("x" * 251, "at most 250 bytes"),
     ("a/" * 600 + "b", "at most 1024 bytes"),
 ]
-
-
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
-    endpoint, stop = start_s3_server()
-    try:
-        yield endpoint
-    finally:
-        stop()
 
 
 def _minio_store(endpoint_url: str, **kwargs: object) -> MinioStore:

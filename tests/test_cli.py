@@ -1,0 +1,73 @@
+"""The edittuner command line: summaries, counts, exit codes, and no traceback for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.cli import main
+from shared.storage import LocalStore
+from shared.synthetic import write_configs, write_dataset
+
+
+@pytest.fixture
+def project(tmp_path, tiny_models):
+    root = write_dataset(tmp_path / "data", n=4, references=2)
+    cfg, data = write_configs(tmp_path / "cfg", root, tiny_models("edit-v2"), "edit-v2", 2)
+    return tmp_path, root, cfg, data
+
+
+def test_check_prints_summary_then_encode_counts_then_check_shows_cached(project, capsys):
+    tmp, root, cfg, data = project
+    store = str(tmp / "store")
+    assert main(["check", "--config", str(cfg), "--store", store]) == 0
+    out = capsys.readouterr().out
+    assert "dataset 'demo-images' (train): 4 samples, 2 reference(s) per sample" in out
+    assert "buckets: 64x64 ×2, 96x64 ×2" in out and "cached:  text 0/4, vae 0/12" in out
+    assert main(["encode", "--config", str(cfg), "--data", str(data), "--store", store, "--quiet"]) == 0
+    assert "encoded 16, cached 0, failed 0" in capsys.readouterr().out
+    assert main(["encode", "--config", str(cfg), "--store", store, "--quiet"]) == 0
+    assert "encoded 0, cached 16, failed 0" in capsys.readouterr().out
+    assert main(["check", "--config", str(cfg), "--store", store]) == 0
+    assert "cached:  text 4/4, vae 12/12" in capsys.readouterr().out
+
+
+def test_check_lists_every_problem_and_exits_1(project, capsys):
+    tmp, root, cfg, data = project
+    entries = json.loads(data.read_text())
+    entries[0]["conditioning_data"].append("nope")
+    data.write_text(json.dumps(entries))
+    assert main(["check", "--config", str(cfg), "base_model_precision=int3", "lora_rank=-1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid configuration: 3 problems")
+    assert "$.base_model_precision" in err and "$.lora_rank" in err and "'nope'" in err
+
+
+def test_missing_reference_makes_check_fail_before_any_encoding(project, capsys):
+    tmp, root, cfg, data = project
+    (root / "reference_a" / "0001.png").unlink()
+    assert main(["encode", "--config", str(cfg), "--store", str(tmp / "store"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "Control tensor list length does not match batch size" in err and "0001.png" in err
+    assert LocalStore(tmp / "store").list() == []  # nothing was encoded
+
+
+def test_console_script_reports_bad_json_without_traceback(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"model_flavour": "edit-v2",\n "lora_rank": 4 4}')
+    exe = Path(sys.executable).with_name("edittuner")
+    proc = subprocess.run([str(exe), "check", "--config", str(cfg)], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert f"{cfg}:2:17: JSON syntax error" in proc.stderr
+
+
+def test_make_tiny_model_writes_the_real_layout(tmp_path, capsys):
+    assert main(["make-tiny-model", str(tmp_path / "m"), "--flavour", "edit-v3"]) == 0
+    index = json.loads((tmp_path / "m" / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImageEditPlusPipeline"
+    assert json.loads((tmp_path / "m" / "transformer" / "config.json").read_text())["zero_cond_t"] is True

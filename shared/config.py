@@ -21,13 +21,9 @@ from typing import Any, Literal, Optional
 
 from shared import jsonc
 from shared.errors import ConfigError, Problem
+from shared.flavours import FLAVOURS
 from shared.typed import build, field, non_negative, positive, probability
 
-FLAVOUR_NAMES = ("edit-v1", "edit-v2", "edit-v3")
-DEFAULT_MODEL = {"edit-v1": "Qwen/Qwen-Image-Edit", "edit-v2": "Qwen/Qwen-Image-Edit-2509",
-                 "edit-v3": "Qwen/Qwen-Image-Edit-2511"}
-MAX_REFS = {"edit-v1": 1, "edit-v2": 3, "edit-v3": 3}
-PRECISIONS = ("no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "nf4-bnb", "int8-bnb")
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 PRESET_PREFIX = "qwen_image."
 
@@ -101,8 +97,8 @@ class TrainConfig:
     max_grad_norm: float = field(1.0, check=non_negative)
     seed: int = field(42)
     # precision and memory
-    mixed_precision: Literal["bf16", "fp16", "no", "fp32"] = field("bf16", doc="bf16 on CUDA; CPU runs fp32 "
-                                                                              "unless 'bf16' is forced")
+    mixed_precision: Literal["auto", "bf16", "fp16", "no", "fp32"] = field(
+        "auto", doc="auto: bf16 on CUDA, fp32 on CPU; an explicit bf16/fp16 is used on either")
     gradient_checkpointing: bool = field(False)
     base_model_precision: Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto",
                                   "nf4-bnb", "int8-bnb"] = field("no_change")
@@ -145,7 +141,7 @@ class TrainConfig:
 
     @property
     def model_path(self) -> str:
-        return self.pretrained_model_name_or_path or DEFAULT_MODEL[self.model_flavour]
+        return self.pretrained_model_name_or_path or FLAVOURS[self.model_flavour].default_model_id
 
     @property
     def effective_lora_alpha(self) -> float:
@@ -349,7 +345,7 @@ def _check_data(train: TrainConfig, data: DataConfig, cfg_label: str) -> tuple[l
         problems.append(Problem(data.source, "no dataset with dataset_type 'image' (the edited/target images); "
                                 "add one"))
     referenced: set[str] = set()
-    limit = MAX_REFS.get(train.model_flavour, 3)
+    limit = FLAVOURS[train.model_flavour].max_refs if train.model_flavour in FLAVOURS else 3
     for d in data.datasets:
         if d.id is None:
             continue

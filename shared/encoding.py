@@ -10,6 +10,9 @@ What is cached, and where (prefixes come from the config):
   prefix is the conditioning_image_embeds cache. With ``conditioning_multidataset_sampling=random`` there is one
   file per reference dataset: ``<text prefix>/<sample key>/<reference dataset id>.safetensors``.
 - ``<prefix>/manifest.json`` per cache prefix: sample key → object, cache key, bucket, shapes, dtypes, sources.
+- ``cache/index/<dataset id>/<settings digest>.json``: what training reads — per sample its caption, bucket and
+  the objects of its target latents, reference latents (in conditioning_data order) and caption embedding(s).
+  The digest covers the model, flavour and dataset entry, so differently configured runs never share an index.
 
 Each entry's *cache key* hashes everything that changes its tensors (image bytes, placement, caption, model
 fingerprint, dtype, flavour, reference area). An entry whose key is unchanged and whose object exists is not
@@ -222,6 +225,47 @@ def cache_status(items: list[Item], manifests: Manifests) -> dict[str, tuple[int
     return out
 
 
+# ------------------------------------------------------------------------------------------------ index
+INDEX_FORMAT = "edittuner.index.v1"
+
+
+def index_key(run: RunConfig, dataset_id: str, settings: EncodeSettings) -> str:
+    entry = dataclasses.asdict(run.data.get(dataset_id))
+    entry.pop("aws_secret_access_key", None)
+    refs = [dataclasses.asdict(r) | {"aws_secret_access_key": None} for r in
+            run.data.references_of(run.data.get(dataset_id))]
+    digest = _digest({"settings": dataclasses.asdict(settings), "dataset": entry, "refs": refs,
+                      "match_target_res": run.train.model_kwargs.match_target_res,
+                      "reference_area": run.train.model_kwargs.reference_area, "format": INDEX_FORMAT})
+    return f"cache/index/{dataset_id}/{digest[:32]}.json"
+
+
+def write_index(store: ObjectStore, run: RunConfig, ds: PairedDataset, items: list[Item], manifests: Manifests,
+                settings: EncodeSettings) -> str:
+    """Record, for training, every sample whose entries are all cached (a failed one is left out)."""
+    by_sample: dict[str, list[Item]] = {}
+    for it in items:
+        by_sample.setdefault(it.sample.key, []).append(it)
+    samples = []
+    for s in ds.samples:
+        its = by_sample.get(s.key, [])
+        if not its or not all(is_cached(it, manifests) for it in its):
+            continue
+        vae = {it.ref_index: it.object_key for it in its if it.kind == "vae"}
+        text = {("" if it.ref_index is None else s.references[it.ref_index].dataset_id): it.object_key
+                for it in its if it.kind == "text"}
+        samples.append({"key": s.key, "caption": s.caption, "bucket": list(s.bucket),
+                        "reference_sizes": [list(r.placement.final) for r in s.references],
+                        "target": vae[None], "references": [vae[i] for i in range(len(s.references))],
+                        "reference_datasets": [r.dataset_id for r in s.references], "text": text})
+    key = index_key(run, ds.config.id, settings)
+    store.put_json(key, {"format": INDEX_FORMAT, "dataset": ds.config.id, "role": ds.role,
+                         "flavour": settings.flavour, "model": settings.model, "model_fp": settings.model_fp,
+                         "null_embeds": settings.with_null, "random_references": settings.random_refs,
+                         "repeats": ds.config.repeats, "samples": samples})
+    return key
+
+
 # --------------------------------------------------------------------------------------------- encoding
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -267,9 +311,14 @@ class DatasetEncoder:
         return paired, items, Manifests(self.store), warnings
 
     def encode(self, progress: Callable[[EncodeStats, int], None] | None = None) -> EncodeStats:
+        stats, _ = self.encode_with_index(progress)
+        return stats
+
+    def encode_with_index(self, progress: Callable[[EncodeStats, int], None] | None = None
+                          ) -> tuple[EncodeStats, list[str]]:
         """Encode every missing entry. Per-image failures are counted and named; with bad_image_policy 'fail'
         they raise a DatasetError at the end — after everything that did encode is safely in the store."""
-        _, items, manifests, _ = self.prepare()
+        paired, items, manifests, _ = self.prepare()
         stats = EncodeStats()
         todo = []
         for it in items:
@@ -299,7 +348,10 @@ class DatasetEncoder:
             manifests.flush()
         if stats.failures and self.run.train.bad_image_policy == "fail":
             raise DatasetError([Problem("encode", f) for f in stats.failures], "encoding failed")
-        return stats
+        settings = settings_for(self.run, self.dtype)
+        index_keys = [write_index(self.store, self.run, ds, [i for i in items if i.dataset is ds], manifests,
+                                  settings) for ds in paired]
+        return stats, index_keys
 
     # ---- internals
     def _run(self, batch: list[Item], fn: Callable[[list[Item]], list[tuple[dict, dict]]], manifests: Manifests,

@@ -76,7 +76,12 @@ def test_second_encode_encodes_nothing_and_a_changed_caption_exactly_one(tmp_pat
     assert (stats.encoded, stats.cached) == (1, 15)
     after = {k: store.stat(k).sha256 for k in store.list("cache")}
     changed = sorted(k for k in after if after[k] != before.get(k))
-    assert changed == ["cache/text/demo-images/0002.safetensors", "cache/text/demo-images/manifest.json"]
+    assert changed[1:] == ["cache/text/demo-images/0002.safetensors", "cache/text/demo-images/manifest.json"]
+    assert changed[0].startswith("cache/index/demo-images/")  # the training index carries the new caption
+    index = store.get_json(changed[0])
+    assert [s["caption"] for s in index["samples"]][2] == "make everything green"
+    assert index["samples"][2]["references"] == ["cache/vae/demo-reference-a/0002.safetensors",
+                                                 "cache/vae/demo-reference-b/0002.safetensors"]
 
 
 def test_changed_reference_image_re_encodes_its_latent_and_the_caption_embedding(tmp_path, tiny_models, pipes):

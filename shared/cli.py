@@ -105,6 +105,50 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from shared.demo import materialize_preset
+    from shared.runner import train_run
+
+    for o in args.overrides:
+        if o.startswith("example="):
+            materialize_preset(o.partition("=")[2])
+    run = _load(args)
+    store = _store(args)
+    bars: dict[str, tqdm] = {}
+
+    def events(e: dict) -> None:
+        phase = e.get("phase", "")
+        if phase not in ("encode", "train") or args.quiet:
+            if phase in ("checkpoint", "validation") and not args.quiet:
+                tqdm.write(f"[{phase}] {e.get('message', '')}")
+            return
+        bar = bars.get(phase)
+        if bar is None:
+            bar = bars[phase] = tqdm(desc=phase, unit="step" if phase == "train" else "item", total=e.get("total"))
+        bar.total = e.get("total")
+        bar.n = e.get("step", 0)
+        if "loss" in e:
+            bar.set_postfix(loss=f"{e['loss']:.4f}", s_step=f"{e['seconds_per_step']:.2f}")
+        bar.refresh()
+
+    try:
+        result = train_run(run, store, events=events, validate=not args.no_validation)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    s = result.summary
+    print(f"encoded {result.encode.encoded}, cached {result.encode.cached}; trained run {s.run_id!r} to step "
+          f"{s.steps} in {s.seconds:.1f}s (data wait {100 * s.data_wait_fraction:.1f}% of step time)")
+    if s.losses:
+        print(f"loss: first {s.losses[0]:.4f}, last {s.losses[-1]:.4f}")
+    print(f"store {store.describe()}: runs/{s.run_id}/ (checkpoints {', '.join(map(str, s.checkpoints)) or 'none'})")
+    for name, path in result.outputs.items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from shared.tiny_model import save_tiny_model
 
@@ -131,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_encode)
+    p = sub.add_parser("train", help="encode what is missing, train the LoRA, render validation previews")
+    _add_run_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-validation", action="store_true", help="skip validation previews")
+    p.set_defaults(func=cmd_train)
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weight model in the real Hugging Face layout")
     p.add_argument("dir")
     p.add_argument("--flavour", choices=["edit-v1", "edit-v2", "edit-v3"], default="edit-v2")

@@ -13,6 +13,24 @@ from shared.synthetic import write_configs, write_dataset
 from shared.tiny_model import save_tiny_model
 
 
+def materialize_preset(name: str, cwd: Path | None = None) -> None:
+    """A ``…-tiny`` preset names a tiny model and generated data under .edittuner/tiny/: build them on first
+    use (no download), so ``edittuner train example=qwen_image.edit-v2-lora-tiny`` runs anywhere."""
+    import json
+
+    from shared.config import preset_dir
+
+    spec_path = preset_dir(name) / "generate.json"
+    if not spec_path.is_file():
+        return
+    spec = json.loads(spec_path.read_text())
+    root = (cwd or Path.cwd()) / spec["root"]
+    if not (root / "model" / "model_index.json").exists():
+        save_tiny_model(root / "model", spec["flavour"])
+    if not (root / "data" / "images").is_dir():
+        write_dataset(root / "data", n=spec["samples"], references=spec["references"])
+
+
 def run_demo(out: Path, flavour: str = "edit-v2", samples: int = 8) -> None:
     refs = 1 if flavour == "edit-v1" else 2
     started = time.perf_counter()

@@ -195,3 +195,23 @@ def _warn_on_zero_cond_mismatch(pipe: Any, flavour: str) -> None:
             "transformer config has zero_cond_t=%s but flavour %s expects %s: are these the right weights?",
             has, get_flavour(flavour).name, want,
         )
+
+
+def load_transformer(source: str | Path, flavour: str, *, dtype: torch.dtype = torch.float32) -> Any:
+    """Just the flavour's transformer (on CPU, in ``dtype``): what training needs, quantized afterwards."""
+    from diffusers import QwenImageTransformer2DModel
+
+    path = Path(source).expanduser()
+    is_local = path.exists() or not _looks_like_hub_id(str(source))
+    if is_local:
+        _check_local_dir(path, flavour, ("transformer",))
+    try:
+        transformer = QwenImageTransformer2DModel.from_pretrained(str(path) if is_local else str(source),
+                                                                  subfolder="transformer", dtype=dtype)
+    except (OSError, ValueError) as err:
+        where = f"model directory {path}" if is_local else f"hub model {source!r}"
+        raise errors.InvalidInput(f"cannot load the transformer of {where}: {err}") from err
+    if bool(transformer.config.get("zero_cond_t", False)) != get_flavour(flavour).zero_cond_t:
+        log.warning("transformer config zero_cond_t=%s does not match flavour %s", transformer.config.get(
+            "zero_cond_t", False), flavour)
+    return transformer

@@ -1,0 +1,93 @@
+"""One training run end to end, in this process: encode what is missing, train, validate, export.
+
+``edittuner train`` and the trainer worker (``python -m trainer_svc.worker``) both call ``train_run``; the
+services later split the encode and validation parts out to encoder_svc and eval_svc.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from shared.config import RunConfig
+from shared.encoding import DatasetEncoder, EncodeStats
+from shared.storage import LocalStore, ObjectStore
+from shared.training import Event, Trainer, TrainSummary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    encode: EncodeStats
+    summary: TrainSummary
+    outputs: dict[str, str]
+
+
+def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], None] | None = None,
+              validate: bool = True, until_step: int | None = None, encode: bool = True) -> RunResult:
+    events = events or (lambda e: None)
+    stats = EncodeStats()
+    if encode:
+        enc = DatasetEncoder(run, store)
+        try:
+            stats = enc.encode(lambda s, total: events({"phase": "encode", "step": s.total, "total": total,
+                                                        "message": f"encoded {s.encoded}, cached {s.cached}"}))
+        finally:
+            enc.release()  # the transformer needs the memory next
+    validator = make_validator(run, store) if validate else None
+    trainer = Trainer(run, store, events=events, validate=validator)
+    trainer.setup()
+    summary = trainer.train(until_step=until_step)
+    outputs = copy_outputs(store, trainer.prefix, Path(run.train.output_dir)) if isinstance(store, LocalStore) \
+        else {}
+    return RunResult(stats, summary, outputs)
+
+
+def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int], dict[str, Any]]:
+    """Previews with the training transformer itself (no second copy of the weights): the VAE and text encoder
+    are loaded on first use beside it."""
+    from shared.datasets import pair_datasets
+    from shared.preview import render_validation, select_eval_samples
+
+    state: dict[str, Any] = {}
+
+    def validate(trainer: Trainer, step: int) -> dict[str, Any]:
+        if "pipe" not in state:
+            from shared.models import load_pipeline
+
+            pipe = load_pipeline(run.train.model_path, run.train.model_flavour, device=trainer.device,
+                                 dtype=trainer.dtype, components=("vae", "text_encoder", "tokenizer", "processor",
+                                                                  "scheduler"))
+            state["pipe"] = pipe
+            paired, _ = pair_datasets(run)
+            state["samples"] = select_eval_samples(run, paired)
+        pipe = state["pipe"]
+        pipe.transformer = trainer.transformer
+        try:
+            result = render_validation(pipe, run, state["samples"], step=step, store=store,
+                                       prefix=f"{trainer.prefix}/validation")
+        finally:
+            pipe.transformer = None
+        return result.to_json() if hasattr(result, "to_json") else dict(result.__dict__)
+
+    return validate
+
+
+def copy_outputs(store: ObjectStore, run_prefix: str, output_dir: Path) -> dict[str, str]:
+    """With the local store, put the final LoRA and the previews where the user looks: output_dir."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, str] = {}
+    for key in store.list(f"{run_prefix}/lora"):
+        dest = output_dir / key.rsplit("/", 1)[1]
+        store.get_file(key, dest)
+        out[dest.name] = str(dest)
+    for key in store.list(f"{run_prefix}/validation"):
+        dest = output_dir / "validation" / key[len(f"{run_prefix}/validation/"):]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        store.get_file(key, dest)
+    if (output_dir / "validation").exists():
+        out["validation"] = str(output_dir / "validation")
+    return out

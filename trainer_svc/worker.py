@@ -1,0 +1,56 @@
+"""The training worker: ``python -m trainer_svc.worker --config C [--data D] --store S [key=value ...]``.
+
+trainer_svc starts this as a child process (torchrun starts the same entrypoint on several GPUs), so that a
+crash or an out-of-memory fails the run and not the service. It prints one JSON object per line on stdout:
+progress events while it runs, then ``{"result": ...}`` or ``{"error": ...}``. Exit status 0 on success, 1 on a
+user error (bad config, missing cache, diverged loss), 2 on anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+
+from shared.config import load_run_config
+from shared.errors import EditTunerError
+from shared.runner import train_run
+from shared.storage import open_store
+
+
+def _emit(obj: dict) -> None:
+    print(json.dumps(obj, default=str), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="trainer_svc.worker")
+    ap.add_argument("--config")
+    ap.add_argument("--data")
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--no-encode", action="store_true", help="the caches exist already (encoder_svc made them)")
+    ap.add_argument("--no-validation", action="store_true")
+    ap.add_argument("--until-step", type=int, help="stop after this step (the run can be resumed)")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run = load_run_config(args.config, args.data, args.overrides)
+        result = train_run(run, open_store(args.store), events=lambda e: _emit({"event": e}),
+                           validate=not args.no_validation, until_step=args.until_step, encode=not args.no_encode)
+    except EditTunerError as e:
+        _emit({"error": str(e), "kind": type(e).__name__})
+        return 1
+    except Exception as e:  # the supervisor reports a generic failure; the traceback goes to the log
+        traceback.print_exc()
+        _emit({"error": f"internal error in the training worker: {type(e).__name__}", "kind": "internal"})
+        return 2
+    s = result.summary
+    _emit({"result": {"run_id": s.run_id, "steps": s.steps, "final_loss": s.losses[-1] if s.losses else None,
+                      "lora": s.lora_keys, "checkpoints": s.checkpoints, "outputs": result.outputs}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

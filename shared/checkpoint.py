@@ -33,7 +33,7 @@ _STEP_DIR = re.compile(r"/checkpoints/step-(\d+)/")
 def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "s") -> Any:
     """A JSON skeleton of ``obj`` with every tensor moved into ``tensors`` (dict keys keep their int/str type)."""
     if isinstance(obj, torch.Tensor):
-        tensors[path] = obj.detach().cpu().contiguous()
+        tensors[path] = obj.detach().cpu().clone().contiguous()  # a snapshot, not a view of live state
         return {"__tensor__": path}
     if isinstance(obj, dict):
         return {"__dict__": [[k, flatten(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}

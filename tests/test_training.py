@@ -1,0 +1,143 @@
+"""The training core on the tiny model: LoRA-only gradients, overfitting, every reference used, exact resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared.config import load_run_config
+from shared.encoding import DatasetEncoder
+from shared.errors import FailedPrecondition
+from shared.flow import flow_matching_loss
+from shared.storage import LocalStore
+from shared.synthetic import write_configs, write_dataset
+from shared.training import Trainer, TrainingDiverged
+
+
+def make_run(tmp_path, tiny_models, flavour="edit-v2", refs=2, n=4, **overrides):
+    root = write_dataset(tmp_path / "data", n=n, references=refs)
+    base = dict(max_train_steps=6, checkpointing_steps=3, learning_rate=1e-3, lora_rank=4, seed=7,
+                output_dir=str(tmp_path / "out"))
+    cfg, _ = write_configs(tmp_path / "cfg", root, tiny_models(flavour), flavour, refs, **(base | overrides))
+    store = LocalStore(tmp_path / "store")
+    run = load_run_config(cfg)
+    DatasetEncoder(run, store).encode()
+    return cfg, store
+
+
+def trainer_for(cfg, store, *overrides, **kw):
+    t = Trainer(load_run_config(cfg, overrides=list(overrides)), store, **kw)
+    t.setup()
+    return t
+
+
+def test_only_lora_parameters_get_gradients_and_base_weights_stay(tmp_path, tiny_models):
+    cfg, store = make_run(tmp_path, tiny_models)
+    t = trainer_for(cfg, store)
+    base = {n: p.detach().clone() for n, p in t.transformer.named_parameters() if "lora_" not in n}
+    t.train_step()
+    grads = {n for n, p in t.transformer.named_parameters() if p.grad is not None}
+    t.optimizer.zero_grad(set_to_none=False)
+    t.forward_backward(t.loader.next_batch(), 2, 0)
+    with_grad = {n for n, p in t.transformer.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads == set() and with_grad and all("lora_" in n for n in with_grad)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in with_grad} >= {"to_q", "to_k", "to_v"}
+    t.loader.close()
+    for n, p in t.transformer.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n]), n
+
+
+def test_loss_falls_when_overfitting_one_fixed_sample(tmp_path, tiny_models):
+    cfg, store = make_run(tmp_path, tiny_models, n=1)
+    t = trainer_for(cfg, store, "learning_rate=1e-2", "lora_rank=8")
+    batch = t.loader.next_batch()
+    t.loader.close()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, batch.latents_BChw.shape[-2] * batch.latents_BChw.shape[-1] // 4, 64, generator=g)
+    sigma = torch.tensor([0.7])
+    losses = []
+    for _ in range(30):
+        loss = flow_matching_loss(t.transformer, batch, noise, sigma)
+        t.optimizer.zero_grad()
+        loss.backward()
+        t.optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_all_three_references_reach_the_transformer(tmp_path, tiny_models):
+    cfg, store = make_run(tmp_path, tiny_models, refs=3, n=1)
+    t = trainer_for(cfg, store)
+    batch = t.loader.next_batch()
+    t.loader.close()
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["tokens"] = kwargs["hidden_states"].shape[1]
+        seen["img_shapes"] = kwargs["img_shapes"]
+    handle = t.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    refs = [r.clone().requires_grad_(True) for r in batch.refs_BChw]
+    batch.refs_BChw = refs
+    noise = torch.randn(1, batch.latents_BChw[0, 0].numel() // 4, 64, generator=torch.Generator().manual_seed(1))
+    flow_matching_loss(t.transformer, batch, noise, torch.tensor([0.5])).backward()
+    handle.remove()
+    per_image = [x.shape[-2] * x.shape[-1] // 4 for x in [batch.latents_BChw, *refs]]
+    assert len(refs) == 3 and seen["tokens"] == sum(per_image)
+    assert len(seen["img_shapes"][0]) == 4
+    for r in refs:  # each reference changes the prediction for the target
+        assert r.grad is not None and r.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("flavour,refs,extra", [("edit-v2", 2, ["use_ema=true", "lora_dropout=0.1"]),
+                                                ("edit-v3", 1, ["train_batch_size=2",
+                                                                "gradient_accumulation_steps=2"])])
+def test_resume_gives_bitwise_the_losses_of_an_uninterrupted_run(tmp_path, tiny_models, flavour, refs, extra):
+    cfg, store = make_run(tmp_path, tiny_models, flavour=flavour, refs=refs, n=5)
+    full = trainer_for(cfg, store, *extra).train()
+    assert full.steps == 6 and full.checkpoints == [3, 6] and len(full.losses) == 6
+    # a second run of the same config, stopped after step 4 and resumed from its step-3 checkpoint
+    other = str(tmp_path / "out2")
+    first = trainer_for(cfg, store, *extra, f"output_dir={other}").train(until_step=4)
+    assert first.losses == full.losses[:4] and first.lora_keys == []
+    resumed = trainer_for(cfg, store, *extra, f"output_dir={other}", "resume_from_checkpoint=latest")
+    assert resumed.step == 3
+    rest = resumed.train()
+    assert rest.losses == full.losses[3:]  # bitwise: == on floats, no tolerance
+    a = store.get_tensors(f"runs/out/lora/pytorch_lora_weights.safetensors")[0]
+    b = store.get_tensors(f"runs/out2/lora/pytorch_lora_weights.safetensors")[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_new_run_over_existing_checkpoints_is_refused(tmp_path, tiny_models):
+    cfg, store = make_run(tmp_path, tiny_models, n=2)
+    trainer_for(cfg, store, "max_train_steps=3").train()
+    with pytest.raises(FailedPrecondition) as e:
+        trainer_for(cfg, store)
+    assert "resume_from_checkpoint=latest" in str(e.value) and "step-3" in str(e.value)
+
+
+def test_nan_loss_stops_with_step_and_samples(tmp_path, tiny_models):
+    cfg, store = make_run(tmp_path, tiny_models, n=2)
+    key = next(k for k in store.list("cache/vae/demo-images") if k.endswith("0001.safetensors"))
+    tensors, meta = store.get_tensors(key)
+    store.put_tensors(key, {"latents": torch.full_like(tensors["latents"], float("nan"))}, meta)
+    t = trainer_for(cfg, store, "train_batch_size=1")
+    with pytest.raises(TrainingDiverged) as e:
+        t.train()
+    assert "loss is nan at step" in str(e.value) and "demo-images/0001" in str(e.value)
+
+
+def test_checkpoint_limit_and_final_export(tmp_path, tiny_models):
+    cfg, store = make_run(tmp_path, tiny_models, n=2)
+    s = trainer_for(cfg, store, "checkpointing_steps=1", "checkpoints_total_limit=2", "lora_format=both").train()
+    assert s.checkpoints == [1, 2, 3, 4, 5, 6]
+    from shared.checkpoint import committed_steps
+    assert committed_steps(store, "runs/out") == [5, 6]
+    assert sorted(k.rsplit("/", 1)[1] for k in s.lora_keys) == ["pytorch_lora_weights.safetensors",
+                                                                "pytorch_lora_weights_comfyui.safetensors"]
+    sd = store.get_tensors("runs/out/lora/pytorch_lora_weights.safetensors")[0]
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in sd
+    assert sd["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape == (4, 64)
+    metrics = store.get_bytes("runs/out/metrics.jsonl").decode().splitlines()
+    assert len(metrics) == 6

@@ -120,13 +120,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def events(e: dict) -> None:
         phase = e.get("phase", "")
-        if phase not in ("encode", "train") or args.quiet:
-            if phase in ("checkpoint", "validation") and not args.quiet:
-                tqdm.write(f"[{phase}] {e.get('message', '')}")
+        if args.quiet:
             return
-        bar = bars.get(phase)
-        if bar is None:
-            bar = bars[phase] = tqdm(desc=phase, unit="step" if phase == "train" else "item", total=e.get("total"))
+        if phase not in ("encode", "train"):
+            tqdm.write(f"[{phase}] {e.get('message', '')}")
+            return
+        if phase not in bars:
+            for other in list(bars):  # one bar at a time: close the encode bar when training starts
+                bars.pop(other).close()
+            bars[phase] = tqdm(desc=phase, unit="step" if phase == "train" else "item", total=e.get("total"))
+        bar = bars[phase]
         bar.total = e.get("total")
         bar.n = e.get("step", 0)
         if "loss" in e:
@@ -138,6 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         for bar in bars.values():
             bar.close()
+        bars.clear()
     s = result.summary
     print(f"encoded {result.encode.encoded}, cached {result.encode.cached}; trained run {s.run_id!r} to step "
           f"{s.steps} in {s.seconds:.1f}s (data wait {100 * s.data_wait_fraction:.1f}% of step time)")

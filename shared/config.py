@@ -400,6 +400,26 @@ def _check_data(train: TrainConfig, data: DataConfig, cfg_label: str) -> tuple[l
         if d.id is not None and d.dataset_type == "conditioning" and d.id not in referenced:
             warnings.append(f"{_where(data, d)}: conditioning dataset is not referenced by any image dataset's "
                             "conditioning_data; it is unused")
+    owners: dict[str, str] = {}
+    for d in data.datasets:
+        if d.id is None or d.dataset_type not in ("image", "conditioning"):
+            continue
+        other = owners.setdefault(d.vae_cache_prefix, d.id)
+        if other != d.id:
+            problems.append(Problem(_where(data, d, "cache_dir_vae"),
+                                    f"{d.vae_cache_prefix!r} is also the VAE cache of {other!r}; two datasets with "
+                                    "the same file names would overwrite each other's latents: give each its own "
+                                    "cache_dir_vae"))
+    if train.model_flavour == "edit-v1":
+        text_owner: dict[str, str] = {}
+        for d in images:
+            if d.conditioning_image_embeds is not None and d.conditioning_image_embeds not in by_id:
+                continue  # reported above as "cache not found"
+            other = text_owner.setdefault(data.text_cache_prefix(d, "edit-v1"), d.id)
+            if other != d.id:
+                problems.append(Problem(_where(data, d, "conditioning_image_embeds"),
+                                        f"{d.conditioning_image_embeds!r} already holds the embeds of {other!r}; "
+                                        "give each image dataset its own conditioning_image_embeds entry"))
     if train.eval_dataset_id is not None:
         e = by_id.get(train.eval_dataset_id)
         if e is None or e.dataset_type != "image":

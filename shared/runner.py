@@ -50,7 +50,8 @@ def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int
     """Previews with the training transformer itself (no second copy of the weights): the VAE and text encoder
     are loaded on first use beside it."""
     from shared.datasets import pair_datasets
-    from shared.preview import render_validation, select_eval_samples
+    from shared.encoding import index_key, settings_for
+    from shared.preview import index_entries, render_validation, select_eval_samples
 
     state: dict[str, Any] = {}
 
@@ -64,14 +65,17 @@ def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int
             state["pipe"] = pipe
             paired, _ = pair_datasets(run)
             state["samples"] = select_eval_samples(run, paired)
+            settings = settings_for(run, trainer.dtype)
+            keys = sorted({index_key(run, ds.config.id, settings) for ds, _ in state["samples"]})
+            state["entries"] = index_entries(store, keys, state["samples"])
         pipe = state["pipe"]
         pipe.transformer = trainer.transformer
         try:
             result = render_validation(pipe, run, state["samples"], step=step, store=store,
-                                       prefix=f"{trainer.prefix}/validation")
+                                       prefix=f"{trainer.prefix}/validation", loss_index=state["entries"])
         finally:
             pipe.transformer = None
-        return result.to_json() if hasattr(result, "to_json") else dict(result.__dict__)
+        return result.to_json()
 
     return validate
 

@@ -69,8 +69,10 @@ def test_eval_dataset_id_snippet(tmp_path, monkeypatch):
     cfg = json.loads(SEED_CONFIG.replace("      // ou \"edit-v2\"", ""))
     cfg.update(json.loads(SEED_EVAL))
     data = json.loads(SEED_DATA_V1)
-    val = dict(data[0], id="qwen-edit-val", instance_data_dir="/datasets/qwen-edit/val")
-    write_project(tmp_path, json.dumps(cfg), json.dumps(data + [val]))
+    val = dict(data[0], id="qwen-edit-val", instance_data_dir="/datasets/qwen-edit/val",
+               cache_dir_vae="cache/vae/qwen-edit-val", conditioning_image_embeds="qwen-edit-val-embeds")
+    embeds = dict(data[2], id="qwen-edit-val-embeds", cache_dir="cache/conditioning_image_embeds/qwen-edit-val")
+    write_project(tmp_path, json.dumps(cfg), json.dumps(data + [val, embeds]))
     assert load_run_config("config/config.json").train.eval_dataset_id == "qwen-edit-val"
     write_project(tmp_path, json.dumps(cfg), SEED_DATA_V1)
     with pytest.raises(ConfigError) as e:
@@ -149,7 +151,7 @@ def test_bad_value_names_the_field(tmp_path, monkeypatch, override, where, words
 def test_edit_v1_with_two_conditioning_datasets(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = json.loads(SEED_DATA_V1)
-    data.append(dict(data[1], id="qwen-edit-reference-2"))
+    data.append(dict(data[1], id="qwen-edit-reference-2", cache_dir_vae="cache/vae/qwen-edit-reference-2"))
     data[0]["conditioning_data"].append("qwen-edit-reference-2")
     write_project(tmp_path, data=json.dumps(data))
     with pytest.raises(ConfigError) as e:
@@ -162,7 +164,7 @@ def test_edit_v1_with_two_conditioning_datasets(tmp_path, monkeypatch):
 def test_edit_v2_v3_with_four_references(tmp_path, monkeypatch, flavour):
     monkeypatch.chdir(tmp_path)
     data = json.loads(SEED_DATA_V2)
-    data.append(dict(data[1], id="qwen-edit-plus-reference-d"))
+    data.append(dict(data[1], id="qwen-edit-plus-reference-d", cache_dir_vae="cache/vae/qwen-edit-plus/ref_d"))
     data[0]["conditioning_data"].append("qwen-edit-plus-reference-d")
     write_project(tmp_path, data=json.dumps(data))
     with pytest.raises(ConfigError) as e:
@@ -191,6 +193,15 @@ def test_conditioning_image_embeds_naming_no_entry_is_cache_not_found(tmp_path, 
         load_run_config("config/config.json")
     [p] = problems_of(e)
     assert "$[0].conditioning_image_embeds" in p and "cache not found" in p and "'qwen-edit-embeds'" in p
+
+
+def test_two_datasets_sharing_a_vae_cache_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_project(tmp_path, data=SEED_DATA_V1.replace('"cache/vae/qwen-edit-reference"', '"cache/vae/qwen-edit-images"'))
+    with pytest.raises(ConfigError) as e:
+        load_run_config("config/config.json")
+    [p] = problems_of(e)
+    assert "$[1].cache_dir_vae" in p and "'qwen-edit-images'" in p and "overwrite" in p
 
 
 def test_bad_dataset_resolution(tmp_path, monkeypatch):

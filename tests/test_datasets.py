@@ -225,9 +225,10 @@ def test_eval_dataset_is_not_a_training_dataset(tmp_path):
 
     def add_val(entries):
         entries.append(dict(entries[0], id="demo-val", instance_data_dir=str(root / "images"),
-                            conditioning_data=["demo-val-ref-a", "demo-val-ref-b"]))
+                            conditioning_data=["demo-val-ref-a", "demo-val-ref-b"], cache_dir_vae="cache/vae/val"))
         for c in "ab":
-            entries.append(dict(entries[1], id=f"demo-val-ref-{c}", instance_data_dir=str(root / f"reference_{c}")))
+            entries.append(dict(entries[1], id=f"demo-val-ref-{c}", instance_data_dir=str(root / f"reference_{c}"),
+                                cache_dir_vae=f"cache/vae/val-ref-{c}"))
     _, run = make_run(tmp_path, data_edit=add_val)
     paired, _ = pair_datasets(run("eval_dataset_id=demo-val"))
     assert [(d.config.id, d.role, len(d.samples)) for d in paired] == [("demo-images", "train", 6), ("demo-val", "eval", 2)]

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data")
     ap.add_argument("--store", required=True)
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     try:
         run = load_run_config(args.config, args.data, args.overrides)
         stats = encode_run(run, open_store(args.store))

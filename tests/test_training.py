@@ -91,7 +91,9 @@ def test_all_three_references_reach_the_transformer(tmp_path, tiny_models):
 
 @pytest.mark.parametrize("flavour,refs,extra", [("edit-v2", 2, ["use_ema=true", "lora_dropout=0.1"]),
                                                 ("edit-v3", 1, ["train_batch_size=2",
-                                                                "gradient_accumulation_steps=2"])])
+                                                                "gradient_accumulation_steps=2"]),
+                                                ("edit-v1", 1, ["optimizer=adamw8bit", "lr_scheduler=cosine",
+                                                                "lr_warmup_steps=2"])])
 def test_resume_gives_bitwise_the_losses_of_an_uninterrupted_run(tmp_path, tiny_models, flavour, refs, extra):
     cfg, store = make_run(tmp_path, tiny_models, flavour=flavour, refs=refs, n=5)
     full = trainer_for(cfg, store, *extra).train()

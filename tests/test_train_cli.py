@@ -1,0 +1,55 @@
+"""`edittuner train` with a bundled tiny preset, and the training worker's JSON-lines protocol."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from PIL import Image
+from safetensors.torch import load_file
+
+from shared.cli import main
+
+SHORT = ["max_train_steps=4", "checkpointing_steps=2", "validation_step_interval=2", "num_eval_images=1"]
+
+
+def test_train_example_tiny_preset_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "example=qwen_image.edit-v2-lora-tiny", *SHORT, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    lora = tmp_path / "output" / "tiny-edit-v2" / "pytorch_lora_weights.safetensors"
+    assert f"pytorch_lora_weights.safetensors: output/tiny-edit-v2/pytorch_lora_weights.safetensors" in out
+    assert "trained run 'tiny-edit-v2' to step 4" in out and "checkpoints 2, 4" in out
+    sd = load_file(lora)
+    assert len(sd) == 2 * 4 * 2  # 2 blocks x 4 attention projections x (A, B)
+    assert all(k.startswith("transformer.transformer_blocks.") for k in sd)
+    for step in (2, 4):
+        folder = tmp_path / "output" / "tiny-edit-v2" / "validation" / f"step-{step}"
+        grid = Image.open(folder / "0000.png")
+        assert grid.width == 5 * 64  # 2 references | base | LoRA | target, 64 px cells
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["step"] == step and metrics["heldout_loss_mean"] > 0
+    # training again without resuming would overwrite the run: refused, with what to do
+    assert main(["train", "example=qwen_image.edit-v2-lora-tiny", *SHORT, "--quiet"]) == 1
+    assert "resume_from_checkpoint=latest" in capsys.readouterr().err
+    # resuming a finished run trains nothing more and exits cleanly
+    assert main(["train", "example=qwen_image.edit-v2-lora-tiny", *SHORT, "resume_from_checkpoint=latest",
+                 "--quiet", "--no-validation"]) == 0
+
+
+def test_worker_prints_json_lines_and_exit_codes(tmp_path):
+    cmd = [sys.executable, "-m", "trainer_svc.worker", "--store", str(tmp_path / "store"),
+           "example=qwen_image.edit-v1-lora-tiny", "max_train_steps=2", "checkpointing_steps=1", "--no-validation"]
+    from shared.demo import materialize_preset
+    materialize_preset("qwen_image.edit-v1-lora-tiny", tmp_path)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    steps = [e["event"]["step"] for e in lines if "event" in e and e["event"]["phase"] == "train" and
+             "loss" in e["event"]]
+    assert steps == [1, 2]
+    assert lines[-1]["result"]["steps"] == 2 and lines[-1]["result"]["checkpoints"] == [1, 2]
+    bad = subprocess.run(cmd + ["lora_rank=0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "$.lora_rank" in json.loads(bad.stdout.splitlines()[-1])["error"]

@@ -420,6 +420,10 @@ def _check_data(train: TrainConfig, data: DataConfig, cfg_label: str) -> tuple[l
                 problems.append(Problem(_where(data, d, "conditioning_image_embeds"),
                                         f"{d.conditioning_image_embeds!r} already holds the embeds of {other!r}; "
                                         "give each image dataset its own conditioning_image_embeds entry"))
+    if train.lora_format == "diffusers" and train.lora_alpha is not None and train.lora_alpha != train.lora_rank:
+        warnings.append(f"{cfg_label}: $.lora_format: lora_alpha {train.lora_alpha:g} != lora_rank {train.lora_rank}: "
+                        "ComfyUI ignores the alpha stored in a diffusers-format file and would apply the LoRA at "
+                        "the wrong strength; set lora_format to 'both' to also get a ComfyUI file")
     if train.eval_dataset_id is not None:
         e = by_id.get(train.eval_dataset_id)
         if e is None or e.dataset_type != "image":

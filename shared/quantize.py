@@ -192,7 +192,7 @@ def _swap_bnb_linears(transformer: Any, precision: str, compute_dtype: torch.dty
             # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks 4-bit weights into an inference-only layout on
             # the first eval-mode forward, and every training forward after it fails (measured: RuntimeError in
             # matmul_4bit). A validation pass mid-training is exactly that sequence: keep the trainable layout.
-            pass
+            new.support_avx512bf16_for_cpu = False
         else:
             new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias is not None,
                                       has_fp16_weights=False, threshold=0.0, device="meta")

@@ -75,8 +75,9 @@ def velocity(transformer: Any, batch: tuple[EditBatch, torch.Tensor, torch.Tenso
 
 
 def base_state(transformer: Any) -> dict[str, torch.Tensor]:
-    """Every non-LoRA tensor as stored (quantized data, scales, bnb quant state), copied."""
-    return {k: v.detach().clone() for k, v in transformer.state_dict().items()
+    """Every non-LoRA tensor as stored (quantized data, scales, bnb quant state), copied, under its name before a
+    LoRA wrapped its layer. (A bnb 4-bit layer's state_dict also undoes an inference repacking of its weight.)"""
+    return {k.replace(".base_layer.", "."): v.detach().clone() for k, v in transformer.state_dict().items()
             if "lora_" not in k and isinstance(v, torch.Tensor)}
 
 
@@ -124,7 +125,9 @@ def test_precision_trains_lora_on_a_frozen_base(precision: str, fp32_transformer
     else:
         assert_really_quantized(tr, precision)
 
-    # An eval-mode forward before training: for nf4-bnb on AVX512-BF16 CPUs this is what used to break training.
+    before = base_state(tr)
+    # An eval-mode forward, then training, as a validation pass does: on AVX512-BF16 CPUs this used to repack nf4
+    # weights into a layout that training forwards fail on (nothing may call state_dict() in between: it unpacks).
     ref, out = velocity(fp32_transformer, batch), velocity(tr.eval(), batch)
     rel = ((out - ref).norm() / ref.norm()).item()
     if precision == "no_change":
@@ -133,7 +136,8 @@ def test_precision_trains_lora_on_a_frozen_base(precision: str, fp32_transformer
         assert 1e-4 < rel < EXPECTED[precision][3], rel
 
     attach_lora(tr, rank=4, alpha=4.0, dropout=0.0, target_modules=TARGETS, seed=0)
-    before = base_state(tr)
+    if precision.endswith("-bnb"):  # is_loaded_in_4bit/8bit made peft pick its bitsandbytes LoRA layer
+        assert type(tr.transformer_blocks[0].attn.to_q).__module__ == "peft.tuners.lora.bnb"
     losses = overfit(tr, batch)
     print(f"{precision}: rel. error {rel:.4f}, loss {losses[0]:.4f} -> {losses[-1]:.4f}")  # shown with -s
 

@@ -143,3 +143,62 @@ def test_checkpoint_limit_and_final_export(tmp_path, tiny_models):
     assert sd["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape == (4, 64)
     metrics = store.get_bytes("runs/out/metrics.jsonl").decode().splitlines()
     assert len(metrics) == 6
+
+
+def _fixed_noise(batch, seed=3):
+    h, w = batch.latents_BChw.shape[-2:]
+    return torch.randn(batch.latents_BChw.shape[0], (h // 2) * (w // 2), 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_caption_padding_is_masked_out(tmp_path, tiny_models):
+    """A sample's loss is the same alone and batched beside a longer caption (padding must not leak in)."""
+    cfg, store = make_run(tmp_path, tiny_models, n=4)
+    t = trainer_for(cfg, store, "train_batch_size=2")
+    batch = t.loader.next_batch()
+    t.loader.close()
+    lengths = batch.prompt_mask_BL.sum(1)
+    assert lengths[0] != lengths[1]  # the generated captions differ in length: one row is padded
+    noise, sigmas = _fixed_noise(batch), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        both = flow_matching_loss(t.transformer, batch, noise, sigmas, reduce=False)
+        for i in range(2):
+            n = int(lengths[i])
+            alone = type(batch)(batch.latents_BChw[i:i + 1], [r[i:i + 1] for r in batch.refs_BChw],
+                                batch.prompt_embeds_BLD[i:i + 1, :n], batch.prompt_mask_BL[i:i + 1, :n], [batch.keys[i]])
+            single = flow_matching_loss(t.transformer, alone, noise[i:i + 1], sigmas[i:i + 1], reduce=False)
+            torch.testing.assert_close(single[0], both[i], atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_and_bf16_on_cpu(tmp_path, tiny_models):
+    cfg, store = make_run(tmp_path, tiny_models, n=1)
+    grads = []
+    for extra in ([], ["gradient_checkpointing=true"]):
+        t = trainer_for(cfg, store, *extra, f"output_dir={tmp_path / ('o' + str(len(extra)))}")
+        batch = t.loader.next_batch()
+        t.loader.close()
+        flow_matching_loss(t.transformer, batch, _fixed_noise(batch), torch.tensor([0.5])).backward()
+        grads.append({n: p.grad.clone() for n, p in t.transformer.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+    bf16 = ["mixed_precision=bf16", f"output_dir={tmp_path / 'bf16'}"]
+    DatasetEncoder(load_run_config(cfg, overrides=bf16), store).encode()  # the encoders run in bf16 too
+    t = trainer_for(cfg, store, *bf16)
+    assert t.dtype == torch.bfloat16
+    assert next(p for n, p in t.transformer.named_parameters() if "lora_" not in n and p.dim() == 2).dtype == \
+        torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in t.params)  # the adapters train in fp32
+    r = t.train_step()
+    t.loader.close()
+    assert torch.isfinite(torch.tensor(r.loss))
+
+
+def test_ema_is_what_gets_exported(tmp_path, tiny_models):
+    cfg, store = make_run(tmp_path, tiny_models, n=2)
+    t = trainer_for(cfg, store, "use_ema=true", "ema_decay=0.5", "max_train_steps=3")
+    t.train()
+    raw, ema = t.lora_state(ema=False), t.lora_state(ema=True)
+    exported = store.get_tensors("runs/out/lora/pytorch_lora_weights.safetensors")[0]
+    k = "transformer_blocks.0.attn.to_q.lora_B.weight"
+    assert not torch.equal(raw[k], ema[k])
+    assert torch.equal(exported["transformer." + k], ema[k])

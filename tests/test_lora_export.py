@@ -31,17 +31,6 @@ BLOCK_LINEARS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
                  "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1", "txt_mod.1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread() -> Any:
-    """Run this module's tiny-model math on one intra-op thread. Each op is far too small to gain from a second
-    thread, and with two the thousands of per-op barriers stall whenever the host is busy (measured on a loaded
-    2-core host: 12 s instead of 0.13 s per 8-step test; pipeline calls 20 s instead of 6 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def transformer_with_lora(model_dir: Path, flavour: str, seed: int = 0) -> Any:
     """The flavour's tiny transformer with a LoRA whose B is non-zero (seeded), so it changes the output."""
     tr = models.load_transformer(model_dir, flavour)

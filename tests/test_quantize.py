@@ -27,17 +27,6 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "img_mlp.net.2"]
 STEPS = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread() -> Any:
-    """Run this module's tiny-model math on one intra-op thread. Each op is far too small to gain from a second
-    thread, and with two the thousands of per-op barriers stall whenever the host is busy (measured on a loaded
-    2-core host: 12 s instead of 0.13 s per 8-step test; pipeline calls 20 s instead of 6 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # precision -> (quantized_modules kind, storage dtype, bits per weight, max relative error of the velocity)
 EXPECTED: dict[str, tuple[str, torch.dtype, int, float]] = {
     "int8-quanto": ("quanto:qint8", torch.int8, 8, 0.0015),

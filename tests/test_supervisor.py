@@ -1,0 +1,228 @@
+"""run_worker against small Python workers: each way a worker can end maps to one result or error."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from shared import errors
+from shared.jobs import JobCancelled
+from shared.supervisor import WorkerFailed, run_worker
+
+PRELUDE = "import json, os, signal, subprocess, sys, time\n" \
+          "def emit(obj):\n    print(json.dumps(obj), flush=True)\n"
+
+
+def worker(tmp_path: Path, body: str) -> list[str]:
+    script = tmp_path / "worker.py"
+    script.write_text(PRELUDE + textwrap.dedent(body))
+    return [sys.executable, str(script)]
+
+
+def run(cmd: list[str], cancelled: threading.Event | None = None, **kwargs):
+    events: list[dict] = []
+    result = run_worker(cmd, on_event=events.append, cancelled=cancelled or threading.Event(), **kwargs)
+    return result, events
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for init to reap it counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def test_events_then_result_and_stray_stdout_goes_to_the_log(tmp_path):
+    cmd = worker(tmp_path, """
+        emit({"event": {"phase": "train", "step": 1}})
+        print("a stray print")
+        emit({"event": {"phase": "train", "step": 2}})
+        print("warning on stderr", file=sys.stderr)
+        emit({"result": {"run_id": "r", "steps": 2}})
+    """)
+    result, events = run(cmd, log_path=tmp_path / "logs" / "w.log")
+    assert result == {"run_id": "r", "steps": 2}
+    assert events == [{"phase": "train", "step": 1}, {"phase": "train", "step": 2}]
+    log_text = (tmp_path / "logs" / "w.log").read_text()
+    assert "a stray print\n" in log_text and "warning on stderr\n" in log_text
+
+
+@pytest.mark.parametrize("kind, cls", [
+    ("InvalidInput", errors.InvalidInput),
+    ("ConfigError", errors.InvalidInput),
+    ("DatasetError", errors.InvalidInput),
+    ("NotFound", errors.NotFound),
+    ("FailedPrecondition", errors.FailedPrecondition),
+    ("ResourceExhausted", errors.ResourceExhausted),
+    ("Unavailable", errors.Unavailable),
+    ("IntegrityError", errors.IntegrityError),
+    ("TrainingDiverged", WorkerFailed),
+])
+def test_error_line_is_reraised_as_its_kind(tmp_path, kind, cls):
+    cmd = worker(tmp_path, f"""
+        emit({{"error": "config.json: $.learning_rate: must be positive", "kind": "{kind}"}})
+        sys.exit(1)
+    """)
+    with pytest.raises(cls) as info:
+        run(cmd)
+    assert type(info.value) is cls
+    assert str(info.value) == "config.json: $.learning_rate: must be positive"
+
+
+def test_internal_error_line_carries_the_log_tail(tmp_path):
+    cmd = worker(tmp_path, """
+        print("Traceback (most recent call last):\\nZeroDivisionError: division by zero", file=sys.stderr)
+        emit({"error": "internal error in the training worker: ZeroDivisionError", "kind": "internal"})
+        sys.exit(2)
+    """)
+    with pytest.raises(WorkerFailed) as info:
+        run(cmd)
+    assert str(info.value).startswith("internal error in the training worker: ZeroDivisionError; last log lines")
+    assert "ZeroDivisionError: division by zero" in str(info.value)
+    assert info.value.kind == "internal" and info.value.exit_code == 2
+
+
+def test_nonzero_exit_names_the_code_and_quotes_stderr(tmp_path):
+    cmd = worker(tmp_path, """
+        for i in range(100):
+            print(f"log line {i}", file=sys.stderr)
+        sys.exit(3)
+    """)
+    with pytest.raises(WorkerFailed) as info:
+        run(cmd)
+    message = str(info.value)
+    assert message.startswith("the worker exited with code 3; last log lines:\n")
+    assert "log line 99" in message and "log line 84" not in message  # a bounded tail: the last 15 lines
+    assert info.value.exit_code == 3
+
+
+def test_exit_zero_without_result_is_a_failure(tmp_path):
+    with pytest.raises(WorkerFailed, match="exited with code 0 without printing a result line"):
+        run(worker(tmp_path, "emit({'event': {'phase': 'x'}})\n"))
+
+
+def test_killed_by_a_signal_is_named(tmp_path):
+    with pytest.raises(WorkerFailed, match="was killed by signal SIGABRT"):
+        run(worker(tmp_path, "os.kill(os.getpid(), signal.SIGABRT)\n"))
+
+
+def test_sigkill_is_out_of_memory(tmp_path):
+    with pytest.raises(errors.ResourceExhausted, match="the worker ran out of memory: it was killed by SIGKILL"):
+        run(worker(tmp_path, "print('loading', file=sys.stderr, flush=True)\nos.kill(os.getpid(), 9)\n"))
+
+
+@pytest.mark.parametrize("marker", ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+                                    "MemoryError"])
+def test_out_of_memory_in_stderr_is_resource_exhausted(tmp_path, marker):
+    cmd = worker(tmp_path, f"""
+        print("Traceback (most recent call last):", file=sys.stderr)
+        print({marker!r}, file=sys.stderr)
+        emit({{"error": "internal error in the training worker: OutOfMemoryError", "kind": "internal"}})
+        sys.exit(1)
+    """)
+    with pytest.raises(errors.ResourceExhausted) as info:
+        run(cmd)
+    assert str(info.value).startswith(f"the worker ran out of memory: {marker}; lower the resolution")
+
+
+def test_cancel_stops_the_worker_with_sigterm(tmp_path):
+    cmd = worker(tmp_path, """
+        emit({"event": {"pid": os.getpid()}})
+        time.sleep(600)
+    """)
+    cancelled, pids = threading.Event(), []
+
+    def on_event(event):
+        pids.append(event["pid"])
+        cancelled.set()
+
+    t0 = time.monotonic()
+    with pytest.raises(JobCancelled):
+        run_worker(cmd, on_event=on_event, cancelled=cancelled, kill_grace_s=10.0)
+    assert time.monotonic() - t0 < 5.0  # SIGTERM was enough: no wait for the 10 s grace
+    assert gone(pids[0])
+
+
+def test_cancel_kills_a_worker_that_ignores_sigterm_and_its_children(tmp_path):
+    cmd = worker(tmp_path, """
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        child = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                  "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+        emit({"event": {"pid": os.getpid(), "child": child.pid}})
+        time.sleep(600)
+    """)
+    cancelled, seen = threading.Event(), []
+
+    def on_event(event):
+        seen.append(event)
+        cancelled.set()
+
+    t0 = time.monotonic()
+    with pytest.raises(JobCancelled):
+        run_worker(cmd, on_event=on_event, cancelled=cancelled, kill_grace_s=0.5)
+    assert 0.5 <= time.monotonic() - t0 < 5.0
+    assert gone(seen[0]["pid"])
+    deadline = time.monotonic() + 3
+    while not gone(seen[0]["child"]) and time.monotonic() < deadline:  # init reaps the orphan
+        time.sleep(0.05)
+    assert gone(seen[0]["child"])
+
+
+def test_an_on_event_error_stops_the_worker_and_propagates(tmp_path):
+    cmd = worker(tmp_path, """
+        emit({"event": {"pid": os.getpid()}})
+        time.sleep(600)
+    """)
+    pids = []
+
+    def on_event(event):
+        pids.append(event["pid"])
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_worker(cmd, on_event=on_event, cancelled=threading.Event(), kill_grace_s=1.0)
+    assert gone(pids[0])
+
+
+def test_a_stderr_flood_does_not_deadlock(tmp_path):
+    cmd = worker(tmp_path, """
+        chunk = "x" * 1023 + "\\n"
+        for _ in range(6 * 1024):  # 6 MiB
+            sys.stderr.write(chunk)
+        for i in range(2000):
+            print(f"stray stdout {i}")
+        emit({"event": {"phase": "done"}})
+        emit({"result": {"ok": True}})
+    """)
+    t0 = time.monotonic()
+    result, events = run(cmd, log_path=tmp_path / "w.log")
+    assert result == {"ok": True} and events == [{"phase": "done"}]
+    assert time.monotonic() - t0 < 10
+    assert (tmp_path / "w.log").stat().st_size >= 6 * 1024 * 1024
+    assert "stray stdout 1999\n" in (tmp_path / "w.log").read_text()[-100:]
+
+
+def test_log_tail_covers_only_this_run(tmp_path):
+    log_path = tmp_path / "w.log"
+    log_path.write_text("an earlier attempt: CUDA out of memory\n")
+    with pytest.raises(WorkerFailed, match="exited with code 4"):
+        run(worker(tmp_path, "print('second attempt', file=sys.stderr)\nsys.exit(4)\n"), log_path=log_path)
+    assert log_path.read_text() == "an earlier attempt: CUDA out of memory\nsecond attempt\n"
+
+
+def test_a_missing_program_is_a_clear_failure(tmp_path):
+    with pytest.raises(WorkerFailed, match="cannot start the worker"):
+        run([str(tmp_path / "no-such-worker")])
+
+
+def test_environment_and_working_directory_are_passed(tmp_path):
+    cmd = worker(tmp_path, 'emit({"result": {"cwd": os.getcwd(), "x": os.environ.get("X", "")}})\n')
+    result, _ = run(cmd, env={**os.environ, "X": "42"}, cwd=tmp_path)
+    assert result == {"cwd": str(tmp_path), "x": "42"}

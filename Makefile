@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean protos
 
 venv: $(STAMP)
 
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Regenerate the gRPC stubs in shared/rpc/ from protos/ (commit the result; tests fail on stale stubs).
+protos: $(STAMP)
+	$(BIN)/python -m shared.rpc.generate
 
 clean:
 	rm -rf $(VENV) demo-out

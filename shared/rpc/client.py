@@ -1,0 +1,141 @@
+"""The client side: channels with the service's token and limits, deadlines on every unary call, health waits.
+
+    channel = make_channel("encoder:50051", token=os.environ.get("EDITTUNER_TOKEN"))
+    wait_for_serving(channel, "edittuner.encoder.v1.EncoderService", timeout=120)
+    stub = encoder_pb2_grpc.EncoderServiceStub(channel)
+    job = call(stub.SubmitEncode, encoder_pb2.SubmitEncodeRequest(request_id=..., files=...)).job
+    for event in stub.WatchJob(encoder_pb2.WatchJobRequest(job_id=job.job_id)):  # a stream: no deadline
+        ...
+
+``call`` turns a failed call back into the domain error the server raised (``shared.errors``), so a CLI prints
+the server's message and a service calling another maps it on with the same code.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared import errors
+
+DEFAULT_DEADLINE_S = 30.0
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+Response = TypeVar("Response")
+
+# The inverse of server.STATUS_FOR, for the codes a domain error maps to.
+ERROR_FOR: dict[grpc.StatusCode, type[errors.EditTunerError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidInput,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.DATA_LOSS: errors.IntegrityError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.Unavailable,
+}
+
+
+class _CallDetails(
+    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                                            "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call (works on plaintext channels too, unlike call
+    credentials, which grpc only sends over TLS)."""
+
+    def __init__(self, token: str):
+        self._pair = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        metadata = [*(details.metadata or ()), self._pair]
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._with_token(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._with_token(client_call_details), request_iterator)
+
+
+def make_channel(target: str, *, token: str | None = None, tls_ca: str | Path | None = None, tls: bool = False,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A channel to ``target`` (``host:port``). ``tls_ca``: PEM of the CA that signed the server's certificate
+    (implies TLS); ``tls=True`` without it trusts the system roots. ``token``: sent as a bearer token."""
+    opts = [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes), *options]
+    if tls_ca is not None or tls:
+        root = Path(tls_ca).read_bytes() if tls_ca is not None else None
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root), opts)
+    else:
+        channel = grpc.insecure_channel(target, opts)
+    if token:
+        channel = grpc.intercept_channel(channel, _BearerToken(token))
+    return channel
+
+
+def domain_error(err: grpc.RpcError) -> errors.EditTunerError:
+    """The ``shared.errors`` exception a failed call stands for; its message is the server's."""
+    code, details = err.code(), err.details() or ""
+    cls = ERROR_FOR.get(code)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return errors.Unavailable(f"the service did not answer in time (DEADLINE_EXCEEDED): {details}")
+    if code == grpc.StatusCode.UNAVAILABLE and not details.strip():
+        details = "the service is unreachable"
+    if cls is None:
+        return errors.EditTunerError(f"{code.name}: {details}")
+    return cls(details)
+
+
+def call(method: Callable[..., Response], request: Any, *, timeout: float = DEFAULT_DEADLINE_S,
+         metadata: Sequence[tuple[str, str]] | None = None, wait_for_ready: bool | None = None) -> Response:
+    """``method(request)`` with a deadline (seconds; required), raising ``domain_error`` on failure."""
+    if timeout is None or timeout <= 0:
+        raise ValueError(f"call() needs a positive deadline in seconds, got {timeout!r}")
+    try:
+        return method(request, timeout=timeout, metadata=metadata, wait_for_ready=wait_for_ready)
+    except grpc.RpcError as err:
+        raise domain_error(err) from err
+
+
+def wait_for_serving(channel: grpc.Channel, service: str = "", timeout: float = DEFAULT_DEADLINE_S,
+                     poll_s: float = 0.1) -> None:
+    """Block until the health service reports ``service`` ("" = the whole server) SERVING; raise
+    ``errors.Unavailable`` after ``timeout`` seconds, ``errors.NotFound`` if the server does not know it."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise errors.Unavailable(f"{service or 'the server'} is not SERVING after {timeout:g}s (last: {last})")
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=min(remaining, 5.0),
+                               wait_for_ready=True)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                raise errors.NotFound(f"the server's health service does not know {service!r}") from err
+            last = f"{err.code().name}: {err.details()}"
+        else:
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        time.sleep(min(poll_s, max(deadline - time.monotonic(), 0)))

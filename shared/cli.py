@@ -44,6 +44,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "example=NAME for a bundled preset")
 
 
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", help="HOST:PORT of the service; default EDITTUNER_SERVER, else start the three "
+                                    "services locally for this command")
+    p.add_argument("--in-process", action="store_true", help="no services: run everything in this process")
+
+
 # ------------------------------------------------------------------------------------------------ commands
 def cmd_check(args: argparse.Namespace) -> int:
     from shared.datasets import pair_datasets
@@ -77,6 +83,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
+    if not args.in_process:
+        _materialize(args)
+        return _remote_job(args, "encoder")
+    return cmd_encode_in_process(args)
+
+
+def cmd_encode_in_process(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from shared.encoding import DatasetEncoder
@@ -105,15 +118,26 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+def _materialize(args: argparse.Namespace) -> None:
     from shared.demo import materialize_preset
-    from shared.runner import train_run
 
     for o in args.overrides:
         if o.startswith("example="):
             materialize_preset(o.partition("=")[2])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.in_process:
+        return cmd_train_in_process(args)
+    _materialize(args)
+    return _remote_job(args, "trainer")
+
+
+def cmd_train_in_process(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from shared.runner import train_run
+
     run = _load(args)
     store = _store(args)
     bars: dict[str, tqdm] = {}
@@ -153,6 +177,161 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- through services
+class _Bar:
+    """One tqdm bar per phase, fed by job snapshots from Watch."""
+
+    def __init__(self, quiet: bool):
+        from tqdm import tqdm
+
+        self.tqdm, self.quiet, self.bar, self.phase, self.note = tqdm, quiet, None, None, ""
+
+    def update(self, job) -> None:
+        p = job.progress
+        if self.quiet or not p.phase:
+            return
+        if p.phase in ("checkpoint", "validation", "validation_ready"):
+            if p.message != self.note:
+                self.note = p.message
+                self.tqdm.write(f"[{p.phase}] {p.message}")
+            return
+        if p.phase != self.phase:
+            self.close()
+            self.phase = p.phase
+            self.bar = self.tqdm(desc=p.phase, total=p.total or None, unit="step" if p.phase == "train" else "item")
+        self.bar.total = p.total or None
+        self.bar.n = p.step
+        if p.loss:
+            self.bar.set_postfix(loss=f"{p.loss:.4f}", s_step=f"{p.seconds_per_step:.2f}")
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _remote_job(args: argparse.Namespace, service: str) -> int:
+    """Submit a train or encode job to the services (--server, EDITTUNER_*) or to a local stack started here."""
+    from shared.config import read_config_files
+    from shared.local_stack import start_local_stack
+    from shared.remote import (Client, ask_cancel_or_detach, describe, new_request_id, resolve_address,
+                               wait_for_validations)
+    from shared.rpc import encoder_pb2, trainer_pb2
+    from shared.service_common import files_to_proto, state_name
+
+    files = read_config_files(args.config, args.data, args.overrides)
+    run = _load(args)
+    address = resolve_address(service, args.server)
+    stack = None
+    store_url = args.store or os.environ.get("EDITTUNER_STORE") or DEFAULT_STORE
+    if address is None:
+        stack = start_local_stack(str(Path(store_url).resolve()) if "://" not in store_url else store_url,
+                                  Path(".edittuner/logs"))
+        address = stack.addresses[service]
+        print(f"started local services ({', '.join(f'{k} {v}' for k, v in stack.addresses.items())}); "
+              f"store {store_url}; logs .edittuner/logs/", file=sys.stderr)
+    client = Client(service, address)
+    bar = _Bar(args.quiet)
+    job = None
+    try:
+        if service == "trainer":
+            job = client.call("StartRun", trainer_pb2.StartRunRequest(request_id=new_request_id(),
+                                                                      files=files_to_proto(files))).job
+        else:
+            job = client.call("SubmitEncode", encoder_pb2.SubmitEncodeRequest(request_id=new_request_id(),
+                                                                              files=files_to_proto(files))).job
+        print(f"submitted job {job.job_id} to {service}_svc at {address}", file=sys.stderr)
+        try:
+            job = client.watch(job.job_id, bar.update)
+        except KeyboardInterrupt:
+            bar.close()
+            if stack is not None or ask_cancel_or_detach():
+                job = client.cancel(job.job_id)
+                print(f"cancelled job {job.job_id}" + (" (the local services stop with this command; continue "
+                      "later with resume_from_checkpoint=latest)" if stack is not None else ""), file=sys.stderr)
+            else:
+                print(f"detached; follow it with: edittuner jobs watch {job.job_id} --service {service} "
+                      f"--server {address}", file=sys.stderr)
+            return 130
+        if service == "trainer" and state_name(job) == "succeeded":
+            eval_address = stack.addresses["eval"] if stack is not None else resolve_address("eval", None)
+            for v in wait_for_validations(job, eval_address):
+                print(f"validation {v.job_id}: {state_name(v)}" + (f", PSNR LoRA {v.outputs['psnr_lora']} dB, "
+                      f"base {v.outputs['psnr_base']} dB" if "psnr_lora" in v.outputs else f" {v.error}"),
+                      file=sys.stderr)
+    finally:
+        bar.close()
+        client.close()
+        if stack is not None:
+            stack.stop()
+    print(describe(job))
+    if state_name(job) != "succeeded":
+        return 1
+    if service == "trainer" and "://" not in store_url:
+        from shared.runner import copy_outputs
+        from shared.storage import open_store
+
+        outputs = copy_outputs(open_store(store_url), f"runs/{job.outputs['run_id']}", Path(run.train.output_dir))
+        for name, path in outputs.items():
+            print(f"{name}: {path}")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from shared.remote import Client, describe, resolve_address
+
+    address = resolve_address(args.service, args.server)
+    if address is None:
+        print("error: give --server HOST:PORT or set EDITTUNER_SERVER / EDITTUNER_"
+              f"{args.service.upper()}_ADDR", file=sys.stderr)
+        return 1
+    client = Client(args.service, address)
+    try:
+        if args.action == "list":
+            for job in client.list(args.state):
+                print(describe(job))
+        elif args.action == "get":
+            print(describe(client.get(args.job_id)))
+        elif args.action == "cancel":
+            print(describe(client.cancel(args.job_id)))
+        else:
+            bar = _Bar(False)
+            try:
+                job = client.watch(args.job_id, bar.update)
+            finally:
+                bar.close()
+            print(describe(job))
+    finally:
+        client.close()
+    return 0
+
+
+def cmd_runs_pull(args: argparse.Namespace) -> int:
+    store = _store(args)
+    prefix = f"runs/{args.run_id}"
+    keys = store.list(prefix)
+    if not keys:
+        from shared.errors import NotFound
+
+        raise NotFound(f"no run {args.run_id!r} in {store.describe()}")
+    dest = Path(args.dir)
+    for key in keys:
+        if args.no_checkpoints and "/checkpoints/" in key:
+            continue
+        target = dest / key[len(prefix) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        store.get_file(key, target)
+    print(f"pulled {args.run_id} from {store.describe()} into {dest}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib
+
+    return importlib.import_module(f"{args.service}_svc.__main__").main()
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from shared.tiny_model import save_tiny_model
 
@@ -177,13 +356,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("encode", help="encode the datasets into the cache (VAE latents, caption embeddings)")
     _add_run_args(p)
+    _add_server_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_encode)
     p = sub.add_parser("train", help="encode what is missing, train the LoRA, render validation previews")
     _add_run_args(p)
+    _add_server_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--no-validation", action="store_true", help="skip validation previews")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("jobs", help="list, get, watch or cancel a service's jobs")
+    p.add_argument("action", choices=["list", "get", "watch", "cancel"])
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--service", choices=["encoder", "trainer", "eval"], default="trainer")
+    p.add_argument("--server", help="HOST:PORT of the service (or EDITTUNER_SERVER / EDITTUNER_<SERVICE>_ADDR)")
+    p.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    p.set_defaults(func=cmd_jobs)
+    p = sub.add_parser("runs", help="runs in the store")
+    rs = p.add_subparsers(dest="runs_action", required=True)
+    q = rs.add_parser("pull", help="copy a run's LoRA, previews and checkpoints out of the store")
+    q.add_argument("run_id")
+    q.add_argument("dir")
+    q.add_argument("--store")
+    q.add_argument("--no-checkpoints", action="store_true")
+    q.set_defaults(func=cmd_runs_pull)
+    p = sub.add_parser("serve", help="run one service in the foreground (configured by EDITTUNER_* variables)")
+    p.add_argument("service", choices=["encoder", "trainer", "eval"])
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weight model in the real Hugging Face layout")
     p.add_argument("dir")
     p.add_argument("--flavour", choices=["edit-v1", "edit-v2", "edit-v3"], default="edit-v2")

@@ -482,6 +482,11 @@ def load_run_config(config: str | Path | None = None, data: str | Path | None = 
         data_raw = jsonc.load(data_label)
     except ConfigError as e:
         raise ConfigError(problems + e.problems) from None
+    return _finish(train, data_raw, cfg_label, data_label, problems, ignored)
+
+
+def _finish(train: TrainConfig, data_raw: Any, cfg_label: str, data_label: str, problems: list[Problem],
+            ignored: list[str]) -> RunConfig:
     dcfg = _parse_data(data_raw, data_label, problems, ignored)
     cross, warnings = _check_data(train, dcfg, cfg_label)
     problems.extend(cross)
@@ -492,3 +497,53 @@ def load_run_config(config: str | Path | None = None, data: str | Path | None = 
     if train.data_backend_config != data_label:
         train = dataclasses.replace(train, data_backend_config=data_label)
     return RunConfig(train=train, data=dcfg, config_source=cfg_label, warnings=tuple(warnings))
+
+
+@dataclass(frozen=True)
+class ConfigFiles:
+    """A run's two files as text, as a client sends them to a service."""
+
+    config_text: str
+    data_text: str
+    overrides: tuple[str, ...]
+    config_name: str
+    data_name: str
+
+
+def read_config_files(config: str | Path | None = None, data: str | Path | None = None,
+                      overrides: list[str] | tuple[str, ...] = ()) -> ConfigFiles:
+    """Find and read the files as ``load_run_config`` would (presets, data_backend_config), validating them
+    here first so that a client reports bad input before anything is sent."""
+    run = load_run_config(config, data, overrides)
+    rest = tuple(o for o in overrides if not o.startswith("example="))
+    return ConfigFiles(Path(run.config_source).read_text(encoding="utf-8"),
+                       Path(run.data.source).read_text(encoding="utf-8"), rest, run.config_source, run.data.source)
+
+
+def load_run_config_text(config_text: str, data_text: str, overrides: list[str] | tuple[str, ...] = (), *,
+                         config_name: str = "config.json", data_name: str = "multidatabackend.json") -> RunConfig:
+    """The same as ``load_run_config`` for files that arrived as text (a gRPC request): the names are only
+    used in messages, so a user still reads 'config.json:3:7' for their own file."""
+    overrides = [o for o in overrides if not o.startswith("example=")]
+    for o in overrides:
+        parse_override(o)
+    problems: list[Problem] = []
+    ignored: list[str] = []
+    train_raw: Any = None
+    data_raw: Any = None
+    for text, name in ((config_text, config_name), (data_text, data_name)):
+        try:
+            parsed = jsonc.loads(text, name)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            parsed = None
+        if name == config_name:
+            train_raw = parsed
+        else:
+            data_raw = parsed
+    if problems:
+        raise ConfigError(problems)
+    if isinstance(train_raw, dict):
+        train_raw = apply_overrides(_strip_dashes(train_raw), overrides)
+    train = _parse_train(train_raw, config_name, problems, ignored)
+    return _finish(train, data_raw, config_name, data_name, problems, ignored)

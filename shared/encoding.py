@@ -298,6 +298,12 @@ class DatasetEncoder:
                                                device=self.device, dtype=self.dtype)
         return self._pipe
 
+    @property
+    def pipe_key(self) -> tuple[str, str, str, str]:
+        """What identifies the loaded models: a service reuses them across jobs with the same key."""
+        t = self.run.train
+        return (t.model_path, t.model_flavour, str(self.device), str(self.dtype))
+
     def release(self) -> None:
         """Free the models (the trainer needs the GPU next)."""
         self._pipe = None

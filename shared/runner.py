@@ -27,7 +27,10 @@ class RunResult:
 
 
 def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], None] | None = None,
-              validate: bool = True, until_step: int | None = None, encode: bool = True) -> RunResult:
+              validate: bool | str = True, until_step: int | None = None, encode: bool = True,
+              run_id: str | None = None) -> RunResult:
+    """``validate``: True renders previews here; "external" exports the LoRA at each validation step and emits a
+    ``validation_ready`` event for a supervisor to hand to eval_svc; False skips validation."""
     events = events or (lambda e: None)
     stats = EncodeStats()
     if encode:
@@ -37,13 +40,27 @@ def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], N
                                                         "message": f"encoded {s.encoded}, cached {s.cached}"}))
         finally:
             enc.release()  # the transformer needs the memory next
-    validator = make_validator(run, store) if validate else None
-    trainer = Trainer(run, store, events=events, validate=validator)
+    validator = (external_validator(events) if validate == "external" else
+                 make_validator(run, store) if validate else None)
+    trainer = Trainer(run, store, run_id=run_id, events=events, validate=validator)
     trainer.setup()
     summary = trainer.train(until_step=until_step)
     outputs = copy_outputs(store, trainer.prefix, Path(run.train.output_dir)) if isinstance(store, LocalStore) \
         else {}
     return RunResult(stats, summary, outputs)
+
+
+def external_validator(events: Callable[[Event], None]) -> Callable[[Trainer, int], dict[str, Any]]:
+    """Validation by another service: write this step's LoRA to the store and say where it is."""
+
+    def validate(trainer: Trainer, step: int) -> dict[str, Any]:
+        keys = trainer.export(f"{trainer.prefix}/validation/step-{step}/lora")
+        lora_key = next(k for k in keys if k.endswith("/pytorch_lora_weights.safetensors"))
+        events({"phase": "validation_ready", "step": step, "total": trainer.cfg.max_train_steps,
+                "lora_key": lora_key, "run_id": trainer.run_id, "message": f"LoRA for validation at step {step}"})
+        return {"step": step, "lora_key": lora_key, "external": True}
+
+    return validate
 
 
 def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int], dict[str, Any]]:

@@ -184,7 +184,8 @@ class Trainer:
                 losses.append(r.loss)
                 self.history.append(dataclasses.asdict(r))
                 self.events({"phase": "train", "step": r.step, "total": cfg.max_train_steps, "loss": r.loss,
-                             "lr": r.lr, "seconds_per_step": r.seconds, "data_wait": r.data_wait})
+                             "lr": r.lr, "seconds_per_step": r.seconds, "data_wait": r.data_wait,
+                             **self._gpu_memory()})
                 if r.step % cfg.checkpointing_steps == 0:
                     checkpoints.append(self.save_checkpoint())
                 if self.validate and r.step % cfg.validation_step_interval == 0:
@@ -297,6 +298,13 @@ class Trainer:
             self.transformer.train(was_training)
         self.history.append({"validation": result, "step": step})
         return result
+
+    def _gpu_memory(self) -> dict[str, int]:
+        if self.device.type != "cuda":
+            return {}
+        return {"gpu_allocated_bytes": torch.cuda.memory_allocated(self.device),
+                "gpu_reserved_bytes": torch.cuda.memory_reserved(self.device),
+                "gpu_peak_bytes": torch.cuda.max_memory_allocated(self.device)}
 
     def _metrics_jsonl(self) -> bytes:
         return "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history).encode()

@@ -28,9 +28,9 @@ def test_check_prints_summary_then_encode_counts_then_check_shows_cached(project
     out = capsys.readouterr().out
     assert "dataset 'demo-images' (train): 4 samples, 2 reference(s) per sample" in out
     assert "buckets: 64x64 ×2, 96x64 ×2" in out and "cached:  text 0/4, vae 0/12" in out
-    assert main(["encode", "--config", str(cfg), "--data", str(data), "--store", store, "--quiet"]) == 0
+    assert main(["encode", "--config", str(cfg), "--data", str(data), "--store", store, "--quiet", "--in-process"]) == 0
     assert "encoded 16, cached 0, failed 0" in capsys.readouterr().out
-    assert main(["encode", "--config", str(cfg), "--store", store, "--quiet"]) == 0
+    assert main(["encode", "--config", str(cfg), "--store", store, "--quiet", "--in-process"]) == 0
     assert "encoded 0, cached 16, failed 0" in capsys.readouterr().out
     assert main(["check", "--config", str(cfg), "--store", store]) == 0
     assert "cached:  text 4/4, vae 12/12" in capsys.readouterr().out
@@ -50,7 +50,7 @@ def test_check_lists_every_problem_and_exits_1(project, capsys):
 def test_missing_reference_makes_check_fail_before_any_encoding(project, capsys):
     tmp, root, cfg, data = project
     (root / "reference_a" / "0001.png").unlink()
-    assert main(["encode", "--config", str(cfg), "--store", str(tmp / "store"), "--quiet"]) == 1
+    assert main(["encode", "--config", str(cfg), "--store", str(tmp / "store"), "--quiet", "--in-process"]) == 1
     err = capsys.readouterr().err
     assert "Control tensor list length does not match batch size" in err and "0001.png" in err
     assert LocalStore(tmp / "store").list() == []  # nothing was encoded

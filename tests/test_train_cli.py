@@ -16,7 +16,7 @@ SHORT = ["max_train_steps=4", "checkpointing_steps=2", "validation_step_interval
 
 def test_train_example_tiny_preset_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "example=qwen_image.edit-v2-lora-tiny", *SHORT, "--quiet"]) == 0
+    assert main(["train", "example=qwen_image.edit-v2-lora-tiny", *SHORT, "--quiet", "--in-process"]) == 0
     out = capsys.readouterr().out
     lora = tmp_path / "output" / "tiny-edit-v2" / "pytorch_lora_weights.safetensors"
     assert f"pytorch_lora_weights.safetensors: output/tiny-edit-v2/pytorch_lora_weights.safetensors" in out
@@ -31,11 +31,11 @@ def test_train_example_tiny_preset_end_to_end(tmp_path, monkeypatch, capsys):
         metrics = json.loads((folder / "metrics.json").read_text())
         assert metrics["step"] == step and metrics["heldout_loss_mean"] > 0
     # training again without resuming would overwrite the run: refused, with what to do
-    assert main(["train", "example=qwen_image.edit-v2-lora-tiny", *SHORT, "--quiet"]) == 1
+    assert main(["train", "example=qwen_image.edit-v2-lora-tiny", *SHORT, "--quiet", "--in-process"]) == 1
     assert "resume_from_checkpoint=latest" in capsys.readouterr().err
     # resuming a finished run trains nothing more and exits cleanly
     assert main(["train", "example=qwen_image.edit-v2-lora-tiny", *SHORT, "resume_from_checkpoint=latest",
-                 "--quiet", "--no-validation"]) == 0
+                 "--quiet", "--no-validation", "--in-process"]) == 0
 
 
 def test_worker_prints_json_lines_and_exit_codes(tmp_path):

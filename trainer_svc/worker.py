@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", required=True)
     ap.add_argument("--no-encode", action="store_true", help="the caches exist already (encoder_svc made them)")
     ap.add_argument("--no-validation", action="store_true")
+    ap.add_argument("--external-validation", action="store_true",
+                    help="export the LoRA at validation steps and emit validation_ready events (trainer_svc)")
+    ap.add_argument("--run-id")
     ap.add_argument("--until-step", type=int, help="stop after this step (the run can be resumed)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
@@ -38,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = load_run_config(args.config, args.data, args.overrides)
         result = train_run(run, open_store(args.store), events=lambda e: _emit({"event": e}),
-                           validate=not args.no_validation, until_step=args.until_step, encode=not args.no_encode)
+                           validate=False if args.no_validation else "external" if args.external_validation else True,
+                           until_step=args.until_step, encode=not args.no_encode, run_id=args.run_id)
     except EditTunerError as e:
         _emit({"error": str(e), "kind": type(e).__name__})
         return 1

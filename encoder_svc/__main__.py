@@ -1,0 +1,25 @@
+"""``python -m encoder_svc``: the encoder service (configuration from EDITTUNER_ENCODER_* / EDITTUNER_*)."""
+
+import sys
+
+from shared.rpc import encoder_pb2, encoder_pb2_grpc
+from shared.service_main import serve
+
+
+def make(config, store, metrics):
+    from encoder_svc.service import EncoderCore, EncoderServicer
+
+    core = EncoderCore(store, metrics)
+
+    def add(jobs, server):
+        encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(jobs, core), server)
+
+    return core, core.execute, encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name, add
+
+
+def main() -> int:
+    return serve("encoder", 50051, make)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""encoder_svc: Encode jobs over a run's data config → caches, manifests and training indexes in the store."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import grpc
+
+from shared.encoding import DatasetEncoder, EncodeStats
+from shared.jobs import JobContext, JobManager, JobRecord
+from shared.metrics import Metrics
+from shared.rpc import encoder_pb2, encoder_pb2_grpc
+from shared.service_common import JobRpcMixin, files_from_proto, files_to_params, job_to_proto, run_from_files, \
+    run_from_params
+from shared.storage import ObjectStore
+
+
+class EncoderCore:
+    """Runs encode jobs; keeps the VAE and text encoder loaded between jobs until released."""
+
+    def __init__(self, store: ObjectStore, metrics: Metrics):
+        self.store, self.metrics = store, metrics
+        self._lock = threading.Lock()
+        self._pipes: dict[tuple[str, ...], Any] = {}
+
+    def execute(self, job: JobRecord, ctx: JobContext) -> dict[str, str]:
+        run = run_from_params(job.params)
+        with self._lock:
+            enc = DatasetEncoder(run, self.store, pipe=self._pipes.get(self._key(run)))
+            seen = EncodeStats()
+
+            def progress(stats: EncodeStats, total: int) -> None:
+                self.metrics.encoder_images.inc(stats.encoded - seen.encoded)
+                self.metrics.encoder_cache_hits.inc(stats.cached - seen.cached)
+                seen.encoded, seen.cached = stats.encoded, stats.cached
+                ctx.progress(phase="encode", step=stats.total, total=total,
+                             message=f"encoded {stats.encoded}, cached {stats.cached}, failed {stats.failed}")
+                ctx.check_cancelled()
+
+            stats, index_keys = enc.encode_with_index(progress)
+            if enc._pipe is not None:
+                self._pipes = {enc.pipe_key: enc._pipe}  # one model set resident at a time
+            self.metrics.record_gpu("encoder")
+        return {"encoded": str(stats.encoded), "cached": str(stats.cached), "failed": str(stats.failed),
+                "index": ",".join(index_keys)}
+
+    @staticmethod
+    def _key(run) -> tuple[str, ...]:
+        from shared.encoding import resolve_device
+        from shared.models import resolve_dtype
+
+        device = resolve_device(run.train.device)
+        return (run.train.model_path, run.train.model_flavour, str(device),
+                str(resolve_dtype(run.train.mixed_precision, device)))
+
+    def release(self) -> bool:
+        """Free GPU memory (the trainer asks before training starts on the same GPU)."""
+        with self._lock:
+            had = bool(self._pipes)
+            self._pipes.clear()
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return had
+
+
+class EncoderServicer(JobRpcMixin, encoder_pb2_grpc.EncoderServiceServicer):
+    pb = encoder_pb2
+
+    def __init__(self, jobs: JobManager, core: EncoderCore):
+        self.jobs, self.core = jobs, core
+
+    def SubmitEncode(self, request: encoder_pb2.SubmitEncodeRequest, context: grpc.ServicerContext
+                     ) -> encoder_pb2.SubmitEncodeResponse:
+        files = files_from_proto(request.files)
+        run_from_files(files)  # invalid input fails the call, listing every problem, before a job exists
+        job = self.jobs.submit("encode", files_to_params(files), request.request_id)
+        return encoder_pb2.SubmitEncodeResponse(job=job_to_proto(job))
+
+    def ReleaseModels(self, request: encoder_pb2.ReleaseModelsRequest, context: grpc.ServicerContext
+                      ) -> encoder_pb2.ReleaseModelsResponse:
+        self.core.release()
+        return encoder_pb2.ReleaseModelsResponse()

@@ -1,0 +1,25 @@
+"""``python -m eval_svc``: the eval service (configuration from EDITTUNER_EVAL_* / EDITTUNER_*)."""
+
+import sys
+
+from shared.rpc import eval_pb2, eval_pb2_grpc
+from shared.service_main import serve
+
+
+def make(config, store, metrics):
+    from eval_svc.service import EvalCore, EvalServicer
+
+    core = EvalCore(store, metrics)
+
+    def add(jobs, server):
+        eval_pb2_grpc.add_EvalServiceServicer_to_server(EvalServicer(jobs, core), server)
+
+    return core, core.execute, eval_pb2.DESCRIPTOR.services_by_name["EvalService"].full_name, add
+
+
+def main() -> int:
+    return serve("eval", 50053, make)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

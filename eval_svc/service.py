@@ -1,0 +1,92 @@
+"""eval_svc: Render jobs (run, step, LoRA object, eval set) → preview grids and metrics in the store."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import grpc
+
+from shared.datasets import pair_datasets
+from shared.encoding import index_key, resolve_device, settings_for
+from shared.errors import InvalidInput
+from shared.jobs import JobContext, JobManager, JobRecord
+from shared.metrics import Metrics
+from shared.models import load_pipeline, resolve_dtype
+from shared.preview import index_entries, render_validation, select_eval_samples
+from shared.rpc import eval_pb2, eval_pb2_grpc
+from shared.service_common import JobRpcMixin, files_from_proto, files_to_params, job_to_proto, run_from_files, \
+    run_from_params
+from shared.storage import ObjectStore
+
+ADAPTER = "validation"
+
+
+class EvalCore:
+    """Renders validations; keeps the base pipeline loaded between jobs, the LoRA only for one job."""
+
+    def __init__(self, store: ObjectStore, metrics: Metrics):
+        self.store, self.metrics = store, metrics
+        self._lock = threading.Lock()
+        self._pipe: tuple[tuple[str, ...], Any] | None = None
+
+    def _pipeline(self, run) -> Any:
+        device = resolve_device(run.train.device)
+        dtype = resolve_dtype(run.train.mixed_precision, device)
+        key = (run.train.model_path, run.train.model_flavour, str(device), str(dtype))
+        if self._pipe is None or self._pipe[0] != key:
+            self._pipe = None
+            self._pipe = (key, load_pipeline(run.train.model_path, run.train.model_flavour, device=device,
+                                             dtype=dtype))
+        return self._pipe[1]
+
+    def execute(self, job: JobRecord, ctx: JobContext) -> dict[str, str]:
+        p = job.params
+        run = run_from_params(p)
+        with self._lock:
+            ctx.progress(phase="render", step=0, total=1, message=f"validation of {p['run_id']} step {p['step']}")
+            pipe = self._pipeline(run)
+            lora, _ = self.store.get_tensors(p["lora_key"])
+            pipe.load_lora_weights(lora, adapter_name=ADAPTER)
+            try:
+                paired, _ = pair_datasets(run)
+                samples = select_eval_samples(run, paired)
+                settings = settings_for(run, resolve_dtype(run.train.mixed_precision, resolve_device(run.train.device)))
+                keys = sorted({index_key(run, ds.config.id, settings) for ds, _ in samples})
+                entries = index_entries(self.store, [k for k in keys if self.store.exists(k)], samples)
+                result = render_validation(pipe, run, samples, step=int(p["step"]), store=self.store,
+                                           prefix=f"runs/{p['run_id']}/validation", loss_index=entries)
+            finally:
+                pipe.delete_adapters(ADAPTER)
+            self.metrics.eval_render_seconds.observe(result.seconds)
+            self.metrics.record_gpu("eval")
+        ctx.progress(phase="render", step=1, total=1, message="done")
+        return {"metrics": result.metrics_key, "grids": ",".join(s.grid_key for s in result.samples),
+                "psnr_lora": f"{result.psnr_lora}", "psnr_base": f"{result.psnr_base}"}
+
+    def release(self) -> None:
+        with self._lock:
+            self._pipe = None
+
+
+class EvalServicer(JobRpcMixin, eval_pb2_grpc.EvalServiceServicer):
+    pb = eval_pb2
+
+    def __init__(self, jobs: JobManager, core: EvalCore):
+        self.jobs, self.core = jobs, core
+
+    def SubmitRender(self, request: eval_pb2.SubmitRenderRequest, context: grpc.ServicerContext
+                     ) -> eval_pb2.SubmitRenderResponse:
+        files = files_from_proto(request.files)
+        run_from_files(files)
+        if not request.run_id or not request.lora_key:
+            raise InvalidInput("SubmitRender needs run_id and lora_key (the LoRA object written by the trainer)")
+        params = files_to_params(files) | {"run_id": request.run_id, "step": request.step,
+                                           "lora_key": request.lora_key}
+        job = self.jobs.submit("render", params, request.request_id)
+        return eval_pb2.SubmitRenderResponse(job=job_to_proto(job))
+
+    def ReleaseModels(self, request: eval_pb2.ReleaseModelsRequest, context: grpc.ServicerContext
+                      ) -> eval_pb2.ReleaseModelsResponse:
+        self.core.release()
+        return eval_pb2.ReleaseModelsResponse()

@@ -1,0 +1,162 @@
+"""trainer_svc: StartRun validates, asks encoder_svc to encode, then supervises the training worker process.
+
+A crash, an out-of-memory or a kill of the worker fails the run with its reason, never the service. At each
+validation step the worker writes the LoRA to the store and the trainer submits a Render job to eval_svc
+without waiting for it; when eval_svc is down the run goes on and the missed validation is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+
+from shared.errors import FailedPrecondition, Unavailable
+from shared.jobs import JobContext, JobManager, JobRecord
+from shared.metrics import Metrics
+from shared.rpc import common_pb2, encoder_pb2, encoder_pb2_grpc, eval_pb2, eval_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from shared.service_common import (JobRpcMixin, error_of, files_from_proto, files_to_params, files_to_proto,
+                                   job_to_proto, run_from_files, run_from_params, state_name)
+from shared.supervisor import run_worker
+from shared.training import run_id_for
+
+log = logging.getLogger(__name__)
+RPC_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Peers:
+    """Clients of the other two services (channels built by __main__ from the environment)."""
+
+    encoder: encoder_pb2_grpc.EncoderServiceStub | None
+    eval: eval_pb2_grpc.EvalServiceStub | None
+
+
+class TrainerCore:
+    def __init__(self, store_url: str, peers: Peers, metrics: Metrics, workdir: Path,
+                 worker_cmd: list[str] | None = None, env: dict[str, str] | None = None):
+        self.store_url, self.peers, self.metrics = store_url, peers, metrics
+        self.workdir = workdir
+        self.worker_cmd = worker_cmd or [sys.executable, "-m", "trainer_svc.worker"]
+        self.env = env
+
+    # ------------------------------------------------------------------------------------------ the job
+    def execute(self, job: JobRecord, ctx: JobContext) -> dict[str, str]:
+        run = run_from_params(job.params)
+        run_id = job.params["run_id"]
+        outputs: dict[str, str] = {"run_id": run_id}
+        self._encode(job, ctx)
+        folder = self.workdir / job.job_id
+        folder.mkdir(parents=True, exist_ok=True)
+        f = job.params["files"]
+        (folder / "config.json").write_text(f["config_text"], encoding="utf-8")
+        (folder / "multidatabackend.json").write_text(f["data_text"], encoding="utf-8")
+        overrides = list(f["overrides"]) + (["resume_from_checkpoint=latest"] if job.attempt > 1 else [])
+        cmd = [*self.worker_cmd, "--config", str(folder / "config.json"), "--data",
+               str(folder / "multidatabackend.json"), "--store", self.store_url, "--no-encode",
+               "--external-validation", "--run-id", run_id, *overrides]
+        validations: list[str] = []
+        missed: list[str] = []
+        batch = run.train.train_batch_size * run.train.gradient_accumulation_steps
+
+        def on_event(e: dict[str, Any]) -> None:
+            if e.get("phase") == "validation_ready":
+                self._submit_render(job, e, validations, missed)
+                ctx.set_output("validations", ",".join(validations))
+                if missed:
+                    ctx.set_output("missed_validations", "; ".join(missed))
+                return
+            self.metrics.record_train_event(e, batch)
+            ctx.progress(phase=e.get("phase", ""), step=e.get("step", 0), total=e.get("total", 0),
+                         loss=e.get("loss", 0.0), seconds_per_step=e.get("seconds_per_step", 0.0),
+                         learning_rate=e.get("lr", 0.0), message=e.get("message", ""),
+                         data_wait_fraction=(e.get("data_wait", 0.0) / e["seconds_per_step"])
+                         if e.get("seconds_per_step") else 0.0)
+
+        result = run_worker(cmd, on_event=on_event, cancelled=ctx.cancelled, env=self.env,
+                            log_path=folder / "worker.log")
+        outputs.update({"lora": ",".join(result.get("lora", [])), "steps": str(result.get("steps", 0)),
+                        "final_loss": str(result.get("final_loss")),
+                        "checkpoints": ",".join(map(str, result.get("checkpoints", []))),
+                        "validations": ",".join(validations)})
+        if missed:
+            outputs["missed_validations"] = "; ".join(missed)
+        return outputs
+
+    def _encode(self, job: JobRecord, ctx: JobContext) -> None:
+        """Encode through encoder_svc and wait; then ask it to free the GPU for training."""
+        if self.peers.encoder is None:
+            raise Unavailable("trainer_svc has no encoder_svc address (EDITTUNER_ENCODER_ADDR)")
+        f = job.params["files"]
+        files = common_pb2.RunConfigFiles(config_json=f["config_text"], data_json=f["data_text"],
+                                          overrides=f["overrides"], config_name=f["config_name"],
+                                          data_name=f["data_name"])
+        try:
+            sub = self.peers.encoder.SubmitEncode(encoder_pb2.SubmitEncodeRequest(
+                request_id=f"{job.job_id}-encode-{job.attempt}", files=files), timeout=RPC_TIMEOUT_S)
+            enc_job = sub.job
+            for ev in self.peers.encoder.WatchJob(encoder_pb2.WatchJobRequest(job_id=enc_job.job_id)):
+                enc_job = ev.job
+                p = enc_job.progress
+                ctx.progress(phase="encode", step=p.step, total=p.total, message=p.message)
+                if ctx.cancelled.is_set():
+                    self.peers.encoder.CancelJob(encoder_pb2.CancelJobRequest(job_id=enc_job.job_id),
+                                                 timeout=RPC_TIMEOUT_S)
+                    ctx.check_cancelled()
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise FailedPrecondition(f"encoder_svc refused the encode: {e.details()}") from None
+            raise Unavailable(f"encoder_svc: {e.code().name}: {e.details()}") from None
+        if state_name(enc_job) != "succeeded":
+            raise error_of(enc_job)
+        try:
+            self.peers.encoder.ReleaseModels(encoder_pb2.ReleaseModelsRequest(), timeout=RPC_TIMEOUT_S)
+        except grpc.RpcError as e:
+            log.warning("encoder_svc did not release its models: %s", e)
+
+    def _submit_render(self, job: JobRecord, e: dict[str, Any], validations: list[str], missed: list[str]) -> None:
+        """Hand a validation to eval_svc without waiting; a failure is recorded, never fatal."""
+        step = int(e["step"])
+        f = job.params["files"]
+        files = common_pb2.RunConfigFiles(config_json=f["config_text"], data_json=f["data_text"],
+                                          overrides=f["overrides"], config_name=f["config_name"],
+                                          data_name=f["data_name"])
+        try:
+            if self.peers.eval is None:
+                raise Unavailable("no eval_svc address (EDITTUNER_EVAL_ADDR)")
+            r = self.peers.eval.SubmitRender(eval_pb2.SubmitRenderRequest(
+                request_id=f"{job.job_id}-render-{step}", files=files, run_id=e["run_id"], step=step,
+                lora_key=e["lora_key"]), timeout=RPC_TIMEOUT_S)
+            validations.append(f"{step}:{r.job.job_id}")
+        except (grpc.RpcError, Unavailable) as err:
+            reason = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.RpcError) else str(err)
+            missed.append(f"step {step}: eval_svc unavailable ({reason})")
+            log.warning("validation at step %d missed: %s", step, reason)
+
+
+class TrainerServicer(JobRpcMixin, trainer_pb2_grpc.TrainerServiceServicer):
+    pb = trainer_pb2
+
+    def __init__(self, jobs: JobManager, core: TrainerCore):
+        self.jobs, self.core = jobs, core
+
+    def StartRun(self, request: trainer_pb2.StartRunRequest, context: grpc.ServicerContext
+                 ) -> trainer_pb2.StartRunResponse:
+        files = files_from_proto(request.files)
+        run = run_from_files(files)
+        run_id = request.run_id or run_id_for(run.train.output_dir)
+        params = files_to_params(files) | {"run_id": run_id}
+        for active in self.jobs.list(state="running")[0] + self.jobs.list(state="queued")[0]:
+            if active.params.get("run_id") == run_id and active.request_id != request.request_id:
+                raise FailedPrecondition(f"run {run_id!r} is already active as job {active.job_id}; cancel it "
+                                         "or pick another output_dir / run_id")
+        job = self.jobs.submit("train", params, request.request_id)
+        return trainer_pb2.StartRunResponse(job=job_to_proto(job))

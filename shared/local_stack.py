@@ -31,7 +31,42 @@ class LocalStack:
     addresses: dict[str, str]
     metrics_ports: dict[str, int]
     log_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def launch(self, service: str) -> None:
+        log = open(self.log_dir / f"{service}.log", "ab")
+        self.procs[service] = subprocess.Popen([sys.executable, "-m", f"{service}_svc"], env=self.env, stdout=log,
+                                               stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, service: str, timeout_s: float = 120.0) -> None:
+        from shared.rpc.client import make_channel, wait_for_serving
+
+        channel = make_channel(self.addresses[service], token=self.env.get("EDITTUNER_TOKEN") or None)
+        try:
+            wait_for_serving(channel, "", timeout_s)
+        except Exception as e:
+            code = self.procs[service].poll()
+            raise Unavailable(f"local {service}_svc did not become ready ({e}); exit code {code}; log "
+                              f"{self.log_dir / f'{service}.log'}:\n{self.log_tail(service)}") from None
+        finally:
+            channel.close()
+
+    def stop_one(self, service: str, grace_s: float = 15.0) -> int | None:
+        p = self.procs[service]
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        return p.returncode
+
+    def restart(self, service: str, timeout_s: float = 120.0) -> None:
+        self.stop_one(service)
+        self.launch(service)
+        self.wait_ready(service, timeout_s)
 
     def log_tail(self, service: str, n: int = 40) -> str:
         path = self.log_dir / f"{service}.log"
@@ -70,28 +105,15 @@ def stack_env(store: str, addresses: dict[str, str], metrics_ports: dict[str, in
 
 def start_local_stack(store: str, log_dir: Path, *, timeout_s: float = 120.0, env: dict[str, str] | None = None,
                       services: tuple[str, ...] = SERVICES) -> LocalStack:
-    from shared.rpc.client import make_channel, wait_for_serving
-
     log_dir.mkdir(parents=True, exist_ok=True)
     addresses = {s: f"127.0.0.1:{free_port()}" for s in SERVICES}
     metrics_ports = {s: free_port() for s in SERVICES}
-    full_env = stack_env(store, addresses, metrics_ports, env)
-    stack = LocalStack(addresses, metrics_ports, log_dir)
+    stack = LocalStack(addresses, metrics_ports, log_dir, stack_env(store, addresses, metrics_ports, env))
     for svc in services:
-        log = open(log_dir / f"{svc}.log", "ab")
-        stack.procs[svc] = subprocess.Popen([sys.executable, "-m", f"{svc}_svc"], env=full_env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+        stack.launch(svc)
     try:
         for svc in services:
-            channel = make_channel(addresses[svc], token=full_env.get("EDITTUNER_TOKEN") or None)
-            try:
-                wait_for_serving(channel, "", timeout_s)
-            except Exception as e:
-                code = stack.procs[svc].poll()
-                raise Unavailable(f"local {svc}_svc did not become ready ({e}); exit code {code}; log "
-                                  f"{log_dir / f'{svc}.log'}:\n{stack.log_tail(svc)}") from None
-            finally:
-                channel.close()
+            stack.wait_ready(svc, timeout_s)
     except BaseException:
         stack.stop(grace_s=5)
         raise

@@ -1,0 +1,177 @@
+"""The three services as real processes on loopback: the whole flow, jobs, failures, restart, validation misses.
+
+One stack per module (starting three Python processes costs seconds); tests that break a service restart it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+from shared.config import read_config_files
+from shared.local_stack import start_local_stack
+from shared.remote import Client
+from shared.rpc import common_pb2, encoder_pb2, trainer_pb2
+from shared.service_common import files_to_proto, state_name
+from shared.storage import LocalStore
+from shared.synthetic import write_configs, write_dataset
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_models):
+    tmp = tmp_path_factory.mktemp("stack")
+    root = write_dataset(tmp / "data", n=4, references=2)
+    model = tiny_models("edit-v2")
+    s = start_local_stack(str(tmp / "store"), tmp / "logs", env={**os.environ, "EDITTUNER_WORKDIR": str(tmp / "work")})
+    s.tmp, s.root, s.model = tmp, root, model
+    yield s
+    s.stop()
+
+
+def files_for(stack, name, **overrides):
+    base = dict(max_train_steps=4, checkpointing_steps=2, validation_step_interval=2, num_eval_images=1,
+                learning_rate=1e-3, lora_rank=4, output_dir=str(stack.tmp / "out" / name))
+    cfg, data = write_configs(stack.tmp / "cfg" / name, stack.root, stack.model, "edit-v2", 2, **(base | overrides))
+    return files_to_proto(read_config_files(cfg, data))
+
+
+def start(stack, name, request_id=None, **overrides):
+    c = Client("trainer", stack.addresses["trainer"])
+    job = c.call("StartRun", trainer_pb2.StartRunRequest(request_id=request_id or uuid.uuid4().hex,
+                                                         files=files_for(stack, name, **overrides))).job
+    return c, job
+
+
+def test_whole_flow_through_the_three_services(stack):
+    c, job = start(stack, "flow")
+    seen = []
+    final = c.watch(job.job_id, lambda j: seen.append((j.progress.phase, j.progress.step, state_name(j))))
+    assert state_name(final) == "succeeded", final.error
+    train_steps = [step for phase, step, _ in seen if phase == "train"]
+    assert train_steps == sorted(train_steps) and train_steps[-1] == 4
+    assert any(phase == "encode" for phase, _, _ in seen)
+    assert final.outputs["run_id"] == "flow" and final.outputs["checkpoints"] == "2,4"
+    store = LocalStore(stack.tmp / "store")
+    lora = load_safetensors(store.get_bytes(final.outputs["lora"]))
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in lora
+    # the validations went to eval_svc as Render jobs; both finish with grids in the store
+    ev = Client("eval", stack.addresses["eval"])
+    for pair in final.outputs["validations"].split(","):
+        step, job_id = pair.split(":")
+        r = ev.watch(job_id, lambda j: None)
+        assert state_name(r) == "succeeded", r.error
+        metrics = json.loads(store.get_bytes(f"runs/flow/validation/step-{step}/metrics.json"))
+        assert metrics["step"] == int(step) and metrics["samples"][0]["grid"] in r.outputs["grids"]
+    # the LoRA file loads into the flavour's pipeline and changes the transformer's output
+    from shared.models import load_pipeline
+    pipe = load_pipeline(stack.model, "edit-v2")
+    x = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0))
+    kw = dict(hidden_states=x, timestep=torch.tensor([0.5]), encoder_hidden_states=torch.randn(1, 7, 32),
+              img_shapes=[[(1, 4, 4)]], return_dict=False)
+    with torch.no_grad():
+        base = pipe.transformer(**kw)[0]
+        pipe.load_lora_weights(lora, adapter_name="run")
+        tuned = pipe.transformer(**kw)[0]
+    assert not torch.allclose(base, tuned)
+
+
+def test_submit_is_idempotent_and_active_runs_are_exclusive(stack):
+    rid = uuid.uuid4().hex
+    c, a = start(stack, "idem", request_id=rid, max_train_steps=30)
+    _, b = start(stack, "idem", request_id=rid, max_train_steps=30)
+    assert a.job_id == b.job_id
+    with pytest.raises(Exception) as e:
+        start(stack, "idem", max_train_steps=30)  # another request for the same run
+    assert "already active" in str(e.value)
+    cancelled = c.cancel(a.job_id)
+    final = c.watch(a.job_id, lambda j: None)
+    assert state_name(final) == "cancelled" and cancelled.job_id == a.job_id
+
+
+def test_bad_config_is_invalid_argument_listing_every_problem(stack):
+    stub_files = files_for(stack, "bad")
+    stub_files.overrides.extend(["lora_rank=0", "base_model_precision=int3"])
+    c = Client("trainer", stack.addresses["trainer"])
+    with pytest.raises(grpc.RpcError) as e:
+        c.stub.StartRun(trainer_pb2.StartRunRequest(request_id="x", files=stub_files), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "2 problems" in e.value.details() and "$.lora_rank" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        c.stub.GetJob(trainer_pb2.GetJobRequest(job_id="nope"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_missing_reference_fails_the_encode_and_the_run_with_the_reason(stack):
+    root = write_dataset(stack.tmp / "broken", n=2, references=2)
+    (root / "reference_b" / "0001.png").unlink()
+    cfg, data = write_configs(stack.tmp / "cfg" / "broken", root, stack.model, "edit-v2", 2,
+                              output_dir=str(stack.tmp / "out" / "broken"))
+    enc = Client("encoder", stack.addresses["encoder"])
+    job = enc.call("SubmitEncode", encoder_pb2.SubmitEncodeRequest(
+        request_id=uuid.uuid4().hex, files=files_to_proto(read_config_files(cfg, data, ["bad_image_policy=fail"])))).job
+    final = enc.watch(job.job_id, lambda j: None)
+    assert state_name(final) == "failed" and final.error_code == "INVALID_ARGUMENT"
+    assert "Control tensor list length" in final.error and "0001.png" in final.error
+
+
+def test_a_killed_worker_fails_the_run_not_the_service(stack):
+    c, job = start(stack, "killed", max_train_steps=500, checkpointing_steps=1000, validation_step_interval=1000)
+    deadline = time.time() + 60
+    while c.get(job.job_id).progress.phase != "train" and time.time() < deadline:
+        time.sleep(0.2)
+    worker = _worker_pid(stack, "killed")
+    os.kill(worker, signal.SIGTERM)
+    final = c.watch(job.job_id, lambda j: None)
+    assert state_name(final) == "failed" and "SIGTERM" in final.error
+    assert c.list()[0].job_id  # the service still answers
+
+
+def _worker_pid(stack, run_id):
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"trainer_svc.worker" in cmd and run_id.encode() in cmd:
+                return int(pid)
+    raise AssertionError("no worker process found")
+
+
+def test_eval_down_the_run_goes_on_and_the_miss_is_reported(stack):
+    stack.stop_one("eval")
+    try:
+        c, job = start(stack, "noeval")
+        final = c.watch(job.job_id, lambda j: None)
+        assert state_name(final) == "succeeded", final.error
+        assert "step 2: eval_svc unavailable" in final.outputs["missed_validations"]
+        assert "step 4" in final.outputs["missed_validations"]
+    finally:
+        stack.launch("eval")
+        stack.wait_ready("eval")
+
+
+def test_a_restarted_trainer_resumes_the_run_from_its_checkpoint(stack):
+    c, job = start(stack, "restart", max_train_steps=40, checkpointing_steps=2, validation_step_interval=1000)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        p = c.get(job.job_id).progress
+        if p.phase == "train" and p.step >= 5:
+            break
+        time.sleep(0.1)
+    c.close()
+    stack.restart("trainer")
+    c = Client("trainer", stack.addresses["trainer"])
+    final = c.watch(job.job_id, lambda j: None)
+    assert state_name(final) == "succeeded", final.error
+    assert final.attempt == 2 and final.outputs["steps"] == "40"
+    log = (stack.tmp / "work" / job.job_id / "worker.log").read_text()
+    assert "resumed run restart from step" in log

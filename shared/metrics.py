@@ -6,9 +6,11 @@ make a new time series per job. ``Metrics(registry)`` builds them on a registry 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120)
 SAVE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
@@ -18,7 +20,6 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY):
         r = registry
         self.registry = r
-        self.jobs = Gauge("edittuner_jobs", "Jobs by state", ["service", "state"], registry=r)
         self.encoder_images = Counter("edittuner_encoder_images", "Cache entries encoded (latents and caption "
                                       "embeddings)", registry=r)
         self.encoder_cache_hits = Counter("edittuner_encoder_cache_hits", "Cache entries found already encoded",
@@ -54,9 +55,9 @@ class Metrics:
             if f"gpu_{kind}_bytes" in e:
                 self.gpu_memory.labels(service="trainer", kind=kind).set(e[f"gpu_{kind}_bytes"])
 
-    def record_jobs(self, service: str, counts: dict[str, int]) -> None:
-        for state in ("queued", "running", "succeeded", "failed", "cancelled"):
-            self.jobs.labels(service=service, state=state).set(counts.get(state, 0))
+    def collect_jobs(self, service: str, counts: Callable[[], dict[str, int]]) -> None:
+        """``edittuner_jobs{service,state}``, read from the job manager at each scrape (never stale)."""
+        self.registry.register(_JobsCollector(service, counts))
 
     def record_gpu(self, service: str) -> None:
         import torch
@@ -65,3 +66,15 @@ class Metrics:
             self.gpu_memory.labels(service=service, kind="allocated").set(torch.cuda.memory_allocated())
             self.gpu_memory.labels(service=service, kind="reserved").set(torch.cuda.memory_reserved())
             self.gpu_memory.labels(service=service, kind="peak").set(torch.cuda.max_memory_allocated())
+
+
+class _JobsCollector(Collector):
+    def __init__(self, service: str, counts: Callable[[], dict[str, int]]):
+        self.service, self.counts = service, counts
+
+    def collect(self):
+        g = GaugeMetricFamily("edittuner_jobs", "Jobs by state", labels=["service", "state"])
+        counts = self.counts()
+        for state in ("queued", "running", "succeeded", "failed", "cancelled"):
+            g.add_metric([self.service, state], counts.get(state, 0))
+        yield g

@@ -29,11 +29,11 @@ def serve(name: str, default_port: int, make: Callable[[ServiceConfig, Any, Metr
     store = open_store(config.store_url or DEFAULT_STORE)
     metrics = Metrics()
     core, execute, full_name, add = make(config, store, metrics)
-    jobs = JobManager(store, name, execute, on_change=lambda rec: metrics.record_jobs(name, jobs.jobs_by_state()))
+    jobs = JobManager(store, name, execute)
+    metrics.collect_jobs(name, jobs.jobs_by_state)
     running = build_server(config, lambda server: add(jobs, server), [full_name])
     install_sigterm(running)
     jobs.start()
-    metrics.record_jobs(name, jobs.jobs_by_state())
     running.set_serving(True)
     log.info("%s_svc serving on %s (store %s, metrics port %s)", name, running.port, store.describe(),
              running.metrics_port)

@@ -32,11 +32,20 @@ def materialize_preset(name: str, cwd: Path | None = None) -> None:
 
 
 def run_demo(out: Path, flavour: str = "edit-v2", samples: int = 8, steps: int = 40) -> None:
-    """Build, encode, train, validate, export: the whole flow on a tiny model, printing where everything is."""
-    from shared.runner import train_run
+    """The whole flow through the three gRPC services, started here on loopback with the local store: encode,
+    train, validate on eval_svc, export. Prints where the LoRA and the previews are."""
+    import uuid
+
+    from shared.config import read_config_files
+    from shared.local_stack import start_local_stack
+    from shared.remote import Client, wait_for_validations
+    from shared.rpc import encoder_pb2, trainer_pb2
+    from shared.runner import copy_outputs
+    from shared.service_common import files_to_proto, state_name
 
     refs = 1 if flavour == "edit-v1" else 2
     started = time.perf_counter()
+    out = out.resolve()
     model = out / "model"
     if not (model / "model_index.json").exists():
         save_tiny_model(model, flavour)
@@ -54,29 +63,46 @@ def run_demo(out: Path, flavour: str = "edit-v2", samples: int = 8, steps: int =
         buckets = ", ".join(f"{w}x{h} ×{n}" for (w, h), n in ds.buckets().items())
         print(f"[demo] dataset {ds.config.id!r}: {len(ds.samples)} samples, buckets {buckets}")
     store = LocalStore(out / "store")
-    store.delete_prefix("runs")  # the demo starts a fresh run each time; caches are kept
+    store.delete_prefix("runs")  # a fresh run each time; caches are kept
+    files = files_to_proto(read_config_files(config, databackend))
+    with start_local_stack(str(out / "store"), out / "logs") as stack:
+        print("[demo] services: " + ", ".join(f"{k}_svc {v}" for k, v in stack.addresses.items()) +
+              f" (logs {out / 'logs'})")
+        trainer = Client("trainer", stack.addresses["trainer"])
+        job = trainer.call("StartRun", trainer_pb2.StartRunRequest(request_id=uuid.uuid4().hex, files=files,
+                                                                   run_id="demo")).job
+        print(f"[demo] trainer_svc job {job.job_id}: watching")
+        shown: set[tuple[str, int]] = set()
 
-    def progress(e: dict) -> None:
-        if e.get("phase") == "train" and "loss" in e and (e["step"] % 10 == 0 or e["step"] == 1):
-            print(f"[demo] step {e['step']:>3}/{e['total']}: loss {e['loss']:.4f}, {e['seconds_per_step']:.2f}s/step")
-        elif e.get("phase") in ("checkpoint", "validation"):
-            print(f"[demo] {e['message']}")
+        def progress(j) -> None:
+            p = j.progress
+            key = (p.phase, p.step)
+            if key in shown:
+                return
+            shown.add(key)
+            if p.phase == "encode" and p.step == p.total and p.total:
+                print(f"[demo] encode_svc: {p.message}")
+            elif p.phase == "train" and p.loss and (p.step % 10 == 0 or p.step == 1):
+                print(f"[demo] step {p.step:>3}/{p.total}: loss {p.loss:.4f}, {p.seconds_per_step:.2f}s/step")
+            elif p.phase == "checkpoint":
+                print(f"[demo] {p.message}")
 
-    result = train_run(run, store, events=progress)
-    again = DatasetEncoder(run, store).encode()
-    s = result.summary
-    print(f"[demo] encode: {result.encode.encoded} encoded, {result.encode.cached} cached, "
-          f"{result.encode.failed} failed; encoding again: {again.encoded} encoded, {again.cached} cached")
-    for v in s.validations:
-        if "error" in v:
-            print(f"[demo] validation at step {v.get('step')} failed: {v['error']}")
-        else:
-            print(f"[demo] validation step {v['step']}: PSNR vs target: base {v['psnr_base']:.2f} dB, LoRA "
-                  f"{v['psnr_lora']:.2f} dB; held-out loss {v['heldout_loss_mean']:.4f}; "
-                  f"{len(v['samples'])} grids in {v['seconds']:.1f}s")
-    print(f"[demo] trained {s.steps} steps in {s.seconds:.1f}s: loss {s.losses[0]:.4f} -> "
-          f"{sum(s.losses[-5:]) / len(s.losses[-5:]):.4f} (mean of the last 5)")
-    print(f"[demo] store: {store.describe()} (runs/{s.run_id}/: checkpoints, lora, validation, metrics.jsonl)")
-    for name, path in result.outputs.items():
+        job = trainer.watch(job.job_id, progress)
+        if state_name(job) != "succeeded":
+            raise RuntimeError(f"the demo run failed: {job.error_code}: {job.error}")
+        for v in wait_for_validations(job, stack.addresses["eval"]):
+            print(f"[demo] eval_svc render {v.job_id}: {state_name(v)}, PSNR vs target: base "
+                  f"{float(v.outputs.get('psnr_base', 'nan')):.2f} dB, LoRA {float(v.outputs.get('psnr_lora', 'nan')):.2f}"
+                  f" dB -> {v.outputs.get('metrics', v.error)}")
+        encoder = Client("encoder", stack.addresses["encoder"])
+        again = encoder.call("SubmitEncode", encoder_pb2.SubmitEncodeRequest(request_id=uuid.uuid4().hex,
+                                                                             files=files)).job
+        again = encoder.watch(again.job_id, lambda j: None)
+        print(f"[demo] encoding again: {again.outputs.get('encoded')} encoded, {again.outputs.get('cached')} cached")
+    print(f"[demo] run {job.outputs['run_id']}: {job.outputs['steps']} steps, final loss "
+          f"{float(job.outputs['final_loss']):.4f}, checkpoints at {job.outputs['checkpoints']}")
+    outputs = copy_outputs(store, f"runs/{job.outputs['run_id']}", Path(run.train.output_dir))
+    print(f"[demo] store: {store.describe()} (runs/{job.outputs['run_id']}/: checkpoints, lora, validation)")
+    for name, path in outputs.items():
         print(f"[demo] {name}: {path}")
     print(f"[demo] done in {time.perf_counter() - started:.1f}s")

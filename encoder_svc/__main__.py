@@ -1,5 +1,6 @@
 """``python -m encoder_svc``: the encoder service (configuration from EDITTUNER_ENCODER_* / EDITTUNER_*)."""
 
+import os
 import sys
 
 from shared.rpc import encoder_pb2, encoder_pb2_grpc
@@ -9,7 +10,7 @@ from shared.service_main import serve
 def make(config, store, metrics):
     from encoder_svc.service import EncoderCore, EncoderServicer
 
-    core = EncoderCore(store, metrics)
+    core = EncoderCore(store, metrics, float(os.environ.get("EDITTUNER_IDLE_RELEASE_S", "300")))
 
     def add(jobs, server):
         encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(jobs, core), server)

@@ -11,16 +11,17 @@ from shared.encoding import DatasetEncoder, EncodeStats
 from shared.jobs import JobContext, JobManager, JobRecord
 from shared.metrics import Metrics
 from shared.rpc import encoder_pb2, encoder_pb2_grpc
-from shared.service_common import JobRpcMixin, files_from_proto, files_to_params, job_to_proto, run_from_files, \
-    run_from_params
+from shared.service_common import (IdleRelease, JobRpcMixin, files_from_proto, files_to_params, job_to_proto,
+                                   run_from_files, run_from_params)
 from shared.storage import ObjectStore
 
 
 class EncoderCore:
     """Runs encode jobs; keeps the VAE and text encoder loaded between jobs until released."""
 
-    def __init__(self, store: ObjectStore, metrics: Metrics):
+    def __init__(self, store: ObjectStore, metrics: Metrics, idle_release_s: float = 300.0):
         self.store, self.metrics = store, metrics
+        self.idle = IdleRelease(self.release, idle_release_s)
         self._lock = threading.Lock()
         self._pipes: dict[tuple[str, ...], Any] = {}
 
@@ -42,6 +43,7 @@ class EncoderCore:
             if enc._pipe is not None:
                 self._pipes = {enc.pipe_key: enc._pipe}  # one model set resident at a time
             self.metrics.record_gpu("encoder")
+        self.idle.touch()
         return {"encoded": str(stats.encoded), "cached": str(stats.cached), "failed": str(stats.failed),
                 "index": ",".join(index_keys)}
 

@@ -1,5 +1,6 @@
 """``python -m eval_svc``: the eval service (configuration from EDITTUNER_EVAL_* / EDITTUNER_*)."""
 
+import os
 import sys
 
 from shared.rpc import eval_pb2, eval_pb2_grpc
@@ -9,7 +10,7 @@ from shared.service_main import serve
 def make(config, store, metrics):
     from eval_svc.service import EvalCore, EvalServicer
 
-    core = EvalCore(store, metrics)
+    core = EvalCore(store, metrics, float(os.environ.get("EDITTUNER_IDLE_RELEASE_S", "300")))
 
     def add(jobs, server):
         eval_pb2_grpc.add_EvalServiceServicer_to_server(EvalServicer(jobs, core), server)

@@ -15,8 +15,8 @@ from shared.metrics import Metrics
 from shared.models import load_pipeline, resolve_dtype
 from shared.preview import index_entries, render_validation, select_eval_samples
 from shared.rpc import eval_pb2, eval_pb2_grpc
-from shared.service_common import JobRpcMixin, files_from_proto, files_to_params, job_to_proto, run_from_files, \
-    run_from_params
+from shared.service_common import (IdleRelease, JobRpcMixin, files_from_proto, files_to_params, job_to_proto,
+                                   run_from_files, run_from_params)
 from shared.storage import ObjectStore
 
 ADAPTER = "validation"
@@ -25,8 +25,9 @@ ADAPTER = "validation"
 class EvalCore:
     """Renders validations; keeps the base pipeline loaded between jobs, the LoRA only for one job."""
 
-    def __init__(self, store: ObjectStore, metrics: Metrics):
+    def __init__(self, store: ObjectStore, metrics: Metrics, idle_release_s: float = 300.0):
         self.store, self.metrics = store, metrics
+        self.idle = IdleRelease(self.release, idle_release_s)
         self._lock = threading.Lock()
         self._pipe: tuple[tuple[str, ...], Any] | None = None
 
@@ -60,6 +61,7 @@ class EvalCore:
                 pipe.delete_adapters(ADAPTER)
             self.metrics.eval_render_seconds.observe(result.seconds)
             self.metrics.record_gpu("eval")
+        self.idle.touch()
         ctx.progress(phase="render", step=1, total=1, message="done")
         return {"metrics": result.metrics_key, "grids": ",".join(s.grid_key for s in result.samples),
                 "psnr_lora": f"{result.psnr_lora}", "psnr_base": f"{result.psnr_base}"}

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from shared.config import load_run_config
 from shared.datasets import pair_datasets
-from shared.encoding import DatasetEncoder
 from shared.storage import LocalStore
 from shared.synthetic import write_configs, write_dataset
 from shared.tiny_model import save_tiny_model

@@ -17,7 +17,6 @@ Legend: B batch, C latent channels, h/w latent size, L tokens, D text width; W/H
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 from collections.abc import Iterator, Sequence

@@ -7,7 +7,8 @@ every service except for the message classes, so they live here once, parametris
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+import threading
+from typing import Any, Callable, Iterator
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -86,6 +87,27 @@ def run_from_params(params: dict[str, Any]) -> RunConfig:
 def run_from_files(cf: ConfigFiles, extra_overrides: tuple[str, ...] = ()) -> RunConfig:
     return load_run_config_text(cf.config_text, cf.data_text, [*cf.overrides, *extra_overrides],
                                 config_name=cf.config_name, data_name=cf.data_name)
+
+
+class IdleRelease:
+    """Calls ``release`` once nothing has used the models for ``idle_s`` seconds: on one GPU the three services
+    cannot all keep 20B-parameter models resident, so an idle service gives its memory back."""
+
+    def __init__(self, release: Callable[[], object], idle_s: float):
+        self.release, self.idle_s = release, idle_s
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    def touch(self) -> None:
+        """Call after each job: restarts the countdown."""
+        if self.idle_s <= 0:
+            return
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(self.idle_s, self.release)
+            self._timer.daemon = True
+            self._timer.start()
 
 
 class JobRpcMixin:

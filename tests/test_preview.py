@@ -15,8 +15,8 @@ import torch
 from peft import LoraConfig
 from PIL import Image
 
-from shared.config import RunConfig, load_run_config
-from shared.datasets import PairedDataset, Sample, load_sample_images, pair_datasets
+from shared.config import load_run_config
+from shared.datasets import load_sample_images, pair_datasets
 from shared.encoding import DatasetEncoder
 from shared.models import load_pipeline
 from shared.preview import (LABEL_HEIGHT, adapters_disabled, heldout_loss, index_entries, render_validation,

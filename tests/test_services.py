@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors
 from shared.config import read_config_files
 from shared.local_stack import start_local_stack
 from shared.remote import Client
-from shared.rpc import common_pb2, encoder_pb2, trainer_pb2
+from shared.rpc import encoder_pb2, trainer_pb2
 from shared.service_common import files_to_proto, state_name
 from shared.storage import LocalStore
 from shared.synthetic import write_configs, write_dataset

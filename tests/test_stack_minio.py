@@ -8,7 +8,6 @@ import time
 import uuid
 from urllib.parse import urlsplit
 
-import pytest
 from safetensors.torch import load as load_safetensors
 
 from prom import require_tool, start_prometheus

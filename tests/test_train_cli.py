@@ -19,7 +19,7 @@ def test_train_example_tiny_preset_end_to_end(tmp_path, monkeypatch, capsys):
     assert main(["train", "example=qwen_image.edit-v2-lora-tiny", *SHORT, "--quiet", "--in-process"]) == 0
     out = capsys.readouterr().out
     lora = tmp_path / "output" / "tiny-edit-v2" / "pytorch_lora_weights.safetensors"
-    assert f"pytorch_lora_weights.safetensors: output/tiny-edit-v2/pytorch_lora_weights.safetensors" in out
+    assert "pytorch_lora_weights.safetensors: output/tiny-edit-v2/pytorch_lora_weights.safetensors" in out
     assert "trained run 'tiny-edit-v2' to step 4" in out and "checkpoints 2, 4" in out
     sd = load_file(lora)
     assert len(sd) == 2 * 4 * 2  # 2 blocks x 4 attention projections x (A, B)

@@ -106,8 +106,8 @@ def test_resume_gives_bitwise_the_losses_of_an_uninterrupted_run(tmp_path, tiny_
     assert resumed.step == 3
     rest = resumed.train()
     assert rest.losses == full.losses[3:]  # bitwise: == on floats, no tolerance
-    a = store.get_tensors(f"runs/out/lora/pytorch_lora_weights.safetensors")[0]
-    b = store.get_tensors(f"runs/out2/lora/pytorch_lora_weights.safetensors")[0]
+    a = store.get_tensors("runs/out/lora/pytorch_lora_weights.safetensors")[0]
+    b = store.get_tensors("runs/out2/lora/pytorch_lora_weights.safetensors")[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

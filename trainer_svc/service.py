@@ -7,24 +7,21 @@ without waiting for it; when eval_svc is down the run goes on and the missed val
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import tempfile
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 
 from shared.errors import FailedPrecondition, Unavailable
 from shared.jobs import JobContext, JobManager, JobRecord
 from shared.metrics import Metrics
-from shared.rpc import common_pb2, encoder_pb2, encoder_pb2_grpc, eval_pb2, eval_pb2_grpc, trainer_pb2, trainer_pb2_grpc
-from shared.service_common import (JobRpcMixin, error_of, files_from_proto, files_to_params, files_to_proto,
-                                   job_to_proto, run_from_files, run_from_params, state_name)
+from shared.rpc import (common_pb2, encoder_pb2, encoder_pb2_grpc, eval_pb2, eval_pb2_grpc, trainer_pb2,
+                        trainer_pb2_grpc)
+from shared.service_common import (JobRpcMixin, error_of, files_from_proto, files_to_params, job_to_proto,
+                                   run_from_files, run_from_params, state_name)
 from shared.supervisor import run_worker
 from shared.training import run_id_for
 
@@ -91,14 +88,18 @@ class TrainerCore:
             outputs["missed_validations"] = "; ".join(missed)
         return outputs
 
+    @staticmethod
+    def _files(job: JobRecord) -> common_pb2.RunConfigFiles:
+        f = job.params["files"]
+        return common_pb2.RunConfigFiles(config_json=f["config_text"], data_json=f["data_text"],
+                                         overrides=f["overrides"], config_name=f["config_name"],
+                                         data_name=f["data_name"])
+
     def _encode(self, job: JobRecord, ctx: JobContext) -> None:
         """Encode through encoder_svc and wait; then ask it to free the GPU for training."""
         if self.peers.encoder is None:
             raise Unavailable("trainer_svc has no encoder_svc address (EDITTUNER_ENCODER_ADDR)")
-        f = job.params["files"]
-        files = common_pb2.RunConfigFiles(config_json=f["config_text"], data_json=f["data_text"],
-                                          overrides=f["overrides"], config_name=f["config_name"],
-                                          data_name=f["data_name"])
+        files = self._files(job)
         try:
             sub = self.peers.encoder.SubmitEncode(encoder_pb2.SubmitEncodeRequest(
                 request_id=f"{job.job_id}-encode-{job.attempt}", files=files), timeout=RPC_TIMEOUT_S)
@@ -125,10 +126,7 @@ class TrainerCore:
     def _submit_render(self, job: JobRecord, e: dict[str, Any], validations: list[str], missed: list[str]) -> None:
         """Hand a validation to eval_svc without waiting; a failure is recorded, never fatal."""
         step = int(e["step"])
-        f = job.params["files"]
-        files = common_pb2.RunConfigFiles(config_json=f["config_text"], data_json=f["data_text"],
-                                          overrides=f["overrides"], config_name=f["config_name"],
-                                          data_name=f["data_name"])
+        files = self._files(job)
         try:
             if self.peers.eval is None:
                 raise Unavailable("no eval_svc address (EDITTUNER_EVAL_ADDR)")

@@ -83,10 +83,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    if not args.in_process:
-        _materialize(args)
-        return _remote_job(args, "encoder")
-    return cmd_encode_in_process(args)
+    _materialize(args)
+    return cmd_encode_in_process(args) if args.in_process else _remote_job(args, "encoder")
 
 
 def cmd_encode_in_process(args: argparse.Namespace) -> int:
@@ -127,10 +125,8 @@ def _materialize(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.in_process:
-        return cmd_train_in_process(args)
     _materialize(args)
-    return _remote_job(args, "trainer")
+    return cmd_train_in_process(args) if args.in_process else _remote_job(args, "trainer")
 
 
 def cmd_train_in_process(args: argparse.Namespace) -> int:

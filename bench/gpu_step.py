@@ -1,0 +1,333 @@
+"""Speed and memory of one edit-training step on the real-size Qwen-Image-Edit transformer (random weights).
+
+    .venv/bin/python bench/gpu_step.py [--cases bf16,int8-quanto,nf4-bnb,fp8-quanto] [--steps 5] [--json out.json]
+    .venv/bin/python bench/gpu_step.py --small --device cpu --steps 1      # CPU smoke run of the same code
+
+Builds QwenImageTransformer2DModel with the real config directly on the device in bf16 (no download, no fp32 copy
+anywhere), quantizes it (shared.quantize), attaches a rank-16 LoRA in fp32 (shared.lora) with AdamW, and times
+flow-matching steps (shared.flow) for edit-v1 (1 reference) and edit-v2 (3 references) at 512/768/1024 px, with
+and without gradient checkpointing; then the largest resolution again under a 24 GiB cap (what fits a 24 GB card).
+``--cases`` entries are ``precision[:flavour[:resolution[:ckpt]]]``, e.g. ``bf16,nf4-bnb:edit-v1:1024:on``.
+The FLOP count (model_step_flops) is derived in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from shared import errors
+from shared.flow import EditBatch, flow_matching_loss, sample_sigmas
+from shared.lora import attach_lora
+from shared.quantize import check_precision, quantize_transformer
+
+REAL = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
+            zero_cond_t=False)  # edit-v1 / edit-v2 (edit-v3 differs only by zero_cond_t)
+SMALL = dict(REAL, num_layers=2, attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
+             axes_dims_rope=(8, 12, 12))
+PRECISIONS = {"bf16": "no_change", "int8-quanto": "int8-quanto", "nf4-bnb": "nf4-bnb", "fp8-quanto": "fp8-quanto"}
+FLAVOURS = {"edit-v1": 1, "edit-v2": 3}  # flavour -> references, each at the target's size
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s; first matching substring of the device name wins.
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+             ("L40S", 362e12), ("RTX 4090", 165e12)]
+GiB = 2 ** 30
+
+
+# ------------------------------------------------------------------------------------------------------ FLOPs
+def linear_params(cfg: dict) -> tuple[int, int]:
+    """(image-stream, text-stream) parameters of the Linears that act on tokens, biases included.
+
+    Per block and stream: q, k, v, out (4·(d² + d)) and the MLP d→4d→d (8d² + 5d) = 12d² + 9d. Image stream adds
+    img_in and proj_out, text stream txt_in. The modulation Linears (img_mod, txt_mod, norm_out.linear,
+    time_text_embed: ~6.8B of the 20.4B parameters) act on one timestep vector per sample, not on tokens."""
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    block = 12 * d * d + 9 * d
+    out = cfg["patch_size"] ** 2 * cfg["out_channels"]
+    p_img = cfg["num_layers"] * block + (cfg["in_channels"] * d + d) + (d * out + out)
+    p_txt = cfg["num_layers"] * block + (cfg["joint_attention_dim"] * d + d)
+    return p_img, p_txt
+
+
+def forward_flops(cfg: dict, img_tokens: int, txt_tokens: int) -> tuple[int, int]:
+    """(Linear, attention) FLOPs of one forward: 2·P·T per stream, and 4·T²·d per block for QK^T and AV over the
+    joint sequence (T = image + text tokens)."""
+    p_img, p_txt = linear_params(cfg)
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    total = img_tokens + txt_tokens
+    return 2 * (p_img * img_tokens + p_txt * txt_tokens), 4 * total * total * d * cfg["num_layers"]
+
+
+def model_step_flops(cfg: dict, img_tokens: int, txt_tokens: int, checkpointing: bool) -> tuple[int, int]:
+    """(model, hardware) FLOPs of one training step on a frozen base with LoRA.
+
+    Backward computes activation gradients only (the base is frozen; LoRA's weight gradients are <1%): 1x the
+    forward for a Linear (dX = dY·W), 2x for attention (dQ, dK from dS; dV, dP from dO). Model FLOPs (for MFU) =
+    forward + backward = 2·F_lin + 3·F_attn; hardware FLOPs add the recomputed forward of checkpointing."""
+    lin, attn = forward_flops(cfg, img_tokens, txt_tokens)
+    model = 2 * lin + 3 * attn
+    return model, model + (lin + attn if checkpointing else 0)
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[float | None, str]:
+    if override_tflops:
+        return override_tflops * 1e12, f"--peak-tflops {override_tflops:g}"
+    if device.type != "cuda":
+        return None, f"{device.type}: MFU skipped"
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16:
+        if key in name:
+            return peak, f"{name} ({peak / 1e12:g} TFLOP/s bf16 dense)"
+    return None, f"unknown card {name!r}: MFU skipped (pass --peak-tflops)"
+
+
+# ------------------------------------------------------------------------------------------------------ cases
+@dataclass
+class Case:
+    precision: str
+    flavour: str
+    resolution: int
+    checkpointing: bool
+    cap_gib: float | None = None
+
+
+@dataclass
+class Row:
+    precision: str
+    flavour: str
+    resolution: int
+    checkpointing: bool
+    cap_gib: float | None
+    status: str  # "ok" or "OOM"
+    s_per_step: float | None
+    peak_mem_gib: float | None
+    memory_source: str
+    tokens_target: int
+    tokens_refs: int
+    tokens_text: int
+    tokens_total: int
+    model_tflop_per_step: float
+    hw_tflop_per_step: float
+    mfu: float | None
+
+
+def parse_filters(spec: str) -> list[list[str]]:
+    filters = [[f for f in item.strip().split(":")] for item in spec.split(",") if item.strip()]
+    unknown = sorted({f[0] for f in filters} - set(PRECISIONS))
+    if unknown:
+        raise SystemExit(f"--cases: unknown precision(s) {', '.join(unknown)}; known: {', '.join(PRECISIONS)}")
+    return filters
+
+
+def matches(case: Case, filters: list[list[str]]) -> bool:
+    fields = [case.precision, case.flavour, str(case.resolution), "on" if case.checkpointing else "off"]
+    return any(all(want in ("", "*", have) for want, have in zip(f, fields)) for f in filters)
+
+
+def plan_cases(precision: str, resolutions: list[int], filters: list[list[str]], cap_gib: float | None) -> list[Case]:
+    grid = [Case(precision, fl, res, ck) for fl in FLAVOURS for res in resolutions for ck in (False, True)]
+    cases = [c for c in grid if matches(c, filters)]
+    if cap_gib:  # the largest resolution again under the cap
+        cases += [Case(c.precision, c.flavour, c.resolution, c.checkpointing, cap_gib) for c in cases
+                  if c.resolution == max(resolutions)]
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------- model, inputs
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def build_model(cfg: dict, precision: str, device: torch.device, quantize_via: str) -> Any:
+    """The transformer, initialised in bf16 where it is built (the device, or the CPU with quantize_via=cpu), then
+    quantized/frozen, then a rank-16 fp32 LoRA attached."""
+    from diffusers import QwenImageTransformer2DModel
+
+    where = torch.device("cpu") if quantize_via == "cpu" else device
+    with default_dtype(torch.bfloat16), where:
+        model = QwenImageTransformer2DModel(**cfg)
+    model = quantize_transformer(model, PRECISIONS[precision], device=device, compute_dtype=torch.bfloat16,
+                                 quantize_via=quantize_via)
+    attach_lora(model, rank=16, alpha=16.0, dropout=0.0, target_modules=LORA_TARGETS, seed=0, dtype=torch.float32)
+    return model.train()
+
+
+def make_inputs(cfg: dict, case: Case, text_len: int, device: torch.device, g: torch.Generator):
+    h = w = case.resolution // 8
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
+    batch = EditBatch(latents_BChw=rand(1, 16, h, w), refs_BChw=[rand(1, 16, h, w) for _ in
+                                                                range(FLAVOURS[case.flavour])],
+                      prompt_embeds_BLD=rand(1, text_len, cfg["joint_attention_dim"]).to(torch.bfloat16),
+                      prompt_mask_BL=torch.ones(1, text_len, dtype=torch.long, device=device), keys=["bench"])
+    noise = rand(1, (h // 2) * (w // 2), 64)
+    return batch, noise, sample_sigmas(1, 3.0, g).to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -------------------------------------------------------------------------------------------------- timing
+def time_steps(model: Any, opt: torch.optim.Optimizer, inputs: tuple, steps: int, device: torch.device) -> float:
+    batch, noise, sigmas = inputs
+    for i in range(2 + steps):  # 2 warm-up steps: allocations, kernel selection, optimizer state
+        if i == 2:
+            sync(device)
+            t0 = time.perf_counter()
+        loss = flow_matching_loss(model, batch, noise, sigmas, dtype=torch.bfloat16)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def run_case(model: Any, opt: torch.optim.Optimizer, cfg: dict, case: Case, args: argparse.Namespace,
+             device: torch.device, peak: float | None) -> Row:
+    if case.checkpointing:
+        model.enable_gradient_checkpointing()
+    else:
+        model.disable_gradient_checkpointing()
+    tgt = (case.resolution // 16) ** 2
+    refs, text = tgt * FLAVOURS[case.flavour], args.text_len
+    model_f, hw_f = model_step_flops(cfg, tgt + refs, text, case.checkpointing)
+    cuda = device.type == "cuda"
+    if cuda:
+        free(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, case.cap_gib * GiB / total) if case.cap_gib else 1.0,
+                                                   device)
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds, oom = None, False
+    try:
+        inputs = make_inputs(cfg, case, text, device, torch.Generator().manual_seed(0))
+        seconds = time_steps(model, opt, inputs, args.steps, device)
+    except torch.OutOfMemoryError:
+        oom = True
+    inputs = None
+    opt.zero_grad(set_to_none=True)
+    if cuda:
+        mem, source = torch.cuda.max_memory_allocated(device) / GiB, "cuda max_memory_allocated"
+        free(device)
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    else:
+        mem, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "cpu peak RSS (process so far)"
+    mfu = model_f / (seconds * peak) if seconds and peak else None
+    return Row(case.precision, case.flavour, case.resolution, case.checkpointing, case.cap_gib,
+               "OOM" if oom else "ok", seconds, None if oom else mem, source, tgt, refs, text, tgt + refs + text,
+               model_f / 1e12, hw_f / 1e12, mfu)
+
+
+# -------------------------------------------------------------------------------------------------- report
+HEADER = (f"{'precision':<12} {'flavour':<8} {'res':>5} {'ckpt':<4} {'cap':>6} {'s/step':>8} {'peak GiB':>9} "
+          f"{'tokens (tgt+refs+txt)':>24} {'TFLOP model/hw':>19} {'MFU':>6}")
+
+
+def format_row(r: Row) -> str:
+    cap = f"{r.cap_gib:g}G" if r.cap_gib else "-"
+    toks = f"{r.tokens_target}+{r.tokens_refs}+{r.tokens_text}={r.tokens_total}"
+    flops = f"{r.model_tflop_per_step:.4g}/{r.hw_tflop_per_step:.4g}"
+    head = f"{r.precision:<12} {r.flavour:<8} {r.resolution:>5} {'on' if r.checkpointing else 'off':<4} {cap:>6}"
+    if r.status == "OOM":
+        return f"{head} {'OOM':>8} {'OOM':>9} {toks:>24} {flops:>19} {'-':>6}"
+    mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
+    return f"{head} {r.s_per_step:>8.3f} {r.peak_mem_gib:>9.2f} {toks:>24} {flops:>19} {mfu:>6}"
+
+
+def machine(device: torch.device, peak_note: str) -> dict[str, Any]:
+    info = {"host": f"{platform.machine()} {os.cpu_count()} cpus", "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "peak": peak_note}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(device=props.name, device_memory_gib=round(props.total_memory / GiB, 1), cuda=torch.version.cuda)
+    else:
+        info["device"] = device.type
+    return info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default=",".join(PRECISIONS), help="precision[:flavour[:resolution[:ckpt on|off]]],...")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per case, after 2 warm-up steps")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--small", action="store_true", help="2 layers, 4 heads of 32, text width 64: a CPU smoke run")
+    ap.add_argument("--text-len", type=int, default=None, help="prompt tokens (default 256; 32 with --small)")
+    ap.add_argument("--cap-gib", type=float, default=24.0, help="memory cap of the repeated largest-resolution "
+                    "cases, CUDA only (0: no capped cases)")
+    ap.add_argument("--quantize-via", choices=("accelerator", "cpu"), default="accelerator")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, for MFU")
+    ap.add_argument("--json", default=None, help="also write the table here as JSON")
+    args = ap.parse_args()
+    if args.steps < 1:
+        ap.error("--steps must be at least 1")
+    device = torch.device(args.device)
+    cfg = SMALL if args.small else REAL
+    args.text_len = args.text_len or (32 if args.small else 256)
+    resolutions = [64, 128] if args.small else [512, 768, 1024]
+    if args.small and device.type == "cpu":
+        torch.set_num_threads(1)  # tiny ops: a second thread only adds barrier stalls (see tests/conftest.py)
+    filters = parse_filters(args.cases)
+    cap = args.cap_gib if device.type == "cuda" and args.cap_gib else None
+    peak, peak_note = peak_flops(device, args.peak_tflops)
+    info = machine(device, peak_note)
+    print("machine: " + ", ".join(f"{k}: {v}" for k, v in info.items()))
+    print(f"model: {'SMALL' if args.small else 'real'} {cfg}; LoRA rank 16 on {','.join(LORA_TARGETS)} (fp32), "
+          f"AdamW; bf16 compute; text {args.text_len} tokens; batch 1; {args.steps} timed steps after 2 warm-up")
+    rows: list[Row] = []
+    skipped: list[dict[str, str]] = []
+    print(HEADER)
+    for precision in PRECISIONS:
+        cases = plan_cases(precision, resolutions, filters, cap)
+        if not cases:
+            continue
+        try:
+            check_precision(PRECISIONS[precision], device)
+        except errors.InvalidInput as err:
+            print(f"{precision:<12} skipped: {err}")
+            skipped.append({"precision": precision, "reason": str(err)})
+            continue
+        t0 = time.perf_counter()
+        model = build_model(cfg, precision, device, args.quantize_via)
+        weights = torch.cuda.memory_allocated(device) / GiB if device.type == "cuda" else None
+        print(f"# {precision}: built in {time.perf_counter() - t0:.1f} s"
+              + (f", {weights:.2f} GiB resident" if weights is not None else ""))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+        for case in cases:
+            rows.append(run_case(model, opt, cfg, case, args, device, peak))
+            print(format_row(rows[-1]), flush=True)
+        del model, opt, params
+        free(device)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": info, "config": {**cfg, "text_len": args.text_len, "steps": args.steps,
+                                                   "small": args.small, "lora_rank": 16, "targets": LORA_TARGETS},
+                       "rows": [asdict(r) for r in rows], "skipped": skipped}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

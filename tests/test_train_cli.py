@@ -53,3 +53,18 @@ def test_worker_prints_json_lines_and_exit_codes(tmp_path):
     bad = subprocess.run(cmd + ["lora_rank=0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert "$.lora_rank" in json.loads(bad.stdout.splitlines()[-1])["error"]
+
+
+def test_train_without_a_server_starts_local_services(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for var in ("EDITTUNER_SERVER", "EDITTUNER_TRAINER_ADDR", "EDITTUNER_STORE"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["train", "example=qwen_image.edit-v1-lora-tiny", "max_train_steps=3", "checkpointing_steps=3",
+                 "validation_step_interval=3", "num_eval_images=1", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "started local services" in captured.err and "submitted job" in captured.err
+    assert "(train): succeeded" in captured.out
+    lora = tmp_path / "output" / "tiny-edit-v1" / "pytorch_lora_weights.safetensors"
+    assert len(load_file(lora)) == 16
+    assert (tmp_path / "output" / "tiny-edit-v1" / "validation" / "step-3" / "0000.png").exists()
+    assert (tmp_path / ".edittuner" / "logs" / "trainer.log").exists()

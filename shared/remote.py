@@ -31,7 +31,9 @@ class Client:
             raise InvalidInput(f"unknown service {service!r}; one of {', '.join(STUBS)}")
         stub_cls, self.pb = STUBS[service]
         self.service, self.address = service, address
-        self.channel = make_channel(address, token=token if token is not None else os.environ.get("EDITTUNER_TOKEN"))
+        self.channel = make_channel(address, token=token if token is not None else os.environ.get("EDITTUNER_TOKEN"),
+                                    tls_ca=os.environ.get("EDITTUNER_TLS_CA") or None,
+                                    tls=os.environ.get("EDITTUNER_TLS", "") == "1")
         self.stub = stub_cls(self.channel)
 
     def call(self, method: str, request: Any) -> Any:

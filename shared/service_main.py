@@ -47,7 +47,10 @@ def peer_channel(env: dict[str, str], name: str, token: str | None) -> Any:
     from shared.rpc.client import make_channel
 
     address = env.get(f"EDITTUNER_{name.upper()}_ADDR")
-    return make_channel(address, token=token) if address else None
+    if not address:
+        return None
+    return make_channel(address, token=token, tls_ca=env.get("EDITTUNER_TLS_CA") or None,
+                        tls=env.get("EDITTUNER_TLS", "") == "1")
 
 
 def workdir(env: dict[str, str]) -> Path:

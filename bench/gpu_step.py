@@ -244,18 +244,25 @@ def run_case(model: Any, opt: torch.optim.Optimizer, cfg: dict, case: Case, args
 
 # -------------------------------------------------------------------------------------------------- report
 HEADER = (f"{'precision':<12} {'flavour':<8} {'res':>5} {'ckpt':<4} {'cap':>6} {'s/step':>8} {'peak GiB':>9} "
-          f"{'tokens (tgt+refs+txt)':>24} {'TFLOP model/hw':>19} {'MFU':>6}")
+          f"{'tokens (tgt+refs+txt)':>24} {'FLOP model/hw':>15} {'MFU':>6}")
+
+
+def si(x: float) -> str:
+    """1.065e15 -> '1.07P', 7.4e13 -> '74T'."""
+    unit = next(((f, u) for f, u in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")) if x >= f),
+                (1.0, ""))
+    return f"{x / unit[0]:.3g}{unit[1]}"
 
 
 def format_row(r: Row) -> str:
     cap = f"{r.cap_gib:g}G" if r.cap_gib else "-"
     toks = f"{r.tokens_target}+{r.tokens_refs}+{r.tokens_text}={r.tokens_total}"
-    flops = f"{r.model_tflop_per_step:.4g}/{r.hw_tflop_per_step:.4g}"
+    flops = f"{si(r.model_tflop_per_step * 1e12)}/{si(r.hw_tflop_per_step * 1e12)}"
     head = f"{r.precision:<12} {r.flavour:<8} {r.resolution:>5} {'on' if r.checkpointing else 'off':<4} {cap:>6}"
     if r.status == "OOM":
-        return f"{head} {'OOM':>8} {'OOM':>9} {toks:>24} {flops:>19} {'-':>6}"
+        return f"{head} {'OOM':>8} {'OOM':>9} {toks:>24} {flops:>15} {'-':>6}"
     mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
-    return f"{head} {r.s_per_step:>8.3f} {r.peak_mem_gib:>9.2f} {toks:>24} {flops:>19} {mfu:>6}"
+    return f"{head} {r.s_per_step:>8.3f} {r.peak_mem_gib:>9.2f} {toks:>24} {flops:>15} {mfu:>6}"
 
 
 def machine(device: torch.device, peak_note: str) -> dict[str, Any]:
@@ -299,6 +306,15 @@ def main() -> None:
           f"AdamW; bf16 compute; text {args.text_len} tokens; batch 1; {args.steps} timed steps after 2 warm-up")
     rows: list[Row] = []
     skipped: list[dict[str, str]] = []
+    builds: list[dict[str, Any]] = []
+
+    def save() -> None:
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"machine": info, "config": {**cfg, "text_len": args.text_len, "steps": args.steps,
+                                                       "small": args.small, "lora_rank": 16, "targets": LORA_TARGETS},
+                           "builds": builds, "rows": [asdict(r) for r in rows], "skipped": skipped}, fh, indent=1)
+
     print(HEADER)
     for precision in PRECISIONS:
         cases = plan_cases(precision, resolutions, filters, cap)
@@ -313,20 +329,18 @@ def main() -> None:
         t0 = time.perf_counter()
         model = build_model(cfg, precision, device, args.quantize_via)
         weights = torch.cuda.memory_allocated(device) / GiB if device.type == "cuda" else None
-        print(f"# {precision}: built in {time.perf_counter() - t0:.1f} s"
-              + (f", {weights:.2f} GiB resident" if weights is not None else ""))
+        builds.append({"precision": precision, "build_s": time.perf_counter() - t0, "weights_gib": weights})
+        print(f"# {precision}: built in {builds[-1]['build_s']:.1f} s"
+              + (f", {weights:.2f} GiB resident (weights + LoRA)" if weights is not None else ""))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
         for case in cases:
             rows.append(run_case(model, opt, cfg, case, args, device, peak))
             print(format_row(rows[-1]), flush=True)
+            save()  # after every row: a run that dies later keeps what it measured
         del model, opt, params
         free(device)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"machine": info, "config": {**cfg, "text_len": args.text_len, "steps": args.steps,
-                                                   "small": args.small, "lora_rank": 16, "targets": LORA_TARGETS},
-                       "rows": [asdict(r) for r in rows], "skipped": skipped}, fh, indent=1)
+    save()
 
 
 if __name__ == "__main__":

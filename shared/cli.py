@@ -82,6 +82,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from shared.planner import format_plan, parse_size, plan_run
+
+    memory = parse_size(args.gpu_memory) if args.gpu_memory else None
+    _materialize(args)  # a tiny preset's model is generated on first use, as for encode and train
+    plan = plan_run(_load(args), memory, args.gpu)
+    print(format_plan(plan))
+    return 0 if plan.fits else 2
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     _materialize(args)
     return cmd_encode_in_process(args) if args.in_process else _remote_job(args, "encoder")
@@ -350,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate config + datasets, pair them, show buckets and cache status")
     _add_run_args(p)
     p.set_defaults(func=cmd_check)
+    p = sub.add_parser("plan", help="predict GPU memory and step time per service; exit 0 if the trainer fits, "
+                                    "2 if not (with overrides that fit)")
+    _add_run_args(p)
+    p.add_argument("--gpu", default="H100", help="GPU for memory and timing: H100, H200, A100, L40S, RTX4090, RTX3090")
+    p.add_argument("--gpu-memory", help="memory to fit, e.g. 24GiB or 80GB (default: the --gpu's)")
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("encode", help="encode the datasets into the cache (VAE latents, caption embeddings)")
     _add_run_args(p)
     _add_server_args(p)

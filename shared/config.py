@@ -105,6 +105,8 @@ class TrainConfig:
     quantize_via: Literal["cpu", "accelerator"] = field("accelerator")
     quantize_activations: bool = field(False)
     device: str = field("auto", doc="auto, cpu, cuda or cuda:N")
+    skip_fit_check: bool = field(False, doc="start even when the planner (edittuner plan) predicts the trainer will "
+                                            "not fit the GPU's memory")
     # flow matching
     flow_schedule_shift: float = field(3.0, check=non_negative)
     caption_dropout_probability: float = field(0.0, check=probability)
@@ -133,6 +135,8 @@ class TrainConfig:
     validation_seed: Optional[int] = field(None)
     eval_dataset_id: Optional[str] = field(None)
     num_eval_images: int = field(4, check=positive)
+    vae_batch_size: int = field(4, check=positive, doc="images per VAE encode batch (same size only); lower it "
+                                                       "when the encoder runs out of memory")
     # dataset hygiene
     bad_image_policy: Literal["fail", "skip"] = field("fail", doc="corrupt/oversized images: fail the run or "
                                                                   "skip them with a warning")

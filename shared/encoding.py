@@ -279,14 +279,14 @@ def resolve_device(name: str) -> torch.device:
 class DatasetEncoder:
     """Loads the VAE and text encoder lazily, encodes what the plan says is missing, writes caches."""
 
-    def __init__(self, run: RunConfig, store: ObjectStore, pipe: Any = None, batch_size: int = 4):
+    def __init__(self, run: RunConfig, store: ObjectStore, pipe: Any = None, batch_size: int | None = None):
         from shared.models import resolve_dtype
 
         self.run = run
         self.store = store
         self.device = resolve_device(run.train.device)
         self.dtype = resolve_dtype(run.train.mixed_precision, self.device)
-        self.batch_size = batch_size
+        self.batch_size = batch_size or run.train.vae_batch_size
         self._pipe = pipe
 
     @property

@@ -91,6 +91,10 @@ class Trainer:
         from shared.quantize import quantize_transformer
 
         cfg = self.cfg
+        if self.device.type == "cuda" and not cfg.skip_fit_check:
+            from shared.planner import check_fits
+
+            check_fits(self.run, self.device)  # ResourceExhausted with overrides that fit, before any loading
         resume_step = resolve_resume(self.store, self.prefix, cfg.resume_from_checkpoint)
         if resume_step is None and committed_steps(self.store, self.prefix):
             raise FailedPrecondition(

@@ -7,6 +7,7 @@ without waiting for it; when eval_svc is down the run goes on and the missed val
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
@@ -14,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import torch
 
+from shared.encoding import resolve_device
 from shared.errors import FailedPrecondition, Unavailable
 from shared.jobs import JobContext, JobManager, JobRecord
 from shared.metrics import Metrics
+from shared.planner import check_fits
 from shared.rpc import (common_pb2, encoder_pb2, encoder_pb2_grpc, eval_pb2, eval_pb2_grpc, trainer_pb2,
                         trainer_pb2_grpc)
 from shared.service_common import (JobRpcMixin, error_of, files_from_proto, files_to_params, job_to_proto,
@@ -150,6 +154,10 @@ class TrainerServicer(JobRpcMixin, trainer_pb2_grpc.TrainerServiceServicer):
                  ) -> trainer_pb2.StartRunResponse:
         files = files_from_proto(request.files)
         run = run_from_files(files)
+        if request.skip_fit_check:  # the worker's Trainer.setup must not refuse what the client chose to try
+            files = dataclasses.replace(files, overrides=(*files.overrides, "skip_fit_check=true"))
+        elif not run.train.skip_fit_check and torch.cuda.is_available():
+            check_fits(run, resolve_device(run.train.device))  # RESOURCE_EXHAUSTED before a job exists
         run_id = request.run_id or run_id_for(run.train.output_dir)
         params = files_to_params(files) | {"run_id": run_id}
         for active in self.jobs.list(state="running")[0] + self.jobs.list(state="queued")[0]:

@@ -1,0 +1,285 @@
+"""The planner: exact parameter counts, bytes per precision, tokens, the measured activation constants, the
+recommendation, the CLI's exit codes and the fit check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from seed_files import SEED_CONFIG, SEED_DATA_V2
+from shared import errors, planner
+from shared.cli import main
+from shared.config import load_run_config_text
+from shared.planner import GiB
+
+REAL = "Qwen/Qwen-Image-Edit-2509"  # a hub id: the bundled real config
+
+
+def seed_run(*overrides: str):
+    """The quickstart's config.json (edit-v2: 3 references at 1024, int8-quanto, checkpointing)."""
+    return load_run_config_text(SEED_CONFIG, SEED_DATA_V2, ["model_flavour=edit-v2", *overrides])
+
+
+def run_with_refs(n: int, flavour: str = "edit-v2", res: int = 1024):
+    ids = [f"ref{i}" for i in range(n)]
+    data = [{"id": "img", "instance_data_dir": "/d/img", "resolution": res, "conditioning_data": ids}] + [
+        {"id": i, "dataset_type": "conditioning", "instance_data_dir": f"/d/{i}", "resolution": res} for i in ids]
+    return load_run_config_text(json.dumps({"model_flavour": flavour}), json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from shared.tiny_model import build_tiny_components
+
+    return build_tiny_components("edit-v2")
+
+
+# ------------------------------------------------------------------------------------------------ counts
+def test_tiny_counts_are_exact(tiny, tiny_models):
+    model = tiny["transformer"]
+    counts = planner.counts_for_config(dict(model.config))
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert sum(counts.breakdown().values()) == counts.total
+    te, vae, base_dim = planner.component_params(str(tiny_models("edit-v2")))
+    assert te == sum(p.numel() for p in tiny["text_encoder"].parameters())
+    assert vae == sum(p.numel() for p in tiny["vae"].parameters()) and base_dim == 16
+    assert planner.transformer_counts(str(tiny_models("edit-v2"))).total == counts.total
+
+
+def test_real_config_counts_match_diffusers_on_meta():
+    from diffusers import QwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel(**{k: v for k, v in planner.REAL_TRANSFORMER_CONFIG.items()})
+    meta_total = sum(p.numel() for p in model.parameters())
+    counts = planner.transformer_counts(REAL)
+    assert counts.total == meta_total == 20_430_401_088
+    assert abs(counts.total - 20.4e9) / 20.4e9 < 0.01
+    assert (counts.layers, counts.width) == (60, 3072)
+    # the two streams carry the same Linears; the per-sample modulation is a third of the model
+    assert counts.weights("image", False) == counts.weights("text", False) == 60 * 113_246_208
+    assert counts.weights("sample", False) == 2 * 60 * 3072 * 18432
+
+
+# ------------------------------------------------------------------------------------------------- bytes
+def test_int8_weights_are_about_half_of_bf16_and_nf4_a_quarter():
+    counts = planner.transformer_counts(REAL)
+    bf16, int8, nf4 = (sum(planner.transformer_weight_bytes(counts, p).values())
+                       for p in ("no_change", "int8-quanto", "nf4-bnb"))
+    assert 0.49 < int8 / bf16 < 0.52
+    assert 0.25 < nf4 / bf16 < 0.28
+
+
+@pytest.mark.parametrize("precision", ["int8-quanto", "int4-quanto", "int2-quanto", "nf4-bnb"])
+def test_weight_bytes_match_a_really_quantized_linear(precision):
+    from shared.quantize import quantize_transformer
+
+    holder = torch.nn.Module()
+    holder.lin = torch.nn.Linear(1024, 512, bias=False)
+    quantize_transformer(holder, precision, device="cpu", compute_dtype=torch.bfloat16)
+    w = holder.lin.weight
+
+    def leaves(t):  # quanto's weights are wrapper tensors, possibly nested (packed int4 data inside a QTensor)
+        if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return [x for n in t.__tensor_flatten__()[0] for x in leaves(getattr(t, n))]
+        return [t]
+
+    tensors = leaves(w)
+    qs = getattr(w, "quant_state", None)
+    if qs is not None:  # bitsandbytes keeps absmax & co beside the packed weight
+        tensors += [qs.absmax, qs.code, qs.state2.absmax, qs.state2.code]
+    actual = sum(t.numel() * t.element_size() for t in tensors)
+    assert planner.linear_weight_bytes(precision, 1024, 512) == pytest.approx(actual, rel=0.01)
+
+
+# ------------------------------------------------------------------------------------------------ tokens
+def test_more_references_more_tokens_and_v1_sees_references_at_1mp():
+    one, two, three = (planner.training_tokens(run_with_refs(n)) for n in (1, 2, 3))
+    assert one.total < two.total < three.total
+    assert (three.target, three.per_reference, three.references) == (4096, 4096, 3)
+    assert three.text == 64 + 3 * round(384 * 384 / 784)
+    v1 = planner.training_tokens(run_with_refs(1, "edit-v1", 512))
+    assert (v1.target, v1.per_reference, v1.text) == (1024, 1024, 64 + round(1024 * 1024 / 784))
+
+
+def test_checkpointing_lowers_activations_and_adds_a_forward():
+    on, off = planner.plan_run(seed_run()), planner.plan_run(seed_run("gradient_checkpointing=false"))
+    acts = lambda p: p.trainer.breakdown["saved for backward"] + p.trainer.breakdown["backward working set"]  # noqa
+    assert acts(on) < acts(off) / 10
+    assert on.flops_per_step > off.flops_per_step
+    assert on.trainer.total < off.trainer.total
+
+
+# ------------------------------------------------------------------------------------------ measurement
+def test_measured_constants_still_hold():
+    measured = planner.measure_activation_coefficients()
+    for name, value in measured.items():
+        assert value == pytest.approx(getattr(planner, name), rel=0.15, abs=0.25), name  # abs: a constant near 0
+
+
+def test_tiny_model_prediction_matches_saved_tensor_bytes(tiny):
+    from shared.config import DEFAULT_TARGET_MODULES
+
+    model = planner.prepare_for_training(tiny["transformer"], list(DEFAULT_TARGET_MODULES))
+    counts = planner.counts_for_config(dict(model.config))
+    targets = planner.lora_targets(counts, list(DEFAULT_TARGET_MODULES))
+    img, txt = 400, 48  # a 320x320 target (20x20 tokens) and a short prompt
+    tokens = planner.Tokens(target=img, per_reference=0, references=0, text=txt, vl_image_tokens=0)
+    for checkpointing in (False, True):
+        predicted = planner.training_activation_bytes(counts, tokens, targets, 16, checkpointing=checkpointing)
+        measured = planner.measure_saved_bytes(model, img, txt, checkpointing)
+        assert predicted["saved for backward"] == pytest.approx(measured, rel=0.20), checkpointing
+        peak = planner.measure_peak_bytes(model, img, txt, checkpointing)
+        assert sum(predicted.values()) == pytest.approx(peak, rel=0.20), checkpointing
+
+
+# --------------------------------------------------------------------------------------- recommendation
+def test_seed_config_on_24gib_gets_overrides_that_then_fit():
+    plan = planner.plan_run(seed_run(), planner.parse_size("24GiB"), "RTX4090")
+    assert not plan.fits and plan.recommendation
+    assert all("=" in r or r.startswith("multidatabackend.json") for r in plan.recommendation)
+    fixed = planner.apply_recommendation(seed_run(), plan.recommendation)
+    again = planner.plan_run(fixed, planner.parse_size("24GiB"), "RTX4090")
+    assert again.fits and again.trainer.total == plan.recommended_bytes
+    text = planner.format_plan(plan)
+    assert "does NOT fit 24.0 GiB" in text and plan.recommendation[0] in text
+
+
+def test_recommendation_lowers_resolution_when_precision_is_not_enough():
+    run = seed_run("base_model_precision=nf4-bnb")
+    plan = planner.plan_run(run, planner.parse_size("16GiB"))
+    assert any(r.startswith("multidatabackend.json") for r in plan.recommendation), plan.recommendation
+    assert planner.plan_run(planner.apply_recommendation(run, plan.recommendation), 16 * GiB).fits
+    assert planner.plan_run(run, planner.parse_size("2GiB")).recommendation == []  # nothing fits 2 GiB
+
+
+@pytest.mark.parametrize("text,expected", [("24GiB", 24 * 2**30), ("80GB", 80 * 10**9), ("512 MiB", 512 * 2**20),
+                                           ("1.5gib", int(1.5 * 2**30)), ("100MB", 10**8), ("1TiB", 2**40)])
+def test_parse_size(text, expected):
+    assert planner.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["24", "24 GiBs", "", "GiB", "-1GB", "0GB", "lots"])
+def test_parse_size_refuses_bad_input(bad):
+    with pytest.raises(errors.InvalidInput, match="expected a size like '24GiB'"):
+        planner.parse_size(bad)
+
+
+def test_unknown_gpu_and_bad_lora_target_are_invalid_input():
+    with pytest.raises(errors.InvalidInput, match="unknown GPU 'TPU'"):
+        planner.plan_run(seed_run(), gpu="TPU")
+    assert planner.gpu_spec("NVIDIA GeForce RTX 4090")[0] == planner.gpu_spec("4090")[0] == "RTX4090"
+    with pytest.raises(errors.InvalidInput, match="name no Linear|names no Linear"):
+        planner.plan_run(seed_run('lora_target_modules=["to_qq"]'))
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+@pytest.fixture
+def seed_files(tmp_path):
+    cfg, data = tmp_path / "config.json", tmp_path / "multidatabackend.json"
+    cfg.write_text(SEED_CONFIG)
+    data.write_text(SEED_DATA_V2)
+    return ["--config", str(cfg), "--data", str(data), "model_flavour=edit-v2"]
+
+
+def test_cli_plan_exit_codes(seed_files, capsys):
+    assert main(["plan", *seed_files, "--gpu", "H100"]) == 0
+    out = capsys.readouterr().out
+    assert "trainer" in out and "fits 79.2 GiB" in out and "s per optimizer step on H100" in out
+    assert main(["plan", *seed_files, "--gpu-memory", "24GiB"]) == 2
+    out = capsys.readouterr().out
+    assert "does NOT fit 24.0 GiB" in out and "base_model_precision=nf4-bnb" in out
+    assert main(["plan", *seed_files, "--gpu-memory", "lots"]) == 1
+    assert "expected a size like '24GiB'" in capsys.readouterr().err
+    assert main(["plan", *seed_files, "--gpu", "TPU"]) == 1
+
+
+# ----------------------------------------------------------------------------------------------- fit check
+def test_check_fits_refuses_with_numbers_overrides_and_skip_advice():
+    run = seed_run()
+    with pytest.raises(errors.ResourceExhausted) as err:
+        planner.check_fits(run, "cuda:0", total_bytes=24 * GiB)
+    msg = str(err.value)
+    predicted = planner.plan_run(run, 24 * GiB).trainer.total
+    assert 28 * GiB < predicted < 36 * GiB  # int8 weights ~19 GiB + checkpointed activations at 17k tokens
+    assert f"needs about {planner.fmt_gib(predicted)}" in msg and "has 24.0 GiB" in msg
+    assert "base_model_precision=nf4-bnb" in msg
+    assert "pass skip_fit_check=true to try anyway" in msg
+    planner.check_fits(run, "cuda:0", total_bytes=80 * GiB)  # fits: no error
+    planner.check_fits(run, "cpu", total_bytes=1 * GiB)  # no check off CUDA
+
+
+def test_skip_fit_check_is_a_config_key():
+    assert seed_run("skip_fit_check=true").train.skip_fit_check is True
+    assert seed_run().train.skip_fit_check is False
+
+
+class _Submitted(Exception):
+    pass
+
+
+class _FakeJobs:
+    def list(self, state):
+        return [], None
+
+    def submit(self, kind, params, request_id):
+        raise _Submitted(params)
+
+
+def test_start_run_refuses_before_a_job_exists_unless_skipped(monkeypatch):
+    """StartRun on a (faked) 24 GiB CUDA host: RESOURCE_EXHAUSTED up front; with skip_fit_check the job is
+    submitted and carries skip_fit_check=true so that the worker's Trainer.setup does not refuse it either."""
+    from shared.rpc import common_pb2, trainer_pb2
+    from trainer_svc.service import TrainerServicer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 24 * GiB))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
+    files = common_pb2.RunConfigFiles(config_json=SEED_CONFIG, data_json=SEED_DATA_V2,
+                                      overrides=["model_flavour=edit-v2"])
+    servicer = TrainerServicer(_FakeJobs(), core=None)
+    with pytest.raises(errors.ResourceExhausted, match="skip_fit_check=true"):
+        servicer.StartRun(trainer_pb2.StartRunRequest(request_id="r1", files=files), None)
+    with pytest.raises(_Submitted) as sub:
+        servicer.StartRun(trainer_pb2.StartRunRequest(request_id="r2", files=files, skip_fit_check=True), None)
+    assert "skip_fit_check=true" in sub.value.args[0]["files"]["overrides"]
+    files.overrides.append("base_model_precision=nf4-bnb")  # the recommendation: fits, submitted as is
+    with pytest.raises(_Submitted):
+        servicer.StartRun(trainer_pb2.StartRunRequest(request_id="r3", files=files), None)
+
+
+def test_trainer_setup_refuses_on_a_gpu_too_small_unless_skipped(monkeypatch):
+    from shared.training import Trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 24 * GiB))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
+    with pytest.raises(errors.ResourceExhausted, match="base_model_precision=nf4-bnb"):
+        Trainer(seed_run(), store=None).setup()  # refused before the store or any model is touched
+    with pytest.raises(Exception) as err:  # skipped: setup goes on (and here trips over the missing store)
+        Trainer(seed_run("skip_fit_check=true"), store=None).setup()
+    assert not isinstance(err.value, errors.ResourceExhausted)
+
+
+def test_model_flops_agree_with_the_gpu_benchmark():
+    """bench/gpu_step.py's MFU is model FLOPs / time: the planner counts the same (+ modulation and LoRA, <1%)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_step.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu_step_for_planner", script)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    try:
+        spec.loader.exec_module(bench)
+        run = seed_run("gradient_accumulation_steps=1")
+        plan = planner.plan_run(run)
+        model, hardware = bench.model_step_flops(planner.REAL_TRANSFORMER_CONFIG, plan.tokens.image, plan.tokens.text,
+                                                 True)
+    finally:
+        sys.modules.pop(spec.name, None)
+    assert plan.model_flops_per_step == pytest.approx(model, rel=0.01)
+    assert plan.flops_per_step == pytest.approx(hardware, rel=0.01)

@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--references", type=int, default=2)
     ap.add_argument("--resolution", type=int, default=80)
     ap.add_argument("--precision", default="no_change")
+    ap.add_argument("--compile", action="store_true", help="compile_transformer=true (regional torch.compile)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -57,7 +58,8 @@ def main() -> None:
         data = write_dataset(root / "data", n=16, references=args.references)
         cfg, _ = write_configs(root / "cfg", data, model, args.flavour, args.references, resolution=args.resolution,
                                max_train_steps=args.steps + 5, checkpointing_steps=10 ** 6, lora_rank=16,
-                               base_model_precision=args.precision, output_dir=str(root / "out"))
+                               base_model_precision=args.precision, output_dir=str(root / "out"),
+                               compile_transformer=args.compile)
         run = load_run_config(cfg)
         store = LocalStore(root / "store")
         DatasetEncoder(run, store).encode()
@@ -78,7 +80,8 @@ def main() -> None:
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}")
     print(f"setup: tiny {args.flavour}, {args.references} reference(s), resolution {args.resolution}, batch 1, "
-          f"LoRA rank 16, precision {args.precision}, {args.steps} timed steps after 5 warm-up")
+          f"LoRA rank 16, precision {args.precision}, compile {args.compile}, {args.steps} timed steps after 5 "
+          "warm-up")
     print(f"trainer step: {1000 * trainer_s:.1f} ms")
     print(f"bare loop step: {1000 * bare_s:.1f} ms")
     print(f"trainer / bare ratio: {trainer_s / bare_s:.2f}")

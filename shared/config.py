@@ -100,6 +100,8 @@ class TrainConfig:
     mixed_precision: Literal["auto", "bf16", "fp16", "no", "fp32"] = field(
         "auto", doc="auto: bf16 on CUDA, fp32 on CPU; an explicit bf16/fp16 is used on either")
     gradient_checkpointing: bool = field(False)
+    compile_transformer: bool = field(False, doc="torch.compile the repeated transformer blocks (regional "
+                                                 "compilation; the first steps pay the compile time)")
     base_model_precision: Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto",
                                   "nf4-bnb", "int8-bnb"] = field("no_change")
     quantize_via: Literal["cpu", "accelerator"] = field("accelerator")

@@ -120,6 +120,8 @@ class Trainer:
             p.data = p.data.float()
         if cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
+        if cfg.compile_transformer:  # buckets change the token count: dynamic shapes avoid a recompile per bucket
+            self.transformer.compile_repeated_blocks(dynamic=True)
         self.transformer.train()
         self.optimizer = self._optimizer()
         from diffusers.optimization import get_scheduler

@@ -202,3 +202,11 @@ def test_ema_is_what_gets_exported(tmp_path, tiny_models):
     k = "transformer_blocks.0.attn.to_q.lora_B.weight"
     assert not torch.equal(raw[k], ema[k])
     assert torch.equal(exported["transformer." + k], ema[k])
+
+
+def test_compiled_transformer_blocks_train_like_eager(tmp_path, tiny_models):
+    cfg, store = make_run(tmp_path, tiny_models, n=2)
+    eager = trainer_for(cfg, store, "max_train_steps=2", f"output_dir={tmp_path / 'eager'}").train()
+    compiled = trainer_for(cfg, store, "max_train_steps=2", "compile_transformer=true",
+                           f"output_dir={tmp_path / 'compiled'}").train()
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5, abs=1e-6)

@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from shared.encoding import DatasetEncoder, EncodeStats
-from shared.jobs import JobContext, JobManager, JobRecord
+from shared.jobs import JobContext, JobRecord
 from shared.metrics import Metrics
 from shared.rpc import encoder_pb2, encoder_pb2_grpc
 from shared.service_common import (IdleRelease, JobRpcMixin, files_from_proto, files_to_params, job_to_proto,
@@ -73,9 +73,6 @@ class EncoderCore:
 
 class EncoderServicer(JobRpcMixin, encoder_pb2_grpc.EncoderServiceServicer):
     pb = encoder_pb2
-
-    def __init__(self, jobs: JobManager, core: EncoderCore):
-        self.jobs, self.core = jobs, core
 
     def SubmitEncode(self, request: encoder_pb2.SubmitEncodeRequest, context: grpc.ServicerContext
                      ) -> encoder_pb2.SubmitEncodeResponse:

@@ -10,7 +10,7 @@ import grpc
 from shared.datasets import pair_datasets
 from shared.encoding import index_key, resolve_device, settings_for
 from shared.errors import InvalidInput
-from shared.jobs import JobContext, JobManager, JobRecord
+from shared.jobs import JobContext, JobRecord
 from shared.metrics import Metrics
 from shared.models import load_pipeline, resolve_dtype
 from shared.preview import index_entries, render_validation, select_eval_samples
@@ -73,9 +73,6 @@ class EvalCore:
 
 class EvalServicer(JobRpcMixin, eval_pb2_grpc.EvalServiceServicer):
     pb = eval_pb2
-
-    def __init__(self, jobs: JobManager, core: EvalCore):
-        self.jobs, self.core = jobs, core
 
     def SubmitRender(self, request: eval_pb2.SubmitRenderRequest, context: grpc.ServicerContext
                      ) -> eval_pb2.SubmitRenderResponse:

@@ -113,8 +113,10 @@ class IdleRelease:
 class JobRpcMixin:
     """GetJob, ListJobs, CancelJob, WatchJob over ``self.jobs`` with the service's own message classes."""
 
-    jobs: JobManager
     pb: Any  # the service's *_pb2 module
+
+    def __init__(self, jobs: JobManager, core: Any):
+        self.jobs, self.core = jobs, core
 
     def GetJob(self, request: Any, context: grpc.ServicerContext) -> Any:
         return self.pb.GetJobResponse(job=job_to_proto(self.jobs.get(request.job_id)))

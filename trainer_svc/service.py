@@ -19,7 +19,7 @@ import torch
 
 from shared.encoding import resolve_device
 from shared.errors import FailedPrecondition, Unavailable
-from shared.jobs import JobContext, JobManager, JobRecord
+from shared.jobs import JobContext, JobRecord
 from shared.metrics import Metrics
 from shared.planner import check_fits
 from shared.rpc import (common_pb2, encoder_pb2, encoder_pb2_grpc, eval_pb2, eval_pb2_grpc, trainer_pb2,
@@ -146,9 +146,6 @@ class TrainerCore:
 
 class TrainerServicer(JobRpcMixin, trainer_pb2_grpc.TrainerServiceServicer):
     pb = trainer_pb2
-
-    def __init__(self, jobs: JobManager, core: TrainerCore):
-        self.jobs, self.core = jobs, core
 
     def StartRun(self, request: trainer_pb2.StartRunRequest, context: grpc.ServicerContext
                  ) -> trainer_pb2.StartRunResponse:

@@ -11,8 +11,8 @@ from shared.encoding import DatasetEncoder, EncodeStats
 from shared.jobs import JobContext, JobRecord
 from shared.metrics import Metrics
 from shared.rpc import encoder_pb2, encoder_pb2_grpc
-from shared.service_common import (IdleRelease, JobRpcMixin, files_from_proto, files_to_params, job_to_proto,
-                                   run_from_files, run_from_params)
+from shared.service_common import (IdleRelease, JobRpcMixin, files_from_proto, files_to_params, free_gpu_memory,
+                                   job_to_proto, run_from_files, run_from_params)
 from shared.storage import ObjectStore
 
 
@@ -28,7 +28,11 @@ class EncoderCore:
     def execute(self, job: JobRecord, ctx: JobContext) -> dict[str, str]:
         run = run_from_params(job.params)
         with self._lock:
-            enc = DatasetEncoder(run, self.store, pipe=self._pipes.get(self._key(run)))
+            key = self._key(run)
+            if key not in self._pipes and self._pipes:  # never two model sets on the GPU at once
+                self._pipes.clear()
+                free_gpu_memory()
+            enc = DatasetEncoder(run, self.store, pipe=self._pipes.get(key))
             seen = EncodeStats()
 
             def progress(stats: EncodeStats, total: int) -> None:
@@ -39,7 +43,12 @@ class EncoderCore:
                              message=f"encoded {stats.encoded}, cached {stats.cached}, failed {stats.failed}")
                 ctx.check_cancelled()
 
-            stats, index_keys = enc.encode_with_index(progress)
+            try:
+                stats, index_keys = enc.encode_with_index(progress)
+            except BaseException:
+                self._pipes.clear()  # a failed job must not leave half-used models resident
+                enc.release()
+                raise
             if enc._pipe is not None:
                 self._pipes = {enc.pipe_key: enc._pipe}  # one model set resident at a time
             self.metrics.record_gpu("encoder")
@@ -61,13 +70,7 @@ class EncoderCore:
         with self._lock:
             had = bool(self._pipes)
             self._pipes.clear()
-        import gc
-
-        import torch
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_gpu_memory()
         return had
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,8 +17,8 @@ from shared.metrics import Metrics
 from shared.models import load_pipeline, resolve_dtype
 from shared.preview import index_entries, render_validation, select_eval_samples
 from shared.rpc import eval_pb2, eval_pb2_grpc
-from shared.service_common import (IdleRelease, JobRpcMixin, files_from_proto, files_to_params, job_to_proto,
-                                   run_from_files, run_from_params)
+from shared.service_common import (IdleRelease, JobRpcMixin, files_from_proto, files_to_params, free_gpu_memory,
+                                   job_to_proto, run_from_files, run_from_params)
 from shared.storage import ObjectStore
 
 ADAPTER = "validation"
@@ -37,6 +39,7 @@ class EvalCore:
         key = (run.train.model_path, run.train.model_flavour, str(device), str(dtype))
         if self._pipe is None or self._pipe[0] != key:
             self._pipe = None
+            free_gpu_memory()
             self._pipe = (key, load_pipeline(run.train.model_path, run.train.model_flavour, device=device,
                                              dtype=dtype))
         return self._pipe[1]
@@ -47,9 +50,8 @@ class EvalCore:
         with self._lock:
             ctx.progress(phase="render", step=0, total=1, message=f"validation of {p['run_id']} step {p['step']}")
             pipe = self._pipeline(run)
-            lora, _ = self.store.get_tensors(p["lora_key"])
-            pipe.load_lora_weights(lora, adapter_name=ADAPTER)
             try:
+                self._load_lora(pipe, p["lora_key"])
                 paired, _ = pair_datasets(run)
                 samples = select_eval_samples(run, paired)
                 settings = settings_for(run, resolve_dtype(run.train.mixed_precision, resolve_device(run.train.device)))
@@ -58,7 +60,8 @@ class EvalCore:
                 result = render_validation(pipe, run, samples, step=int(p["step"]), store=self.store,
                                            prefix=f"runs/{p['run_id']}/validation", loss_index=entries)
             finally:
-                pipe.delete_adapters(ADAPTER)
+                if ADAPTER in getattr(pipe.transformer, "peft_config", {}):
+                    pipe.delete_adapters(ADAPTER)
             self.metrics.eval_render_seconds.observe(result.seconds)
             self.metrics.record_gpu("eval")
         self.idle.touch()
@@ -66,9 +69,18 @@ class EvalCore:
         return {"metrics": result.metrics_key, "grids": ",".join(s.grid_key for s in result.samples),
                 "psnr_lora": f"{result.psnr_lora}", "psnr_base": f"{result.psnr_base}"}
 
+    def _load_lora(self, pipe: Any, key: str) -> None:
+        """From the file itself, not a state dict: diffusers reads the LoRA's alpha from the file's metadata
+        (a dict would silently apply it at alpha = rank)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            name = key.rsplit("/", 1)[-1]
+            self.store.get_file(key, Path(tmp) / name)
+            pipe.load_lora_weights(tmp, weight_name=name, adapter_name=ADAPTER)
+
     def release(self) -> None:
         with self._lock:
             self._pipe = None
+        free_gpu_memory()
 
 
 class EvalServicer(JobRpcMixin, eval_pb2_grpc.EvalServiceServicer):

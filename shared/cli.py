@@ -274,7 +274,10 @@ def _remote_job(args: argparse.Namespace, service: str) -> int:
     print(describe(job))
     if state_name(job) != "succeeded":
         return 1
-    if service == "trainer" and "://" not in store_url:
+    if service == "trainer" and stack is None and not args.store:
+        print(f"the run's LoRA and previews are in the server's store under runs/{job.outputs['run_id']}/; copy them "
+              "with: edittuner runs pull " + job.outputs["run_id"] + " DIR --store URL", file=sys.stderr)
+    elif service == "trainer" and "://" not in store_url:
         from shared.runner import copy_outputs
         from shared.storage import open_store
 

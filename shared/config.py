@@ -55,6 +55,16 @@ def _check_wxh(v: str) -> str | None:
     return r if isinstance(r, str) else None
 
 
+def _check_device(v: str) -> str | None:
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+        return None
+    return f"expected auto, cpu, cuda or cuda:N, got {v!r}"
+
+
+def _check_beta(v: float) -> str | None:
+    return None if 0.0 <= v < 1.0 else f"must be in [0, 1), got {v}"
+
+
 def _check_resume(v: str) -> str | None:
     if v == "latest" or re.fullmatch(r"(step-)?\d+", v) or v in ("none", ""):
         return None
@@ -90,8 +100,8 @@ class TrainConfig:
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "polynomial"] = field("constant")
     lr_warmup_steps: int = field(0, check=non_negative)
     optimizer: Literal["adamw", "adamw8bit"] = field("adamw")
-    adam_beta1: float = field(0.9, check=probability)
-    adam_beta2: float = field(0.999, check=probability)
+    adam_beta1: float = field(0.9, check=_check_beta)
+    adam_beta2: float = field(0.999, check=_check_beta)
     adam_weight_decay: float = field(1e-2, check=non_negative)
     adam_epsilon: float = field(1e-8, check=positive)
     max_grad_norm: float = field(1.0, check=non_negative)
@@ -106,11 +116,11 @@ class TrainConfig:
                                   "nf4-bnb", "int8-bnb"] = field("no_change")
     quantize_via: Literal["cpu", "accelerator"] = field("accelerator")
     quantize_activations: bool = field(False)
-    device: str = field("auto", doc="auto, cpu, cuda or cuda:N")
+    device: str = field("auto", check=_check_device, doc="auto, cpu, cuda or cuda:N")
     skip_fit_check: bool = field(False, doc="start even when the planner (edittuner plan) predicts the trainer will "
                                             "not fit the GPU's memory")
     # flow matching
-    flow_schedule_shift: float = field(3.0, check=non_negative)
+    flow_schedule_shift: float = field(3.0, check=positive)
     caption_dropout_probability: float = field(0.0, check=probability)
     conditioning_multidataset_sampling: Literal["combined", "random"] = field("combined")
     model_kwargs: ModelKwargs = field(ModelKwargs())

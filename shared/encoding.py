@@ -152,6 +152,10 @@ def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) 
         return sha[k]
 
     base = dataclasses.asdict(settings)
+    users: dict[str, int] = {}
+    for d in run.data.image_datasets:
+        for rid in d.conditioning_data:
+            users[rid] = users.get(rid, 0) + 1
     for ds in paired:
         text_prefix = run.data.text_cache_prefix(ds.config, settings.flavour)
         refs_cfg = run.data.references_of(ds.config)
@@ -165,7 +169,9 @@ def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) 
             for i, (r, rcfg) in enumerate(zip(s.references, refs_cfg)):
                 r_sha = source_sha(ds, r.dataset_id, r.image.relpath)
                 ref_shas.append((r_sha, r.placement.to_json()))
-                items.append(Item("vae", rcfg.vae_cache_prefix, s.key,
+                # a reference dataset shared by several image datasets is placed per image dataset
+                entry = s.key if users.get(rcfg.id, 0) <= 1 else f"{ds.config.id}/{s.key}"
+                items.append(Item("vae", rcfg.vae_cache_prefix, entry,
                                   _digest({**vae_common, "src": r_sha, "place": r.placement.to_json()}),
                                   ds, s, i, {r.image.relpath: r_sha}))
             choices = list(range(len(s.references))) if settings.random_refs else [None]
@@ -273,6 +279,8 @@ def resolve_device(name: str) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInput(f"device {name!r}: CUDA is not available on this host; set device to 'cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InvalidInput(f"device {name!r}: this host has {torch.cuda.device_count()} GPU(s), numbered from 0")
     return dev
 
 
@@ -368,6 +376,7 @@ class DatasetEncoder:
             stats.failed += len(batch)
             stats.failures.append(str(e))
             return
+        before = stats.encoded
         for it, (tensors, meta) in zip(batch, results):
             meta = {"cache_key": it.cache_key, "format": CACHE_FORMAT, **meta}
             self.store.put_tensors(it.object_key, tensors, {k: str(v) for k, v in meta.items()})
@@ -378,7 +387,7 @@ class DatasetEncoder:
                 "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()},
                 "sources": it.sources, "model": self.run.train.model_path})
             stats.encoded += 1
-        if len(manifests.dirty) and stats.encoded % 64 == 0:
+        if manifests.dirty and stats.encoded // 64 != before // 64:  # bound what a killed worker re-encodes
             manifests.flush()
 
     def _placement(self, it: Item):

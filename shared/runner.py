@@ -54,7 +54,7 @@ def external_validator(events: Callable[[Event], None]) -> Callable[[Trainer, in
     """Validation by another service: write this step's LoRA to the store and say where it is."""
 
     def validate(trainer: Trainer, step: int) -> dict[str, Any]:
-        keys = trainer.export(f"{trainer.prefix}/validation/step-{step}/lora")
+        keys = trainer.export(f"{trainer.prefix}/validation/step-{step}/lora", fmt="diffusers")
         lora_key = next(k for k in keys if k.endswith("/pytorch_lora_weights.safetensors"))
         events({"phase": "validation_ready", "step": step, "total": trainer.cfg.max_train_steps,
                 "lora_key": lora_key, "run_id": trainer.run_id, "message": f"LoRA for validation at step {step}"})

@@ -133,7 +133,13 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.close()
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if position >= len(self.batches_of(epoch)):
+            raise FailedPrecondition(
+                f"the checkpoint's data position (epoch {epoch}, batch {position}) is past the end of this dataset's "
+                f"{len(self.batches_of(epoch))} batches: the dataset or train_batch_size changed since the "
+                "checkpoint; resume with the data it was trained on, or start a new run")
+        self.epoch, self.position = epoch, position
 
     # ---- loading
     def load(self, epoch: int, position: int) -> EditBatch:
@@ -164,29 +170,31 @@ class TrainLoader:
                           embeds_BLD, mask_BL, [f"{it.dataset}/{it.key}" for it in batch_items])
         return batch.pin_memory() if self.pin_memory else batch
 
-    def _producer(self, epoch: int, position: int) -> None:
-        assert self._queue is not None
+    def _producer(self, epoch: int, position: int, out: queue.Queue, stop: threading.Event) -> None:
+        """Each thread has its own queue and stop flag: a slow thread left over from close() can never feed
+        batches of an old position into a new loader."""
         try:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 item: Any = (epoch, position, self.load(epoch, position))
-                while not self._stop.is_set():
+                while not stop.is_set():
                     try:
-                        self._queue.put(item, timeout=0.1)
+                        out.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
                 epoch, position = self._advance(epoch, position)
         except BaseException as e:  # surfaced to the consumer, not lost on the thread
-            self._queue.put(("error", e, None))
+            out.put(("error", e, None))
 
     def next_batch(self) -> EditBatch:
         if self.prefetch <= 0:
             batch = self.load(self.epoch, self.position)
         else:
             if self._thread is None:
-                self._stop.clear()
+                self._stop = threading.Event()
                 self._queue = queue.Queue(maxsize=self.prefetch)
-                self._thread = threading.Thread(target=self._producer, args=(self.epoch, self.position),
+                self._thread = threading.Thread(target=self._producer,
+                                                args=(self.epoch, self.position, self._queue, self._stop),
                                                 daemon=True, name="train-prefetch")
                 self._thread.start()
             t0 = time.perf_counter()

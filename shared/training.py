@@ -91,6 +91,9 @@ class Trainer:
         from shared.quantize import quantize_transformer
 
         cfg = self.cfg
+        if self.dtype == torch.float16:
+            raise InvalidInput("mixed_precision: fp16 training would need loss scaling and underflows with this "
+                               "model; use bf16 (or fp32)")
         if self.device.type == "cuda" and not cfg.skip_fit_check:
             from shared.planner import check_fits
 
@@ -128,12 +131,12 @@ class Trainer:
 
         self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                        num_training_steps=cfg.max_train_steps)
-        if cfg.use_ema:
-            self.ema = {n: p.detach().float().cpu().clone() for n, p in self._named_params()}
         if resume_step is not None:
             self._resume(resume_step)
         else:
             self.store.put_json(f"{self.prefix}/run.json", self._run_doc())
+        if cfg.use_ema and self.ema is None:  # also when EMA is switched on at a resume: start from the weights
+            self.ema = {n: p.detach().float().cpu().clone() for n, p in self._named_params()}
 
     def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
@@ -166,7 +169,7 @@ class Trainer:
         self.optimizer.load_state_dict(ck.optimizer)
         self.scheduler.load_state_dict(ck.scheduler)
         self.loader.load_state_dict(ck.loader)
-        if self.ema is not None and ck.ema is not None:
+        if self.cfg.use_ema and ck.ema is not None:
             self.ema = {k: v.float() for k, v in ck.ema.items()}
         restore_rng(ck.rng_tensors, ck.rng)
         self.step = step
@@ -261,20 +264,21 @@ class Trainer:
             sd = {k: by_param.get(k, v) for k, v in sd.items()}
         return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
 
-    def export_files(self, ema: bool | None = None) -> dict[str, bytes]:
+    def export_files(self, ema: bool | None = None, fmt: str | None = None) -> dict[str, bytes]:
         from shared.lora import save_lora_files
 
         use_ema = self.cfg.use_ema if ema is None else ema
         return save_lora_files(self.lora_state(ema=use_ema), alpha=self.cfg.effective_lora_alpha,
-                               rank=self.cfg.lora_rank, fmt=self.cfg.lora_format,
+                               rank=self.cfg.lora_rank, fmt=fmt or self.cfg.lora_format,
                                metadata={"edittuner.run": self.run_id, "edittuner.step": str(self.step),
                                          "edittuner.flavour": self.cfg.model_flavour,
                                          "edittuner.base_model": self.cfg.model_path,
                                          "edittuner.ema": str(bool(use_ema))},
                                transformer=self.transformer)
 
-    def export(self, prefix: str) -> list[str]:
-        return [self.store.put_bytes(f"{prefix}/{name}", data).key for name, data in self.export_files().items()]
+    def export(self, prefix: str, fmt: str | None = None) -> list[str]:
+        return [self.store.put_bytes(f"{prefix}/{name}", data).key
+                for name, data in self.export_files(fmt=fmt).items()]
 
     def save_checkpoint(self) -> int:
         t0 = time.perf_counter()

@@ -138,6 +138,9 @@ def test_syntax_error_in_data_file(tmp_path, monkeypatch):
     ("conditioning_multidataset_sampling=mixed", "$.conditioning_multidataset_sampling", "'combined', 'random'"),
     ("quantize_via=gpu", "$.quantize_via", "'cpu', 'accelerator'"),
     ("resume_from_checkpoint=yesterday", "$.resume_from_checkpoint", "latest"),
+    ("device=gpu", "$.device", "auto, cpu, cuda or cuda:N"),
+    ("adam_beta2=1.0", "$.adam_beta2", "[0, 1)"),
+    ("flow_schedule_shift=0", "$.flow_schedule_shift", "must be > 0"),
 ])
 def test_bad_value_names_the_field(tmp_path, monkeypatch, override, where, words):
     monkeypatch.chdir(tmp_path)

@@ -159,3 +159,22 @@ def test_random_sampling_and_caption_dropout_cache_one_embedding_per_choice_and_
     assert set(a) == {"prompt_embeds", "prompt_mask", "null_embeds", "null_mask"}
     assert not torch.equal(a["prompt_embeds"], b["prompt_embeds"])  # each conditioned on its own reference
     assert not torch.equal(a["prompt_embeds"], a["null_embeds"])
+
+
+def test_a_reference_dataset_shared_by_two_image_datasets_keeps_both_placements(tmp_path, tiny_models, pipes):
+    """Two image datasets at different resolutions share one reference folder: each gets its own reference
+    latents, both indexes are complete, and a second encode encodes nothing."""
+    root, cfg, store = setup(tmp_path, tiny_models, refs=1, n=3)
+    data = cfg.parent / "multidatabackend.json"
+    entries = json.loads(data.read_text())
+    entries.insert(1, dict(entries[0], id="demo-images-small", resolution=48, cache_dir_vae="cache/vae/small"))
+    data.write_text(json.dumps(entries))
+    pipe = pipes("edit-v2")
+    first, run = encode(cfg, store, pipe)
+    second, _ = encode(cfg, store, pipe)
+    assert second.encoded == 0 and second.cached == first.encoded
+    indexes = [store.get_json(k) for k in store.list("cache/index") ]
+    assert sorted(len(i["samples"]) for i in indexes) == [3, 3]
+    refs = {i["dataset"]: i["samples"][0]["references"][0] for i in indexes}
+    assert refs == {"demo-images": "cache/vae/demo-reference-a/demo-images/0000.safetensors",
+                    "demo-images-small": "cache/vae/demo-reference-a/demo-images-small/0000.safetensors"}

@@ -210,3 +210,30 @@ def test_compiled_transformer_blocks_train_like_eager(tmp_path, tiny_models):
     compiled = trainer_for(cfg, store, "max_train_steps=2", "compile_transformer=true",
                            f"output_dir={tmp_path / 'compiled'}").train()
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-5, abs=1e-6)
+
+
+def test_fp16_training_is_refused_and_external_validation_exports_diffusers(tmp_path, tiny_models):
+    from shared.errors import InvalidInput
+    from shared.runner import external_validator
+
+    cfg, store = make_run(tmp_path, tiny_models, n=2)
+    with pytest.raises(InvalidInput) as e:
+        trainer_for(cfg, store, "mixed_precision=fp16")
+    assert "bf16" in str(e.value)
+    events = []
+    t = trainer_for(cfg, store, "lora_format=comfyui", "max_train_steps=2", "validation_step_interval=2")
+    t.validate = external_validator(events.append)
+    s = t.train()
+    [ready] = [e for e in events if e["phase"] == "validation_ready"]
+    assert ready["lora_key"] == "runs/out/validation/step-2/lora/pytorch_lora_weights.safetensors"
+    assert store.exists(ready["lora_key"]) and s.lora_keys == ["runs/out/lora/pytorch_lora_weights_comfyui.safetensors"]
+
+
+def test_resuming_past_the_end_of_a_changed_dataset_is_a_clear_error(tmp_path, tiny_models):
+    from shared.errors import FailedPrecondition
+
+    cfg, store = make_run(tmp_path, tiny_models, n=4)
+    t = trainer_for(cfg, store)
+    with pytest.raises(FailedPrecondition) as e:
+        t.loader.load_state_dict({"epoch": 0, "position": 9})
+    assert "dataset or train_batch_size changed" in str(e.value)

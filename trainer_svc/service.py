@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from shared.training import run_id_for
 
 log = logging.getLogger(__name__)
 RPC_TIMEOUT_S = 30.0
+ENCODE_WATCH_ATTEMPTS = 30
+ENCODE_REWATCH_S = 2.0
 
 
 @dataclass
@@ -108,20 +111,32 @@ class TrainerCore:
             sub = self.peers.encoder.SubmitEncode(encoder_pb2.SubmitEncodeRequest(
                 request_id=f"{job.job_id}-encode-{job.attempt}", files=files), timeout=RPC_TIMEOUT_S)
             enc_job = sub.job
-            for ev in self.peers.encoder.WatchJob(encoder_pb2.WatchJobRequest(job_id=enc_job.job_id)):
-                enc_job = ev.job
-                p = enc_job.progress
-                ctx.progress(phase="encode", step=p.step, total=p.total, message=p.message)
-                if ctx.cancelled.is_set():
-                    self.peers.encoder.CancelJob(encoder_pb2.CancelJobRequest(job_id=enc_job.job_id),
-                                                 timeout=RPC_TIMEOUT_S)
-                    ctx.check_cancelled()
+            # a Watch stream also ends when encoder_svc restarts (the job is then queued to resume): watch again
+            for _ in range(ENCODE_WATCH_ATTEMPTS):
+                for ev in self.peers.encoder.WatchJob(encoder_pb2.WatchJobRequest(job_id=enc_job.job_id)):
+                    enc_job = ev.job
+                    p = enc_job.progress
+                    ctx.progress(phase="encode", step=p.step, total=p.total, message=p.message)
+                    if ctx.cancelled.is_set():
+                        self.peers.encoder.CancelJob(encoder_pb2.CancelJobRequest(job_id=enc_job.job_id),
+                                                     timeout=RPC_TIMEOUT_S)
+                        ctx.check_cancelled()
+                if state_name(enc_job) in ("succeeded", "failed", "cancelled"):
+                    break
+                time.sleep(ENCODE_REWATCH_S)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise FailedPrecondition(f"encoder_svc refused the encode: {e.details()}") from None
             raise Unavailable(f"encoder_svc: {e.code().name}: {e.details()}") from None
-        if state_name(enc_job) != "succeeded":
-            raise error_of(enc_job)
+        state = state_name(enc_job)
+        if state == "cancelled":
+            raise FailedPrecondition(f"the encode job {enc_job.job_id} on encoder_svc was cancelled; start the run "
+                                     "again")
+        if state != "succeeded":
+            if state == "failed":
+                raise error_of(enc_job)
+            raise Unavailable(f"the encode job {enc_job.job_id} on encoder_svc did not finish ({state}); is "
+                              "encoder_svc restarting?")
         try:
             self.peers.encoder.ReleaseModels(encoder_pb2.ReleaseModelsRequest(), timeout=RPC_TIMEOUT_S)
         except grpc.RpcError as e:

@@ -64,7 +64,10 @@ def run_demo(out: Path, flavour: str = "edit-v2", samples: int = 8, steps: int =
     store = LocalStore(out / "store")
     store.delete_prefix("runs")  # a fresh run each time; caches are kept
     files = files_to_proto(read_config_files(config, databackend))
-    with start_local_stack(str(out / "store"), out / "logs") as stack:
+    import os
+
+    with start_local_stack(str(out / "store"), out / "logs",
+                           env={**os.environ, "EDITTUNER_WORKDIR": str(out / "work")}) as stack:
         print("[demo] services: " + ", ".join(f"{k}_svc {v}" for k, v in stack.addresses.items()) +
               f" (logs {out / 'logs'})")
         trainer = Client("trainer", stack.addresses["trainer"])

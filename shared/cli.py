@@ -140,38 +140,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_train_in_process(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from shared.runner import train_run
 
     run = _load(args)
     store = _store(args)
-    bars: dict[str, tqdm] = {}
+    bar = _Bar(args.quiet)
 
     def events(e: dict) -> None:
-        phase = e.get("phase", "")
-        if args.quiet:
-            return
-        if phase not in ("encode", "train"):
-            tqdm.write(f"[{phase}] {e.get('message', '')}")
-            return
-        if phase not in bars:
-            for other in list(bars):  # one bar at a time: close the encode bar when training starts
-                bars.pop(other).close()
-            bars[phase] = tqdm(desc=phase, unit="step" if phase == "train" else "item", total=e.get("total"))
-        bar = bars[phase]
-        bar.total = e.get("total")
-        bar.n = e.get("step", 0)
-        if "loss" in e:
-            bar.set_postfix(loss=f"{e['loss']:.4f}", s_step=f"{e['seconds_per_step']:.2f}")
-        bar.refresh()
+        bar.show(e.get("phase", ""), e.get("step", 0), e.get("total", 0), e.get("loss", 0.0),
+                 e.get("seconds_per_step", 0.0), e.get("message", ""))
 
     try:
         result = train_run(run, store, events=events, validate=not args.no_validation)
     finally:
-        for bar in bars.values():
-            bar.close()
-        bars.clear()
+        bar.close()
     s = result.summary
     print(f"encoded {result.encode.encoded}, cached {result.encode.cached}; trained run {s.run_id!r} to step "
           f"{s.steps} in {s.seconds:.1f}s (data wait {100 * s.data_wait_fraction:.1f}% of step time)")
@@ -183,9 +165,8 @@ def cmd_train_in_process(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------- through services
 class _Bar:
-    """One tqdm bar per phase, fed by job snapshots from Watch."""
+    """One tqdm bar per phase, fed by job snapshots from Watch or by in-process training events."""
 
     def __init__(self, quiet: bool):
         from tqdm import tqdm
@@ -194,21 +175,25 @@ class _Bar:
 
     def update(self, job) -> None:
         p = job.progress
-        if self.quiet or not p.phase:
+        self.show(p.phase, p.step, p.total, p.loss, p.seconds_per_step, p.message)
+
+    def show(self, phase: str, step: int, total: int, loss: float, seconds_per_step: float, message: str) -> None:
+        """Encode and train get a bar (one at a time); other phases a line each."""
+        if self.quiet or not phase:
             return
-        if p.phase in ("checkpoint", "validation", "validation_ready"):
-            if p.message != self.note:
-                self.note = p.message
-                self.tqdm.write(f"[{p.phase}] {p.message}")
+        if phase not in ("encode", "train"):
+            if message != self.note:
+                self.note = message
+                self.tqdm.write(f"[{phase}] {message}")
             return
-        if p.phase != self.phase:
+        if phase != self.phase:
             self.close()
-            self.phase = p.phase
-            self.bar = self.tqdm(desc=p.phase, total=p.total or None, unit="step" if p.phase == "train" else "item")
-        self.bar.total = p.total or None
-        self.bar.n = p.step
-        if p.loss:
-            self.bar.set_postfix(loss=f"{p.loss:.4f}", s_step=f"{p.seconds_per_step:.2f}")
+            self.phase = phase
+            self.bar = self.tqdm(desc=phase, total=total or None, unit="step" if phase == "train" else "item")
+        self.bar.total = total or None
+        self.bar.n = step
+        if loss:
+            self.bar.set_postfix(loss=f"{loss:.4f}", s_step=f"{seconds_per_step:.2f}")
         self.bar.refresh()
 
     def close(self) -> None:
@@ -217,6 +202,7 @@ class _Bar:
             self.bar = None
 
 
+# ---------------------------------------------------------------------------------------- through services
 def _remote_job(args: argparse.Namespace, service: str) -> int:
     """Submit a train or encode job to the services (--server, EDITTUNER_*) or to a local stack started here."""
     from shared.config import read_config_files

@@ -9,6 +9,7 @@ all at once with the dataset and file names.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings as _warnings
 from dataclasses import dataclass, field
@@ -99,7 +100,7 @@ class ImageRecord:
     dataset_id: str
     relpath: str
     size: tuple[int, int]
-
+    sha256: str  # of the file's bytes, taken while scanning: cache keys need it, and S3 sources cost a read
     @property
     def key(self) -> str:
         return str(PurePosixPath(self.relpath).with_suffix(""))
@@ -202,13 +203,14 @@ def _scan(ds: DatasetConfig, src: ImageSource, where: str, max_pixels: int, prob
             problems.append(Problem(where, f"{', '.join(rels)} share the stem {key!r}; pairing is by name, so keep "
                                            "only one of them"))
             continue
+        data = src.read(rels[0])
         try:
             # a full decode: truncated files are found now, before any encoding, not half-way through a run
-            size = open_image(src.read(rels[0]), f"{src.label}/{rels[0]}", max_pixels).size
+            size = open_image(data, f"{src.label}/{rels[0]}", max_pixels).size
         except InvalidInput as e:
             bad[key] = str(e)
             continue
-        records[key] = ImageRecord(ds.id, rels[0], size)
+        records[key] = ImageRecord(ds.id, rels[0], size, hashlib.sha256(data).hexdigest())
     if not records and not bad:
         problems.append(Problem(where, f"{src.label} contains no images ({', '.join(IMAGE_EXTENSIONS)}); "
                                        "check instance_data_dir"))
@@ -351,7 +353,3 @@ def load_sample_images(ds: PairedDataset, sample: Sample, max_pixels: int) -> tu
 
     target = one(sample.target, sample.placement)
     return target, [one(r.image, r.placement) for r in sample.references]
-
-
-def read_source_bytes(ds: PairedDataset, rec: ImageRecord) -> bytes:
-    return ds.sources[rec.dataset_id].read(rec.relpath)

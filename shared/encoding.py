@@ -141,16 +141,8 @@ def settings_for(run: RunConfig, dtype: torch.dtype) -> EncodeSettings:
 
 
 def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) -> list[Item]:
-    """Every cache entry the datasets need, with its cache key (reads and hashes each source image once)."""
+    """Every cache entry the datasets need, with its cache key (source hashes come from the scan)."""
     items: list[Item] = []
-    sha: dict[tuple[str, str], str] = {}
-
-    def source_sha(ds: PairedDataset, dataset_id: str, relpath: str) -> str:
-        k = (dataset_id, relpath)
-        if k not in sha:
-            sha[k] = hashlib.sha256(ds.sources[dataset_id].read(relpath)).hexdigest()
-        return sha[k]
-
     base = dataclasses.asdict(settings)
     users: dict[str, int] = {}
     for d in run.data.image_datasets:
@@ -160,14 +152,14 @@ def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) 
         text_prefix = run.data.text_cache_prefix(ds.config, settings.flavour)
         refs_cfg = run.data.references_of(ds.config)
         for s in ds.samples:
-            t_sha = source_sha(ds, ds.config.id, s.target.relpath)
+            t_sha = s.target.sha256
             vae_common = {"model_fp": settings.model_fp, "dtype": settings.dtype, "format": CACHE_FORMAT}
             items.append(Item("vae", ds.config.vae_cache_prefix, s.key,
                               _digest({**vae_common, "src": t_sha, "place": s.placement.to_json()}),
                               ds, s, None, {s.target.relpath: t_sha}))
             ref_shas = []
             for i, (r, rcfg) in enumerate(zip(s.references, refs_cfg)):
-                r_sha = source_sha(ds, r.dataset_id, r.image.relpath)
+                r_sha = r.image.sha256
                 ref_shas.append((r_sha, r.placement.to_json()))
                 # a reference dataset shared by several image datasets is placed per image dataset
                 entry = s.key if users.get(rcfg.id, 0) <= 1 else f"{ds.config.id}/{s.key}"

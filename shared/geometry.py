@@ -74,7 +74,3 @@ def strict_reference(target: Placement, ref_source: tuple[int, int], final: tupl
     """reference_strict: the reference takes exactly its target's resize and crop (a reference of another size
     is first stretched to the target's resize), optionally packed to ``final`` afterwards."""
     return Placement(ref_source, target.resize, target.crop, target.size, final or target.size)
-
-
-def with_final(p: Placement, final: tuple[int, int]) -> Placement:
-    return Placement(p.source, p.resize, p.crop, p.size, final)

@@ -16,7 +16,6 @@ from shared.errors import Problem
 
 Check = Callable[[Any], "str | None"]
 
-_MISSING = object()
 
 
 def field(default: Any = dataclasses.MISSING, *, check: Check | None = None, doc: str = "",
@@ -167,15 +166,3 @@ def non_negative(v: Any) -> str | None:
 
 def probability(v: float) -> str | None:
     return None if 0.0 <= v <= 1.0 else f"must be between 0 and 1, got {v}"
-
-
-def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, doc) per field, for documentation and `edittuner check` output."""
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else _MISSING)
-        out.append((f.name, _type_name(hints[f.name]), None if default is _MISSING else default,
-                    f.metadata.get("doc", "")))
-    return out

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from shared.config import load_run_config
-from shared.encoding import DatasetEncoder
-from shared.storage import LocalStore
-from shared.synthetic import write_configs, write_dataset
-from shared.tiny_model import save_tiny_model
+from shared.config.loading import load_run_config
+from shared.data.synthetic import write_configs, write_dataset
+from shared.encode.encoder import DatasetEncoder
+from shared.model.tiny_model import save_tiny_model
+from shared.store.local import LocalStore
 
 
 def main() -> None:

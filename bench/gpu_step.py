@@ -4,9 +4,9 @@
     .venv/bin/python bench/gpu_step.py --small --device cpu --steps 1      # CPU smoke run of the same code
 
 Builds QwenImageTransformer2DModel with the real config directly on the device in bf16 (no download, no fp32 copy
-anywhere), quantizes it (shared.quantize), attaches a rank-16 LoRA in fp32 (shared.lora) with AdamW, and times
-flow-matching steps (shared.flow) for edit-v1 (1 reference) and edit-v2 (3 references) at 512/768/1024 px, with
-and without gradient checkpointing; then the largest resolution again under a 24 GiB cap (what fits a 24 GB card).
+anywhere), quantizes it (shared.model.quantize), attaches a rank-16 LoRA in fp32 (shared.model.lora) with AdamW,
+and times flow-matching steps (shared.model.flow) for edit-v1 (1 reference) and edit-v2 (3 references) at
+512/768/1024 px, with and without gradient checkpointing; then the largest resolution again under a 24 GiB cap (what fits a 24 GB card).
 ``--cases`` entries are ``precision[:flavour[:resolution[:ckpt]]]``, e.g. ``bf16,nf4-bnb:edit-v1:1024:on``.
 The FLOP count (model_step_flops) is derived in docs/BENCHMARKS.md.
 """
@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from shared import errors
-from shared.flow import EditBatch, flow_matching_loss, sample_sigmas
-from shared.lora import attach_lora
-from shared.quantize import check_precision, quantize_transformer
+from shared.model.flow import EditBatch, flow_matching_loss, sample_sigmas
+from shared.model.lora import attach_lora
+from shared.model.quantize import check_precision, quantize_transformer
 
 REAL = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
             num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56),

@@ -19,15 +19,15 @@ import time
 import uuid
 from pathlib import Path
 
-from shared.config import load_run_config, read_config_files
-from shared.encoding import DatasetEncoder
-from shared.local_stack import start_local_stack
-from shared.remote import Client
+from shared.config.loading import load_run_config, read_config_files
+from shared.data.synthetic import write_configs, write_dataset
+from shared.encode.encoder import DatasetEncoder
+from shared.model.tiny_model import save_tiny_model
 from shared.rpc import trainer_pb2
-from shared.service_common import files_to_proto, state_name
-from shared.storage import LocalStore
-from shared.synthetic import write_configs, write_dataset
-from shared.tiny_model import save_tiny_model
+from shared.rpc.client import Client
+from shared.service.common import files_to_proto, state_name
+from shared.service.local_stack import start_local_stack
+from shared.store.local import LocalStore
 
 
 def main() -> None:

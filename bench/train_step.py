@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from shared.config import load_run_config
-from shared.encoding import DatasetEncoder
-from shared.flow import flow_matching_loss, sample_sigmas, step_generator
-from shared.storage import LocalStore
-from shared.synthetic import write_configs, write_dataset
-from shared.tiny_model import save_tiny_model
-from shared.training import Trainer
+from shared.config.loading import load_run_config
+from shared.data.synthetic import write_configs, write_dataset
+from shared.encode.encoder import DatasetEncoder
+from shared.model.flow import flow_matching_loss, sample_sigmas, step_generator
+from shared.model.tiny_model import save_tiny_model
+from shared.store.local import LocalStore
+from shared.train.trainer import Trainer
 
 
 def bare_loop(trainer: Trainer, batches: list, steps: int) -> float:

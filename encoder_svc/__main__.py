@@ -4,7 +4,7 @@ import os
 import sys
 
 from shared.rpc import encoder_pb2, encoder_pb2_grpc
-from shared.service_main import serve
+from shared.service.main import serve
 
 
 def make(config, store, metrics):

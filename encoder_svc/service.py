@@ -7,13 +7,14 @@ from typing import Any
 
 import grpc
 
-from shared.encoding import DatasetEncoder, EncodeStats
-from shared.jobs import JobContext, JobRecord
-from shared.metrics import Metrics
+from shared.encode.encoder import DatasetEncoder, EncodeStats
 from shared.rpc import encoder_pb2, encoder_pb2_grpc
-from shared.service_common import (IdleRelease, JobRpcMixin, files_from_proto, files_to_params, free_gpu_memory,
+from shared.service.common import (IdleRelease, JobRpcMixin, files_from_proto, files_to_params, free_gpu_memory,
                                    job_to_proto, run_from_files, run_from_params)
-from shared.storage import ObjectStore
+from shared.service.jobs import JobContext
+from shared.service.metrics import Metrics
+from shared.service.records import JobRecord
+from shared.store.base import ObjectStore
 
 
 class EncoderCore:
@@ -58,8 +59,7 @@ class EncoderCore:
 
     @staticmethod
     def _key(run) -> tuple[str, ...]:
-        from shared.encoding import resolve_device
-        from shared.models import resolve_dtype
+        from shared.model.device import resolve_device, resolve_dtype
 
         device = resolve_device(run.train.device)
         return (run.train.model_path, run.train.model_flavour, str(device),

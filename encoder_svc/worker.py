@@ -1,7 +1,7 @@
 """The encoding worker: ``python -m encoder_svc.worker --config C [--data D] [--store S] [key=value ...]``.
 
 encoder_svc runs encoding in this process so that an out-of-memory or a crash fails the job, not the service.
-It is an adapter only: parse arguments, call ``shared.encoding``, print one JSON line of counts.
+It is an adapter only: parse arguments, call ``shared.encode.encoder``, print one JSON line of counts.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import argparse
 import json
 import sys
 
-from shared.config import load_run_config
-from shared.encoding import encode_run
+from shared.config.loading import load_run_config
+from shared.encode.encoder import encode_run
 from shared.errors import EditTunerError
-from shared.storage import open_store
+from shared.store.url import open_store
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,17 +9,19 @@ from typing import Any
 
 import grpc
 
-from shared.datasets import pair_datasets
-from shared.encoding import index_key, resolve_device, settings_for
+from shared.data.pairing import pair_datasets
+from shared.encode.cache import index_key, settings_for
 from shared.errors import InvalidInput
-from shared.jobs import JobContext, JobRecord
-from shared.metrics import Metrics
-from shared.models import load_pipeline, resolve_dtype
-from shared.preview import index_entries, render_validation, select_eval_samples
+from shared.evaluate.preview import index_entries, render_validation, select_eval_samples
+from shared.model.device import resolve_device, resolve_dtype
+from shared.model.loading import load_pipeline
 from shared.rpc import eval_pb2, eval_pb2_grpc
-from shared.service_common import (IdleRelease, JobRpcMixin, files_from_proto, files_to_params, free_gpu_memory,
+from shared.service.common import (IdleRelease, JobRpcMixin, files_from_proto, files_to_params, free_gpu_memory,
                                    job_to_proto, run_from_files, run_from_params)
-from shared.storage import ObjectStore
+from shared.service.jobs import JobContext
+from shared.service.metrics import Metrics
+from shared.service.records import JobRecord
+from shared.store.base import ObjectStore
 
 ADAPTER = "validation"
 

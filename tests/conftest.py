@@ -12,7 +12,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """flavour → directory of a tiny random-weight model in the real layout, built once per session."""
-    from shared.tiny_model import get_tiny_model
+    from shared.model.tiny_model import get_tiny_model
 
     root = tmp_path_factory.getbasetemp() / "tiny-models"  # shared with test_tiny_model / test_encode_ops
     return lambda flavour, seed=0: get_tiny_model(flavour, root, seed)

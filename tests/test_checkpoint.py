@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from shared.checkpoint import (CheckpointState, capture_rng, committed_steps, flatten, load_checkpoint,
-                               prune_checkpoints, resolve_resume, restore_rng, save_checkpoint, unflatten)
 from shared.errors import InvalidInput, NotFound
-from shared.storage import LocalStore
+from shared.store.checkpoint import (CheckpointState, capture_rng, committed_steps, flatten, load_checkpoint,
+                                     prune_checkpoints, resolve_resume, restore_rng, save_checkpoint, unflatten)
+from shared.store.local import LocalStore
 
 
 def adam_state():

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.cli import main
-from shared.storage import LocalStore
-from shared.synthetic import write_configs, write_dataset
+from shared.cli.main import main
+from shared.data.synthetic import write_configs, write_dataset
+from shared.store.local import LocalStore
 
 
 @pytest.fixture

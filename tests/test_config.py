@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-
 from seed_files import SEED_CONFIG, SEED_DATA_V1, SEED_DATA_V2, SEED_EVAL, SEED_MODEL_KWARGS
-from shared.config import load_run_config, parse_wxh, preset_names
+
+from shared.config.loading import load_run_config, preset_names
+from shared.config.schema import parse_wxh
 from shared.errors import ConfigError
 
 

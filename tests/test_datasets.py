@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.config import load_run_config
-from shared.datasets import load_sample_images, pair_datasets
+from shared.config.loading import load_run_config
+from shared.data.geometry import bucket_for_area, bucket_for_short_side, cover_crop, packed_size
+from shared.data.pairing import load_sample_images, pair_datasets
+from shared.data.synthetic import write_configs, write_dataset
 from shared.errors import DatasetError
-from shared.geometry import bucket_for_area, bucket_for_short_side, cover_crop, packed_size
-from shared.synthetic import write_configs, write_dataset
 
 
 def make_run(tmp_path: Path, flavour: str = "edit-v2", refs: int = 2, n: int = 6, data_edit=None, **overrides):

@@ -17,10 +17,12 @@ import torch
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus_module
 from PIL import Image
 
-from shared import encode_ops as E
-from shared import errors, models
-from shared.flavours import get_flavour
-from shared.tiny_model import get_tiny_model
+from shared import errors
+from shared.config.flavours import get_flavour
+from shared.encode.ops import encode_null_prompt, encode_prompt, encode_vae_latents, reference_size
+from shared.model.latents import latent_img_shape, pack_latents, unpack_latents
+from shared.model.loading import load_encoder_pipeline, load_pipeline
+from shared.model.tiny_model import get_tiny_model
 
 EXACT = dict(atol=0.0, rtol=0.0)
 BATCHED = dict(atol=1e-5, rtol=1e-5)
@@ -35,13 +37,13 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def full(tiny_root: Path) -> dict[str, Any]:
     """Complete pipelines: the reference implementation."""
-    return {f: models.load_pipeline(get_tiny_model(f, tiny_root), f) for f in ("edit-v1", "edit-v2")}
+    return {f: load_pipeline(get_tiny_model(f, tiny_root), f) for f in ("edit-v1", "edit-v2")}
 
 
 @pytest.fixture(scope="session")
 def enc(tiny_root: Path) -> dict[str, Any]:
     """Transformer-less pipelines: what the code under test gets."""
-    return {f: models.load_encoder_pipeline(get_tiny_model(f, tiny_root), f) for f in ("edit-v1", "edit-v2")}
+    return {f: load_encoder_pipeline(get_tiny_model(f, tiny_root), f) for f in ("edit-v1", "edit-v2")}
 
 
 def noise(width: int, height: int, seed: int) -> Image.Image:
@@ -53,7 +55,7 @@ def _pipeline_image_arg(pipe: Any, flavour: str, refs: list[Image.Image], area: 
     """The prompt images exactly as the pipelines' __call__ prepares them, written out independently here."""
     sized = []
     for r in refs:
-        w, h = E.reference_size(r.width, r.height, area)
+        w, h = reference_size(r.width, r.height, area)
         sized.append(pipe.image_processor.resize(r, h, w))
     return sized[0] if flavour == "edit-v1" else sized
 
@@ -89,8 +91,8 @@ def _spy_on_call(pipe: Any, monkeypatch: pytest.MonkeyPatch, **call: Any) -> dic
 def _our_reference_tokens(pipe: Any, refs: list[Image.Image], area: int) -> torch.Tensor:
     tokens = []
     for r in refs:
-        w, h = E.reference_size(r.width, r.height, area)
-        tokens.append(E.pack_latents(E.encode_vae_latents(pipe.vae, pipe.image_processor, [r], h, w)))
+        w, h = reference_size(r.width, r.height, area)
+        tokens.append(pack_latents(encode_vae_latents(pipe.vae, pipe.image_processor, [r], h, w)))
     return torch.cat(tokens, dim=1)
 
 
@@ -106,9 +108,9 @@ def test_v1_matches_the_pipeline_call(full: dict, enc: dict, monkeypatch: pytest
     ref = noise(120, 80, seed=1)
     seen = _spy_on_call(full["edit-v1"], monkeypatch, image=ref, prompt="make the sky blue", height=64, width=64)
     flav = get_flavour("edit-v1")
-    embeds, _ = E.encode_prompt(enc["edit-v1"], "edit-v1", ["make the sky blue"], [[ref]])
+    embeds, _ = encode_prompt(enc["edit-v1"], "edit-v1", ["make the sky blue"], [[ref]])
     torch.testing.assert_close(embeds, seen["prompt_embeds"], **EXACT)
-    w, h = E.reference_size(ref.width, ref.height, flav.vae_ref_area)
+    w, h = reference_size(ref.width, ref.height, flav.vae_ref_area)
     [pixels] = seen["vae_pixels"]
     assert pixels.shape == (1, 3, 1, h, w) == (1, 3, 1, 832, 1248)
     torch.testing.assert_close(pixels, enc["edit-v1"].image_processor.preprocess(ref, h, w).unsqueeze(2), **EXACT)
@@ -120,7 +122,7 @@ def test_v2_matches_the_pipeline_call(full: dict, enc: dict, monkeypatch: pytest
     monkeypatch.setattr(plus_module, "VAE_IMAGE_SIZE", SMALL_AREA)
     refs = [noise(120, 80, seed=1), noise(64, 96, seed=2), noise(80, 80, seed=3)]
     seen = _spy_on_call(full["edit-v2"], monkeypatch, image=refs, prompt="add a red hat", height=64, width=64)
-    embeds, _ = E.encode_prompt(enc["edit-v2"], "edit-v2", ["add a red hat"], [refs])  # default: 384*384
+    embeds, _ = encode_prompt(enc["edit-v2"], "edit-v2", ["add a red hat"], [refs])  # default: 384*384
     torch.testing.assert_close(embeds, seen["prompt_embeds"], **EXACT)
     torch.testing.assert_close(_our_reference_tokens(enc["edit-v2"], refs, SMALL_AREA), seen["image_latents"],
                                **EXACT)
@@ -137,7 +139,7 @@ def test_prompt_embeds_match_pipeline_encode_prompt(full: dict, enc: dict, flavo
     with torch.no_grad():
         want, want_mask = pipe.encode_prompt(
             "turn it into a watercolor painting", image=_pipeline_image_arg(pipe, flavour, refs, SMALL_AREA))
-    embeds, mask = E.encode_prompt(enc[flavour], flavour, ["turn it into a watercolor painting"], [refs],
+    embeds, mask = encode_prompt(enc[flavour], flavour, ["turn it into a watercolor painting"], [refs],
                                    vl_ref_area=SMALL_AREA)
     torch.testing.assert_close(embeds, want, **EXACT)
     assert want_mask is None  # the pipeline drops an all-ones mask; ours is explicit
@@ -149,12 +151,12 @@ def test_batched_prompts_are_padded_per_sample(full: dict, enc: dict) -> None:
     """One sample at a time, zero-padded: each row is that sample's own encoding, whatever else is in the batch."""
     prompts = ["remove the dog", "make the sky blue, add a red hat, turn it into a watercolor painting"]
     refs = [[noise(96, 64, seed=20)], [noise(64, 96, seed=21)]]
-    embeds, mask = E.encode_prompt(enc["edit-v1"], "edit-v1", prompts, refs, vl_ref_area=SMALL_AREA)
+    embeds, mask = encode_prompt(enc["edit-v1"], "edit-v1", prompts, refs, vl_ref_area=SMALL_AREA)
     lengths = mask.sum(dim=1).tolist()
     assert lengths[0] < lengths[1] == embeds.shape[1]
     assert bool((embeds[0, lengths[0]:] == 0).all())
     for b in range(2):
-        alone, _ = E.encode_prompt(enc["edit-v1"], "edit-v1", prompts[b:b + 1], refs[b:b + 1],
+        alone, _ = encode_prompt(enc["edit-v1"], "edit-v1", prompts[b:b + 1], refs[b:b + 1],
                                    vl_ref_area=SMALL_AREA)
         torch.testing.assert_close(embeds[b:b + 1, : lengths[b]], alone, **EXACT)
     # diffusers' v1 pipeline encodes the same batch in one padded forward pass: equal up to matmul shape effects
@@ -172,7 +174,7 @@ def test_vae_latents_match_pipeline_encode_vae_image(full: dict, enc: dict) -> N
     with torch.no_grad():
         want_BC1hw = pipe._encode_vae_image(pipe.image_processor.preprocess(images, 64, 96).unsqueeze(2),
                                             generator=None)
-    latents = E.encode_vae_latents(enc["edit-v2"].vae, enc["edit-v2"].image_processor, images, 64, 96)
+    latents = encode_vae_latents(enc["edit-v2"].vae, enc["edit-v2"].image_processor, images, 64, 96)
     assert latents.shape == (2, 16, 8, 12) and latents.dtype == torch.float32
     torch.testing.assert_close(latents, want_BC1hw.squeeze(2), **EXACT)
 
@@ -180,9 +182,9 @@ def test_vae_latents_match_pipeline_encode_vae_image(full: dict, enc: dict) -> N
 def test_vae_latents_are_the_mode_not_a_sample(enc: dict) -> None:
     pipe = enc["edit-v1"]
     img = noise(64, 64, seed=32)
-    a = E.encode_vae_latents(pipe.vae, pipe.image_processor, [img], 64, 64)
+    a = encode_vae_latents(pipe.vae, pipe.image_processor, [img], 64, 64)
     torch.manual_seed(123)
-    b = E.encode_vae_latents(pipe.vae, pipe.image_processor, [img], 64, 64)
+    b = encode_vae_latents(pipe.vae, pipe.image_processor, [img], 64, 64)
     torch.testing.assert_close(a, b, **EXACT)
 
 
@@ -190,8 +192,8 @@ def test_non_rgb_images_are_converted(enc: dict) -> None:
     pipe = enc["edit-v1"]
     rgb = noise(64, 64, seed=33)
     rgba = rgb.convert("RGBA")
-    torch.testing.assert_close(E.encode_vae_latents(pipe.vae, pipe.image_processor, [rgba], 64, 64),
-                               E.encode_vae_latents(pipe.vae, pipe.image_processor, [rgb], 64, 64), **EXACT)
+    torch.testing.assert_close(encode_vae_latents(pipe.vae, pipe.image_processor, [rgba], 64, 64),
+                               encode_vae_latents(pipe.vae, pipe.image_processor, [rgb], 64, 64), **EXACT)
 
 
 # --- every reference reaches the text encoder -------------------------------------------------------------------
@@ -200,22 +202,22 @@ def test_non_rgb_images_are_converted(enc: dict) -> None:
 def test_all_references_reach_the_text_encoder(enc: dict) -> None:
     a, b, c, c2 = (noise(80, 80, seed=s) for s in (40, 41, 42, 43))
     pipe = enc["edit-v2"]
-    two, _ = E.encode_prompt(pipe, "edit-v2", ["add a red hat"], [[a, b]], vl_ref_area=SMALL_AREA)
-    three, _ = E.encode_prompt(pipe, "edit-v2", ["add a red hat"], [[a, b, c]], vl_ref_area=SMALL_AREA)
-    three_other, _ = E.encode_prompt(pipe, "edit-v2", ["add a red hat"], [[a, b, c2]], vl_ref_area=SMALL_AREA)
+    two, _ = encode_prompt(pipe, "edit-v2", ["add a red hat"], [[a, b]], vl_ref_area=SMALL_AREA)
+    three, _ = encode_prompt(pipe, "edit-v2", ["add a red hat"], [[a, b, c]], vl_ref_area=SMALL_AREA)
+    three_other, _ = encode_prompt(pipe, "edit-v2", ["add a red hat"], [[a, b, c2]], vl_ref_area=SMALL_AREA)
     assert three.shape[1] > two.shape[1]  # a third "Picture 3:" slot and its image tokens
     assert three.shape == three_other.shape
     assert not torch.allclose(three, three_other)  # the third image's pixels change the embedding
-    swapped, _ = E.encode_prompt(pipe, "edit-v2", ["add a red hat"], [[b, a]], vl_ref_area=SMALL_AREA)
+    swapped, _ = encode_prompt(pipe, "edit-v2", ["add a red hat"], [[b, a]], vl_ref_area=SMALL_AREA)
     assert not torch.allclose(two, swapped)  # and so does their order
 
 
 def test_null_prompt_keeps_the_references(enc: dict) -> None:
     refs = [[noise(80, 80, seed=50), noise(96, 64, seed=51)]]
     pipe = enc["edit-v2"]
-    null, null_mask = E.encode_null_prompt(pipe, "edit-v2", refs, vl_ref_area=SMALL_AREA)
-    empty, _ = E.encode_prompt(pipe, "edit-v2", [""], refs, vl_ref_area=SMALL_AREA)
-    captioned, _ = E.encode_prompt(pipe, "edit-v2", ["add a red hat"], refs, vl_ref_area=SMALL_AREA)
+    null, null_mask = encode_null_prompt(pipe, "edit-v2", refs, vl_ref_area=SMALL_AREA)
+    empty, _ = encode_prompt(pipe, "edit-v2", [""], refs, vl_ref_area=SMALL_AREA)
+    captioned, _ = encode_prompt(pipe, "edit-v2", ["add a red hat"], refs, vl_ref_area=SMALL_AREA)
     torch.testing.assert_close(null, empty, **EXACT)
     assert null.shape[1] < captioned.shape[1]
     assert bool(null_mask.all())
@@ -228,12 +230,12 @@ def test_null_prompt_keeps_the_references(enc: dict) -> None:
 def test_wrong_number_of_references_is_invalid_input(enc: dict, flavour: str, n_refs: int) -> None:
     refs = [noise(64, 64, seed=60 + i) for i in range(n_refs)]
     with pytest.raises(errors.InvalidInput, match=f"{flavour} takes .* got {n_refs}"):
-        E.encode_prompt(enc[flavour], flavour, ["x"], [refs], vl_ref_area=SMALL_AREA)
+        encode_prompt(enc[flavour], flavour, ["x"], [refs], vl_ref_area=SMALL_AREA)
 
 
 def test_caption_and_reference_counts_must_agree(enc: dict) -> None:
     with pytest.raises(errors.InvalidInput, match="2 captions but 1 reference lists"):
-        E.encode_prompt(enc["edit-v1"], "edit-v1", ["a", "b"], [[noise(64, 64, seed=70)]])
+        encode_prompt(enc["edit-v1"], "edit-v1", ["a", "b"], [[noise(64, 64, seed=70)]])
 
 
 # --- packing and sizes ----------------------------------------------------------------------------------------
@@ -243,20 +245,20 @@ def test_pack_latents_matches_diffusers() -> None:
     from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 
     latents_BChw = torch.randn(2, 16, 6, 10, generator=torch.Generator().manual_seed(0))
-    tokens = E.pack_latents(latents_BChw)
+    tokens = pack_latents(latents_BChw)
     assert tokens.shape == (2, 15, 64)
     for cls in (QwenImageEditPipeline, QwenImageEditPlusPipeline):
         want = cls._pack_latents(latents_BChw.unsqueeze(2), 2, 16, 6, 10)  # the pipelines keep a frame axis
         torch.testing.assert_close(tokens, want, **EXACT)
-    torch.testing.assert_close(E.unpack_latents(tokens, 6, 10), latents_BChw, **EXACT)
+    torch.testing.assert_close(unpack_latents(tokens, 6, 10), latents_BChw, **EXACT)
     want_unpacked = QwenImageEditPipeline._unpack_latents(tokens, 6 * 8, 10 * 8, 8)
-    torch.testing.assert_close(E.unpack_latents(tokens, 6, 10), want_unpacked.squeeze(2), **EXACT)
-    assert E.latent_img_shape(6, 10) == (1, 3, 5)
+    torch.testing.assert_close(unpack_latents(tokens, 6, 10), want_unpacked.squeeze(2), **EXACT)
+    assert latent_img_shape(6, 10) == (1, 3, 5)
 
 
 def test_pack_latents_rejects_odd_sizes() -> None:
     with pytest.raises(ValueError, match="even"):
-        E.pack_latents(torch.zeros(1, 16, 5, 4))
+        pack_latents(torch.zeros(1, 16, 5, 4))
 
 
 @pytest.mark.parametrize(
@@ -268,6 +270,6 @@ def test_reference_size_follows_calculate_dimensions(size: tuple[int, int], area
                                                      expected: tuple[int, int]) -> None:
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
 
-    w, h = E.reference_size(*size, area)
+    w, h = reference_size(*size, area)
     assert (w, h) == expected == tuple(calculate_dimensions(area, size[0] / size[1]))
     assert w % 32 == 0 and h % 32 == 0

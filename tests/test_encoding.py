@@ -9,13 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.config import load_run_config
-from shared.datasets import load_sample_images, pair_datasets
-from shared.encode_ops import pack_latents, resize_reference
-from shared.encoding import DatasetEncoder, model_fingerprint
-from shared.models import load_encoder_pipeline
-from shared.storage import LocalStore
-from shared.synthetic import write_configs, write_dataset
+from shared.config.loading import load_run_config
+from shared.data.pairing import load_sample_images, pair_datasets
+from shared.data.synthetic import write_configs, write_dataset
+from shared.encode.encoder import DatasetEncoder
+from shared.encode.ops import resize_reference
+from shared.model.fingerprint import model_fingerprint
+from shared.model.latents import pack_latents
+from shared.model.loading import load_encoder_pipeline
+from shared.store.local import LocalStore
 
 
 @pytest.fixture(scope="module")

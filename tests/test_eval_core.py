@@ -6,10 +6,10 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from eval_svc.service import ADAPTER, EvalCore
-from shared.lora import attach_lora, lora_state_dict, save_lora_files
-from shared.metrics import Metrics
-from shared.models import load_pipeline, load_transformer
-from shared.storage import LocalStore
+from shared.model.loading import load_pipeline, load_transformer
+from shared.model.lora import attach_lora, lora_state_dict, save_lora_files
+from shared.service.metrics import Metrics
+from shared.store.local import LocalStore
 
 
 def test_lora_alpha_from_the_file_reaches_the_pipeline(tmp_path, tiny_models):

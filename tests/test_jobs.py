@@ -9,8 +9,9 @@ import time
 import pytest
 
 from shared import errors
-from shared.jobs import INTERRUPTED_MESSAGE, JobCancelled, JobContext, JobManager, JobRecord, JobState
-from shared.storage import LocalStore
+from shared.service.jobs import JobContext, JobManager
+from shared.service.records import INTERRUPTED_MESSAGE, JobCancelled, JobRecord, JobState
+from shared.store.local import LocalStore
 
 SERVICE = "trainer"
 
@@ -247,7 +248,7 @@ def test_an_unexpected_exception_is_internal_and_the_manager_goes_on(managers, s
         return {"ok": "yes"}
 
     m = manager(managers, store, execute)
-    with caplog.at_level(logging.ERROR, logger="shared.jobs"):
+    with caplog.at_level(logging.ERROR, logger="shared.service.jobs"):
         bad = wait_terminal(m, m.submit("train", {"n": 1}, "r1").job_id)
     assert (bad.state, bad.error, bad.error_code) == (JobState.FAILED, "internal error: ZeroDivisionError",
                                                       "INTERNAL")
@@ -300,7 +301,7 @@ def test_a_job_left_running_by_a_crash_is_requeued(managers, store):
 
 def test_a_corrupt_record_is_skipped(managers, store, caplog):
     store.put_json(f"jobs/{SERVICE}/bad.json", {"job_id": "bad"})
-    with caplog.at_level(logging.WARNING, logger="shared.jobs"):
+    with caplog.at_level(logging.WARNING, logger="shared.service.jobs"):
         m = manager(managers, store, echo, start=False)
     assert "skipping unreadable job record jobs/trainer/bad.json" in caplog.text
     assert m.list() == ([], "")

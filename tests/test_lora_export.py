@@ -22,8 +22,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load as safetensors_load
 
-from shared import errors, models
-from shared import lora as L
+from shared import errors
+from shared.model import lora as L
+from shared.model.loading import load_pipeline, load_transformer, pipeline_class
 
 RANK, ALPHA = 4, 8.0
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "img_mlp.net.2", "txt_mod.1"]
@@ -33,7 +34,7 @@ BLOCK_LINEARS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
 
 def transformer_with_lora(model_dir: Path, flavour: str, seed: int = 0) -> Any:
     """The flavour's tiny transformer with a LoRA whose B is non-zero (seeded), so it changes the output."""
-    tr = models.load_transformer(model_dir, flavour)
+    tr = load_transformer(model_dir, flavour)
     L.attach_lora(tr, RANK, ALPHA, 0.0, TARGETS, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -66,7 +67,7 @@ def test_attach_lora_is_seeded_and_leaves_the_global_rng_alone(tiny_models: Any)
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    a, b, c = (models.load_transformer(d, "edit-v1") for _ in range(3))
+    a, b, c = (load_transformer(d, "edit-v1") for _ in range(3))
     for tr, seed in ((a, 7), (b, 7), (c, 8)):
         L.attach_lora(tr, RANK, ALPHA, 0.0, ["to_q"], seed=seed)
     assert torch.equal(torch.rand(3), expected_next)
@@ -77,7 +78,7 @@ def test_attach_lora_is_seeded_and_leaves_the_global_rng_alone(tiny_models: Any)
 
 
 def test_unknown_target_module_lists_the_valid_names(tiny_models: Any) -> None:
-    tr = models.load_transformer(tiny_models("edit-v1"), "edit-v1")
+    tr = load_transformer(tiny_models("edit-v1"), "edit-v1")
     with pytest.raises(errors.InvalidInput, match="'to_qq', 'img_norm1' name no Linear layer") as err:
         L.attach_lora(tr, RANK, ALPHA, 0.0, ["to_q", "to_qq", "img_norm1"], seed=0)
     assert set(L.target_choices(tr)[:14]) == set(BLOCK_LINEARS)
@@ -91,7 +92,7 @@ def test_unknown_target_module_lists_the_valid_names(tiny_models: Any) -> None:
 # ------------------------------------------------------------------------------------------ checkpoint state
 def test_lora_state_restores_exactly(v1: Any, tiny_models: Any) -> None:
     _, _, sd = v1
-    fresh = models.load_transformer(tiny_models("edit-v1"), "edit-v1")
+    fresh = load_transformer(tiny_models("edit-v1"), "edit-v1")
     L.attach_lora(fresh, RANK, ALPHA, 0.0, TARGETS, seed=99)
     L.load_lora_state_dict(fresh, sd)
     restored = L.lora_state_dict(fresh)
@@ -209,8 +210,8 @@ def test_exported_files_load_into_the_flavours_pipeline(flavour: str, tiny_model
     files = L.save_lora_files(L.lora_state_dict(tr), alpha=ALPHA, rank=RANK, fmt="both", transformer=tr)
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    pipe = models.load_pipeline(d, flavour)
-    assert type(pipe).__name__ == models.pipeline_class(flavour).__name__
+    pipe = load_pipeline(d, flavour)
+    assert type(pipe).__name__ == pipeline_class(flavour).__name__
     reuse_reference_encoding(pipe)
     rng = np.random.RandomState(0)
     kwargs = dict(image=Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8")), prompt="make the sky blue",

@@ -15,14 +15,14 @@ import torch
 from peft import LoraConfig
 from PIL import Image
 
-from shared.config import load_run_config
-from shared.datasets import load_sample_images, pair_datasets
-from shared.encoding import DatasetEncoder
-from shared.models import load_pipeline
-from shared.preview import (LABEL_HEIGHT, adapters_disabled, heldout_loss, index_entries, render_validation,
-                            select_eval_samples)
-from shared.storage import LocalStore
-from shared.synthetic import write_configs, write_dataset
+from shared.config.loading import load_run_config
+from shared.data.pairing import load_sample_images, pair_datasets
+from shared.data.synthetic import write_configs, write_dataset
+from shared.encode.encoder import DatasetEncoder
+from shared.evaluate.preview import (LABEL_HEIGHT, adapters_disabled, heldout_loss, index_entries, render_validation,
+                                     select_eval_samples)
+from shared.model.loading import load_pipeline
+from shared.store.local import LocalStore
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 PREFIX = "runs/r1/validation"

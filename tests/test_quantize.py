@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 import torch
 
-from shared import errors, models
-from shared import quantize as Q
-from shared.encode_ops import pack_latents
-from shared.flow import EditBatch, flow_matching_loss, predict_velocity
-from shared.lora import attach_lora
+from shared import errors
+from shared.model import quantize as Q
+from shared.model.flow import EditBatch, flow_matching_loss, predict_velocity
+from shared.model.latents import pack_latents
+from shared.model.loading import load_transformer
+from shared.model.lora import attach_lora
 
 DEVICE = torch.device("cpu")
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "img_mlp.net.2"]
@@ -40,7 +41,7 @@ EXPECTED: dict[str, tuple[str, torch.dtype, int, float]] = {
 
 @pytest.fixture(scope="module")
 def fp32_transformer(tiny_models: Any) -> Any:
-    return models.load_transformer(tiny_models("edit-v1"), "edit-v1").eval()
+    return load_transformer(tiny_models("edit-v1"), "edit-v1").eval()
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,14 @@ from urllib.parse import urlsplit
 
 import pytest
 from minio import Minio
-
 from s3server import ACCESS_KEY, SECRET_KEY
-from shared.config import load_run_config
-from shared.datasets import pair_datasets
-from shared.encoding import DatasetEncoder
+
+from shared.config.loading import load_run_config
+from shared.data.pairing import pair_datasets
+from shared.data.synthetic import write_configs, write_dataset
+from shared.encode.encoder import DatasetEncoder
 from shared.errors import DatasetError
-from shared.storage import MinioStore
-from shared.synthetic import write_configs, write_dataset
+from shared.store.s3 import MinioStore
 
 
 @pytest.fixture

@@ -19,10 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.encode_ops import reference_size
-from shared.flavours import VAE_IMAGE_SIZE
-from shared.models import load_pipeline
-from shared.sampling import sample_edit
+from shared.config.flavours import VAE_IMAGE_SIZE
+from shared.encode.ops import reference_size
+from shared.evaluate.sampling import sample_edit
+from shared.model.loading import load_pipeline
 
 PROMPT = "make the red shape blue"
 # Measured: 0.0 on CPU fp32 for all three flavours, with and without true CFG. The tolerance only leaves room for

@@ -16,13 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from shared.config import read_config_files
-from shared.local_stack import start_local_stack
-from shared.remote import Client
+from shared.config.loading import read_config_files
+from shared.data.synthetic import write_configs, write_dataset
 from shared.rpc import encoder_pb2, trainer_pb2
-from shared.service_common import files_to_proto, state_name
-from shared.storage import LocalStore
-from shared.synthetic import write_configs, write_dataset
+from shared.rpc.client import Client
+from shared.service.common import files_to_proto, state_name
+from shared.service.local_stack import start_local_stack
+from shared.store.local import LocalStore
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_whole_flow_through_the_three_services(stack):
         metrics = json.loads(store.get_bytes(f"runs/flow/validation/step-{step}/metrics.json"))
         assert metrics["step"] == int(step) and metrics["samples"][0]["grid"] in r.outputs["grids"]
     # the LoRA file loads into the flavour's pipeline and changes the transformer's output
-    from shared.models import load_pipeline
+    from shared.model.loading import load_pipeline
     pipe = load_pipeline(stack.model, "edit-v2")
     x = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0))
     kw = dict(hidden_states=x, timestep=torch.tensor([0.5]), encoder_hidden_states=torch.randn(1, 7, 32),

@@ -8,12 +8,12 @@ import uuid
 import grpc
 import pytest
 
-from shared.config import read_config_files
-from shared.local_stack import start_local_stack
-from shared.remote import Client
+from shared.config.loading import read_config_files
+from shared.data.synthetic import write_configs, write_dataset
 from shared.rpc import trainer_pb2
-from shared.service_common import files_to_proto, state_name
-from shared.synthetic import write_configs, write_dataset
+from shared.rpc.client import Client
+from shared.service.common import files_to_proto, state_name
+from shared.service.local_stack import start_local_stack
 
 
 def test_token_is_required_and_propagated(tmp_path, tiny_models, monkeypatch):

@@ -8,17 +8,18 @@ import time
 import uuid
 from urllib.parse import urlsplit
 
-from safetensors.torch import load as load_safetensors
-
 from prom import require_tool, start_prometheus
 from s3server import ACCESS_KEY, SECRET_KEY
-from shared.config import read_config_files
-from shared.local_stack import start_local_stack
-from shared.remote import Client, wait_for_validations
+from safetensors.torch import load as load_safetensors
+
+from shared.cli.remote import wait_for_validations
+from shared.config.loading import read_config_files
+from shared.data.synthetic import write_configs, write_dataset
 from shared.rpc import trainer_pb2
-from shared.service_common import files_to_proto, state_name
-from shared.storage import MinioStore
-from shared.synthetic import write_configs, write_dataset
+from shared.rpc.client import Client
+from shared.service.common import files_to_proto, state_name
+from shared.service.local_stack import start_local_stack
+from shared.store.s3 import MinioStore
 
 
 def settled(prom, expr: str, want: float, timeout: float = 30.0) -> float:

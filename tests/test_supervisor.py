@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from shared import errors
-from shared.jobs import JobCancelled
-from shared.supervisor import WorkerFailed, run_worker
+from shared.service.records import JobCancelled
+from shared.service.supervisor import WorkerFailed, run_worker
 
 PRELUDE = "import json, os, signal, subprocess, sys, time\n" \
           "def emit(obj):\n    print(json.dumps(obj), flush=True)\n"

@@ -1,6 +1,6 @@
 """The tiny offline model: saved in the real hub layout, loadable by plain diffusers, runnable, reproducible.
 
-Also the loader's contract (``shared.models``) and the flavour registry, since the tiny model is what exercises them.
+Also the loader's contract (``shared.model.loading``) and the flavour registry, since the tiny model is what exercises them.
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from shared import errors, models
-from shared.flavours import FLAVOURS, get_flavour
-from shared.tiny_model import (
-    SYSTEM_PREFIX_TOKENS,
-    build_tokenizer,
-    get_tiny_model,
-    save_tiny_model,
-    system_prefix_length,
-)
+from shared import errors
+from shared.config.flavours import FLAVOURS, get_flavour
+from shared.model.device import resolve_dtype
+from shared.model.loading import (load_encoder_pipeline, load_pipeline, patch_processor_without_torchvision,
+                                  pipeline_class)
+from shared.model.tiny_model import (SYSTEM_PREFIX_TOKENS, build_tokenizer, get_tiny_model, save_tiny_model,
+                                     system_prefix_length)
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler")
 EXPECTED_CLASS = {"edit-v1": "QwenImageEditPipeline", "edit-v2": "QwenImageEditPlusPipeline",
@@ -60,8 +58,8 @@ def test_saved_in_the_hub_layout(tiny_root: Path, flavour: str) -> None:
 def test_plain_diffusers_loads_and_edits(tiny_root: Path, flavour: str, n_refs: int) -> None:
     """No EditTuner code between from_pretrained and the image, beyond the torchvision workaround."""
     model_dir = get_tiny_model(flavour, tiny_root)
-    models.patch_processor_without_torchvision()
-    pipe = models.pipeline_class(flavour).from_pretrained(model_dir)
+    patch_processor_without_torchvision()
+    pipe = pipeline_class(flavour).from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe).__name__ == EXPECTED_CLASS[flavour]
     refs = [_noise_image(48 + 16 * i, 32, seed=i) for i in range(n_refs)]
@@ -81,7 +79,7 @@ def test_plain_diffusers_loads_and_edits(tiny_root: Path, flavour: str, n_refs: 
 
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
 def test_zero_cond_t_follows_the_flavour(tiny_root: Path, flavour: str) -> None:
-    pipe = models.load_pipeline(get_tiny_model(flavour, tiny_root), flavour)
+    pipe = load_pipeline(get_tiny_model(flavour, tiny_root), flavour)
     assert pipe.transformer.config.zero_cond_t is (flavour == "edit-v3")
     assert pipe.transformer.zero_cond_t is get_flavour(flavour).zero_cond_t
 
@@ -113,13 +111,13 @@ def test_get_tiny_model_builds_once(tiny_root: Path) -> None:
 
 
 def test_encoder_pipeline_skips_the_transformer(tiny_root: Path) -> None:
-    pipe = models.load_encoder_pipeline(get_tiny_model("edit-v2", tiny_root), "edit-v2")
+    pipe = load_encoder_pipeline(get_tiny_model("edit-v2", tiny_root), "edit-v2")
     assert pipe.transformer is None
     assert pipe.vae is not None and pipe.text_encoder is not None and pipe.processor is not None
 
 
 def test_load_pipeline_casts_dtype(tiny_root: Path) -> None:
-    pipe = models.load_pipeline(get_tiny_model("edit-v1", tiny_root), "edit-v1", dtype=torch.bfloat16,
+    pipe = load_pipeline(get_tiny_model("edit-v1", tiny_root), "edit-v1", dtype=torch.bfloat16,
                                 components=("vae",))
     assert pipe.vae.dtype == torch.bfloat16
     assert pipe.text_encoder is None
@@ -128,7 +126,7 @@ def test_load_pipeline_casts_dtype(tiny_root: Path) -> None:
 def test_missing_model_directory_is_invalid_input(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
     with pytest.raises(errors.InvalidInput) as err:
-        models.load_pipeline(missing, "edit-v1")
+        load_pipeline(missing, "edit-v1")
     assert str(missing) in str(err.value)
     assert "model_index.json" in str(err.value)
 
@@ -136,27 +134,27 @@ def test_missing_model_directory_is_invalid_input(tmp_path: Path) -> None:
 def test_directory_without_model_index_is_invalid_input(tmp_path: Path) -> None:
     (tmp_path / "transformer").mkdir()
     with pytest.raises(errors.InvalidInput, match="has no model_index.json"):
-        models.load_pipeline(tmp_path, "edit-v2")
+        load_pipeline(tmp_path, "edit-v2")
 
 
 def test_directory_without_a_component_is_invalid_input(tiny_root: Path, tmp_path: Path) -> None:
     index = json.loads((get_tiny_model("edit-v2", tiny_root) / "model_index.json").read_text())
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(errors.InvalidInput, match=r"lacks transformer/, vae/"):
-        models.load_pipeline(tmp_path, "edit-v2")
+        load_pipeline(tmp_path, "edit-v2")
 
 
 def test_weights_of_another_flavour_are_invalid_input(tiny_root: Path) -> None:
     with pytest.raises(errors.InvalidInput, match="QwenImageEditPipeline.*edit-v2"):
-        models.load_pipeline(get_tiny_model("edit-v1", tiny_root), "edit-v2")
+        load_pipeline(get_tiny_model("edit-v1", tiny_root), "edit-v2")
 
 
 def test_patch_processor_is_idempotent() -> None:
     from transformers import Qwen2VLProcessor
 
-    models.patch_processor_without_torchvision()
+    patch_processor_without_torchvision()
     once = Qwen2VLProcessor.get_attributes()
-    models.patch_processor_without_torchvision()
+    patch_processor_without_torchvision()
     assert Qwen2VLProcessor.get_attributes() == once
     assert "image_processor" in once and "tokenizer" in once
 
@@ -175,12 +173,12 @@ def test_patch_processor_is_idempotent() -> None:
     ],
 )
 def test_resolve_dtype(name: str | None, device: str, expected: torch.dtype) -> None:
-    assert models.resolve_dtype(name, device) == expected
+    assert resolve_dtype(name, device) == expected
 
 
 def test_resolve_dtype_rejects_unknown_names() -> None:
     with pytest.raises(errors.InvalidInput, match="fp8"):
-        models.resolve_dtype("fp8", "cpu")
+        resolve_dtype("fp8", "cpu")
 
 
 def test_flavour_registry() -> None:

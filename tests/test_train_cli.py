@@ -9,7 +9,7 @@ import sys
 from PIL import Image
 from safetensors.torch import load_file
 
-from shared.cli import main
+from shared.cli.main import main
 
 SHORT = ["max_train_steps=4", "checkpointing_steps=2", "validation_step_interval=2", "num_eval_images=1"]
 
@@ -41,7 +41,7 @@ def test_train_example_tiny_preset_end_to_end(tmp_path, monkeypatch, capsys):
 def test_worker_prints_json_lines_and_exit_codes(tmp_path):
     cmd = [sys.executable, "-m", "trainer_svc.worker", "--store", str(tmp_path / "store"),
            "example=qwen_image.edit-v1-lora-tiny", "max_train_steps=2", "checkpointing_steps=1", "--no-validation"]
-    from shared.demo import materialize_preset
+    from shared.cli.demo import materialize_preset
     materialize_preset("qwen_image.edit-v1-lora-tiny", tmp_path)
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.config import load_run_config
-from shared.encoding import DatasetEncoder, settings_for
+from shared.config.loading import load_run_config
+from shared.data.synthetic import write_configs, write_dataset
+from shared.encode.cache import settings_for
+from shared.encode.encoder import DatasetEncoder
 from shared.errors import FailedPrecondition
-from shared.storage import LocalStore
-from shared.synthetic import write_configs, write_dataset
-from shared.train_data import TrainLoader, epoch_batches, load_items
+from shared.store.local import LocalStore
+from shared.train.loader import TrainLoader, epoch_batches, load_items
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.config import load_run_config
-from shared.encoding import DatasetEncoder
+from shared.config.loading import load_run_config
+from shared.data.synthetic import write_configs, write_dataset
+from shared.encode.encoder import DatasetEncoder
 from shared.errors import FailedPrecondition
-from shared.flow import flow_matching_loss
-from shared.storage import LocalStore
-from shared.synthetic import write_configs, write_dataset
-from shared.training import Trainer, TrainingDiverged
+from shared.model.flow import flow_matching_loss
+from shared.store.local import LocalStore
+from shared.train.trainer import Trainer, TrainingDiverged
 
 
 def make_run(tmp_path, tiny_models, flavour="edit-v2", refs=2, n=4, **overrides):
@@ -134,7 +134,7 @@ def test_checkpoint_limit_and_final_export(tmp_path, tiny_models):
     cfg, store = make_run(tmp_path, tiny_models, n=2)
     s = trainer_for(cfg, store, "checkpointing_steps=1", "checkpoints_total_limit=2", "lora_format=both").train()
     assert s.checkpoints == [1, 2, 3, 4, 5, 6]
-    from shared.checkpoint import committed_steps
+    from shared.store.checkpoint import committed_steps
     assert committed_steps(store, "runs/out") == [5, 6]
     assert sorted(k.rsplit("/", 1)[1] for k in s.lora_keys) == ["pytorch_lora_weights.safetensors",
                                                                 "pytorch_lora_weights_comfyui.safetensors"]
@@ -214,7 +214,7 @@ def test_compiled_transformer_blocks_train_like_eager(tmp_path, tiny_models):
 
 def test_fp16_training_is_refused_and_external_validation_exports_diffusers(tmp_path, tiny_models):
     from shared.errors import InvalidInput
-    from shared.runner import external_validator
+    from shared.train.runner import external_validator
 
     cfg, store = make_run(tmp_path, tiny_models, n=2)
     with pytest.raises(InvalidInput) as e:

@@ -5,7 +5,7 @@ import os
 import sys
 
 from shared.rpc import encoder_pb2_grpc, eval_pb2_grpc, trainer_pb2, trainer_pb2_grpc
-from shared.service_main import peer_channel, serve, workdir
+from shared.service.main import peer_channel, serve, workdir
 
 
 def make(config, store, metrics):

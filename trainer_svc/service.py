@@ -18,17 +18,17 @@ from typing import Any
 import grpc
 import torch
 
-from shared.encoding import resolve_device
 from shared.errors import FailedPrecondition, Unavailable
-from shared.jobs import JobContext, JobRecord
-from shared.metrics import Metrics
-from shared.planner import check_fits
-from shared.rpc import (common_pb2, encoder_pb2, encoder_pb2_grpc, eval_pb2, eval_pb2_grpc, trainer_pb2,
-                        trainer_pb2_grpc)
-from shared.service_common import (JobRpcMixin, error_of, files_from_proto, files_to_params, job_to_proto,
+from shared.model.device import resolve_device
+from shared.plan.predict import check_fits
+from shared.rpc import common_pb2, encoder_pb2, encoder_pb2_grpc, eval_pb2, eval_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from shared.service.common import (JobRpcMixin, error_of, files_from_proto, files_to_params, job_to_proto,
                                    run_from_files, run_from_params, state_name)
-from shared.supervisor import run_worker
-from shared.training import run_id_for
+from shared.service.jobs import JobContext
+from shared.service.metrics import Metrics
+from shared.service.records import JobRecord
+from shared.service.supervisor import run_worker
+from shared.train.trainer import run_id_for
 
 log = logging.getLogger(__name__)
 RPC_TIMEOUT_S = 30.0

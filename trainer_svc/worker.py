@@ -14,10 +14,10 @@ import logging
 import sys
 import traceback
 
-from shared.config import load_run_config
+from shared.config.loading import load_run_config
 from shared.errors import EditTunerError
-from shared.runner import train_run
-from shared.storage import open_store
+from shared.store.url import open_store
+from shared.train.runner import train_run
 
 
 def _emit(obj: dict) -> None:

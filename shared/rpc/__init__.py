@@ -7,4 +7,6 @@
 - ``client``: ``make_channel``, ``call`` (deadline + domain errors), ``wait_for_serving``.
 
 Importing this package imports nothing else, so ``from shared.rpc import encoder_pb2`` stays cheap.
+
+May import: ``shared.errors``.
 """

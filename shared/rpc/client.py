@@ -14,6 +14,7 @@ the server's message and a service calling another maps it on with the same code
 from __future__ import annotations
 
 import collections
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared import errors
+from shared.rpc import common_pb2, encoder_pb2, encoder_pb2_grpc, eval_pb2, eval_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
 DEFAULT_DEADLINE_S = 30.0
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -139,3 +141,64 @@ def wait_for_serving(channel: grpc.Channel, service: str = "", timeout: float = 
                 return
             last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         time.sleep(min(poll_s, max(deadline - time.monotonic(), 0)))
+
+
+# --------------------------------------------------------------------------------------- service clients
+STUBS = {"encoder": (encoder_pb2_grpc.EncoderServiceStub, encoder_pb2),
+         "trainer": (trainer_pb2_grpc.TrainerServiceStub, trainer_pb2),
+         "eval": (eval_pb2_grpc.EvalServiceStub, eval_pb2)}
+DEFAULT_PORTS = {"encoder": 50051, "trainer": 50052, "eval": 50053}
+TIMEOUT_S = 30.0
+
+
+class Client:
+    """One service's stub with the channel's token and a deadline on every unary call."""
+
+    def __init__(self, service: str, address: str, token: str | None = None):
+        if service not in STUBS:
+            raise errors.InvalidInput(f"unknown service {service!r}; one of {', '.join(STUBS)}")
+        stub_cls, self.pb = STUBS[service]
+        self.service, self.address = service, address
+        self.channel = make_channel(address, token=token if token is not None else os.environ.get("EDITTUNER_TOKEN"),
+                                    tls_ca=os.environ.get("EDITTUNER_TLS_CA") or None,
+                                    tls=os.environ.get("EDITTUNER_TLS", "") == "1")
+        self.stub = stub_cls(self.channel)
+
+    def call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self.stub, method)(request, timeout=TIMEOUT_S)
+        except grpc.RpcError as e:
+            raise rpc_error(self.service, self.address, e) from None
+
+    def get(self, job_id: str) -> common_pb2.Job:
+        return self.call("GetJob", self.pb.GetJobRequest(job_id=job_id)).job
+
+    def cancel(self, job_id: str) -> common_pb2.Job:
+        return self.call("CancelJob", self.pb.CancelJobRequest(job_id=job_id)).job
+
+    def list(self, state: str | None = None) -> list[common_pb2.Job]:
+        req = self.pb.ListJobsRequest(page_size=100)
+        if state:
+            req.state = getattr(common_pb2, f"JOB_STATE_{state.upper()}")
+        return list(self.call("ListJobs", req).jobs)
+
+    def watch(self, job_id: str, on_update: Callable[[common_pb2.Job], None]) -> common_pb2.Job:
+        """Stream the job's events until it ends; returns the last snapshot."""
+        last = None
+        try:
+            for ev in self.stub.WatchJob(self.pb.WatchJobRequest(job_id=job_id)):
+                last = ev.job
+                on_update(last)
+        except grpc.RpcError as e:
+            raise rpc_error(self.service, self.address, e) from None
+        return last if last is not None else self.get(job_id)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def rpc_error(service: str, address: str, e: grpc.RpcError) -> errors.EditTunerError:
+    if e.code() == grpc.StatusCode.UNAVAILABLE:
+        return errors.Unavailable(f"{service}_svc at {address} is not reachable ({e.details()}); is it running? "
+                           "Start it with `edittuner serve " + service + "` or leave --server unset")
+    return domain_error(e)

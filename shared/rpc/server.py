@@ -33,13 +33,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 from shared import errors
 from shared.errors import ConfigError, Problem
-from shared.rpc.interceptors import (
-    STATUS_FOR,
-    BearerAuthInterceptor,
-    ErrorInterceptor,
-    MetricsInterceptor,
-    status_for,
-)
+from shared.rpc.interceptors import STATUS_FOR, BearerAuthInterceptor, ErrorInterceptor, MetricsInterceptor, status_for
 
 __all__ = ["STATUS_FOR", "status_for", "ServiceConfig", "RunningServer", "build_server", "install_sigterm",
            "DEFAULT_MAX_MESSAGE_BYTES"]
@@ -58,7 +52,7 @@ class ServiceConfig:
     host: str = "0.0.0.0"
     port: int = 50051  # 0: the OS picks one; RunningServer.port says which
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: the OS picks one
-    store_url: str | None = None  # shared.storage.open_store's URL; None: the embedded local store
+    store_url: str | None = None  # shared.store.url.open_store's URL; None: the embedded local store
     model_dir: str | None = None
     device: str = "auto"
     token: str | None = None  # when set, every call but health/reflection needs "authorization: Bearer <token>"

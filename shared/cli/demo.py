@@ -1,0 +1,111 @@
+"""``edittuner demo``: a tiny random-weight model and a generated paired dataset, run end to end on a CPU."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from shared.config.loading import load_run_config
+from shared.data.pairing import pair_datasets
+from shared.data.synthetic import write_configs, write_dataset
+from shared.model.tiny_model import save_tiny_model
+from shared.store.local import LocalStore
+
+
+def materialize_preset(name: str, cwd: Path | None = None) -> None:
+    """A ``…-tiny`` preset names a tiny model and generated data under .edittuner/tiny/: build them on first
+    use (no download), so ``edittuner train example=qwen_image.edit-v2-lora-tiny`` runs anywhere."""
+    import json
+
+    from shared.config.loading import preset_dir
+
+    spec_path = preset_dir(name) / "generate.json"
+    if not spec_path.is_file():
+        return
+    spec = json.loads(spec_path.read_text())
+    root = (cwd or Path.cwd()) / spec["root"]
+    if not (root / "model" / "model_index.json").exists():
+        save_tiny_model(root / "model", spec["flavour"])
+    if not (root / "data" / "images").is_dir():
+        write_dataset(root / "data", n=spec["samples"], references=spec["references"])
+
+
+def run_demo(out: Path, flavour: str = "edit-v2", samples: int = 8, steps: int = 40) -> None:
+    """The whole flow through the three gRPC services, started here on loopback with the local store: encode,
+    train, validate on eval_svc, export. Prints where the LoRA and the previews are."""
+    import uuid
+
+    from shared.cli.remote import wait_for_validations
+    from shared.config.loading import read_config_files
+    from shared.rpc import encoder_pb2, trainer_pb2
+    from shared.rpc.client import Client
+    from shared.service.common import files_to_proto, state_name
+    from shared.service.local_stack import start_local_stack
+    from shared.train.runner import copy_outputs
+
+    refs = 1 if flavour == "edit-v1" else 2
+    started = time.perf_counter()
+    out = out.resolve()
+    model = out / "model"
+    if not (model / "model_index.json").exists():
+        save_tiny_model(model, flavour)
+    print(f"[demo] tiny {flavour} model: {model}")
+    data = write_dataset(out / "data", n=samples, references=refs)
+    config, databackend = write_configs(
+        out / "config", data, model, flavour, refs, output_dir=str(out / "output"), max_train_steps=steps,
+        learning_rate=3e-3, lora_rank=8, checkpointing_steps=steps // 2, validation_step_interval=steps // 2,
+        num_eval_images=2, seed=0)
+    print(f"[demo] {samples} generated pairs with {refs} reference(s): {data}")
+    print(f"[demo] config: {config}\n[demo] data:   {databackend}")
+    run = load_run_config(config)
+    paired, _ = pair_datasets(run)
+    for ds in paired:
+        buckets = ", ".join(f"{w}x{h} ×{n}" for (w, h), n in ds.buckets().items())
+        print(f"[demo] dataset {ds.config.id!r}: {len(ds.samples)} samples, buckets {buckets}")
+    store = LocalStore(out / "store")
+    store.delete_prefix("runs")  # a fresh run each time; caches are kept
+    files = files_to_proto(read_config_files(config, databackend))
+    import os
+
+    with start_local_stack(str(out / "store"), out / "logs",
+                           env={**os.environ, "EDITTUNER_WORKDIR": str(out / "work")}) as stack:
+        print("[demo] services: " + ", ".join(f"{k}_svc {v}" for k, v in stack.addresses.items()) +
+              f" (logs {out / 'logs'})")
+        trainer = Client("trainer", stack.addresses["trainer"])
+        job = trainer.call("StartRun", trainer_pb2.StartRunRequest(request_id=uuid.uuid4().hex, files=files,
+                                                                   run_id="demo")).job
+        print(f"[demo] trainer_svc job {job.job_id}: watching")
+        shown: set[tuple[str, int]] = set()
+
+        def progress(j) -> None:
+            p = j.progress
+            key = (p.phase, p.step)
+            if key in shown:
+                return
+            shown.add(key)
+            if p.phase == "encode" and p.step == p.total and p.total:
+                print(f"[demo] encode_svc: {p.message}")
+            elif p.phase == "train" and p.loss and (p.step % 10 == 0 or p.step == 1):
+                print(f"[demo] step {p.step:>3}/{p.total}: loss {p.loss:.4f}, {p.seconds_per_step:.2f}s/step")
+            elif p.phase == "checkpoint":
+                print(f"[demo] {p.message}")
+
+        job = trainer.watch(job.job_id, progress)
+        if state_name(job) != "succeeded":
+            raise RuntimeError(f"the demo run failed: {job.error_code}: {job.error}")
+        for v in wait_for_validations(job, stack.addresses["eval"]):
+            print(f"[demo] eval_svc render {v.job_id}: {state_name(v)}, PSNR vs target: base "
+                  f"{float(v.outputs.get('psnr_base', 'nan')):.2f} dB, LoRA {float(v.outputs.get('psnr_lora', 'nan')):.2f}"
+                  f" dB -> {v.outputs.get('metrics', v.error)}")
+        encoder = Client("encoder", stack.addresses["encoder"])
+        again = encoder.call("SubmitEncode", encoder_pb2.SubmitEncodeRequest(request_id=uuid.uuid4().hex,
+                                                                             files=files)).job
+        again = encoder.watch(again.job_id, lambda j: None)
+        print(f"[demo] encoding again: {again.outputs.get('encoded')} encoded, {again.outputs.get('cached')} cached")
+    print(f"[demo] run {job.outputs['run_id']}: {job.outputs['steps']} steps, final loss "
+          f"{float(job.outputs['final_loss']):.4f}, checkpoints at {job.outputs['checkpoints']}")
+    outputs = copy_outputs(store, f"runs/{job.outputs['run_id']}", Path(run.train.output_dir))
+    print(f"[demo] store: {store.describe()} (runs/{job.outputs['run_id']}/: checkpoints, lora, validation)")
+    for name, path in outputs.items():
+        print(f"[demo] {name}: {path}")
+    print(f"[demo] done in {time.perf_counter() - started:.1f}s")

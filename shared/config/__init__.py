@@ -1,0 +1,6 @@
+"""Configuration: SimpleTuner-style ``config.json`` and ``multidatabackend.json`` parsed into frozen dataclasses
+(``schema``), checked across entries (``checks``), read with overrides and presets (``loading``); JSON with comments
+(``jsonc``), the typed builder (``typed``), the model flavours (``flavours``) and the bundled presets (``presets/``).
+
+May import: ``shared.errors`` only.
+"""

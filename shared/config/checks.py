@@ -1,0 +1,116 @@
+"""Checks across the entries of ``multidatabackend.json`` and the training config: ids, references, flavour
+limits, the paths a dataset needs, caches two datasets would share. Problems are collected, never raised one by one.
+"""
+
+from __future__ import annotations
+
+from shared.config.flavours import FLAVOURS
+from shared.config.schema import DataConfig, DatasetConfig, TrainConfig
+from shared.errors import Problem
+
+
+def _where(data: DataConfig, d: DatasetConfig, key: str = "") -> str:
+    i = data.datasets.index(d)
+    return f"{data.source}: $[{i}]{'.' + key if key else ''} (id {d.id!r})"
+
+
+def check_datasets(train: TrainConfig, data: DataConfig, cfg_label: str) -> tuple[list[Problem], list[str]]:
+    """Cross-entry checks: ids, references, flavour limits, paths a dataset needs."""
+    problems: list[Problem] = []
+    warnings: list[str] = []
+    ids = [d.id for d in data.datasets if d.id is not None]
+    by_id = {d.id: d for d in data.datasets}
+    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+        problems.append(Problem(f"{data.source}: id {dup!r}", "the same id is used by several datasets; ids must "
+                                "be unique"))
+    images = data.image_datasets
+    if not images:
+        problems.append(Problem(data.source, "no dataset with dataset_type 'image' (the edited/target images); "
+                                "add one"))
+    referenced: set[str] = set()
+    limit = FLAVOURS[train.model_flavour].max_refs if train.model_flavour in FLAVOURS else 3
+    for d in data.datasets:
+        if d.id is None:
+            continue
+        if d.dataset_type in ("image", "conditioning"):
+            if d.type == "local" and not d.instance_data_dir:
+                problems.append(Problem(_where(data, d, "instance_data_dir"), "is required for a local dataset: "
+                                        "the folder holding its images"))
+            if d.type == "aws" and not d.aws_bucket_name:
+                problems.append(Problem(_where(data, d, "aws_bucket_name"), "is required for type 'aws'"))
+        if d.caption_strategy == "instanceprompt" and not d.instance_prompt:
+            problems.append(Problem(_where(data, d, "instance_prompt"), "is required with caption_strategy "
+                                    "'instanceprompt'"))
+        if d.dataset_type != "image":
+            continue
+        refs = d.conditioning_data
+        for j, rid in enumerate(refs):
+            referenced.add(rid)
+            r = by_id.get(rid)
+            if r is None:
+                problems.append(Problem(_where(data, d, f"conditioning_data[{j}]"),
+                                        f"names no dataset: {rid!r}; ids are " + ", ".join(map(repr, ids))))
+            elif r.dataset_type != "conditioning":
+                problems.append(Problem(_where(data, d, f"conditioning_data[{j}]"),
+                                        f"{rid!r} has dataset_type {r.dataset_type!r}; reference datasets need "
+                                        "\"dataset_type\": \"conditioning\""))
+        if not refs:
+            problems.append(Problem(_where(data, d, "conditioning_data"),
+                                    f"{train.model_flavour} trains on pairs: list the reference dataset id(s) here"))
+        elif train.model_flavour and len(refs) > limit and (train.model_flavour == "edit-v1"
+                                    or train.conditioning_multidataset_sampling == "combined"):
+            why = ("edit-v1 takes exactly one reference image per sample" if train.model_flavour == "edit-v1" else
+                   f"{train.model_flavour} takes at most {limit} references per sample and with "
+                   "conditioning_multidataset_sampling 'combined' every reference dataset feeds every sample")
+            problems.append(Problem(_where(data, d, "conditioning_data"),
+                                    f"{len(refs)} reference datasets listed, but {why}; remove some"
+                                    + ("" if train.model_flavour == "edit-v1" else
+                                       " or set conditioning_multidataset_sampling to 'random'")))
+        if d.conditioning_image_embeds is not None:
+            referenced.add(d.conditioning_image_embeds)
+            e = by_id.get(d.conditioning_image_embeds)
+            if e is None or e.dataset_type != "conditioning_image_embeds":
+                problems.append(Problem(
+                    _where(data, d, "conditioning_image_embeds"),
+                    f"cache not found: {d.conditioning_image_embeds!r} " + (
+                        "names no dataset" if e is None else f"is a {e.dataset_type!r} dataset")
+                    + "; add an entry with \"dataset_type\": \"conditioning_image_embeds\" and that id, or remove "
+                    "the key to use the default cache/conditioning_image_embeds/<dataset id>"))
+            elif train.model_flavour not in ("edit-v1", None):
+                warnings.append(f"{_where(data, d, 'conditioning_image_embeds')}: only edit-v1 uses conditioning "
+                                "image embeds; ignored for " + train.model_flavour)
+    for d in data.datasets:
+        if d.id is not None and d.dataset_type == "conditioning" and d.id not in referenced:
+            warnings.append(f"{_where(data, d)}: conditioning dataset is not referenced by any image dataset's "
+                            "conditioning_data; it is unused")
+    owners: dict[str, str] = {}
+    for d in data.datasets:
+        if d.id is None or d.dataset_type not in ("image", "conditioning"):
+            continue
+        other = owners.setdefault(d.vae_cache_prefix, d.id)
+        if other != d.id:
+            problems.append(Problem(_where(data, d, "cache_dir_vae"),
+                                    f"{d.vae_cache_prefix!r} is also the VAE cache of {other!r}; two datasets with "
+                                    "the same file names would overwrite each other's latents: give each its own "
+                                    "cache_dir_vae"))
+    if train.model_flavour == "edit-v1":
+        text_owner: dict[str, str] = {}
+        for d in images:
+            if d.conditioning_image_embeds is not None and d.conditioning_image_embeds not in by_id:
+                continue  # reported above as "cache not found"
+            other = text_owner.setdefault(data.text_cache_prefix(d, "edit-v1"), d.id)
+            if other != d.id:
+                problems.append(Problem(_where(data, d, "conditioning_image_embeds"),
+                                        f"{d.conditioning_image_embeds!r} already holds the embeds of {other!r}; "
+                                        "give each image dataset its own conditioning_image_embeds entry"))
+    if train.lora_format == "diffusers" and train.lora_alpha is not None and train.lora_alpha != train.lora_rank:
+        warnings.append(f"{cfg_label}: $.lora_format: lora_alpha {train.lora_alpha:g} != lora_rank {train.lora_rank}: "
+                        "ComfyUI ignores the alpha stored in a diffusers-format file and would apply the LoRA at "
+                        "the wrong strength; set lora_format to 'both' to also get a ComfyUI file")
+    if train.eval_dataset_id is not None:
+        e = by_id.get(train.eval_dataset_id)
+        if e is None or e.dataset_type != "image":
+            problems.append(Problem(f"{cfg_label}: $.eval_dataset_id",
+                                    f"{train.eval_dataset_id!r} names no image dataset in {data.source}; image "
+                                    "datasets: " + ", ".join(repr(x.id) for x in images)))
+    return problems, warnings

@@ -1,0 +1,252 @@
+"""The typed configuration: what ``config.json`` and each ``multidatabackend.json`` entry may say.
+
+Frozen dataclasses built by ``shared.config.typed.build``; each field carries its type, default, value check and
+doc line. Cross-entry rules live in ``shared.config.checks``, reading the files in ``shared.config.loading``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+from shared.config.flavours import FLAVOURS
+from shared.config.typed import field, non_negative, positive, probability
+
+DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+PRESET_PREFIX = "qwen_image."
+
+
+# ----------------------------------------------------------------------------------------------- resolution
+_WXH = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+def parse_wxh(value: Any) -> tuple[int, int] | str:
+    """'1024x768' → (1024, 768); 1024 or '1024' → (1024, 1024); otherwise an error message.
+    Sides must be multiples of 16 (VAE 8x times the 2x2 patch)."""
+    if isinstance(value, bool):
+        return f"expected 'WIDTHxHEIGHT' like '1024x1024', got {value!r}"
+    if isinstance(value, int):
+        w = h = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        w = h = int(value)
+    elif isinstance(value, str) and (m := _WXH.match(value)):
+        w, h = int(m.group(1)), int(m.group(2))
+    else:
+        return f"expected 'WIDTHxHEIGHT' like '1024x1024', got {value!r}"
+    if w < 16 or h < 16 or w % 16 or h % 16:
+        return f"{w}x{h}: both sides must be multiples of 16 and at least 16 (e.g. '1024x1024', '768x1344')"
+    return (w, h)
+
+
+def _check_wxh(v: str) -> str | None:
+    r = parse_wxh(v)
+    return r if isinstance(r, str) else None
+
+
+def _check_device(v: str) -> str | None:
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+        return None
+    return f"expected auto, cpu, cuda or cuda:N, got {v!r}"
+
+
+def _check_beta(v: float) -> str | None:
+    return None if 0.0 <= v < 1.0 else f"must be in [0, 1), got {v}"
+
+
+def _check_resume(v: str) -> str | None:
+    if v == "latest" or re.fullmatch(r"(step-)?\d+", v) or v in ("none", ""):
+        return None
+    return f"expected 'latest', a step number or 'step-N', got {v!r}"
+
+
+# --------------------------------------------------------------------------------------------- train config
+@dataclass(frozen=True)
+class ModelKwargs:
+    match_target_res: bool = field(False, doc="edit-v2/v3: references take the target's resolution instead of "
+                                              "being packed to ~1 MP")
+    reference_area: int = field(1024 * 1024, check=positive,
+                                doc="pixel area references are packed to for the VAE (edit-v2/v3 default 1 MP)")
+    vl_reference_area: Optional[int] = field(None, check=positive,
+                                             doc="pixel area the Qwen2.5-VL encoder sees references at "
+                                                 "(default: the pipeline's, 1 MP edit-v1, 384² edit-v2/v3)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model_flavour: Literal["edit-v1", "edit-v2", "edit-v3"] = field(doc="which Qwen-Image-Edit model")
+    model_type: Literal["lora"] = field("lora", doc="only LoRA training is supported")
+    model_family: Literal["qwen_image"] = field("qwen_image")
+    pretrained_model_name_or_path: Optional[str] = field(None, doc="local HF-layout dir or hub id; default per "
+                                                                   "flavour")
+    data_backend_config: Optional[str] = field(None, doc="path of multidatabackend.json")
+    output_dir: str = field("output/models")
+    # batch and schedule
+    train_batch_size: int = field(1, check=positive)
+    gradient_accumulation_steps: int = field(1, check=positive)
+    max_train_steps: int = field(1000, check=positive)
+    learning_rate: float = field(1e-4, check=positive)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "polynomial"] = field("constant")
+    lr_warmup_steps: int = field(0, check=non_negative)
+    optimizer: Literal["adamw", "adamw8bit"] = field("adamw")
+    adam_beta1: float = field(0.9, check=_check_beta)
+    adam_beta2: float = field(0.999, check=_check_beta)
+    adam_weight_decay: float = field(1e-2, check=non_negative)
+    adam_epsilon: float = field(1e-8, check=positive)
+    max_grad_norm: float = field(1.0, check=non_negative)
+    seed: int = field(42)
+    # precision and memory
+    mixed_precision: Literal["auto", "bf16", "fp16", "no", "fp32"] = field(
+        "auto", doc="auto: bf16 on CUDA, fp32 on CPU; an explicit bf16/fp16 is used on either")
+    gradient_checkpointing: bool = field(False)
+    compile_transformer: bool = field(False, doc="torch.compile the repeated transformer blocks (regional "
+                                                 "compilation; the first steps pay the compile time)")
+    base_model_precision: Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto",
+                                  "nf4-bnb", "int8-bnb"] = field("no_change")
+    quantize_via: Literal["cpu", "accelerator"] = field("accelerator")
+    quantize_activations: bool = field(False)
+    device: str = field("auto", check=_check_device, doc="auto, cpu, cuda or cuda:N")
+    skip_fit_check: bool = field(False, doc="start even when the planner (edittuner plan) predicts the trainer will "
+                                            "not fit the GPU's memory")
+    # flow matching
+    flow_schedule_shift: float = field(3.0, check=positive)
+    caption_dropout_probability: float = field(0.0, check=probability)
+    conditioning_multidataset_sampling: Literal["combined", "random"] = field("combined")
+    model_kwargs: ModelKwargs = field(ModelKwargs())
+    # LoRA
+    lora_rank: int = field(16, check=positive)
+    lora_alpha: Optional[float] = field(None, check=positive, doc="default: lora_rank")
+    lora_dropout: float = field(0.0, check=probability)
+    lora_target_modules: list[str] = field(list(DEFAULT_TARGET_MODULES))
+    lora_format: Literal["diffusers", "comfyui", "both"] = field("diffusers")
+    use_ema: bool = field(False)
+    ema_decay: float = field(0.995, check=probability)
+    # checkpoints
+    checkpointing_steps: int = field(500, check=positive)
+    checkpoints_total_limit: Optional[int] = field(None, check=positive)
+    resume_from_checkpoint: Optional[str] = field(None, check=_check_resume)
+    # validation
+    validation_step_interval: int = field(100, check=positive, aliases=("validation_steps",))
+    validation_resolution: str = field("1024x1024", check=_check_wxh)
+    validation_guidance: float = field(4.0, check=positive)
+    validation_num_inference_steps: int = field(30, check=lambda v: None if v >= 2 else
+                                                "must be at least 2 (one step gives NaN sigmas with the Qwen "
+                                                "scheduler)")
+    validation_negative_prompt: str = field(" ")
+    validation_seed: Optional[int] = field(None)
+    eval_dataset_id: Optional[str] = field(None)
+    num_eval_images: int = field(4, check=positive)
+    vae_batch_size: int = field(4, check=positive, doc="images per VAE encode batch (same size only); lower it "
+                                                       "when the encoder runs out of memory")
+    # dataset hygiene
+    bad_image_policy: Literal["fail", "skip"] = field("fail", doc="corrupt/oversized images: fail the run or "
+                                                                  "skip them with a warning")
+    max_image_pixels: int = field(89_478_485, check=positive, doc="images above this many pixels are refused "
+                                                                   "(decompression-bomb guard)")
+
+    @property
+    def model_path(self) -> str:
+        return self.pretrained_model_name_or_path or FLAVOURS[self.model_flavour].default_model_id
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        return float(self.lora_alpha) if self.lora_alpha is not None else float(self.lora_rank)
+
+    @property
+    def validation_size(self) -> tuple[int, int]:
+        wh = parse_wxh(self.validation_resolution)
+        assert isinstance(wh, tuple)
+        return wh
+
+
+# ------------------------------------------------------------------------------------------ dataset entries
+@dataclass(frozen=True)
+class DatasetConfig:
+    id: str = field(doc="unique dataset id")
+    type: Literal["local", "aws"] = field("local")
+    dataset_type: Literal["image", "conditioning", "conditioning_image_embeds", "text_embeds"] = field("image")
+    instance_data_dir: Optional[str] = field(None)
+    caption_strategy: Literal["textfile", "filename", "instanceprompt"] = field("filename")
+    instance_prompt: Optional[str] = field(None)
+    resolution: Optional[float] = field(None, check=positive, doc="pixels, megapixels or pixel area per "
+                                                                  "resolution_type")
+    resolution_type: Literal["pixel", "area", "pixel_area"] = field("pixel_area")
+    conditioning_data: list[str] = field([])
+    conditioning_image_embeds: Optional[str] = field(None)
+    conditioning_type: Literal["reference_strict", "reference_loose"] = field("reference_strict")
+    cache_dir_vae: Optional[str] = field(None)
+    cache_dir: Optional[str] = field(None)
+    disabled: bool = field(False)
+    repeats: int = field(0, check=non_negative)
+    crop_style: Literal["center"] = field("center")
+    # type=aws (SimpleTuner's names)
+    aws_bucket_name: Optional[str] = field(None)
+    aws_data_prefix: str = field("")
+    aws_endpoint_url: Optional[str] = field(None)
+    aws_region_name: Optional[str] = field(None)
+    aws_access_key_id: Optional[str] = field(None)
+    aws_secret_access_key: Optional[str] = field(None)
+
+    @property
+    def target_area(self) -> int:
+        """Bucket area in pixels for this dataset's resolution and resolution_type."""
+        res = self.resolution if self.resolution is not None else 1024
+        if self.resolution_type == "area":
+            return int(round(res * 1_000_000))
+        return int(round(res * res))
+
+    @property
+    def vae_cache_prefix(self) -> str:
+        return _prefix(self.cache_dir_vae or f"cache/vae/{self.id}")
+
+    @property
+    def aws_fields(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("aws_bucket_name", "aws_endpoint_url", "aws_region_name",
+                                              "aws_access_key_id", "aws_secret_access_key")}
+
+
+def _prefix(path: str) -> str:
+    """A config cache directory ('cache/vae/x', './cache/x/', '/abs/cache/x') as a store key prefix."""
+    parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
+    return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The parsed multidatabackend.json: every enabled entry, in file order."""
+
+    source: str
+    datasets: tuple[DatasetConfig, ...]
+
+    def get(self, dataset_id: str) -> DatasetConfig:
+        for d in self.datasets:
+            if d.id == dataset_id:
+                return d
+        raise KeyError(dataset_id)
+
+    @property
+    def image_datasets(self) -> list[DatasetConfig]:
+        return [d for d in self.datasets if d.dataset_type == "image"]
+
+    def references_of(self, d: DatasetConfig) -> list[DatasetConfig]:
+        return [self.get(i) for i in d.conditioning_data]
+
+    def text_cache_prefix(self, d: DatasetConfig, flavour: str) -> str:
+        """Where caption embeddings of image dataset ``d`` go: for edit-v1 the conditioning_image_embeds
+        entry's cache_dir (default cache/conditioning_image_embeds/<id>); else cache/text/<id>."""
+        if flavour == "edit-v1":
+            if d.conditioning_image_embeds:
+                e = self.get(d.conditioning_image_embeds)
+                return _prefix(e.cache_dir or f"cache/conditioning_image_embeds/{e.id}")
+            return f"cache/conditioning_image_embeds/{d.id}"
+        return f"cache/text/{d.id}"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs: the training config, the datasets, and what was ignored."""
+
+    train: TrainConfig
+    data: DataConfig
+    config_source: str
+    warnings: tuple[str, ...] = ()

@@ -1,0 +1,252 @@
+"""Paired datasets: discover images, read captions, pair targets with references, place them in buckets.
+
+A sample is one edit: a target image (the ``image`` dataset), its caption (the edit instruction) and one
+reference per conditioning dataset, paired by relative path and file stem ("they share the same file names";
+the extension may differ). Everything that would make training fail later — a reference missing for a target,
+an empty folder, an unreadable image, a missing caption file — is found here, before any encoding, and reported
+all at once with the dataset and file names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Iterable
+
+from PIL import Image
+
+from shared.config.schema import DataConfig, DatasetConfig, RunConfig, TrainConfig
+from shared.data.geometry import (Placement, bucket_for_area, bucket_for_short_side, cover_crop, packed_size,
+                                  strict_reference)
+from shared.data.sources import IMAGE_EXTENSIONS, ImageSource, open_image, open_source
+from shared.errors import DatasetError, InvalidInput, Problem
+
+MAX_LISTED = 10  # files named per problem before "... and N more"
+
+
+# ------------------------------------------------------------------------------------------------- samples
+@dataclass(frozen=True)
+class ImageRecord:
+    dataset_id: str
+    relpath: str
+    size: tuple[int, int]
+    sha256: str  # of the file's bytes, taken while scanning: cache keys need it, and S3 sources cost a read
+    @property
+    def key(self) -> str:
+        return str(PurePosixPath(self.relpath).with_suffix(""))
+
+
+@dataclass(frozen=True)
+class Reference:
+    dataset_id: str
+    image: ImageRecord
+    placement: Placement
+
+
+@dataclass(frozen=True)
+class Sample:
+    dataset_id: str
+    key: str
+    target: ImageRecord
+    caption: str
+    placement: Placement
+    references: tuple[Reference, ...]
+
+    @property
+    def bucket(self) -> tuple[int, int]:
+        return self.placement.size
+
+
+@dataclass
+class PairedDataset:
+    config: DatasetConfig
+    role: str  # "train" or "eval"
+    samples: list[Sample]
+    sources: dict[str, ImageSource]
+    skipped: list[str] = field(default_factory=list)
+
+    def buckets(self) -> dict[tuple[int, int], int]:
+        out: dict[tuple[int, int], int] = {}
+        for s in self.samples:
+            out[s.bucket] = out.get(s.bucket, 0) + 1
+        return dict(sorted(out.items()))
+
+
+def _names(items: Iterable[str]) -> str:
+    items = sorted(items)
+    shown = ", ".join(items[:MAX_LISTED])
+    return shown + (f" … and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
+
+
+# -------------------------------------------------------------------------------------------------- scan
+@dataclass
+class _Scan:
+    records: dict[str, ImageRecord]
+    files: set[str]
+    bad: dict[str, str]  # key -> message
+
+
+def _scan(ds: DatasetConfig, src: ImageSource, where: str, max_pixels: int, problems: list[Problem]) -> _Scan:
+    files = set(src.list_files())
+    by_key: dict[str, list[str]] = {}
+    for rel in sorted(files):
+        if PurePosixPath(rel).suffix.lower() in IMAGE_EXTENSIONS and not PurePosixPath(rel).name.startswith("."):
+            by_key.setdefault(str(PurePosixPath(rel).with_suffix("")), []).append(rel)
+    records: dict[str, ImageRecord] = {}
+    bad: dict[str, str] = {}
+    for key, rels in by_key.items():
+        if len(rels) > 1:
+            problems.append(Problem(where, f"{', '.join(rels)} share the stem {key!r}; pairing is by name, so keep "
+                                           "only one of them"))
+            continue
+        data = src.read(rels[0])
+        try:
+            # a full decode: truncated files are found now, before any encoding, not half-way through a run
+            size = open_image(data, f"{src.label}/{rels[0]}", max_pixels).size
+        except InvalidInput as e:
+            bad[key] = str(e)
+            continue
+        records[key] = ImageRecord(ds.id, rels[0], size, hashlib.sha256(data).hexdigest())
+    if not records and not bad:
+        problems.append(Problem(where, f"{src.label} contains no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                                       "check instance_data_dir"))
+    return _Scan(records, files, bad)
+
+
+def read_caption(ds: DatasetConfig, src: ImageSource, rec: ImageRecord, files: set[str]) -> str | None:
+    """The caption per caption_strategy; None when a textfile caption is missing."""
+    if ds.caption_strategy == "instanceprompt":
+        return ds.instance_prompt or ""
+    if ds.caption_strategy == "filename":
+        return PurePosixPath(rec.relpath).stem.replace("_", " ").strip()
+    txt = rec.key + ".txt"
+    if txt not in files:
+        return None
+    return src.read(txt).decode("utf-8", errors="replace").strip()
+
+
+# ------------------------------------------------------------------------------------------------ placement
+def target_placement(ds: DatasetConfig, size: tuple[int, int]) -> Placement:
+    if ds.resolution_type == "pixel":
+        bucket = bucket_for_short_side(*size, int(ds.resolution or 1024))
+    else:
+        bucket = bucket_for_area(*size, ds.target_area)
+    return cover_crop(size, bucket)
+
+
+def reference_placement(train: TrainConfig, ref_ds: DatasetConfig, target: Placement,
+                        ref_size: tuple[int, int]) -> Placement:
+    """Where a reference goes. edit-v1, or match_target_res: strict → the target's bucket and crop; loose → its
+    own bucket (at the target's area with match_target_res). edit-v2/v3 default: packed to ~reference_area
+    pixels (1 MP), strict keeping the target's crop, loose at the reference's own aspect like the pipelines."""
+    tw, th = target.size
+    packed = train.model_flavour != "edit-v1" and not train.model_kwargs.match_target_res
+    area = train.model_kwargs.reference_area
+    if ref_ds.conditioning_type == "reference_strict":
+        return strict_reference(target, ref_size, packed_size(tw / th, area) if packed else None)
+    if packed:
+        size = packed_size(ref_size[0] / ref_size[1], area)
+        return Placement(ref_size, size, (0, 0), size, size)
+    if train.model_flavour != "edit-v1":  # match_target_res, loose: the target's area at the reference's aspect
+        return cover_crop(ref_size, bucket_for_area(*ref_size, tw * th))
+    return target_placement(ref_ds, ref_size)
+
+
+# --------------------------------------------------------------------------------------------------- pairing
+def pair_datasets(run: RunConfig) -> tuple[list[PairedDataset], list[str]]:
+    """Scan and pair every image dataset with its references. Returns the paired datasets (training and eval)
+    and warnings; raises one DatasetError listing every problem found."""
+    train, data = run.train, run.data
+    problems: list[Problem] = []
+    warnings: list[str] = []
+    scans: dict[str, _Scan] = {}
+    sources: dict[str, ImageSource] = {}
+    for ds in data.datasets:
+        if ds.dataset_type not in ("image", "conditioning"):
+            continue
+        where = _where(data, ds)
+        try:
+            sources[ds.id] = open_source(ds, where)
+        except DatasetError as e:
+            problems.extend(e.problems)
+            continue
+        scans[ds.id] = _scan(ds, sources[ds.id], where, train.max_image_pixels, problems)
+    out = []
+    for ds in data.image_datasets:
+        if ds.id not in scans or any(r not in scans for r in ds.conditioning_data):
+            continue
+        out.append(_pair_one(run, ds, scans, sources, problems, warnings))
+    if problems:
+        raise DatasetError(problems)
+    return out, warnings
+
+
+def _where(data: DataConfig, ds: DatasetConfig) -> str:
+    return f"dataset {ds.id!r} ({data.source})"
+
+
+def _pair_one(run: RunConfig, ds: DatasetConfig, scans: dict[str, _Scan], sources: dict[str, ImageSource],
+              problems: list[Problem], warnings: list[str]) -> PairedDataset:
+    train, data = run.train, run.data
+    main = scans[ds.id]
+    refs = data.references_of(ds)
+    skip = train.bad_image_policy == "skip"
+    bad = dict(main.bad)
+    for r in refs:
+        bad.update({k: m for k, m in scans[r.id].bad.items() if k in main.records or k in main.bad})
+    for r in refs:
+        rscan = scans[r.id]
+        missing = [main.records[k].relpath for k in main.records if k not in rscan.records and k not in rscan.bad]
+        if missing:
+            problems.append(Problem(
+                _where(data, r),
+                f"has no reference for {len(missing)} of {len(main.records)} images of {ds.id!r}: {_names(missing)}. "
+                f"Every reference dataset needs a file with the same name (relative path and stem; the extension "
+                f"may differ) for every edit image, or training fails with \"Control tensor list length does not "
+                f"match batch size\". Add the missing files to {sources[r.id].label} or remove those images."))
+        orphans = [rec.relpath for k, rec in rscan.records.items() if k not in main.records and k not in main.bad]
+        if orphans:
+            warnings.append(f"{_where(data, r)}: {len(orphans)} reference(s) with no edit image in {ds.id!r} are "
+                            f"unused: {_names(orphans)}")
+    for key, msg in sorted(bad.items()):
+        if skip:
+            warnings.append(f"skipping sample {key!r} of {ds.id!r}: {msg}")
+        else:
+            problems.append(Problem(_where(data, ds) if key in main.bad else "reference image", msg))
+    if bad and not skip:
+        problems.append(Problem(_where(data, ds), "unreadable images found; fix or remove them, or set "
+                                                  "bad_image_policy to 'skip' to train without them"))
+    samples = []
+    missing_captions = []
+    for key, rec in sorted(main.records.items()):
+        if key in bad or any(key not in scans[r.id].records for r in refs):
+            continue
+        caption = read_caption(ds, sources[ds.id], rec, main.files)
+        if caption is None:
+            missing_captions.append(rec.relpath)
+            continue
+        tp = target_placement(ds, rec.size)
+        references = tuple(Reference(r.id, scans[r.id].records[key],
+                                     reference_placement(train, r, tp, scans[r.id].records[key].size))
+                           for r in refs)
+        samples.append(Sample(ds.id, key, rec, caption, tp, references))
+    if missing_captions:
+        problems.append(Problem(_where(data, ds), f"caption_strategy 'textfile' but no .txt caption beside "
+                                                  f"{len(missing_captions)} image(s): {_names(missing_captions)}; "
+                                                  "add <name>.txt files or use caption_strategy 'filename' or "
+                                                  "'instanceprompt'"))
+    role = "eval" if train.eval_dataset_id == ds.id else "train"
+    srcs = {ds.id: sources[ds.id], **{r.id: sources[r.id] for r in refs}}
+    return PairedDataset(ds, role, samples, srcs, skipped=sorted(bad) if skip else [])
+
+
+def load_sample_images(ds: PairedDataset, sample: Sample, max_pixels: int) -> tuple[Image.Image, list[Image.Image]]:
+    """Decode a sample's target and references and apply their placements (the exact pixels to encode)."""
+    def one(rec: ImageRecord, placement: Placement) -> Image.Image:
+        src = ds.sources[rec.dataset_id]
+        img = open_image(src.read(rec.relpath), f"{src.label}/{rec.relpath}", max_pixels)
+        return placement.apply(img)
+
+    target = one(sample.target, sample.placement)
+    return target, [one(r.image, r.placement) for r in sample.references]

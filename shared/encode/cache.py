@@ -1,0 +1,211 @@
+"""The cache's layout and keys: what is cached where, when an entry is still valid, and the training index.
+
+What is cached, and where (prefixes come from the config):
+
+- ``<cache_dir_vae of the image's dataset>/<sample key>.safetensors``: ``latents`` (16, h, w) normalised VAE
+  latents of the placed (bucketed, cropped) image, for targets and references alike.
+- ``<text prefix>/<sample key>.safetensors``: ``prompt_embeds`` (L, D) and ``prompt_mask`` (L,) of the caption
+  conditioned on the sample's reference(s) through the flavour's edit template; plus ``null_embeds`` /
+  ``null_mask`` (the empty caption with the same references) when caption dropout is on. For edit-v1 the text
+  prefix is the conditioning_image_embeds cache. With ``conditioning_multidataset_sampling=random`` there is one
+  file per reference dataset: ``<text prefix>/<sample key>/<reference dataset id>.safetensors``.
+- ``<prefix>/manifest.json`` per cache prefix: sample key → object, cache key, bucket, shapes, dtypes, sources.
+- ``cache/index/<dataset id>/<settings digest>.json``: what training reads — per sample its caption, bucket and
+  the objects of its target latents, reference latents (in conditioning_data order) and caption embedding(s).
+  The digest covers the model, flavour and dataset entry, so differently configured runs never share an index.
+
+Each entry's *cache key* hashes everything that changes its tensors (image bytes, placement, caption, model
+fingerprint, dtype, flavour, reference area). An entry whose key is unchanged and whose object exists is not
+encoded again, so a second encode of an unchanged dataset encodes nothing and a changed caption re-encodes
+exactly one text entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shared.config.flavours import get_flavour
+from shared.config.schema import RunConfig
+from shared.data.pairing import PairedDataset, Sample
+from shared.errors import NotFound
+from shared.model.fingerprint import model_fingerprint
+from shared.store.base import ObjectStore
+
+CACHE_FORMAT = "edittuner.cache.v1"
+MANIFEST = "manifest.json"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class Item:
+    """One cache entry to produce: a VAE latent of one image, or the caption embedding of one sample."""
+
+    kind: str  # "vae" or "text"
+    prefix: str
+    entry: str  # the manifest key: sample key, or "<sample key>/<reference dataset id>" (random sampling)
+    cache_key: str
+    dataset: PairedDataset
+    sample: Sample
+    ref_index: int | None  # vae: None = the target, i = reference i; text: the chosen reference (random)
+    sources: dict[str, str]  # relpath → sha256 of the bytes
+
+    @property
+    def object_key(self) -> str:
+        return f"{self.prefix}/{self.entry}.safetensors"
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What, beyond the images, decides the tensors: part of every cache key."""
+
+    flavour: str
+    model: str
+    model_fp: str
+    dtype: str
+    vl_area: int
+    with_null: bool
+    random_refs: bool
+
+
+def settings_for(run: RunConfig, dtype: torch.dtype) -> EncodeSettings:
+    t = run.train
+    flav = get_flavour(t.model_flavour)
+    return EncodeSettings(
+        flavour=flav.name, model=t.model_path,
+        model_fp=model_fingerprint(t.model_path, ("vae", "text_encoder", "tokenizer", "processor")),
+        dtype=str(dtype).removeprefix("torch."), vl_area=t.model_kwargs.vl_reference_area or flav.vl_ref_area,
+        with_null=t.caption_dropout_probability > 0, random_refs=t.conditioning_multidataset_sampling == "random")
+
+
+def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) -> list[Item]:
+    """Every cache entry the datasets need, with its cache key (source hashes come from the scan)."""
+    items: list[Item] = []
+    base = dataclasses.asdict(settings)
+    users: dict[str, int] = {}
+    for d in run.data.image_datasets:
+        for rid in d.conditioning_data:
+            users[rid] = users.get(rid, 0) + 1
+    for ds in paired:
+        text_prefix = run.data.text_cache_prefix(ds.config, settings.flavour)
+        refs_cfg = run.data.references_of(ds.config)
+        for s in ds.samples:
+            t_sha = s.target.sha256
+            vae_common = {"model_fp": settings.model_fp, "dtype": settings.dtype, "format": CACHE_FORMAT}
+            items.append(Item("vae", ds.config.vae_cache_prefix, s.key,
+                              _digest({**vae_common, "src": t_sha, "place": s.placement.to_json()}),
+                              ds, s, None, {s.target.relpath: t_sha}))
+            ref_shas = []
+            for i, (r, rcfg) in enumerate(zip(s.references, refs_cfg)):
+                r_sha = r.image.sha256
+                ref_shas.append((r_sha, r.placement.to_json()))
+                # a reference dataset shared by several image datasets is placed per image dataset
+                entry = s.key if users.get(rcfg.id, 0) <= 1 else f"{ds.config.id}/{s.key}"
+                items.append(Item("vae", rcfg.vae_cache_prefix, entry,
+                                  _digest({**vae_common, "src": r_sha, "place": r.placement.to_json()}),
+                                  ds, s, i, {r.image.relpath: r_sha}))
+            choices = list(range(len(s.references))) if settings.random_refs else [None]
+            for choice in choices:
+                used = ref_shas if choice is None else [ref_shas[choice]]
+                entry = s.key if choice is None else f"{s.key}/{s.references[choice].dataset_id}"
+                items.append(Item("text", text_prefix, entry,
+                                  _digest({**base, "caption": s.caption, "refs": used, "format": CACHE_FORMAT}),
+                                  ds, s, choice, {s.target.relpath: t_sha}))
+    return items
+
+
+# -------------------------------------------------------------------------------------------- manifests
+class Manifests:
+    """The per-prefix manifest.json files, loaded lazily and written back as they change."""
+
+    def __init__(self, store: ObjectStore):
+        self.store = store
+        self.docs: dict[str, dict[str, Any]] = {}
+        self.dirty: set[str] = set()
+
+    def doc(self, prefix: str) -> dict[str, Any]:
+        if prefix not in self.docs:
+            try:
+                d = self.store.get_json(f"{prefix}/{MANIFEST}")
+            except NotFound:
+                d = None
+            if not isinstance(d, dict) or d.get("format") != CACHE_FORMAT:
+                d = {"format": CACHE_FORMAT, "entries": {}}
+            self.docs[prefix] = d
+        return self.docs[prefix]
+
+    def entry(self, prefix: str, entry: str) -> dict[str, Any] | None:
+        return self.doc(prefix)["entries"].get(entry)
+
+    def set(self, prefix: str, entry: str, value: dict[str, Any]) -> None:
+        self.doc(prefix)["entries"][entry] = value
+        self.dirty.add(prefix)
+
+    def flush(self) -> None:
+        for prefix in sorted(self.dirty):
+            self.store.put_json(f"{prefix}/{MANIFEST}", self.docs[prefix])
+        self.dirty.clear()
+
+
+def is_cached(item: Item, manifests: Manifests) -> bool:
+    e = manifests.entry(item.prefix, item.entry)
+    return e is not None and e.get("cache_key") == item.cache_key and manifests.store.exists(item.object_key)
+
+
+def cache_status(items: list[Item], manifests: Manifests) -> dict[str, tuple[int, int]]:
+    """kind → (cached, total)."""
+    out: dict[str, tuple[int, int]] = {}
+    for it in items:
+        c, t = out.get(it.kind, (0, 0))
+        out[it.kind] = (c + is_cached(it, manifests), t + 1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ index
+INDEX_FORMAT = "edittuner.index.v1"
+
+
+def index_key(run: RunConfig, dataset_id: str, settings: EncodeSettings) -> str:
+    entry = dataclasses.asdict(run.data.get(dataset_id))
+    entry.pop("aws_secret_access_key", None)
+    refs = [dataclasses.asdict(r) | {"aws_secret_access_key": None} for r in
+            run.data.references_of(run.data.get(dataset_id))]
+    digest = _digest({"settings": dataclasses.asdict(settings), "dataset": entry, "refs": refs,
+                      "match_target_res": run.train.model_kwargs.match_target_res,
+                      "reference_area": run.train.model_kwargs.reference_area, "format": INDEX_FORMAT})
+    return f"cache/index/{dataset_id}/{digest[:32]}.json"
+
+
+def write_index(store: ObjectStore, run: RunConfig, ds: PairedDataset, items: list[Item], manifests: Manifests,
+                settings: EncodeSettings) -> str:
+    """Record, for training, every sample whose entries are all cached (a failed one is left out)."""
+    by_sample: dict[str, list[Item]] = {}
+    for it in items:
+        by_sample.setdefault(it.sample.key, []).append(it)
+    samples = []
+    for s in ds.samples:
+        its = by_sample.get(s.key, [])
+        if not its or not all(is_cached(it, manifests) for it in its):
+            continue
+        vae = {it.ref_index: it.object_key for it in its if it.kind == "vae"}
+        text = {("" if it.ref_index is None else s.references[it.ref_index].dataset_id): it.object_key
+                for it in its if it.kind == "text"}
+        samples.append({"key": s.key, "caption": s.caption, "bucket": list(s.bucket),
+                        "reference_sizes": [list(r.placement.final) for r in s.references],
+                        "target": vae[None], "references": [vae[i] for i in range(len(s.references))],
+                        "reference_datasets": [r.dataset_id for r in s.references], "text": text})
+    key = index_key(run, ds.config.id, settings)
+    store.put_json(key, {"format": INDEX_FORMAT, "dataset": ds.config.id, "role": ds.role,
+                         "flavour": settings.flavour, "model": settings.model, "model_fp": settings.model_fp,
+                         "null_embeds": settings.with_null, "random_references": settings.random_refs,
+                         "repeats": ds.config.repeats, "samples": samples})
+    return key

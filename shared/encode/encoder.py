@@ -1,0 +1,183 @@
+"""Encode paired datasets into the store: VAE latents per image, caption embeddings per sample (layout and
+keys in ``shared.encode.cache``; the tensor math in ``shared.encode.ops``).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from shared.config.schema import RunConfig
+from shared.data.pairing import PairedDataset, pair_datasets
+from shared.data.sources import open_image
+from shared.encode.cache import CACHE_FORMAT, Item, Manifests, is_cached, plan, settings_for, write_index
+from shared.errors import DatasetError, InvalidInput, Problem
+from shared.model.device import resolve_device
+from shared.store.base import ObjectStore
+
+
+@dataclass
+class EncodeStats:
+    encoded: int = 0
+    cached: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.encoded + self.cached + self.failed
+
+
+class DatasetEncoder:
+    """Loads the VAE and text encoder lazily, encodes what the plan says is missing, writes caches."""
+
+    def __init__(self, run: RunConfig, store: ObjectStore, pipe: Any = None, batch_size: int | None = None):
+        from shared.model.device import resolve_dtype
+
+        self.run = run
+        self.store = store
+        self.device = resolve_device(run.train.device)
+        self.dtype = resolve_dtype(run.train.mixed_precision, self.device)
+        self.batch_size = batch_size or run.train.vae_batch_size
+        self._pipe = pipe
+
+    @property
+    def pipe(self) -> Any:
+        if self._pipe is None:
+            from shared.model.loading import load_encoder_pipeline
+
+            self._pipe = load_encoder_pipeline(self.run.train.model_path, self.run.train.model_flavour,
+                                               device=self.device, dtype=self.dtype)
+        return self._pipe
+
+    @property
+    def pipe_key(self) -> tuple[str, str, str, str]:
+        """What identifies the loaded models: a service reuses them across jobs with the same key."""
+        t = self.run.train
+        return (t.model_path, t.model_flavour, str(self.device), str(self.dtype))
+
+    def release(self) -> None:
+        """Free the models (the trainer needs the GPU next)."""
+        self._pipe = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def prepare(self) -> tuple[list[PairedDataset], list[Item], Manifests, list[str]]:
+        paired, warnings = pair_datasets(self.run)
+        items = plan(self.run, paired, settings_for(self.run, self.dtype))
+        return paired, items, Manifests(self.store), warnings
+
+    def encode(self, progress: Callable[[EncodeStats, int], None] | None = None) -> EncodeStats:
+        stats, _ = self.encode_with_index(progress)
+        return stats
+
+    def encode_with_index(self, progress: Callable[[EncodeStats, int], None] | None = None
+                          ) -> tuple[EncodeStats, list[str]]:
+        """Encode every missing entry. Per-image failures are counted and named; with bad_image_policy 'fail'
+        they raise a DatasetError at the end — after everything that did encode is safely in the store."""
+        paired, items, manifests, _ = self.prepare()
+        stats = EncodeStats()
+        todo = []
+        for it in items:
+            if is_cached(it, manifests):
+                stats.cached += 1
+            else:
+                todo.append(it)
+        if progress:
+            progress(stats, len(items))
+        vae = [it for it in todo if it.kind == "vae"]
+        text = [it for it in todo if it.kind == "text"]
+        by_size: dict[tuple[int, int], list[Item]] = {}
+        for it in vae:
+            by_size.setdefault(self._placement(it).final, []).append(it)
+        batches = [group[i:i + self.batch_size] for group in by_size.values()
+                   for i in range(0, len(group), self.batch_size)]
+        try:
+            for batch in batches:
+                self._run(batch, self._encode_vae, manifests, stats)
+                if progress:
+                    progress(stats, len(items))
+            for it in text:
+                self._run([it], self._encode_text, manifests, stats)
+                if progress:
+                    progress(stats, len(items))
+        finally:
+            manifests.flush()
+        if stats.failures and self.run.train.bad_image_policy == "fail":
+            raise DatasetError([Problem("encode", f) for f in stats.failures], "encoding failed")
+        settings = settings_for(self.run, self.dtype)
+        index_keys = [write_index(self.store, self.run, ds, [i for i in items if i.dataset is ds], manifests,
+                                  settings) for ds in paired]
+        return stats, index_keys
+
+    # ---- internals
+    def _run(self, batch: list[Item], fn: Callable[[list[Item]], list[tuple[dict, dict]]], manifests: Manifests,
+             stats: EncodeStats) -> None:
+        try:
+            results = fn(batch)
+        except InvalidInput as e:  # an image that scanned fine but fails now (changed on disk meanwhile)
+            stats.failed += len(batch)
+            stats.failures.append(str(e))
+            return
+        before = stats.encoded
+        for it, (tensors, meta) in zip(batch, results):
+            meta = {"cache_key": it.cache_key, "format": CACHE_FORMAT, **meta}
+            self.store.put_tensors(it.object_key, tensors, {k: str(v) for k, v in meta.items()})
+            manifests.set(it.prefix, it.entry, {
+                "object": it.object_key, "cache_key": it.cache_key, "dataset": it.dataset.config.id,
+                "sample": it.sample.key, "bucket": list(it.sample.bucket),
+                "shapes": {k: list(v.shape) for k, v in tensors.items()},
+                "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()},
+                "sources": it.sources, "model": self.run.train.model_path})
+            stats.encoded += 1
+        if manifests.dirty and stats.encoded // 64 != before // 64:  # bound what a killed worker re-encodes
+            manifests.flush()
+
+    def _placement(self, it: Item):
+        return it.sample.placement if it.ref_index is None else it.sample.references[it.ref_index].placement
+
+    def _image(self, it: Item, ref_index: int | None):
+        rec = it.sample.target if ref_index is None else it.sample.references[ref_index].image
+        place = it.sample.placement if ref_index is None else it.sample.references[ref_index].placement
+        src = it.dataset.sources[rec.dataset_id]
+        img = open_image(src.read(rec.relpath), f"{src.label}/{rec.relpath}", self.run.train.max_image_pixels)
+        return place.apply(img)
+
+    def _encode_vae(self, batch: list[Item]) -> list[tuple[dict, dict]]:
+        from shared.encode.ops import encode_vae_latents
+
+        w, h = self._placement(batch[0]).final
+        images = [self._image(it, it.ref_index) for it in batch]
+        latents_BChw = encode_vae_latents(self.pipe.vae, self.pipe.image_processor, images, h, w).cpu()
+        return [({"latents": latents_BChw[i].contiguous()},
+                 {"width": w, "height": h, "placement": json.dumps(self._placement(it).to_json())})
+                for i, it in enumerate(batch)]
+
+    def _encode_text(self, batch: list[Item]) -> list[tuple[dict, dict]]:
+        from shared.encode.ops import encode_null_prompt, encode_prompt
+
+        [it] = batch
+        idx = range(len(it.sample.references)) if it.ref_index is None else [it.ref_index]
+        refs = [[self._image(it, i) for i in idx]]
+        vl_area = self.run.train.model_kwargs.vl_reference_area
+        flavour = self.run.train.model_flavour
+        embeds, mask = encode_prompt(self.pipe, flavour, [it.sample.caption], refs, vl_area)
+        tensors = {"prompt_embeds": embeds[0].to(self.dtype).cpu(), "prompt_mask": mask[0].cpu()}
+        if self.run.train.caption_dropout_probability > 0:
+            n_embeds, n_mask = encode_null_prompt(self.pipe, flavour, refs, vl_area)
+            tensors |= {"null_embeds": n_embeds[0].to(self.dtype).cpu(), "null_mask": n_mask[0].cpu()}
+        return [(tensors, {"caption": it.sample.caption})]
+
+
+def encode_run(run: RunConfig, store: ObjectStore, progress=None, pipe: Any = None) -> EncodeStats:
+    """Encode a run's datasets into ``store`` (the core of encoder_svc and ``edittuner encode``)."""
+    enc = DatasetEncoder(run, store, pipe=pipe)
+    try:
+        return enc.encode(progress)
+    finally:
+        enc.release()

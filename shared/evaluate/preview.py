@@ -1,0 +1,335 @@
+"""Validation previews and metrics of a run's LoRA: what the eval service renders every validation interval.
+
+For each evaluation sample: the base model's edit (adapters off) and the LoRA's edit (adapters on) of the sample's
+references, rendered with our own sampler at the references' *training* sizes (``shared.evaluate.sampling``), composed into
+one PNG grid ``reference(s) | base | LoRA | target``, and scored by PSNR against the target, base and LoRA alike so
+the improvement is visible. Beside the images, a held-out flow-matching loss on the *cached* tensors at fixed
+sigmas with fixed noise: the same number for the same weights, so a curve over steps moves only when the LoRA
+does. Everything lands under ``<prefix>/step-<N>/`` in the store: one ``<sample key>.png`` per sample and
+``metrics.json``.
+
+Works on any pipeline whose transformer carries a peft adapter: the training transformer itself (``add_adapter``)
+or a pipeline that loaded an exported file (``load_lora_weights``); both go through diffusers' PeftAdapterMixin.
+
+Legend: B batch, C latent channels, h/w latent size, L tokens, D text width; W/H the validation size in pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+from shared.config.schema import RunConfig
+from shared.data.pairing import PairedDataset, Sample, load_sample_images
+from shared.evaluate.sampling import decode, denoise, encode_conditioning
+from shared.model.flow import EditBatch, flow_matching_loss
+from shared.store.base import ObjectStore
+
+HELDOUT_SIGMAS: tuple[float, ...] = (0.25, 0.5, 0.75)
+LABEL_HEIGHT = 14  # pixels of the caption strip above each grid cell
+PSNR_CAP_DB = 100.0  # identical images: report a finite number (JSON has no infinity)
+_BACKGROUND = (32, 32, 32)
+_LABEL_COLOUR = (235, 235, 235)
+
+
+# ----------------------------------------------------------------------------------------- eval samples
+def select_eval_samples(run: RunConfig, paired: Sequence[PairedDataset]) -> list[tuple[PairedDataset, Sample]]:
+    """The samples previews are rendered for: the first ``num_eval_images`` of ``eval_dataset_id`` when the
+    config names one (held out from training), else the first ``num_eval_images`` of the training datasets in
+    file order, so that the same samples are shown at every step."""
+    n = run.train.num_eval_images
+    eval_id = run.train.eval_dataset_id
+    if eval_id is not None:
+        pool = [ds for ds in paired if ds.config.id == eval_id]
+    else:
+        pool = [ds for ds in paired if ds.role == "train"]
+    return [(ds, s) for ds in pool for s in ds.samples][:n]
+
+
+def index_entries(store: ObjectStore, index_keys: Sequence[str],
+                  samples: Sequence[tuple[PairedDataset, Sample]]) -> list[dict[str, Any]]:
+    """The training-index entries (see ``shared.encode.cache.write_index``) of ``samples``, in their order; a sample
+    the index lacks (failed to encode) is left out, since there is no cached tensor to score it on."""
+    by_id: dict[tuple[str, str], dict[str, Any]] = {}
+    for key in index_keys:
+        doc = store.get_json(key)
+        by_id.update({(doc["dataset"], e["key"]): e for e in doc["samples"]})
+    return [by_id[(ds.config.id, s.key)] for ds, s in samples if (ds.config.id, s.key) in by_id]
+
+
+# ------------------------------------------------------------------------------------------ adapter state
+def has_adapter(transformer: torch.nn.Module) -> bool:
+    return bool(getattr(transformer, "_hf_peft_config_loaded", False))
+
+
+def _tuner_layers(transformer: torch.nn.Module) -> list[Any]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextmanager
+def adapters_disabled(transformer: torch.nn.Module) -> Iterator[None]:
+    """Run the base model inside the block, then put every adapter layer back exactly as it was.
+
+    diffusers' ``disable_adapters``/``enable_adapters`` also flip ``requires_grad`` of the LoRA weights (peft's
+    ``set_adapter`` makes active adapters trainable), and a layer may have been disabled before we came: so the
+    previous per-layer state and every parameter's ``requires_grad`` are restored rather than blindly enabled —
+    a training transformer keeps training the same parameters, an inference one stays frozen.
+    """
+    if not has_adapter(transformer):
+        yield
+        return
+    layers = _tuner_layers(transformer)
+    was_disabled = [layer.disable_adapters for layer in layers]
+    grads = {p: p.requires_grad for p in transformer.parameters()}
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        for layer, disabled in zip(layers, was_disabled):
+            layer.enable_adapters(not disabled)
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Dropout (lora_dropout) off while rendering, so previews are a function of the weights and the seed."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+# ------------------------------------------------------------------------------------------ image metrics
+def psnr(image: Image.Image, reference: Image.Image) -> float:
+    """PSNR in dB of two RGB images of the same size, on 8-bit values; capped at ``PSNR_CAP_DB`` when equal."""
+    a = np.asarray(image.convert("RGB"), dtype=np.float64)
+    b = np.asarray(reference.convert("RGB"), dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"PSNR of images of different sizes: {image.size} vs {reference.size}")
+    mse = float(np.mean((a - b) ** 2))
+    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(255.0 ** 2 / mse))
+
+
+def target_at(target: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The target at the validation size, what an output is scored against (a plain Lanczos resize)."""
+    return target if target.size == size else target.resize(size, Image.Resampling.LANCZOS)
+
+
+def compose_grid(cells: Sequence[Image.Image], labels: Sequence[str], cell_size: tuple[int, int]) -> Image.Image:
+    """One row of cells of ``cell_size`` (W, H), each image fitted inside keeping its aspect ratio, with a label
+    strip of ``LABEL_HEIGHT`` above: grids of every sample line up whatever their buckets."""
+    W, H = cell_size
+    grid = Image.new("RGB", (W * len(cells), H + LABEL_HEIGHT), _BACKGROUND)
+    draw = ImageDraw.Draw(grid)
+    for i, (img, label) in enumerate(zip(cells, labels, strict=True)):
+        fitted = ImageOps.contain(img.convert("RGB"), (W, H), Image.Resampling.LANCZOS)
+        grid.paste(fitted, (i * W + (W - fitted.width) // 2, LABEL_HEIGHT + (H - fitted.height) // 2))
+        draw.text((i * W + 2, 1), label, fill=_LABEL_COLOUR)
+    return grid
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ held-out loss
+@dataclass(frozen=True)
+class HeldoutLoss:
+    per_sigma: dict[str, float]  # "0.25" → mean loss over the samples at that sigma
+    mean: float
+    samples: int
+
+
+def _entry_batch(store: ObjectStore, entry: dict[str, Any]) -> EditBatch:
+    """An index entry's cached tensors as a batch of one. With per-reference caption embeddings
+    (conditioning_multidataset_sampling=random) the first reference dataset's embedding and latents are used:
+    fixed, so the loss stays comparable across steps."""
+    target = store.get_tensors(entry["target"])[0]["latents"]
+    refs = [store.get_tensors(k)[0]["latents"] for k in entry["references"]]
+    text_objects = entry["text"]
+    if "" in text_objects:
+        text_key = text_objects[""]
+    else:
+        i = next(i for i, d in enumerate(entry["reference_datasets"]) if d in text_objects)
+        text_key, refs = text_objects[entry["reference_datasets"][i]], [refs[i]]
+    text = store.get_tensors(text_key)[0]
+    return EditBatch(latents_BChw=target[None].float(), refs_BChw=[r[None].float() for r in refs],
+                     prompt_embeds_BLD=text["prompt_embeds"][None], prompt_mask_BL=text["prompt_mask"][None],
+                     keys=[entry["key"]])
+
+
+@torch.no_grad()
+def heldout_loss(transformer: torch.nn.Module, store: ObjectStore, entries: Sequence[dict[str, Any]], *,
+                 seed: int, device: torch.device | str, dtype: torch.dtype,
+                 sigmas: Sequence[float] = HELDOUT_SIGMAS) -> HeldoutLoss:
+    """Flow-matching loss of the transformer as it is (adapters as set) on cached samples, at fixed sigmas with
+    noise drawn from ``seed`` + the sample's position: deterministic, so two calls on the same weights agree."""
+    if not entries:
+        raise ValueError("held-out loss needs at least one index entry")
+    totals = {s: 0.0 for s in sigmas}
+    with eval_mode(transformer):
+        for j, entry in enumerate(entries):
+            batch = _entry_batch(store, entry).to(device)
+            h, w = batch.latents_BChw.shape[-2:]
+            g = torch.Generator("cpu").manual_seed(seed + j)
+            noise_BLC = torch.randn(1, (h // 2) * (w // 2), 4 * batch.latents_BChw.shape[1], generator=g)
+            for s in sigmas:
+                sigma_B = torch.tensor([s], device=device)
+                totals[s] += float(flow_matching_loss(transformer, batch, noise_BLC.to(device), sigma_B, dtype))
+    per_sigma = {f"{s:g}": totals[s] / len(entries) for s in sigmas}
+    return HeldoutLoss(per_sigma, sum(per_sigma.values()) / len(per_sigma), len(entries))
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+@dataclass
+class SamplePreview:
+    dataset_id: str
+    key: str
+    caption: str
+    seed: int
+    grid_key: str
+    psnr_lora: float
+    psnr_base: float
+    base: Image.Image = field(repr=False)
+    lora: Image.Image = field(repr=False)
+    target: Image.Image = field(repr=False)  # at the validation size: what both PSNRs compare against
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dataset": self.dataset_id, "key": self.key, "caption": self.caption, "seed": self.seed,
+                "grid": self.grid_key, "psnr_lora": self.psnr_lora, "psnr_base": self.psnr_base}
+
+
+@dataclass
+class ValidationResult:
+    step: int
+    samples: list[SamplePreview]
+    psnr_lora: float | None  # mean over samples, dB; None without samples
+    psnr_base: float | None
+    heldout: HeldoutLoss | None
+    seconds: float
+    metrics_key: str
+    settings: dict[str, Any]  # how the previews were rendered: a reader of metrics.json needs no config
+
+    @property
+    def keys(self) -> list[str]:
+        """Every object written: the grids, then metrics.json."""
+        return [s.grid_key for s in self.samples] + [self.metrics_key]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "psnr_lora": self.psnr_lora, "psnr_base": self.psnr_base,
+                "samples": [s.to_json() for s in self.samples],
+                "heldout_loss": self.heldout.per_sigma if self.heldout else None,
+                "heldout_loss_mean": self.heldout.mean if self.heldout else None,
+                "seconds": self.seconds, "settings": self.settings}
+
+
+@dataclass(frozen=True)
+class _RenderSettings:
+    flavour: str
+    size: tuple[int, int]  # (W, H)
+    steps: int
+    guidance: float
+    negative_prompt: str
+    seed: int
+    vl_ref_area: int | None
+
+    @classmethod
+    def of(cls, run: RunConfig) -> "_RenderSettings":
+        t = run.train
+        return cls(t.model_flavour, t.validation_size, t.validation_num_inference_steps, t.validation_guidance,
+                   t.validation_negative_prompt, t.validation_seed if t.validation_seed is not None else t.seed,
+                   t.model_kwargs.vl_reference_area)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"width": self.size[0], "height": self.size[1], "steps": self.steps, "guidance": self.guidance,
+                "negative_prompt": self.negative_prompt, "seed": self.seed, "vl_reference_area": self.vl_ref_area}
+
+
+def _grid_name(ds: PairedDataset, sample: Sample, used: set[str]) -> str:
+    """``<sample key with / replaced>.png``; the dataset id joins the name only if two samples share a key."""
+    name = sample.key.replace("/", "__")
+    if name in used:
+        name = f"{ds.config.id}__{name}"
+    used.add(name)
+    return f"{name}.png"
+
+
+def _render_pair(pipe: Any, cfg: _RenderSettings, caption: str, refs: list[Image.Image], seed: int
+                 ) -> tuple[Image.Image, Image.Image]:
+    """(base, LoRA) edits of one sample from the same noise; inputs are encoded once for both."""
+    cond = encode_conditioning(pipe, cfg.flavour, caption, refs, true_cfg_scale=cfg.guidance,
+                               negative_prompt=cfg.negative_prompt, vl_ref_area=cfg.vl_ref_area)
+    W, H = cfg.size
+
+    def render() -> Image.Image:
+        latents_BLC = denoise(pipe, cond, height=H, width=W, num_inference_steps=cfg.steps,
+                              true_cfg_scale=cfg.guidance, generator=torch.Generator("cpu").manual_seed(seed))
+        return decode(pipe, latents_BLC, H, W, "pil")
+
+    lora = render()
+    if not has_adapter(pipe.transformer):  # nothing to switch off: the base render is the same computation
+        return lora, lora
+    with adapters_disabled(pipe.transformer):
+        base = render()
+    return base, lora
+
+
+def render_sample(pipe: Any, run: RunConfig, ds: PairedDataset, sample: Sample, *, index: int, store: ObjectStore,
+                  folder: str, used_names: set[str]) -> SamplePreview:
+    """Render, grid, store and score one evaluation sample (the ``index``-th: its seed offset)."""
+    cfg = _RenderSettings.of(run)
+    target, refs = load_sample_images(ds, sample, run.train.max_image_pixels)  # the placed pixels training saw
+    seed = cfg.seed + index
+    base, lora = _render_pair(pipe, cfg, sample.caption, refs, seed)
+    target_v = target_at(target, cfg.size)
+    labels = [f"ref {i + 1}" for i in range(len(refs))] + ["base", "LoRA", "target"]
+    grid = compose_grid([*refs, base, lora, target], labels, cfg.size)
+    grid_key = f"{folder}/{_grid_name(ds, sample, used_names)}"
+    store.put_bytes(grid_key, png_bytes(grid), content_type="image/png")
+    return SamplePreview(ds.config.id, sample.key, sample.caption, seed, grid_key,
+                         psnr(lora, target_v), psnr(base, target_v), base, lora, target_v)
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def render_validation(pipe: Any, run: RunConfig, samples: Sequence[tuple[PairedDataset, Sample]], *, step: int,
+                      store: ObjectStore, prefix: str, loss_index: Sequence[dict[str, Any]] | None = None
+                      ) -> ValidationResult:
+    """Previews, PSNRs and (given ``loss_index``, the samples' training-index entries) the held-out loss of the
+    pipeline's transformer with its LoRA, written under ``<prefix>/step-<step>/``."""
+    start = time.perf_counter()
+    folder = f"{prefix.rstrip('/')}/step-{step}"
+    transformer = pipe.transformer
+    cfg = _RenderSettings.of(run)
+    used: set[str] = set()
+    with eval_mode(transformer):
+        previews = [render_sample(pipe, run, ds, s, index=i, store=store, folder=folder, used_names=used)
+                    for i, (ds, s) in enumerate(samples)]
+        heldout = None
+        if loss_index:
+            heldout = heldout_loss(transformer, store, loss_index, seed=cfg.seed, device=transformer.device,
+                                   dtype=transformer.dtype)
+    result = ValidationResult(step, previews, _mean([p.psnr_lora for p in previews]),
+                              _mean([p.psnr_base for p in previews]), heldout, time.perf_counter() - start,
+                              f"{folder}/metrics.json", cfg.to_json())
+    store.put_json(result.metrics_key, result.to_json())
+    return result
+

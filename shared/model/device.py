@@ -1,0 +1,45 @@
+"""Which device and dtype a run computes on, from the config's ``device`` and ``mixed_precision``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shared import errors
+
+_DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "no": torch.float32,  # SimpleTuner's mixed_precision="no": full precision
+}
+
+
+def resolve_dtype(name: str | None, device: str | torch.device) -> torch.dtype:
+    """Map a precision name to a torch dtype.
+
+    ``None`` or ``"auto"`` (the user did not choose) means bf16 on CUDA and fp32 elsewhere: CPUs run bf16 matmuls
+    slowly and with poor accuracy, so a CPU gets bf16/fp16 only when asked for explicitly.
+    """
+    if name is None or name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    try:
+        return _DTYPES[name.lower()]
+    except (KeyError, AttributeError):
+        raise errors.InvalidInput(
+            f"unknown precision {name!r}: expected one of auto, bf16, fp16, fp32, no"
+        ) from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise errors.InvalidInput(f"device {name!r}: CUDA is not available on this host; set device to 'cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise errors.InvalidInput(f"device {name!r}: this host has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return dev

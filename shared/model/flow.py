@@ -1,0 +1,84 @@
+"""The flow-matching step of edit training, as plain functions over tensors (callable on CPU, no services).
+
+Legend: B batch, C latent channels (16), h/w latent size, L tokens, D text width.
+
+x_t = (1 - s)·x0 + s·noise, the transformer predicts the velocity noise - x0. The input sequence is the noisy
+target's tokens followed by every reference's clean tokens; ``img_shapes`` lists the target then each reference,
+so RoPE positions and (edit-v3) the zero_cond_t modulation see every image. The prediction is sliced back to the
+target's tokens and the loss is an MSE in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from shared.model.latents import latent_img_shape, pack_latents
+
+
+@dataclass
+class EditBatch:
+    """One batch from the cache: every sample shares the target bucket and the reference sizes."""
+
+    latents_BChw: torch.Tensor
+    refs_BChw: list[torch.Tensor]  # one tensor per reference slot
+    prompt_embeds_BLD: torch.Tensor
+    prompt_mask_BL: torch.Tensor
+    keys: list[str]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "EditBatch":
+        mv = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return EditBatch(mv(self.latents_BChw), [mv(r) for r in self.refs_BChw], mv(self.prompt_embeds_BLD),
+                         mv(self.prompt_mask_BL), self.keys)
+
+    def pin_memory(self) -> "EditBatch":
+        return EditBatch(self.latents_BChw.pin_memory(), [r.pin_memory() for r in self.refs_BChw],
+                         self.prompt_embeds_BLD.pin_memory(), self.prompt_mask_BL.pin_memory(), self.keys)
+
+
+def shift_sigmas(s: torch.Tensor, shift: float) -> torch.Tensor:
+    """The static timestep shift of SD3/Flux-style flow models: s' = shift·s / (1 + (shift - 1)·s)."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def sample_sigmas(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """Logit-normal sigmas (sigmoid of a standard normal), shifted by ``flow_schedule_shift``."""
+    return shift_sigmas(torch.sigmoid(torch.randn(batch, generator=generator)), shift)
+
+
+def img_shapes_for(batch: EditBatch) -> list[list[tuple[int, int, int]]]:
+    shapes = [latent_img_shape(*batch.latents_BChw.shape[-2:])]
+    shapes += [latent_img_shape(*r.shape[-2:]) for r in batch.refs_BChw]
+    return [shapes] * batch.latents_BChw.shape[0]
+
+
+def predict_velocity(transformer: torch.nn.Module, batch: EditBatch, noisy_BLC: torch.Tensor,
+                     sigmas_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Run the transformer on [noisy target | reference tokens…] and return the target tokens' prediction."""
+    ref_tokens = [pack_latents(r) for r in batch.refs_BChw]
+    hidden_BLC = torch.cat([noisy_BLC, *ref_tokens], dim=1).to(dtype)
+    out_BLC = transformer(hidden_states=hidden_BLC, timestep=sigmas_B.to(dtype),
+                          encoder_hidden_states=batch.prompt_embeds_BLD.to(dtype),
+                          encoder_hidden_states_mask=batch.prompt_mask_BL, img_shapes=img_shapes_for(batch),
+                          return_dict=False)[0]
+    return out_BLC[:, : noisy_BLC.shape[1]]
+
+
+def flow_matching_loss(transformer: torch.nn.Module, batch: EditBatch, noise_BLC: torch.Tensor,
+                       sigmas_B: torch.Tensor, dtype: torch.dtype = torch.float32,
+                       reduce: bool = True) -> torch.Tensor:
+    """MSE (fp32) between the predicted and the true velocity at ``sigmas_B``; per-sample when not ``reduce``."""
+    x0_BLC = pack_latents(batch.latents_BChw).float()
+    s = sigmas_B.view(-1, 1, 1).float()
+    noisy_BLC = (1 - s) * x0_BLC + s * noise_BLC.float()
+    pred_BLC = predict_velocity(transformer, batch, noisy_BLC, sigmas_B, dtype)
+    err = F.mse_loss(pred_BLC.float(), noise_BLC.float() - x0_BLC, reduction="none")
+    return err.mean() if reduce else err.mean(dim=(1, 2))
+
+
+def step_generator(seed: int, step: int, micro: int = 0, device: str = "cpu") -> torch.Generator:
+    """The generator of one micro-step's noise and sigmas: a function of (seed, step, micro) alone, so a resumed
+    run draws exactly what an uninterrupted one drew."""
+    return torch.Generator(device).manual_seed((seed * 1_000_003 + step * 1_009 + micro) % (2 ** 63))

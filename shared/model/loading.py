@@ -1,0 +1,192 @@
+"""The one place that loads Qwen-Image-Edit models.
+
+Services, the trainer and the tests all load through ``load_pipeline`` so that the real ``from_pretrained`` path
+(local directory in the Hugging Face repo layout, or a hub id where the host can reach the hub) is the only one,
+and the workarounds it needs on a CPU-only host live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from shared import errors
+from shared.config.flavours import get_flavour
+
+log = logging.getLogger(__name__)
+
+
+# A diffusers edit pipeline's components, as save_pretrained lays them out (one subfolder each).
+COMPONENTS: tuple[str, ...] = ("transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler")
+# What encoding needs: the VAE for latents, the VL text encoder (+ its tokenizer/processor) for prompt embeddings.
+ENCODER_COMPONENTS: tuple[str, ...] = ("vae", "text_encoder", "tokenizer", "processor")
+
+
+def _torchvision_works() -> bool:
+    """PyPI's torchvision is a CUDA build that fails to import beside a CPU torch; only a real import tells."""
+    try:
+        importlib.import_module("torchvision")
+    except Exception:  # ImportError, or RuntimeError "operator torchvision::nms does not exist"
+        return False
+    return True
+
+
+def patch_processor_without_torchvision() -> None:
+    """Let ``Qwen2VLProcessor`` be built and loaded without torchvision.
+
+    The processor insists on a ``Qwen2VLVideoProcessor``, which needs torchvision; the edit pipelines never pass
+    video, so where torchvision is unusable we drop ``video_processor`` from the processor's attribute list and
+    ``__init__``/``from_pretrained`` skip it. Idempotent; a no-op on hosts where torchvision imports fine.
+    """
+    from transformers import Qwen2VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    if getattr(Qwen2VLProcessor, "_edittuner_without_video", False) or _torchvision_works():
+        return
+    base = ProcessorMixin.get_attributes.__func__
+    Qwen2VLProcessor.get_attributes = classmethod(lambda cls: [a for a in base(cls) if a != "video_processor"])
+    Qwen2VLProcessor._edittuner_without_video = True
+
+
+def pipeline_class(flavour: str) -> type:
+    """The diffusers pipeline class whose prompt template and reference handling the flavour was trained with."""
+    import diffusers
+
+    return getattr(diffusers, get_flavour(flavour).pipeline_class_name)
+
+
+def _expected_layout() -> str:
+    return "a diffusers pipeline in the Hugging Face repo layout (model_index.json, " + ", ".join(
+        f"{c}/" for c in COMPONENTS
+    ) + ")"
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """``org/name`` with no path syntax; anything else not on disk is a missing local directory."""
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
+
+
+def _check_local_dir(path: Path, flavour: str, wanted: Iterable[str]) -> None:
+    """Fail with a sentence naming the path and what it lacks, before diffusers fails with a deep traceback."""
+    index = path / "model_index.json"
+    if not path.is_dir():
+        raise errors.InvalidInput(
+            f"model directory {path} does not exist or is not a directory: expected {_expected_layout()}"
+        )
+    if not index.is_file():
+        raise errors.InvalidInput(f"model directory {path} has no model_index.json: expected {_expected_layout()}")
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError) as err:
+        raise errors.InvalidInput(f"{index}: not readable JSON ({err})") from None
+    expected = get_flavour(flavour).pipeline_class_name
+    if class_name != expected:
+        raise errors.InvalidInput(
+            f"{index}: _class_name is {class_name!r} but flavour {get_flavour(flavour).name} needs {expected!r}; "
+            "pick the flavour that matches the weights"
+        )
+    missing = [c for c in wanted if not (path / c).is_dir()]
+    if missing:
+        raise errors.InvalidInput(
+            f"model directory {path} lacks {', '.join(f'{c}/' for c in missing)}: expected {_expected_layout()}"
+        )
+
+
+def _wanted_components(components: Literal["all"] | Iterable[str]) -> tuple[str, ...]:
+    if components == "all":
+        return COMPONENTS
+    wanted = tuple(components)
+    unknown = sorted(set(wanted) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(f"unknown pipeline components {unknown}; known: {COMPONENTS}")
+    return wanted
+
+
+def load_pipeline(
+    source: str | Path,
+    flavour: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    components: Literal["all"] | Iterable[str] = "all",
+) -> Any:
+    """Load the flavour's pipeline from a local directory (hub layout) or a hub id, on ``device`` in ``dtype``.
+
+    Components left out of ``components`` are passed as ``None``: they are neither read nor allocated, which is
+    how the encoder avoids holding the 20B-parameter transformer it never calls.
+    """
+    wanted = _wanted_components(components)
+    patch_processor_without_torchvision()
+    quiet_progress_bars()
+    cls = pipeline_class(flavour)
+    path = Path(source).expanduser()
+    is_local = path.exists() or not looks_like_hub_id(str(source))
+    if is_local:
+        _check_local_dir(path, flavour, wanted)
+    skipped = {c: None for c in COMPONENTS if c not in wanted}
+    try:
+        pipe = cls.from_pretrained(str(path) if is_local else str(source), dtype=dtype, **skipped)
+    except (OSError, ValueError) as err:  # unreadable weights, unreachable or unknown hub repo
+        where = f"model directory {path}" if is_local else f"hub model {source!r}"
+        raise errors.InvalidInput(f"cannot load {where} as {cls.__name__}: {err}") from err
+    _warn_on_zero_cond_mismatch(pipe, flavour)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_encoder_pipeline(
+    source: str | Path, flavour: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Any:
+    """The pipeline without transformer or scheduler: all that encoding latents and prompt embeddings needs."""
+    return load_pipeline(source, flavour, device=device, dtype=dtype, components=ENCODER_COMPONENTS)
+
+
+def quiet_progress_bars() -> None:
+    """Loading bars would interleave with service logs; progress is reported through job events instead."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def _warn_on_zero_cond_mismatch(pipe: Any, flavour: str) -> None:
+    """Weights trained with zero_cond_t behave differently without it (and vice versa): say so, do not guess."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        return
+    has = bool(transformer.config.get("zero_cond_t", False))
+    want = get_flavour(flavour).zero_cond_t
+    if has != want:
+        log.warning(
+            "transformer config has zero_cond_t=%s but flavour %s expects %s: are these the right weights?",
+            has, get_flavour(flavour).name, want,
+        )
+
+
+def load_transformer(source: str | Path, flavour: str, *, dtype: torch.dtype = torch.float32) -> Any:
+    """Just the flavour's transformer (on CPU, in ``dtype``): what training needs, quantized afterwards."""
+    from diffusers import QwenImageTransformer2DModel
+
+    path = Path(source).expanduser()
+    is_local = path.exists() or not looks_like_hub_id(str(source))
+    if is_local:
+        _check_local_dir(path, flavour, ("transformer",))
+    try:
+        transformer = QwenImageTransformer2DModel.from_pretrained(str(path) if is_local else str(source),
+                                                                  subfolder="transformer", dtype=dtype)
+    except (OSError, ValueError) as err:
+        where = f"model directory {path}" if is_local else f"hub model {source!r}"
+        raise errors.InvalidInput(f"cannot load the transformer of {where}: {err}") from err
+    if bool(transformer.config.get("zero_cond_t", False)) != get_flavour(flavour).zero_cond_t:
+        log.warning("transformer config zero_cond_t=%s does not match flavour %s", transformer.config.get(
+            "zero_cond_t", False), flavour)
+    return transformer

@@ -1,0 +1,238 @@
+"""Quantize the frozen base transformer for LoRA training (``base_model_precision``).
+
+Only the base weights are quantized; the LoRA adapters attached afterwards (``shared.model.lora.attach_lora``) stay in
+floating point and are the only thing that trains. Two libraries:
+
+- optimum-quanto (``*-quanto``): ``quantize`` + ``freeze`` replace each ``nn.Linear`` by a ``QLinear`` holding
+  int8/int4/int2/float8 weights. Works on CPU and CUDA; peft wraps ``QLinear`` (an ``nn.Linear`` subclass) with
+  its generic LoRA layer.
+- bitsandbytes (``*-bnb``): diffusers' ``BitsAndBytesConfig`` refuses to load without a GPU, so we swap the
+  ``nn.Linear`` modules for ``bnb.nn.Linear4bit`` (NF4) / ``Linear8bitLt`` ourselves; bitsandbytes quantizes a
+  weight when it is moved with ``.to(device)``. Setting ``is_loaded_in_4bit``/``is_loaded_in_8bit`` on the model
+  makes peft use its bitsandbytes LoRA layers, exactly as after a diffusers bnb load. Works on CPU and CUDA.
+
+Both keep ``KEEP_HIGH_PRECISION`` unquantized: the network's entry and exit layers, where quantization error is
+not averaged out by later layers (see the constant).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from fnmatch import fnmatch
+from typing import Any
+
+import torch
+
+from shared import errors
+
+log = logging.getLogger(__name__)
+
+QUANTO = ("int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto")
+BNB = ("nf4-bnb", "int8-bnb")
+PRECISIONS: tuple[str, ...] = ("no_change", *QUANTO, *BNB)
+
+# Modules kept in the compute dtype (a name matches itself and everything below it). img_in / txt_in project the
+# inputs into the residual stream, time_text_embed feeds every block's modulation, norm_out.linear and proj_out
+# write the predicted velocity itself: an error there reaches the loss undiluted. Together they are ~0.1% of the
+# 20B parameters. This is the Qwen-Image counterpart of what SimpleTuner and most Flux quantization code exclude
+# (x_embedder, context_embedder, norm_out, proj_out).
+KEEP_HIGH_PRECISION: tuple[str, ...] = ("img_in", "txt_in", "time_text_embed", "norm_out", "proj_out")
+
+# With quantize_activations a quanto module returns a quantized tensor, which the modulation code cannot split
+# (``mod_params.chunk(3)`` on a QTensor fails) and the LayerNorms' outputs feed; those keep float activations and
+# get their weights quantized in a second, weights-only pass.
+_FLOAT_ACTIVATIONS: tuple[str, ...] = ("*_mod.*", "*norm*")
+
+_LIBRARY = {"quanto": ("optimum.quanto", "optimum-quanto"), "bnb": ("bitsandbytes", "bitsandbytes")}
+
+
+def _keep_patterns() -> list[str]:
+    return [p for name in KEEP_HIGH_PRECISION for p in (name, f"{name}.*")]
+
+
+def keeps_high_precision(name: str) -> bool:
+    """Whether module ``name`` is left unquantized (it or an ancestor is in KEEP_HIGH_PRECISION)."""
+    return any(fnmatch(name, p) for p in _keep_patterns())
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def check_precision(precision: str, device: torch.device | str, quantize_activations: bool = False) -> None:
+    """Raise InvalidInput for a combination that cannot work here, before any weight is touched."""
+    if precision not in PRECISIONS:
+        raise errors.InvalidInput(f"base_model_precision {precision!r} is unknown: expected one of "
+                                  + ", ".join(PRECISIONS))
+    if quantize_activations and precision not in QUANTO:
+        raise errors.InvalidInput(f"quantize_activations only applies to the quanto precisions ({', '.join(QUANTO)}); "
+                                  f"base_model_precision is {precision!r}: set quantize_activations to false")
+    if precision == "no_change":
+        return
+    lib = "quanto" if precision in QUANTO else "bnb"
+    module, package = _LIBRARY[lib]
+    if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
+        raise errors.InvalidInput(f"base_model_precision {precision!r} needs the {package} package, which is not "
+                                  f"installed: pip install {package}, or use base_model_precision no_change")
+    dev = torch.device(device)
+    if lib == "bnb" and dev.type not in ("cpu", "cuda", "xpu"):
+        raise errors.InvalidInput(f"base_model_precision {precision!r}: bitsandbytes does not run on {dev.type}; "
+                                  "use a quanto precision (e.g. int8-quanto) there")
+    if precision == "fp8-quanto" and not float8_supported(dev):
+        raise errors.InvalidInput(f"base_model_precision fp8-quanto: {dev} cannot hold float8 tensors; use "
+                                  "int8-quanto instead")
+
+
+def float8_supported(device: torch.device | str) -> bool:
+    """Whether ``device`` can store and convert float8 (e4m3fn) tensors: a probe, not a table of chips."""
+    try:
+        probe = torch.ones(2, device=device).to(torch.float8_e4m3fn).to(torch.float32)
+        return bool(probe.sum().item() == 2.0)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def quantize_transformer(transformer: Any, precision: str, *, device: torch.device | str,
+                         compute_dtype: torch.dtype, quantize_via: str = "accelerator",
+                         quantize_activations: bool = False) -> Any:
+    """Put ``transformer`` on ``device`` in ``compute_dtype`` with its base weights in ``precision``.
+
+    ``quantize_via="cpu"`` quantizes on the CPU and moves the result: the device never holds the full-precision
+    weights (the 20B model does not fit a 24 GB card in bf16), at the cost of a slower quantization.
+    ``"accelerator"`` quantizes on the device, which is faster where the full-precision model fits.
+    Returns the same (modified in place) module, frozen (no parameter requires grad).
+    """
+    device = torch.device(device)
+    check_precision(precision, device, quantize_activations)
+    if quantize_via not in ("cpu", "accelerator"):
+        raise errors.InvalidInput(f"quantize_via {quantize_via!r} is unknown: expected 'cpu' or 'accelerator'")
+    transformer.requires_grad_(False)
+    where = torch.device("cpu") if quantize_via == "cpu" else device
+    try:
+        if precision == "no_change":
+            _move(transformer, device, compute_dtype)
+        elif precision in QUANTO:
+            _move(transformer, where, compute_dtype)
+            _quantize_quanto(transformer, precision, quantize_activations)
+            transformer.to(device)
+        else:
+            _move(transformer, None, compute_dtype)  # bnb quantizes from the compute dtype, in .to(device) below
+            _swap_bnb_linears(transformer, precision, compute_dtype)
+            transformer.to(where)  # bitsandbytes quantizes each weight as it moves
+            if where != device:
+                transformer.to(device)
+    except torch.OutOfMemoryError as err:
+        hint = " quantize_via=cpu avoids holding the full-precision weights there;" if quantize_via != "cpu" else ""
+        raise errors.ResourceExhausted(f"out of memory on {device} while quantizing the transformer to "
+                                       f"{precision}:{hint} or free memory on the device ({err})") from err
+    transformer.requires_grad_(False)
+    counts = quantized_modules(transformer)
+    log.info("base model %s on %s: %d quantized layers", precision, device, len(counts))
+    return transformer
+
+
+def _move(module: torch.nn.Module, device: torch.device | None, dtype: torch.dtype) -> None:
+    """``module.to(device, dtype)``, passing the dtype only when a weight needs casting: diffusers' ``to(dtype=)``
+    logs a warning about fp32-kept modules on every call, even when Qwen-Image has none."""
+    needs_cast = any(p.is_floating_point() and p.dtype != dtype for p in module.parameters())
+    if needs_cast:
+        module.to(device=device, dtype=dtype)
+    elif device is not None:
+        module.to(device)
+
+
+# --------------------------------------------------------------------------------------------------- quanto
+def _quanto_types(precision: str) -> tuple[Any, Any]:
+    """(weight qtype, activation qtype): quanto quantizes activations to int8 or float8 only."""
+    from optimum import quanto
+
+    weights = {"int8-quanto": quanto.qint8, "int4-quanto": quanto.qint4, "int2-quanto": quanto.qint2,
+               "fp8-quanto": quanto.qfloat8}[precision]
+    return weights, (quanto.qfloat8 if precision == "fp8-quanto" else quanto.qint8)
+
+
+def _quantize_quanto(transformer: Any, precision: str, quantize_activations: bool) -> None:
+    """quanto in place. Activations are quantized at quanto's default scale of 1 (there is no calibration data at
+    load time; SimpleTuner does the same): fine for float8, coarse for int8, which rounds activations to integers
+    (measured on the tiny model: velocity error 0.45% with fp8 activations, 7% with int8, 0.04% weights-only)."""
+    from optimum.quanto import freeze, quantize
+
+    weights, activations = _quanto_types(precision)
+    keep = _keep_patterns()
+    if quantize_activations:
+        if activations.name == "qint8":
+            log.warning("quantize_activations with %s: int8 activations are not calibrated (scale 1) and lose "
+                        "precision; fp8-quanto quantizes activations to float8, which keeps it", precision)
+        quantize(transformer, weights=weights, activations=activations, exclude=keep + list(_FLOAT_ACTIVATIONS))
+        already = set(quantized_modules(transformer))
+        rest = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)
+                and n not in already and not keeps_high_precision(n)]
+        if rest:
+            quantize(transformer, weights=weights, include=rest)
+    else:
+        quantize(transformer, weights=weights, exclude=keep)
+    freeze(transformer)
+
+
+# ------------------------------------------------------------------------------------------------ bitsandbytes
+def _swap_bnb_linears(transformer: Any, precision: str, compute_dtype: torch.dtype) -> None:
+    """Replace every quantizable ``nn.Linear`` by its bitsandbytes twin holding the same (not yet quantized)
+    weights; the next ``.to(device)`` quantizes them."""
+    import bitsandbytes as bnb
+
+    targets = [(n, m) for n, m in transformer.named_modules()
+               if type(m) is torch.nn.Linear and not keeps_high_precision(n)]  # exact type: never re-wrap a bnb layer
+    for name, linear in targets:
+        # Int8Params quantizes only when moved *from* the CPU; Params4bit from anywhere. Start both on the CPU.
+        weight = linear.weight.data.to("cpu")
+        bias = linear.bias.data.to("cpu") if linear.bias is not None else None
+        if precision == "nf4-bnb":
+            new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias is not None,
+                                    compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+            new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", module=new)
+            # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks 4-bit weights into an inference-only layout on
+            # the first eval-mode forward, and every training forward after it fails (measured: RuntimeError in
+            # matmul_4bit). A validation pass mid-training is exactly that sequence: keep the trainable layout.
+            new.support_avx512bf16_for_cpu = False
+        else:
+            new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias is not None,
+                                      has_fp16_weights=False, threshold=0.0, device="meta")
+            new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        if bias is not None:
+            new.bias = torch.nn.Parameter(bias, requires_grad=False)
+        new.train(linear.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(transformer.get_submodule(parent_name) if parent_name else transformer, child, new)
+    transformer.is_loaded_in_4bit = precision == "nf4-bnb"
+    transformer.is_loaded_in_8bit = precision == "int8-bnb"
+
+
+# ---------------------------------------------------------------------------------------------------- reports
+def quantized_modules(model: torch.nn.Module) -> dict[str, str]:
+    """Module name → how its weight is stored (``quanto:qint4``, ``bnb:nf4``, ``bnb:int8``), for quantized layers
+    only: what the trainer logs and the tests assert on."""
+    out: dict[str, str] = {}
+    for name, m in model.named_modules():
+        kind = _kind(m)
+        if kind is not None:
+            out[name] = kind
+    return out
+
+
+def _kind(m: torch.nn.Module) -> str | None:
+    cls = type(m)
+    if cls.__module__.startswith("optimum.quanto") and getattr(m, "weight_qtype", None) is not None:
+        return f"quanto:{m.weight_qtype.name}"
+    if cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes"):
+        return f"bnb:{m.weight.quant_type}"
+    if cls.__name__ == "Linear8bitLt" and cls.__module__.startswith("bitsandbytes"):
+        return "bnb:int8"
+    return None
+
+
+def trainable_parameter_report(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter elements, for the "training 0.4% of 20.4B" log line. The trainable count is
+    exact; ``total`` counts what each library reports: quanto weights their logical size, a bnb 4-bit weight its
+    packed bytes (half the values), so ``total`` understates an nf4 model."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

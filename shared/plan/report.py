@@ -1,0 +1,79 @@
+"""The plan as text: ``edittuner plan``'s report and docs/PLANNER.md's table (``python -m shared.plan.report``).
+"""
+
+from __future__ import annotations
+
+import json
+
+from shared.plan.gpus import GiB, fmt_gib
+from shared.plan.predict import Plan, plan_run
+
+
+# --------------------------------------------------------------------------------------------- report
+def format_plan(plan: Plan) -> str:
+    tk = plan.tokens
+    lines = [
+        f"plan: {plan.flavour} ({plan.model}), base {plan.precision}, gradient_checkpointing "
+        f"{'on' if plan.checkpointing else 'off'}, LoRA rank {plan.lora_rank}, batch {plan.batch}",
+        f"GPU: {plan.gpu} (timing), {fmt_gib(plan.gpu_memory_bytes)} to fit",
+        "parameters: " + ", ".join(f"{k} {v / 1e9:.3f}B" if v >= 1e8 else f"{k} {v / 1e6:.2f}M"
+                                   for k, v in plan.parameters.items()),
+        f"tokens per sample: {tk.target} target + {tk.references} x {tk.per_reference} reference + {tk.text} text "
+        f"= {tk.total} (eval step: {plan.eval_tokens.total})",
+        "",
+        f"{'service':<8} {'predicted':>10}  {'fits':<4}  breakdown",
+    ]
+    for s in plan.services.values():
+        parts = ", ".join(f"{k} {fmt_gib(v)}" for k, v in s.breakdown.items())
+        lines.append(f"{s.name:<8} {fmt_gib(s.total):>10}  {'yes' if s.fits else 'NO':<4}  {parts}")
+    lines += ["", f"step: {plan.flops_per_step:.3g} FLOPs ({plan.micro_batches} micro-batch(es) of {plan.batch}), "
+              f"about {plan.seconds_per_step:.3g} s per optimizer step on {plan.gpu} (assumed MFU {plan.mfu:.2f})"]
+    if plan.fits:
+        lines.append(f"the trainer fits {fmt_gib(plan.gpu_memory_bytes)}")
+    elif plan.recommendation:
+        lines.append(f"the trainer does NOT fit {fmt_gib(plan.gpu_memory_bytes)}; with these changes it needs about "
+                     f"{fmt_gib(plan.recommended_bytes or 0)}:")
+        lines += [f"  {r}" for r in plan.recommendation]
+    else:
+        lines.append(f"the trainer does NOT fit {fmt_gib(plan.gpu_memory_bytes)}, and no setting searched "
+                     "(checkpointing, int8-quanto/nf4-bnb/int4-quanto, 768/512, rank 8) makes it fit")
+    lines += ["assumptions:"] + [f"  - {a}" for a in plan.assumptions]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ docs table
+def docs_table(gpu: str = "H100") -> str:
+    """The markdown table of docs/PLANNER.md: the real model (hub ids) at 512/768/1024, edit-v1 and edit-v2 with 3
+    references, bf16/int8-quanto/nf4-bnb, with and without gradient checkpointing."""
+    from shared.config.loading import load_run_config_text
+
+    head = ("| flavour | refs | res | precision | ckpt | tokens | trainer GiB (weights + LoRA / activations) | "
+            "encoder GiB | eval GiB | s/step " + gpu + " (predicted) | measured |")
+    lines = [head, "|" + "---|" * 11]
+    for flavour, refs in (("edit-v1", 1), ("edit-v2", 3)):
+        for res in (512, 768, 1024):
+            ids = [f"ref{i}" for i in range(refs)]
+            data = [{"id": "img", "instance_data_dir": "/d/img", "resolution": res, "conditioning_data": ids}] + [
+                {"id": i, "dataset_type": "conditioning", "instance_data_dir": f"/d/{i}", "resolution": res}
+                for i in ids]
+            for precision in ("no_change", "int8-quanto", "nf4-bnb"):
+                for ckpt in (False, True):
+                    cfg = {"model_flavour": flavour, "base_model_precision": precision, "mixed_precision": "bf16",
+                           "gradient_checkpointing": ckpt, "train_batch_size": 1, "gradient_accumulation_steps": 1,
+                           "validation_resolution": f"{res}x{res}"}
+                    run = load_run_config_text(json.dumps(cfg), json.dumps(data))
+                    p = plan_run(run, gpu=gpu, recommend=False)
+                    b = p.trainer.breakdown
+                    acts = sum(v for k, v in b.items() if k in ("saved for backward", "backward working set"))
+                    fixed = p.trainer.total - acts
+                    lines.append(f"| {flavour} | {refs} | {res} | {'bf16' if precision == 'no_change' else precision}"
+                                 f" | {'on' if ckpt else 'off'} | {p.tokens.total} | {p.trainer.total / GiB:.1f} "
+                                 f"({fixed / GiB:.1f} / {acts / GiB:.1f}) | {p.services['encoder'].total / GiB:.1f}"
+                                 f" | {p.services['eval'].total / GiB:.1f} | {p.seconds_per_step:.1f} | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(docs_table(*(sys.argv[1:2] or ["H100"])))

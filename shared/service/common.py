@@ -1,0 +1,148 @@
+"""What the three servicers share: job records ↔ protos, the Get/List/Cancel/Watch methods, config files.
+
+A servicer is an adapter: parse the request, call the core, convert back. The job methods are identical in
+every service except for the message classes, so they live here once, parametrised by the service's pb2 module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Callable, Iterator
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from shared import errors
+from shared.config.loading import ConfigFiles, load_run_config_text
+from shared.config.schema import RunConfig
+from shared.rpc import common_pb2
+from shared.service.jobs import JobManager
+from shared.service.records import ERROR_CODES, JobRecord
+
+_STATE_TO_PROTO = {"queued": common_pb2.JOB_STATE_QUEUED, "running": common_pb2.JOB_STATE_RUNNING,
+                   "succeeded": common_pb2.JOB_STATE_SUCCEEDED, "failed": common_pb2.JOB_STATE_FAILED,
+                   "cancelled": common_pb2.JOB_STATE_CANCELLED}
+_STATE_FROM_PROTO = {v: k for k, v in _STATE_TO_PROTO.items()}
+# the inverse of the job manager's error table: the first (most specific) class listed for a code
+ERROR_FOR_CODE: dict[str, type[errors.EditTunerError]] = {}
+for _cls, _code in ERROR_CODES:
+    if issubclass(_cls, errors.EditTunerError):
+        ERROR_FOR_CODE.setdefault(_code, _cls)
+
+
+def _ts(seconds: float) -> Timestamp:
+    t = Timestamp()
+    t.FromNanoseconds(int(seconds * 1e9))
+    return t
+
+
+def job_to_proto(rec: JobRecord) -> common_pb2.Job:
+    p = rec.progress or {}
+    progress = common_pb2.Progress(
+        phase=str(p.get("phase", "")), step=int(p.get("step", 0) or 0), total=int(p.get("total", 0) or 0),
+        loss=float(p.get("loss", 0.0) or 0.0), seconds_per_step=float(p.get("seconds_per_step", 0.0) or 0.0),
+        message=str(p.get("message", "")), learning_rate=float(p.get("learning_rate", 0.0) or 0.0),
+        data_wait_fraction=float(p.get("data_wait_fraction", 0.0) or 0.0))
+    state = rec.state.value if hasattr(rec.state, "value") else str(rec.state)
+    return common_pb2.Job(job_id=rec.job_id, request_id=rec.request_id, kind=rec.kind,
+                          state=_STATE_TO_PROTO[state], progress=progress,
+                          outputs={k: str(v) for k, v in rec.outputs.items()}, error=rec.error,
+                          error_code=rec.error_code, create_time=_ts(rec.created), update_time=_ts(rec.updated),
+                          attempt=rec.attempt)
+
+
+def state_name(job: common_pb2.Job) -> str:
+    return _STATE_FROM_PROTO.get(job.state, "unspecified")
+
+
+def error_of(job: common_pb2.Job) -> errors.EditTunerError:
+    """The domain error a failed job stands for (a trainer waiting on an encoder job re-raises it)."""
+    return ERROR_FOR_CODE.get(job.error_code, errors.EditTunerError)(job.error or "the job failed")
+
+
+def files_from_proto(files: common_pb2.RunConfigFiles) -> ConfigFiles:
+    if not files.config_json.strip():
+        raise errors.InvalidInput("files.config_json is empty: send the text of config.json")
+    if not files.data_json.strip():
+        raise errors.InvalidInput("files.data_json is empty: send the text of multidatabackend.json")
+    return ConfigFiles(files.config_json, files.data_json, tuple(files.overrides),
+                       files.config_name or "config.json", files.data_name or "multidatabackend.json")
+
+
+def files_to_proto(cf: ConfigFiles) -> common_pb2.RunConfigFiles:
+    return common_pb2.RunConfigFiles(config_json=cf.config_text, data_json=cf.data_text,
+                                     overrides=list(cf.overrides), config_name=cf.config_name,
+                                     data_name=cf.data_name)
+
+
+def files_to_params(cf: ConfigFiles) -> dict[str, Any]:
+    return {"files": dataclasses.asdict(cf) | {"overrides": list(cf.overrides)}}
+
+
+def run_from_params(params: dict[str, Any]) -> RunConfig:
+    f = params["files"]
+    return run_from_files(ConfigFiles(f["config_text"], f["data_text"], tuple(f["overrides"]), f["config_name"],
+                                      f["data_name"]))
+
+
+def run_from_files(cf: ConfigFiles, extra_overrides: tuple[str, ...] = ()) -> RunConfig:
+    return load_run_config_text(cf.config_text, cf.data_text, [*cf.overrides, *extra_overrides],
+                                config_name=cf.config_name, data_name=cf.data_name)
+
+
+def free_gpu_memory() -> None:
+    """Give memory the caching allocator holds back to the device, so another process on the GPU can use it."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class IdleRelease:
+    """Calls ``release`` once nothing has used the models for ``idle_s`` seconds: on one GPU the three services
+    cannot all keep 20B-parameter models resident, so an idle service gives its memory back."""
+
+    def __init__(self, release: Callable[[], object], idle_s: float):
+        self.release, self.idle_s = release, idle_s
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    def touch(self) -> None:
+        """Call after each job: restarts the countdown."""
+        if self.idle_s <= 0:
+            return
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(self.idle_s, self.release)
+            self._timer.daemon = True
+            self._timer.start()
+
+
+class JobRpcMixin:
+    """GetJob, ListJobs, CancelJob, WatchJob over ``self.jobs`` with the service's own message classes."""
+
+    pb: Any  # the service's *_pb2 module
+
+    def __init__(self, jobs: JobManager, core: Any):
+        self.jobs, self.core = jobs, core
+
+    def GetJob(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self.pb.GetJobResponse(job=job_to_proto(self.jobs.get(request.job_id)))
+
+    def ListJobs(self, request: Any, context: grpc.ServicerContext) -> Any:
+        state = _STATE_FROM_PROTO.get(request.state) if request.state else None
+        records, token = self.jobs.list(state=state, page_size=request.page_size or 50,
+                                        page_token=request.page_token)
+        return self.pb.ListJobsResponse(jobs=[job_to_proto(r) for r in records], next_page_token=token)
+
+    def CancelJob(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self.pb.CancelJobResponse(job=job_to_proto(self.jobs.cancel(request.job_id)))
+
+    def WatchJob(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        for rec in self.jobs.watch(request.job_id, is_active=context.is_active):
+            yield self.pb.WatchJobResponse(job=job_to_proto(rec))

@@ -1,0 +1,60 @@
+"""The body of every service's ``__main__``: configuration from the environment, store, jobs, server, metrics.
+
+Only here (and in each ``__main__``) is the environment read; everything below takes typed arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from shared.rpc.server import ServiceConfig, build_server, install_sigterm
+from shared.service.jobs import JobManager
+from shared.service.metrics import Metrics
+from shared.store.url import open_store
+
+log = logging.getLogger(__name__)
+DEFAULT_STORE = ".edittuner/store"
+
+
+def serve(name: str, default_port: int, make: Callable[[ServiceConfig, Any, Metrics], tuple[Any, Callable, str,
+                                                                                          Callable]],
+          env: dict[str, str] | None = None) -> int:
+    """``make(config, store, metrics) -> (core, execute, service_full_name, add_servicer(jobs, server))``."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    env = dict(os.environ if env is None else env)
+    config = ServiceConfig.from_env(f"EDITTUNER_{name.upper()}", env, default_port=default_port)
+    store = open_store(config.store_url or DEFAULT_STORE)
+    metrics = Metrics()
+    core, execute, full_name, add = make(config, store, metrics)
+    jobs = JobManager(store, name, execute)
+    metrics.collect_jobs(name, jobs.jobs_by_state)
+    running = build_server(config, lambda server: add(jobs, server), [full_name])
+    install_sigterm(running)
+    jobs.start()
+    running.set_serving(True)
+    log.info("%s_svc serving on %s (store %s, metrics port %s)", name, running.port, store.describe(),
+             running.metrics_port)
+    running.wait_for_termination()
+    jobs.shutdown(wait=True, grace_s=config.grace_s)
+    log.info("%s_svc stopped", name)
+    return 0
+
+
+def peer_channel(env: dict[str, str], name: str, token: str | None) -> Any:
+    from shared.rpc.client import make_channel
+
+    address = env.get(f"EDITTUNER_{name.upper()}_ADDR")
+    if not address:
+        return None
+    return make_channel(address, token=token, tls_ca=env.get("EDITTUNER_TLS_CA") or None,
+                        tls=env.get("EDITTUNER_TLS", "") == "1")
+
+
+def workdir(env: dict[str, str]) -> Path:
+    return Path(env.get("EDITTUNER_WORKDIR") or ".edittuner/work")
+
+
+__all__ = ["serve", "peer_channel", "workdir"]

@@ -1,0 +1,228 @@
+"""Run a worker process and relay it (DESIGN.md §2, "Supervisor and worker").
+
+The worker (``trainer_svc.worker``, or torchrun starting it) prints one JSON object per line on stdout:
+``{"event": {...}}`` while it runs, then ``{"result": {...}}`` or ``{"error": "...", "kind": "<error class>"}``.
+``run_worker`` turns every way it can end into a return value or an ``EditTunerError`` with a clear reason, so a
+crash, an out-of-memory or a kill of the worker fails the job and never the service.
+
+The worker's stderr goes straight to a file (never a pipe we might stop reading, which could fill and block it);
+stdout lines that are not protocol JSON are appended there too. A bounded tail of that file goes into errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from shared import errors
+from shared.service.records import JobCancelled
+
+log = logging.getLogger(__name__)
+
+TAIL_BYTES = 64 * 1024  # what is searched for out-of-memory markers
+TAIL_LINES = 15  # what an error message quotes ...
+TAIL_CHARS = 2000  # ... at most
+EXIT_DRAIN_S = 2.0  # after the worker exits, how long a process it left behind may hold stdout open
+OOM_MARKERS = re.compile(r"CUDA out of memory|OutOfMemoryError|MemoryError|Signal 9 \(SIGKILL\) received")
+OOM_ADVICE = ("lower the resolution or train_batch_size, enable gradient_checkpointing, or quantize the base "
+              "model (base_model_precision)")
+# Worker error kinds re-raised as the same class in the supervisor; other kinds (TrainingDiverged, "internal")
+# become WorkerFailed.
+KINDS: dict[str, type[errors.EditTunerError]] = {
+    "InvalidInput": errors.InvalidInput,
+    "ProblemsError": errors.InvalidInput,
+    "ConfigError": errors.InvalidInput,
+    "DatasetError": errors.InvalidInput,
+    "NotFound": errors.NotFound,
+    "FailedPrecondition": errors.FailedPrecondition,
+    "ResourceExhausted": errors.ResourceExhausted,
+    "Unavailable": errors.Unavailable,
+    "IntegrityError": errors.IntegrityError,
+}
+
+
+class WorkerFailed(errors.EditTunerError):
+    """The worker ended without a result: it reported an error of its own (``kind``), crashed, or was killed."""
+
+    def __init__(self, message: str, *, kind: str = "", exit_code: int | None = None, log_tail: str = ""):
+        super().__init__(message)
+        self.kind, self.exit_code, self.log_tail = kind, exit_code, log_tail
+
+
+def run_worker(cmd: list[str], *, on_event: Callable[[dict[str, Any]], None], cancelled: threading.Event,
+               env: Mapping[str, str] | None = None, cwd: Path | str | None = None,
+               log_path: Path | None = None, kill_grace_s: float = 10.0) -> dict[str, Any]:
+    """Run ``cmd`` in a new process group; call ``on_event`` (on this thread) for each event; return the result.
+
+    ``env`` replaces the environment as in ``subprocess`` (None inherits). Stderr is appended to ``log_path``
+    (else to an anonymous temp file). When ``cancelled`` is set, or ``on_event`` raises, the group gets SIGTERM,
+    then SIGKILL after ``kill_grace_s``; cancellation raises ``JobCancelled``."""
+    with _open_log(log_path) as logf:
+        start = logf.seek(0, os.SEEK_END)
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf,
+                                    env=None if env is None else dict(env), cwd=cwd, start_new_session=True)
+        except OSError as err:
+            raise WorkerFailed(f"cannot start the worker {cmd[0]!r}: {err}") from err
+        try:
+            ended = _relay(proc, on_event, cancelled, logf)
+        finally:
+            if proc.poll() is None:
+                _stop(proc, kill_grace_s)
+            _signal_group(proc, signal.SIGKILL)  # anything the worker left behind in its group
+        if cancelled.is_set() and not (proc.returncode == 0 and "result" in ended):
+            raise JobCancelled("the job was cancelled; its worker was stopped")
+        return _outcome(proc.returncode, ended, _tail(logf, start), log_path)
+
+
+def _relay(proc: subprocess.Popen, on_event: Callable[[dict[str, Any]], None], cancelled: threading.Event,
+           logf: IO[bytes]) -> dict[str, Any]:
+    """Read stdout until it closes and the worker exits; return its final ``result`` or ``error`` line."""
+    lines: queue.Queue[str | None] = queue.Queue()
+    reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), name="worker-stdout", daemon=True)
+    reader.start()
+    ended: dict[str, Any] = {}
+    exited_at: float | None = None
+    while True:
+        if cancelled.is_set():
+            return ended
+        try:
+            line = lines.get(timeout=0.1)
+        except queue.Empty:
+            if proc.poll() is not None:  # a process the worker started may still hold stdout open
+                exited_at = exited_at or time.monotonic()
+                if time.monotonic() - exited_at > EXIT_DRAIN_S:
+                    _signal_group(proc, signal.SIGKILL)
+            continue
+        if line is None:
+            break
+        message = _parse(line)
+        if message is None:
+            logf.write(line.encode("utf-8", "replace"))
+            logf.flush()
+        elif "event" in message:
+            on_event(message["event"])
+        else:
+            ended = message
+    while proc.poll() is None:  # stdout closed, the worker still running
+        if cancelled.wait(0.1):
+            return ended
+    return ended
+
+
+def _read_lines(stream: IO[bytes], lines: queue.Queue[str | None]) -> None:
+    """Runs on its own thread, so a worker that prints nothing never blocks the cancellation checks."""
+    try:
+        for raw in iter(stream.readline, b""):
+            lines.put(raw.decode("utf-8", "replace"))
+    finally:
+        stream.close()
+        lines.put(None)
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    """A protocol message, or None for any other line (a stray print goes to the log)."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(message, dict):
+        return None
+    if isinstance(message.get("event"), dict) or isinstance(message.get("result"), dict) or "error" in message:
+        return message
+    return None
+
+
+def _outcome(code: int, ended: dict[str, Any], tail: str, log_path: Path | None) -> dict[str, Any]:
+    """The result, or the EditTunerError that says why there is none."""
+    if code == 0 and isinstance(ended.get("result"), dict):
+        return ended["result"]
+    quoted = _quote(tail)
+    where = f" (full log: {log_path})" if log_path else ""
+    if "error" in ended:
+        message, kind = str(ended["error"]), str(ended.get("kind", ""))
+        if kind in KINDS:
+            raise KINDS[kind](message)
+        if not OOM_MARKERS.search(tail):
+            if kind == "internal":
+                message = f"{message}; last log lines{where}:\n{quoted}"
+            raise WorkerFailed(message, kind=kind, exit_code=code, log_tail=quoted)
+    if code == -signal.SIGKILL:
+        raise errors.ResourceExhausted(
+            "the worker ran out of memory: it was killed by SIGKILL, most likely by the kernel's out-of-memory "
+            f"killer; {OOM_ADVICE}. Last log lines{where}:\n{quoted}")
+    if OOM_MARKERS.search(tail):
+        raise errors.ResourceExhausted(
+            f"the worker ran out of memory: {_oom_line(tail)}; {OOM_ADVICE}. Last log lines{where}:\n{quoted}")
+    if code == 0:
+        what = "exited with code 0 without printing a result line"
+    elif code < 0:
+        what = f"was killed by signal {_signal_name(-code)}"
+    else:
+        what = f"exited with code {code}"
+    raise WorkerFailed(f"the worker {what}; last log lines{where}:\n{quoted}", exit_code=code, log_tail=quoted)
+
+
+def _oom_line(tail: str) -> str:
+    line = next(line for line in reversed(tail.splitlines()) if OOM_MARKERS.search(line))
+    return line.strip()[:300]
+
+
+def _quote(tail: str) -> str:
+    text = "\n".join(tail.rstrip().splitlines()[-TAIL_LINES:])
+    return text if len(text) <= TAIL_CHARS else "…" + text[-TAIL_CHARS:]
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+def _stop(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the group, SIGKILL it if the worker is still there after ``grace_s``."""
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        log.warning("worker %d ignored SIGTERM for %.1f s; sending SIGKILL", proc.pid, grace_s)
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # start_new_session: the worker leads its own group
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _open_log(log_path: Path | None) -> IO[bytes]:
+    """The log in append mode (our writes and the worker's never overwrite each other), readable for the tail."""
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        return open(log_path, "a+b")
+    fd, name = tempfile.mkstemp(prefix="edittuner-worker-", suffix=".log")
+    os.close(fd)
+    try:
+        return open(name, "a+b")
+    finally:
+        os.unlink(name)  # anonymous: gone when closed
+
+
+def _tail(logf: IO[bytes], start: int) -> str:
+    end = logf.seek(0, os.SEEK_END)
+    logf.seek(max(start, end - TAIL_BYTES))
+    return logf.read().decode("utf-8", "replace")

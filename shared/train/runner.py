@@ -1,0 +1,115 @@
+"""One training run end to end, in this process: encode what is missing, train, validate, export.
+
+``edittuner train`` and the trainer worker (``python -m trainer_svc.worker``) both call ``train_run``; the
+services later split the encode and validation parts out to encoder_svc and eval_svc.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from shared.config.schema import RunConfig
+from shared.encode.encoder import DatasetEncoder, EncodeStats
+from shared.store.base import ObjectStore
+from shared.store.local import LocalStore
+from shared.train.trainer import Event, Trainer, TrainSummary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    encode: EncodeStats
+    summary: TrainSummary
+    outputs: dict[str, str]
+
+
+def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], None] | None = None,
+              validate: bool | str = True, until_step: int | None = None, encode: bool = True,
+              run_id: str | None = None) -> RunResult:
+    """``validate``: True renders previews here; "external" exports the LoRA at each validation step and emits a
+    ``validation_ready`` event for a supervisor to hand to eval_svc; False skips validation."""
+    events = events or (lambda e: None)
+    stats = EncodeStats()
+    if encode:
+        enc = DatasetEncoder(run, store)
+        try:
+            stats = enc.encode(lambda s, total: events({"phase": "encode", "step": s.total, "total": total,
+                                                        "message": f"encoded {s.encoded}, cached {s.cached}"}))
+        finally:
+            enc.release()  # the transformer needs the memory next
+    validator = (external_validator(events) if validate == "external" else
+                 make_validator(run, store) if validate else None)
+    trainer = Trainer(run, store, run_id=run_id, events=events, validate=validator)
+    trainer.setup()
+    summary = trainer.train(until_step=until_step)
+    outputs = copy_outputs(store, trainer.prefix, Path(run.train.output_dir)) if isinstance(store, LocalStore) \
+        else {}
+    return RunResult(stats, summary, outputs)
+
+
+def external_validator(events: Callable[[Event], None]) -> Callable[[Trainer, int], dict[str, Any]]:
+    """Validation by another service: write this step's LoRA to the store and say where it is."""
+
+    def validate(trainer: Trainer, step: int) -> dict[str, Any]:
+        keys = trainer.export(f"{trainer.prefix}/validation/step-{step}/lora", fmt="diffusers")
+        lora_key = next(k for k in keys if k.endswith("/pytorch_lora_weights.safetensors"))
+        events({"phase": "validation_ready", "step": step, "total": trainer.cfg.max_train_steps,
+                "lora_key": lora_key, "run_id": trainer.run_id, "message": f"LoRA for validation at step {step}"})
+        return {"step": step, "lora_key": lora_key, "external": True}
+
+    return validate
+
+
+def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int], dict[str, Any]]:
+    """Previews with the training transformer itself (no second copy of the weights): the VAE and text encoder
+    are loaded on first use beside it."""
+    from shared.data.pairing import pair_datasets
+    from shared.encode.cache import index_key, settings_for
+    from shared.evaluate.preview import index_entries, render_validation, select_eval_samples
+
+    state: dict[str, Any] = {}
+
+    def validate(trainer: Trainer, step: int) -> dict[str, Any]:
+        if "pipe" not in state:
+            from shared.model.loading import load_pipeline
+
+            pipe = load_pipeline(run.train.model_path, run.train.model_flavour, device=trainer.device,
+                                 dtype=trainer.dtype, components=("vae", "text_encoder", "tokenizer", "processor",
+                                                                  "scheduler"))
+            state["pipe"] = pipe
+            paired, _ = pair_datasets(run)
+            state["samples"] = select_eval_samples(run, paired)
+            settings = settings_for(run, trainer.dtype)
+            keys = sorted({index_key(run, ds.config.id, settings) for ds, _ in state["samples"]})
+            state["entries"] = index_entries(store, keys, state["samples"])
+        pipe = state["pipe"]
+        pipe.transformer = trainer.transformer
+        try:
+            result = render_validation(pipe, run, state["samples"], step=step, store=store,
+                                       prefix=f"{trainer.prefix}/validation", loss_index=state["entries"])
+        finally:
+            pipe.transformer = None
+        return result.to_json()
+
+    return validate
+
+
+def copy_outputs(store: ObjectStore, run_prefix: str, output_dir: Path) -> dict[str, str]:
+    """With the local store, put the final LoRA and the previews where the user looks: output_dir."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, str] = {}
+    for key in store.list(f"{run_prefix}/lora"):
+        dest = output_dir / key.rsplit("/", 1)[1]
+        store.get_file(key, dest)
+        out[dest.name] = str(dest)
+    for key in store.list(f"{run_prefix}/validation"):
+        dest = output_dir / "validation" / key[len(f"{run_prefix}/validation/"):]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        store.get_file(key, dest)
+    if (output_dir / "validation").exists():
+        out["validation"] = str(output_dir / "validation")
+    return out

@@ -1,0 +1,321 @@
+"""LoRA training of the Qwen-Image-Edit transformer on cached tensors.
+
+Three methods make the loop, so a variant overrides only what differs: ``train()`` (steps, checkpoints,
+validation, export), ``train_step()`` (accumulation, clipping, optimizer, EMA) and ``forward_backward()`` (one
+micro-batch). The randomness of a micro-step (noise, sigmas) is a function of (seed, step, micro) and the data
+order a function of (seed, epoch), so a run resumed from a checkpoint computes bit for bit what an
+uninterrupted run computes (on CPU; tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from shared.config.schema import RunConfig
+from shared.encode.cache import settings_for
+from shared.errors import EditTunerError, FailedPrecondition, InvalidInput
+from shared.model.device import resolve_device
+from shared.model.flow import EditBatch, flow_matching_loss, sample_sigmas, step_generator
+from shared.store.base import ObjectStore
+from shared.store.checkpoint import (CheckpointState, capture_rng, committed_steps, load_checkpoint, prune_checkpoints,
+                                     resolve_resume, restore_rng, save_checkpoint)
+from shared.train.loader import TrainLoader, load_items
+
+log = logging.getLogger(__name__)
+Event = dict[str, Any]
+
+
+class TrainingDiverged(EditTunerError):
+    """The loss became NaN or Inf."""
+
+
+def run_id_for(output_dir: str) -> str:
+    """A run id from the output directory's name: resuming with the same output_dir finds the same run."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", output_dir.rstrip("/").rsplit("/", 1)[-1]).strip("-.")
+    return name or "run"
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    lr: float
+    seconds: float
+    data_wait: float
+    grad_norm: float
+
+
+@dataclass
+class TrainSummary:
+    run_id: str
+    steps: int
+    losses: list[float]
+    lora_keys: list[str]
+    checkpoints: list[int]
+    validations: list[dict[str, Any]] = field(default_factory=list)
+    data_wait_fraction: float = 0.0
+    seconds: float = 0.0
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, store: ObjectStore, *, run_id: str | None = None,
+                 events: Callable[[Event], None] | None = None,
+                 validate: Callable[["Trainer", int], dict[str, Any]] | None = None):
+        from shared.model.device import resolve_dtype
+
+        self.run, self.cfg, self.store = run, run.train, store
+        self.run_id = run_id or run_id_for(self.cfg.output_dir)
+        self.prefix = f"runs/{self.run_id}"
+        self.device = resolve_device(self.cfg.device)
+        self.dtype = resolve_dtype(self.cfg.mixed_precision, self.device)
+        self.events = events or (lambda e: None)
+        self.validate = validate
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.transformer: Any = None
+        self.ema: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------------------------------- setup
+    def setup(self, transformer: Any = None) -> None:
+        """Load and quantize the transformer, attach the LoRA, build optimizer, schedule, data; resume."""
+        from shared.model.loading import load_transformer
+        from shared.model.lora import attach_lora
+        from shared.model.quantize import quantize_transformer
+
+        cfg = self.cfg
+        if self.dtype == torch.float16:
+            raise InvalidInput("mixed_precision: fp16 training would need loss scaling and underflows with this "
+                               "model; use bf16 (or fp32)")
+        if self.device.type == "cuda" and not cfg.skip_fit_check:
+            from shared.plan.predict import check_fits
+
+            check_fits(self.run, self.device)  # ResourceExhausted with overrides that fit, before any loading
+        resume_step = resolve_resume(self.store, self.prefix, cfg.resume_from_checkpoint)
+        if resume_step is None and committed_steps(self.store, self.prefix):
+            raise FailedPrecondition(
+                f"run {self.run_id!r} already has checkpoints in {self.store.describe()} (up to step-"
+                f"{committed_steps(self.store, self.prefix)[-1]}); pass resume_from_checkpoint=latest to continue it, "
+                "or use another output_dir for a new run")
+        settings = settings_for(self.run, self.dtype)
+        items, null_ok = load_items(self.store, self.run, settings)
+        self.loader = TrainLoader(items, self.store, batch_size=cfg.train_batch_size, seed=cfg.seed,
+                                  caption_dropout=cfg.caption_dropout_probability,
+                                  random_references=cfg.conditioning_multidataset_sampling == "random",
+                                  null_available=null_ok, pin_memory=self.device.type == "cuda")
+        torch.manual_seed(cfg.seed)
+        if transformer is None:
+            transformer = load_transformer(cfg.model_path, cfg.model_flavour, dtype=self.dtype)
+        self.transformer = quantize_transformer(
+            transformer, cfg.base_model_precision, device=self.device, compute_dtype=self.dtype,
+            quantize_via=cfg.quantize_via, quantize_activations=cfg.quantize_activations)
+        attach_lora(self.transformer, cfg.lora_rank, cfg.effective_lora_alpha, cfg.lora_dropout,
+                    cfg.lora_target_modules, seed=cfg.seed)
+        self.params = [p for n, p in self.transformer.named_parameters() if p.requires_grad]
+        for p in self.params:  # adapters train in fp32 whatever the base precision
+            p.data = p.data.float()
+        if cfg.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        if cfg.compile_transformer:  # buckets change the token count: dynamic shapes avoid a recompile per bucket
+            self.transformer.compile_repeated_blocks(dynamic=True)
+        self.transformer.train()
+        self.optimizer = self._optimizer()
+        from diffusers.optimization import get_scheduler
+
+        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                       num_training_steps=cfg.max_train_steps)
+        if resume_step is not None:
+            self._resume(resume_step)
+        else:
+            self.store.put_json(f"{self.prefix}/run.json", self._run_doc())
+        if cfg.use_ema and self.ema is None:  # also when EMA is switched on at a resume: start from the weights
+            self.ema = {n: p.detach().float().cpu().clone() for n, p in self._named_params()}
+
+    def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                  weight_decay=cfg.adam_weight_decay)
+        if cfg.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError as e:
+                raise InvalidInput(f"optimizer adamw8bit needs bitsandbytes: {e}") from None
+            return bnb.optim.AdamW8bit(self.params, **kw)
+        return torch.optim.AdamW(self.params, fused=self.device.type == "cuda", **kw)
+
+    def _run_doc(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "config": dataclasses.asdict(self.cfg), "config_source": self.run.config_source,
+                "data": [dataclasses.asdict(d) | {"aws_secret_access_key": None} for d in self.run.data.datasets],
+                "device": str(self.device), "dtype": str(self.dtype), "created": time.time()}
+
+    # ------------------------------------------------------------------------------------------ resume
+    def _resume(self, step: int) -> None:
+        from shared.model.lora import load_lora_state_dict
+
+        ck = load_checkpoint(self.store, self.prefix, step)
+        load_lora_state_dict(self.transformer, ck.lora)
+        for p in self.params:
+            p.data = p.data.float()
+        self.optimizer.load_state_dict(ck.optimizer)
+        self.scheduler.load_state_dict(ck.scheduler)
+        self.loader.load_state_dict(ck.loader)
+        if self.cfg.use_ema and ck.ema is not None:
+            self.ema = {k: v.float() for k, v in ck.ema.items()}
+        restore_rng(ck.rng_tensors, ck.rng)
+        self.step = step
+        self.history = list(ck.extra.get("history", []))
+        log.info("resumed run %s from step %d", self.run_id, step)
+
+    # -------------------------------------------------------------------------------------------- loop
+    def train(self, until_step: int | None = None) -> TrainSummary:
+        """Train to max_train_steps (or stop after ``until_step``, as a pre-empted worker would)."""
+        cfg = self.cfg
+        last = min(cfg.max_train_steps, until_step or cfg.max_train_steps)
+        started = time.perf_counter()
+        wait0 = self.loader.wait_seconds
+        losses: list[float] = []
+        checkpoints: list[int] = []
+        validations: list[dict[str, Any]] = []
+        self.events({"phase": "train", "step": self.step, "total": cfg.max_train_steps, "message": "training"})
+        try:
+            while self.step < last:
+                r = self.train_step()
+                losses.append(r.loss)
+                self.history.append(dataclasses.asdict(r))
+                self.events({"phase": "train", "step": r.step, "total": cfg.max_train_steps, "loss": r.loss,
+                             "lr": r.lr, "seconds_per_step": r.seconds, "data_wait": r.data_wait,
+                             **self._gpu_memory()})
+                if r.step % cfg.checkpointing_steps == 0:
+                    checkpoints.append(self.save_checkpoint())
+                if self.validate and r.step % cfg.validation_step_interval == 0:
+                    validations.append(self._validate(r.step))
+            if self.step == cfg.max_train_steps:
+                lora_keys = self.export(f"{self.prefix}/lora")
+                if self.validate and self.step % cfg.validation_step_interval != 0:
+                    validations.append(self._validate(self.step))
+                self.store.put_bytes(f"{self.prefix}/metrics.jsonl", self._metrics_jsonl())
+            else:
+                lora_keys = []
+        finally:
+            self.loader.close()
+        elapsed = time.perf_counter() - started
+        wait = self.loader.wait_seconds - wait0
+        return TrainSummary(self.run_id, self.step, losses, lora_keys, checkpoints, validations,
+                            wait / elapsed if elapsed > 0 else 0.0, elapsed)
+
+    def train_step(self) -> StepResult:
+        """One optimizer step: accumulate micro-batches, clip, step, schedule, EMA."""
+        cfg = self.cfg
+        step = self.step + 1
+        t0 = time.perf_counter()
+        wait0 = self.loader.wait_seconds
+        total = 0.0
+        for micro in range(cfg.gradient_accumulation_steps):
+            batch = self.loader.next_batch()
+            loss = self.forward_backward(batch, step, micro)
+            total += loss / cfg.gradient_accumulation_steps
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 \
+            else torch.tensor(0.0)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in self._named_params():
+                    self.ema[n].mul_(cfg.ema_decay).add_(p.detach().float().cpu(), alpha=1 - cfg.ema_decay)
+        self.step = step
+        return StepResult(step, total, lr, time.perf_counter() - t0, self.loader.wait_seconds - wait0,
+                          float(grad_norm))
+
+    def forward_backward(self, batch: EditBatch, step: int, micro: int) -> float:
+        batch = batch.to(self.device, non_blocking=True)
+        g = step_generator(self.cfg.seed, step, micro)
+        B, _, h, w = batch.latents_BChw.shape
+        noise_BLC = torch.randn(B, (h // 2) * (w // 2), 64, generator=g).to(self.device)
+        sigmas_B = sample_sigmas(B, self.cfg.flow_schedule_shift, g).to(self.device)
+        loss = flow_matching_loss(self.transformer, batch, noise_BLC, sigmas_B, self.dtype)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"loss is {value} at step {step} (micro-batch {micro}); batch samples: {', '.join(batch.keys)}. "
+                "Lower learning_rate, check these samples' images, or use mixed_precision fp32 to rule out "
+                "overflow")
+        (loss / self.cfg.gradient_accumulation_steps).backward()
+        return value
+
+    # ------------------------------------------------------------------------------ checkpoints, export
+    def lora_state(self, ema: bool = False) -> dict[str, torch.Tensor]:
+        from shared.model.lora import lora_state_dict
+
+        sd = lora_state_dict(self.transformer)
+        if ema and self.ema is not None:
+            by_param = {n.replace(".default", ""): v for n, v in self.ema.items()}
+            sd = {k: by_param.get(k, v) for k, v in sd.items()}
+        return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
+
+    def export_files(self, ema: bool | None = None, fmt: str | None = None) -> dict[str, bytes]:
+        from shared.model.lora import save_lora_files
+
+        use_ema = self.cfg.use_ema if ema is None else ema
+        return save_lora_files(self.lora_state(ema=use_ema), alpha=self.cfg.effective_lora_alpha,
+                               rank=self.cfg.lora_rank, fmt=fmt or self.cfg.lora_format,
+                               metadata={"edittuner.run": self.run_id, "edittuner.step": str(self.step),
+                                         "edittuner.flavour": self.cfg.model_flavour,
+                                         "edittuner.base_model": self.cfg.model_path,
+                                         "edittuner.ema": str(bool(use_ema))},
+                               transformer=self.transformer)
+
+    def export(self, prefix: str, fmt: str | None = None) -> list[str]:
+        return [self.store.put_bytes(f"{prefix}/{name}", data).key
+                for name, data in self.export_files(fmt=fmt).items()]
+
+    def save_checkpoint(self) -> int:
+        t0 = time.perf_counter()
+        rng_tensors, rng = capture_rng()
+        state = CheckpointState(step=self.step, lora=self.lora_state(), optimizer=self.optimizer.state_dict(),
+                                scheduler=self.scheduler.state_dict(), loader=self.loader.state_dict(),
+                                ema=self.ema, rng_tensors=rng_tensors, rng=rng, extra={"history": self.history})
+        save_checkpoint(self.store, self.prefix, state, files=self.export_files())
+        prune_checkpoints(self.store, self.prefix, self.cfg.checkpoints_total_limit)
+        self.store.put_bytes(f"{self.prefix}/metrics.jsonl", self._metrics_jsonl())
+        self.events({"phase": "checkpoint", "step": self.step, "total": self.cfg.max_train_steps,
+                     "seconds": time.perf_counter() - t0, "message": f"checkpoint step-{self.step}"})
+        return self.step
+
+    def _validate(self, step: int) -> dict[str, Any]:
+        self.events({"phase": "validation", "step": step, "total": self.cfg.max_train_steps,
+                     "message": f"validation at step {step}"})
+        was_training = self.transformer.training
+        self.transformer.eval()
+        try:
+            with torch.no_grad():
+                result = self.validate(self, step) if self.validate else {}
+        except Exception as e:  # a broken preview must not cost the run; it is recorded and logged
+            log.exception("validation at step %d failed", step)
+            result = {"step": step, "error": f"{type(e).__name__}: {e}"}
+        finally:
+            self.transformer.train(was_training)
+        self.history.append({"validation": result, "step": step})
+        return result
+
+    def _gpu_memory(self) -> dict[str, int]:
+        if self.device.type != "cuda":
+            return {}
+        return {"gpu_allocated_bytes": torch.cuda.memory_allocated(self.device),
+                "gpu_reserved_bytes": torch.cuda.memory_reserved(self.device),
+                "gpu_peak_bytes": torch.cuda.max_memory_allocated(self.device)}
+
+    def _metrics_jsonl(self) -> bytes:
+        return "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history).encode()

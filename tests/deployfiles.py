@@ -1,0 +1,54 @@
+"""What the deployment tests share: where the assets are, the metric names the services export, the variables
+compose.yaml requires, the Kubernetes manifests."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "compose.yaml"
+DEPLOY = ROOT / "deploy"
+DOCKERFILE = DEPLOY / "Dockerfile"
+PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "edittuner.json"
+DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources"
+K8S = DEPLOY / "k8s"
+COMPOSE_SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "compose-spec.json"
+
+GPU_SERVICES = {"encoder": (50051, 9101), "trainer": (50052, 9102), "eval": (50053, 9103)}
+OWN_IMAGE = "edittuner:latest"
+
+# The metric names the services export; the dashboard may use these and nothing else.
+METRICS = {
+    "edittuner_trainer_steps_total", "edittuner_trainer_loss", "edittuner_trainer_samples_per_second",
+    "edittuner_trainer_learning_rate", "edittuner_gpu_memory_bytes", "edittuner_encoder_images_total",
+    "edittuner_encoder_cache_hits_total", "edittuner_jobs", "grpc_server_handled_total",
+}
+HISTOGRAMS = {
+    "edittuner_trainer_step_seconds", "edittuner_trainer_checkpoint_save_seconds", "edittuner_eval_render_seconds",
+    "grpc_server_handling_seconds",
+}
+ALLOWED_SERIES = METRICS | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
+
+# Dummy values for the variables compose.yaml requires (${VAR:?...}).
+REQUIRED_ENV = {"MINIO_ROOT_USER": "dummy-user", "MINIO_ROOT_PASSWORD": "dummy-password-123",
+                "GRAFANA_ADMIN_PASSWORD": "dummy-grafana"}
+
+
+def load_yaml(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def services(compose: dict) -> dict:
+    return compose["services"]
+
+
+def k8s_docs() -> list[dict]:
+    return [doc for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+# Environment variable names that hold credentials: never a literal value in compose.yaml or the manifests.
+SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|ROOT_USER")

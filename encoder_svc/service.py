@@ -9,8 +9,8 @@ import grpc
 
 from shared.encode.encoder import DatasetEncoder, EncodeStats
 from shared.rpc import encoder_pb2, encoder_pb2_grpc
-from shared.service.common import (IdleRelease, JobRpcMixin, files_from_proto, files_to_params, free_gpu_memory,
-                                   job_to_proto, run_from_files, run_from_params)
+from shared.service.common import (IdleRelease, JobRpcMixin, ServerPaths, files_from_proto, files_to_params,
+                                   free_gpu_memory, job_to_proto, run_from_params, validated_run)
 from shared.service.jobs import JobContext
 from shared.service.metrics import Metrics
 from shared.service.records import JobRecord
@@ -20,8 +20,9 @@ from shared.store.base import ObjectStore
 class EncoderCore:
     """Runs encode jobs; keeps the VAE and text encoder loaded between jobs until released."""
 
-    def __init__(self, store: ObjectStore, metrics: Metrics, idle_release_s: float = 300.0):
-        self.store, self.metrics = store, metrics
+    def __init__(self, store: ObjectStore, metrics: Metrics, idle_release_s: float = 300.0,
+                 paths: ServerPaths = ServerPaths()):
+        self.store, self.metrics, self.paths = store, metrics, paths
         self.idle = IdleRelease(self.release, idle_release_s)
         self._lock = threading.Lock()
         self._pipes: dict[tuple[str, ...], Any] = {}
@@ -80,7 +81,7 @@ class EncoderServicer(JobRpcMixin, encoder_pb2_grpc.EncoderServiceServicer):
     def SubmitEncode(self, request: encoder_pb2.SubmitEncodeRequest, context: grpc.ServicerContext
                      ) -> encoder_pb2.SubmitEncodeResponse:
         files = files_from_proto(request.files)
-        run_from_files(files)  # invalid input fails the call, listing every problem, before a job exists
+        validated_run(files, self.core.paths)  # bad input fails the call, listing every problem, before a job
         job = self.jobs.submit("encode", files_to_params(files), request.request_id)
         return encoder_pb2.SubmitEncodeResponse(job=job_to_proto(job))
 

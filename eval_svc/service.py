@@ -16,12 +16,12 @@ from shared.evaluate.preview import index_entries, render_validation, select_eva
 from shared.model.device import resolve_device, resolve_dtype
 from shared.model.loading import load_pipeline
 from shared.rpc import eval_pb2, eval_pb2_grpc
-from shared.service.common import (IdleRelease, JobRpcMixin, files_from_proto, files_to_params, free_gpu_memory,
-                                   job_to_proto, run_from_files, run_from_params)
+from shared.service.common import (IdleRelease, JobRpcMixin, ServerPaths, check_run_id, files_from_proto,
+                                   files_to_params, free_gpu_memory, job_to_proto, run_from_params, validated_run)
 from shared.service.jobs import JobContext
 from shared.service.metrics import Metrics
 from shared.service.records import JobRecord
-from shared.store.base import ObjectStore
+from shared.store.base import ObjectStore, validate_key
 
 ADAPTER = "validation"
 
@@ -29,8 +29,9 @@ ADAPTER = "validation"
 class EvalCore:
     """Renders validations; keeps the base pipeline loaded between jobs, the LoRA only for one job."""
 
-    def __init__(self, store: ObjectStore, metrics: Metrics, idle_release_s: float = 300.0):
-        self.store, self.metrics = store, metrics
+    def __init__(self, store: ObjectStore, metrics: Metrics, idle_release_s: float = 300.0,
+                 paths: ServerPaths = ServerPaths()):
+        self.store, self.metrics, self.paths = store, metrics, paths
         self.idle = IdleRelease(self.release, idle_release_s)
         self._lock = threading.Lock()
         self._pipe: tuple[tuple[str, ...], Any] | None = None
@@ -91,9 +92,14 @@ class EvalServicer(JobRpcMixin, eval_pb2_grpc.EvalServiceServicer):
     def SubmitRender(self, request: eval_pb2.SubmitRenderRequest, context: grpc.ServicerContext
                      ) -> eval_pb2.SubmitRenderResponse:
         files = files_from_proto(request.files)
-        run_from_files(files)
+        validated_run(files, self.core.paths)
         if not request.run_id or not request.lora_key:
             raise InvalidInput("SubmitRender needs run_id and lora_key (the LoRA object written by the trainer)")
+        check_run_id(request.run_id)
+        validate_key(request.lora_key)
+        if not request.lora_key.startswith(f"runs/{request.run_id}/"):
+            raise InvalidInput(f"lora_key: {request.lora_key[:120]!r} is not in run {request.run_id!r}'s folder "
+                               f"(runs/{request.run_id}/...): a render reads only the run's own LoRA")
         params = files_to_params(files) | {"run_id": request.run_id, "step": request.step,
                                            "lora_key": request.lora_key}
         job = self.jobs.submit("render", params, request.request_id)

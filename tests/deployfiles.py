@@ -35,7 +35,7 @@ ALLOWED_SERIES = METRICS | {h + suffix for h in HISTOGRAMS for suffix in ("_buck
 
 # Dummy values for the variables compose.yaml requires (${VAR:?...}).
 REQUIRED_ENV = {"MINIO_ROOT_USER": "dummy-user", "MINIO_ROOT_PASSWORD": "dummy-password-123",
-                "GRAFANA_ADMIN_PASSWORD": "dummy-grafana"}
+                "GRAFANA_ADMIN_PASSWORD": "dummy-grafana", "EDITTUNER_TOKEN": "dummy-token-0123456789"}
 
 
 def load_yaml(path: Path):

@@ -30,7 +30,7 @@ BAD_KEYS = [
 
 def new_minio_store(endpoint_url: str, **kwargs: object) -> MinioStore:
     bucket = f"test-{uuid.uuid4().hex[:16]}"
-    return MinioStore(urlsplit(endpoint_url).netloc, ACCESS_KEY, SECRET_KEY, bucket, retries=0, **kwargs)
+    return MinioStore(urlsplit(endpoint_url).netloc, ACCESS_KEY, SECRET_KEY, bucket, retry_s=0, **kwargs)
 
 
 def sha256_of(data: bytes) -> str:

@@ -95,6 +95,7 @@ def test_gpu_services_environment_volumes_ports_and_healthchecks(compose):
         assert env["EDITTUNER_STORE"].startswith("minio://minio:9000/")
         assert env["EDITTUNER_MODEL_DIR"] == "/models" and env["HF_HOME"] == "/hf-cache"
         assert env["EDITTUNER_DEVICE"] == "cuda"
+        assert env["EDITTUNER_HOST"] == "0.0.0.0" and env["EDITTUNER_TOKEN"].startswith("${EDITTUNER_TOKEN:?")
         assert env["EDITTUNER_ENCODER_ADDR"] == "encoder:50051" and env["EDITTUNER_EVAL_ADDR"] == "eval:50053"
         assert env[f"EDITTUNER_{name.upper()}_PORT"] == str(port)
         assert env[f"EDITTUNER_{name.upper()}_METRICS_PORT"] == str(metrics_port)
@@ -181,6 +182,9 @@ def test_docker_compose_config_requires_the_credentials(tmp_path):
     result = run_compose_config(tmp_path, {"GRAFANA_ADMIN_PASSWORD": "x"})
     assert result.returncode != 0
     assert "MINIO_ROOT_USER" in result.stderr + result.stdout
+    without_token = {k: v for k, v in REQUIRED_ENV.items() if k != "EDITTUNER_TOKEN"}
+    result = run_compose_config(tmp_path, without_token)
+    assert result.returncode != 0 and "set EDITTUNER_TOKEN" in result.stderr + result.stdout
 
 
 # ------------------------------------------------------------------------------------------------ Dockerfile

@@ -175,6 +175,8 @@ def test_k8s_deployments_request_a_gpu_and_reference_secrets():
         for env in container["env"]:
             if SECRET_KEY.search(env["name"]):
                 assert "value" not in env and "secretKeyRef" in env["valueFrom"], f"{name}: {env['name']}"
+        token = next(e for e in container["env"] if e["name"] == "EDITTUNER_TOKEN")
+        assert not token["valueFrom"]["secretKeyRef"].get("optional"), "beyond loopback a service needs its token"
         port, metrics_port = GPU_SERVICES[name]
         assert {p["containerPort"] for p in container["ports"]} == {port, metrics_port}
         assert container["readinessProbe"]["grpc"]["port"] == port
@@ -194,6 +196,7 @@ def test_k8s_services_and_shared_config_match_compose(compose):
     for key, value in config["data"].items():
         if key != "EDITTUNER_STORE":
             assert compose_env[key] == value, key
+    assert config["data"]["EDITTUNER_HOST"] == "0.0.0.0"
     assert {"StatefulSet", "Job", "PersistentVolumeClaim"} <= {d["kind"] for d in docs}
 
 

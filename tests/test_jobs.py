@@ -169,8 +169,10 @@ def test_watch_ends_at_its_timeout_and_when_the_client_goes_away(managers, store
     abandoned = m.watch(job.job_id)
     next(abandoned)
     abandoned.close()  # a client that disconnects mid-stream: nothing is left waiting
-    with pytest.raises(errors.NotFound, match="trainer job 'nope' not found"):
-        next(m.watch("nope"))
+    with pytest.raises(errors.NotFound, match="trainer job '0123456789ab' not found"):
+        next(m.watch("0123456789ab"))
+    with pytest.raises(errors.InvalidInput, match="job_id '../nope' is not a job id"):
+        next(m.watch("../nope"))
 
 
 def test_progress_is_persisted_on_phase_change_not_every_step(managers, store):
@@ -217,6 +219,8 @@ def test_cancel_a_running_job_and_cancel_a_terminal_one(managers, store):
     assert "cancelled by request" in done.error
     assert m.cancel(job.job_id) == done
     with pytest.raises(errors.NotFound):
+        m.cancel("0123456789ab")
+    with pytest.raises(errors.InvalidInput, match="job_id"):
         m.cancel("nope")
 
 

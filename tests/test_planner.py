@@ -250,6 +250,8 @@ class _FakeJobs:
 def test_start_run_refuses_before_a_job_exists_unless_skipped(monkeypatch):
     """StartRun on a (faked) 24 GiB CUDA host: RESOURCE_EXHAUSTED up front; with skip_fit_check the job is
     submitted and carries skip_fit_check=true so that the worker's Trainer.setup does not refuse it either."""
+    import diffusers.loaders.peft  # noqa: F401 - imported before CUDA is faked: bitsandbytes would load its CUDA ops
+
     from shared.rpc import common_pb2, trainer_pb2
     from trainer_svc.service import TrainerServicer
 
@@ -258,7 +260,11 @@ def test_start_run_refuses_before_a_job_exists_unless_skipped(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
     files = common_pb2.RunConfigFiles(config_json=SEED_CONFIG, data_json=SEED_DATA_V2,
                                       overrides=["model_flavour=edit-v2"])
-    servicer = TrainerServicer(_FakeJobs(), core=None)
+    from types import SimpleNamespace
+
+    from shared.service.common import ServerPaths
+
+    servicer = TrainerServicer(_FakeJobs(), core=SimpleNamespace(paths=ServerPaths(dataset_roots=("/datasets",))))
     with pytest.raises(errors.ResourceExhausted, match="skip_fit_check=true"):
         servicer.StartRun(trainer_pb2.StartRunRequest(request_id="r1", files=files), None)
     with pytest.raises(_Submitted) as sub:

@@ -155,7 +155,8 @@ def test_service_config_from_env_reads_per_service_then_shared_names():
     config = ServiceConfig.from_env("EDITTUNER_ENCODER", env)
     assert (config.port, config.metrics_port, config.store_url, config.token, config.device, config.grace_s) == \
         (6001, 9101, "minio://minio:9000/edittuner", "mine", "cuda", 2.5)
-    assert config.max_message_bytes == 16 * 1024 * 1024 and config.host == "0.0.0.0"
+    assert config.max_message_bytes == 16 * 1024 * 1024 and config.host == "127.0.0.1"  # loopback by default
+    assert ServiceConfig.from_env("EDITTUNER_ENCODER", {**env, "EDITTUNER_HOST": "0.0.0.0"}).host == "0.0.0.0"
     assert ServiceConfig.from_env("EDITTUNER_EVAL", {}, default_port=50053).port == 50053
     assert ServiceConfig.from_env("EDITTUNER_EVAL", {"EDITTUNER_EVAL_PORT": "0"}).port == 0
 

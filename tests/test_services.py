@@ -10,6 +10,7 @@ import os
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 import pytest
@@ -22,7 +23,10 @@ from shared.rpc import encoder_pb2, trainer_pb2
 from shared.rpc.client import Client
 from shared.service.common import files_to_proto, state_name
 from shared.service.local_stack import start_local_stack
+from shared.store.checkpoint import committed_steps
 from shared.store.local import LocalStore
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +109,7 @@ def test_bad_config_is_invalid_argument_listing_every_problem(stack):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "2 problems" in e.value.details() and "$.lora_rank" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
-        c.stub.GetJob(trainer_pb2.GetJobRequest(job_id="nope"), timeout=10)
+        c.stub.GetJob(trainer_pb2.GetJobRequest(job_id="0123456789ab"), timeout=10)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -122,16 +126,24 @@ def test_missing_reference_fails_the_encode_and_the_run_with_the_reason(stack):
     assert "Control tensor list length" in final.error and "0001.png" in final.error
 
 
-def test_a_killed_worker_fails_the_run_not_the_service(stack):
+def test_a_killed_worker_fails_the_run_not_the_service_and_the_reason_is_the_signal(stack):
     c, job = start(stack, "killed", max_train_steps=500, checkpointing_steps=1000, validation_step_interval=1000)
-    deadline = time.time() + 60
-    while c.get(job.job_id).progress.phase != "train" and time.time() < deadline:
-        time.sleep(0.2)
-    worker = _worker_pid(stack, "killed")
-    os.kill(worker, signal.SIGTERM)
+    wait_for_step(c, job, 1)
+    os.kill(_worker_pid(stack, "killed"), signal.SIGKILL)
     final = c.watch(job.job_id, lambda j: None)
-    assert state_name(final) == "failed" and "SIGTERM" in final.error
+    assert state_name(final) == "failed" and "the worker was killed by SIGKILL" in final.error
+    assert "out of memory" not in final.error  # a kill is not a guess at memory: no oom_kill was recorded
     assert c.list()[0].job_id  # the service still answers
+
+
+def wait_for_step(c, job, step, timeout_s=120):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        p = c.get(job.job_id).progress
+        if p.phase == "train" and p.step >= step:
+            return p.step
+        assert time.monotonic() < deadline, f"the run never reached step {step} ({p.phase} {p.step})"
+        time.sleep(0.05)
 
 
 def _worker_pid(stack, run_id):
@@ -175,3 +187,91 @@ def test_a_restarted_trainer_resumes_the_run_from_its_checkpoint(stack):
     assert final.attempt == 2 and final.outputs["steps"] == "40"
     log = (stack.tmp / "work" / job.job_id / "worker.log").read_text()
     assert "resumed run restart from step" in log
+
+
+# ------------------------------------------------------------------------------------------- hardening
+@pytest.mark.parametrize("run_id", ["a/b", "../../escape/run", "ref/checkpoints/step-99", ".hidden", "x" * 101])
+def test_a_run_id_is_one_key_segment_checked_before_a_job_exists(stack, run_id):
+    c = Client("trainer", stack.addresses["trainer"])
+    with pytest.raises(grpc.RpcError) as e:
+        c.stub.StartRun(trainer_pb2.StartRunRequest(request_id=uuid.uuid4().hex, files=files_for(stack, "ids"),
+                                                    run_id=run_id), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("run_id: ")
+    assert not [j for j in c.list() if j.outputs.get("run_id") == run_id]
+
+
+def test_an_output_dir_from_a_client_names_the_run_and_is_never_written_on_the_server(stack, tmp_path):
+    outside = tmp_path / "outside"
+    for output_dir in ("../escape/ref-out", str(outside / "abs-out")):
+        c, job = start(stack, output_dir.rsplit("/", 1)[1], output_dir=output_dir, validation_step_interval=1000)
+        final = c.watch(job.job_id, lambda j: None)
+        assert state_name(final) == "succeeded", final.error
+        assert final.outputs["run_id"] == output_dir.rsplit("/", 1)[1]
+    assert not (ROOT.parent / "escape").exists() and not (ROOT / "escape").exists() and not outside.exists()
+    store = LocalStore(stack.tmp / "store")
+    assert store.exists("runs/ref-out/lora/pytorch_lora_weights.safetensors")  # the outputs are in the store
+
+
+def test_datasets_and_models_outside_the_servers_folders_are_refused_by_name(stack, tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    env = {**os.environ, "EDITTUNER_DATASET_ROOTS": str(allowed), "EDITTUNER_MODEL_ROOTS": str(allowed)}
+    strict = start_local_stack(str(tmp_path / "store"), tmp_path / "logs", env=env, services=("trainer",))
+    try:
+        c = Client("trainer", strict.addresses["trainer"])
+        with pytest.raises(grpc.RpcError) as e:
+            c.stub.StartRun(trainer_pb2.StartRunRequest(request_id="x", files=files_for(stack, "roots")), timeout=10)
+    finally:
+        strict.stop()
+    details = e.value.details()
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "4 problems" in details
+    assert "$[0].instance_data_dir (id 'demo-images')" in details and str(allowed) in details
+    assert "$.pretrained_model_name_or_path" in details
+
+
+def test_sigterm_to_the_trainer_checkpoints_the_step_it_is_on_and_the_restart_loses_no_step(stack):
+    c, job = start(stack, "graceful", max_train_steps=40, checkpointing_steps=1000, validation_step_interval=1000)
+    reached = wait_for_step(c, job, 3)
+    started = time.monotonic()
+    code = stack.stop_one("trainer", grace_s=60)  # SIGTERM
+    assert code == 0 and time.monotonic() - started < 30  # within the service's grace period, not killed
+    store = LocalStore(stack.tmp / "store")
+    [step] = committed_steps(store, "runs/graceful")  # no periodic checkpoint: this one is the stop's
+    assert reached <= step < 40
+    assert store.get_json(f"jobs/trainer/{job.job_id}.json")["state"] == "queued"  # to resume
+    stack.launch("trainer")
+    stack.wait_ready("trainer")
+    c = Client("trainer", stack.addresses["trainer"])
+    final = c.watch(job.job_id, lambda j: None)
+    assert state_name(final) == "succeeded" and final.attempt == 2 and final.outputs["steps"] == "40"
+    log = (stack.tmp / "work" / job.job_id / "worker.log").read_text()
+    assert f"resumed run graceful from step {step}" in log  # the second attempt started where the first stopped
+
+
+def test_a_killed_supervisor_takes_its_worker_along_and_nothing_is_committed_after(stack):
+    c, job = start(stack, "orphan", max_train_steps=500, checkpointing_steps=2, validation_step_interval=1000)
+    wait_for_step(c, job, 3)
+    worker = _worker_pid(stack, "orphan")
+    store = LocalStore(stack.tmp / "store")
+    stack.procs["trainer"].kill()  # SIGKILL: no handler runs in trainer_svc
+    stack.procs["trainer"].wait()
+    killed, killed_wall = time.monotonic(), time.time()
+    while _alive(worker):
+        assert time.monotonic() - killed < 1.0, "the worker outlived its supervisor by a second"
+        time.sleep(0.01)
+    markers = [store.root / "keys" / "runs" / "orphan" / "checkpoints" / f"step-{s}" / "_COMMITTED.ptr"
+               for s in committed_steps(store, "runs/orphan")]
+    assert markers and all(m.stat().st_mtime <= killed_wall + 0.05 for m in markers)  # none written after
+    stack.launch("trainer")
+    stack.wait_ready("trainer")
+    c = Client("trainer", stack.addresses["trainer"])
+    c.cancel(job.job_id)  # the restarted service resumes the run: stop it, later tests want the CPU
+    c.watch(job.job_id, lambda j: None)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has died; only its parent's reaping is left

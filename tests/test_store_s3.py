@@ -61,7 +61,7 @@ def test_minio_closed_port_is_unavailable_quickly() -> None:
     port = free_port()
     start = time.monotonic()
     with pytest.raises(errors.Unavailable, match=f"http://127.0.0.1:{port} is unreachable.*check that MinIO"):
-        MinioStore(f"127.0.0.1:{port}", ACCESS_KEY, SECRET_KEY, "edittuner", connect_timeout_s=0.5, retries=0)
+        MinioStore(f"127.0.0.1:{port}", ACCESS_KEY, SECRET_KEY, "edittuner", connect_timeout_s=0.5, retry_s=0)
     assert time.monotonic() - start < 5
 
 

@@ -5,7 +5,7 @@ import os
 import sys
 
 from shared.rpc import encoder_pb2_grpc, eval_pb2_grpc, trainer_pb2, trainer_pb2_grpc
-from shared.service.main import peer_channel, serve, workdir
+from shared.service.main import peer_channel, serve, server_paths, workdir
 
 
 def make(config, store, metrics):
@@ -15,10 +15,12 @@ def make(config, store, metrics):
     enc, ev = peer_channel(env, "encoder", config.token), peer_channel(env, "eval", config.token)
     peers = Peers(encoder_pb2_grpc.EncoderServiceStub(enc) if enc else None,
                   eval_pb2_grpc.EvalServiceStub(ev) if ev else None)
-    core = TrainerCore(config.store_url or ".edittuner/store", peers, metrics, workdir(env))
+    core = TrainerCore(config.store_url or ".edittuner/store", peers, metrics, workdir(env),
+                       paths=server_paths(config), grace_s=config.grace_s)
 
     def add(jobs, server):
-        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(jobs, core), server)
+        servicer = TrainerServicer(jobs, core, keepalive_s=config.keepalive_s)
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, server)
 
     return core, core.execute, trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name, add
 

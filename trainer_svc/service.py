@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,12 @@ from shared.errors import FailedPrecondition, Unavailable
 from shared.model.device import resolve_device
 from shared.plan.predict import check_fits
 from shared.rpc import common_pb2, encoder_pb2, encoder_pb2_grpc, eval_pb2, eval_pb2_grpc, trainer_pb2, trainer_pb2_grpc
-from shared.service.common import (JobRpcMixin, error_of, files_from_proto, files_to_params, job_to_proto,
-                                   run_from_files, run_from_params, state_name)
+from shared.service.common import (JobRpcMixin, ServerPaths, check_run_id, error_of, files_from_proto, files_to_params,
+                                   job_to_proto, run_from_params, state_name, validated_run)
 from shared.service.jobs import JobContext
 from shared.service.metrics import Metrics
-from shared.service.records import JobRecord
-from shared.service.supervisor import run_worker
+from shared.service.records import JobCancelled, JobRecord
+from shared.service.supervisor import WorkerFailed, run_worker
 from shared.train.trainer import run_id_for
 
 log = logging.getLogger(__name__)
@@ -46,11 +45,14 @@ class Peers:
 
 class TrainerCore:
     def __init__(self, store_url: str, peers: Peers, metrics: Metrics, workdir: Path,
-                 worker_cmd: list[str] | None = None, env: dict[str, str] | None = None):
+                 worker_cmd: list[str] | None = None, env: dict[str, str] | None = None,
+                 paths: ServerPaths = ServerPaths(), grace_s: float = 30.0):
         self.store_url, self.peers, self.metrics = store_url, peers, metrics
         self.workdir = workdir
         self.worker_cmd = worker_cmd or [sys.executable, "-m", "trainer_svc.worker"]
         self.env = env
+        self.paths = paths
+        self.grace_s = grace_s  # a stopped worker has this long to finish its step and write its checkpoint
 
     # ------------------------------------------------------------------------------------------ the job
     def execute(self, job: JobRecord, ctx: JobContext) -> dict[str, str]:
@@ -86,7 +88,13 @@ class TrainerCore:
                          if e.get("seconds_per_step") else 0.0)
 
         result = run_worker(cmd, on_event=on_event, cancelled=ctx.cancelled, env=self.env,
-                            log_path=folder / "worker.log")
+                            log_path=folder / "worker.log", kill_grace_s=self.grace_s)
+        if result.get("interrupted"):  # stopped at a step boundary, with a checkpoint of that step
+            if ctx.cancelled.is_set():  # a shutdown (the job resumes after the restart) or a cancel
+                raise JobCancelled(f"the run stopped at step {result.get('steps')} ({ctx.cancel_reason})")
+            raise WorkerFailed(f"the training worker was stopped by a signal at step {result.get('steps')}, after "
+                               "writing a checkpoint; start the run again with resume_from_checkpoint=latest to "
+                               "continue it")
         outputs.update({"lora": ",".join(result.get("lora", [])), "steps": str(result.get("steps", 0)),
                         "final_loss": str(result.get("final_loss")),
                         "checkpoints": ",".join(map(str, result.get("checkpoints", []))),
@@ -110,9 +118,15 @@ class TrainerCore:
         try:
             sub = self.peers.encoder.SubmitEncode(encoder_pb2.SubmitEncodeRequest(
                 request_id=f"{job.job_id}-encode-{job.attempt}", files=files), timeout=RPC_TIMEOUT_S)
-            enc_job = sub.job
-            # a Watch stream also ends when encoder_svc restarts (the job is then queued to resume): watch again
-            for _ in range(ENCODE_WATCH_ATTEMPTS):
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise FailedPrecondition(f"encoder_svc refused the encode: {e.details()}") from None
+            raise Unavailable(f"encoder_svc: {e.code().name}: {e.details()}") from None
+        enc_job = sub.job
+        # A Watch stream ends with UNAVAILABLE when encoder_svc shuts down (the job is then queued to resume
+        # after its restart): watch again, for up to ENCODE_WATCH_ATTEMPTS tries.
+        for attempt in range(ENCODE_WATCH_ATTEMPTS):
+            try:
                 for ev in self.peers.encoder.WatchJob(encoder_pb2.WatchJobRequest(job_id=enc_job.job_id)):
                     enc_job = ev.job
                     p = enc_job.progress
@@ -121,13 +135,14 @@ class TrainerCore:
                         self.peers.encoder.CancelJob(encoder_pb2.CancelJobRequest(job_id=enc_job.job_id),
                                                      timeout=RPC_TIMEOUT_S)
                         ctx.check_cancelled()
-                if state_name(enc_job) in ("succeeded", "failed", "cancelled"):
-                    break
-                time.sleep(ENCODE_REWATCH_S)
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise FailedPrecondition(f"encoder_svc refused the encode: {e.details()}") from None
-            raise Unavailable(f"encoder_svc: {e.code().name}: {e.details()}") from None
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == ENCODE_WATCH_ATTEMPTS - 1:
+                    raise Unavailable(f"encoder_svc: {e.code().name}: {e.details()}") from None
+                log.info("encoder_svc went away while encoding (%s); watching its job again", e.details())
+            if state_name(enc_job) in ("succeeded", "failed", "cancelled"):
+                break
+            if ctx.cancelled.wait(ENCODE_REWATCH_S):
+                ctx.check_cancelled()
         state = state_name(enc_job)
         if state == "cancelled":
             raise FailedPrecondition(f"the encode job {enc_job.job_id} on encoder_svc was cancelled; start the run "
@@ -165,12 +180,14 @@ class TrainerServicer(JobRpcMixin, trainer_pb2_grpc.TrainerServiceServicer):
     def StartRun(self, request: trainer_pb2.StartRunRequest, context: grpc.ServicerContext
                  ) -> trainer_pb2.StartRunResponse:
         files = files_from_proto(request.files)
-        run = run_from_files(files)
+        run = validated_run(files, self.core.paths)
+        if request.run_id:
+            check_run_id(request.run_id)
         if request.skip_fit_check:  # the worker's Trainer.setup must not refuse what the client chose to try
             files = dataclasses.replace(files, overrides=(*files.overrides, "skip_fit_check=true"))
         elif not run.train.skip_fit_check and torch.cuda.is_available():
             check_fits(run, resolve_device(run.train.device))  # RESOURCE_EXHAUSTED before a job exists
-        run_id = request.run_id or run_id_for(run.train.output_dir)
+        run_id = check_run_id(request.run_id or run_id_for(run.train.output_dir))
         params = files_to_params(files) | {"run_id": run_id}
         for active in self.jobs.list(state="running")[0] + self.jobs.list(state="queued")[0]:
             if active.params.get("run_id") == run_id and active.request_id != request.request_id:

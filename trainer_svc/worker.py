@@ -2,8 +2,9 @@
 
 trainer_svc starts this as a child process (torchrun starts the same entrypoint on several GPUs), so that a
 crash or an out-of-memory fails the run and not the service. It prints one JSON object per line on stdout:
-progress events while it runs, then ``{"result": ...}`` or ``{"error": ...}``. Exit status 0 on success, 1 on a
-user error (bad config, missing cache, diverged loss), 2 on anything unexpected.
+progress events while it runs, then ``{"result": ...}`` or ``{"error": ...}``. Exit status 0 on success (also
+when stopped by SIGTERM/SIGINT at a step boundary with a checkpoint: ``"interrupted": true``), 1 on a user error
+(bad config, missing cache, diverged loss, out of memory), 2 on anything unexpected.
 """
 
 from __future__ import annotations
@@ -11,11 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 import traceback
+
+import torch
 
 from shared.config.loading import load_run_config
 from shared.errors import EditTunerError
+from shared.service.supervisor import OOM_ADVICE, exit_with_parent
 from shared.store.url import open_store
 from shared.train.runner import train_run
 
@@ -24,7 +31,25 @@ def _emit(obj: dict) -> None:
     print(json.dumps(obj, default=str), flush=True)
 
 
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM (the service stopping, a Kubernetes eviction) or SIGINT: finish the step, checkpoint, exit 0 with
+    ``interrupted``. A second signal exits at once."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)
+        logging.getLogger(__name__).info("%s: stopping after this step, with a checkpoint", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+    return stop
+
+
 def main(argv: list[str] | None = None) -> int:
+    exit_with_parent()  # a killed trainer_svc leaves no worker behind writing checkpoints
+    stop = _stop_on_signals()
     ap = argparse.ArgumentParser(prog="trainer_svc.worker")
     ap.add_argument("--config")
     ap.add_argument("--data")
@@ -42,9 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run_config(args.config, args.data, args.overrides)
         result = train_run(run, open_store(args.store), events=lambda e: _emit({"event": e}),
                            validate=False if args.no_validation else "external" if args.external_validation else True,
-                           until_step=args.until_step, encode=not args.no_encode, run_id=args.run_id)
+                           until_step=args.until_step, encode=not args.no_encode, run_id=args.run_id, stop=stop,
+                           copy_to_output_dir=False)
     except EditTunerError as e:
         _emit({"error": str(e), "kind": type(e).__name__})
+        return 1
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        where = "GPU" if isinstance(e, torch.OutOfMemoryError) else "host"
+        traceback.print_exc()
+        _emit({"error": f"out of {where} memory in the training worker: {str(e).splitlines()[0][:300]}; "
+                        f"{OOM_ADVICE}", "kind": "ResourceExhausted"})
         return 1
     except Exception as e:  # the supervisor reports a generic failure; the traceback goes to the log
         traceback.print_exc()
@@ -52,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     s = result.summary
     _emit({"result": {"run_id": s.run_id, "steps": s.steps, "final_loss": s.losses[-1] if s.losses else None,
-                      "lora": s.lora_keys, "checkpoints": s.checkpoints, "outputs": result.outputs}})
+                      "lora": s.lora_keys, "checkpoints": s.checkpoints, "interrupted": s.interrupted}})
     return 0
 
 

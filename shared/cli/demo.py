@@ -95,7 +95,8 @@ def run_demo(out: Path, flavour: str = "edit-v2", samples: int = 8, steps: int =
             raise RuntimeError(f"the demo run failed: {job.error_code}: {job.error}")
         for v in wait_for_validations(job, stack.addresses["eval"]):
             print(f"[demo] eval_svc render {v.job_id}: {state_name(v)}, PSNR vs target: base "
-                  f"{float(v.outputs.get('psnr_base', 'nan')):.2f} dB, LoRA {float(v.outputs.get('psnr_lora', 'nan')):.2f}"
+                  f"{float(v.outputs.get('psnr_base', 'nan')):.2f} dB, "
+                  f"LoRA {float(v.outputs.get('psnr_lora', 'nan')):.2f}"
                   f" dB -> {v.outputs.get('metrics', v.error)}")
         encoder = Client("encoder", stack.addresses["encoder"])
         again = encoder.call("SubmitEncode", encoder_pb2.SubmitEncodeRequest(request_id=uuid.uuid4().hex,

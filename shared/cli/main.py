@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -151,11 +153,25 @@ def cmd_train_in_process(args: argparse.Namespace) -> int:
         bar.show(e.get("phase", ""), e.get("step", 0), e.get("total", 0), e.get("loss", 0.0),
                  e.get("seconds_per_step", 0.0), e.get("message", ""))
 
+    stop = threading.Event()
+
+    def on_ctrl_c(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        bar.tqdm.write("stopping after this step, with a checkpoint (Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        result = train_run(run, store, events=events, validate=not args.no_validation)
+        result = train_run(run, store, events=events, validate=not args.no_validation, stop=stop)
     finally:
+        signal.signal(signal.SIGINT, previous)
         bar.close()
     s = result.summary
+    if s.interrupted:
+        print(f"stopped run {s.run_id!r} at step {s.steps} with a checkpoint; continue it with the same command and "
+              "resume_from_checkpoint=latest")
+        return 130
     print(f"encoded {result.encode.encoded}, cached {result.encode.cached}; trained run {s.run_id!r} to step "
           f"{s.steps} in {s.seconds:.1f}s (data wait {100 * s.data_wait_fraction:.1f}% of step time)")
     if s.losses:

@@ -2,5 +2,5 @@
 (``schema``), checked across entries (``checks``), read with overrides and presets (``loading``); JSON with comments
 (``jsonc``), the typed builder (``typed``), the model flavours (``flavours``) and the bundled presets (``presets/``).
 
-May import: ``shared.errors`` only.
+May import: ``shared.errors``, and ``shared.store.keys`` for the rules a cache prefix must follow.
 """

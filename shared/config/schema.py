@@ -12,6 +12,8 @@ from typing import Any, Literal, Optional
 
 from shared.config.flavours import FLAVOURS
 from shared.config.typed import field, non_negative, positive, probability
+from shared.errors import InvalidInput
+from shared.store.keys import validate_key
 
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 PRESET_PREFIX = "qwen_image."
@@ -52,6 +54,26 @@ def _check_device(v: str) -> str | None:
 
 def _check_beta(v: float) -> str | None:
     return None if 0.0 <= v < 1.0 else f"must be in [0, 1), got {v}"
+
+
+def _check_dataset_id(v: str) -> str | None:
+    """An id names store folders (cache/vae/<id>/...): one key segment, no '/' or '..'."""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+        return None
+    return (f"{v[:80]!r} is not a usable dataset id: use 1 to 100 letters, digits, '.', '_' or '-', starting with "
+            "a letter or digit (it names the dataset's cache folders)")
+
+
+def _check_cache_dir(v: str) -> str | None:
+    """A cache directory becomes a store prefix: it must be a valid key once its '.' and empty segments go."""
+    prefix = _prefix(v)
+    if not prefix:
+        return f"{v!r} names no folder; give one like 'cache/vae/my-dataset'"
+    try:
+        validate_key(prefix)
+    except InvalidInput as err:
+        return f"{v!r} cannot be a cache folder in the store ({str(err).split(': ', 1)[-1]})"
+    return None
 
 
 def _check_resume(v: str) -> str | None:
@@ -162,7 +184,7 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------ dataset entries
 @dataclass(frozen=True)
 class DatasetConfig:
-    id: str = field(doc="unique dataset id")
+    id: str = field(check=_check_dataset_id, doc="unique dataset id")
     type: Literal["local", "aws"] = field("local")
     dataset_type: Literal["image", "conditioning", "conditioning_image_embeds", "text_embeds"] = field("image")
     instance_data_dir: Optional[str] = field(None)
@@ -174,8 +196,8 @@ class DatasetConfig:
     conditioning_data: list[str] = field([])
     conditioning_image_embeds: Optional[str] = field(None)
     conditioning_type: Literal["reference_strict", "reference_loose"] = field("reference_strict")
-    cache_dir_vae: Optional[str] = field(None)
-    cache_dir: Optional[str] = field(None)
+    cache_dir_vae: Optional[str] = field(None, check=_check_cache_dir)
+    cache_dir: Optional[str] = field(None, check=_check_cache_dir)
     disabled: bool = field(False)
     repeats: int = field(0, check=non_negative)
     crop_style: Literal["center"] = field("center")

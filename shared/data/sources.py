@@ -7,7 +7,7 @@ import io
 import warnings as _warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -45,9 +45,15 @@ class LocalSource:
 
 @dataclass
 class S3Source:
-    client: object  # minio.Minio
+    """A SimpleTuner ``type: aws`` dataset: images under ``prefix`` in someone's bucket (no EditTuner sha256).
+    Reads retry transient faults like the store does; a bucket that stays unreachable, is missing or refuses
+    access is a DatasetError naming bucket and endpoint."""
+
+    client: Any  # minio.Minio
     bucket: str
     prefix: str
+    endpoint: str = ""  # for messages: http(s)://host:port
+    retry_s: float = 0.0
 
     @property
     def label(self) -> str:
@@ -58,25 +64,52 @@ class S3Source:
 
     def list_files(self) -> list[str]:
         base = self.prefix.rstrip("/") + "/" if self.prefix else ""
-        names = (o.object_name for o in self.client.list_objects(self.bucket, prefix=base, recursive=True))
-        return sorted(n[len(base):] for n in names if not n.endswith("/"))
+
+        def listing() -> list[str]:
+            names = (o.object_name for o in self.client.list_objects(self.bucket, prefix=base, recursive=True))
+            return sorted(n[len(base):] for n in names if not n.endswith("/"))
+
+        return self._call(listing, f"listing {self.label}")
 
     def read(self, relpath: str) -> bytes:
-        resp = self.client.get_object(self.bucket, self._full(relpath))
+        def get() -> bytes:
+            resp = self.client.get_object(self.bucket, self._full(relpath))
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        return self._call(get, f"reading {self.label}/{relpath}")
+
+    def _call(self, operation: Callable[[], Any], what: str) -> Any:
+        from minio.error import S3Error
+
+        from shared.store.s3 import is_transient, retrying
+
+        where = f"bucket {self.bucket!r} at {self.endpoint or 'its endpoint'}"
         try:
-            return resp.read()
-        finally:
-            resp.close()
-            resp.release_conn()
+            return retrying(self.retry_s, where)(operation)
+        except S3Error as err:
+            hint = {"NoSuchBucket": "check aws_bucket_name", "NoSuchKey": "the file is gone: encode again",
+                    "AccessDenied": "check aws_access_key_id / aws_secret_access_key"}.get(err.code, "")
+            raise DatasetError([Problem(self.label, f"{what}: {where} answered {err.code} ({err.message})"
+                                        + (f"; {hint}" if hint else ""))]) from None
+        except Exception as err:  # noqa: BLE001 - only transient faults reach here after the retries
+            if not is_transient(err):
+                raise
+            raise DatasetError([Problem(self.label, f"{what}: {where} is unreachable ({type(err).__name__}), "
+                                        f"retried for {self.retry_s:g} s; check aws_endpoint_url and that the "
+                                        "server is up")]) from None
 
 
 def open_source(ds: DatasetConfig, where: str) -> ImageSource:
     """The source of a dataset entry; a missing folder or unreachable bucket is a DatasetError naming it."""
     if ds.type == "aws":
-        from shared.store.s3 import minio_client_from_aws_fields
+        from shared.store.s3 import AWS_ENDPOINT, minio_client_from_aws_fields, retry_budget
 
         client, bucket = minio_client_from_aws_fields(ds.aws_fields)
-        return S3Source(client, bucket, ds.aws_data_prefix)
+        return S3Source(client, bucket, ds.aws_data_prefix, ds.aws_endpoint_url or AWS_ENDPOINT, retry_budget())
     root = Path(ds.instance_data_dir or "")
     if not root.is_dir():
         raise DatasetError([Problem(where, f"instance_data_dir {str(root)!r} is not a folder; check the path "

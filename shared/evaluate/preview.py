@@ -1,11 +1,11 @@
 """Validation previews and metrics of a run's LoRA: what the eval service renders every validation interval.
 
 For each evaluation sample: the base model's edit (adapters off) and the LoRA's edit (adapters on) of the sample's
-references, rendered with our own sampler at the references' *training* sizes (``shared.evaluate.sampling``), composed into
-one PNG grid ``reference(s) | base | LoRA | target``, and scored by PSNR against the target, base and LoRA alike so
-the improvement is visible. Beside the images, a held-out flow-matching loss on the *cached* tensors at fixed
-sigmas with fixed noise: the same number for the same weights, so a curve over steps moves only when the LoRA
-does. Everything lands under ``<prefix>/step-<N>/`` in the store: one ``<sample key>.png`` per sample and
+references, rendered with our own sampler at the references' *training* sizes (``shared.evaluate.sampling``),
+composed into one PNG grid ``reference(s) | base | LoRA | target``, and scored by PSNR against the target, base and
+LoRA alike so the improvement is visible. Beside the images, a held-out flow-matching loss on the *cached* tensors
+at fixed sigmas with fixed noise: the same number for the same weights, so a curve over steps moves only when the
+LoRA does. Everything lands under ``<prefix>/step-<N>/`` in the store: one ``<sample key>.png`` per sample and
 ``metrics.json``.
 
 Works on any pipeline whose transformer carries a peft adapter: the training transformer itself (``add_adapter``)

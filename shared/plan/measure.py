@@ -185,7 +185,8 @@ def measure_activation_coefficients(mixes: tuple[tuple[int, int], ...] = ((1024,
             "C_INT8_BNB": float(int8_bnb),
             "C_ZERO_COND": float(np.mean(zero_cond)), "C_OUTSIDE": float(max(outside)),
             "C_CKPT_INPUT": float(np.mean(ckpt)), "C_OUTSIDE_CKPT": float(max(outside_ckpt)),
-            "PEAK_EXTRA_BLOCKS": float(max(peak)), "PEAK_EXTRA_BLOCKS_CKPT": float(max(peak_ckpt)), "C_INFERENCE": float(max(infer)),
+            "PEAK_EXTRA_BLOCKS": float(max(peak)), "PEAK_EXTRA_BLOCKS_CKPT": float(max(peak_ckpt)),
+            "C_INFERENCE": float(max(infer)),
             "VAE_ENCODE_BYTES": per_px["encode"], "VAE_DECODE_BYTES": per_px["decode"]}
 
 

@@ -122,7 +122,8 @@ def plan_run(run: RunConfig, gpu_memory_bytes: int | None = None, gpu: str = "H1
     te_params, vae_params, base_dim = component_params(t.model_path)
     vl_area = t.model_kwargs.vl_reference_area or flav.vl_ref_area
     te_acts = text_encoder_activation_bytes(tokens, tokens.references, vl_area)
-    batch_px = run.train.vae_batch_size * 256 * max(tokens.target, tokens.per_reference)  # a batch of the largest images
+    # a batch of the largest images
+    batch_px = run.train.vae_batch_size * 256 * max(tokens.target, tokens.per_reference)
     encoder = {"text encoder": te_params * cb, "VAE": vae_params * cb,
                "working set (max of VAE encode, text encoder)": int(max(VAE_ENCODE_BYTES * base_dim * batch_px,
                                                                         te_acts)),

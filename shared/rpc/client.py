@@ -14,6 +14,7 @@ the server's message and a service calling another maps it on with the same code
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ DEFAULT_DEADLINE_S = 30.0
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 Response = TypeVar("Response")
+log = logging.getLogger(__name__)
 
 # The inverse of server.STATUS_FOR, for the codes a domain error maps to.
 ERROR_FOR: dict[grpc.StatusCode, type[errors.EditTunerError]] = {
@@ -83,7 +85,8 @@ def make_channel(target: str, *, token: str | None = None, tls_ca: str | Path | 
     """A channel to ``target`` (``host:port``). ``tls_ca``: PEM of the CA that signed the server's certificate
     (implies TLS); ``tls=True`` without it trusts the system roots. ``token``: sent as a bearer token."""
     opts = [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes), *options]
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000), *options]
     if tls_ca is not None or tls:
         root = Path(tls_ca).read_bytes() if tls_ca is not None else None
         channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root), opts)
@@ -149,6 +152,7 @@ STUBS = {"encoder": (encoder_pb2_grpc.EncoderServiceStub, encoder_pb2),
          "eval": (eval_pb2_grpc.EvalServiceStub, eval_pb2)}
 DEFAULT_PORTS = {"encoder": 50051, "trainer": 50052, "eval": 50053}
 TIMEOUT_S = 30.0
+RECONNECT_S = 120.0
 
 
 class Client:
@@ -182,16 +186,28 @@ class Client:
             req.state = getattr(common_pb2, f"JOB_STATE_{state.upper()}")
         return list(self.call("ListJobs", req).jobs)
 
-    def watch(self, job_id: str, on_update: Callable[[common_pb2.Job], None]) -> common_pb2.Job:
-        """Stream the job's events until it ends; returns the last snapshot."""
-        last = None
-        try:
-            for ev in self.stub.WatchJob(self.pb.WatchJobRequest(job_id=job_id)):
-                last = ev.job
-                on_update(last)
-        except grpc.RpcError as e:
-            raise rpc_error(self.service, self.address, e) from None
-        return last if last is not None else self.get(job_id)
+    def watch(self, job_id: str, on_update: Callable[[common_pb2.Job], None], *,
+              reconnect_s: float = RECONNECT_S) -> common_pb2.Job:
+        """Stream the job's events until it ends; returns the last snapshot. Jobs outlive their service's
+        restarts, so a stream that ends UNAVAILABLE (the service stopping, a dropped connection) or is refused
+        RESOURCE_EXHAUSTED (too many open streams) is opened again, for up to ``reconnect_s`` seconds of trying."""
+        last, failing_since, pause = None, None, 0.5
+        while True:
+            try:
+                for ev in self.stub.WatchJob(self.pb.WatchJobRequest(job_id=job_id)):
+                    last, failing_since, pause = ev.job, None, 0.5
+                    on_update(last)
+                return last if last is not None else self.get(job_id)
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    raise rpc_error(self.service, self.address, e) from None
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > reconnect_s:
+                    raise rpc_error(self.service, self.address, e) from None
+                log.warning("watching %s job %s: %s (%s); watching again", self.service, job_id, e.code().name,
+                            e.details())
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
 
     def close(self) -> None:
         self.channel.close()

@@ -82,10 +82,11 @@ def rpc_type(handler: grpc.RpcMethodHandler) -> str:
 
 
 def rewrap(handler: grpc.RpcMethodHandler, wrap_unary: Callable[[Behavior], Behavior],
-           wrap_streaming: Callable[[Behavior], Behavior]) -> grpc.RpcMethodHandler:
+           wrap_streaming: Callable[[Behavior], Behavior], *,
+           deserializer: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
     """The same handler with its behavior wrapped: ``wrap_unary`` for a single response, ``wrap_streaming``
-    for a response stream (the wrapper then returns an iterator)."""
-    de, se = handler.request_deserializer, handler.response_serializer
+    for a response stream (the wrapper then returns an iterator); ``deserializer`` replaces the request's."""
+    de, se = deserializer or handler.request_deserializer, handler.response_serializer
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), de, se)
     if handler.unary_stream is not None:

@@ -33,6 +33,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 from shared import errors
 from shared.errors import ConfigError, Problem
+from shared.rpc.guards import DecodeGuardInterceptor, StreamLimitInterceptor
 from shared.rpc.interceptors import STATUS_FOR, BearerAuthInterceptor, ErrorInterceptor, MetricsInterceptor, status_for
 
 __all__ = ["STATUS_FOR", "status_for", "ServiceConfig", "RunningServer", "build_server", "install_sigterm",
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+UNARY_RESERVE = 8  # server threads never taken by streams
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class ServiceConfig:
     """How one service process listens and what it works with. Built by ``from_env`` in a service's
     ``__main__`` (or directly, e.g. by the CLI starting local services on loopback with ``port=0``)."""
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # loopback unless told otherwise (EDITTUNER_HOST); other interfaces need a token
     port: int = 50051  # 0: the OS picks one; RunningServer.port says which
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: the OS picks one
     store_url: str | None = None  # shared.store.url.open_store's URL; None: the embedded local store
@@ -60,12 +62,24 @@ class ServiceConfig:
     tls_key: str | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # send and receive
     grace_s: float = 30.0  # on stop: how long running calls may finish before they are cancelled
-    max_workers: int = 32  # server threads; each open Watch stream holds one
+    # The server is synchronous: one thread per call in flight, a Watch stream holding its thread for as long as
+    # it is open. Streams are bounded below the thread count, so ``max_workers - max_streams`` threads always
+    # remain for unary calls (see shared.rpc.guards.StreamLimitInterceptor).
+    max_workers: int = 64
+    max_streams: int = 48
+    keepalive_s: float = 15.0  # a Watch stream re-sends the job's state at least this often; HTTP/2 pings too
+    allow_insecure: bool = False  # listen beyond loopback without a token (EDITTUNER_ALLOW_INSECURE=1)
+    dataset_roots: tuple[str, ...] = ()  # server folders a request's local dataset may be read from
+    model_roots: tuple[str, ...] = ()  # server folders a request's local model directory may be read from
 
     def __post_init__(self) -> None:
         problems = [Problem(name, message) for name, message in self._problems()]
         if problems:
             raise ConfigError(problems, "invalid service configuration")
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in _LOOPBACK
 
     def _problems(self) -> list[tuple[str, str]]:
         found = []
@@ -81,6 +95,17 @@ class ServiceConfig:
             found.append(("grace_s", f"{self.grace_s} must be 0 or more seconds"))
         if self.max_workers < 1:
             found.append(("max_workers", f"{self.max_workers} must be at least 1"))
+        if not 0 <= self.max_streams <= self.max_workers - UNARY_RESERVE:
+            found.append(("max_streams", f"{self.max_streams} must be between 0 and max_workers - {UNARY_RESERVE} "
+                                         f"({self.max_workers - UNARY_RESERVE}): streams must leave threads for "
+                                         "unary calls"))
+        if self.keepalive_s <= 0:
+            found.append(("keepalive_s", f"{self.keepalive_s} must be more than 0 seconds"))
+        if not self.loopback and not self.token and not self.allow_insecure:
+            found.append(("host", f"listening on {self.host} without a token would let anyone who can reach this "
+                                  "host submit jobs and read what they produce: set EDITTUNER_TOKEN (clients send "
+                                  "it too), or bind to 127.0.0.1 (EDITTUNER_HOST), or set EDITTUNER_ALLOW_INSECURE=1 "
+                                  "to accept that risk on a network you trust"))
         return found
 
     @property
@@ -91,10 +116,9 @@ class ServiceConfig:
 
     @classmethod
     def from_env(cls, prefix: str, env: Mapping[str, str] | None = None, *, default_port: int = 50051) -> ServiceConfig:
-        """Read ``<prefix>_<NAME>`` (e.g. ``EDITTUNER_ENCODER_PORT``). Names shared by the services also fall
-        back to ``EDITTUNER_<NAME>``: STORE, MODEL_DIR, DEVICE, TOKEN, TLS_CERT, TLS_KEY, MAX_MESSAGE_BYTES,
-        GRACE_S, MAX_WORKERS. HOST, PORT and METRICS_PORT are per service only. Every bad value is reported
-        at once (``ConfigError``)."""
+        """Read ``<prefix>_<NAME>`` (e.g. ``EDITTUNER_ENCODER_PORT``), falling back to ``EDITTUNER_<NAME>`` for
+        every name but PORT and METRICS_PORT, which are per service only. Folder lists (DATASET_ROOTS) are
+        separated by ``:``. Every bad value is reported at once (``ConfigError``)."""
         env = os.environ if env is None else env
         prefix = prefix.rstrip("_")
         problems: list[Problem] = []
@@ -117,12 +141,25 @@ class ServiceConfig:
                 problems.append(Problem(f"${var}", f"{raw!r} is not {what}"))
                 return default
 
+        def flag(name: str) -> bool:
+            var, raw = get(name)
+            if raw is None:
+                return False
+            if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                problems.append(Problem(f"${var}", f"{raw!r} is not 1 or 0"))
+            return raw.lower() in ("1", "true", "yes")
+
+        def folders(name: str) -> tuple[str, ...]:
+            raw = get(name)[1]
+            return tuple(p for p in (raw or "").split(":") if p)
+
+        model_dir = get("MODEL_DIR")[1]
         kwargs = dict(
-            host=get("HOST", shared=False)[1] or cls.host,
+            host=get("HOST")[1] or cls.host,
             port=number("PORT", int, default_port, shared=False),
             metrics_port=number("METRICS_PORT", int, None, shared=False),
             store_url=get("STORE")[1],
-            model_dir=get("MODEL_DIR")[1],
+            model_dir=model_dir,
             device=get("DEVICE")[1] or cls.device,
             token=get("TOKEN")[1],
             tls_cert=get("TLS_CERT")[1],
@@ -130,6 +167,11 @@ class ServiceConfig:
             max_message_bytes=number("MAX_MESSAGE_BYTES", int, DEFAULT_MAX_MESSAGE_BYTES),
             grace_s=number("GRACE_S", float, cls.grace_s),
             max_workers=number("MAX_WORKERS", int, cls.max_workers),
+            max_streams=number("MAX_STREAMS", int, cls.max_streams),
+            keepalive_s=number("KEEPALIVE_S", float, cls.keepalive_s),
+            allow_insecure=flag("ALLOW_INSECURE"),
+            dataset_roots=folders("DATASET_ROOTS"),
+            model_roots=folders("MODEL_ROOTS") or ((model_dir,) if model_dir else ()),
         )
         if problems:
             raise ConfigError(problems, f"invalid service configuration in the environment ({prefix}_*)")
@@ -193,6 +235,11 @@ def server_options(config: ServiceConfig) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", config.max_message_bytes),
         # A second server on a taken port must fail to bind, not share it silently.
         ("grpc.so_reuseport", 0),
+        # HTTP/2 pings find clients that vanished without closing their streams (a killed laptop, a dropped NAT).
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients may ping us that often
     ]
 
 
@@ -205,11 +252,13 @@ def build_server(config: ServiceConfig, add_servicers: Callable[[grpc.Server], N
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(registry)]
     if config.token:
         interceptors.append(BearerAuthInterceptor(config.token))
-    interceptors.append(ErrorInterceptor())
+    interceptors += [StreamLimitInterceptor(config.max_streams), ErrorInterceptor(), DecodeGuardInterceptor()]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
         interceptors=interceptors,
         options=server_options(config),
+        # Calls beyond this wait for no thread: they are RESOURCE_EXHAUSTED at once rather than queued unboundedly.
+        maximum_concurrent_rpcs=config.max_workers * 4,
     )
     add_servicers(server)
 
@@ -269,21 +318,32 @@ def _server_credentials(config: ServiceConfig) -> grpc.ServerCredentials | None:
 
 
 def _warn_if_exposed(config: ServiceConfig) -> None:
-    if config.host in _LOOPBACK:
+    if config.loopback:
         return
-    if not config.token:
-        log.warning("listening on %s without a token: anyone who can reach this address can submit jobs "
-                    "(set the service's TOKEN, or bind to 127.0.0.1)", config.address)
+    if not config.token:  # only with allow_insecure: ServiceConfig refuses it otherwise
+        log.warning("listening on %s without a token (EDITTUNER_ALLOW_INSECURE=1): anyone who can reach this "
+                    "address can submit jobs", config.address)
     elif not config.tls_cert:
         log.warning("listening on %s with a token but without TLS: the token crosses the network in clear",
                     config.address)
 
 
-def install_sigterm(running: RunningServer, grace: float | None = None) -> None:
-    """On SIGTERM or SIGINT: ``running.stop(grace)`` in a background thread (health NOT_SERVING, refuse new
-    calls, wait the grace period), so ``running.wait_for_termination()`` in the main thread returns and the
-    process can exit. A second signal cancels the calls still running at once. Call from the main thread."""
+def install_sigterm(running: RunningServer, grace: float | None = None,
+                    on_stop: Callable[[], None] | None = None) -> None:
+    """On SIGTERM or SIGINT: ``on_stop()`` (a service stops its jobs: a training worker starts its last
+    checkpoint at once, open Watch streams end), then ``running.stop(grace)``, in a background thread (health
+    NOT_SERVING, refuse new calls, wait the grace period), so ``running.wait_for_termination()`` in the main
+    thread returns and the process can exit. A second signal cancels the calls still running at once. Call from
+    the main thread."""
     signalled = threading.Event()
+
+    def shutdown() -> None:
+        if on_stop is not None:
+            try:
+                on_stop()
+            except Exception:  # noqa: BLE001 - the server must still stop
+                log.exception("stopping the service's work failed")
+        running.stop(grace)
 
     def on_signal(signum: int, _frame: Any) -> None:
         if signalled.is_set():
@@ -292,7 +352,7 @@ def install_sigterm(running: RunningServer, grace: float | None = None) -> None:
             return
         signalled.set()
         log.info("%s: shutting down", signal.Signals(signum).name)
-        threading.Thread(target=running.stop, args=(grace,), name="grpc-shutdown").start()
+        threading.Thread(target=shutdown, name="grpc-shutdown").start()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)

@@ -7,6 +7,8 @@ every service except for the message classes, so they live here once, parametris
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import threading
 from typing import Any, Callable, Iterator
 
@@ -16,6 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from shared import errors
 from shared.config.loading import ConfigFiles, load_run_config_text
 from shared.config.schema import RunConfig
+from shared.model.loading import looks_like_hub_id
 from shared.rpc import common_pb2
 from shared.service.jobs import JobManager
 from shared.service.records import ERROR_CODES, JobRecord
@@ -128,13 +131,19 @@ class JobRpcMixin:
 
     pb: Any  # the service's *_pb2 module
 
-    def __init__(self, jobs: JobManager, core: Any):
-        self.jobs, self.core = jobs, core
+    def __init__(self, jobs: JobManager, core: Any, *, keepalive_s: float = 15.0):
+        self.jobs, self.core, self.keepalive_s = jobs, core, keepalive_s
 
     def GetJob(self, request: Any, context: grpc.ServicerContext) -> Any:
         return self.pb.GetJobResponse(job=job_to_proto(self.jobs.get(request.job_id)))
 
     def ListJobs(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if request.state and request.state not in _STATE_FROM_PROTO:
+            known = ", ".join(common_pb2.JobState.Name(v) for v in _STATE_FROM_PROTO)
+            raise errors.InvalidInput(f"state: {request.state} is not a job state; use one of {known} (or leave it "
+                                      "unset for every state)")
+        if request.page_size < 0:
+            raise errors.InvalidInput(f"page_size: {request.page_size} is negative; use 0 for the default (50)")
         state = _STATE_FROM_PROTO.get(request.state) if request.state else None
         records, token = self.jobs.list(state=state, page_size=request.page_size or 50,
                                         page_token=request.page_token)
@@ -144,5 +153,66 @@ class JobRpcMixin:
         return self.pb.CancelJobResponse(job=job_to_proto(self.jobs.cancel(request.job_id)))
 
     def WatchJob(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        for rec in self.jobs.watch(request.job_id, is_active=context.is_active):
-            yield self.pb.WatchJobResponse(job=job_to_proto(rec))
+        """Events until the job ends, the job's state again every ``keepalive_s`` without a change, and at the
+        service's shutdown UNAVAILABLE (the job goes on after the restart: a client watches again)."""
+        last = None
+        for last in self.jobs.watch(request.job_id, is_active=context.is_active, heartbeat_s=self.keepalive_s):
+            yield self.pb.WatchJobResponse(job=job_to_proto(last))
+        if last is not None and not last.state.terminal and self.jobs.closed and context.is_active():
+            raise errors.Unavailable(f"{self.jobs.service}_svc is shutting down; job {last.job_id} goes on when it "
+                                     "is back: watch it again")
+
+
+# ------------------------------------------------------------------------------------------ request checks
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_run_id(run_id: str, field: str = "run_id") -> str:
+    """A run id is one store-key segment: ``runs/<run_id>/`` can never reach into another run's folder."""
+    if not RUN_ID.fullmatch(run_id) or run_id.endswith("."):
+        raise errors.InvalidInput(f"{field}: {run_id[:80]!r} is not a run id: use 1 to 100 letters, digits, '.', '_' "
+                                  "or '-', starting with a letter or digit (no '/')")
+    return run_id
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerPaths:
+    """The server folders a request may name: local datasets under ``dataset_roots``, local model directories
+    under ``model_roots``. Anything else in a request is never a server path: a dataset elsewhere is uploaded into
+    the store, outputs go to the store."""
+
+    dataset_roots: tuple[str, ...] = ()
+    model_roots: tuple[str, ...] = ()
+
+    @staticmethod
+    def _inside(path: str, roots: tuple[str, ...]) -> bool:
+        real = os.path.realpath(path)  # '..' and symlinks resolved before the comparison
+        return any(real == r or real.startswith(r.rstrip("/") + "/") for r in map(os.path.realpath, roots))
+
+    def check(self, run: RunConfig) -> None:
+        """ConfigError listing every dataset folder or model directory of ``run`` outside the roots."""
+        problems = []
+        for i, d in enumerate(run.data.datasets):
+            if d.type == "local" and d.dataset_type in ("image", "conditioning") and d.instance_data_dir \
+                    and not self._inside(d.instance_data_dir, self.dataset_roots):
+                problems.append(errors.Problem(
+                    f"{run.data.source}: $[{i}].instance_data_dir (id {d.id!r})",
+                    f"{d.instance_data_dir!r} is not in a folder this server reads datasets from "
+                    f"({', '.join(self.dataset_roots) or 'none: EDITTUNER_DATASET_ROOTS is not set'}); put the "
+                    "dataset there, or upload it into the store and use an aws-type entry"))
+        model = run.train.pretrained_model_name_or_path
+        if model and not looks_like_hub_id(model) and not self._inside(model, self.model_roots):
+            problems.append(errors.Problem(
+                f"{run.config_source}: $.pretrained_model_name_or_path",
+                f"{model!r} is not in a folder this server loads models from "
+                f"({', '.join(self.model_roots) or 'none: EDITTUNER_MODEL_DIR is not set'}); use the hub id, or "
+                "place the weights under EDITTUNER_MODEL_DIR"))
+        if problems:
+            raise errors.ConfigError(problems, "the request names server paths it may not use")
+
+
+def validated_run(files: ConfigFiles, paths: ServerPaths) -> RunConfig:
+    """Parse a request's files and check every server path they name, before a job exists."""
+    run = run_from_files(files)
+    paths.check(run)
+    return run

@@ -34,6 +34,7 @@ from shared.service.records import (INTERRUPTED_MESSAGE, MAX_PAGE_SIZE, MAX_REQU
                                     request_fingerprint)
 
 if TYPE_CHECKING:
+    from shared.service.spool import RecordSpool
     from shared.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 _WATCH_POLL_S = 0.5  # how often a waiting watcher checks that its client is still there
 _SERVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+JOB_ID = re.compile(r"[0-9a-f]{12}")  # uuid4().hex[:12], see submit
 
 
 class JobContext:
@@ -79,7 +81,7 @@ class JobManager:
 
     def __init__(self, store: ObjectStore, service: str, execute: Executor, *, max_queued: int = 16,
                  workers: int = 1, on_change: Callable[[JobRecord], None] | None = None,
-                 persist_interval_s: float = 2.0):
+                 persist_interval_s: float = 2.0, spool: RecordSpool | None = None, spool_retry_s: float = 10.0):
         if not _SERVICE_NAME.match(service):
             raise ValueError(f"service name {service!r} must be lowercase letters, digits, '_' or '-'")
         if max_queued < 1 or workers < 1:
@@ -99,6 +101,7 @@ class JobManager:
         self._threads: list[threading.Thread] = []
         self._stopping = self._closed = False
         self._last_created = 0.0
+        self.spool, self.spool_retry_s = spool, spool_retry_s  # records the store could not take (see spool.py)
         self._load()
 
     # ------------------------------------------------------------------------------------------------ keys
@@ -183,11 +186,13 @@ class JobManager:
         self._publish(final)
         return final.snapshot()
 
-    def watch(self, job_id: str, timeout_s: float | None = None, *,
-              is_active: Callable[[], bool] | None = None) -> Iterator[JobRecord]:
-        """Yield the record now and after every change until it is terminal. Changes that happen while the
-        consumer is busy are coalesced into the latest snapshot. Ends early when ``timeout_s`` has passed, when
-        ``is_active()`` (e.g. a gRPC context's) turns false, or when the manager has shut down."""
+    def watch(self, job_id: str, timeout_s: float | None = None, *, is_active: Callable[[], bool] | None = None,
+              heartbeat_s: float | None = None) -> Iterator[JobRecord]:
+        """Yield the record now and after every change until it is terminal, and the unchanged record again after
+        ``heartbeat_s`` without a change (a keepalive through proxies, and proof the job is still known). Changes
+        that happen while the consumer is busy are coalesced into the latest snapshot. Ends early when
+        ``timeout_s`` has passed, when ``is_active()`` (e.g. a gRPC context's) turns false, or when the manager
+        shuts down (``closed`` is then true)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
             snapshot, seen = self._get(job_id).snapshot(), self._versions[job_id]
@@ -195,14 +200,24 @@ class JobManager:
             yield snapshot  # never while holding the lock: a consumer may stop here for good
             if snapshot.state.terminal:
                 return
+            sent = time.monotonic()
             with self._cond:
                 while self._versions[job_id] == seen:
-                    remaining = None if deadline is None else deadline - time.monotonic()
+                    now = time.monotonic()
+                    remaining = None if deadline is None else deadline - now
                     if (remaining is not None and remaining <= 0) or self._closed \
                             or (is_active is not None and not is_active()):
                         return
-                    self._cond.wait(_WATCH_POLL_S if remaining is None else min(remaining, _WATCH_POLL_S))
+                    if heartbeat_s is not None and now - sent >= heartbeat_s:
+                        break
+                    waits = [_WATCH_POLL_S] + ([remaining] if remaining is not None else []) + (
+                        [heartbeat_s - (now - sent)] if heartbeat_s is not None else [])
+                    self._cond.wait(max(0.0, min(waits)))
                 snapshot, seen = self._jobs[job_id].snapshot(), self._versions[job_id]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def jobs_by_state(self) -> dict[str, int]:
         with self._cond:
@@ -224,6 +239,8 @@ class JobManager:
             for i in range(self.workers):
                 thread = threading.Thread(target=self._work, name=f"jobs-{self.service}-{i}", daemon=True)
                 self._threads.append(thread)
+            if self.spool is not None:
+                threading.Thread(target=self._flush_spool, name=f"jobs-{self.service}-spool", daemon=True).start()
             self._cond.notify_all()
         for record in recovered:
             log.info("%s job %s was running when the service stopped; re-queued to resume", self.service,
@@ -233,11 +250,13 @@ class JobManager:
             thread.start()
 
     def shutdown(self, wait: bool = True, grace_s: float = 30.0) -> None:
-        """Stop for a restart: no new job starts, running executors are cancelled with reason "shutdown" and,
-        once they stop, recorded as queued to resume on the next start. Jobs whose executor outlives
-        ``grace_s`` stay "running" in the store, which the next start also resumes."""
+        """Stop for a restart: no new job starts, open watches end, running executors are cancelled with reason
+        "shutdown" and, once they stop, recorded as queued to resume on the next start. Jobs whose executor outlives
+        ``grace_s`` stay "running" in the store, which the next start also resumes. May be called twice: first
+        without waiting (the moment the signal arrives), then to wait."""
         with self._cond:
             self._stopping = True
+            self._closed = True  # open watches end now, not when the server's grace runs out
             for ctx in self._running.values():
                 ctx.cancel_reason = ctx.cancel_reason or SHUTDOWN
                 ctx.cancelled.set()
@@ -246,9 +265,6 @@ class JobManager:
             deadline = time.monotonic() + grace_s
             for thread in self._threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
 
     # --------------------------------------------------------------------------------------------- workers
     def _work(self) -> None:
@@ -351,10 +367,34 @@ class JobManager:
         self._notify(snapshot)
 
     def _write(self, record: JobRecord) -> None:
+        """Write the record; when the store fails even after its retries, spool it on local disk (a later
+        write, the spool thread or the next start writes it), so the store never keeps a stale state."""
         try:
             self.store.put_json(self._record_key(record.job_id), record.to_json())
-        except Exception:  # noqa: BLE001
-            log.exception("could not persist %s job %s to %s", self.service, record.job_id, self.store.describe())
+        except Exception as err:  # noqa: BLE001
+            if self.spool is None:
+                log.exception("could not persist %s job %s to %s", self.service, record.job_id,
+                              self.store.describe())
+                return
+            log.error("could not persist %s job %s to %s (%s); kept in %s until the store answers", self.service,
+                      record.job_id, self.store.describe(), err, self.spool.directory)
+            self.spool.put(record.job_id, record.to_json())
+            return
+        if self.spool is not None and self.spool.has(record.job_id):
+            self.spool.remove(record.job_id)
+
+    def _flush_spool(self) -> None:
+        """Runs on its own thread while the manager is open: write spooled records back to the store."""
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed, timeout=self.spool_retry_s)
+                if self._closed:
+                    return
+                pending = [self._jobs[d["job_id"]].snapshot() for d in self.spool.pending()
+                           if d.get("job_id") in self._jobs]
+            for record in pending:
+                with self._persist_lock:
+                    self._write(record)
 
     def _notify(self, snapshot: JobRecord) -> None:
         if self.on_change is None:
@@ -367,6 +407,8 @@ class JobManager:
     # ------------------------------------------------------------------------------------------- loading
     def _get(self, job_id: str) -> JobRecord:
         """Caller holds the lock."""
+        if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+            raise errors.InvalidInput(f"job_id {str(job_id)[:80]!r} is not a job id (12 hex digits, as Submit returns)")
         record = self._jobs.get(job_id)
         if record is None:
             raise errors.NotFound(f"{self.service} job '{job_id}' not found")
@@ -396,3 +438,16 @@ class JobManager:
             self._jobs[record.job_id] = record
             self._by_request[record.request_id] = record.job_id
             self._last_created = max(self._last_created, record.created)
+        for doc in self.spool.pending() if self.spool is not None else []:
+            try:
+                record = JobRecord.from_json(doc)
+            except errors.EditTunerError as err:
+                log.warning("skipping unreadable spooled %s job record: %s", self.service, err)
+                continue
+            stored = self._jobs.get(record.job_id)
+            if stored is None or record.updated >= stored.updated:  # the store missed this write: it wins
+                log.info("%s job %s: taking the record the store missed (%s)", self.service, record.job_id,
+                         record.state.value)
+                self._jobs[record.job_id] = record
+                self._by_request[record.request_id] = record.job_id
+                self._write(record)

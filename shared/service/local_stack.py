@@ -95,6 +95,10 @@ def stack_env(store: str, addresses: dict[str, str], metrics_ports: dict[str, in
               base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env["EDITTUNER_STORE"] = store
+    # The services run on the user's own machine for this user's command: any folder the user can read may hold
+    # the datasets and the model (a remote service allows only its configured roots, see ServerPaths).
+    env.setdefault("EDITTUNER_DATASET_ROOTS", "/")
+    env.setdefault("EDITTUNER_MODEL_ROOTS", "/")
     for svc in SERVICES:
         env[f"EDITTUNER_{svc.upper()}_HOST"] = "127.0.0.1"
         env[f"EDITTUNER_{svc.upper()}_PORT"] = addresses[svc].rsplit(":", 1)[1]

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from shared.errors import EditTunerError
 from shared.rpc.server import ServiceConfig, build_server, install_sigterm
+from shared.service.common import ServerPaths
 from shared.service.jobs import JobManager
 from shared.service.metrics import Metrics
+from shared.service.spool import RecordSpool
 from shared.store.url import open_store
 
 log = logging.getLogger(__name__)
@@ -22,17 +26,29 @@ DEFAULT_STORE = ".edittuner/store"
 def serve(name: str, default_port: int, make: Callable[[ServiceConfig, Any, Metrics], tuple[Any, Callable, str,
                                                                                           Callable]],
           env: dict[str, str] | None = None) -> int:
-    """``make(config, store, metrics) -> (core, execute, service_full_name, add_servicer(jobs, server))``."""
+    """``make(config, store, metrics) -> (core, execute, service_full_name, add_servicer(jobs, server))``.
+
+    A configuration the service cannot start with (a bad variable, no token beyond loopback, an unreachable
+    store) is printed as one message and exits 2, no traceback. On SIGTERM/SIGINT the jobs stop first (a
+    training worker starts its last checkpoint at once, Watch streams end), then the server drains."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
     env = dict(os.environ if env is None else env)
-    config = ServiceConfig.from_env(f"EDITTUNER_{name.upper()}", env, default_port=default_port)
-    store = open_store(config.store_url or DEFAULT_STORE)
+    try:
+        config = ServiceConfig.from_env(f"EDITTUNER_{name.upper()}", env, default_port=default_port)
+        store = open_store(config.store_url or DEFAULT_STORE)
+    except EditTunerError as err:
+        print(f"{name}_svc cannot start: {err}", file=sys.stderr)
+        return 2
     metrics = Metrics()
     core, execute, full_name, add = make(config, store, metrics)
-    jobs = JobManager(store, name, execute)
+    jobs = JobManager(store, name, execute, spool=RecordSpool(workdir(env) / "job-spool" / name))
     metrics.collect_jobs(name, jobs.jobs_by_state)
-    running = build_server(config, lambda server: add(jobs, server), [full_name])
-    install_sigterm(running)
+    try:
+        running = build_server(config, lambda server: add(jobs, server), [full_name])
+    except EditTunerError as err:
+        print(f"{name}_svc cannot start: {err}", file=sys.stderr)
+        return 2
+    install_sigterm(running, on_stop=lambda: jobs.shutdown(wait=False))
     jobs.start()
     running.set_serving(True)
     log.info("%s_svc serving on %s (store %s, metrics port %s)", name, running.port, store.describe(),
@@ -41,6 +57,10 @@ def serve(name: str, default_port: int, make: Callable[[ServiceConfig, Any, Metr
     jobs.shutdown(wait=True, grace_s=config.grace_s)
     log.info("%s_svc stopped", name)
     return 0
+
+
+def server_paths(config: ServiceConfig) -> ServerPaths:
+    return ServerPaths(dataset_roots=config.dataset_roots, model_roots=config.model_roots)
 
 
 def peer_channel(env: dict[str, str], name: str, token: str | None) -> Any:
@@ -57,4 +77,4 @@ def workdir(env: dict[str, str]) -> Path:
     return Path(env.get("EDITTUNER_WORKDIR") or ".edittuner/work")
 
 
-__all__ = ["serve", "peer_channel", "workdir"]
+__all__ = ["serve", "peer_channel", "workdir", "server_paths"]

@@ -18,6 +18,7 @@ import queue
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -34,7 +35,10 @@ TAIL_BYTES = 64 * 1024  # what is searched for out-of-memory markers
 TAIL_LINES = 15  # what an error message quotes ...
 TAIL_CHARS = 2000  # ... at most
 EXIT_DRAIN_S = 2.0  # after the worker exits, how long a process it left behind may hold stdout open
-OOM_MARKERS = re.compile(r"CUDA out of memory|OutOfMemoryError|MemoryError|Signal 9 \(SIGKILL\) received")
+# What the worker's own output shows when it ran out of memory: torch's CUDA message and exception, Python's
+# MemoryError. A bare SIGKILL is not such evidence (torchrun prints "Signal 9 (SIGKILL) received" for any kill):
+# an out-of-memory kill by the kernel is told by the cgroup's memory.events (see oom_kill_count).
+OOM_MARKERS = re.compile(r"CUDA out of memory|torch\.OutOfMemoryError|OutOfMemoryError: |^MemoryError", re.M)
 OOM_ADVICE = ("lower the resolution or train_batch_size, enable gradient_checkpointing, or quantize the base "
               "model (base_model_precision)")
 # Worker error kinds re-raised as the same class in the supervisor; other kinds (TrainingDiverged, "internal")
@@ -70,9 +74,13 @@ def run_worker(cmd: list[str], *, on_event: Callable[[dict[str, Any]], None], ca
     then SIGKILL after ``kill_grace_s``; cancellation raises ``JobCancelled``."""
     with _open_log(log_path) as logf:
         start = logf.seek(0, os.SEEK_END)
+        child_env = {**(os.environ if env is None else env), PARENT_PID_ENV: str(os.getpid())}
+        oom_before = oom_kill_count()
         try:
+            # No preexec_fn (Python code between fork and exec, beside the service's threads, can crash the
+            # child): the worker itself asks to die with its parent, first thing (exit_with_parent).
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf,
-                                    env=None if env is None else dict(env), cwd=cwd, start_new_session=True)
+                                    env=child_env, cwd=cwd, start_new_session=True)
         except OSError as err:
             raise WorkerFailed(f"cannot start the worker {cmd[0]!r}: {err}") from err
         try:
@@ -83,7 +91,7 @@ def run_worker(cmd: list[str], *, on_event: Callable[[dict[str, Any]], None], ca
             _signal_group(proc, signal.SIGKILL)  # anything the worker left behind in its group
         if cancelled.is_set() and not (proc.returncode == 0 and "result" in ended):
             raise JobCancelled("the job was cancelled; its worker was stopped")
-        return _outcome(proc.returncode, ended, _tail(logf, start), log_path)
+        return _outcome(proc.returncode, ended, _tail(logf, start), log_path, oom_before, oom_kill_count())
 
 
 def _relay(proc: subprocess.Popen, on_event: Callable[[dict[str, Any]], None], cancelled: threading.Event,
@@ -144,8 +152,9 @@ def _parse(line: str) -> dict[str, Any] | None:
     return None
 
 
-def _outcome(code: int, ended: dict[str, Any], tail: str, log_path: Path | None) -> dict[str, Any]:
-    """The result, or the EditTunerError that says why there is none."""
+def _outcome(code: int, ended: dict[str, Any], tail: str, log_path: Path | None, oom_before: int | None = None,
+             oom_after: int | None = None) -> dict[str, Any]:
+    """The result, or the EditTunerError that says why there is none, stating the evidence for it."""
     if code == 0 and isinstance(ended.get("result"), dict):
         return ended["result"]
     quoted = _quote(tail)
@@ -158,20 +167,77 @@ def _outcome(code: int, ended: dict[str, Any], tail: str, log_path: Path | None)
             if kind == "internal":
                 message = f"{message}; last log lines{where}:\n{quoted}"
             raise WorkerFailed(message, kind=kind, exit_code=code, log_tail=quoted)
-    if code == -signal.SIGKILL:
+    if code == -signal.SIGKILL and oom_before is not None and oom_after is not None and oom_after > oom_before:
         raise errors.ResourceExhausted(
-            "the worker ran out of memory: it was killed by SIGKILL, most likely by the kernel's out-of-memory "
-            f"killer; {OOM_ADVICE}. Last log lines{where}:\n{quoted}")
+            "the worker ran out of memory: the kernel's out-of-memory killer killed it (the cgroup's memory.events "
+            f"oom_kill went from {oom_before} to {oom_after}); {OOM_ADVICE}. Last log lines{where}:\n{quoted}")
     if OOM_MARKERS.search(tail):
         raise errors.ResourceExhausted(
             f"the worker ran out of memory: {_oom_line(tail)}; {OOM_ADVICE}. Last log lines{where}:\n{quoted}")
     if code == 0:
         what = "exited with code 0 without printing a result line"
     elif code < 0:
-        what = f"was killed by signal {_signal_name(-code)}"
+        what = f"was killed by {_signal_name(-code)}"
+        if code == -signal.SIGKILL:
+            what += (" (not by the kernel's out-of-memory killer: the cgroup recorded no oom_kill)"
+                     if oom_before is not None else "")
     else:
         what = f"exited with code {code}"
     raise WorkerFailed(f"the worker {what}; last log lines{where}:\n{quoted}", exit_code=code, log_tail=quoted)
+
+
+# ------------------------------------------------------------------------------------ evidence, lifelines
+PARENT_PID_ENV = "EDITTUNER_PARENT_PID"  # the worker checks it still has the parent that started it
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Any:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl if sys.platform.startswith("linux") else None
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def exit_with_parent() -> None:
+    """For a worker's first line: the kernel sends it SIGKILL when its parent dies (PR_SET_PDEATHSIG), so a
+    killed service leaves no worker behind to write checkpoints after it; and if the supervisor that started it
+    died before this line ran, exit at once. (Under torchrun the parent is the agent, not the supervisor.)"""
+    if _PRCTL is None:
+        return
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    expected = os.environ.get(PARENT_PID_ENV)
+    if expected and "LOCAL_RANK" not in os.environ and os.getppid() != int(expected):
+        os._exit(3)  # orphaned between fork and prctl: commit nothing
+
+
+def oom_kill_count() -> int | None:
+    """The ``oom_kill`` counter of this process's cgroup (v2 ``memory.events``, v1 ``memory.oom_control``), or
+    None where there is none to read: the evidence that the kernel's out-of-memory killer struck."""
+    candidates = []
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            hierarchy, controllers, path = line.split(":", 2)
+            if hierarchy == "0":
+                candidates.append(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.events")
+            elif "memory" in controllers.split(","):
+                candidates.append(Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.oom_control")
+    except (OSError, ValueError):
+        return None
+    for path in candidates:
+        try:
+            for line in path.read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def _oom_line(tail: str) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import struct
-import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -26,12 +25,11 @@ import safetensors.torch
 import torch
 
 from shared import errors
+from shared.store.keys import folder_prefix, validate_key
 
 DEFAULT_BUCKET = "edittuner"
 COMMIT_MARKER = "_COMMITTED"
 MANIFEST_FORMAT = "edittuner.commit.v1"
-MAX_KEY_BYTES = 1024  # the S3 limit
-MAX_SEGMENT_BYTES = 250  # leaves room for ".ptr" within a 255-byte file name
 
 
 @dataclass(frozen=True)
@@ -63,47 +61,6 @@ class CommitManifest:
         except (KeyError, TypeError, ValueError) as err:
             message = f"commit manifest '{key}' is malformed ({err!r}); rewrite the artifact"
             raise errors.IntegrityError(message) from err
-
-
-def validate_key(key: str) -> str:
-    """Return ``key`` if it is a safe object key, else raise InvalidInput naming the key and the broken rule.
-
-    The rules keep keys meaningful as relative paths on every backend: a LocalStore maps them to files, so
-    ``..``, absolute paths and odd characters could otherwise escape the root or collide."""
-    rule = _broken_key_rule(key)
-    if rule:
-        raise errors.InvalidInput(f"invalid object key {key!r}: {rule}")
-    return key
-
-
-def _broken_key_rule(key: str) -> str | None:
-    if not isinstance(key, str) or not key:
-        return "a key must be a non-empty string"
-    if any(unicodedata.category(c) in ("Cc", "Cs") for c in key):
-        return "control characters (including NUL) are not allowed"
-    if "\\" in key:
-        return "backslashes are not allowed; separate folders with '/'"
-    if key.startswith("/"):
-        return "a key must be relative (no leading '/')"
-    if key.endswith("/"):
-        return "a key must not end with '/' (that names a folder)"
-    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
-        return f"a key must be at most {MAX_KEY_BYTES} bytes in UTF-8"
-    for segment in key.split("/"):
-        if segment == "":
-            return "empty path segments ('//') are not allowed"
-        if segment in (".", ".."):
-            return "'.' and '..' segments are not allowed"
-        if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
-            return f"each '/'-separated segment must be at most {MAX_SEGMENT_BYTES} bytes"
-    return None
-
-
-def folder_prefix(prefix: str) -> str:
-    """``""`` (everything) or the validated folder prefix ending in ``/``."""
-    if prefix == "":
-        return ""
-    return validate_key(prefix[:-1] if prefix.endswith("/") else prefix) + "/"
 
 
 def mismatch_error(key: str, where: str, expected: str, actual: str) -> errors.IntegrityError:

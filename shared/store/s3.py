@@ -1,27 +1,36 @@
 """The MinIO/S3 store (``minio`` SDK): the sha256 lives in the object's user metadata (``x-amz-meta-sha256``),
 and an S3 PUT is atomic. Also the endpoint and credential rules shared with SimpleTuner's ``type: aws`` datasets.
+
+Transient faults — refused or reset connections, timeouts, 5xx answers, SlowDown — are retried by tenacity with
+exponential backoff and jitter for every operation, for a budget of ``retry_s`` seconds (``EDITTUNER_STORE_RETRY_S``,
+default 120): a run rides out a store restart or a network blip. Past the budget the operation fails
+``Unavailable`` naming the endpoint. urllib3 itself does not retry (one policy, not two nested ones).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import certifi
+import tenacity
 import urllib3
 from minio import Minio
-from minio.error import MinioException, S3Error
+from minio.error import MinioException, S3Error, ServerError
 
 from shared import errors
 from shared.store.base import DEFAULT_BUCKET, ObjectInfo, ObjectStore, folder_prefix, mismatch_error, validate_key
 from shared.store.files import CHUNK, sha256_file, write_file_verified
+
+log = logging.getLogger(__name__)
 
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _CREDENTIAL_ENV = (
@@ -30,20 +39,59 @@ _CREDENTIAL_ENV = (
     ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
 )
 AWS_ENDPOINT = "https://s3.amazonaws.com"
-# minio's own defaults (5 min connect timeout, 5 retries) take minutes to report a store that is down.
+# minio's own defaults (5 min connect timeout, 5 retries) take minutes to report a store that is down; each attempt
+# here gives up quickly and the retry policy below decides how long to keep trying.
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 300.0
-RETRIES = 3
+RETRY_S = 120.0
+# S3 error codes that say "try again" (the others — NoSuchKey, AccessDenied, ... — are answers, not faults).
+_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
+                    "OperationAborted", "XMinioServerNotInitialized", "XMinioStorageFull"}
 
 
-def _http_client(connect_timeout_s: float, read_timeout_s: float, retries: int) -> urllib3.PoolManager:
-    """An HTTP client for minio with our timeouts and retries, and the same TLS setup as minio's default."""
+def retry_budget(env: Mapping[str, str] | None = None) -> float:
+    """``EDITTUNER_STORE_RETRY_S`` (seconds a store operation keeps retrying transient faults), default 120."""
+    raw = (os.environ if env is None else env).get("EDITTUNER_STORE_RETRY_S", "").strip()
+    try:
+        value = float(raw) if raw else RETRY_S
+    except ValueError:
+        raise errors.InvalidInput(f"EDITTUNER_STORE_RETRY_S={raw!r} is not a number of seconds") from None
+    if value < 0:
+        raise errors.InvalidInput(f"EDITTUNER_STORE_RETRY_S={raw!r} must be 0 or more seconds")
+    return value
+
+
+def is_transient(err: BaseException) -> bool:
+    """A fault worth retrying: the connection failed or broke, the server was slow or said 5xx."""
+    if isinstance(err, S3Error):
+        return err.code in _TRANSIENT_CODES
+    if isinstance(err, ServerError):
+        return err.status_code >= 500 or err.status_code == 429
+    return isinstance(err, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
+
+
+def retrying(budget_s: float, where: str) -> tenacity.Retrying:
+    """The retry policy of every store and dataset-bucket operation: exponential backoff with jitter (0.2 s
+    doubling up to 5 s) while ``is_transient``, for ``budget_s`` seconds in all, then the last error is raised."""
+    def note(state: tenacity.RetryCallState) -> None:
+        err = state.outcome.exception() if state.outcome else None
+        log.warning("%s: %s; retrying (attempt %d, %.0f s of %.0f s)", where, type(err).__name__,
+                    state.attempt_number, state.seconds_since_start or 0.0, budget_s)
+
+    return tenacity.Retrying(retry=tenacity.retry_if_exception(is_transient),
+                             stop=tenacity.stop_after_delay(budget_s),
+                             wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0), reraise=True,
+                             before_sleep=note)
+
+
+def _http_client(connect_timeout_s: float, read_timeout_s: float) -> urllib3.PoolManager:
+    """An HTTP client for minio with our timeouts, no retries of its own, and minio's default TLS setup."""
     return urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s),
         maxsize=10,
         cert_reqs="CERT_REQUIRED",
         ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
-        retries=urllib3.Retry(total=retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        retries=urllib3.Retry(total=0, redirect=0, raise_on_status=False),
     )
 
 
@@ -67,13 +115,14 @@ class MinioStore(ObjectStore):
         *,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         read_timeout_s: float = READ_TIMEOUT_S,
-        retries: int = RETRIES,
+        retry_s: float = RETRY_S,
     ):
         self.endpoint, self.bucket, self.secure, self.region = endpoint, bucket, secure, region
+        self.retry_s = retry_s
         if not BUCKET_NAME.match(bucket):
             raise errors.InvalidInput(f"invalid bucket name {bucket!r}: use 3-63 lowercase letters, digits, '.' or '-'")
         try:
-            http = _http_client(connect_timeout_s, read_timeout_s, retries)
+            http = _http_client(connect_timeout_s, read_timeout_s)
             self.client = Minio(endpoint, access_key, secret_key, secure=secure, region=region, http_client=http)
         except ValueError as err:
             raise errors.InvalidInput(f"invalid object store endpoint {endpoint!r}: {err}") from err
@@ -84,7 +133,7 @@ class MinioStore(ObjectStore):
 
     def ensure_bucket(self) -> None:
         """Create the bucket unless it exists; another process creating it at the same time is fine."""
-        with self._translated():
+        def ensure() -> None:
             if self.client.bucket_exists(self.bucket):
                 return
             try:
@@ -93,12 +142,12 @@ class MinioStore(ObjectStore):
                 if not self.client.bucket_exists(self.bucket):
                     raise
 
+        self._do(ensure)
+
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> ObjectInfo:
         sha = hashlib.sha256(data).hexdigest()
-        with self._translated(validate_key(key)):
-            self.client.put_object(
-                self.bucket, key, io.BytesIO(data), len(data), content_type, metadata={"sha256": sha}
-            )
+        self._do(lambda: self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type,
+                                                metadata={"sha256": sha}), validate_key(key))
         return ObjectInfo(key, len(data), sha, content_type)
 
     def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> ObjectInfo:
@@ -107,49 +156,62 @@ class MinioStore(ObjectStore):
         if not Path(path).is_file():
             raise errors.NotFound(f"cannot store '{key}': local file {path} does not exist")
         sha = sha256_file(Path(path))
-        with self._translated(key):
-            self.client.fput_object(self.bucket, key, str(path), content_type, metadata={"sha256": sha})
+        self._do(lambda: self.client.fput_object(self.bucket, key, str(path), content_type,
+                                                 metadata={"sha256": sha}), key)
         return ObjectInfo(key, Path(path).stat().st_size, sha, content_type)
 
     def get_bytes(self, key: str) -> bytes:
-        with self._translated(validate_key(key)), self._response(key) as response:
-            data = response.read()
-            expected = self._recorded_sha(key, response.headers)
+        def read() -> tuple[bytes, str]:
+            with self._response(key) as response:
+                return response.read(), self._recorded_sha(key, response.headers)
+
+        data, expected = self._do(read, validate_key(key))
         sha = hashlib.sha256(data).hexdigest()
         if sha != expected:
             raise mismatch_error(key, self.describe(), expected, sha)
         return data
 
     def get_file(self, key: str, path: Path) -> None:
-        with self._translated(validate_key(key)), self._response(key) as response:
-            expected = self._recorded_sha(key, response.headers)
-            write_file_verified(Path(path), response.stream(CHUNK), expected, key, self.describe())
+        def download() -> None:  # a broken stream starts over: the temp file of the failed try is removed
+            with self._response(key) as response:
+                expected = self._recorded_sha(key, response.headers)
+                write_file_verified(Path(path), response.stream(CHUNK), expected, key, self.describe())
+
+        self._do(download, validate_key(key))
 
     def stat(self, key: str) -> ObjectInfo:
-        with self._translated(validate_key(key)):
-            obj = self.client.stat_object(self.bucket, key)
+        obj = self._do(lambda: self.client.stat_object(self.bucket, key), validate_key(key))
         content_type = obj.content_type or "application/octet-stream"
         return ObjectInfo(key, int(obj.size or 0), self._recorded_sha(key, obj.metadata or {}), content_type)
 
     def exists(self, key: str) -> bool:
-        with self._translated(validate_key(key)):
+        def probe() -> bool:
             try:
                 self.client.stat_object(self.bucket, key)
             except S3Error as err:
                 if err.code == "NoSuchKey":
                     return False
                 raise
-        return True
+            return True
+
+        return self._do(probe, validate_key(key))
 
     def list(self, prefix: str = "") -> list[str]:
         folder = folder_prefix(prefix)
-        with self._translated():
+
+        def listing() -> list[str]:
             objects = self.client.list_objects(self.bucket, prefix=folder or None, recursive=True)
             return sorted(o.object_name for o in objects if o.object_name and not o.is_dir)
 
+        return self._do(listing)
+
     def delete(self, key: str) -> None:
-        with self._translated(validate_key(key)):
-            self.client.remove_object(self.bucket, key)
+        self._do(lambda: self.client.remove_object(self.bucket, key), validate_key(key))
+
+    def _do(self, operation: Callable[[], Any], key: str | None = None) -> Any:
+        """``operation()`` with the retry policy, its final failure translated to an EditTunerError."""
+        with self._translated(key):
+            return retrying(self.retry_s, self.describe())(operation)
 
     def _recorded_sha(self, key: str, headers: Mapping[str, str]) -> str:
         sha = _header(headers, "x-amz-meta-sha256")
@@ -176,10 +238,11 @@ class MinioStore(ObjectStore):
             yield
         except S3Error as err:
             raise self._s3_error(err, key) from err
-        except (urllib3.exceptions.HTTPError, MinioException) as err:
+        except (urllib3.exceptions.HTTPError, MinioException, ConnectionError, TimeoutError) as err:
+            retried = f" (retried for {self.retry_s:g} s, EDITTUNER_STORE_RETRY_S)" if self.retry_s > 0 else ""
             raise errors.Unavailable(
                 f"object store at {'https' if self.secure else 'http'}://{self.endpoint} is unreachable or not "
-                f"an S3 server ({type(err).__name__}: {err}); check that MinIO is running and that the "
+                f"an S3 server ({type(err).__name__}: {err}){retried}; check that MinIO is running and that the "
                 "endpoint (EDITTUNER_S3_ENDPOINT or the store URL) is right"
             ) from err
 
@@ -194,6 +257,9 @@ class MinioStore(ObjectStore):
                 f"{where} refused access ({err.code}); check EDITTUNER_S3_ACCESS_KEY / EDITTUNER_S3_SECRET_KEY"
             )
         subject = f"'{key}' in {where}" if key else where
+        if err.code in _TRANSIENT_CODES:
+            return errors.Unavailable(f"{subject} kept failing ({err.code}: {err.message}) for {self.retry_s:g} s; "
+                                      "is the object store overloaded or restarting?")
         return errors.EditTunerError(f"object store error on {subject}: {err.code}: {err.message}")
 
 
@@ -234,5 +300,5 @@ def minio_client_from_aws_fields(fields: Mapping[str, Any], env: Mapping[str, st
                                    os.environ if env is None else env)
     access, secret = creds or (None, None)
     client = Minio(host, access, secret, secure=secure, region=fields.get("aws_region_name") or None,
-                   http_client=_http_client(CONNECT_TIMEOUT_S, READ_TIMEOUT_S, RETRIES))
+                   http_client=_http_client(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
     return client, bucket

@@ -12,7 +12,8 @@ from urllib.parse import unquote, urlsplit
 from shared import errors
 from shared.store.base import DEFAULT_BUCKET, ObjectStore
 from shared.store.local import LocalStore
-from shared.store.s3 import AWS_ENDPOINT, BUCKET_NAME, MinioStore, parse_endpoint_url, resolve_s3_credentials
+from shared.store.s3 import (AWS_ENDPOINT, BUCKET_NAME, MinioStore, parse_endpoint_url, resolve_s3_credentials,
+                             retry_budget)
 
 
 def default_local_root(env: Mapping[str, str] | None = None) -> Path:
@@ -69,4 +70,4 @@ def open_store(
         raise errors.InvalidInput(
             f"store URL {url!r} needs credentials: set EDITTUNER_S3_ACCESS_KEY and EDITTUNER_S3_SECRET_KEY"
         )
-    return MinioStore(endpoint, creds[0], creds[1], bucket, secure=secure, region=region)
+    return MinioStore(endpoint, creds[0], creds[1], bucket, secure=secure, region=region, retry_s=retry_budget(env))

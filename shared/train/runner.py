@@ -7,6 +7,7 @@ services later split the encode and validation parts out to encoder_svc and eval
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,9 +30,13 @@ class RunResult:
 
 def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], None] | None = None,
               validate: bool | str = True, until_step: int | None = None, encode: bool = True,
-              run_id: str | None = None) -> RunResult:
+              run_id: str | None = None, stop: threading.Event | None = None,
+              copy_to_output_dir: bool = True) -> RunResult:
     """``validate``: True renders previews here; "external" exports the LoRA at each validation step and emits a
-    ``validation_ready`` event for a supervisor to hand to eval_svc; False skips validation."""
+    ``validation_ready`` event for a supervisor to hand to eval_svc; False skips validation. ``stop``: see
+    ``Trainer.train``. ``copy_to_output_dir``: with the local store, copy the LoRA and previews to the config's
+    output_dir — only for a run the user started on their own machine; a service's worker never writes outside
+    the store (output_dir then only names the run)."""
     events = events or (lambda e: None)
     stats = EncodeStats()
     if encode:
@@ -45,9 +50,9 @@ def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], N
                  make_validator(run, store) if validate else None)
     trainer = Trainer(run, store, run_id=run_id, events=events, validate=validator)
     trainer.setup()
-    summary = trainer.train(until_step=until_step)
-    outputs = copy_outputs(store, trainer.prefix, Path(run.train.output_dir)) if isinstance(store, LocalStore) \
-        else {}
+    summary = trainer.train(until_step=until_step, stop=stop)
+    copy = copy_to_output_dir and isinstance(store, LocalStore) and not summary.interrupted
+    outputs = copy_outputs(store, trainer.prefix, Path(run.train.output_dir)) if copy else {}
     return RunResult(stats, summary, outputs)
 
 

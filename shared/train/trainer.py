@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -26,8 +27,8 @@ from shared.errors import EditTunerError, FailedPrecondition, InvalidInput
 from shared.model.device import resolve_device
 from shared.model.flow import EditBatch, flow_matching_loss, sample_sigmas, step_generator
 from shared.store.base import ObjectStore
-from shared.store.checkpoint import (CheckpointState, capture_rng, committed_steps, load_checkpoint, prune_checkpoints,
-                                     resolve_resume, restore_rng, save_checkpoint)
+from shared.store.checkpoint import (CheckpointState, capture_rng, checkpoint_prefix, committed_steps, load_checkpoint,
+                                     prune_checkpoints, resolve_resume, restore_rng, save_checkpoint)
 from shared.train.loader import TrainLoader, load_items
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ class TrainingDiverged(EditTunerError):
 
 def run_id_for(output_dir: str) -> str:
     """A run id from the output directory's name: resuming with the same output_dir finds the same run."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", output_dir.rstrip("/").rsplit("/", 1)[-1]).strip("-.")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", output_dir.rstrip("/").rsplit("/", 1)[-1])
+    name = re.sub(r"^[^A-Za-z0-9]+", "", name)[:100].rstrip("-._")  # one key segment: see check_run_id
     return name or "run"
 
 
@@ -64,6 +66,7 @@ class TrainSummary:
     validations: list[dict[str, Any]] = field(default_factory=list)
     data_wait_fraction: float = 0.0
     seconds: float = 0.0
+    interrupted: bool = False  # stopped at a step boundary on request, with a checkpoint of that step
 
 
 class Trainer:
@@ -178,8 +181,10 @@ class Trainer:
         log.info("resumed run %s from step %d", self.run_id, step)
 
     # -------------------------------------------------------------------------------------------- loop
-    def train(self, until_step: int | None = None) -> TrainSummary:
-        """Train to max_train_steps (or stop after ``until_step``, as a pre-empted worker would)."""
+    def train(self, until_step: int | None = None, stop: threading.Event | None = None) -> TrainSummary:
+        """Train to max_train_steps (or stop after ``until_step``, as a pre-empted worker would). When ``stop``
+        is set (SIGTERM to the worker, Ctrl-C in the CLI) the current optimizer step finishes, a checkpoint of it
+        is written and training returns ``interrupted``: a resume loses no step."""
         cfg = self.cfg
         last = min(cfg.max_train_steps, until_step or cfg.max_train_steps)
         started = time.perf_counter()
@@ -187,9 +192,15 @@ class Trainer:
         losses: list[float] = []
         checkpoints: list[int] = []
         validations: list[dict[str, Any]] = []
+        interrupted = False
         self.events({"phase": "train", "step": self.step, "total": cfg.max_train_steps, "message": "training"})
         try:
             while self.step < last:
+                if stop is not None and stop.is_set():
+                    interrupted = True
+                    if self.step > 0 and not self.store.is_committed(checkpoint_prefix(self.prefix, self.step)):
+                        checkpoints.append(self.save_checkpoint())
+                    break
                 r = self.train_step()
                 losses.append(r.loss)
                 self.history.append(dataclasses.asdict(r))
@@ -198,11 +209,13 @@ class Trainer:
                              **self._gpu_memory()})
                 if r.step % cfg.checkpointing_steps == 0:
                     checkpoints.append(self.save_checkpoint())
-                if self.validate and r.step % cfg.validation_step_interval == 0:
+                stopping = stop is not None and stop.is_set()
+                if self.validate and r.step % cfg.validation_step_interval == 0 and not stopping:
                     validations.append(self._validate(r.step))
             if self.step == cfg.max_train_steps:
                 lora_keys = self.export(f"{self.prefix}/lora")
-                if self.validate and self.step % cfg.validation_step_interval != 0:
+                stopping = stop is not None and stop.is_set()
+                if self.validate and self.step % cfg.validation_step_interval != 0 and not stopping:
                     validations.append(self._validate(self.step))
                 self.store.put_bytes(f"{self.prefix}/metrics.jsonl", self._metrics_jsonl())
             else:
@@ -212,7 +225,7 @@ class Trainer:
         elapsed = time.perf_counter() - started
         wait = self.loader.wait_seconds - wait0
         return TrainSummary(self.run_id, self.step, losses, lora_keys, checkpoints, validations,
-                            wait / elapsed if elapsed > 0 else 0.0, elapsed)
+                            wait / elapsed if elapsed > 0 else 0.0, elapsed, interrupted)
 
     def train_step(self) -> StepResult:
         """One optimizer step: accumulate micro-batches, clip, step, schedule, EMA."""

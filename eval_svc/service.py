@@ -55,9 +55,9 @@ class EvalCore:
             pipe = self._pipeline(run)
             try:
                 self._load_lora(pipe, p["lora_key"])
-                paired, _ = pair_datasets(run)
+                paired, _ = pair_datasets(run, self.store)
                 samples = select_eval_samples(run, paired)
-                settings = settings_for(run, resolve_dtype(run.train.mixed_precision, resolve_device(run.train.device)))
+                settings = settings_for(run)
                 keys = sorted({index_key(run, ds.config.id, settings) for ds, _ in samples})
                 entries = index_entries(self.store, [k for k in keys if self.store.exists(k)], samples)
                 result = render_validation(pipe, run, samples, step=int(p["step"]), store=self.store,

@@ -11,9 +11,15 @@ import time
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0) rather than FIN: the peer sees 'connection reset by peer'."""
+    """Close with RST (SO_LINGER 0) rather than FIN: the peer sees 'connection reset by peer'. SHUT_RD first wakes
+    a pipe thread blocked in recv() on it: until that call returns the kernel keeps the connection open, and a
+    plain close() from here would leave the peer waiting for an answer that never comes."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
+    try:
         sock.close()
     except OSError:
         pass

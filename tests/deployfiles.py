@@ -3,10 +3,15 @@ compose.yaml requires, the Kubernetes manifests."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import yaml
+
+from prom import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
@@ -52,3 +57,23 @@ def k8s_docs() -> list[dict]:
 
 # Environment variable names that hold credentials: never a literal value in compose.yaml or the manifests.
 SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|ROOT_USER")
+
+
+def compose_command() -> list[str]:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return [require_tool("docker-compose")]
+
+
+def run_compose_config(tmp_path, env_overrides: dict[str, str]) -> subprocess.CompletedProcess:
+    empty_env_file = tmp_path / "empty.env"  # ignore a developer's own .env
+    empty_env_file.write_text("")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("EDITTUNER_", "MINIO_", "GRAFANA_", "COMPOSE_", "PROMETHEUS_"))}
+    env.update(env_overrides)
+    return subprocess.run(
+        compose_command() + ["--env-file", str(empty_env_file), "-f", str(COMPOSE), "config"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )

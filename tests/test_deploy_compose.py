@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from deployfiles import (COMPOSE, COMPOSE_SCHEMA, DEPLOY, DOCKERFILE, GPU_SERVICES, OWN_IMAGE, REQUIRED_ENV, ROOT,
-                         SECRET_KEY, k8s_docs, load_yaml, services)
-from prom import in_ci, require_tool
+                         SECRET_KEY, k8s_docs, load_yaml, run_compose_config, services)
+from prom import in_ci
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,8 @@ def test_gpu_services_environment_volumes_ports_and_healthchecks(compose):
         assert env[f"EDITTUNER_{name.upper()}_PORT"] == str(port)
         assert env[f"EDITTUNER_{name.upper()}_METRICS_PORT"] == str(metrics_port)
         assert "${EDITTUNER_MODEL_DIR_HOST:-./models}:/models:ro" in svc["volumes"]
+        assert "${EDITTUNER_DATASETS_HOST:-./datasets}:/datasets:ro" in svc["volumes"]  # the seed's paths work
+        assert env["EDITTUNER_DATASET_ROOTS"] == "/datasets"
         assert any(v.endswith(":/hf-cache") for v in svc["volumes"])
         published = {p.rsplit(":", 2)[-1] for p in svc["ports"]}
         assert published == {f"{port}", f"{metrics_port}"}, name
@@ -145,26 +147,6 @@ def test_no_literal_credentials(compose):
     for text in texts:
         assert not re.search(r"minioadmin|changeme|admin123|password123", text, re.I)
     assert not any(doc.get("kind") == "Secret" for doc in k8s_docs()), "k8s manifests reference secrets only"
-
-
-def compose_command() -> list[str]:
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        return ["docker", "compose"]
-    return [require_tool("docker-compose")]
-
-
-def run_compose_config(tmp_path, env_overrides: dict[str, str]) -> subprocess.CompletedProcess:
-    empty_env_file = tmp_path / "empty.env"  # ignore a developer's own .env
-    empty_env_file.write_text("")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("EDITTUNER_", "MINIO_", "GRAFANA_", "COMPOSE_", "PROMETHEUS_"))}
-    env.update(env_overrides)
-    return subprocess.run(
-        compose_command() + ["--env-file", str(empty_env_file), "-f", str(COMPOSE), "config"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
-    )
 
 
 def test_docker_compose_config_accepts_the_file(tmp_path):
@@ -269,3 +251,13 @@ def test_compose_healthcheck_probe_against_a_grpc_server(compose):
     assert subprocess.run([sys.executable, "-c", code, str(port)], capture_output=True).returncode != 0
 
 
+
+
+def test_env_example_lists_every_variable_compose_reads_and_sets_no_secret():
+    used = set(re.findall(r"\$\{([A-Z0-9_]+)", COMPOSE.read_text()))
+    text = (ROOT / ".env.example").read_text()
+    listed = set(re.findall(r"^#?\s*([A-Z0-9_]+)=", text, re.M))
+    assert used == listed, f"missing from .env.example: {used - listed}; not in compose.yaml: {listed - used}"
+    for name in REQUIRED_ENV:  # required and secret: present, and empty for the operator to fill
+        assert re.search(rf"^{name}=(edittuner)?$", text, re.M), name
+    assert ".env" in (ROOT / ".gitignore").read_text().split()

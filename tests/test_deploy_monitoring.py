@@ -175,6 +175,8 @@ def test_k8s_deployments_request_a_gpu_and_reference_secrets():
         for env in container["env"]:
             if SECRET_KEY.search(env["name"]):
                 assert "value" not in env and "secretKeyRef" in env["valueFrom"], f"{name}: {env['name']}"
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert mounts["/datasets"]["readOnly"] and mounts["/models"]["readOnly"], name
         token = next(e for e in container["env"] if e["name"] == "EDITTUNER_TOKEN")
         assert not token["valueFrom"]["secretKeyRef"].get("optional"), "beyond loopback a service needs its token"
         port, metrics_port = GPU_SERVICES[name]

@@ -8,7 +8,7 @@ import json
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
-from shared.rpc import common_pb2, encoder_pb2, eval_pb2, generate, trainer_pb2
+from shared.rpc import common_pb2, data_pb2, encoder_pb2, eval_pb2, generate, trainer_pb2
 
 SERVICES = [
     (encoder_pb2, "EncoderService", "SubmitEncode"),
@@ -97,11 +97,15 @@ def _messages(file_desc):
 
 
 def test_messages_carry_object_keys_never_tensors():
-    """No bytes fields: tensors live in the store and messages name their keys."""
+    """No bytes fields: tensors live in the store and messages name their keys. The one exception is the data
+    package, whose file transfers carry a file's bytes in ``chunk`` fields and nothing else."""
     for module in (common_pb2, encoder_pb2, trainer_pb2, eval_pb2):
         for msg in _messages(module.DESCRIPTOR):
             for f in msg.fields:
                 assert f.type != FieldDescriptor.TYPE_BYTES, f"{msg.full_name}.{f.name} is bytes"
+    chunks = {f"{m.name}.{f.name}" for m in _messages(data_pb2.DESCRIPTOR) for f in m.fields
+              if f.type == FieldDescriptor.TYPE_BYTES}
+    assert chunks == {"UploadFileRequest.chunk", "DownloadFileResponse.chunk"}
 
 
 def test_job_state_numbers_are_the_documented_ones():

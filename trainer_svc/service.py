@@ -59,7 +59,7 @@ class TrainerCore:
         run = run_from_params(job.params)
         run_id = job.params["run_id"]
         outputs: dict[str, str] = {"run_id": run_id}
-        self._encode(job, ctx)
+        index = self._encode(job, ctx)
         folder = self.workdir / job.job_id
         folder.mkdir(parents=True, exist_ok=True)
         f = job.params["files"]
@@ -68,7 +68,8 @@ class TrainerCore:
         overrides = list(f["overrides"]) + (["resume_from_checkpoint=latest"] if job.attempt > 1 else [])
         cmd = [*self.worker_cmd, "--config", str(folder / "config.json"), "--data",
                str(folder / "multidatabackend.json"), "--store", self.store_url, "--no-encode",
-               "--external-validation", "--run-id", run_id, *overrides]
+               "--external-validation", "--run-id", run_id,
+               *[f"--index={k.split('/')[2]}={k}" for k in index], *overrides]
         validations: list[str] = []
         missed: list[str] = []
         batch = run.train.train_batch_size * run.train.gradient_accumulation_steps
@@ -110,8 +111,10 @@ class TrainerCore:
                                          overrides=f["overrides"], config_name=f["config_name"],
                                          data_name=f["data_name"])
 
-    def _encode(self, job: JobRecord, ctx: JobContext) -> None:
-        """Encode through encoder_svc and wait; then ask it to free the GPU for training."""
+    def _encode(self, job: JobRecord, ctx: JobContext) -> list[str]:
+        """Encode through encoder_svc and wait; then ask it to free the GPU for training. Returns the cache index
+        keys the encoder wrote: the worker reads those, so it never recomputes a key from model files this host
+        may not have."""
         if self.peers.encoder is None:
             raise Unavailable("trainer_svc has no encoder_svc address (EDITTUNER_ENCODER_ADDR)")
         files = self._files(job)
@@ -156,6 +159,7 @@ class TrainerCore:
             self.peers.encoder.ReleaseModels(encoder_pb2.ReleaseModelsRequest(), timeout=RPC_TIMEOUT_S)
         except grpc.RpcError as e:
             log.warning("encoder_svc did not release its models: %s", e)
+        return [k for k in enc_job.outputs.get("index", "").split(",") if k.startswith("cache/index/")]
 
     def _submit_render(self, job: JobRecord, e: dict[str, Any], validations: list[str], missed: list[str]) -> None:
         """Hand a validation to eval_svc without waiting; a failure is recorded, never fatal."""

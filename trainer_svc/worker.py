@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="export the LoRA at validation steps and emit validation_ready events (trainer_svc)")
     ap.add_argument("--run-id")
     ap.add_argument("--until-step", type=int, help="stop after this step (the run can be resumed)")
+    ap.add_argument("--index", action="append", default=[], metavar="DATASET=KEY",
+                    help="the cache index of a dataset, as the encoder reported it")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train_run(run, open_store(args.store), events=lambda e: _emit({"event": e}),
                            validate=False if args.no_validation else "external" if args.external_validation else True,
                            until_step=args.until_step, encode=not args.no_encode, run_id=args.run_id, stop=stop,
-                           copy_to_output_dir=False)
+                           copy_to_output_dir=False,
+                           index_keys=dict(i.split("=", 1) for i in args.index) if args.index else None)
     except EditTunerError as e:
         _emit({"error": str(e), "kind": type(e).__name__})
         return 1

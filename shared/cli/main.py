@@ -16,24 +16,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from shared.cli.common import DEFAULT_STORE, ProgressBars, load_from_args, store_from_args
+from shared.cli.jobs import cmd_data_push, cmd_jobs, cmd_runs_pull, remote_job
 from shared.errors import EditTunerError
-
-DEFAULT_STORE = ".edittuner/store"
-
-
-def _store(args: argparse.Namespace):
-    from shared.store.url import open_store
-
-    return open_store(args.store or os.environ.get("EDITTUNER_STORE") or DEFAULT_STORE)
-
-
-def _load(args: argparse.Namespace):
-    from shared.config.loading import load_run_config
-
-    run = load_run_config(args.config, args.data, args.overrides)
-    for w in run.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    return run
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -56,17 +41,19 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     from shared.data.pairing import pair_datasets
     from shared.encode.cache import Manifests, cache_status, plan, settings_for
-    from shared.model.device import resolve_device, resolve_dtype
 
-    run = _load(args)
+    run = load_from_args(args)
     t = run.train
-    paired, warnings = pair_datasets(run)
+    paired, warnings = pair_datasets(run, store_from_args(args))
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
-    store = _store(args)
-    items = plan(run, paired, settings_for(run, resolve_dtype(t.mixed_precision, resolve_device(t.device))))
+    store = store_from_args(args)
+    items = plan(run, paired, settings_for(run))
     manifests = Manifests(store)
+    from shared.model.location import locate_model
+
     print(f"config  {run.config_source}: {t.model_flavour}, model {t.model_path}, {t.base_model_precision}")
+    print(f"model   {t.model_path}: {locate_model(t.model_path).where}")
     print(f"data    {run.data.source}")
     for ds in paired:
         refs = run.data.references_of(ds.config)
@@ -90,14 +77,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     memory = parse_size(args.gpu_memory) if args.gpu_memory else None
     _materialize(args)  # a tiny preset's model is generated on first use, as for encode and train
-    plan = plan_run(_load(args), memory, args.gpu)
+    plan = plan_run(load_from_args(args), memory, args.gpu)
     print(format_plan(plan))
     return 0 if plan.fits else 2
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
     _materialize(args)
-    return cmd_encode_in_process(args) if args.in_process else _remote_job(args, "encoder")
+    return cmd_encode_in_process(args) if args.in_process else remote_job(args, "encoder")
 
 
 def cmd_encode_in_process(args: argparse.Namespace) -> int:
@@ -105,8 +92,8 @@ def cmd_encode_in_process(args: argparse.Namespace) -> int:
 
     from shared.encode.encoder import DatasetEncoder
 
-    run = _load(args)
-    store = _store(args)
+    run = load_from_args(args)
+    store = store_from_args(args)
     enc = DatasetEncoder(run, store)
     bar = tqdm(desc="encode", unit="item", disable=args.quiet)
     started = time.perf_counter()
@@ -139,15 +126,15 @@ def _materialize(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _materialize(args)
-    return cmd_train_in_process(args) if args.in_process else _remote_job(args, "trainer")
+    return cmd_train_in_process(args) if args.in_process else remote_job(args, "trainer")
 
 
 def cmd_train_in_process(args: argparse.Namespace) -> int:
     from shared.train.runner import train_run
 
-    run = _load(args)
-    store = _store(args)
-    bar = _Bar(args.quiet)
+    run = load_from_args(args)
+    store = store_from_args(args)
+    bar = ProgressBars(args.quiet)
 
     def events(e: dict) -> None:
         bar.show(e.get("phase", ""), e.get("step", 0), e.get("total", 0), e.get("loss", 0.0),
@@ -179,163 +166,6 @@ def cmd_train_in_process(args: argparse.Namespace) -> int:
     print(f"store {store.describe()}: runs/{s.run_id}/ (checkpoints {', '.join(map(str, s.checkpoints)) or 'none'})")
     for name, path in result.outputs.items():
         print(f"{name}: {path}")
-    return 0
-
-
-class _Bar:
-    """One tqdm bar per phase, fed by job snapshots from Watch or by in-process training events."""
-
-    def __init__(self, quiet: bool):
-        from tqdm import tqdm
-
-        self.tqdm, self.quiet, self.bar, self.phase, self.note = tqdm, quiet, None, None, ""
-
-    def update(self, job) -> None:
-        p = job.progress
-        self.show(p.phase, p.step, p.total, p.loss, p.seconds_per_step, p.message)
-
-    def show(self, phase: str, step: int, total: int, loss: float, seconds_per_step: float, message: str) -> None:
-        """Encode and train get a bar (one at a time); other phases a line each."""
-        if self.quiet or not phase:
-            return
-        if phase not in ("encode", "train"):
-            if message != self.note:
-                self.note = message
-                self.tqdm.write(f"[{phase}] {message}")
-            return
-        if phase != self.phase:
-            self.close()
-            self.phase = phase
-            self.bar = self.tqdm(desc=phase, total=total or None, unit="step" if phase == "train" else "item")
-        self.bar.total = total or None
-        self.bar.n = step
-        if loss:
-            self.bar.set_postfix(loss=f"{loss:.4f}", s_step=f"{seconds_per_step:.2f}")
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-# ---------------------------------------------------------------------------------------- through services
-def _remote_job(args: argparse.Namespace, service: str) -> int:
-    """Submit a train or encode job to the services (--server, EDITTUNER_*) or to a local stack started here."""
-    from shared.cli.remote import ask_cancel_or_detach, describe, new_request_id, resolve_address, wait_for_validations
-    from shared.config.loading import read_config_files
-    from shared.rpc import encoder_pb2, trainer_pb2
-    from shared.rpc.client import Client
-    from shared.service.common import files_to_proto, state_name
-    from shared.service.local_stack import start_local_stack
-
-    files = read_config_files(args.config, args.data, args.overrides)
-    run = _load(args)
-    address = resolve_address(service, args.server)
-    stack = None
-    store_url = args.store or os.environ.get("EDITTUNER_STORE") or DEFAULT_STORE
-    if address is None:
-        stack = start_local_stack(str(Path(store_url).resolve()) if "://" not in store_url else store_url,
-                                  Path(".edittuner/logs"))
-        address = stack.addresses[service]
-        print(f"started local services ({', '.join(f'{k} {v}' for k, v in stack.addresses.items())}); "
-              f"store {store_url}; logs .edittuner/logs/", file=sys.stderr)
-    client = Client(service, address)
-    bar = _Bar(args.quiet)
-    job = None
-    try:
-        if service == "trainer":
-            job = client.call("StartRun", trainer_pb2.StartRunRequest(request_id=new_request_id(),
-                                                                      files=files_to_proto(files))).job
-        else:
-            job = client.call("SubmitEncode", encoder_pb2.SubmitEncodeRequest(request_id=new_request_id(),
-                                                                              files=files_to_proto(files))).job
-        print(f"submitted job {job.job_id} to {service}_svc at {address}", file=sys.stderr)
-        try:
-            job = client.watch(job.job_id, bar.update)
-        except KeyboardInterrupt:
-            bar.close()
-            if stack is not None or ask_cancel_or_detach():
-                job = client.cancel(job.job_id)
-                print(f"cancelled job {job.job_id}" + (" (the local services stop with this command; continue "
-                      "later with resume_from_checkpoint=latest)" if stack is not None else ""), file=sys.stderr)
-            else:
-                print(f"detached; follow it with: edittuner jobs watch {job.job_id} --service {service} "
-                      f"--server {address}", file=sys.stderr)
-            return 130
-        if service == "trainer" and state_name(job) == "succeeded":
-            eval_address = stack.addresses["eval"] if stack is not None else resolve_address("eval", None)
-            for v in wait_for_validations(job, eval_address):
-                print(f"validation {v.job_id}: {state_name(v)}" + (f", PSNR LoRA {v.outputs['psnr_lora']} dB, "
-                      f"base {v.outputs['psnr_base']} dB" if "psnr_lora" in v.outputs else f" {v.error}"),
-                      file=sys.stderr)
-    finally:
-        bar.close()
-        client.close()
-        if stack is not None:
-            stack.stop()
-    print(describe(job))
-    if state_name(job) != "succeeded":
-        return 1
-    if service == "trainer" and stack is None and not args.store:
-        print(f"the run's LoRA and previews are in the server's store under runs/{job.outputs['run_id']}/; copy them "
-              "with: edittuner runs pull " + job.outputs["run_id"] + " DIR --store URL", file=sys.stderr)
-    elif service == "trainer" and "://" not in store_url:
-        from shared.store.url import open_store
-        from shared.train.runner import copy_outputs
-
-        outputs = copy_outputs(open_store(store_url), f"runs/{job.outputs['run_id']}", Path(run.train.output_dir))
-        for name, path in outputs.items():
-            print(f"{name}: {path}")
-    return 0
-
-
-def cmd_jobs(args: argparse.Namespace) -> int:
-    from shared.cli.remote import describe, resolve_address
-    from shared.rpc.client import Client
-
-    address = resolve_address(args.service, args.server)
-    if address is None:
-        print("error: give --server HOST:PORT or set EDITTUNER_SERVER / EDITTUNER_"
-              f"{args.service.upper()}_ADDR", file=sys.stderr)
-        return 1
-    client = Client(args.service, address)
-    try:
-        if args.action == "list":
-            for job in client.list(args.state):
-                print(describe(job))
-        elif args.action == "get":
-            print(describe(client.get(args.job_id)))
-        elif args.action == "cancel":
-            print(describe(client.cancel(args.job_id)))
-        else:
-            bar = _Bar(False)
-            try:
-                job = client.watch(args.job_id, bar.update)
-            finally:
-                bar.close()
-            print(describe(job))
-    finally:
-        client.close()
-    return 0
-
-
-def cmd_runs_pull(args: argparse.Namespace) -> int:
-    store = _store(args)
-    prefix = f"runs/{args.run_id}"
-    keys = store.list(prefix)
-    if not keys:
-        from shared.errors import NotFound
-
-        raise NotFound(f"no run {args.run_id!r} in {store.describe()}")
-    dest = Path(args.dir)
-    for key in keys:
-        if args.no_checkpoints and "/checkpoints/" in key:
-            continue
-        target = dest / key[len(prefix) + 1:]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        store.get_file(key, target)
-    print(f"pulled {args.run_id} from {store.describe()} into {dest}")
     return 0
 
 
@@ -398,9 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     q = rs.add_parser("pull", help="copy a run's LoRA, previews and checkpoints out of the store")
     q.add_argument("run_id")
     q.add_argument("dir")
-    q.add_argument("--store")
+    q.add_argument("--server", help="HOST:PORT of a service: fetch through it, no store credentials needed")
+    q.add_argument("--store", help="read the store directly instead (a directory, or s3://bucket with EDITTUNER_S3_*)")
     q.add_argument("--no-checkpoints", action="store_true")
     q.set_defaults(func=cmd_runs_pull)
+    p = sub.add_parser("data", help="datasets in the services' store")
+    ds = p.add_subparsers(dest="data_action", required=True)
+    q = ds.add_parser("push", help="upload a dataset folder (only what the store lacks) and print its entry")
+    q.add_argument("dir")
+    q.add_argument("--server", help="HOST:PORT of a service (default EDITTUNER_SERVER)")
+    q.add_argument("--name", help="the upload's name (default: the folder's name and a hash of its path)")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=cmd_data_push)
     p = sub.add_parser("serve", help="run one service in the foreground (configured by EDITTUNER_* variables)")
     p.add_argument("service", choices=["encoder", "trainer", "eval"])
     p.set_defaults(func=cmd_serve)

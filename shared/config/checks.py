@@ -38,6 +38,9 @@ def check_datasets(train: TrainConfig, data: DataConfig, cfg_label: str) -> tupl
                                         "the folder holding its images"))
             if d.type == "aws" and not d.aws_bucket_name:
                 problems.append(Problem(_where(data, d, "aws_bucket_name"), "is required for type 'aws'"))
+            if d.type == "store" and not d.store_upload:
+                problems.append(Problem(_where(data, d, "store_upload"), "is required for type 'store': the "
+                                        "upload name `edittuner data push` printed"))
         if d.caption_strategy == "instanceprompt" and not d.instance_prompt:
             problems.append(Problem(_where(data, d, "instance_prompt"), "is required with caption_strategy "
                                     "'instanceprompt'"))

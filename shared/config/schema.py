@@ -185,7 +185,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class DatasetConfig:
     id: str = field(check=_check_dataset_id, doc="unique dataset id")
-    type: Literal["local", "aws"] = field("local")
+    type: Literal["local", "aws", "store"] = field("local", doc="local folder, SimpleTuner's aws (S3) prefix, or "
+                                                          "store: a dataset uploaded with `edittuner data push`")
     dataset_type: Literal["image", "conditioning", "conditioning_image_embeds", "text_embeds"] = field("image")
     instance_data_dir: Optional[str] = field(None)
     caption_strategy: Literal["textfile", "filename", "instanceprompt"] = field("filename")
@@ -201,6 +202,7 @@ class DatasetConfig:
     disabled: bool = field(False)
     repeats: int = field(0, check=non_negative)
     crop_style: Literal["center"] = field("center")
+    store_upload: Optional[str] = field(None, doc="type store: the upload's name (`edittuner data push` prints it)")
     # type=aws (SimpleTuner's names)
     aws_bucket_name: Optional[str] = field(None)
     aws_data_prefix: str = field("")

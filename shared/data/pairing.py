@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Iterable
+from typing import Any, Iterable
 
 from PIL import Image
 
@@ -154,9 +154,9 @@ def reference_placement(train: TrainConfig, ref_ds: DatasetConfig, target: Place
 
 
 # --------------------------------------------------------------------------------------------------- pairing
-def pair_datasets(run: RunConfig) -> tuple[list[PairedDataset], list[str]]:
+def pair_datasets(run: RunConfig, store: Any = None) -> tuple[list[PairedDataset], list[str]]:
     """Scan and pair every image dataset with its references. Returns the paired datasets (training and eval)
-    and warnings; raises one DatasetError listing every problem found."""
+    and warnings; raises one DatasetError listing every problem found. ``store`` holds uploaded datasets."""
     train, data = run.train, run.data
     problems: list[Problem] = []
     warnings: list[str] = []
@@ -167,7 +167,7 @@ def pair_datasets(run: RunConfig) -> tuple[list[PairedDataset], list[str]]:
             continue
         where = _where(data, ds)
         try:
-            sources[ds.id] = open_source(ds, where)
+            sources[ds.id] = open_source(ds, where, store)
         except DatasetError as e:
             problems.extend(e.problems)
             continue

@@ -11,6 +11,7 @@ from typing import Any, Callable, Protocol
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from shared import errors
 from shared.config.schema import DatasetConfig
 from shared.errors import DatasetError, InvalidInput, Problem
 
@@ -103,8 +104,42 @@ class S3Source:
                                         "server is up")]) from None
 
 
-def open_source(ds: DatasetConfig, where: str) -> ImageSource:
-    """The source of a dataset entry; a missing folder or unreachable bucket is a DatasetError naming it."""
+@dataclass
+class StoreSource:
+    """A dataset a client uploaded into the store (``type: store``): its manifest maps names to stored files."""
+
+    store: Any  # shared.store.base.ObjectStore
+    upload_id: str
+
+    def __post_init__(self) -> None:
+        from shared.store.uploads import read_manifest
+
+        self.entries = read_manifest(self.store, self.upload_id)
+
+    @property
+    def label(self) -> str:
+        return f"upload {self.upload_id!r}"
+
+    def list_files(self) -> list[str]:
+        return sorted(self.entries)
+
+    def read(self, relpath: str) -> bytes:
+        from shared.store.uploads import blob_key
+
+        return self.store.get_bytes(blob_key(self.entries[relpath].sha256))
+
+
+def open_source(ds: DatasetConfig, where: str, store: Any = None) -> ImageSource:
+    """The source of a dataset entry; a missing folder, upload or unreachable bucket is a DatasetError naming it.
+    ``store``: where ``type: store`` datasets (uploads) are read from."""
+    if ds.type == "store":
+        if store is None:
+            raise DatasetError([Problem(where, "an uploaded dataset (type 'store') is read from the services' "
+                                               "store: run it through the services, or with --store")])
+        try:
+            return StoreSource(store, ds.store_upload or "")
+        except (errors.NotFound, errors.InvalidInput) as err:
+            raise DatasetError([Problem(where, str(err))]) from None
     if ds.type == "aws":
         from shared.store.s3 import AWS_ENDPOINT, minio_client_from_aws_fields, retry_budget
 

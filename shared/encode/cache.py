@@ -28,8 +28,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from shared.config.flavours import get_flavour
 from shared.config.schema import RunConfig
 from shared.data.pairing import PairedDataset, Sample
@@ -77,20 +75,27 @@ class EncodeSettings:
     random_refs: bool
 
 
-def settings_for(run: RunConfig, dtype: torch.dtype) -> EncodeSettings:
+def settings_for(run: RunConfig) -> EncodeSettings:
+    """The encode settings of ``run``: the same on every host for the same config and model files (the precision
+    as configured, not what "auto" resolved to; the model by its content, not its folder)."""
     t = run.train
     flav = get_flavour(t.model_flavour)
     return EncodeSettings(
         flavour=flav.name, model=t.model_path,
         model_fp=model_fingerprint(t.model_path, ("vae", "text_encoder", "tokenizer", "processor")),
-        dtype=str(dtype).removeprefix("torch."), vl_area=t.model_kwargs.vl_reference_area or flav.vl_ref_area,
+        dtype=t.mixed_precision, vl_area=t.model_kwargs.vl_reference_area or flav.vl_ref_area,
         with_null=t.caption_dropout_probability > 0, random_refs=t.conditioning_multidataset_sampling == "random")
+
+
+def _keyed(settings: EncodeSettings) -> dict[str, Any]:
+    """The settings that decide the tensors: all but ``model``, the name the model goes by on this host."""
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k != "model"}
 
 
 def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) -> list[Item]:
     """Every cache entry the datasets need, with its cache key (source hashes come from the scan)."""
     items: list[Item] = []
-    base = dataclasses.asdict(settings)
+    base = _keyed(settings)
     users: dict[str, int] = {}
     for d in run.data.image_datasets:
         for rid in d.conditioning_data:
@@ -179,7 +184,7 @@ def index_key(run: RunConfig, dataset_id: str, settings: EncodeSettings) -> str:
     entry.pop("aws_secret_access_key", None)
     refs = [dataclasses.asdict(r) | {"aws_secret_access_key": None} for r in
             run.data.references_of(run.data.get(dataset_id))]
-    digest = _digest({"settings": dataclasses.asdict(settings), "dataset": entry, "refs": refs,
+    digest = _digest({"settings": _keyed(settings), "dataset": entry, "refs": refs,
                       "match_target_res": run.train.model_kwargs.match_target_res,
                       "reference_area": run.train.model_kwargs.reference_area, "format": INDEX_FORMAT})
     return f"cache/index/{dataset_id}/{digest[:32]}.json"

@@ -68,8 +68,8 @@ class DatasetEncoder:
             torch.cuda.empty_cache()
 
     def prepare(self) -> tuple[list[PairedDataset], list[Item], Manifests, list[str]]:
-        paired, warnings = pair_datasets(self.run)
-        items = plan(self.run, paired, settings_for(self.run, self.dtype))
+        paired, warnings = pair_datasets(self.run, self.store)
+        items = plan(self.run, paired, settings_for(self.run))
         return paired, items, Manifests(self.store), warnings
 
     def encode(self, progress: Callable[[EncodeStats, int], None] | None = None) -> EncodeStats:
@@ -110,7 +110,7 @@ class DatasetEncoder:
             manifests.flush()
         if stats.failures and self.run.train.bad_image_policy == "fail":
             raise DatasetError([Problem("encode", f) for f in stats.failures], "encoding failed")
-        settings = settings_for(self.run, self.dtype)
+        settings = settings_for(self.run)
         index_keys = [write_index(self.store, self.run, ds, [i for i in items if i.dataset is ds], manifests,
                                   settings) for ds in paired]
         return stats, index_keys

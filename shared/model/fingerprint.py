@@ -7,6 +7,8 @@ import hashlib
 from pathlib import Path
 from typing import Iterable
 
+from shared.model.location import locate_model
+
 _SAMPLED = 1 << 20  # bytes hashed from the start, middle and end of a large weight file
 
 
@@ -27,20 +29,23 @@ def _file_fingerprint(path: Path) -> str:
 
 
 def model_fingerprint(source: str, components: Iterable[str]) -> str:
-    """Identifies the weights a cache was made with: content of a local model's component folders, or the
-    hub id plus the locally cached snapshot's revision when there is one."""
-    path = Path(source).expanduser()
-    if not path.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(source, local_files_only=True))
-        except Exception:  # not cached locally: the id is all we know, the loader will fetch it
-            return "hub:" + source
+    """Identifies the weights a cache was made with, by their content only: the files of the model's
+    ``components`` (configs, tokenizer, weights: small files whole, large ones by size and three sampled MiB) and
+    its model_index.json, wherever the model sits (EDITTUNER_MODEL_DIR, the HF cache, any folder). Hidden files
+    (``.cache``, ``.gitattributes``) are left out. A hub id with no local copy is only its id."""
+    loc = locate_model(source)
+    if not loc.local:
+        return "hub:" + source
+    path = Path(loc.source)
     h = hashlib.sha256()
+    index = path / "model_index.json"
+    if index.is_file():
+        h.update(b"model_index.json" + _file_fingerprint(index).encode())
     for comp in sorted(components):
-        for f in sorted((path / comp).rglob("*")) if (path / comp).is_dir() else []:
-            if f.is_file():
-                h.update(f"{comp}/{f.relative_to(path / comp).as_posix()}".encode())
+        folder = path / comp
+        for f in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            rel = f.relative_to(folder).as_posix()
+            if f.is_file() and not any(part.startswith(".") for part in rel.split("/")):
+                h.update(f"{comp}/{rel}".encode())
                 h.update(_file_fingerprint(f).encode())
     return h.hexdigest()

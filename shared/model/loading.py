@@ -18,6 +18,7 @@ import torch
 
 from shared import errors
 from shared.config.flavours import get_flavour
+from shared.model.location import locate_model
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,6 @@ def _expected_layout() -> str:
     return "a diffusers pipeline in the Hugging Face repo layout (model_index.json, " + ", ".join(
         f"{c}/" for c in COMPONENTS
     ) + ")"
-
-
-def looks_like_hub_id(source: str) -> bool:
-    """``org/name`` with no path syntax; anything else not on disk is a missing local directory."""
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
 
 
 def _check_local_dir(path: Path, flavour: str, wanted: Iterable[str]) -> None:
@@ -126,16 +121,17 @@ def load_pipeline(
     patch_processor_without_torchvision()
     quiet_progress_bars()
     cls = pipeline_class(flavour)
-    path = Path(source).expanduser()
-    is_local = path.exists() or not looks_like_hub_id(str(source))
-    if is_local:
-        _check_local_dir(path, flavour, wanted)
+    loc = locate_model(str(source))
+    log.info("model %s (%s): loading from %s", source, ", ".join(wanted), loc.where)
+    if loc.local:
+        _check_local_dir(Path(loc.source), flavour, wanted)
     skipped = {c: None for c in COMPONENTS if c not in wanted}
     try:
-        pipe = cls.from_pretrained(str(path) if is_local else str(source), dtype=dtype, **skipped)
+        pipe = cls.from_pretrained(loc.source, dtype=dtype, **skipped)
     except (OSError, ValueError) as err:  # unreadable weights, unreachable or unknown hub repo
-        where = f"model directory {path}" if is_local else f"hub model {source!r}"
-        raise errors.InvalidInput(f"cannot load {where} as {cls.__name__}: {err}") from err
+        if not loc.local:
+            raise loc.missing_error(str(source), err) from err
+        raise errors.InvalidInput(f"cannot load model directory {loc.source} as {cls.__name__}: {err}") from err
     _warn_on_zero_cond_mismatch(pipe, flavour)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -176,16 +172,16 @@ def load_transformer(source: str | Path, flavour: str, *, dtype: torch.dtype = t
     """Just the flavour's transformer (on CPU, in ``dtype``): what training needs, quantized afterwards."""
     from diffusers import QwenImageTransformer2DModel
 
-    path = Path(source).expanduser()
-    is_local = path.exists() or not looks_like_hub_id(str(source))
-    if is_local:
-        _check_local_dir(path, flavour, ("transformer",))
+    loc = locate_model(str(source))
+    log.info("model %s (transformer): loading from %s", source, loc.where)
+    if loc.local:
+        _check_local_dir(Path(loc.source), flavour, ("transformer",))
     try:
-        transformer = QwenImageTransformer2DModel.from_pretrained(str(path) if is_local else str(source),
-                                                                  subfolder="transformer", dtype=dtype)
+        transformer = QwenImageTransformer2DModel.from_pretrained(loc.source, subfolder="transformer", dtype=dtype)
     except (OSError, ValueError) as err:
-        where = f"model directory {path}" if is_local else f"hub model {source!r}"
-        raise errors.InvalidInput(f"cannot load the transformer of {where}: {err}") from err
+        if not loc.local:
+            raise loc.missing_error(str(source), err) from err
+        raise errors.InvalidInput(f"cannot load the transformer of model directory {loc.source}: {err}") from err
     if bool(transformer.config.get("zero_cond_t", False)) != get_flavour(flavour).zero_cond_t:
         log.warning("transformer config zero_cond_t=%s does not match flavour %s", transformer.config.get(
             "zero_cond_t", False), flavour)

@@ -96,10 +96,11 @@ def _stream(name: str) -> str:
 
 
 def transformer_config(model_path: str) -> dict[str, Any]:
-    """The transformer's config.json of a local model directory, or the bundled real one for a hub id."""
-    from shared.model.loading import looks_like_hub_id
+    """The transformer's config.json of the model (found as the loader finds it, EDITTUNER_MODEL_DIR included),
+    or the bundled real one for a hub id with no local copy."""
+    from shared.model.location import locate_model, looks_like_hub_id
 
-    root = Path(model_path).expanduser()
+    root = Path(locate_model(model_path).source).expanduser()
     path = root / "transformer" / "config.json"
     if not root.is_dir() and not looks_like_hub_id(model_path):
         raise errors.InvalidInput(f"model directory {root} does not exist: the planner reads transformer/config.json "
@@ -158,8 +159,10 @@ def _safetensors_params(folder: Path) -> int | None:
 
 
 def component_params(model_path: str) -> tuple[int, int, int]:
-    """(text encoder params, VAE params, VAE base_dim): counted from a local directory's files, else the real ones."""
-    root = Path(model_path).expanduser()
+    """(text encoder params, VAE params, VAE base_dim): counted from a local copy's files, else the real ones."""
+    from shared.model.location import locate_model
+
+    root = Path(locate_model(model_path).source).expanduser()
     te = _safetensors_params(root / "text_encoder") if root.is_dir() else None
     vae = _safetensors_params(root / "vae") if root.is_dir() else None
     base_dim = REAL_VAE["base_dim"]

@@ -25,7 +25,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared import errors
-from shared.rpc import common_pb2, encoder_pb2, encoder_pb2_grpc, eval_pb2, eval_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from shared.rpc import (common_pb2, data_pb2, data_pb2_grpc, encoder_pb2, encoder_pb2_grpc, eval_pb2, eval_pb2_grpc,
+                        trainer_pb2, trainer_pb2_grpc)
 
 DEFAULT_DEADLINE_S = 30.0
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -149,10 +150,12 @@ def wait_for_serving(channel: grpc.Channel, service: str = "", timeout: float = 
 # --------------------------------------------------------------------------------------- service clients
 STUBS = {"encoder": (encoder_pb2_grpc.EncoderServiceStub, encoder_pb2),
          "trainer": (trainer_pb2_grpc.TrainerServiceStub, trainer_pb2),
-         "eval": (eval_pb2_grpc.EvalServiceStub, eval_pb2)}
+         "eval": (eval_pb2_grpc.EvalServiceStub, eval_pb2),
+         "data": (data_pb2_grpc.DataServiceStub, data_pb2)}  # DataService answers on every service's port
 DEFAULT_PORTS = {"encoder": 50051, "trainer": 50052, "eval": 50053}
 TIMEOUT_S = 30.0
 RECONNECT_S = 120.0
+TRANSFER_TIMEOUT_S = 600.0  # one file up or down
 
 
 class Client:
@@ -171,6 +174,23 @@ class Client:
     def call(self, method: str, request: Any) -> Any:
         try:
             return getattr(self.stub, method)(request, timeout=TIMEOUT_S)
+        except grpc.RpcError as e:
+            raise rpc_error(self.service, self.address, e) from None
+
+    def call_stream(self, method: str, request: Any, *, streaming_response: bool = False,
+                    timeout_s: float = TRANSFER_TIMEOUT_S) -> Any:
+        """A streaming call: ``request`` is an iterator of messages for a client stream; with
+        ``streaming_response`` the answer is an iterator. Failures become the server's domain errors."""
+        try:
+            if not streaming_response:
+                return getattr(self.stub, method)(request, timeout=timeout_s)
+            return self._mapped(getattr(self.stub, method)(request, timeout=timeout_s))
+        except grpc.RpcError as e:
+            raise rpc_error(self.service, self.address, e) from None
+
+    def _mapped(self, responses: Any) -> Any:
+        try:
+            yield from responses
         except grpc.RpcError as e:
             raise rpc_error(self.service, self.address, e) from None
 

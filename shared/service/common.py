@@ -7,8 +7,10 @@ every service except for the message classes, so they live here once, parametris
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
+import stat
 import threading
 from typing import Any, Callable, Iterator
 
@@ -18,7 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from shared import errors
 from shared.config.loading import ConfigFiles, load_run_config_text
 from shared.config.schema import RunConfig
-from shared.model.loading import looks_like_hub_id
+from shared.model.location import looks_like_hub_id
 from shared.rpc import common_pb2
 from shared.service.jobs import JobManager
 from shared.service.records import ERROR_CODES, JobRecord
@@ -188,6 +190,23 @@ class ServerPaths:
     def _inside(path: str, roots: tuple[str, ...]) -> bool:
         real = os.path.realpath(path)  # '..' and symlinks resolved before the comparison
         return any(real == r or real.startswith(r.rstrip("/") + "/") for r in map(os.path.realpath, roots))
+
+    def stat(self, path: str, max_hash_bytes: int = 256 * 1024 * 1024) -> tuple[bool, int, str]:
+        """(readable, size, sha256) of a server file a client asks about; (False, 0, "") outside the dataset
+        folders (nothing there is even looked at) or for anything but a regular file."""
+        if not path or len(path) > 4096 or "\x00" in path or not self._inside(path, self.dataset_roots):
+            return False, 0, ""
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > max_hash_bytes:
+                return False, 0, ""
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except OSError:
+            return False, 0, ""
+        return True, st.st_size, h.hexdigest()
 
     def check(self, run: RunConfig) -> None:
         """ConfigError listing every dataset folder or model directory of ``run`` outside the roots."""

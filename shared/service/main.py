@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shared.errors import EditTunerError
+from shared.rpc import data_pb2, data_pb2_grpc
 from shared.rpc.server import ServiceConfig, build_server, install_sigterm
 from shared.service.common import ServerPaths
+from shared.service.data import DataServicer
 from shared.service.jobs import JobManager
 from shared.service.metrics import Metrics
 from shared.service.spool import RecordSpool
+from shared.store.uploads import MAX_FILE_BYTES
 from shared.store.url import open_store
 
 log = logging.getLogger(__name__)
@@ -26,7 +29,8 @@ DEFAULT_STORE = ".edittuner/store"
 def serve(name: str, default_port: int, make: Callable[[ServiceConfig, Any, Metrics], tuple[Any, Callable, str,
                                                                                           Callable]],
           env: dict[str, str] | None = None) -> int:
-    """``make(config, store, metrics) -> (core, execute, service_full_name, add_servicer(jobs, server))``.
+    """``make(config, store, metrics) -> (core, execute, service_full_name, add_servicer(jobs, server))``; every
+    service also serves DataService (shared.service.data).
 
     A configuration the service cannot start with (a bad variable, no token beyond loopback, an unreachable
     store) is printed as one message and exits 2, no traceback. On SIGTERM/SIGINT the jobs stop first (a
@@ -43,8 +47,16 @@ def serve(name: str, default_port: int, make: Callable[[ServiceConfig, Any, Metr
     core, execute, full_name, add = make(config, store, metrics)
     jobs = JobManager(store, name, execute, spool=RecordSpool(workdir(env) / "job-spool" / name))
     metrics.collect_jobs(name, jobs.jobs_by_state)
+    data = DataServicer(store, server_paths(config), workdir(env),
+                        int(env.get("EDITTUNER_MAX_UPLOAD_BYTES") or MAX_FILE_BYTES))
+
+    def add_all(server: Any) -> None:
+        add(jobs, server)
+        data_pb2_grpc.add_DataServiceServicer_to_server(data, server)  # uploads and downloads on every port
+
+    names = [full_name, data_pb2.DESCRIPTOR.services_by_name["DataService"].full_name]
     try:
-        running = build_server(config, lambda server: add(jobs, server), [full_name])
+        running = build_server(config, add_all, names)
     except EditTunerError as err:
         print(f"{name}_svc cannot start: {err}", file=sys.stderr)
         return 2

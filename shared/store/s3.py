@@ -42,7 +42,7 @@ AWS_ENDPOINT = "https://s3.amazonaws.com"
 # minio's own defaults (5 min connect timeout, 5 retries) take minutes to report a store that is down; each attempt
 # here gives up quickly and the retry policy below decides how long to keep trying.
 CONNECT_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = 300.0
+READ_TIMEOUT_S = 60.0  # between two reads of one response, not for the whole object
 RETRY_S = 120.0
 # S3 error codes that say "try again" (the others — NoSuchKey, AccessDenied, ... — are answers, not faults).
 _TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",

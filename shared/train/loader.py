@@ -47,16 +47,23 @@ class TrainItem:
         raise KeyError(wanted)
 
 
-def load_items(store: ObjectStore, run: RunConfig, settings: EncodeSettings, role: str = "train"
-               ) -> tuple[list[TrainItem], bool]:
-    """The index entries of every image dataset with ``role``; (items, null embeddings available)."""
+def load_items(store: ObjectStore, run: RunConfig, settings: EncodeSettings | None, role: str = "train",
+               index_keys: dict[str, str] | None = None) -> tuple[list[TrainItem], bool]:
+    """The index entries of every image dataset with ``role``; (items, null embeddings available).
+    ``index_keys`` (dataset id → index key), as the encoder that wrote them reported, spare computing the keys
+    here — from a host that need not have the encoder's model files."""
     items: list[TrainItem] = []
     null_ok = True
     for ds in run.data.image_datasets:
         is_eval = run.train.eval_dataset_id == ds.id
         if (role == "eval") != is_eval:
             continue
-        key = index_key(run, ds.id, settings)
+        if index_keys is not None and ds.id in index_keys:
+            key = index_keys[ds.id]
+        elif settings is not None:
+            key = index_key(run, ds.id, settings)
+        else:
+            raise FailedPrecondition(f"dataset {ds.id!r} has no cache index: encode it first")
         try:
             doc = store.get_json(key)
         except NotFound:

@@ -31,7 +31,7 @@ class RunResult:
 def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], None] | None = None,
               validate: bool | str = True, until_step: int | None = None, encode: bool = True,
               run_id: str | None = None, stop: threading.Event | None = None,
-              copy_to_output_dir: bool = True) -> RunResult:
+              copy_to_output_dir: bool = True, index_keys: dict[str, str] | None = None) -> RunResult:
     """``validate``: True renders previews here; "external" exports the LoRA at each validation step and emits a
     ``validation_ready`` event for a supervisor to hand to eval_svc; False skips validation. ``stop``: see
     ``Trainer.train``. ``copy_to_output_dir``: with the local store, copy the LoRA and previews to the config's
@@ -48,7 +48,7 @@ def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], N
             enc.release()  # the transformer needs the memory next
     validator = (external_validator(events) if validate == "external" else
                  make_validator(run, store) if validate else None)
-    trainer = Trainer(run, store, run_id=run_id, events=events, validate=validator)
+    trainer = Trainer(run, store, run_id=run_id, events=events, validate=validator, index_keys=index_keys)
     trainer.setup()
     summary = trainer.train(until_step=until_step, stop=stop)
     copy = copy_to_output_dir and isinstance(store, LocalStore) and not summary.interrupted
@@ -86,9 +86,9 @@ def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int
                                  dtype=trainer.dtype, components=("vae", "text_encoder", "tokenizer", "processor",
                                                                   "scheduler"))
             state["pipe"] = pipe
-            paired, _ = pair_datasets(run)
+            paired, _ = pair_datasets(run, store)
             state["samples"] = select_eval_samples(run, paired)
-            settings = settings_for(run, trainer.dtype)
+            settings = settings_for(run)
             keys = sorted({index_key(run, ds.config.id, settings) for ds, _ in state["samples"]})
             state["entries"] = index_entries(store, keys, state["samples"])
         pipe = state["pipe"]

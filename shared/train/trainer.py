@@ -72,7 +72,8 @@ class TrainSummary:
 class Trainer:
     def __init__(self, run: RunConfig, store: ObjectStore, *, run_id: str | None = None,
                  events: Callable[[Event], None] | None = None,
-                 validate: Callable[["Trainer", int], dict[str, Any]] | None = None):
+                 validate: Callable[["Trainer", int], dict[str, Any]] | None = None,
+                 index_keys: dict[str, str] | None = None):
         from shared.model.device import resolve_dtype
 
         self.run, self.cfg, self.store = run, run.train, store
@@ -82,6 +83,7 @@ class Trainer:
         self.dtype = resolve_dtype(self.cfg.mixed_precision, self.device)
         self.events = events or (lambda e: None)
         self.validate = validate
+        self.index_keys = index_keys  # dataset id → cache index key, from the encode job (see load_items)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.transformer: Any = None
@@ -108,8 +110,8 @@ class Trainer:
                 f"run {self.run_id!r} already has checkpoints in {self.store.describe()} (up to step-"
                 f"{committed_steps(self.store, self.prefix)[-1]}); pass resume_from_checkpoint=latest to continue it, "
                 "or use another output_dir for a new run")
-        settings = settings_for(self.run, self.dtype)
-        items, null_ok = load_items(self.store, self.run, settings)
+        settings = None if self.index_keys is not None else settings_for(self.run)
+        items, null_ok = load_items(self.store, self.run, settings, index_keys=self.index_keys)
         self.loader = TrainLoader(items, self.store, batch_size=cfg.train_batch_size, seed=cfg.seed,
                                   caption_dropout=cfg.caption_dropout_probability,
                                   random_references=cfg.conditioning_multidataset_sampling == "random",

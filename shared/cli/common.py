@@ -1,0 +1,77 @@
+"""What the CLI's commands share: the store and config from the arguments, and the progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_STORE = ".edittuner/store"
+
+
+def store_from_args(args: argparse.Namespace):
+    from shared.store.url import open_store
+
+    return open_store(args.store or os.environ.get("EDITTUNER_STORE") or DEFAULT_STORE)
+
+
+def load_from_args(args: argparse.Namespace):
+    from shared.config.loading import load_run_config
+
+    run = load_run_config(args.config, args.data, args.overrides)
+    for w in run.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return run
+
+
+class ProgressBars:
+    """One tqdm bar per phase, fed by job snapshots from Watch or by in-process training events."""
+
+    def __init__(self, quiet: bool):
+        from tqdm import tqdm
+
+        self.tqdm, self.quiet, self.bar, self.phase, self.note = tqdm, quiet, None, None, ""
+
+    def update(self, job) -> None:
+        p = job.progress
+        self.show(p.phase, p.step, p.total, p.loss, p.seconds_per_step, p.message)
+
+    def show(self, phase: str, step: int, total: int, loss: float, seconds_per_step: float, message: str) -> None:
+        """Encode and train get a bar (one at a time); other phases a line each."""
+        if self.quiet or not phase:
+            return
+        if phase not in ("encode", "train"):
+            if message != self.note:
+                self.note = message
+                self.tqdm.write(f"[{phase}] {message}")
+            return
+        if phase != self.phase:
+            self.close()
+            self.phase = phase
+            self.bar = self.tqdm(desc=phase, total=total or None, unit="step" if phase == "train" else "item")
+        self.bar.total = total or None
+        self.bar.n = step
+        if loss:
+            self.bar.set_postfix(loss=f"{loss:.4f}", s_step=f"{seconds_per_step:.2f}")
+        self.bar.refresh()
+
+    def bytes(self, label: str):
+        """A ``progress(done, total)`` callback drawing a bar in bytes (uploads, downloads)."""
+        def progress(done: int, total: int) -> None:
+            if self.quiet:
+                return
+            if self.phase != f"upload {label}":
+                self.close()
+                self.phase = f"upload {label}"
+                self.bar = self.tqdm(desc=f"upload {label}", total=total, unit="B", unit_scale=True)
+            self.bar.total = total
+            self.bar.n = done
+            self.bar.refresh()
+
+        return progress
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+            self.phase = None

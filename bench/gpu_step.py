@@ -175,7 +175,8 @@ def make_inputs(cfg: dict, case: Case, text_len: int, device: torch.device, g: t
     batch = EditBatch(latents_BChw=rand(1, 16, h, w), refs_BChw=[rand(1, 16, h, w) for _ in
                                                                 range(FLAVOURS[case.flavour])],
                       prompt_embeds_BLD=rand(1, text_len, cfg["joint_attention_dim"]).to(torch.bfloat16),
-                      prompt_mask_BL=torch.ones(1, text_len, dtype=torch.long, device=device), keys=["bench"])
+                      prompt_mask_BL=torch.ones(1, text_len, dtype=torch.long, device=device), keys=["bench"],
+                      text_all_valid=True)  # every token valid, as the loader marks such batches: no mask to SDPA
     noise = rand(1, (h // 2) * (w // 2), 64)
     return batch, noise, sample_sigmas(1, 3.0, g).to(device)
 

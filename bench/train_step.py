@@ -1,7 +1,7 @@
 """Training step speed: the trainer (store-backed loader with prefetch, checkpoints off) against a bare loop
 over the same model and tensors held in memory, and the fraction of step time spent waiting on data.
 
-    .venv/bin/python bench/train_step.py [--steps 60] [--flavour edit-v2] [--references 2] [--resolution 80]
+    .venv/bin/python bench/train_step.py [--steps 60] [--flavour edit-v2] [--references 2] [--resolution 80,256]
 
 Tiny random-weight model and generated pairs (no download); prints figures with the machine they came from.
 """
@@ -12,6 +12,7 @@ import argparse
 import os
 import platform
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,20 +28,22 @@ from shared.store.local import LocalStore
 from shared.train.trainer import Trainer
 
 
-def bare_loop(trainer: Trainer, batches: list, steps: int) -> float:
-    """The same step with nothing around it: batches already in memory, no loader, no bookkeeping."""
+def bare_step(trainer: Trainer, batch, i: int) -> None:
+    """The same step with nothing around it: a batch already in memory, no loader, no bookkeeping."""
     cfg = trainer.cfg
+    g = step_generator(cfg.seed, i + 1)
+    B, _, h, w = batch.latents_BChw.shape
+    noise = torch.randn(B, (h // 2) * (w // 2), 64, generator=g)
+    loss = flow_matching_loss(trainer.transformer, batch, noise, sample_sigmas(B, cfg.flow_schedule_shift, g))
+    loss.backward()
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def timed(fn) -> float:
     t0 = time.perf_counter()
-    for i in range(steps):
-        batch = batches[i % len(batches)]
-        g = step_generator(cfg.seed, i + 1)
-        B, _, h, w = batch.latents_BChw.shape
-        noise = torch.randn(B, (h // 2) * (w // 2), 64, generator=g)
-        loss = flow_matching_loss(trainer.transformer, batch, noise, sample_sigmas(B, cfg.flow_schedule_shift, g))
-        loss.backward()
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-    return (time.perf_counter() - t0) / steps
+    fn()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -48,16 +51,25 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--flavour", default="edit-v2")
     ap.add_argument("--references", type=int, default=2)
-    ap.add_argument("--resolution", type=int, default=80)
+    ap.add_argument("--resolution", default="80", help="one or more, comma-separated: each is measured in turn")
     ap.add_argument("--precision", default="no_change")
     ap.add_argument("--compile", action="store_true", help="compile_transformer=true (regional torch.compile)")
     args = ap.parse_args()
+    print(f"machine: {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, threads "
+          f"{torch.get_num_threads()}")
+    for resolution in (int(r) for r in str(args.resolution).split(",")):
+        measure(args, resolution)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS: {rss:.0f} MiB")
+
+
+def measure(args: argparse.Namespace, resolution: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = save_tiny_model(root / "model", args.flavour)
         data = write_dataset(root / "data", n=16, references=args.references)
-        cfg, _ = write_configs(root / "cfg", data, model, args.flavour, args.references, resolution=args.resolution,
-                               max_train_steps=args.steps + 5, checkpointing_steps=10 ** 6, lora_rank=16,
+        cfg, _ = write_configs(root / "cfg", data, model, args.flavour, args.references, resolution=resolution,
+                               max_train_steps=args.steps + 20, checkpointing_steps=10 ** 6, lora_rank=16,
                                base_model_precision=args.precision, output_dir=str(root / "out"),
                                compile_transformer=args.compile)
         run = load_run_config(cfg)
@@ -65,28 +77,28 @@ def main() -> None:
         DatasetEncoder(run, store).encode()
         trainer = Trainer(run, store)
         trainer.setup()
-        for _ in range(5):  # warm-up: first-call allocations and kernel selection
-            trainer.train_step()
-        wait0 = trainer.loader.wait_seconds
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            trainer.train_step()
-        trainer_s = (time.perf_counter() - t0) / args.steps
-        stall = (trainer.loader.wait_seconds - wait0) / (trainer_s * args.steps)
         batches = [trainer.loader.load(0, i) for i in range(min(8, len(trainer.loader.batches_of(0))))]
+        for i in range(5):  # warm-up: first-call allocations and kernel selection
+            trainer.train_step()
+            bare_step(trainer, batches[i % len(batches)], i)
+        # Interleaved rounds, medians of single steps: a shared machine's load drifts over a run, and timing one
+        # loop after the other puts that drift into the ratio.
+        trainer_t, bare_t, waits = [], [], 0.0
+        rounds, per_round = 10, max(1, args.steps // 10)
+        for r in range(rounds):
+            wait0 = trainer.loader.wait_seconds
+            trainer_t += [timed(trainer.train_step) for _ in range(per_round)]
+            waits += trainer.loader.wait_seconds - wait0
+            bare_t += [timed(lambda i=i: bare_step(trainer, batches[i % len(batches)], i))
+                       for i in range(r * per_round, (r + 1) * per_round)]
         trainer.loader.close()
-        bare_s = bare_loop(trainer, batches, args.steps)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"machine: {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, threads "
-          f"{torch.get_num_threads()}")
-    print(f"setup: tiny {args.flavour}, {args.references} reference(s), resolution {args.resolution}, batch 1, "
-          f"LoRA rank 16, precision {args.precision}, compile {args.compile}, {args.steps} timed steps after 5 "
-          "warm-up")
-    print(f"trainer step: {1000 * trainer_s:.1f} ms")
-    print(f"bare loop step: {1000 * bare_s:.1f} ms")
-    print(f"trainer / bare ratio: {trainer_s / bare_s:.2f}")
-    print(f"data wait: {100 * stall:.1f}% of trainer step time")
-    print(f"peak RSS: {rss:.0f} MiB")
+        trainer_s, bare_s = statistics.median(trainer_t), statistics.median(bare_t)
+        stall = waits / sum(trainer_t)
+    print(f"setup: tiny {args.flavour}, {args.references} reference(s), resolution {resolution}, batch 1, "
+          f"LoRA rank 16, precision {args.precision}, compile {args.compile}, {rounds * per_round} timed steps each "
+          "(10 interleaved rounds) after 5 warm-up")
+    print(f"  median trainer step: {1000 * trainer_s:.1f} ms; bare loop step: {1000 * bare_s:.1f} ms; trainer / bare "
+          f"ratio: {trainer_s / bare_s:.2f}; data wait: {100 * stall:.1f}% of trainer step time")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import grpc
 from shared.data.pairing import pair_datasets
 from shared.encode.cache import index_key, settings_for
 from shared.errors import InvalidInput
-from shared.evaluate.preview import index_entries, render_validation, select_eval_samples
+from shared.evaluate.preview import eval_set, render_validation
 from shared.model.device import resolve_device, resolve_dtype
 from shared.model.loading import load_pipeline
 from shared.rpc import eval_pb2, eval_pb2_grpc
@@ -56,12 +56,12 @@ class EvalCore:
             try:
                 self._load_lora(pipe, p["lora_key"])
                 paired, _ = pair_datasets(run, self.store)
-                samples = select_eval_samples(run, paired)
-                settings = settings_for(run)
-                keys = sorted({index_key(run, ds.config.id, settings) for ds, _ in samples})
-                entries = index_entries(self.store, [k for k in keys if self.store.exists(k)], samples)
-                result = render_validation(pipe, run, samples, step=int(p["step"]), store=self.store,
-                                           prefix=f"runs/{p['run_id']}/validation", loss_index=entries)
+                keys = p.get("index_keys") or [index_key(run, ds.id, settings_for(run))
+                                               for ds in run.data.image_datasets]
+                ev = eval_set(run, paired, self.store, keys)
+                result = render_validation(pipe, run, ev.samples, step=int(p["step"]), store=self.store,
+                                           prefix=f"runs/{p['run_id']}/validation", loss_index=ev.entries,
+                                           eval_label=ev.label)
             finally:
                 if ADAPTER in getattr(pipe.transformer, "peft_config", {}):
                     pipe.delete_adapters(ADAPTER)
@@ -100,8 +100,11 @@ class EvalServicer(JobRpcMixin, eval_pb2_grpc.EvalServiceServicer):
         if not request.lora_key.startswith(f"runs/{request.run_id}/"):
             raise InvalidInput(f"lora_key: {request.lora_key[:120]!r} is not in run {request.run_id!r}'s folder "
                                f"(runs/{request.run_id}/...): a render reads only the run's own LoRA")
+        for key in request.index_keys:
+            if not validate_key(key).startswith("cache/index/"):
+                raise InvalidInput(f"index_keys: {key[:120]!r} is not a cache index (cache/index/...)")
         params = files_to_params(files) | {"run_id": request.run_id, "step": request.step,
-                                           "lora_key": request.lora_key}
+                                           "lora_key": request.lora_key, "index_keys": list(request.index_keys)}
         job = self.jobs.submit("render", params, request.request_id)
         return eval_pb2.SubmitRenderResponse(job=job_to_proto(job))
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from shared.config.loading import load_run_config
-from shared.data.geometry import bucket_for_area, bucket_for_short_side, cover_crop, packed_size
+from shared.data.geometry import bucket_for_area, bucket_for_short_side, cover_crop, pipeline_size
 from shared.data.pairing import load_sample_images, pair_datasets
 from shared.data.synthetic import write_configs, write_dataset
 from shared.errors import DatasetError
@@ -181,34 +181,57 @@ def test_cover_crop_is_centred_and_covers():
     assert img.size == (1024, 576)
 
 
-def _placements(tmp_path, flavour, conditioning_type, *overrides, ref_size=(96, 64)):
+def _placements(tmp_path, flavour, conditioning_type, *overrides, ref_size=(96, 64), target_size=None):
     def edit(entries):
         entries[1]["conditioning_type"] = conditioning_type
     root, run = make_run(tmp_path, flavour=flavour, refs=1, n=2, data_edit=edit)
     Image.new("RGB", ref_size, "blue").save(root / "reference_a" / "0000.png")
-    [ds], _ = pair_datasets(run(*overrides))
+    if target_size:
+        Image.new("RGB", target_size, "red").save(root / "images" / "0000.png")
+    # the pipelines' 1 MP (the generated configs use the target's area, to keep other tests small)
+    [ds], _ = pair_datasets(run("model_kwargs.reference_area=1048576", *overrides))
     return ds, ds.samples[0]
 
 
-def test_reference_strict_takes_the_target_bucket_and_crop(tmp_path):
-    ds, s = _placements(tmp_path, "edit-v1", "reference_strict")
-    r = s.references[0].placement
-    assert (r.resize, r.crop, r.size, r.final) == (s.placement.resize, s.placement.crop, s.placement.size,
-                                                   s.placement.size)
+def test_reference_strict_is_cropped_like_its_target_then_sized_to_a_megapixel(tmp_path):
+    # a 200x64 target's bucket (128x32) crops its height; its reference (twice the size) loses the same fraction
+    ds, s = _placements(tmp_path, "edit-v1", "reference_strict", ref_size=(400, 128), target_size=(200, 64))
+    t, r = s.placement, s.references[0].placement
+    assert t.size == (128, 32) and t.crop[1] > 0
+    assert r.crop[0] == 0 and abs(r.crop[1] / 128 - t.crop[1] / t.resize[1]) < 0.01  # same fraction cut
+    assert abs(r.size[0] / r.size[1] - 128 / 32) < 0.05 and r.crop[1] + r.size[1] <= 128
+    assert r.final == pipeline_size(1024 * 1024, r.size[0] / r.size[1])  # ~1 MP at the crop's own aspect
     target, [ref] = load_sample_images(ds, s, 10 ** 8)
-    assert target.size == ref.size == s.bucket
+    assert target.size == (128, 32) and ref.size == r.final
 
 
-def test_reference_loose_takes_its_own_bucket(tmp_path):
+def test_reference_loose_is_the_whole_image_at_its_own_aspect(tmp_path):
     ds, s = _placements(tmp_path, "edit-v1", "reference_loose")
-    assert s.bucket == (64, 64) and s.references[0].placement.size == (96, 64)
+    r = s.references[0].placement
+    assert s.bucket == (64, 64) and (r.crop, r.size) == ((0, 0), (96, 64))
+    assert r.final == pipeline_size(1024 * 1024, 96 / 64) == (1248, 832)
 
 
-def test_edit_v2_packs_references_to_one_megapixel_by_default(tmp_path):
+def test_edit_v2_references_at_one_megapixel_of_their_aspect_by_default(tmp_path):
     ds, s = _placements(tmp_path, "edit-v2", "reference_loose", "model_kwargs.match_target_res=false")
-    assert s.references[0].placement.final == packed_size(96 / 64, 1024 * 1024) == (1248, 832)
+    assert s.references[0].placement.final == (1248, 832)
     ds, s = _placements(tmp_path / "b", "edit-v2", "reference_strict", "model_kwargs.match_target_res=false")
-    assert s.references[0].placement.size == s.bucket and s.references[0].placement.final == (1024, 1024)
+    # its 64x64 target is not cropped, so neither is it: its own aspect, not stretched to the target's
+    assert s.references[0].placement.size == (96, 64) and s.references[0].placement.final == (1248, 832)
+    ds, s = _placements(tmp_path / "c", "edit-v2", "reference_loose", "model_kwargs.match_target_res=false",
+                        "model_kwargs.reference_area=262144")  # a smaller area for small GPUs
+    assert s.references[0].placement.final == pipeline_size(512 * 512, 1.5) == (640, 416)
+
+
+def test_a_strict_reference_of_another_aspect_is_named_in_a_warning(tmp_path):
+    def edit(entries):
+        entries[1]["conditioning_type"] = "reference_strict"
+    root, run = make_run(tmp_path, flavour="edit-v2", refs=1, n=2, data_edit=edit)
+    Image.new("RGB", (96, 64), "blue").save(root / "reference_a" / "0000.png")  # its target is 64x64
+    [ds], warnings = pair_datasets(run("model_kwargs.match_target_res=false", "model_kwargs.reference_area=1048576"))
+    [w] = [w for w in warnings if "reference_strict" in w]
+    assert "0000.png 64x64 / 0000.png 96x64" in w and "1 reference_strict pair" in w and "0001" not in w
+    assert ds.samples[0].references[0].placement.final == (1248, 832)  # kept at 3:2, not stretched to 1:1
 
 
 def test_match_target_res_gives_references_the_target_resolution(tmp_path):

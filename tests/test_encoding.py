@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from shared.config.loading import load_run_config
-from shared.data.pairing import load_sample_images, pair_datasets
+from shared.data.pairing import load_sample, load_sample_images, pair_datasets
 from shared.data.synthetic import write_configs, write_dataset
 from shared.encode.encoder import DatasetEncoder
 from shared.encode.ops import resize_reference
@@ -141,8 +141,8 @@ def test_edit_v1_embeds_go_to_the_conditioning_image_embeds_cache(tmp_path, tiny
                     "cache/conditioning_image_embeds/demo/manifest.json"]
     [ds], _ = pair_datasets(run)
     s = ds.samples[0]
-    _, [ref] = load_sample_images(ds, s, 10 ** 8)
-    pe, _ = pipe.encode_prompt(prompt=[s.caption], image=resize_reference(pipe.image_processor, ref, 64 * 64),
+    _, _, [region] = load_sample(ds, s, 10 ** 8)  # the reference as a user would hand it to the pipeline
+    pe, _ = pipe.encode_prompt(prompt=[s.caption], image=resize_reference(pipe.image_processor, region, 64 * 64),
                                device="cpu")
     text, _ = store.get_tensors(keys[0])
     torch.testing.assert_close(text["prompt_embeds"], pe[0], atol=1e-5, rtol=1e-5)

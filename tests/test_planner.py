@@ -32,11 +32,12 @@ def seed_run(*overrides: str):
     return load_run_config_text(SEED_CONFIG, SEED_DATA_V2, ["model_flavour=edit-v2", *overrides])
 
 
-def run_with_refs(n: int, flavour: str = "edit-v2", res: int = 1024):
+def run_with_refs(n: int, flavour: str = "edit-v2", res: int = 1024, **model_kwargs):
     ids = [f"ref{i}" for i in range(n)]
     data = [{"id": "img", "instance_data_dir": "/d/img", "resolution": res, "conditioning_data": ids}] + [
         {"id": i, "dataset_type": "conditioning", "instance_data_dir": f"/d/{i}", "resolution": res} for i in ids]
-    return load_run_config_text(json.dumps({"model_flavour": flavour}), json.dumps(data))
+    return load_run_config_text(json.dumps({"model_flavour": flavour, "model_kwargs": model_kwargs}),
+                                json.dumps(data))
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +111,10 @@ def test_more_references_more_tokens_and_v1_sees_references_at_1mp():
     assert one.total < two.total < three.total
     assert (three.target, three.per_reference, three.references) == (4096, 4096, 3)
     assert three.text == 64 + 3 * round(384 * 384 / 784)
-    v1 = training_tokens(run_with_refs(1, "edit-v1", 512))
-    assert (v1.target, v1.per_reference, v1.text) == (1024, 1024, 64 + round(1024 * 1024 / 784))
+    v1 = training_tokens(run_with_refs(1, "edit-v1", 512))  # the reference at 1 MP, as the pipeline gives it
+    assert (v1.target, v1.per_reference, v1.text) == (1024, 4096, 64 + round(1024 * 1024 / 784))
+    small = training_tokens(run_with_refs(1, "edit-v1", 512, reference_area=512 * 512))
+    assert (small.target, small.per_reference) == (1024, 1024)
 
 
 def test_checkpointing_lowers_activations_and_adds_a_forward():

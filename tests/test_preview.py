@@ -19,8 +19,9 @@ from shared.config.loading import load_run_config
 from shared.data.pairing import load_sample_images, pair_datasets
 from shared.data.synthetic import write_configs, write_dataset
 from shared.encode.encoder import DatasetEncoder
-from shared.evaluate.preview import (LABEL_HEIGHT, adapters_disabled, heldout_loss, index_entries, render_validation,
-                                     select_eval_samples)
+from shared.data.geometry import cover_crop
+from shared.evaluate.preview import (LABEL_HEIGHT, adapters_disabled, eval_set, heldout_loss, index_entries,
+                                     output_size, render_validation, select_eval_samples)
 from shared.model.loading import load_pipeline
 from shared.store.local import LocalStore
 
@@ -60,8 +61,9 @@ def _add_eval_dataset(data_json: Path, root: Path) -> None:
 class Setup:
     def __init__(self, tmp: Path, tiny_models: Any, flavour: str, refs: int, eval_set: bool):
         data = write_dataset(tmp / "data", n=4, references=refs)
+        # 80x80: an area whose 3:2 size rounds to 96x64 (at 64x64 both aspects would round to a square)
         self.cfg, data_json = write_configs(tmp / "cfg", data, tiny_models(flavour), flavour, refs,
-                                            num_eval_images=2)
+                                            num_eval_images=2, validation_resolution="80x80")
         if eval_set:
             _add_eval_dataset(data_json, write_dataset(tmp / "eval", n=3, references=refs, seed=5))
         self.overrides = ["eval_dataset_id=eval-images"] if eval_set else []
@@ -81,10 +83,9 @@ def v2(tmp_path_factory, tiny_models) -> Setup:
 
 @pytest.fixture(scope="module")
 def v2_result(v2):
-    samples = select_eval_samples(v2.run, v2.paired)
-    entries = index_entries(v2.store, v2.index_keys, samples)
-    return samples, entries, render_validation(v2.pipe, v2.run, samples, step=10, store=v2.store, prefix=PREFIX,
-                                               loss_index=entries)
+    ev = eval_set(v2.run, v2.paired, v2.store, v2.index_keys)
+    return ev.samples, ev.entries, render_validation(v2.pipe, v2.run, ev.samples, step=10, store=v2.store,
+                                                     prefix=PREFIX, loss_index=ev.entries, eval_label=ev.label)
 
 
 def test_eval_dataset_id_picks_the_eval_datasets_first_samples(v2, v2_result):
@@ -101,19 +102,23 @@ def test_without_eval_dataset_the_first_training_samples(v2):
         ("demo-images", "0000"), ("demo-images", "0001"), ("demo-images", "0002")]
 
 
-def test_grids_are_pngs_of_references_base_lora_target(v2, v2_result):
+def test_grids_are_pngs_of_references_base_lora_target_at_each_samples_aspect(v2, v2_result):
     samples, _, result = v2_result
-    W, H = v2.run.train.validation_size
     assert result.keys == [f"{PREFIX}/step-10/0000.png", f"{PREFIX}/step-10/0001.png",
                            f"{PREFIX}/step-10/metrics.json"]
+    sizes = set()
     for (ds, sample), preview in zip(samples, result.samples):
+        W, H = output_size(v2.run.train.validation_size, sample.bucket)
+        assert W / H == pytest.approx(sample.bucket[0] / sample.bucket[1], rel=0.05)  # not square when it is not
+        sizes.add((W, H))
         grid = Image.open(io.BytesIO(v2.store.get_bytes(preview.grid_key)))
-        assert grid.format == "PNG" and grid.size == ((2 + 3) * W, H + LABEL_HEIGHT)
+        assert grid.format == "PNG" and grid.size == ((2 + 3) * W, H + 2 * LABEL_HEIGHT)  # title strip + labels
         # the LoRA cell (4th) holds exactly the rendered LoRA image: outputs are already at the cell size
-        lora_cell = grid.convert("RGB").crop((3 * W, LABEL_HEIGHT, 4 * W, LABEL_HEIGHT + H))
+        lora_cell = grid.convert("RGB").crop((3 * W, 2 * LABEL_HEIGHT, 4 * W, 2 * LABEL_HEIGHT + H))
         assert np.array_equal(np.asarray(lora_cell), np.asarray(preview.lora))
-        assert preview.lora.size == preview.base.size == (W, H)
+        assert preview.lora.size == preview.base.size == preview.target.size == (W, H)
         assert not np.array_equal(np.asarray(preview.lora), np.asarray(preview.base))
+    assert len(sizes) == 2  # the eval samples have two different aspects, and so do their previews
 
 
 def test_metrics_json_psnrs_match_an_independent_computation(v2, v2_result):
@@ -122,10 +127,12 @@ def test_metrics_json_psnrs_match_an_independent_computation(v2, v2_result):
     metrics = v2.store.get_json(result.metrics_key)
     assert metrics["step"] == 10 and metrics["seconds"] > 0
     assert metrics["settings"] == {"width": W, "height": H, "steps": 2, "guidance": 4.0, "negative_prompt": " ",
-                                   "seed": 42, "vl_reference_area": 64 * 64}
+                                   "seed": 42, "vl_reference_area": 64 * 64, "eval_samples": "eval dataset"}
     for (ds, sample), preview, m in zip(samples, result.samples, metrics["samples"]):
         target, _ = load_sample_images(ds, sample, 10 ** 8)
-        target_v = target.resize((W, H), Image.Resampling.LANCZOS)
+        size = output_size((W, H), target.size)
+        target_v = target if target.size == size else cover_crop(target.size, size).apply(target)  # no stretch
+        assert (m["width"], m["height"]) == size
         assert m["key"] == sample.key and m["dataset"] == "eval-images"
         assert m["psnr_lora"] == pytest.approx(independent_psnr(preview.lora, target_v), abs=1e-9)
         assert m["psnr_base"] == pytest.approx(independent_psnr(preview.base, target_v), abs=1e-9)
@@ -183,10 +190,10 @@ def test_edit_v1_with_a_lora_loaded_from_an_exported_file(tmp_path, tiny_models)
     grads = {n: p.requires_grad for n, p in s.pipe.transformer.named_parameters()}
     result = render_validation(s.pipe, s.run, samples, step=0, store=s.store, prefix="runs/v1/validation",
                                loss_index=entries)
-    W, H = s.run.train.validation_size
-    for p in result.samples:
+    for (_, sample), p in zip(samples, result.samples):
+        W, H = output_size(s.run.train.validation_size, sample.bucket)
         grid = Image.open(io.BytesIO(s.store.get_bytes(p.grid_key)))
-        assert grid.size == ((1 + 3) * W, H + LABEL_HEIGHT)
+        assert grid.size == ((1 + 3) * W, H + 2 * LABEL_HEIGHT)
         assert not np.array_equal(np.asarray(p.lora), np.asarray(p.base))
     assert math.isfinite(result.heldout.mean)
     # toggling adapters (peft's set_adapter makes LoRA weights trainable) left every requires_grad as it was

@@ -76,7 +76,7 @@ class TrainerCore:
 
         def on_event(e: dict[str, Any]) -> None:
             if e.get("phase") == "validation_ready":
-                self._submit_render(job, e, validations, missed)
+                self._submit_render(job, e, validations, missed, index)
                 ctx.set_output("validations", ",".join(validations))
                 if missed:
                     ctx.set_output("missed_validations", "; ".join(missed))
@@ -161,7 +161,8 @@ class TrainerCore:
             log.warning("encoder_svc did not release its models: %s", e)
         return [k for k in enc_job.outputs.get("index", "").split(",") if k.startswith("cache/index/")]
 
-    def _submit_render(self, job: JobRecord, e: dict[str, Any], validations: list[str], missed: list[str]) -> None:
+    def _submit_render(self, job: JobRecord, e: dict[str, Any], validations: list[str], missed: list[str],
+                       index: list[str]) -> None:
         """Hand a validation to eval_svc without waiting; a failure is recorded, never fatal."""
         step = int(e["step"])
         files = self._files(job)
@@ -170,7 +171,7 @@ class TrainerCore:
                 raise Unavailable("no eval_svc address (EDITTUNER_EVAL_ADDR)")
             r = self.peers.eval.SubmitRender(eval_pb2.SubmitRenderRequest(
                 request_id=f"{job.job_id}-render-{step}", files=files, run_id=e["run_id"], step=step,
-                lora_key=e["lora_key"]), timeout=RPC_TIMEOUT_S)
+                lora_key=e["lora_key"], index_keys=index), timeout=RPC_TIMEOUT_S)
             validations.append(f"{step}:{r.job.job_id}")
         except (grpc.RpcError, Unavailable) as err:
             reason = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.RpcError) else str(err)

@@ -131,7 +131,9 @@ class TrainConfig:
     skip_fit_check: bool = field(False, doc="start even when the planner (edittuner plan) predicts the trainer will "
                                             "not fit the GPU's memory")
     # flow matching
-    flow_schedule_shift: float = field(3.0, check=positive)
+    flow_schedule_shift: float = field(3.0, check=positive, doc="static sigma shift s' = shift*s / (1 + (shift-1)*s)")
+    flow_schedule_auto_shift: bool = field(False, doc="shift each batch's sigmas by its image sequence length, as "
+                                                      "the Qwen scheduler shifts inference (replaces the static shift)")
     caption_dropout_probability: float = field(0.0, check=probability)
     conditioning_multidataset_sampling: Literal["combined", "random"] = field("combined")
     model_kwargs: ModelKwargs = field(ModelKwargs())
@@ -143,6 +145,8 @@ class TrainConfig:
     lora_format: Literal["diffusers", "comfyui", "both"] = field("diffusers")
     use_ema: bool = field(False)
     ema_decay: float = field(0.995, check=probability)
+    ema_device: Literal["cpu", "accelerator"] = field("cpu", doc="where the EMA lives: cpu (no GPU memory, one "
+                                                                 "batched copy a step) or the training device")
     # checkpoints
     checkpointing_steps: int = field(500, check=positive)
     checkpoints_total_limit: Optional[int] = field(None, check=positive)
@@ -158,6 +162,10 @@ class TrainConfig:
     validation_seed: Optional[int] = field(None)
     eval_dataset_id: Optional[str] = field(None)
     num_eval_images: int = field(4, check=positive)
+    holdout_eval_images: bool = field(True, doc="without eval_dataset_id: keep the num_eval_images preview samples "
+                                                "out of training, so previews and held-out loss are honest (not on "
+                                                "datasets under twice that size: there the metrics say 'training "
+                                                "samples')")
     vae_batch_size: int = field(4, check=positive, doc="images per VAE encode batch (same size only); lower it "
                                                        "when the encoder runs out of memory")
     # dataset hygiene

@@ -42,12 +42,17 @@ class Placement:
     final: tuple[int, int]
 
     def apply(self, image: Image.Image) -> Image.Image:
-        img = image if image.size == self.resize else image.resize(self.resize, Image.Resampling.LANCZOS)
-        left, top = self.crop
-        img = img.crop((left, top, left + self.size[0], top + self.size[1]))
+        img = self.region(image)
         if self.final != self.size:
             img = img.resize(self.final, Image.Resampling.LANCZOS)
         return img
+
+    def region(self, image: Image.Image) -> Image.Image:
+        """The resized, cropped image before the final resize: the reference as a user would pass it to the
+        pipeline, which sizes it for the VL encoder from its own aspect."""
+        img = image if image.size == self.resize else image.resize(self.resize, Image.Resampling.LANCZOS)
+        left, top = self.crop
+        return img.crop((left, top, left + self.size[0], top + self.size[1]))
 
     def to_json(self) -> dict[str, list[int]]:
         return {k: list(getattr(self, k)) for k in ("source", "resize", "crop", "size", "final")}
@@ -62,15 +67,47 @@ def cover_crop(source: tuple[int, int], bucket: tuple[int, int]) -> Placement:
     return Placement(source, (rw, rh), ((rw - bw) // 2, (rh - bh) // 2), bucket, bucket)
 
 
-def packed_size(aspect: float, area: int) -> tuple[int, int]:
-    """The ~``area``-pixel size at an aspect ratio, as the Qwen edit pipelines size references (multiples of 32)."""
-    w = math.sqrt(area * aspect)
-    h = w / aspect
-    return _round_to(w), _round_to(h)
+def pipeline_size(area: int, aspect: float) -> tuple[int, int]:
+    """(w, h) of about ``area`` pixels at ``aspect``, multiples of 32: diffusers' ``calculate_dimensions``, the rule
+    both edit pipelines size references with (the VAE at 1 MP, the Plus pipeline's VL encoder at 384²) and the
+    output by default. Taken from diffusers itself so that training and inference cannot drift apart."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+
+    w, h = calculate_dimensions(area, aspect)
+    return max(MULTIPLE, int(w)), max(MULTIPLE, int(h))
+
+
+def whole_image(source: tuple[int, int], final: tuple[int, int]) -> Placement:
+    """The whole image resized to ``final`` (no crop), as the pipelines resize a reference."""
+    return Placement(source, source, (0, 0), source, final)
 
 
 def strict_reference(target: Placement, ref_source: tuple[int, int], final: tuple[int, int] | None = None
                      ) -> Placement:
-    """reference_strict: the reference takes exactly its target's resize and crop (a reference of another size
-    is first stretched to the target's resize), optionally packed to ``final`` afterwards."""
+    """reference_strict at the target's size (``match_target_res``): the reference takes exactly its target's
+    resize and crop (a reference of another size is first stretched to the target's resize)."""
     return Placement(ref_source, target.resize, target.crop, target.size, final or target.size)
+
+
+def strict_crop(target: Placement, ref_source: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The box (left, top, width, height) of the reference, in its own pixels, that shows what the target's crop
+    shows: the same fraction of the image on each side. Equal aspects give the same region without any stretch."""
+    rw, rh = target.resize
+    left, top = target.crop
+    bw, bh = target.size
+    W, H = ref_source
+    x0, y0 = round(left / rw * W), round(top / rh * H)
+    x1, y1 = round((left + bw) / rw * W), round((top + bh) / rh * H)
+    return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
+
+
+def strict_reference_at_area(target: Placement, ref_source: tuple[int, int], area: int) -> Placement:
+    """reference_strict at the pipelines' reference size: cropped like its target (``strict_crop``), then sized to
+    ~``area`` pixels at the crop's own aspect."""
+    x, y, w, h = strict_crop(target, ref_source)
+    return Placement(ref_source, ref_source, (x, y), (w, h), pipeline_size(area, w / h))
+
+
+def aspect_mismatch(a: tuple[int, int], b: tuple[int, int]) -> float:
+    """How far two sizes' aspect ratios are apart, as a fraction (0.1 = 10%)."""
+    return abs(math.log((a[0] / a[1]) / (b[0] / b[1])))

@@ -17,8 +17,8 @@ from typing import Any, Iterable
 from PIL import Image
 
 from shared.config.schema import DataConfig, DatasetConfig, RunConfig, TrainConfig
-from shared.data.geometry import (Placement, bucket_for_area, bucket_for_short_side, cover_crop, packed_size,
-                                  strict_reference)
+from shared.data.geometry import (Placement, aspect_mismatch, bucket_for_area, bucket_for_short_side, cover_crop,
+                                  pipeline_size, strict_reference, strict_reference_at_area, whole_image)
 from shared.data.sources import IMAGE_EXTENSIONS, ImageSource, open_image, open_source
 from shared.errors import DatasetError, InvalidInput, Problem
 
@@ -137,20 +137,23 @@ def target_placement(ds: DatasetConfig, size: tuple[int, int]) -> Placement:
 
 def reference_placement(train: TrainConfig, ref_ds: DatasetConfig, target: Placement,
                         ref_size: tuple[int, int]) -> Placement:
-    """Where a reference goes. edit-v1, or match_target_res: strict → the target's bucket and crop; loose → its
-    own bucket (at the target's area with match_target_res). edit-v2/v3 default: packed to ~reference_area
-    pixels (1 MP), strict keeping the target's crop, loose at the reference's own aspect like the pipelines."""
-    tw, th = target.size
-    packed = train.model_flavour != "edit-v1" and not train.model_kwargs.match_target_res
+    """Where a reference goes: as the flavour's pipeline sizes it at inference, so the adapter trains on what it
+    will see. Every flavour: ~``reference_area`` pixels (1 MP, the pipelines' VAE size) at the reference's own
+    aspect — the whole image (``reference_loose``), or cropped like its target first (``reference_strict``: the
+    same fraction of the image, so a pixel-aligned pair stays aligned). edit-v2/v3 with ``match_target_res``:
+    the target's size instead (strict: its bucket and crop; loose: its area at the reference's aspect)."""
     area = train.model_kwargs.reference_area
-    if ref_ds.conditioning_type == "reference_strict":
-        return strict_reference(target, ref_size, packed_size(tw / th, area) if packed else None)
-    if packed:
-        size = packed_size(ref_size[0] / ref_size[1], area)
-        return Placement(ref_size, size, (0, 0), size, size)
-    if train.model_flavour != "edit-v1":  # match_target_res, loose: the target's area at the reference's aspect
+    if train.model_flavour != "edit-v1" and train.model_kwargs.match_target_res:
+        if ref_ds.conditioning_type == "reference_strict":
+            return strict_reference(target, ref_size)
+        tw, th = target.size
         return cover_crop(ref_size, bucket_for_area(*ref_size, tw * th))
-    return target_placement(ref_ds, ref_size)
+    if ref_ds.conditioning_type == "reference_strict":
+        return strict_reference_at_area(target, ref_size, area)
+    return whole_image(ref_size, pipeline_size(area, ref_size[0] / ref_size[1]))
+
+
+ASPECT_TOLERANCE = 0.02  # reference_strict pairs further apart than this (2%) are named in a warning
 
 
 # --------------------------------------------------------------------------------------------------- pairing
@@ -219,6 +222,7 @@ def _pair_one(run: RunConfig, ds: DatasetConfig, scans: dict[str, _Scan], source
                                                   "bad_image_policy to 'skip' to train without them"))
     samples = []
     missing_captions = []
+    unaligned: dict[str, list[str]] = {}
     for key, rec in sorted(main.records.items()):
         if key in bad or any(key not in scans[r.id].records for r in refs):
             continue
@@ -230,7 +234,17 @@ def _pair_one(run: RunConfig, ds: DatasetConfig, scans: dict[str, _Scan], source
         references = tuple(Reference(r.id, scans[r.id].records[key],
                                      reference_placement(train, r, tp, scans[r.id].records[key].size))
                            for r in refs)
+        for r in refs:
+            ref_rec = scans[r.id].records[key]
+            if r.conditioning_type == "reference_strict" and aspect_mismatch(rec.size, ref_rec.size) > ASPECT_TOLERANCE:
+                unaligned.setdefault(r.id, []).append(f"{rec.relpath} {rec.size[0]}x{rec.size[1]} / "
+                                                      f"{ref_rec.relpath} {ref_rec.size[0]}x{ref_rec.size[1]}")
         samples.append(Sample(ds.id, key, rec, caption, tp, references))
+    for rid, pairs in unaligned.items():
+        warnings.append(f"{_where(data, data.get(rid))}: {len(pairs)} reference_strict pair(s) whose aspect ratios "
+                        f"differ by more than {ASPECT_TOLERANCE:.0%} from their target's: {_names(pairs)}. Each "
+                        "reference is cropped like its target and kept at its own aspect (not stretched); if these "
+                        "references are not pixel-aligned with their targets, use reference_loose")
     if missing_captions:
         problems.append(Problem(_where(data, ds), f"caption_strategy 'textfile' but no .txt caption beside "
                                                   f"{len(missing_captions)} image(s): {_names(missing_captions)}; "
@@ -243,10 +257,19 @@ def _pair_one(run: RunConfig, ds: DatasetConfig, scans: dict[str, _Scan], source
 
 def load_sample_images(ds: PairedDataset, sample: Sample, max_pixels: int) -> tuple[Image.Image, list[Image.Image]]:
     """Decode a sample's target and references and apply their placements (the exact pixels to encode)."""
-    def one(rec: ImageRecord, placement: Placement) -> Image.Image:
-        src = ds.sources[rec.dataset_id]
-        img = open_image(src.read(rec.relpath), f"{src.label}/{rec.relpath}", max_pixels)
-        return placement.apply(img)
+    target, refs, _ = load_sample(ds, sample, max_pixels)
+    return target, refs
 
-    target = one(sample.target, sample.placement)
-    return target, [one(r.image, r.placement) for r in sample.references]
+
+def load_sample(ds: PairedDataset, sample: Sample, max_pixels: int
+                ) -> tuple[Image.Image, list[Image.Image], list[Image.Image]]:
+    """(target, references at their VAE size, references before that final resize): the last are what a user
+    would pass the pipeline, which sizes them for the VL encoder from their own aspect."""
+    def decode(rec: ImageRecord) -> Image.Image:
+        src = ds.sources[rec.dataset_id]
+        return open_image(src.read(rec.relpath), f"{src.label}/{rec.relpath}", max_pixels)
+
+    target = sample.placement.apply(decode(sample.target))
+    images = [decode(r.image) for r in sample.references]
+    return (target, [r.placement.apply(img) for r, img in zip(sample.references, images)],
+            [r.placement.region(img) for r, img in zip(sample.references, images)])

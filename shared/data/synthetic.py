@@ -98,7 +98,10 @@ def write_configs(out: str | Path, data_root: str | Path, model_dir: str | Path,
               "pretrained_model_name_or_path": str(model_dir), "train_batch_size": 1,
               "mixed_precision": "no", "base_model_precision": "no_change", "device": "cpu",
               "validation_resolution": "64x64", "validation_num_inference_steps": 2,
-              "model_kwargs": {"match_target_res": True, "vl_reference_area": 64 * 64},
+              # references at the targets' size (edit-v2/v3) or area (edit-v1): tiny on a CPU, unlike the 1 MP
+              # the pipelines give them
+              "model_kwargs": {"match_target_res": True, "reference_area": resolution * resolution,
+                               "vl_reference_area": 64 * 64},
               "data_backend_config": str(data_path), **train_overrides}
     config_path = out / "config.json"
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

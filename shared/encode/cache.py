@@ -214,3 +214,23 @@ def write_index(store: ObjectStore, run: RunConfig, ds: PairedDataset, items: li
                          "null_embeds": settings.with_null, "random_references": settings.random_refs,
                          "repeats": ds.config.repeats, "samples": samples})
     return key
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+EVAL_DATASET, HELD_OUT, TRAINING_SAMPLES = "eval dataset", "held out of training", "training samples"
+
+
+def holdout(run: RunConfig, train_keys: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], str]:
+    """Which cached training samples (``train_keys``: (dataset, key) in dataset then key order) are kept out of
+    training for evaluation, and how previews must label theirs. The one rule the loader and the previews share.
+
+    With ``eval_dataset_id`` nothing is held out (the eval dataset is). Otherwise the first ``num_eval_images``,
+    unless ``holdout_eval_images`` is off or the datasets hold fewer than twice as many samples: then previews
+    show training samples and say so."""
+    t = run.train
+    if t.eval_dataset_id is not None:
+        return [], EVAL_DATASET
+    n = t.num_eval_images
+    if not t.holdout_eval_images or len(train_keys) < 2 * n:
+        return [], TRAINING_SAMPLES
+    return train_keys[:n], HELD_OUT

@@ -141,12 +141,14 @@ class DatasetEncoder:
     def _placement(self, it: Item):
         return it.sample.placement if it.ref_index is None else it.sample.references[it.ref_index].placement
 
-    def _image(self, it: Item, ref_index: int | None):
+    def _image(self, it: Item, ref_index: int | None, region: bool = False):
+        """The placed pixels; ``region``: a reference before its final resize, what the VL encoder is sized from
+        (the pipelines size it from the image the user passes, at that image's aspect)."""
         rec = it.sample.target if ref_index is None else it.sample.references[ref_index].image
         place = it.sample.placement if ref_index is None else it.sample.references[ref_index].placement
         src = it.dataset.sources[rec.dataset_id]
         img = open_image(src.read(rec.relpath), f"{src.label}/{rec.relpath}", self.run.train.max_image_pixels)
-        return place.apply(img)
+        return place.region(img) if region else place.apply(img)
 
     def _encode_vae(self, batch: list[Item]) -> list[tuple[dict, dict]]:
         from shared.encode.ops import encode_vae_latents
@@ -163,7 +165,7 @@ class DatasetEncoder:
 
         [it] = batch
         idx = range(len(it.sample.references)) if it.ref_index is None else [it.ref_index]
-        refs = [[self._image(it, i) for i in idx]]
+        refs = [[self._image(it, i, region=True) for i in idx]]
         vl_area = self.run.train.model_kwargs.vl_reference_area
         flavour = self.run.train.model_flavour
         embeds, mask = encode_prompt(self.pipe, flavour, [it.sample.caption], refs, vl_area)

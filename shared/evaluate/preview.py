@@ -29,7 +29,9 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from shared.config.schema import RunConfig
-from shared.data.pairing import PairedDataset, Sample, load_sample_images
+from shared.data.geometry import cover_crop, pipeline_size
+from shared.data.pairing import PairedDataset, Sample, load_sample
+from shared.encode.cache import holdout
 from shared.evaluate.sampling import decode, denoise, encode_conditioning
 from shared.model.flow import EditBatch, flow_matching_loss
 from shared.store.base import ObjectStore
@@ -42,17 +44,40 @@ _LABEL_COLOUR = (235, 235, 235)
 
 
 # ----------------------------------------------------------------------------------------- eval samples
-def select_eval_samples(run: RunConfig, paired: Sequence[PairedDataset]) -> list[tuple[PairedDataset, Sample]]:
-    """The samples previews are rendered for: the first ``num_eval_images`` of ``eval_dataset_id`` when the
-    config names one (held out from training), else the first ``num_eval_images`` of the training datasets in
-    file order, so that the same samples are shown at every step."""
+def select_eval_samples(run: RunConfig, paired: Sequence[PairedDataset],
+                        cached: set[tuple[str, str]] | None = None) -> list[tuple[PairedDataset, Sample]]:
+    """The samples previews are rendered for, the same at every step: the first ``num_eval_images`` of
+    ``eval_dataset_id`` when the config names one; else the samples ``shared.encode.cache.holdout`` keeps out of
+    training, or (on a tiny dataset, or with ``holdout_eval_images`` off) the first training samples. ``cached``:
+    the (dataset, key) pairs the cache index holds — the loader decides on those, so must this."""
     n = run.train.num_eval_images
     eval_id = run.train.eval_dataset_id
+    pool = [ds for ds in paired if (ds.config.id == eval_id if eval_id is not None else ds.role == "train")]
+    candidates = [(ds, s) for ds in pool for s in ds.samples if cached is None or (ds.config.id, s.key) in cached]
     if eval_id is not None:
-        pool = [ds for ds in paired if ds.config.id == eval_id]
-    else:
-        pool = [ds for ds in paired if ds.role == "train"]
-    return [(ds, s) for ds in pool for s in ds.samples][:n]
+        return candidates[:n]
+    held, _ = holdout(run, [(ds.config.id, s.key) for ds, s in candidates])
+    return [c for c in candidates if (c[0].config.id, c[1].key) in held] if held else candidates[:n]
+
+
+@dataclass
+class EvalSet:
+    samples: list[tuple[PairedDataset, Sample]]
+    entries: list[dict[str, Any]]  # their training-index entries: the held-out loss is scored on them
+    label: str  # "eval dataset", "held out of training" or "training samples": what the metrics are on
+
+
+def eval_set(run: RunConfig, paired: Sequence[PairedDataset], store: ObjectStore, index_keys: Sequence[str]
+             ) -> EvalSet:
+    """The evaluation samples and their index entries, from the cache indexes ``index_keys`` (missing ones are
+    skipped: that dataset has nothing cached to score)."""
+    docs = [store.get_json(k) for k in index_keys if store.exists(k)]
+    cached = {(doc["dataset"], e["key"]) for doc in docs for e in doc["samples"]}
+    samples = select_eval_samples(run, paired, cached)
+    train_keys = [(ds.config.id, s.key) for ds in paired if ds.role == "train" for s in ds.samples
+                  if (ds.config.id, s.key) in cached]
+    _, label = holdout(run, train_keys)
+    return EvalSet(samples, index_entries(store, [k for k in index_keys if store.exists(k)], samples), label)
 
 
 def index_entries(store: ObjectStore, index_keys: Sequence[str],
@@ -125,20 +150,25 @@ def psnr(image: Image.Image, reference: Image.Image) -> float:
 
 
 def target_at(target: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """The target at the validation size, what an output is scored against (a plain Lanczos resize)."""
-    return target if target.size == size else target.resize(size, Image.Resampling.LANCZOS)
+    """The target at an output's size, what the output is scored against: resized to cover and centre-cropped,
+    never stretched (the output has the target's aspect, up to the rounding of its sides to 32)."""
+    return target if target.size == size else cover_crop(target.size, size).apply(target)
 
 
-def compose_grid(cells: Sequence[Image.Image], labels: Sequence[str], cell_size: tuple[int, int]) -> Image.Image:
+def compose_grid(cells: Sequence[Image.Image], labels: Sequence[str], cell_size: tuple[int, int],
+                 title: str = "") -> Image.Image:
     """One row of cells of ``cell_size`` (W, H), each image fitted inside keeping its aspect ratio, with a label
-    strip of ``LABEL_HEIGHT`` above: grids of every sample line up whatever their buckets."""
+    strip of ``LABEL_HEIGHT`` above, and ``title`` (step, sample, PSNRs) on a strip above the row."""
     W, H = cell_size
-    grid = Image.new("RGB", (W * len(cells), H + LABEL_HEIGHT), _BACKGROUND)
+    top = LABEL_HEIGHT if title else 0
+    grid = Image.new("RGB", (W * len(cells), top + H + LABEL_HEIGHT), _BACKGROUND)
     draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((2, 1), title, fill=_LABEL_COLOUR)
     for i, (img, label) in enumerate(zip(cells, labels, strict=True)):
         fitted = ImageOps.contain(img.convert("RGB"), (W, H), Image.Resampling.LANCZOS)
-        grid.paste(fitted, (i * W + (W - fitted.width) // 2, LABEL_HEIGHT + (H - fitted.height) // 2))
-        draw.text((i * W + 2, 1), label, fill=_LABEL_COLOUR)
+        grid.paste(fitted, (i * W + (W - fitted.width) // 2, top + LABEL_HEIGHT + (H - fitted.height) // 2))
+        draw.text((i * W + 2, top + 1), label, fill=_LABEL_COLOUR)
     return grid
 
 
@@ -171,7 +201,7 @@ def _entry_batch(store: ObjectStore, entry: dict[str, Any]) -> EditBatch:
     text = store.get_tensors(text_key)[0]
     return EditBatch(latents_BChw=target[None].float(), refs_BChw=[r[None].float() for r in refs],
                      prompt_embeds_BLD=text["prompt_embeds"][None], prompt_mask_BL=text["prompt_mask"][None],
-                     keys=[entry["key"]])
+                     keys=[entry["key"]], text_all_valid=bool(text["prompt_mask"].all()))
 
 
 @torch.no_grad()
@@ -212,7 +242,8 @@ class SamplePreview:
 
     def to_json(self) -> dict[str, Any]:
         return {"dataset": self.dataset_id, "key": self.key, "caption": self.caption, "seed": self.seed,
-                "grid": self.grid_key, "psnr_lora": self.psnr_lora, "psnr_base": self.psnr_base}
+                "grid": self.grid_key, "psnr_lora": self.psnr_lora, "psnr_base": self.psnr_base,
+                "width": self.lora.width, "height": self.lora.height}
 
 
 @dataclass
@@ -270,12 +301,19 @@ def _grid_name(ds: PairedDataset, sample: Sample, used: set[str]) -> str:
     return f"{name}.png"
 
 
-def _render_pair(pipe: Any, cfg: _RenderSettings, caption: str, refs: list[Image.Image], seed: int
-                 ) -> tuple[Image.Image, Image.Image]:
-    """(base, LoRA) edits of one sample from the same noise; inputs are encoded once for both."""
+def output_size(validation_size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """A preview's size: the sample's target aspect at the area of ``validation_resolution`` (the pipelines' own
+    rule for an output size, ``calculate_dimensions``), so a 4:3 sample is rendered 4:3, not square."""
+    return pipeline_size(validation_size[0] * validation_size[1], target[0] / target[1])
+
+
+def _render_pair(pipe: Any, cfg: _RenderSettings, caption: str, refs: list[Image.Image], seed: int,
+                 size: tuple[int, int], vl_refs: list[Image.Image] | None = None) -> tuple[Image.Image, Image.Image]:
+    """(base, LoRA) edits of one sample from the same noise, ``size`` (W, H); inputs are encoded once for both."""
     cond = encode_conditioning(pipe, cfg.flavour, caption, refs, true_cfg_scale=cfg.guidance,
-                               negative_prompt=cfg.negative_prompt, vl_ref_area=cfg.vl_ref_area)
-    W, H = cfg.size
+                               negative_prompt=cfg.negative_prompt, vl_ref_area=cfg.vl_ref_area,
+                               vl_references=vl_refs)
+    W, H = size
 
     def render() -> Image.Image:
         latents_BLC = denoise(pipe, cond, height=H, width=W, num_inference_steps=cfg.steps,
@@ -291,19 +329,23 @@ def _render_pair(pipe: Any, cfg: _RenderSettings, caption: str, refs: list[Image
 
 
 def render_sample(pipe: Any, run: RunConfig, ds: PairedDataset, sample: Sample, *, index: int, store: ObjectStore,
-                  folder: str, used_names: set[str]) -> SamplePreview:
+                  folder: str, used_names: set[str], step: int | None = None) -> SamplePreview:
     """Render, grid, store and score one evaluation sample (the ``index``-th: its seed offset)."""
     cfg = _RenderSettings.of(run)
-    target, refs = load_sample_images(ds, sample, run.train.max_image_pixels)  # the placed pixels training saw
+    target, refs, regions = load_sample(ds, sample, run.train.max_image_pixels)  # the pixels training saw
     seed = cfg.seed + index
-    base, lora = _render_pair(pipe, cfg, sample.caption, refs, seed)
-    target_v = target_at(target, cfg.size)
+    size = output_size(cfg.size, target.size)
+    base, lora = _render_pair(pipe, cfg, sample.caption, refs, seed, size, vl_refs=regions)
+    target_v = target_at(target, size)
+    psnr_base, psnr_lora = psnr(base, target_v), psnr(lora, target_v)
     labels = [f"ref {i + 1}" for i in range(len(refs))] + ["base", "LoRA", "target"]
-    grid = compose_grid([*refs, base, lora, target], labels, cfg.size)
+    title = (f"{'step ' + str(step) + ' · ' if step is not None else ''}{ds.config.id}/{sample.key} · PSNR base "
+             f"{psnr_base:.2f} dB, LoRA {psnr_lora:.2f} dB")
+    grid = compose_grid([*refs, base, lora, target_v], labels, size, title=title)
     grid_key = f"{folder}/{_grid_name(ds, sample, used_names)}"
     store.put_bytes(grid_key, png_bytes(grid), content_type="image/png")
-    return SamplePreview(ds.config.id, sample.key, sample.caption, seed, grid_key,
-                         psnr(lora, target_v), psnr(base, target_v), base, lora, target_v)
+    return SamplePreview(ds.config.id, sample.key, sample.caption, seed, grid_key, psnr_lora, psnr_base, base,
+                         lora, target_v)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -311,8 +353,8 @@ def _mean(values: list[float]) -> float | None:
 
 
 def render_validation(pipe: Any, run: RunConfig, samples: Sequence[tuple[PairedDataset, Sample]], *, step: int,
-                      store: ObjectStore, prefix: str, loss_index: Sequence[dict[str, Any]] | None = None
-                      ) -> ValidationResult:
+                      store: ObjectStore, prefix: str, loss_index: Sequence[dict[str, Any]] | None = None,
+                      eval_label: str = "") -> ValidationResult:
     """Previews, PSNRs and (given ``loss_index``, the samples' training-index entries) the held-out loss of the
     pipeline's transformer with its LoRA, written under ``<prefix>/step-<step>/``."""
     start = time.perf_counter()
@@ -321,7 +363,7 @@ def render_validation(pipe: Any, run: RunConfig, samples: Sequence[tuple[PairedD
     cfg = _RenderSettings.of(run)
     used: set[str] = set()
     with eval_mode(transformer):
-        previews = [render_sample(pipe, run, ds, s, index=i, store=store, folder=folder, used_names=used)
+        previews = [render_sample(pipe, run, ds, s, index=i, store=store, folder=folder, used_names=used, step=step)
                     for i, (ds, s) in enumerate(samples)]
         heldout = None
         if loss_index:
@@ -329,7 +371,7 @@ def render_validation(pipe: Any, run: RunConfig, samples: Sequence[tuple[PairedD
                                    dtype=transformer.dtype)
     result = ValidationResult(step, previews, _mean([p.psnr_lora for p in previews]),
                               _mean([p.psnr_base for p in previews]), heldout, time.perf_counter() - start,
-                              f"{folder}/metrics.json", cfg.to_json())
+                              f"{folder}/metrics.json", {**cfg.to_json(), "eval_samples": eval_label})
     store.put_json(result.metrics_key, result.to_json())
     return result
 

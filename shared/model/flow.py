@@ -10,7 +10,9 @@ target's tokens and the loss is an MSE in fp32.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +29,19 @@ class EditBatch:
     prompt_embeds_BLD: torch.Tensor
     prompt_mask_BL: torch.Tensor
     keys: list[str]
+    # Every caption token of the batch is real (decided on the host, where the loader built the mask): the
+    # transformer then gets no mask and SDPA may use its fused kernels. None: not known, pass the mask.
+    text_all_valid: bool | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "EditBatch":
         mv = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return EditBatch(mv(self.latents_BChw), [mv(r) for r in self.refs_BChw], mv(self.prompt_embeds_BLD),
-                         mv(self.prompt_mask_BL), self.keys)
+                         mv(self.prompt_mask_BL), self.keys, self.text_all_valid)
 
     def pin_memory(self) -> "EditBatch":
         return EditBatch(self.latents_BChw.pin_memory(), [r.pin_memory() for r in self.refs_BChw],
-                         self.prompt_embeds_BLD.pin_memory(), self.prompt_mask_BL.pin_memory(), self.keys)
+                         self.prompt_embeds_BLD.pin_memory(), self.prompt_mask_BL.pin_memory(), self.keys,
+                         self.text_all_valid)
 
 
 def shift_sigmas(s: torch.Tensor, shift: float) -> torch.Tensor:
@@ -43,9 +49,34 @@ def shift_sigmas(s: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * s / (1 + (shift - 1) * s)
 
 
-def sample_sigmas(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
-    """Logit-normal sigmas (sigmoid of a standard normal), shifted by ``flow_schedule_shift``."""
-    return shift_sigmas(torch.sigmoid(torch.randn(batch, generator=generator)), shift)
+def sample_sigmas(batch: int, shift: float, generator: torch.Generator, *, image_seq_len: int | None = None,
+                  scheduler: dict[str, Any] | None = None) -> torch.Tensor:
+    """Logit-normal sigmas (sigmoid of a standard normal), shifted by ``flow_schedule_shift``; or, given the
+    scheduler's config and the batch's ``image_seq_len``, shifted by resolution (``flow_schedule_auto_shift``)."""
+    s = torch.sigmoid(torch.randn(batch, generator=generator))
+    if scheduler is not None and image_seq_len is not None:
+        return auto_shift_sigmas(s, image_seq_len, scheduler)
+    return shift_sigmas(s, shift)
+
+
+def resolution_mu(image_seq_len: int, scheduler: dict[str, Any]) -> float:
+    """The shift parameter mu the Qwen pipelines use for ``image_seq_len`` target tokens: diffusers'
+    ``calculate_shift`` with the scheduler config's base/max sequence lengths and shifts."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift
+
+    return calculate_shift(image_seq_len, scheduler.get("base_image_seq_len", 256),
+                           scheduler.get("max_image_seq_len", 4096), scheduler.get("base_shift", 0.5),
+                           scheduler.get("max_shift", 1.15))
+
+
+def auto_shift_sigmas(s: torch.Tensor, image_seq_len: int, scheduler: dict[str, Any]) -> torch.Tensor:
+    """Sigmas shifted as the scheduler shifts its inference sigmas for this resolution (its ``time_shift``:
+    exponential, exp(mu) / (exp(mu) + 1/s - 1), for Qwen-Image; linear, mu / (mu + 1/s - 1), otherwise). The
+    terminal stretch (``shift_terminal``) is an inference schedule's end point, not a training noise level."""
+    mu = resolution_mu(image_seq_len, scheduler)
+    if scheduler.get("time_shift_type", "exponential") == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1 / s - 1))
+    return mu / (mu + (1 / s - 1))
 
 
 def img_shapes_for(batch: EditBatch) -> list[list[tuple[int, int, int]]]:
@@ -61,7 +92,8 @@ def predict_velocity(transformer: torch.nn.Module, batch: EditBatch, noisy_BLC: 
     hidden_BLC = torch.cat([noisy_BLC, *ref_tokens], dim=1).to(dtype)
     out_BLC = transformer(hidden_states=hidden_BLC, timestep=sigmas_B.to(dtype),
                           encoder_hidden_states=batch.prompt_embeds_BLD.to(dtype),
-                          encoder_hidden_states_mask=batch.prompt_mask_BL, img_shapes=img_shapes_for(batch),
+                          encoder_hidden_states_mask=None if batch.text_all_valid else batch.prompt_mask_BL,
+                          img_shapes=img_shapes_for(batch),
                           return_dict=False)[0]
     return out_BLC[:, : noisy_BLC.shape[1]]
 

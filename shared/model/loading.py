@@ -132,7 +132,8 @@ def load_pipeline(
         if not loc.local:
             raise loc.missing_error(str(source), err) from err
         raise errors.InvalidInput(f"cannot load model directory {loc.source} as {cls.__name__}: {err}") from err
-    _warn_on_zero_cond_mismatch(pipe, flavour)
+    if getattr(pipe, "transformer", None) is not None:
+        apply_flavour(pipe.transformer, flavour)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -154,18 +155,34 @@ def quiet_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def _warn_on_zero_cond_mismatch(pipe: Any, flavour: str) -> None:
-    """Weights trained with zero_cond_t behave differently without it (and vice versa): say so, do not guess."""
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is None:
-        return
-    has = bool(transformer.config.get("zero_cond_t", False))
+def apply_flavour(transformer: Any, flavour: str) -> Any:
+    """The flavour's conditioning on the transformer, whatever its config says: edit-v3 always runs with
+    ``zero_cond_t`` (reference tokens modulated at t=0), edit-v1/v2 never. A config that disagrees is logged and
+    overridden (the flag changes the forward only, not the weights)."""
     want = get_flavour(flavour).zero_cond_t
+    has = bool(transformer.config.get("zero_cond_t", False))
     if has != want:
-        log.warning(
-            "transformer config has zero_cond_t=%s but flavour %s expects %s: are these the right weights?",
-            has, get_flavour(flavour).name, want,
-        )
+        log.info("transformer config has zero_cond_t=%s; flavour %s runs with zero_cond_t=%s", has,
+                 get_flavour(flavour).name, want)
+    transformer.zero_cond_t = want
+    for block in getattr(transformer, "transformer_blocks", []):
+        block.zero_cond_t = want
+    transformer.register_to_config(zero_cond_t=want)
+    return transformer
+
+
+def scheduler_config(source: str | Path) -> dict[str, Any]:
+    """The model's scheduler config (``scheduler/scheduler_config.json``): base/max shift and sequence lengths
+    for ``flow_schedule_auto_shift``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    loc = locate_model(str(source))
+    try:
+        return dict(FlowMatchEulerDiscreteScheduler.load_config(loc.source, subfolder="scheduler"))
+    except (OSError, ValueError) as err:
+        if not loc.local:
+            raise loc.missing_error(str(source), err) from err
+        raise errors.InvalidInput(f"cannot read the scheduler config of {loc.source}: {err}") from err
 
 
 def load_transformer(source: str | Path, flavour: str, *, dtype: torch.dtype = torch.float32) -> Any:
@@ -182,7 +199,4 @@ def load_transformer(source: str | Path, flavour: str, *, dtype: torch.dtype = t
         if not loc.local:
             raise loc.missing_error(str(source), err) from err
         raise errors.InvalidInput(f"cannot load the transformer of model directory {loc.source}: {err}") from err
-    if bool(transformer.config.get("zero_cond_t", False)) != get_flavour(flavour).zero_cond_t:
-        log.warning("transformer config zero_cond_t=%s does not match flavour %s", transformer.config.get(
-            "zero_cond_t", False), flavour)
-    return transformer
+    return apply_flavour(transformer, flavour)

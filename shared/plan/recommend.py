@@ -23,7 +23,7 @@ def _with_resolution(run: RunConfig, side: int) -> RunConfig:
         dataclasses.replace(d, resolution=float(side), resolution_type="pixel_area")
         if d.dataset_type in ("image", "conditioning") else d for d in run.data.datasets))
     train = run.train
-    packed = train.model_flavour != "edit-v1" and not train.model_kwargs.match_target_res
+    packed = train.model_flavour == "edit-v1" or not train.model_kwargs.match_target_res  # refs at reference_area
     if packed and train.model_kwargs.reference_area > side * side:
         train = dataclasses.replace(train, model_kwargs=dataclasses.replace(train.model_kwargs,
                                                                             reference_area=side * side))

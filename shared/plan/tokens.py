@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from shared.config.flavours import get_flavour
 from shared.config.schema import RunConfig
-from shared.data.geometry import bucket_for_area, packed_size
+from shared.data.geometry import bucket_for_area, pipeline_size
 
 CAPTION_TOKENS = 64  # a typical edit instruction, in Qwen2.5 tokens
 TEMPLATE_TOKENS = 64  # the edit template's system prefix: the text encoder reads it, the pipelines drop it
@@ -55,10 +55,10 @@ def training_tokens(run: RunConfig) -> Tokens:
         n_refs = len(ds.conditioning_data)
         if t.conditioning_multidataset_sampling == "random" and t.model_flavour != "edit-v1":
             n_refs = min(n_refs, 1)
-        if t.model_flavour == "edit-v1" or t.model_kwargs.match_target_res:
+        if t.model_flavour != "edit-v1" and t.model_kwargs.match_target_res:
             per_ref = target
-        else:
-            w, h = packed_size(1.0, t.model_kwargs.reference_area)
+        else:  # every flavour: references at ~reference_area (1 MP) as the pipelines size them
+            w, h = pipeline_size(t.model_kwargs.reference_area, 1.0)
             per_ref = (w // 16) * (h // 16)
         vl = n_refs * _vl_tokens(vl_area)
         cand = Tokens(target, per_ref, n_refs, CAPTION_TOKENS + vl, vl)
@@ -73,9 +73,9 @@ def eval_tokens(run: RunConfig, train: Tokens) -> Tokens:
     t = run.train
     w, h = t.validation_size
     target = (w // 16) * (h // 16)
-    if t.model_kwargs.match_target_res:
+    if t.model_flavour != "edit-v1" and t.model_kwargs.match_target_res:
         per_ref = target
     else:
-        pw, ph = packed_size(1.0, get_flavour(t.model_flavour).vae_ref_area)
+        pw, ph = pipeline_size(t.model_kwargs.reference_area, 1.0)
         per_ref = (pw // 16) * (ph // 16)
     return Tokens(target, per_ref, train.references, train.text, train.vl_image_tokens)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as edittuner_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65\x64ittuner/eval/v1/eval.proto\x12\x11\x65\x64ittuner.eval.v1\x1a edittuner/common/v1/common.proto\"\x8d\x01\n\x13SubmitRenderRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x05\x66iles\x18\x02 \x01(\x0b\x32#.edittuner.common.v1.RunConfigFiles\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x10\n\x08lora_key\x18\x05 \x01(\t\"=\n\x14SubmitRenderResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.edittuner.common.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"7\n\x0eGetJobResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.edittuner.common.v1.Job\"f\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.edittuner.common.v1.JobState\"S\n\x10ListJobsResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x18.edittuner.common.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\":\n\x11\x43\x61ncelJobResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.edittuner.common.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"9\n\x10WatchJobResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.edittuner.common.v1.Job\"\x16\n\x14ReleaseModelsRequest\"E\n\x15ReleaseModelsResponse\x12\x17\n\x0freleased_models\x18\x01 \x03(\t\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x03\x32\xa5\x04\n\x0b\x45valService\x12_\n\x0cSubmitRender\x12&.edittuner.eval.v1.SubmitRenderRequest\x1a\'.edittuner.eval.v1.SubmitRenderResponse\x12M\n\x06GetJob\x12 .edittuner.eval.v1.GetJobRequest\x1a!.edittuner.eval.v1.GetJobResponse\x12S\n\x08ListJobs\x12\".edittuner.eval.v1.ListJobsRequest\x1a#.edittuner.eval.v1.ListJobsResponse\x12V\n\tCancelJob\x12#.edittuner.eval.v1.CancelJobRequest\x1a$.edittuner.eval.v1.CancelJobResponse\x12U\n\x08WatchJob\x12\".edittuner.eval.v1.WatchJobRequest\x1a#.edittuner.eval.v1.WatchJobResponse0\x01\x12\x62\n\rReleaseModels\x12\'.edittuner.eval.v1.ReleaseModelsRequest\x1a(.edittuner.eval.v1.ReleaseModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65\x64ittuner/eval/v1/eval.proto\x12\x11\x65\x64ittuner.eval.v1\x1a edittuner/common/v1/common.proto\"\xa1\x01\n\x13SubmitRenderRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x05\x66iles\x18\x02 \x01(\x0b\x32#.edittuner.common.v1.RunConfigFiles\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x10\n\x08lora_key\x18\x05 \x01(\t\x12\x12\n\nindex_keys\x18\x06 \x03(\t\"=\n\x14SubmitRenderResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.edittuner.common.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"7\n\x0eGetJobResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.edittuner.common.v1.Job\"f\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.edittuner.common.v1.JobState\"S\n\x10ListJobsResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x18.edittuner.common.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\":\n\x11\x43\x61ncelJobResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.edittuner.common.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"9\n\x10WatchJobResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.edittuner.common.v1.Job\"\x16\n\x14ReleaseModelsRequest\"E\n\x15ReleaseModelsResponse\x12\x17\n\x0freleased_models\x18\x01 \x03(\t\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x03\x32\xa5\x04\n\x0b\x45valService\x12_\n\x0cSubmitRender\x12&.edittuner.eval.v1.SubmitRenderRequest\x1a\'.edittuner.eval.v1.SubmitRenderResponse\x12M\n\x06GetJob\x12 .edittuner.eval.v1.GetJobRequest\x1a!.edittuner.eval.v1.GetJobResponse\x12S\n\x08ListJobs\x12\".edittuner.eval.v1.ListJobsRequest\x1a#.edittuner.eval.v1.ListJobsResponse\x12V\n\tCancelJob\x12#.edittuner.eval.v1.CancelJobRequest\x1a$.edittuner.eval.v1.CancelJobResponse\x12U\n\x08WatchJob\x12\".edittuner.eval.v1.WatchJobRequest\x1a#.edittuner.eval.v1.WatchJobResponse0\x01\x12\x62\n\rReleaseModels\x12\'.edittuner.eval.v1.ReleaseModelsRequest\x1a(.edittuner.eval.v1.ReleaseModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,29 +33,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.rpc.eval_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITRENDERREQUEST']._serialized_start=86
-  _globals['_SUBMITRENDERREQUEST']._serialized_end=227
-  _globals['_SUBMITRENDERRESPONSE']._serialized_start=229
-  _globals['_SUBMITRENDERRESPONSE']._serialized_end=290
-  _globals['_GETJOBREQUEST']._serialized_start=292
-  _globals['_GETJOBREQUEST']._serialized_end=323
-  _globals['_GETJOBRESPONSE']._serialized_start=325
-  _globals['_GETJOBRESPONSE']._serialized_end=380
-  _globals['_LISTJOBSREQUEST']._serialized_start=382
-  _globals['_LISTJOBSREQUEST']._serialized_end=484
-  _globals['_LISTJOBSRESPONSE']._serialized_start=486
-  _globals['_LISTJOBSRESPONSE']._serialized_end=569
-  _globals['_CANCELJOBREQUEST']._serialized_start=571
-  _globals['_CANCELJOBREQUEST']._serialized_end=605
-  _globals['_CANCELJOBRESPONSE']._serialized_start=607
-  _globals['_CANCELJOBRESPONSE']._serialized_end=665
-  _globals['_WATCHJOBREQUEST']._serialized_start=667
-  _globals['_WATCHJOBREQUEST']._serialized_end=700
-  _globals['_WATCHJOBRESPONSE']._serialized_start=702
-  _globals['_WATCHJOBRESPONSE']._serialized_end=759
-  _globals['_RELEASEMODELSREQUEST']._serialized_start=761
-  _globals['_RELEASEMODELSREQUEST']._serialized_end=783
-  _globals['_RELEASEMODELSRESPONSE']._serialized_start=785
-  _globals['_RELEASEMODELSRESPONSE']._serialized_end=854
-  _globals['_EVALSERVICE']._serialized_start=857
-  _globals['_EVALSERVICE']._serialized_end=1406
+  _globals['_SUBMITRENDERREQUEST']._serialized_end=247
+  _globals['_SUBMITRENDERRESPONSE']._serialized_start=249
+  _globals['_SUBMITRENDERRESPONSE']._serialized_end=310
+  _globals['_GETJOBREQUEST']._serialized_start=312
+  _globals['_GETJOBREQUEST']._serialized_end=343
+  _globals['_GETJOBRESPONSE']._serialized_start=345
+  _globals['_GETJOBRESPONSE']._serialized_end=400
+  _globals['_LISTJOBSREQUEST']._serialized_start=402
+  _globals['_LISTJOBSREQUEST']._serialized_end=504
+  _globals['_LISTJOBSRESPONSE']._serialized_start=506
+  _globals['_LISTJOBSRESPONSE']._serialized_end=589
+  _globals['_CANCELJOBREQUEST']._serialized_start=591
+  _globals['_CANCELJOBREQUEST']._serialized_end=625
+  _globals['_CANCELJOBRESPONSE']._serialized_start=627
+  _globals['_CANCELJOBRESPONSE']._serialized_end=685
+  _globals['_WATCHJOBREQUEST']._serialized_start=687
+  _globals['_WATCHJOBREQUEST']._serialized_end=720
+  _globals['_WATCHJOBRESPONSE']._serialized_start=722
+  _globals['_WATCHJOBRESPONSE']._serialized_end=779
+  _globals['_RELEASEMODELSREQUEST']._serialized_start=781
+  _globals['_RELEASEMODELSREQUEST']._serialized_end=803
+  _globals['_RELEASEMODELSRESPONSE']._serialized_start=805
+  _globals['_RELEASEMODELSRESPONSE']._serialized_end=874
+  _globals['_EVALSERVICE']._serialized_start=877
+  _globals['_EVALSERVICE']._serialized_end=1426
 # @@protoc_insertion_point(module_scope)

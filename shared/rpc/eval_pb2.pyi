@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitRenderRequest(_message.Message):
-    __slots__ = ("request_id", "files", "run_id", "step", "lora_key")
+    __slots__ = ("request_id", "files", "run_id", "step", "lora_key", "index_keys")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LORA_KEY_FIELD_NUMBER: _ClassVar[int]
+    INDEX_KEYS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     files: _common_pb2.RunConfigFiles
     run_id: str
     step: int
     lora_key: str
-    def __init__(self, request_id: _Optional[str] = ..., files: _Optional[_Union[_common_pb2.RunConfigFiles, _Mapping]] = ..., run_id: _Optional[str] = ..., step: _Optional[int] = ..., lora_key: _Optional[str] = ...) -> None: ...
+    index_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., files: _Optional[_Union[_common_pb2.RunConfigFiles, _Mapping]] = ..., run_id: _Optional[str] = ..., step: _Optional[int] = ..., lora_key: _Optional[str] = ..., index_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitRenderResponse(_message.Message):
     __slots__ = ("job",)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from shared.config.schema import RunConfig
-from shared.encode.cache import INDEX_FORMAT, EncodeSettings, index_key
+from shared.encode.cache import EVAL_DATASET, INDEX_FORMAT, EncodeSettings, holdout, index_key
 from shared.errors import FailedPrecondition, NotFound
 from shared.model.flow import EditBatch
 from shared.store.base import ObjectStore
@@ -48,11 +48,12 @@ class TrainItem:
 
 
 def load_items(store: ObjectStore, run: RunConfig, settings: EncodeSettings | None, role: str = "train",
-               index_keys: dict[str, str] | None = None) -> tuple[list[TrainItem], bool]:
-    """The index entries of every image dataset with ``role``; (items, null embeddings available).
+               index_keys: dict[str, str] | None = None) -> tuple[list[TrainItem], bool, str]:
+    """The index entries of every image dataset with ``role``; (items, null embeddings available, how previews
+    are labelled: see ``holdout``, whose held-out samples are left out of training here).
     ``index_keys`` (dataset id → index key), as the encoder that wrote them reported, spare computing the keys
     here — from a host that need not have the encoder's model files."""
-    items: list[TrainItem] = []
+    docs: list[tuple[str, dict[str, Any]]] = []
     null_ok = True
     for ds in run.data.image_datasets:
         is_eval = run.train.eval_dataset_id == ds.id
@@ -73,14 +74,21 @@ def load_items(store: ObjectStore, run: RunConfig, settings: EncodeSettings | No
         if doc.get("format") != INDEX_FORMAT:
             raise FailedPrecondition(f"{key}: unknown cache index format {doc.get('format')!r}; encode again")
         null_ok = null_ok and bool(doc.get("null_embeds"))
+        docs.append((ds.id, doc))
+    held, label = holdout(run, [(d, s["key"]) for d, doc in docs for s in doc["samples"]]) if role == "train" \
+        else ([], EVAL_DATASET)
+    items: list[TrainItem] = []
+    for dataset_id, doc in docs:
         for _ in range(1 + int(doc.get("repeats", 0)) if role == "train" else 1):
             for s in doc["samples"]:
+                if (dataset_id, s["key"]) in held:
+                    continue
                 sig = (tuple(s["bucket"]), tuple(tuple(r) for r in s["reference_sizes"]))
-                items.append(TrainItem(s["key"], ds.id, s["caption"], s["target"], tuple(s["references"]),
+                items.append(TrainItem(s["key"], dataset_id, s["caption"], s["target"], tuple(s["references"]),
                                        tuple(s["reference_datasets"]), tuple(sorted(s["text"].items())), sig))
     if role == "train" and not items:
         raise FailedPrecondition("no training samples in the cache: every dataset is empty or failed to encode")
-    return items, null_ok
+    return items, null_ok, label
 
 
 def epoch_batches(items: list[TrainItem], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -174,7 +182,8 @@ class TrainLoader:
             embeds_BLD[b, : e.shape[0]] = e
             mask_BL[b, : e.shape[0]] = m
         batch = EditBatch(torch.stack(latents), [torch.stack([r[j] for r in refs]) for j in range(len(refs[0]))],
-                          embeds_BLD, mask_BL, [f"{it.dataset}/{it.key}" for it in batch_items])
+                          embeds_BLD, mask_BL, [f"{it.dataset}/{it.key}" for it in batch_items],
+                          text_all_valid=bool(mask_BL.all()))
         return batch.pin_memory() if self.pin_memory else batch
 
     def _producer(self, epoch: int, position: int, out: queue.Queue, stop: threading.Event) -> None:

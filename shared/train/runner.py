@@ -74,7 +74,7 @@ def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int
     are loaded on first use beside it."""
     from shared.data.pairing import pair_datasets
     from shared.encode.cache import index_key, settings_for
-    from shared.evaluate.preview import index_entries, render_validation, select_eval_samples
+    from shared.evaluate.preview import eval_set, render_validation
 
     state: dict[str, Any] = {}
 
@@ -87,15 +87,16 @@ def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int
                                                                   "scheduler"))
             state["pipe"] = pipe
             paired, _ = pair_datasets(run, store)
-            state["samples"] = select_eval_samples(run, paired)
-            settings = settings_for(run)
-            keys = sorted({index_key(run, ds.config.id, settings) for ds, _ in state["samples"]})
-            state["entries"] = index_entries(store, keys, state["samples"])
-        pipe = state["pipe"]
+            keys = list((trainer.index_keys or {}).values()) or [index_key(run, ds.id, settings_for(run))
+                                                                  for ds in run.data.image_datasets]
+            state["eval"] = eval_set(run, paired, store, keys)
+        pipe, ev = state["pipe"], state["eval"]
         pipe.transformer = trainer.transformer
         try:
-            result = render_validation(pipe, run, state["samples"], step=step, store=store,
-                                       prefix=f"{trainer.prefix}/validation", loss_index=state["entries"])
+            with trainer.exported_weights():  # the weights the LoRA file holds: the EMA when use_ema
+                result = render_validation(pipe, run, ev.samples, step=step, store=store,
+                                           prefix=f"{trainer.prefix}/validation", loss_index=ev.entries,
+                                           eval_label=ev.label)
         finally:
             pipe.transformer = None
         return result.to_json()

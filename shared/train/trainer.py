@@ -16,19 +16,22 @@ import math
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from shared.config.schema import RunConfig
-from shared.encode.cache import settings_for
+from shared.encode.cache import TRAINING_SAMPLES, settings_for
 from shared.errors import EditTunerError, FailedPrecondition, InvalidInput
 from shared.model.device import resolve_device
 from shared.model.flow import EditBatch, flow_matching_loss, sample_sigmas, step_generator
 from shared.store.base import ObjectStore
 from shared.store.checkpoint import (CheckpointState, capture_rng, checkpoint_prefix, committed_steps, load_checkpoint,
                                      prune_checkpoints, resolve_resume, restore_rng, save_checkpoint)
+from shared.train.ema import LoraEMA
 from shared.train.loader import TrainLoader, load_items
 
 log = logging.getLogger(__name__)
@@ -87,12 +90,13 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.transformer: Any = None
-        self.ema: dict[str, torch.Tensor] | None = None
+        self.ema: LoraEMA | None = None
+        self.shift_config: dict[str, Any] | None = None  # the scheduler's, with flow_schedule_auto_shift
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self, transformer: Any = None) -> None:
         """Load and quantize the transformer, attach the LoRA, build optimizer, schedule, data; resume."""
-        from shared.model.loading import load_transformer
+        from shared.model.loading import apply_flavour, load_transformer, scheduler_config
         from shared.model.lora import attach_lora
         from shared.model.quantize import quantize_transformer
 
@@ -111,7 +115,11 @@ class Trainer:
                 f"{committed_steps(self.store, self.prefix)[-1]}); pass resume_from_checkpoint=latest to continue it, "
                 "or use another output_dir for a new run")
         settings = None if self.index_keys is not None else settings_for(self.run)
-        items, null_ok = load_items(self.store, self.run, settings, index_keys=self.index_keys)
+        items, null_ok, self.eval_label = load_items(self.store, self.run, settings, index_keys=self.index_keys)
+        if self.eval_label == TRAINING_SAMPLES and cfg.holdout_eval_images and cfg.eval_dataset_id is None:
+            log.warning("only %d training samples: the %d preview samples stay in training (hold them out on a "
+                        "dataset of at least %d), so previews and held-out loss are on training samples",
+                        len({(i.dataset, i.key) for i in items}), cfg.num_eval_images, 2 * cfg.num_eval_images)
         self.loader = TrainLoader(items, self.store, batch_size=cfg.train_batch_size, seed=cfg.seed,
                                   caption_dropout=cfg.caption_dropout_probability,
                                   random_references=cfg.conditioning_multidataset_sampling == "random",
@@ -119,6 +127,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if transformer is None:
             transformer = load_transformer(cfg.model_path, cfg.model_flavour, dtype=self.dtype)
+        apply_flavour(transformer, cfg.model_flavour)
+        if cfg.flow_schedule_auto_shift:
+            self.shift_config = scheduler_config(cfg.model_path)
         self.transformer = quantize_transformer(
             transformer, cfg.base_model_precision, device=self.device, compute_dtype=self.dtype,
             quantize_via=cfg.quantize_via, quantize_activations=cfg.quantize_activations)
@@ -142,7 +153,7 @@ class Trainer:
         else:
             self.store.put_json(f"{self.prefix}/run.json", self._run_doc())
         if cfg.use_ema and self.ema is None:  # also when EMA is switched on at a resume: start from the weights
-            self.ema = {n: p.detach().float().cpu().clone() for n, p in self._named_params()}
+            self.ema = LoraEMA(self._named_params(), cfg.ema_decay, self._ema_device())
 
     def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
@@ -176,7 +187,8 @@ class Trainer:
         self.scheduler.load_state_dict(ck.scheduler)
         self.loader.load_state_dict(ck.loader)
         if self.cfg.use_ema and ck.ema is not None:
-            self.ema = {k: v.float() for k, v in ck.ema.items()}
+            self.ema = LoraEMA(self._named_params(), self.cfg.ema_decay, self._ema_device())
+            self.ema.load(ck.ema)
         restore_rng(ck.rng_tensors, ck.rng)
         self.step = step
         self.history = list(ck.extra.get("history", []))
@@ -235,40 +247,57 @@ class Trainer:
         step = self.step + 1
         t0 = time.perf_counter()
         wait0 = self.loader.wait_seconds
-        total = 0.0
+        losses, keys = [], []
         for micro in range(cfg.gradient_accumulation_steps):
             batch = self.loader.next_batch()
-            loss = self.forward_backward(batch, step, micro)
-            total += loss / cfg.gradient_accumulation_steps
+            losses.append(self.forward_backward(batch, step, micro))
+            keys.append(batch.keys)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 \
-            else torch.tensor(0.0)
+            else torch.zeros((), device=self.device)
+        # One transfer to the host per step (not one per micro-batch and another for the norm): the losses and
+        # the norm together, checked before the optimizer touches the weights.
+        *values, norm = torch.stack([*losses, grad_norm.detach().float().to(losses[0].device)]).tolist()
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise TrainingDiverged(
+                f"loss is {values[bad]} at step {step} (micro-batch {bad}); batch samples: {', '.join(keys[bad])}. "
+                "Lower learning_rate, check these samples' images, or use mixed_precision fp32 to rule out "
+                "overflow")
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            with torch.no_grad():
-                for n, p in self._named_params():
-                    self.ema[n].mul_(cfg.ema_decay).add_(p.detach().float().cpu(), alpha=1 - cfg.ema_decay)
+            self.ema.update()
         self.step = step
-        return StepResult(step, total, lr, time.perf_counter() - t0, self.loader.wait_seconds - wait0,
-                          float(grad_norm))
+        total = sum(v / cfg.gradient_accumulation_steps for v in values)
+        return StepResult(step, total, lr, time.perf_counter() - t0, self.loader.wait_seconds - wait0, norm)
 
-    def forward_backward(self, batch: EditBatch, step: int, micro: int) -> float:
+    def forward_backward(self, batch: EditBatch, step: int, micro: int) -> torch.Tensor:
+        """One micro-batch's forward and backward; returns its loss, detached, on the device (no host sync)."""
         batch = batch.to(self.device, non_blocking=True)
         g = step_generator(self.cfg.seed, step, micro)
         B, _, h, w = batch.latents_BChw.shape
         noise_BLC = torch.randn(B, (h // 2) * (w // 2), 64, generator=g).to(self.device)
-        sigmas_B = sample_sigmas(B, self.cfg.flow_schedule_shift, g).to(self.device)
-        loss = flow_matching_loss(self.transformer, batch, noise_BLC, sigmas_B, self.dtype)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"loss is {value} at step {step} (micro-batch {micro}); batch samples: {', '.join(batch.keys)}. "
-                "Lower learning_rate, check these samples' images, or use mixed_precision fp32 to rule out "
-                "overflow")
+        if self.shift_config is not None:  # flow_schedule_auto_shift: by this batch's image sequence length
+            sigmas_B = sample_sigmas(B, 1.0, g, image_seq_len=(h // 2) * (w // 2), scheduler=self.shift_config)
+        else:
+            sigmas_B = sample_sigmas(B, self.cfg.flow_schedule_shift, g)
+        loss = flow_matching_loss(self.transformer, batch, noise_BLC, sigmas_B.to(self.device), self.dtype)
         (loss / self.cfg.gradient_accumulation_steps).backward()
-        return value
+        return loss.detach()
+
+    @contextmanager
+    def exported_weights(self) -> Iterator[None]:
+        """Inside the block the adapter holds the weights the exported file holds: the EMA when use_ema."""
+        if self.ema is None or not self.cfg.use_ema:
+            yield
+            return
+        with self.ema.swapped_in():
+            yield
+
+    def _ema_device(self) -> torch.device:
+        return self.device if self.cfg.ema_device == "accelerator" else torch.device("cpu")
 
     # ------------------------------------------------------------------------------ checkpoints, export
     def lora_state(self, ema: bool = False) -> dict[str, torch.Tensor]:
@@ -276,7 +305,7 @@ class Trainer:
 
         sd = lora_state_dict(self.transformer)
         if ema and self.ema is not None:
-            by_param = {n.replace(".default", ""): v for n, v in self.ema.items()}
+            by_param = {n.replace(".default", ""): v for n, v in self.ema.state().items()}
             sd = {k: by_param.get(k, v) for k, v in sd.items()}
         return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
 
@@ -301,7 +330,8 @@ class Trainer:
         rng_tensors, rng = capture_rng()
         state = CheckpointState(step=self.step, lora=self.lora_state(), optimizer=self.optimizer.state_dict(),
                                 scheduler=self.scheduler.state_dict(), loader=self.loader.state_dict(),
-                                ema=self.ema, rng_tensors=rng_tensors, rng=rng, extra={"history": self.history})
+                                ema=self.ema.state() if self.ema else None, rng_tensors=rng_tensors, rng=rng,
+                                extra={"history": self.history})
         save_checkpoint(self.store, self.prefix, state, files=self.export_files())
         prune_checkpoints(self.store, self.prefix, self.cfg.checkpoints_total_limit)
         self.store.put_bytes(f"{self.prefix}/metrics.jsonl", self._metrics_jsonl())

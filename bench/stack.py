@@ -38,7 +38,7 @@ def main() -> None:
         root = Path(tmp)
         model = save_tiny_model(root / "model", "edit-v2")
         data = write_dataset(root / "data", n=8, references=2)
-        common = dict(max_train_steps=args.steps, checkpointing_steps=args.steps, validation_step_interval=10 ** 6)
+        common = dict(max_train_steps=args.steps, checkpoint_step_interval=args.steps, validation_step_interval=10 ** 6)
         cfg_w, data_w = write_configs(root / "cfg-w", data, model, "edit-v2", 2, output_dir=str(root / "o" / "w"),
                                       **common)
         cfg_s, data_s = write_configs(root / "cfg-s", data, model, "edit-v2", 2, output_dir=str(root / "o" / "s"),

@@ -69,7 +69,7 @@ def measure(args: argparse.Namespace, resolution: int) -> None:
         model = save_tiny_model(root / "model", args.flavour)
         data = write_dataset(root / "data", n=16, references=args.references)
         cfg, _ = write_configs(root / "cfg", data, model, args.flavour, args.references, resolution=resolution,
-                               max_train_steps=args.steps + 20, checkpointing_steps=10 ** 6, lora_rank=16,
+                               max_train_steps=args.steps + 20, checkpoint_step_interval=10 ** 6, lora_rank=16,
                                base_model_precision=args.precision, output_dir=str(root / "out"),
                                compile_transformer=args.compile)
         run = load_run_config(cfg)

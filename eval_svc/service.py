@@ -1,7 +1,9 @@
-"""eval_svc: Render jobs (run, step, LoRA object, eval set) → preview grids and metrics in the store."""
+"""eval_svc: Render jobs (run, step, LoRA object, eval set) → preview grids and metrics in the store (and, with
+report_to tensorboard, the render's TensorBoard event file in the run's logs: see ``shared.train.trackers``)."""
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 from pathlib import Path
@@ -22,8 +24,10 @@ from shared.service.jobs import JobContext
 from shared.service.metrics import Metrics
 from shared.service.records import JobRecord
 from shared.store.base import ObjectStore, validate_key
+from shared.train.trackers import publish_validation
 
 ADAPTER = "validation"
+log = logging.getLogger(__name__)
 
 
 class EvalCore:
@@ -68,9 +72,15 @@ class EvalCore:
             self.metrics.eval_render_seconds.observe(result.seconds)
             self.metrics.record_gpu("eval")
         self.idle.touch()
+        outputs = {"metrics": result.metrics_key, "grids": ",".join(s.grid_key for s in result.samples),
+                   "psnr_lora": f"{result.psnr_lora}", "psnr_base": f"{result.psnr_base}"}
+        try:  # the worker has moved on: this render's TensorBoard file is written here, whenever it finishes
+            if key := publish_validation(self.store, run, p["run_id"], result.to_json()):
+                outputs["tensorboard"] = key
+        except Exception:  # the logs are not worth the render
+            log.warning("the TensorBoard file of %s step %s was not written", p["run_id"], p["step"], exc_info=True)
         ctx.progress(phase="render", step=1, total=1, message="done")
-        return {"metrics": result.metrics_key, "grids": ",".join(s.grid_key for s in result.samples),
-                "psnr_lora": f"{result.psnr_lora}", "psnr_base": f"{result.psnr_base}"}
+        return outputs
 
     def _load_lora(self, pipe: Any, key: str) -> None:
         """From the file itself, not a state dict: diffusers reads the LoRA's alpha from the file's metadata

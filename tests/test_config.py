@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from seed_files import SEED_CONFIG, SEED_DATA_V1, SEED_DATA_V2, SEED_EVAL, SEED_MODEL_KWARGS
 
+from seed_files import SEED_CONFIG, SEED_DATA_V1, SEED_DATA_V2, SEED_EVAL, SEED_MODEL_KWARGS
 from shared.config.loading import load_run_config, preset_names
 from shared.config.schema import parse_wxh
 from shared.errors import ConfigError
@@ -100,14 +100,15 @@ def test_overrides_and_dash_prefixed_keys(tmp_path, monkeypatch):
     assert t.train_batch_size == 1
 
 
-def test_unknown_keys_are_one_warning_listing_them(tmp_path, monkeypatch):
+def test_unknown_and_no_effect_keys_are_reported_apart(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_project(tmp_path, SEED_CONFIG.replace("{", '{"report_to": "wandb", "lora_rnak": 4,', 1),
+    write_project(tmp_path, SEED_CONFIG.replace("{", '{"hub_model_id": "me/x", "lora_rnak": 4,', 1),
                   SEED_DATA_V1.replace('"type": "local",', '"type": "local", "vae_cache_ondemand": true,', 1))
     run = load_run_config("config/config.json")
-    assert len(run.warnings) == 1
-    w = run.warnings[0]
-    assert "report_to" in w and "lora_rnak" in w and "$[0].vae_cache_ondemand" in w
+    [unknown] = [w for w in run.warnings if w.startswith("ignoring unknown keys")]
+    assert "$.lora_rnak (did you mean 'lora_rank'?)" in unknown and "hub_model_id" not in unknown
+    [dropped] = [w for w in run.warnings if w.startswith("ignoring keys that change nothing")]
+    assert "$.hub_model_id (EditTuner does not upload" in dropped and "$[0].vae_cache_ondemand" in dropped
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -201,7 +202,8 @@ def test_conditioning_image_embeds_naming_no_entry_is_cache_not_found(tmp_path, 
 
 def test_two_datasets_sharing_a_vae_cache_are_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_project(tmp_path, data=SEED_DATA_V1.replace('"cache/vae/qwen-edit-reference"', '"cache/vae/qwen-edit-images"'))
+    write_project(tmp_path,
+                  data=SEED_DATA_V1.replace('"cache/vae/qwen-edit-reference"', '"cache/vae/qwen-edit-images"'))
     with pytest.raises(ConfigError) as e:
         load_run_config("config/config.json")
     [p] = problems_of(e)

@@ -135,7 +135,7 @@ def test_the_cache_and_the_transformer_get_the_pipelines_reference_latents(tmp_p
 # ------------------------------------------------------------------------------------------- evaluation
 def make(tmp: Path, tiny_models: Any, n: int, **overrides: Any):
     root = write_dataset(tmp / "data", n=n, references=1)
-    base = dict(max_train_steps=4, checkpointing_steps=100, validation_step_interval=100, num_eval_images=2,
+    base = dict(max_train_steps=4, checkpoint_step_interval=100, validation_step_interval=100, num_eval_images=2,
                 learning_rate=1e-2, lora_rank=4, output_dir=str(tmp / "out"))
     cfg, _ = write_configs(tmp / "cfg", root, tiny_models("edit-v2"), "edit-v2", 1, **(base | overrides))
     run = load_run_config(cfg)

@@ -41,7 +41,7 @@ def stack(tmp_path_factory, tiny_models):
 
 
 def files_for(stack, name, **overrides):
-    base = dict(max_train_steps=4, checkpointing_steps=2, validation_step_interval=2, num_eval_images=1,
+    base = dict(max_train_steps=4, checkpoint_step_interval=2, validation_step_interval=2, num_eval_images=1,
                 learning_rate=1e-3, lora_rank=4, output_dir=str(stack.tmp / "out" / name))
     cfg, data = write_configs(stack.tmp / "cfg" / name, stack.root, stack.model, "edit-v2", 2, **(base | overrides))
     return files_to_proto(read_config_files(cfg, data))
@@ -127,7 +127,7 @@ def test_missing_reference_fails_the_encode_and_the_run_with_the_reason(stack):
 
 
 def test_a_killed_worker_fails_the_run_not_the_service_and_the_reason_is_the_signal(stack):
-    c, job = start(stack, "killed", max_train_steps=500, checkpointing_steps=1000, validation_step_interval=1000)
+    c, job = start(stack, "killed", max_train_steps=500, checkpoint_step_interval=1000, validation_step_interval=1000)
     wait_for_step(c, job, 1)
     os.kill(_worker_pid(stack, "killed"), signal.SIGKILL)
     final = c.watch(job.job_id, lambda j: None)
@@ -172,7 +172,7 @@ def test_eval_down_the_run_goes_on_and_the_miss_is_reported(stack):
 
 
 def test_a_restarted_trainer_resumes_the_run_from_its_checkpoint(stack):
-    c, job = start(stack, "restart", max_train_steps=40, checkpointing_steps=2, validation_step_interval=1000)
+    c, job = start(stack, "restart", max_train_steps=40, checkpoint_step_interval=2, validation_step_interval=1000)
     deadline = time.time() + 90
     while time.time() < deadline:
         p = c.get(job.job_id).progress
@@ -230,7 +230,7 @@ def test_datasets_and_models_outside_the_servers_folders_are_refused_by_name(sta
 
 
 def test_sigterm_to_the_trainer_checkpoints_the_step_it_is_on_and_the_restart_loses_no_step(stack):
-    c, job = start(stack, "graceful", max_train_steps=40, checkpointing_steps=1000, validation_step_interval=1000)
+    c, job = start(stack, "graceful", max_train_steps=40, checkpoint_step_interval=1000, validation_step_interval=1000)
     reached = wait_for_step(c, job, 3)
     started = time.monotonic()
     code = stack.stop_one("trainer", grace_s=60)  # SIGTERM
@@ -249,7 +249,7 @@ def test_sigterm_to_the_trainer_checkpoints_the_step_it_is_on_and_the_restart_lo
 
 
 def test_a_killed_supervisor_takes_its_worker_along_and_nothing_is_committed_after(stack):
-    c, job = start(stack, "orphan", max_train_steps=500, checkpointing_steps=2, validation_step_interval=1000)
+    c, job = start(stack, "orphan", max_train_steps=500, checkpoint_step_interval=2, validation_step_interval=1000)
     wait_for_step(c, job, 3)
     worker = _worker_pid(stack, "orphan")
     store = LocalStore(stack.tmp / "store")

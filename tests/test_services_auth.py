@@ -21,7 +21,7 @@ def test_token_is_required_and_propagated(tmp_path, tiny_models, monkeypatch):
     env = {**os.environ, "EDITTUNER_TOKEN": token, "EDITTUNER_WORKDIR": str(tmp_path / "work")}
     root = write_dataset(tmp_path / "data", n=2, references=1)
     cfg, data = write_configs(tmp_path / "cfg", root, tiny_models("edit-v1"), "edit-v1", 1, max_train_steps=2,
-                              checkpointing_steps=2, validation_step_interval=2, num_eval_images=1,
+                              checkpoint_step_interval=2, validation_step_interval=2, num_eval_images=1,
                               output_dir=str(tmp_path / "out" / "auth"))
     with start_local_stack(str(tmp_path / "store"), tmp_path / "logs", env=env) as stack:
         anonymous = Client("trainer", stack.addresses["trainer"], token="")

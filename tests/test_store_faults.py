@@ -42,7 +42,7 @@ def store_at(url: str, bucket: str, retry_s: float) -> MinioStore:
 
 def tiny_run(tmp_path, tiny_models, name: str, **overrides):
     root = write_dataset(tmp_path / "data", n=3, references=1)
-    base = dict(max_train_steps=10, checkpointing_steps=3, learning_rate=1e-3, lora_rank=4, seed=3,
+    base = dict(max_train_steps=10, checkpoint_step_interval=3, learning_rate=1e-3, lora_rank=4, seed=3,
                 output_dir=str(tmp_path / name))
     cfg, _ = write_configs(tmp_path / f"cfg-{name}", root, tiny_models("edit-v2"), "edit-v2", 1, **(base | overrides))
     return load_run_config(cfg)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from shared.cli.main import main
 
-SHORT = ["max_train_steps=4", "checkpointing_steps=2", "validation_step_interval=2", "num_eval_images=1"]
+SHORT = ["max_train_steps=4", "checkpoint_step_interval=2", "validation_step_interval=2", "num_eval_images=1"]
 
 
 def test_train_example_tiny_preset_end_to_end(tmp_path, monkeypatch, capsys):
@@ -40,7 +40,7 @@ def test_train_example_tiny_preset_end_to_end(tmp_path, monkeypatch, capsys):
 
 def test_worker_prints_json_lines_and_exit_codes(tmp_path):
     cmd = [sys.executable, "-m", "trainer_svc.worker", "--store", str(tmp_path / "store"),
-           "example=qwen_image.edit-v1-lora-tiny", "max_train_steps=2", "checkpointing_steps=1", "--no-validation"]
+           "example=qwen_image.edit-v1-lora-tiny", "max_train_steps=2", "checkpoint_step_interval=1", "--no-validation"]
     from shared.cli.demo import materialize_preset
     materialize_preset("qwen_image.edit-v1-lora-tiny", tmp_path)
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -59,7 +59,7 @@ def test_train_without_a_server_starts_local_services(tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     for var in ("EDITTUNER_SERVER", "EDITTUNER_TRAINER_ADDR", "EDITTUNER_STORE"):
         monkeypatch.delenv(var, raising=False)
-    assert main(["train", "example=qwen_image.edit-v1-lora-tiny", "max_train_steps=3", "checkpointing_steps=3",
+    assert main(["train", "example=qwen_image.edit-v1-lora-tiny", "max_train_steps=3", "checkpoint_step_interval=3",
                  "validation_step_interval=3", "num_eval_images=1", "--quiet"]) == 0
     captured = capsys.readouterr()
     assert "started local services" in captured.err and "submitted job" in captured.err

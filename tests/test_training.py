@@ -16,7 +16,7 @@ from shared.train.trainer import Trainer, TrainingDiverged
 
 def make_run(tmp_path, tiny_models, flavour="edit-v2", refs=2, n=4, **overrides):
     root = write_dataset(tmp_path / "data", n=n, references=refs)
-    base = dict(max_train_steps=6, checkpointing_steps=3, learning_rate=1e-3, lora_rank=4, seed=7,
+    base = dict(max_train_steps=6, checkpoint_step_interval=3, learning_rate=1e-3, lora_rank=4, seed=7,
                 output_dir=str(tmp_path / "out"))
     cfg, _ = write_configs(tmp_path / "cfg", root, tiny_models(flavour), flavour, refs, **(base | overrides))
     store = LocalStore(tmp_path / "store")
@@ -132,7 +132,7 @@ def test_nan_loss_stops_with_step_and_samples(tmp_path, tiny_models):
 
 def test_checkpoint_limit_and_final_export(tmp_path, tiny_models):
     cfg, store = make_run(tmp_path, tiny_models, n=2)
-    s = trainer_for(cfg, store, "checkpointing_steps=1", "checkpoints_total_limit=2", "lora_format=both").train()
+    s = trainer_for(cfg, store, "checkpoint_step_interval=1", "checkpoints_total_limit=2", "lora_format=both").train()
     assert s.checkpoints == [1, 2, 3, 4, 5, 6]
     from shared.store.checkpoint import committed_steps
     assert committed_steps(store, "runs/out") == [5, 6]

@@ -53,7 +53,7 @@ def run_demo(out: Path, flavour: str = "edit-v2", samples: int = 8, steps: int =
     data = write_dataset(out / "data", n=samples, references=refs)
     config, databackend = write_configs(
         out / "config", data, model, flavour, refs, output_dir=str(out / "output"), max_train_steps=steps,
-        learning_rate=3e-3, lora_rank=8, checkpointing_steps=steps // 2, validation_step_interval=steps // 2,
+        learning_rate=3e-3, lora_rank=8, checkpoint_step_interval=steps // 2, validation_step_interval=steps // 2,
         num_eval_images=2, seed=0)
     print(f"[demo] {samples} generated pairs with {refs} reference(s): {data}")
     print(f"[demo] config: {config}\n[demo] data:   {databackend}")

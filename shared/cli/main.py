@@ -61,7 +61,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"1 of {len(refs)} (random)"
         buckets = ", ".join(f"{w}x{h} ×{n}" for (w, h), n in ds.buckets().items()) or "none"
         print(f"dataset {ds.config.id!r} ({ds.role}): {len(ds.samples)} samples, {per} reference(s) per sample"
-              f" [{', '.join(r.id for r in refs)}]" + (f", {len(ds.skipped)} skipped" if ds.skipped else ""))
+              f" [{', '.join(r.id for r in refs)}]" + (f", {len(ds.skipped)} skipped" if ds.skipped else "")
+              + (f", {len(ds.filtered)} left out by size rules" if ds.filtered else ""))
+        if ds.filtered and args.verbose:
+            for name, why in ds.filtered:
+                print(f"  left out: {name}: {why}")
         print(f"  buckets: {buckets}")
         status = cache_status([i for i in items if i.dataset is ds], manifests)
         print("  cached:  " + ", ".join(f"{k} {c}/{n}" for k, (c, n) in sorted(status.items())))
@@ -198,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="validate config + datasets, pair them, show buckets and cache status")
     _add_run_args(p)
+    p.add_argument("--verbose", action="store_true", help="name every image a size rule leaves out")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("plan", help="predict GPU memory and step time per service; exit 0 if the trainer fits, "
                                     "2 if not (with overrides that fit)")

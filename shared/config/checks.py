@@ -41,6 +41,20 @@ def check_datasets(train: TrainConfig, data: DataConfig, cfg_label: str) -> tupl
             if d.type == "store" and not d.store_upload:
                 problems.append(Problem(_where(data, d, "store_upload"), "is required for type 'store': the "
                                         "upload name `edittuner data push` printed"))
+        problems.extend(_size_rules(data, d))
+        if d.dataset_type == "conditioning" and d.conditioning_type == "reference_loose" and d.crop:
+            warnings.append(f"{_where(data, d, 'crop')}: reference_loose images are not cropped: each is fed whole, "
+                            "at ~reference_area of its own aspect, as the pipelines feed references")
+        if d.dataset_type == "image" and d.caption_strategy is None:
+            problems.append(Problem(_where(data, d, "caption_strategy"), "is null, but the edit images need their "
+                                    "instructions: use textfile, filename or instanceprompt (null is for reference "
+                                    "datasets)"))
+        if d.dataset_type == "conditioning" and d.caption_strategy not in (None, "filename") and \
+                train.conditioning_multidataset_sampling == "random":
+            problems.append(Problem(_where(data, d, "caption_strategy"), (
+                f"{d.caption_strategy!r}: SimpleTuner would train on this reference dataset's captions instead of "
+                "the edit instructions (random conditioning sampling); EditTuner always trains on the image "
+                "dataset's captions. Set it to null, or move the captions to the image dataset")))
         if d.caption_strategy == "instanceprompt" and not d.instance_prompt:
             problems.append(Problem(_where(data, d, "instance_prompt"), "is required with caption_strategy "
                                     "'instanceprompt'"))
@@ -86,6 +100,7 @@ def check_datasets(train: TrainConfig, data: DataConfig, cfg_label: str) -> tupl
         if d.id is not None and d.dataset_type == "conditioning" and d.id not in referenced:
             warnings.append(f"{_where(data, d)}: conditioning dataset is not referenced by any image dataset's "
                             "conditioning_data; it is unused")
+    problems.extend(_text_embeds(data))
     owners: dict[str, str] = {}
     for d in data.datasets:
         if d.id is None or d.dataset_type not in ("image", "conditioning"):
@@ -117,3 +132,61 @@ def check_datasets(train: TrainConfig, data: DataConfig, cfg_label: str) -> tupl
                                     f"{train.eval_dataset_id!r} names no image dataset in {data.source}; image "
                                     "datasets: " + ", ".join(repr(x.id) for x in images)))
     return problems, warnings
+
+
+def _size_rules(data: DataConfig, d: DatasetConfig) -> list[Problem]:
+    out = []
+    if (d.maximum_image_size is None) != (d.target_downsample_size is None) and d.dataset_type == "image":
+        given = "maximum_image_size" if d.maximum_image_size is not None else "target_downsample_size"
+        out.append(Problem(_where(data, d, given), "maximum_image_size and target_downsample_size go together (images "
+                           "larger than the first are downsampled to the second): set both, or neither"))
+    if d.crop and d.crop_aspect in ("closest", "random") and not d.crop_aspect_buckets:
+        out.append(Problem(_where(data, d, "crop_aspect_buckets"), f"is required with crop_aspect {d.crop_aspect!r}: "
+                           "a list of width/height ratios like [0.75, 1.0, 1.33]"))
+    for i, b in enumerate(d.crop_aspect_buckets):
+        aspect = b.get("aspect_bucket") if isinstance(b, dict) else b
+        weight = b.get("weight", 1.0) if isinstance(b, dict) else 1.0
+        if isinstance(aspect, bool) or not isinstance(aspect, (int, float)) or aspect <= 0 or \
+                isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            out.append(Problem(_where(data, d, f"crop_aspect_buckets[{i}]"), f"{b!r}: expected a positive "
+                               "width/height ratio, or {\"aspect_bucket\": ratio, \"weight\": w}"))
+    if d.resolution_type == "area":
+        for key in ("minimum_image_size", "maximum_image_size", "target_downsample_size"):
+            v = getattr(d, key)
+            if v is not None and v > 20:
+                out.append(Problem(_where(data, d, key), f"{v:g} megapixels (resolution_type 'area' counts in "
+                                   "megapixels); did you mean resolution_type 'pixel_area', where sizes are in "
+                                   "pixels?"))
+    return out
+
+
+def _text_embeds(data: DataConfig) -> list[Problem]:
+    """SimpleTuner's text_embeds entries: at most one ``default``; an image dataset's ``text_embeds`` names one."""
+    out = []
+    entries = [d for d in data.datasets if d.dataset_type == "text_embeds"]
+    defaults = [d for d in entries if d.default]
+    if len(defaults) > 1:
+        out.append(Problem(_where(data, defaults[1], "default"), "only one text_embeds entry can be the default; "
+                           "other ids: " + ", ".join(repr(d.id) for d in defaults)))
+    by_id = {d.id: d for d in entries}
+    for d in data.image_datasets:
+        if d.text_embeds is not None and d.text_embeds not in by_id:
+            out.append(Problem(_where(data, d, "text_embeds"), f"{d.text_embeds!r} names no text_embeds entry"
+                               + ("; text_embeds entries: " + ", ".join(map(repr, by_id)) if by_id else "")))
+    return out
+
+
+def check_schedule(train: TrainConfig, cfg_label: str) -> list[Problem]:
+    """The lr schedule's own rules, before any model loads (schedule-free optimizers keep the lr constant)."""
+    from shared.config.optimizers import OPTIMIZERS
+
+    spec = OPTIMIZERS.get(train.optimizer)
+    if spec is None or spec.schedule_free:
+        return []
+    if train.lr_scheduler == "sine" and train.lr_warmup_steps <= 0:
+        return [Problem(f"{cfg_label}: $.lr_warmup_steps", "lr_scheduler sine takes its period from lr_warmup_steps "
+                        "(SimpleTuner's rule): set lr_warmup_steps > 0")]
+    if train.lr_scheduler == "polynomial" and train.lr_end > train.learning_rate:
+        return [Problem(f"{cfg_label}: $.lr_end", f"{train.lr_end:g} exceeds learning_rate "
+                        f"({train.learning_rate:g}): the polynomial schedule decays from learning_rate to lr_end")]
+    return []

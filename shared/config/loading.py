@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import jsonc
-from shared.config.checks import check_datasets
+from shared.config.checks import check_datasets, check_schedule
 from shared.config.schema import DataConfig, DatasetConfig, ModelKwargs, RunConfig, TrainConfig
-from shared.config.typed import build
+from shared.config.simpletuner import DATASET_RULES, TRAIN_RULES, translate, value_alias, value_problem
+from shared.config.typed import build, names
 from shared.errors import ConfigError, Problem
 
 
@@ -74,12 +75,50 @@ def preset_dir(name: str) -> Path:
     return Path(str(resources.files("shared.config") / "presets" / name))
 
 
+def _sorted_keys(raw: dict[str, Any], cls: type, rules: dict, where: str, problems: list[Problem],
+                 ignored: list[str], *, simpletuner_level: bool) -> dict[str, Any]:
+    """SimpleTuner's names → ours (``shared.config.simpletuner``); values EditTuner refuses are problems."""
+    t = translate(raw, where, names(cls), rules, simpletuner_level=simpletuner_level)
+    problems.extend(t.problems)
+    ignored.extend(t.ignored)
+    ignored.extend(f"{u} [unknown key]" for u in t.unknown)
+    for key, value in list(t.raw.items()):
+        t.raw[key] = value = value_alias(key, value)
+        if (msg := value_problem(key, value)) is not None:
+            problems.append(Problem(f"{where}.{key}", f"{value!r} is not supported: {msg}"))
+            del t.raw[key]
+    return t.raw
+
+
+def _steps_or_epochs(raw: dict[str, Any], where: str, problems: list[Problem]) -> None:
+    """SimpleTuner's rule: num_train_epochs counts when max_train_steps is 0 or absent; both at once is an error."""
+    def number(key: str) -> float:
+        try:
+            return float(raw.get(key) or 0)
+        except (TypeError, ValueError):
+            return 0.0  # the field's own check reports it
+    steps, epochs = number("max_train_steps"), number("num_train_epochs")
+    if epochs > 0 and steps > 0:
+        problems.append(Problem(f"{where}.max_train_steps", f"both max_train_steps ({raw['max_train_steps']}) and "
+                                "num_train_epochs ({}) are set; set num_train_epochs to 0 to train by steps, or "
+                                "max_train_steps to 0 to train by epochs".format(raw["num_train_epochs"])))
+    elif epochs > 0:
+        raw["max_train_steps"] = 0
+    elif "max_train_steps" in raw and steps == 0 and raw.get("max_train_steps") is not None:
+        problems.append(Problem(f"{where}.max_train_steps", "is 0 and num_train_epochs is not set: give the run a "
+                                "length with max_train_steps or num_train_epochs"))
+    if raw.get("max_train_steps") is None and epochs == 0:
+        raw.pop("max_train_steps", None)  # the default
+
+
 def _parse_train(raw: Any, source: str, problems: list[Problem], ignored: list[str]) -> TrainConfig:
     if not isinstance(raw, dict):
         problems.append(Problem(source, "config.json must be a JSON object of option: value"))
         raw = {}
     raw = _strip_dashes(raw)
     mk_raw = raw.pop("model_kwargs", {}) or {}
+    raw = _sorted_keys(raw, TrainConfig, TRAIN_RULES, f"{source}: $", problems, ignored, simpletuner_level=True)
+    _steps_or_epochs(raw, f"{source}: $", problems)
     mk = ModelKwargs()
     if isinstance(mk_raw, dict):
         mk = build(ModelKwargs, mk_raw, f"{source}: $.model_kwargs", problems, ignored)
@@ -89,17 +128,60 @@ def _parse_train(raw: Any, source: str, problems: list[Problem], ignored: list[s
     return dataclasses.replace(cfg, model_kwargs=mk)
 
 
-def _parse_data(raw: Any, source: str, problems: list[Problem], ignored: list[str]) -> DataConfig:
+DATASET_DEFAULTS = ("resolution", "resolution_type", "minimum_image_size", "maximum_image_size",
+                    "target_downsample_size")
+
+
+def _dataset_type(entry: dict[str, Any], referenced: set[str]) -> None:
+    """SimpleTuner's rule, case-insensitive: an entry with a conditioning_type, or (absent a dataset_type) named in
+    another's conditioning_data, is a conditioning dataset; otherwise an image dataset."""
+    dt = entry.get("dataset_type")
+    if isinstance(dt, str):
+        entry["dataset_type"] = dt = dt.strip().lower()
+    if entry.get("conditioning_type") is not None and dt in (None, "image"):
+        entry["dataset_type"] = "conditioning"
+    elif dt is None:
+        entry["dataset_type"] = "conditioning" if entry.get("id") in referenced else "image"
+
+
+def _placeholders(entry: dict[str, Any], train: TrainConfig) -> None:
+    """SimpleTuner's {model_family}, {output_dir} and {id} in paths."""
+    for key in ("instance_data_dir", "cache_dir_vae", "cache_dir", "aws_data_prefix"):
+        v = entry.get(key)
+        if isinstance(v, str) and "{" in v:
+            entry[key] = (v.replace("{model_family}", train.model_family).replace("{output_dir}", train.output_dir)
+                          .replace("{id}", str(entry.get("id", ""))))
+
+
+def _parse_data(raw: Any, source: str, problems: list[Problem], ignored: list[str],
+                train: TrainConfig | None = None) -> DataConfig:
     if not isinstance(raw, list):
         problems.append(Problem(source, "multidatabackend.json must be a JSON list of dataset objects"))
         return DataConfig(source, ())
+    train = train or TrainConfig(model_flavour="edit-v2")
+    entries = [_strip_dashes(e) if isinstance(e, dict) else e for e in raw]
+    referenced = {r for e in entries if isinstance(e, dict) for r in (
+        [e["conditioning_data"]] if isinstance(e.get("conditioning_data"), str) else e.get("conditioning_data") or [])
+        if isinstance(r, str)}
     out = []
-    for i, entry in enumerate(raw):
+    for i, entry in enumerate(entries):
         where = f"{source}: $[{i}]"
         if not isinstance(entry, dict):
             problems.append(Problem(where, "each dataset must be a JSON object"))
             continue
-        d = build(DatasetConfig, _strip_dashes(entry), where, problems, ignored)
+        if entry.get("disabled") is True or entry.get("disable") is True:
+            continue  # SimpleTuner skips a disabled entry whole, whatever else it says
+        entry = dict(entry)
+        _dataset_type(entry, referenced)
+        _placeholders(entry, train)
+        if entry.get("dataset_type") == "image":
+            for key in DATASET_DEFAULTS + ("caption_strategy",):
+                if key not in entry and getattr(train, key) is not None:
+                    entry[key] = getattr(train, key)
+        elif entry.get("dataset_type") == "conditioning" and "caption_strategy" not in entry:
+            entry["caption_strategy"] = None  # references' captions are not used
+        entry = _sorted_keys(entry, DatasetConfig, DATASET_RULES, where, problems, ignored, simpletuner_level=False)
+        d = build(DatasetConfig, entry, where, problems, ignored)
         if not d.disabled:
             out.append(d)
     return DataConfig(source, tuple(out))
@@ -159,16 +241,35 @@ def load_run_config(config: str | Path | None = None, data: str | Path | None = 
 
 def _finish(train: TrainConfig, data_raw: Any, cfg_label: str, data_label: str, problems: list[Problem],
             ignored: list[str]) -> RunConfig:
-    dcfg = _parse_data(data_raw, data_label, problems, ignored)
+    dcfg = _parse_data(data_raw, data_label, problems, ignored, train)
     cross, warnings = check_datasets(train, dcfg, cfg_label)
     problems.extend(cross)
+    problems.extend(check_schedule(train, cfg_label))
     if problems:
         raise ConfigError(problems)
-    if ignored:
-        warnings.insert(0, "ignoring keys EditTuner does not use: " + ", ".join(ignored))
+    unknown = [k[: -len(" [unknown key]")] for k in ignored if k.endswith(" [unknown key]")]
+    dropped = [k for k in ignored if not k.endswith(" [unknown key]")]
+    if unknown:
+        warnings.insert(0, "ignoring unknown keys (neither EditTuner's nor SimpleTuner's options): "
+                        + _by_file(unknown, ", "))
+    if dropped:
+        warnings.insert(0, "ignoring keys that change nothing here: " + _by_file(dropped, "; "))
     if train.data_backend_config != data_label:
         train = dataclasses.replace(train, data_backend_config=data_label)
     return RunConfig(train=train, data=dcfg, config_source=cfg_label, warnings=tuple(warnings))
+
+
+def _by_file(entries: list[str], sep: str) -> str:
+    """'config.json: $.a; config.json: $.b' → 'config.json: $.a; $.b' (each file named once)."""
+    out, last = [], None
+    for e in entries:
+        source, colon, rest = e.partition(": $")
+        if colon and source == last:
+            out.append("$" + rest)
+        else:
+            out.append(e)
+            last = source if colon else None
+    return sep.join(out)
 
 
 @dataclass(frozen=True)

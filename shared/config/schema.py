@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from shared.config.flavours import FLAVOURS
+from shared.config.optimizers import check_optimizer
 from shared.config.typed import field, non_negative, positive, probability
 from shared.errors import InvalidInput
 from shared.store.keys import validate_key
@@ -82,6 +83,31 @@ def _check_resume(v: str) -> str | None:
     return f"expected 'latest', a step number or 'step-N', got {v!r}"
 
 
+REPORT_TO = ("tensorboard", "wandb")
+_REFUSED_TRACKERS = {"comet_ml": "comet_ml needs its cloud service", "swanlab": "swanlab needs its cloud service",
+                     "simpletuner": "SimpleTuner's own HTML report", "custom-tracker": "SimpleTuner's plugin trackers"}
+
+
+def report_targets(value: str) -> list[str]:
+    """'all' → every tracker; 'none' → []; 'tensorboard,wandb' → both."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if names in ([], ["none"]):
+        return []
+    if names == ["all"]:
+        return list(REPORT_TO)
+    return names
+
+
+def _check_report_to(v: str) -> str | None:
+    for name in report_targets(v):
+        if name in _REFUSED_TRACKERS:
+            return (f"{name!r} is not supported ({_REFUSED_TRACKERS[name]}); use tensorboard or wandb (offline "
+                    "runs that `wandb sync` uploads later), or none")
+        if name not in REPORT_TO:
+            return f"{name!r} is not a tracker; use none, tensorboard, wandb, all, or a comma-separated list"
+    return None
+
+
 # --------------------------------------------------------------------------------------------- train config
 @dataclass(frozen=True)
 class ModelKwargs:
@@ -106,16 +132,30 @@ class TrainConfig:
     # batch and schedule
     train_batch_size: int = field(1, check=positive)
     gradient_accumulation_steps: int = field(1, check=positive)
-    max_train_steps: int = field(1000, check=positive)
+    max_train_steps: int = field(1000, check=non_negative, doc="optimizer steps; 0: num_train_epochs decides "
+                                                                "(1000 when neither is set)")
+    num_train_epochs: int = field(0, check=non_negative, doc="passes over the data, when max_train_steps is 0")
     learning_rate: float = field(1e-4, check=positive)
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "polynomial"] = field("constant")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                          "sine"] = field("constant")
     lr_warmup_steps: int = field(0, check=non_negative)
-    optimizer: Literal["adamw", "adamw8bit"] = field("adamw")
+    lr_end: float = field(4e-7, check=non_negative, doc="polynomial: the final learning rate")
+    lr_power: float = field(0.8, check=positive, doc="polynomial: the decay's power")
+    lr_num_cycles: int = field(1, check=positive, doc="cosine_with_restarts: hard restarts over the run")
+    optimizer: str = field("adamw", check=check_optimizer, doc="SimpleTuner's optimizer names (see the table)")
+    optimizer_config: Optional[str] = field(None, doc="extra optimizer arguments as SimpleTuner writes them: "
+                                                      "'weight_decay=0.0,eps=1e-6'")
+    optimizer_beta1: Optional[float] = field(None, check=_check_beta, doc="with optimizer_beta2: the betas for "
+                                                                           "any optimizer that takes them")
+    optimizer_beta2: Optional[float] = field(None, check=_check_beta)
     adam_beta1: float = field(0.9, check=_check_beta)
     adam_beta2: float = field(0.999, check=_check_beta)
     adam_weight_decay: float = field(1e-2, check=non_negative)
     adam_epsilon: float = field(1e-8, check=positive)
-    max_grad_norm: float = field(1.0, check=non_negative)
+    max_grad_norm: float = field(1.0, check=non_negative, doc="0: no clipping")
+    grad_clip_method: Literal["norm", "value"] = field("norm", doc="norm: scale the gradients' global norm down to "
+                                                                   "max_grad_norm; value: clamp each gradient "
+                                                                   "element to ±max_grad_norm (SimpleTuner's default)")
     seed: int = field(42)
     # precision and memory
     mixed_precision: Literal["auto", "bf16", "fp16", "no", "fp32"] = field(
@@ -135,6 +175,15 @@ class TrainConfig:
     flow_schedule_auto_shift: bool = field(False, doc="shift each batch's sigmas by its image sequence length, as "
                                                       "the Qwen scheduler shifts inference (replaces the static shift)")
     caption_dropout_probability: float = field(0.0, check=probability)
+    # dataset defaults (SimpleTuner's top-level options: each dataset without its own value takes these)
+    resolution: Optional[float] = field(None, check=positive, doc="default of each dataset's resolution (1024)")
+    resolution_type: Optional[Literal["pixel", "area", "pixel_area"]] = field(None, doc="default of each dataset's "
+                                                                                        "resolution_type")
+    minimum_image_size: Optional[float] = field(None, check=non_negative, doc="default of each dataset's")
+    maximum_image_size: Optional[float] = field(None, check=non_negative, doc="default of each dataset's")
+    target_downsample_size: Optional[float] = field(None, check=non_negative, doc="default of each dataset's")
+    caption_strategy: Optional[Literal["textfile", "filename", "instanceprompt"]] = field(
+        None, doc="default of each image dataset's caption_strategy (filename)")
     conditioning_multidataset_sampling: Literal["combined", "random"] = field("combined")
     model_kwargs: ModelKwargs = field(ModelKwargs())
     # LoRA
@@ -148,13 +197,22 @@ class TrainConfig:
     ema_device: Literal["cpu", "accelerator"] = field("cpu", doc="where the EMA lives: cpu (no GPU memory, one "
                                                                  "batched copy a step) or the training device")
     # checkpoints
-    checkpointing_steps: int = field(500, check=positive)
-    checkpoints_total_limit: Optional[int] = field(None, check=positive)
+    checkpoint_step_interval: int = field(500, check=positive, aliases=("checkpointing_steps",))
+    checkpoints_total_limit: Optional[int] = field(None, check=non_negative, aliases=("save_total_limit",),
+                                                   doc="committed checkpoints kept (0 or unset: all)")
     resume_from_checkpoint: Optional[str] = field(None, check=_check_resume)
+    # trackers
+    report_to: str = field("none", check=_check_report_to, doc="none, tensorboard, wandb (offline), all, or a "
+                                                               "comma-separated list")
+    tracker_project_name: str = field("edittuner")
+    tracker_run_name: Optional[str] = field(None, doc="default: the run id")
+    logging_dir: str = field("logs", doc="tracker files, under output_dir unless absolute")
     # validation
     validation_step_interval: int = field(100, check=positive, aliases=("validation_steps",))
     validation_resolution: str = field("1024x1024", check=_check_wxh)
     validation_guidance: float = field(4.0, check=positive)
+    validation_guidance_rescale: float = field(0.0, check=probability, doc="blend of the guided prediction rescaled "
+                                                                          "to the conditional one's std (0: off)")
     validation_num_inference_steps: int = field(30, check=lambda v: None if v >= 2 else
                                                 "must be at least 2 (one step gives NaN sigmas with the Qwen "
                                                 "scheduler)")
@@ -195,21 +253,42 @@ class DatasetConfig:
     id: str = field(check=_check_dataset_id, doc="unique dataset id")
     type: Literal["local", "aws", "store"] = field("local", doc="local folder, SimpleTuner's aws (S3) prefix, or "
                                                           "store: a dataset uploaded with `edittuner data push`")
-    dataset_type: Literal["image", "conditioning", "conditioning_image_embeds", "text_embeds"] = field("image")
+    dataset_type: Literal["image", "conditioning", "conditioning_image_embeds", "text_embeds"] = field(
+        "image", doc="absent: conditioning when the entry has a conditioning_type or another entry's "
+                     "conditioning_data names it, else image")
     instance_data_dir: Optional[str] = field(None)
-    caption_strategy: Literal["textfile", "filename", "instanceprompt"] = field("filename")
+    caption_strategy: Optional[Literal["textfile", "filename", "instanceprompt"]] = field(
+        "filename", doc="null on reference datasets (their captions are not used)")
     instance_prompt: Optional[str] = field(None)
     resolution: Optional[float] = field(None, check=positive, doc="pixels, megapixels or pixel area per "
                                                                   "resolution_type")
     resolution_type: Literal["pixel", "area", "pixel_area"] = field("pixel_area")
+    minimum_image_size: Optional[float] = field(None, check=non_negative, doc="smaller images are left out (in "
+                                                                              "resolution_type's unit)")
+    maximum_image_size: Optional[float] = field(None, check=non_negative, doc="larger images are first "
+                                                                              "downsampled to target_downsample_size")
+    target_downsample_size: Optional[float] = field(None, check=non_negative)
+    minimum_aspect_ratio: Optional[float] = field(None, check=positive, doc="images of a smaller width/height are "
+                                                                             "left out")
+    maximum_aspect_ratio: Optional[float] = field(None, check=positive)
+    crop: bool = field(False, doc="false: each image keeps its aspect (a bucket of its own aspect); true: cropped "
+                                  "per crop_aspect and crop_style")
+    crop_style: Literal["center", "corner", "random"] = field("center", doc="where the crop box sits; "
+                                                                                     "random: drawn once per image")
+    crop_aspect: Literal["square", "preserve", "closest", "random"] = field("square")
+    crop_aspect_buckets: list[Any] = field([], doc="aspect ratios for crop_aspect closest/random: numbers, or "
+                                                   "{aspect_bucket, weight} objects")
     conditioning_data: list[str] = field([])
+    source_dataset_id: Optional[str] = field(None, doc="a conditioning dataset's image dataset")
+    text_embeds: Optional[str] = field(None, doc="an image dataset's text_embeds entry (default: the one marked "
+                                                 "default)")
+    default: bool = field(False, doc="text_embeds entries: the one caption embeddings go to")
     conditioning_image_embeds: Optional[str] = field(None)
     conditioning_type: Literal["reference_strict", "reference_loose"] = field("reference_strict")
     cache_dir_vae: Optional[str] = field(None, check=_check_cache_dir)
     cache_dir: Optional[str] = field(None, check=_check_cache_dir)
-    disabled: bool = field(False)
+    disabled: bool = field(False, aliases=("disable",))
     repeats: int = field(0, check=non_negative)
-    crop_style: Literal["center"] = field("center")
     store_upload: Optional[str] = field(None, doc="type store: the upload's name (`edittuner data push` prints it)")
     # type=aws (SimpleTuner's names)
     aws_bucket_name: Optional[str] = field(None)
@@ -271,7 +350,18 @@ class DataConfig:
                 e = self.get(d.conditioning_image_embeds)
                 return _prefix(e.cache_dir or f"cache/conditioning_image_embeds/{e.id}")
             return f"cache/conditioning_image_embeds/{d.id}"
+        entry = self.text_embeds_of(d)
+        if entry is not None:  # SimpleTuner's text_embeds entry: one folder per image dataset inside its cache_dir
+            return f"{_prefix(entry.cache_dir or f'cache/text/{entry.id}')}/{d.id}"
         return f"cache/text/{d.id}"
+
+    def text_embeds_of(self, d: DatasetConfig) -> DatasetConfig | None:
+        """The text_embeds entry an image dataset's caption embeddings go to: the one it names, else the default
+        (else the only one), else None."""
+        entries = [e for e in self.datasets if e.dataset_type == "text_embeds"]
+        if d.text_embeds is not None:
+            return next((e for e in entries if e.id == d.text_embeds), None)
+        return next((e for e in entries if e.default), entries[0] if len(entries) == 1 else None)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from shared.errors import Problem
 Check = Callable[[Any], "str | None"]
 
 
-
 def field(default: Any = dataclasses.MISSING, *, check: Check | None = None, doc: str = "",
           aliases: tuple[str, ...] = ()) -> Any:
     """A dataclass field with an optional value check (returns an error message or None) and a doc line."""
@@ -130,7 +129,7 @@ def build(cls: type, raw: dict[str, Any], where: str, problems: list[Problem],
         name = aliases.get(key, key)
         if name not in fields or not fields[name].init:
             if ignored is not None:
-                ignored.append(f"{where}.{key}")
+                ignored.append(f"{where}.{key} [unknown key]")
             continue
         v, err = coerce(value, hints[name])
         check = fields[name].metadata.get("check")
@@ -150,6 +149,16 @@ def build(cls: type, raw: dict[str, Any], where: str, problems: list[Problem],
         problems.append(Problem(f"{where}.{n}", "is required"))
         values[n] = None
     return cls(**values)
+
+
+def names(cls: type) -> set[str]:
+    """The keys ``build`` accepts for ``cls``: its init fields and their aliases."""
+    out = set()
+    for f in dataclasses.fields(cls):
+        if f.init:
+            out.add(f.name)
+            out.update(f.metadata.get("aliases", ()))
+    return out
 
 
 def _required(f: dataclasses.Field) -> bool:

@@ -58,13 +58,17 @@ class Placement:
         return {k: list(getattr(self, k)) for k in ("source", "resize", "crop", "size", "final")}
 
 
-def cover_crop(source: tuple[int, int], bucket: tuple[int, int]) -> Placement:
-    """Resize so the image covers the bucket, then centre-crop to it."""
+def cover_crop(source: tuple[int, int], bucket: tuple[int, int], *, scale: float | None = None,
+               at: tuple[float, float] = (0.5, 0.5)) -> Placement:
+    """Resize so the image covers the bucket (by ``scale`` when that is larger: SimpleTuner's downsample before a
+    crop), then crop the bucket out of it at ``at``: the fraction of the spare width and height left of and above
+    the box ((0.5, 0.5) centre, (0, 0) the top-left corner)."""
     w, h = source
     bw, bh = bucket
-    scale = max(bw / w, bh / h)
+    scale = max(bw / w, bh / h, scale or 0.0)
     rw, rh = max(bw, math.ceil(w * scale - 1e-9)), max(bh, math.ceil(h * scale - 1e-9))
-    return Placement(source, (rw, rh), ((rw - bw) // 2, (rh - bh) // 2), bucket, bucket)
+    left, top = int((rw - bw) * at[0]), int((rh - bh) * at[1])
+    return Placement(source, (rw, rh), (left, top), bucket, bucket)
 
 
 def pipeline_size(area: int, aspect: float) -> tuple[int, int]:

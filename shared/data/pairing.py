@@ -10,6 +10,8 @@ all at once with the dataset and file names.
 from __future__ import annotations
 
 import hashlib
+import math
+import random
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Iterable
@@ -65,6 +67,7 @@ class PairedDataset:
     samples: list[Sample]
     sources: dict[str, ImageSource]
     skipped: list[str] = field(default_factory=list)
+    filtered: list[tuple[str, str]] = field(default_factory=list)  # (file, why): left out by a size rule
 
     def buckets(self) -> dict[tuple[int, int], int]:
         out: dict[tuple[int, int], int] = {}
@@ -127,12 +130,80 @@ def read_caption(ds: DatasetConfig, src: ImageSource, rec: ImageRecord, files: s
 
 
 # ------------------------------------------------------------------------------------------------ placement
-def target_placement(ds: DatasetConfig, size: tuple[int, int]) -> Placement:
+def _unit_area(ds: DatasetConfig, value: float) -> float:
+    """A size option in the dataset's unit as a pixel area: pixel and pixel_area count an edge, area megapixels."""
+    return value * 1_000_000 if ds.resolution_type == "area" else value * value
+
+
+def _rng(ds: DatasetConfig, key: str) -> random.Random:
+    """Random crops are drawn once per image, from its dataset and name: the latents are cached, so the same
+    crop trains every epoch (and a re-encode draws it again)."""
+    return random.Random(hashlib.sha256(f"{ds.id}/{key}".encode()).digest())
+
+
+def _bucket(ds: DatasetConfig, aspect: float) -> tuple[int, int]:
     if ds.resolution_type == "pixel":
+        short = int(ds.resolution or 1024)
+        return bucket_for_short_side(max(1, round(aspect * 1000)), 1000, short)
+    return bucket_for_area(max(1, round(aspect * 1000)), 1000, ds.target_area)
+
+
+def _crop_aspect(ds: DatasetConfig, size: tuple[int, int], key: str) -> float:
+    """crop_aspect square, closest or random: the bucket's aspect."""
+    aspect = size[0] / size[1]
+    if ds.crop_aspect == "square":
+        return 1.0
+    buckets = [(float(b["aspect_bucket"]), float(b.get("weight", 1.0))) if isinstance(b, dict) else (float(b), 1.0)
+               for b in ds.crop_aspect_buckets]
+    if ds.crop_aspect == "closest":
+        return min(buckets, key=lambda b: abs(math.log(b[0] / aspect)))[0]
+    return _rng(ds, key + "#aspect").choices([b[0] for b in buckets], [b[1] for b in buckets])[0]
+
+
+def target_placement(ds: DatasetConfig, size: tuple[int, int], key: str) -> Placement:
+    """Where a target goes: its bucket (the image's own aspect, or the crop_aspect one with ``crop``) and the crop
+    box, placed per crop_style; with ``crop`` and maximum_image_size/target_downsample_size the image is first
+    sized to target_downsample_size and the bucket cut out of that, as SimpleTuner does."""
+    if ds.crop and ds.crop_aspect != "preserve":
+        bucket = _bucket(ds, _crop_aspect(ds, size, key))
+    elif ds.resolution_type == "pixel":
         bucket = bucket_for_short_side(*size, int(ds.resolution or 1024))
     else:
         bucket = bucket_for_area(*size, ds.target_area)
-    return cover_crop(size, bucket)
+    scale = None
+    if ds.crop and ds.maximum_image_size and ds.target_downsample_size:
+        w, h = size
+        scale = (ds.target_downsample_size / min(w, h) if ds.resolution_type == "pixel" else
+                 math.sqrt(_unit_area(ds, ds.target_downsample_size) / (w * h)))
+    at = (0.5, 0.5)
+    if ds.crop and ds.crop_style == "corner":
+        at = (0.0, 0.0)
+    elif ds.crop and ds.crop_style == "random":
+        rng = _rng(ds, key)
+        at = (rng.random(), rng.random())
+    return cover_crop(size, bucket, scale=scale, at=at)
+
+
+def size_rule(ds: DatasetConfig, size: tuple[int, int]) -> str | None:
+    """Why an image of ``size`` is left out of an image dataset (None: it is kept): SimpleTuner's
+    minimum_image_size (pixel: the shorter side; area, pixel_area: the area, and with square crops each side) and
+    minimum/maximum_aspect_ratio."""
+    w, h = size
+    if ds.minimum_image_size:
+        if ds.resolution_type == "pixel":
+            if min(w, h) < ds.minimum_image_size:
+                return f"{w}x{h} has a side under minimum_image_size {ds.minimum_image_size:g}"
+        else:
+            area = _unit_area(ds, ds.minimum_image_size)
+            if w * h < area:
+                return f"{w}x{h} is under minimum_image_size {ds.minimum_image_size:g} ({area / 1e6:.2f} MP)"
+            if ds.crop and ds.crop_aspect == "square" and min(w, h) < math.floor(math.sqrt(area)):
+                return f"{w}x{h} has a side under {math.floor(math.sqrt(area))} (minimum_image_size, square crop)"
+    if ds.minimum_aspect_ratio and w / h < ds.minimum_aspect_ratio:
+        return f"{w}x{h} is narrower than minimum_aspect_ratio {ds.minimum_aspect_ratio:g}"
+    if ds.maximum_aspect_ratio and w / h > ds.maximum_aspect_ratio:
+        return f"{w}x{h} is wider than maximum_aspect_ratio {ds.maximum_aspect_ratio:g}"
+    return None
 
 
 def reference_placement(train: TrainConfig, ref_ds: DatasetConfig, target: Placement,
@@ -193,6 +264,7 @@ def _pair_one(run: RunConfig, ds: DatasetConfig, scans: dict[str, _Scan], source
               problems: list[Problem], warnings: list[str]) -> PairedDataset:
     train, data = run.train, run.data
     main = scans[ds.id]
+    filtered = {k: (rec.relpath, why) for k, rec in main.records.items() if (why := size_rule(ds, rec.size))}
     refs = data.references_of(ds)
     skip = train.bad_image_policy == "skip"
     bad = dict(main.bad)
@@ -200,7 +272,8 @@ def _pair_one(run: RunConfig, ds: DatasetConfig, scans: dict[str, _Scan], source
         bad.update({k: m for k, m in scans[r.id].bad.items() if k in main.records or k in main.bad})
     for r in refs:
         rscan = scans[r.id]
-        missing = [main.records[k].relpath for k in main.records if k not in rscan.records and k not in rscan.bad]
+        missing = [main.records[k].relpath for k in main.records
+                   if k not in rscan.records and k not in rscan.bad and k not in filtered]
         if missing:
             problems.append(Problem(
                 _where(data, r),
@@ -224,13 +297,13 @@ def _pair_one(run: RunConfig, ds: DatasetConfig, scans: dict[str, _Scan], source
     missing_captions = []
     unaligned: dict[str, list[str]] = {}
     for key, rec in sorted(main.records.items()):
-        if key in bad or any(key not in scans[r.id].records for r in refs):
+        if key in bad or key in filtered or any(key not in scans[r.id].records for r in refs):
             continue
         caption = read_caption(ds, sources[ds.id], rec, main.files)
         if caption is None:
             missing_captions.append(rec.relpath)
             continue
-        tp = target_placement(ds, rec.size)
+        tp = target_placement(ds, rec.size, key)
         references = tuple(Reference(r.id, scans[r.id].records[key],
                                      reference_placement(train, r, tp, scans[r.id].records[key].size))
                            for r in refs)
@@ -252,7 +325,11 @@ def _pair_one(run: RunConfig, ds: DatasetConfig, scans: dict[str, _Scan], source
                                                   "'instanceprompt'"))
     role = "eval" if train.eval_dataset_id == ds.id else "train"
     srcs = {ds.id: sources[ds.id], **{r.id: sources[r.id] for r in refs}}
-    return PairedDataset(ds, role, samples, srcs, skipped=sorted(bad) if skip else [])
+    if filtered:
+        warnings.append(f"{_where(data, ds)}: {len(filtered)} image(s) left out by its size rules "
+                        "(minimum_image_size, minimum/maximum_aspect_ratio); `edittuner check --verbose` names them")
+    return PairedDataset(ds, role, samples, srcs, skipped=sorted(bad) if skip else [],
+                         filtered=sorted(filtered.values()))
 
 
 def load_sample_images(ds: PairedDataset, sample: Sample, max_pixels: int) -> tuple[Image.Image, list[Image.Image]]:

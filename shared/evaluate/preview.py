@@ -276,6 +276,7 @@ class _RenderSettings:
     size: tuple[int, int]  # (W, H)
     steps: int
     guidance: float
+    guidance_rescale: float
     negative_prompt: str
     seed: int
     vl_ref_area: int | None
@@ -284,12 +285,13 @@ class _RenderSettings:
     def of(cls, run: RunConfig) -> "_RenderSettings":
         t = run.train
         return cls(t.model_flavour, t.validation_size, t.validation_num_inference_steps, t.validation_guidance,
-                   t.validation_negative_prompt, t.validation_seed if t.validation_seed is not None else t.seed,
-                   t.model_kwargs.vl_reference_area)
+                   t.validation_guidance_rescale, t.validation_negative_prompt,
+                   t.validation_seed if t.validation_seed is not None else t.seed, t.model_kwargs.vl_reference_area)
 
     def to_json(self) -> dict[str, Any]:
         return {"width": self.size[0], "height": self.size[1], "steps": self.steps, "guidance": self.guidance,
-                "negative_prompt": self.negative_prompt, "seed": self.seed, "vl_reference_area": self.vl_ref_area}
+                "guidance_rescale": self.guidance_rescale, "negative_prompt": self.negative_prompt, "seed": self.seed,
+                "vl_reference_area": self.vl_ref_area}
 
 
 def _grid_name(ds: PairedDataset, sample: Sample, used: set[str]) -> str:
@@ -317,7 +319,8 @@ def _render_pair(pipe: Any, cfg: _RenderSettings, caption: str, refs: list[Image
 
     def render() -> Image.Image:
         latents_BLC = denoise(pipe, cond, height=H, width=W, num_inference_steps=cfg.steps,
-                              true_cfg_scale=cfg.guidance, generator=torch.Generator("cpu").manual_seed(seed))
+                              true_cfg_scale=cfg.guidance, generator=torch.Generator("cpu").manual_seed(seed),
+                              guidance_rescale=cfg.guidance_rescale)
         return decode(pipe, latents_BLC, H, W, "pil")
 
     lora = render()

@@ -170,8 +170,11 @@ def guided_velocity(cond_BLC: torch.Tensor, uncond_BLC: torch.Tensor, scale: flo
 
 @torch.no_grad()
 def denoise(pipe: Any, cond: EditConditioning, *, height: int, width: int, num_inference_steps: int,
-            true_cfg_scale: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Run the flow-matching Euler loop from fresh noise; returns the final latents_BLC (packed, normalised)."""
+            true_cfg_scale: float, generator: torch.Generator | None, guidance_rescale: float = 0.0) -> torch.Tensor:
+    """Run the flow-matching Euler loop from fresh noise; returns the final latents_BLC (packed, normalised).
+    ``guidance_rescale`` (SimpleTuner's ``validation_guidance_rescale``): blend the guided prediction with itself
+    rescaled to the conditional prediction's standard deviation — diffusers' ``rescale_noise_cfg`` (Lin et al.,
+    2023) on top of the pipelines' true CFG; 0 leaves the pipelines' arithmetic unchanged."""
     _check_size(height, width)
     if num_inference_steps < 2:
         raise ValueError("num_inference_steps must be at least 2 (one step gives NaN sigmas with the Qwen scheduler)")
@@ -188,7 +191,12 @@ def denoise(pipe: Any, cond: EditConditioning, *, height: int, width: int, num_i
         if cond.do_true_cfg and true_cfg_scale > 1:
             v_neg_BLC = _velocity(transformer, latents_BLC, cond, cond.negative_embeds_BLD, cond.negative_mask_BL,
                                   timestep_B, img_shapes)
-            v_BLC = guided_velocity(v_BLC, v_neg_BLC, true_cfg_scale)
+            guided_BLC = guided_velocity(v_BLC, v_neg_BLC, true_cfg_scale)
+            if guidance_rescale > 0:
+                from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+                guided_BLC = rescale_noise_cfg(guided_BLC, v_BLC, guidance_rescale)
+            v_BLC = guided_BLC
         latents_BLC = scheduler.step(v_BLC, t, latents_BLC, return_dict=False)[0]
     return latents_BLC
 
@@ -210,7 +218,7 @@ def sample_edit(pipe: Any, flavour: str, prompt: str, references: Sequence[Image
                 num_inference_steps: int, true_cfg_scale: float, negative_prompt: str | None = " ",
                 generator: torch.Generator | None, vl_ref_area: int | None = None,
                 vl_references: Sequence[Image.Image] | None = None,
-                output: Literal["pil", "np"] = "pil") -> Image.Image | np.ndarray:
+                output: Literal["pil", "np"] = "pil", guidance_rescale: float = 0.0) -> Image.Image | np.ndarray:
     """Edit ``references`` per ``prompt`` into one width x height image (PIL, or an H x W x 3 float array in
     [0, 1] for ``output="np"``), as the flavour's pipeline would with the references at these sizes.
 
@@ -220,5 +228,5 @@ def sample_edit(pipe: Any, flavour: str, prompt: str, references: Sequence[Image
     cond = encode_conditioning(pipe, flavour, prompt, references, true_cfg_scale=true_cfg_scale,
                                negative_prompt=negative_prompt, vl_ref_area=vl_ref_area, vl_references=vl_references)
     latents_BLC = denoise(pipe, cond, height=height, width=width, num_inference_steps=num_inference_steps,
-                          true_cfg_scale=true_cfg_scale, generator=generator)
+                          true_cfg_scale=true_cfg_scale, generator=generator, guidance_rescale=guidance_rescale)
     return decode(pipe, latents_BLC, height, width, output)

@@ -7,6 +7,7 @@ r LoRA rank. GiB = 2**30. The activation constants are measured (``shared.plan.m
 from __future__ import annotations
 
 from shared import errors
+from shared.config.optimizers import OPTIMIZERS
 from shared.model.quantize import QUANTO
 from shared.plan.counts import REAL_TEXT_ENCODER, LinearInfo, TransformerCounts
 from shared.plan.gpus import GiB
@@ -48,7 +49,9 @@ VAE_DECODE_BYTES = 36.2
 CUDA_OVERHEAD = int(1.5 * GiB)  # CUDA context, cuBLAS/attention workspaces, caching-allocator slack
 
 
-LORA_STATE_BYTES = {"adamw": 4 + 4 + 8, "adamw8bit": 4 + 4 + 2}  # fp32 weight + fp32 grad + optimizer state
+# Per trained LoRA parameter: weight + gradient (fp32, bf16 for adamw_bf16) + the optimizer's state, from the table
+# of optimizers (e.g. AdamW 4 + 4 + 8, 8-bit AdamW 4 + 4 + 2, Lion 4 + 4 + 4, Prodigy 4 + 4 + 16).
+LORA_STATE_BYTES = {name: spec.bytes_per_param for name, spec in OPTIMIZERS.items()}
 
 
 # --------------------------------------------------------------------------------------- weight bytes

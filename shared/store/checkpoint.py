@@ -4,6 +4,7 @@
 
 - ``lora.safetensors``      the LoRA parameters (peft names), exactly as trained
 - ``optimizer.safetensors`` + ``optimizer.json``   the optimizer state: tensors, and the structure around them
+  (torchao's quantized states as their inner tensors; the scheduler's tensors, e.g. torchao's tensor lr, too)
 - ``ema.safetensors``       the EMA of the LoRA parameters, when use_ema
 - ``rng.safetensors``       torch CPU (and CUDA) generator states
 - ``state.json``            step, scheduler, loader position, Python/NumPy RNG, metrics so far
@@ -15,6 +16,7 @@ loaded; ``checkpoints_total_limit`` deletes the oldest committed ones.
 
 from __future__ import annotations
 
+import importlib
 import random
 import re
 from dataclasses import dataclass, field
@@ -30,11 +32,33 @@ _STEP_DIR = re.compile(r"/checkpoints/step-(\d+)/")
 
 
 # ------------------------------------------------------------------------------------- structure ↔ tensors
+# Tensor subclasses an optimizer state may hold (torchao's low-bit states), by qualified name: they are stored as
+# their inner tensors (__tensor_flatten__), and loading imports only the classes listed here.
+TENSOR_SUBCLASSES = frozenset({"torchao.optim.subclass_8bit.OptimState8bit",
+                               "torchao.optim.subclass_4bit.OptimState4bit",
+                               "torchao.optim.subclass_fp8.OptimStateFp8"})
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "s") -> Any:
     """A JSON skeleton of ``obj`` with every tensor moved into ``tensors`` (dict keys keep their int/str type)."""
+    if isinstance(obj, torch.Tensor) and hasattr(type(obj), "__tensor_flatten__"):
+        name = _qualname(type(obj))
+        if name not in TENSOR_SUBCLASSES:
+            raise TypeError(f"cannot store a {name} at {path} in a checkpoint (not in TENSOR_SUBCLASSES)")
+        inner, ctx = obj.__tensor_flatten__()
+        return {"__subclass__": name, "inner": {n: flatten(getattr(obj, n), tensors, f"{path}.{n}") for n in inner},
+                "ctx": flatten(ctx, tensors, f"{path}.ctx"), "size": list(obj.size()), "stride": list(obj.stride())}
     if isinstance(obj, torch.Tensor):
         tensors[path] = obj.detach().cpu().clone().contiguous()  # a snapshot, not a view of live state
         return {"__tensor__": path}
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": str(obj).removeprefix("torch.")}
+    if isinstance(obj, torch.Size):
+        return {"__size__": list(obj)}
     if isinstance(obj, dict):
         return {"__dict__": [[k, flatten(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
     if isinstance(obj, tuple):
@@ -54,9 +78,33 @@ def unflatten(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
             return {k: unflatten(v, tensors) for k, v in skel["__dict__"]}
         if "__tuple__" in skel:
             return tuple(unflatten(v, tensors) for v in skel["__tuple__"])
+        if "__dtype__" in skel:
+            dtype = getattr(torch, skel["__dtype__"], None)
+            if not isinstance(dtype, torch.dtype):
+                raise IntegrityError(f"checkpoint names an unknown dtype {skel['__dtype__']!r}")
+            return dtype
+        if "__size__" in skel:
+            return torch.Size(skel["__size__"])
+        if "__subclass__" in skel:
+            return _unflatten_subclass(skel, tensors)
     if isinstance(skel, list):
         return [unflatten(v, tensors) for v in skel]
     return skel
+
+
+def _unflatten_subclass(skel: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    name = skel["__subclass__"]
+    if name not in TENSOR_SUBCLASSES:  # never import what a checkpoint names, only what this list names
+        raise IntegrityError(f"checkpoint holds a tensor of class {name!r}, which EditTuner does not load")
+    module, _, cls_name = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), cls_name)
+    except ImportError as err:
+        raise InvalidInput(f"this checkpoint's optimizer state needs {module.split('.')[0]} ({err}): pip install "
+                           f"{module.split('.')[0]}") from None
+    inner = {n: unflatten(v, tensors) for n, v in skel["inner"].items()}
+    return cls.__tensor_unflatten__(inner, unflatten(skel["ctx"], tensors), torch.Size(skel["size"]),
+                                    tuple(skel["stride"]))
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -108,6 +156,7 @@ def save_checkpoint(store: ObjectStore, run_prefix: str, state: CheckpointState,
         store.delete(f"{prefix}/_COMMITTED")
     opt_tensors: dict[str, torch.Tensor] = {}
     opt_skel = flatten(state.optimizer, opt_tensors)
+    scheduler = flatten(state.scheduler, opt_tensors, "scheduler")  # its tensors beside the optimizer's
     keys = [store.put_tensors(f"{prefix}/lora.safetensors", state.lora).key,
             store.put_tensors(f"{prefix}/optimizer.safetensors", opt_tensors).key,
             store.put_json(f"{prefix}/optimizer.json", opt_skel).key,
@@ -115,7 +164,7 @@ def save_checkpoint(store: ObjectStore, run_prefix: str, state: CheckpointState,
     if state.ema is not None:
         keys.append(store.put_tensors(f"{prefix}/ema.safetensors", state.ema).key)
     keys.append(store.put_json(f"{prefix}/state.json", {
-        "step": state.step, "scheduler": state.scheduler, "loader": state.loader, "rng": state.rng,
+        "step": state.step, "scheduler": scheduler, "loader": state.loader, "rng": state.rng,
         "extra": state.extra}).key)
     for name, data in (files or {}).items():
         keys.append(store.put_bytes(f"{prefix}/{name}", data).key)
@@ -158,14 +207,14 @@ def load_checkpoint(store: ObjectStore, run_prefix: str, step: int) -> Checkpoin
     if int(state["step"]) != step:
         raise IntegrityError(f"{prefix}/state.json says step {state['step']}, expected {step}")
     return CheckpointState(step=step, lora=store.get_tensors(f"{prefix}/lora.safetensors")[0], optimizer=optimizer,
-                           scheduler=state["scheduler"], loader=state["loader"], ema=ema,
+                           scheduler=unflatten(state["scheduler"], opt_tensors), loader=state["loader"], ema=ema,
                            rng_tensors=store.get_tensors(f"{prefix}/rng.safetensors")[0], rng=state["rng"],
                            extra=state.get("extra", {}))
 
 
 def prune_checkpoints(store: ObjectStore, run_prefix: str, keep: int | None) -> list[int]:
     """Delete the oldest committed checkpoints beyond ``keep``; returns the steps deleted."""
-    if keep is None:
+    if not keep:  # None or 0: keep every checkpoint
         return []
     steps = committed_steps(store, run_prefix)
     gone = steps[: max(0, len(steps) - keep)]

@@ -14,9 +14,11 @@ from typing import Any, Callable
 
 from shared.config.schema import RunConfig
 from shared.encode.encoder import DatasetEncoder, EncodeStats
+from shared.errors import EditTunerError
 from shared.store.base import ObjectStore
 from shared.store.local import LocalStore
-from shared.train.trainer import Event, Trainer, TrainSummary
+from shared.train.trackers import logs_dir, open_tracker
+from shared.train.trainer import Event, Trainer, TrainSummary, run_id_for
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,16 @@ def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], N
     ``validation_ready`` event for a supervisor to hand to eval_svc; False skips validation. ``stop``: see
     ``Trainer.train``. ``copy_to_output_dir``: with the local store, copy the LoRA and previews to the config's
     output_dir — only for a run the user started on their own machine; a service's worker never writes outside
-    the store (output_dir then only names the run)."""
+    the store (output_dir then only names the run). With report_to, the trackers hear the events and the
+    in-process validations; their files go to the store's runs/<run>/logs/ (and, for a run on this machine, live
+    into output_dir's logging_dir)."""
     events = events or (lambda e: None)
+    run_id = run_id or run_id_for(run.train.output_dir)
+    on_this_machine = copy_to_output_dir and isinstance(store, LocalStore)
+    tracker = open_tracker(run, store, run_id, logs_dir(run.train.output_dir, run.train.logging_dir)
+                           if on_this_machine else None)  # imports the trackers now: a missing one fails first
+    if tracker is not None:
+        events = _tee(events, tracker)
     stats = EncodeStats()
     if encode:
         enc = DatasetEncoder(run, store)
@@ -48,12 +58,29 @@ def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], N
             enc.release()  # the transformer needs the memory next
     validator = (external_validator(events) if validate == "external" else
                  make_validator(run, store) if validate else None)
+    if tracker is not None and validator is not None and validate != "external":
+        validator = tracker.wrap(validator)
     trainer = Trainer(run, store, run_id=run_id, events=events, validate=validator, index_keys=index_keys)
     trainer.setup()
-    summary = trainer.train(until_step=until_step, stop=stop)
-    copy = copy_to_output_dir and isinstance(store, LocalStore) and not summary.interrupted
-    outputs = copy_outputs(store, trainer.prefix, Path(run.train.output_dir)) if copy else {}
+    try:
+        if tracker is not None:
+            tracker.start(trainer.step)
+        summary = trainer.train(until_step=until_step, stop=stop)
+    finally:
+        if tracker is not None:
+            tracker.close()
+    copy = on_this_machine and not summary.interrupted
+    outputs = copy_outputs(store, trainer.prefix, Path(run.train.output_dir),
+                           logs_dir(run.train.output_dir, run.train.logging_dir)) if copy else {}
     return RunResult(stats, summary, outputs)
+
+
+def _tee(first: Callable[[Event], None], second: Callable[[Event], None]) -> Callable[[Event], None]:
+    def both(e: Event) -> None:
+        first(e)
+        second(e)
+
+    return both
 
 
 def external_validator(events: Callable[[Event], None]) -> Callable[[Trainer, int], dict[str, Any]]:
@@ -62,7 +89,7 @@ def external_validator(events: Callable[[Event], None]) -> Callable[[Trainer, in
     def validate(trainer: Trainer, step: int) -> dict[str, Any]:
         keys = trainer.export(f"{trainer.prefix}/validation/step-{step}/lora", fmt="diffusers")
         lora_key = next(k for k in keys if k.endswith("/pytorch_lora_weights.safetensors"))
-        events({"phase": "validation_ready", "step": step, "total": trainer.cfg.max_train_steps,
+        events({"phase": "validation_ready", "step": step, "total": trainer.max_steps,
                 "lora_key": lora_key, "run_id": trainer.run_id, "message": f"LoRA for validation at step {step}"})
         return {"step": step, "lora_key": lora_key, "external": True}
 
@@ -104,8 +131,9 @@ def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int
     return validate
 
 
-def copy_outputs(store: ObjectStore, run_prefix: str, output_dir: Path) -> dict[str, str]:
-    """With the local store, put the final LoRA and the previews where the user looks: output_dir."""
+def copy_outputs(store: ObjectStore, run_prefix: str, output_dir: Path, logs: Path | None = None) -> dict[str, str]:
+    """With the local store, put the final LoRA and the previews where the user looks: output_dir; the tracker
+    files (runs/<run>/logs/) in ``logs``, by default the logging_dir the run's run.json records."""
     output_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, str] = {}
     for key in store.list(f"{run_prefix}/lora"):
@@ -118,4 +146,20 @@ def copy_outputs(store: ObjectStore, run_prefix: str, output_dir: Path) -> dict[
         store.get_file(key, dest)
     if (output_dir / "validation").exists():
         out["validation"] = str(output_dir / "validation")
+    log_keys = store.list(f"{run_prefix}/logs")
+    if log_keys:
+        logs = logs or logs_dir(output_dir, _recorded_logging_dir(store, run_prefix))
+        for key in log_keys:
+            dest = logs / key[len(f"{run_prefix}/logs/"):]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            store.get_file(key, dest)
+        out["logs"] = str(logs)
     return out
+
+
+def _recorded_logging_dir(store: ObjectStore, run_prefix: str) -> str:
+    """The run's logging_dir from its run.json: callers without the config (the CLI after a service run)."""
+    try:
+        return str(store.get_json(f"{run_prefix}/run.json")["config"].get("logging_dir") or "logs")
+    except (EditTunerError, KeyError, TypeError):
+        return "logs"

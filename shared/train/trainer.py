@@ -33,6 +33,8 @@ from shared.store.checkpoint import (CheckpointState, capture_rng, checkpoint_pr
                                      prune_checkpoints, resolve_resume, restore_rng, save_checkpoint)
 from shared.train.ema import LoraEMA
 from shared.train.loader import TrainLoader, load_items
+from shared.train.optimizers import build_optimizer, check_optimizer_args, eval_weights, lr_scheduler_name, weight_dtype
+from shared.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 Event = dict[str, Any]
@@ -72,6 +74,14 @@ class TrainSummary:
     interrupted: bool = False  # stopped at a step boundary on request, with a checkpoint of that step
 
 
+def total_steps(cfg: Any, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``max_train_steps``, or ``num_train_epochs`` passes over the data (SimpleTuner's
+    rule: epochs count when max_train_steps is 0 or absent; the config refuses both at once)."""
+    if cfg.max_train_steps:
+        return cfg.max_train_steps
+    return max(1, cfg.num_train_epochs * math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps))
+
+
 class Trainer:
     def __init__(self, run: RunConfig, store: ObjectStore, *, run_id: str | None = None,
                  events: Callable[[Event], None] | None = None,
@@ -88,6 +98,7 @@ class Trainer:
         self.validate = validate
         self.index_keys = index_keys  # dataset id → cache index key, from the encode job (see load_items)
         self.step = 0
+        self.max_steps = self.cfg.max_train_steps  # until setup knows the data (num_train_epochs)
         self.history: list[dict[str, Any]] = []
         self.transformer: Any = None
         self.ema: LoraEMA | None = None
@@ -104,6 +115,7 @@ class Trainer:
         if self.dtype == torch.float16:
             raise InvalidInput("mixed_precision: fp16 training would need loss scaling and underflows with this "
                                "model; use bf16 (or fp32)")
+        check_optimizer_args(cfg, self.device)  # a wrong optimizer setting fails before the model loads
         if self.device.type == "cuda" and not cfg.skip_fit_check:
             from shared.plan.predict import check_fits
 
@@ -136,18 +148,16 @@ class Trainer:
         attach_lora(self.transformer, cfg.lora_rank, cfg.effective_lora_alpha, cfg.lora_dropout,
                     cfg.lora_target_modules, seed=cfg.seed)
         self.params = [p for n, p in self.transformer.named_parameters() if p.requires_grad]
-        for p in self.params:  # adapters train in fp32 whatever the base precision
-            p.data = p.data.float()
+        for p in self.params:  # adapters train in fp32 whatever the base precision (bf16 for adamw_bf16)
+            p.data = p.data.to(weight_dtype(cfg))
         if cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         if cfg.compile_transformer:  # buckets change the token count: dynamic shapes avoid a recompile per bucket
             self.transformer.compile_repeated_blocks(dynamic=True)
         self.transformer.train()
         self.optimizer = self._optimizer()
-        from diffusers.optimization import get_scheduler
-
-        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                       num_training_steps=cfg.max_train_steps)
+        self.max_steps = total_steps(cfg, len(self.loader.batches_of(0)))
+        self.scheduler = build_scheduler(cfg, lr_scheduler_name(cfg), self.optimizer, self.max_steps)
         if resume_step is not None:
             self._resume(resume_step)
         else:
@@ -159,16 +169,7 @@ class Trainer:
         return [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        cfg = self.cfg
-        kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                  weight_decay=cfg.adam_weight_decay)
-        if cfg.optimizer == "adamw8bit":
-            try:
-                import bitsandbytes as bnb
-            except ImportError as e:
-                raise InvalidInput(f"optimizer adamw8bit needs bitsandbytes: {e}") from None
-            return bnb.optim.AdamW8bit(self.params, **kw)
-        return torch.optim.AdamW(self.params, fused=self.device.type == "cuda", **kw)
+        return build_optimizer(self.cfg, self.params, self.device)
 
     def _run_doc(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "config": dataclasses.asdict(self.cfg), "config_source": self.run.config_source,
@@ -182,7 +183,7 @@ class Trainer:
         ck = load_checkpoint(self.store, self.prefix, step)
         load_lora_state_dict(self.transformer, ck.lora)
         for p in self.params:
-            p.data = p.data.float()
+            p.data = p.data.to(weight_dtype(self.cfg))
         self.optimizer.load_state_dict(ck.optimizer)
         self.scheduler.load_state_dict(ck.scheduler)
         self.loader.load_state_dict(ck.loader)
@@ -196,18 +197,18 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- loop
     def train(self, until_step: int | None = None, stop: threading.Event | None = None) -> TrainSummary:
-        """Train to max_train_steps (or stop after ``until_step``, as a pre-empted worker would). When ``stop``
+        """Train to ``max_steps`` (or stop after ``until_step``, as a pre-empted worker would). When ``stop``
         is set (SIGTERM to the worker, Ctrl-C in the CLI) the current optimizer step finishes, a checkpoint of it
         is written and training returns ``interrupted``: a resume loses no step."""
         cfg = self.cfg
-        last = min(cfg.max_train_steps, until_step or cfg.max_train_steps)
+        last = min(self.max_steps, until_step or self.max_steps)
         started = time.perf_counter()
         wait0 = self.loader.wait_seconds
         losses: list[float] = []
         checkpoints: list[int] = []
         validations: list[dict[str, Any]] = []
         interrupted = False
-        self.events({"phase": "train", "step": self.step, "total": cfg.max_train_steps, "message": "training"})
+        self.events({"phase": "train", "step": self.step, "total": self.max_steps, "message": "training"})
         try:
             while self.step < last:
                 if stop is not None and stop.is_set():
@@ -218,15 +219,16 @@ class Trainer:
                 r = self.train_step()
                 losses.append(r.loss)
                 self.history.append(dataclasses.asdict(r))
-                self.events({"phase": "train", "step": r.step, "total": cfg.max_train_steps, "loss": r.loss,
+                self.events({"phase": "train", "step": r.step, "total": self.max_steps, "loss": r.loss,
                              "lr": r.lr, "seconds_per_step": r.seconds, "data_wait": r.data_wait,
+                             **({"grad_norm": r.grad_norm} if cfg.max_grad_norm > 0 else {}),  # else not computed
                              **self._gpu_memory()})
-                if r.step % cfg.checkpointing_steps == 0:
+                if r.step % cfg.checkpoint_step_interval == 0:
                     checkpoints.append(self.save_checkpoint())
                 stopping = stop is not None and stop.is_set()
                 if self.validate and r.step % cfg.validation_step_interval == 0 and not stopping:
                     validations.append(self._validate(r.step))
-            if self.step == cfg.max_train_steps:
+            if self.step == self.max_steps:
                 lora_keys = self.export(f"{self.prefix}/lora")
                 stopping = stop is not None and stop.is_set()
                 if self.validate and self.step % cfg.validation_step_interval != 0 and not stopping:
@@ -241,6 +243,18 @@ class Trainer:
         return TrainSummary(self.run_id, self.step, losses, lora_keys, checkpoints, validations,
                             wait / elapsed if elapsed > 0 else 0.0, elapsed, interrupted)
 
+    def _clip_gradients(self) -> torch.Tensor:
+        """The gradients' global norm before clipping (0 without max_grad_norm), then clip_grad_method's clip."""
+        cfg = self.cfg
+        if cfg.max_grad_norm <= 0:
+            return torch.zeros((), device=self.device)
+        if cfg.grad_clip_method == "norm":
+            return torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        torch.nn.utils.clip_grad_value_(self.params, cfg.max_grad_norm)
+        return norm
+
     def train_step(self) -> StepResult:
         """One optimizer step: accumulate micro-batches, clip, step, schedule, EMA."""
         cfg = self.cfg
@@ -252,8 +266,7 @@ class Trainer:
             batch = self.loader.next_batch()
             losses.append(self.forward_backward(batch, step, micro))
             keys.append(batch.keys)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 \
-            else torch.zeros((), device=self.device)
+        grad_norm = self._clip_gradients()
         # One transfer to the host per step (not one per micro-batch and another for the norm): the losses and
         # the norm together, checked before the optimizer touches the weights.
         *values, norm = torch.stack([*losses, grad_norm.detach().float().to(losses[0].device)]).tolist()
@@ -263,7 +276,7 @@ class Trainer:
                 f"loss is {values[bad]} at step {step} (micro-batch {bad}); batch samples: {', '.join(keys[bad])}. "
                 "Lower learning_rate, check these samples' images, or use mixed_precision fp32 to rule out "
                 "overflow")
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])  # torchao's optimizers keep lr as a tensor
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -289,12 +302,14 @@ class Trainer:
 
     @contextmanager
     def exported_weights(self) -> Iterator[None]:
-        """Inside the block the adapter holds the weights the exported file holds: the EMA when use_ema."""
-        if self.ema is None or not self.cfg.use_ema:
-            yield
-            return
-        with self.ema.swapped_in():
-            yield
+        """Inside the block the adapter holds the weights the exported file holds: the EMA when use_ema, else a
+        schedule-free optimizer's averaged weights."""
+        with eval_weights(self.optimizer):
+            if self.ema is None or not self.cfg.use_ema:
+                yield
+                return
+            with self.ema.swapped_in():
+                yield
 
     def _ema_device(self) -> torch.device:
         return self.device if self.cfg.ema_device == "accelerator" else torch.device("cpu")
@@ -313,7 +328,9 @@ class Trainer:
         from shared.model.lora import save_lora_files
 
         use_ema = self.cfg.use_ema if ema is None else ema
-        return save_lora_files(self.lora_state(ema=use_ema), alpha=self.cfg.effective_lora_alpha,
+        with eval_weights(self.optimizer):  # a schedule-free optimizer exports its averaged weights
+            state = self.lora_state(ema=use_ema)
+        return save_lora_files(state, alpha=self.cfg.effective_lora_alpha,
                                rank=self.cfg.lora_rank, fmt=fmt or self.cfg.lora_format,
                                metadata={"edittuner.run": self.run_id, "edittuner.step": str(self.step),
                                          "edittuner.flavour": self.cfg.model_flavour,
@@ -335,17 +352,17 @@ class Trainer:
         save_checkpoint(self.store, self.prefix, state, files=self.export_files())
         prune_checkpoints(self.store, self.prefix, self.cfg.checkpoints_total_limit)
         self.store.put_bytes(f"{self.prefix}/metrics.jsonl", self._metrics_jsonl())
-        self.events({"phase": "checkpoint", "step": self.step, "total": self.cfg.max_train_steps,
+        self.events({"phase": "checkpoint", "step": self.step, "total": self.max_steps,
                      "seconds": time.perf_counter() - t0, "message": f"checkpoint step-{self.step}"})
         return self.step
 
     def _validate(self, step: int) -> dict[str, Any]:
-        self.events({"phase": "validation", "step": step, "total": self.cfg.max_train_steps,
+        self.events({"phase": "validation", "step": step, "total": self.max_steps,
                      "message": f"validation at step {step}"})
         was_training = self.transformer.training
         self.transformer.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), eval_weights(self.optimizer):  # previews of the weights a LoRA file holds
                 result = self.validate(self, step) if self.validate else {}
         except Exception as e:  # a broken preview must not cost the run; it is recorded and logged
             log.exception("validation at step %d failed", step)

@@ -265,3 +265,26 @@ def test_sigterm_lets_the_running_call_finish_then_exits():
     finally:
         proc.kill()
     assert proc.returncode == 0 and "exited cleanly" in out
+
+
+def test_a_local_stack_whose_port_was_taken_starts_again_on_new_ports(tmp_path, monkeypatch):
+    """Between free_port() and a service's bind another process can take the port (an outgoing connection's
+    ephemeral port): the service exits at once, and the stack is started again rather than waited on."""
+    import socket
+
+    from shared.service import local_stack
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    real = local_stack.free_port
+    monkeypatch.setattr(local_stack, "free_port", lambda: next(ports, None) or real())
+    try:
+        with local_stack.start_local_stack(str(tmp_path / "store"), tmp_path / "logs", services=("encoder",),
+                                           timeout_s=60) as stack:
+            assert stack.addresses["encoder"] != f"127.0.0.1:{taken.getsockname()[1]}"
+            assert stack.procs["encoder"].poll() is None
+        assert "cannot listen on" in (tmp_path / "logs" / "encoder.log").read_text()  # the first try's exit
+    finally:
+        taken.close()

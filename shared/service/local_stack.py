@@ -43,14 +43,25 @@ class LocalStack:
         from shared.rpc.client import make_channel, wait_for_serving
 
         channel = make_channel(self.addresses[service], token=self.env.get("EDITTUNER_TOKEN") or None)
+        deadline = time.monotonic() + timeout_s
         try:
-            wait_for_serving(channel, "", timeout_s)
-        except Exception as e:
-            code = self.procs[service].poll()
-            raise Unavailable(f"local {service}_svc did not become ready ({e}); exit code {code}; log "
-                              f"{self.log_dir / f'{service}.log'}:\n{self.log_tail(service)}") from None
+            while True:  # in short waits, so that a service that exited is reported at once, not at the deadline
+                try:
+                    wait_for_serving(channel, "", min(2.0, max(0.1, deadline - time.monotonic())))
+                    return
+                except Exception as e:
+                    code = self.procs[service].poll()
+                    if code is None and time.monotonic() < deadline:
+                        continue
+                    raise Unavailable(f"local {service}_svc did not become ready ({e}); exit code {code}; log "
+                                      f"{self.log_dir / f'{service}.log'}:\n{self.log_tail(service)}") from None
         finally:
             channel.close()
+
+    def lost_a_port(self) -> bool:
+        """A service exited because another process took its port between free_port() and its bind."""
+        return any(p.poll() is not None and ("cannot listen on" in (tail := self.log_tail(s, 5))
+                                            or "cannot serve /metrics" in tail) for s, p in self.procs.items())
 
     def stop_one(self, service: str, grace_s: float = 15.0) -> int | None:
         p = self.procs[service]
@@ -109,16 +120,25 @@ def stack_env(store: str, addresses: dict[str, str], metrics_ports: dict[str, in
 
 def start_local_stack(store: str, log_dir: Path, *, timeout_s: float = 120.0, env: dict[str, str] | None = None,
                       services: tuple[str, ...] = SERVICES) -> LocalStack:
+    """The services on free loopback ports. A free port can be taken by another process (an outgoing connection's
+    ephemeral port) before the service binds it: the stack is then started again on new ports, up to 3 times."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    addresses = {s: f"127.0.0.1:{free_port()}" for s in SERVICES}
-    metrics_ports = {s: free_port() for s in SERVICES}
-    stack = LocalStack(addresses, metrics_ports, log_dir, stack_env(store, addresses, metrics_ports, env))
-    for svc in services:
-        stack.launch(svc)
-    try:
+    for attempt in range(3):
+        addresses = {s: f"127.0.0.1:{free_port()}" for s in SERVICES}
+        metrics_ports = {s: free_port() for s in SERVICES}
+        stack = LocalStack(addresses, metrics_ports, log_dir, stack_env(store, addresses, metrics_ports, env))
         for svc in services:
-            stack.wait_ready(svc, timeout_s)
-    except BaseException:
-        stack.stop(grace_s=5)
-        raise
-    return stack
+            stack.launch(svc)
+        try:
+            for svc in services:
+                stack.wait_ready(svc, timeout_s)
+        except Unavailable:
+            stack.stop(grace_s=5)
+            if attempt < 2 and stack.lost_a_port():
+                continue
+            raise
+        except BaseException:
+            stack.stop(grace_s=5)
+            raise
+        return stack
+    raise AssertionError("unreachable")

@@ -127,7 +127,8 @@ def test_metrics_json_psnrs_match_an_independent_computation(v2, v2_result):
     metrics = v2.store.get_json(result.metrics_key)
     assert metrics["step"] == 10 and metrics["seconds"] > 0
     assert metrics["settings"] == {"width": W, "height": H, "steps": 2, "guidance": 4.0, "guidance_rescale": 0.0,
-                                   "negative_prompt": " ", "seed": 42, "vl_reference_area": 64 * 64, "eval_samples": "eval dataset"}
+                                   "negative_prompt": " ", "seed": 42, "vl_reference_area": 64 * 64,
+                                   "eval_samples": "eval dataset"}
     for (ds, sample), preview, m in zip(samples, result.samples, metrics["samples"]):
         target, _ = load_sample_images(ds, sample, 10 ** 8)
         size = output_size((W, H), target.size)

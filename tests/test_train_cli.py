@@ -68,3 +68,17 @@ def test_train_without_a_server_starts_local_services(tmp_path, monkeypatch, cap
     assert len(load_file(lora)) == 16
     assert (tmp_path / "output" / "tiny-edit-v1" / "validation" / "step-3" / "0000.png").exists()
     assert (tmp_path / ".edittuner" / "logs" / "trainer.log").exists()
+
+
+def test_train_in_process_on_two_processes_with_previews(tmp_path, monkeypatch, capsys):
+    """num_processes=2: this process encodes, torchrun trains on two gloo ranks, rank 0 renders the previews
+    while the other waits, and the outputs land where a single process puts them."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert main(["train", "example=qwen_image.edit-v2-lora-tiny", *SHORT, "num_processes=2",
+                 "gradient_accumulation_steps=2", "--quiet", "--in-process"]) == 0
+    out = capsys.readouterr().out
+    assert "trained run 'tiny-edit-v2' to step 4 on 2 processes" in out and "checkpoints 2, 4" in out
+    assert len(load_file(tmp_path / "output" / "tiny-edit-v2" / "pytorch_lora_weights.safetensors")) == 16
+    for step in (2, 4):
+        assert (tmp_path / "output" / "tiny-edit-v2" / "validation" / f"step-{step}" / "0000.png").is_file()

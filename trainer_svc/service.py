@@ -27,6 +27,7 @@ from shared.service.jobs import JobContext
 from shared.service.metrics import Metrics
 from shared.service.records import JobCancelled, JobRecord
 from shared.service.supervisor import WorkerFailed, run_worker
+from shared.train.distributed import launch_command
 from shared.train.trainer import run_id_for
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,10 @@ class TrainerCore:
         (folder / "config.json").write_text(f["config_text"], encoding="utf-8")
         (folder / "multidatabackend.json").write_text(f["data_text"], encoding="utf-8")
         overrides = list(f["overrides"]) + (["resume_from_checkpoint=latest"] if job.attempt > 1 else [])
-        cmd = [*self.worker_cmd, "--config", str(folder / "config.json"), "--data",
+        cmd = launch_command([*self.worker_cmd, "--config", str(folder / "config.json"), "--data",
                str(folder / "multidatabackend.json"), "--store", self.store_url, "--no-encode",
                "--external-validation", "--run-id", run_id,
-               *[f"--index={k.split('/')[2]}={k}" for k in index], *overrides]
+               *[f"--index={k.split('/')[2]}={k}" for k in index], *overrides], run.train)  # torchrun for N > 1
         validations: list[str] = []
         missed: list[str] = []
         batch = run.train.train_batch_size * run.train.gradient_accumulation_steps

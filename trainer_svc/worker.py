@@ -22,12 +22,21 @@ import torch
 
 from shared.config.loading import load_run_config
 from shared.errors import EditTunerError
+from shared.model.device import resolve_device
 from shared.service.supervisor import OOM_ADVICE, exit_with_parent
 from shared.store.url import open_store
+from shared.train import distributed
 from shared.train.runner import train_run
+
+RANK = distributed.current()
 
 
 def _emit(obj: dict) -> None:
+    """Rank 0 reports events and the result; any rank its error (named, when there are several)."""
+    if not RANK.main and "error" not in obj:
+        return
+    if RANK.active and "error" in obj:
+        obj = {**obj, "error": f"rank {RANK.rank}: {obj['error']}", "rank": RANK.rank}
     print(json.dumps(obj, default=str), flush=True)
 
 
@@ -67,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
         run = load_run_config(args.config, args.data, args.overrides)
+        distributed.init(distributed.rank_device(resolve_device(run.train.device), RANK))
         result = train_run(run, open_store(args.store), events=lambda e: _emit({"event": e}),
                            validate=False if args.no_validation else "external" if args.external_validation else True,
                            until_step=args.until_step, encode=not args.no_encode, run_id=args.run_id, stop=stop,
@@ -85,9 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         _emit({"error": f"internal error in the training worker: {type(e).__name__}", "kind": "internal"})
         return 2
+    finally:
+        distributed.shutdown()  # after train_run dropped its DDP wrapper (a live one can abort the exit)
     s = result.summary
-    _emit({"result": {"run_id": s.run_id, "steps": s.steps, "final_loss": s.losses[-1] if s.losses else None,
-                      "lora": s.lora_keys, "checkpoints": s.checkpoints, "interrupted": s.interrupted}})
+    _emit({"result": {"run_id": s.run_id, "steps": s.steps, "processes": RANK.world,
+                      "final_loss": s.losses[-1] if s.losses else None, "lora": s.lora_keys,
+                      "checkpoints": s.checkpoints, "interrupted": s.interrupted}})
     return 0
 
 

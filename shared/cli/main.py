@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from shared.cli.common import DEFAULT_STORE, ProgressBars, load_from_args, store_from_args
 from shared.cli.jobs import cmd_data_push, cmd_jobs, cmd_runs_pull, remote_job
@@ -134,6 +134,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_train_in_process(args: argparse.Namespace) -> int:
+    from shared.cli.launch import train_processes
+    from shared.train.distributed import is_distributed
     from shared.train.runner import train_run
 
     run = load_from_args(args)
@@ -154,6 +156,9 @@ def cmd_train_in_process(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
+        if is_distributed(run.train):
+            return _report_processes(*train_processes(args, run, store, args.store or os.environ.get(
+                "EDITTUNER_STORE") or DEFAULT_STORE, events, stop), store)
         result = train_run(run, store, events=events, validate=not args.no_validation, stop=stop)
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -169,6 +174,22 @@ def cmd_train_in_process(args: argparse.Namespace) -> int:
         print(f"loss: first {s.losses[0]:.4f}, last {s.losses[-1]:.4f}")
     print(f"store {store.describe()}: runs/{s.run_id}/ (checkpoints {', '.join(map(str, s.checkpoints)) or 'none'})")
     for name, path in result.outputs.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _report_processes(stats: Any, result: dict, outputs: dict, store: Any) -> int:
+    if result.get("interrupted"):
+        print(f"stopped run {result['run_id']!r} with a checkpoint; continue it with the same command and "
+              "resume_from_checkpoint=latest")
+        return 130
+    print(f"encoded {stats.encoded}, cached {stats.cached}; trained run {result['run_id']!r} to step "
+          f"{result['steps']} on {result.get('processes', 'several')} processes")
+    if result.get("final_loss") is not None:
+        print(f"loss: last {result['final_loss']:.4f}")
+    print(f"store {store.describe()}: runs/{result['run_id']}/ (checkpoints "
+          f"{', '.join(map(str, result.get('checkpoints') or [])) or 'none'})")
+    for name, path in outputs.items():
         print(f"{name}: {path}")
     return 0
 

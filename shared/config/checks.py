@@ -190,3 +190,23 @@ def check_schedule(train: TrainConfig, cfg_label: str) -> list[Problem]:
         return [Problem(f"{cfg_label}: $.lr_end", f"{train.lr_end:g} exceeds learning_rate "
                         f"({train.learning_rate:g}): the polynomial schedule decays from learning_rate to lr_end")]
     return []
+
+
+def check_processes(train: TrainConfig, cfg_label: str) -> list[Problem]:
+    """num_processes / num_machines: what torchrun needs to start, and a global batch that splits over them."""
+    out = []
+    if train.machine_rank >= train.num_machines:
+        out.append(Problem(f"{cfg_label}: $.machine_rank", f"{train.machine_rank} with num_machines "
+                           f"{train.num_machines}: machines are numbered 0 to {train.num_machines - 1}"))
+    if train.num_machines > 1 and not train.main_process_ip:
+        out.append(Problem(f"{cfg_label}: $.main_process_ip", "is required with num_machines > 1: the address "
+                           "of machine 0, where the others meet (its main_process_port must be reachable)"))
+    if train.num_processes != "auto":
+        world = int(train.num_processes) * train.num_machines
+        if train.gradient_accumulation_steps % world:
+            ok = -(-train.gradient_accumulation_steps // world) * world
+            out.append(Problem(f"{cfg_label}: $.gradient_accumulation_steps", (
+                f"{train.gradient_accumulation_steps} does not split over {world} processes (each computes an "
+                f"equal share of a step's micro-batches, so the global batch does not change with the number of "
+                f"processes): use {ok}, or a number of processes that divides it")))
+    return out

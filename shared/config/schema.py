@@ -108,6 +108,16 @@ def _check_report_to(v: str) -> str | None:
     return None
 
 
+def _check_num_processes(v: str) -> str | None:
+    if v == "auto" or (v.isdigit() and int(v) >= 1):
+        return None
+    return f"{v!r}: expected a number of processes (1 or more) or auto (every GPU this host's trainer can see)"
+
+
+def _check_port(v: int) -> str | None:
+    return None if 1 <= v <= 65535 else f"{v}: expected a TCP port, 1-65535"
+
+
 # --------------------------------------------------------------------------------------------- train config
 @dataclass(frozen=True)
 class ModelKwargs:
@@ -170,6 +180,14 @@ class TrainConfig:
     device: str = field("auto", check=_check_device, doc="auto, cpu, cuda or cuda:N")
     skip_fit_check: bool = field(False, doc="start even when the planner (edittuner plan) predicts the trainer will "
                                             "not fit the GPU's memory")
+    # several processes (accelerate's names): torchrun data parallel over the LoRA, see shared.train.distributed
+    num_processes: str = field("1", check=_check_num_processes,
+                               doc="training processes per machine: one per GPU (auto: every GPU the trainer sees); "
+                                   "on a CPU, gloo processes")
+    num_machines: int = field(1, check=positive, doc="machines in the run; each runs num_processes")
+    machine_rank: int = field(0, check=non_negative, doc="this machine's place, 0 to num_machines - 1")
+    main_process_ip: str = field("", doc="with num_machines > 1: the address of machine 0 (the c10d rendezvous)")
+    main_process_port: int = field(29500, check=_check_port, doc="with num_machines > 1: machine 0's rendezvous port")
     # flow matching
     flow_schedule_shift: float = field(3.0, check=positive, doc="static sigma shift s' = shift*s / (1 + (shift-1)*s)")
     flow_schedule_auto_shift: bool = field(False, doc="shift each batch's sigmas by its image sequence length, as "

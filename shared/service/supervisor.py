@@ -121,7 +121,7 @@ def _relay(proc: subprocess.Popen, on_event: Callable[[dict[str, Any]], None], c
             logf.flush()
         elif "event" in message:
             on_event(message["event"])
-        else:
+        elif "error" not in ended:  # with several ranks the first error is the cause, later ones its echoes
             ended = message
     while proc.poll() is None:  # stdout closed, the worker still running
         if cancelled.wait(0.1):
@@ -159,6 +159,17 @@ def _outcome(code: int, ended: dict[str, Any], tail: str, log_path: Path | None,
         return ended["result"]
     quoted = _quote(tail)
     where = f" (full log: {log_path})" if log_path else ""
+    root = _torchrun_root_cause(tail)
+    if root is not None and root[1] < 0:  # a rank killed by a signal: the others' errors are its consequence
+        rank, code = root
+        if code == -signal.SIGKILL and oom_before is not None and oom_after is not None and oom_after > oom_before:
+            raise errors.ResourceExhausted(
+                f"rank {rank} ran out of memory: the kernel's out-of-memory killer killed it (the cgroup's "
+                f"memory.events oom_kill went from {oom_before} to {oom_after}); {OOM_ADVICE}. Last log "
+                f"lines{where}:\n{quoted}")
+        raise WorkerFailed(f"the training failed: rank {rank} killed by {_signal_name(-code)} (torchrun's first "
+                           f"observed failure; the other ranks were stopped); last log lines{where}:\n{quoted}",
+                           exit_code=code, log_tail=quoted)
     if "error" in ended:
         message, kind = str(ended["error"]), str(ended.get("kind", ""))
         if kind in KINDS:
@@ -238,6 +249,15 @@ def oom_kill_count() -> int | None:
         except (OSError, ValueError):
             continue
     return None
+
+
+_ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
+def _torchrun_root_cause(tail: str) -> tuple[int, int] | None:
+    """(rank, exit code) from torchrun's failure summary, whose exit codes below 0 are signals."""
+    m = _ROOT_CAUSE.search(tail)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def _oom_line(tail: str) -> str:

@@ -17,6 +17,7 @@ from shared.encode.encoder import DatasetEncoder, EncodeStats
 from shared.errors import EditTunerError
 from shared.store.base import ObjectStore
 from shared.store.local import LocalStore
+from shared.train import distributed
 from shared.train.trackers import logs_dir, open_tracker
 from shared.train.trainer import Event, Trainer, TrainSummary, run_id_for
 
@@ -43,19 +44,22 @@ def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], N
     into output_dir's logging_dir)."""
     events = events or (lambda e: None)
     run_id = run_id or run_id_for(run.train.output_dir)
-    on_this_machine = copy_to_output_dir and isinstance(store, LocalStore)
+    dist = distributed.current()  # with several processes rank 0 encodes, tracks and copies; all of them train
+    on_this_machine = copy_to_output_dir and isinstance(store, LocalStore) and dist.main
     tracker = open_tracker(run, store, run_id, logs_dir(run.train.output_dir, run.train.logging_dir)
-                           if on_this_machine else None)  # imports the trackers now: a missing one fails first
+                           if on_this_machine else None) if dist.main else None  # a missing tracker fails first
     if tracker is not None:
         events = _tee(events, tracker)
     stats = EncodeStats()
-    if encode:
+    if encode and dist.main:
         enc = DatasetEncoder(run, store)
         try:
             stats = enc.encode(lambda s, total: events({"phase": "encode", "step": s.total, "total": total,
                                                         "message": f"encoded {s.encoded}, cached {s.cached}"}))
         finally:
             enc.release()  # the transformer needs the memory next
+    if encode:
+        distributed.barrier(dist)
     validator = (external_validator(events) if validate == "external" else
                  make_validator(run, store) if validate else None)
     if tracker is not None and validator is not None and validate != "external":
@@ -67,6 +71,7 @@ def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], N
             tracker.start(trainer.step)
         summary = trainer.train(until_step=until_step, stop=stop)
     finally:
+        trainer.forward_module = None  # the DDP wrapper goes before the process group (else exits can abort)
         if tracker is not None:
             tracker.close()
     copy = on_this_machine and not summary.interrupted

@@ -9,6 +9,7 @@ uninterrupted run computes (on CPU; tested).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -31,6 +32,7 @@ from shared.model.flow import EditBatch, flow_matching_loss, sample_sigmas, step
 from shared.store.base import ObjectStore
 from shared.store.checkpoint import (CheckpointState, capture_rng, checkpoint_prefix, committed_steps, load_checkpoint,
                                      prune_checkpoints, resolve_resume, restore_rng, save_checkpoint)
+from shared.train import distributed
 from shared.train.ema import LoraEMA
 from shared.train.loader import TrainLoader, load_items
 from shared.train.optimizers import build_optimizer, check_optimizer_args, eval_weights, lr_scheduler_name, weight_dtype
@@ -92,9 +94,12 @@ class Trainer:
         self.run, self.cfg, self.store = run, run.train, store
         self.run_id = run_id or run_id_for(self.cfg.output_dir)
         self.prefix = f"runs/{self.run_id}"
-        self.device = resolve_device(self.cfg.device)
+        self.dist = distributed.current()  # torchrun's rank and world size (one process without it)
+        self.device = distributed.rank_device(resolve_device(self.cfg.device), self.dist)
         self.dtype = resolve_dtype(self.cfg.mixed_precision, self.device)
-        self.events = events or (lambda e: None)
+        # rank 0 reports for the run (its losses are the all-reduced ones); the other ranks only compute
+        self.events = (events or (lambda e: None)) if self.dist.main else (lambda e: None)
+        self.forward_module: Any = None  # the transformer, or its DDP wrapper with several processes
         self.validate = validate
         self.index_keys = index_keys  # dataset id → cache index key, from the encode job (see load_items)
         self.step = 0
@@ -116,6 +121,7 @@ class Trainer:
             raise InvalidInput("mixed_precision: fp16 training would need loss scaling and underflows with this "
                                "model; use bf16 (or fp32)")
         check_optimizer_args(cfg, self.device)  # a wrong optimizer setting fails before the model loads
+        distributed.check_divisible(cfg.gradient_accumulation_steps, self.dist.world)
         if self.device.type == "cuda" and not cfg.skip_fit_check:
             from shared.plan.predict import check_fits
 
@@ -155,12 +161,16 @@ class Trainer:
         if cfg.compile_transformer:  # buckets change the token count: dynamic shapes avoid a recompile per bucket
             self.transformer.compile_repeated_blocks(dynamic=True)
         self.transformer.train()
+        self.forward_module = self.transformer
+        if self.dist.active:
+            distributed.check_replicas(self.transformer, self.dist)
+            self.forward_module = distributed.wrap(self.transformer, self.device)
         self.optimizer = self._optimizer()
         self.max_steps = total_steps(cfg, len(self.loader.batches_of(0)))
         self.scheduler = build_scheduler(cfg, lr_scheduler_name(cfg), self.optimizer, self.max_steps)
         if resume_step is not None:
             self._resume(resume_step)
-        else:
+        elif self.dist.main:
             self.store.put_json(f"{self.prefix}/run.json", self._run_doc())
         if cfg.use_ema and self.ema is None:  # also when EMA is switched on at a resume: start from the weights
             self.ema = LoraEMA(self._named_params(), cfg.ema_decay, self._ema_device())
@@ -211,7 +221,7 @@ class Trainer:
         self.events({"phase": "train", "step": self.step, "total": self.max_steps, "message": "training"})
         try:
             while self.step < last:
-                if stop is not None and stop.is_set():
+                if self._stopping(stop):
                     interrupted = True
                     if self.step > 0 and not self.store.is_committed(checkpoint_prefix(self.prefix, self.step)):
                         checkpoints.append(self.save_checkpoint())
@@ -225,15 +235,17 @@ class Trainer:
                              **self._gpu_memory()})
                 if r.step % cfg.checkpoint_step_interval == 0:
                     checkpoints.append(self.save_checkpoint())
-                stopping = stop is not None and stop.is_set()
+                stopping = self._stopping(stop)
                 if self.validate and r.step % cfg.validation_step_interval == 0 and not stopping:
                     validations.append(self._validate(r.step))
             if self.step == self.max_steps:
                 lora_keys = self.export(f"{self.prefix}/lora")
-                stopping = stop is not None and stop.is_set()
+                stopping = self._stopping(stop)
                 if self.validate and self.step % cfg.validation_step_interval != 0 and not stopping:
                     validations.append(self._validate(self.step))
-                self.store.put_bytes(f"{self.prefix}/metrics.jsonl", self._metrics_jsonl())
+                if self.dist.main:
+                    self.store.put_bytes(f"{self.prefix}/metrics.jsonl", self._metrics_jsonl())
+                distributed.barrier(self.dist)
             else:
                 lora_keys = []
         finally:
@@ -242,6 +254,14 @@ class Trainer:
         wait = self.loader.wait_seconds - wait0
         return TrainSummary(self.run_id, self.step, losses, lora_keys, checkpoints, validations,
                             wait / elapsed if elapsed > 0 else 0.0, elapsed, interrupted)
+
+    def _stopping(self, stop: threading.Event | None) -> bool:
+        """Whether to stop at this step boundary; with several processes, when any rank was asked (torchrun
+        passes a signal to every rank, but not at the same instant), so that all stop at the same step."""
+        asked = stop is not None and stop.is_set()
+        if not self.dist.active:
+            return asked
+        return bool(distributed.all_max(torch.tensor([float(asked)]), self.dist).item())
 
     def _clip_gradients(self) -> torch.Tensor:
         """The gradients' global norm before clipping (0 without max_grad_norm), then clip_grad_method's clip."""
@@ -261,15 +281,27 @@ class Trainer:
         step = self.step + 1
         t0 = time.perf_counter()
         wait0 = self.loader.wait_seconds
-        losses, keys = [], []
-        for micro in range(cfg.gradient_accumulation_steps):
-            batch = self.loader.next_batch()
-            losses.append(self.forward_backward(batch, step, micro))
+        A = cfg.gradient_accumulation_steps
+        own = distributed.own_micro_batches(A, self.dist)
+        losses = [torch.zeros((), device=self.device)] * A
+        keys = []
+        for micro in range(A):
+            batch = self.loader.next_batch()  # every rank reads every batch: the loader's position is N's
             keys.append(batch.keys)
+            if micro in own:  # DDP averages the gradients on this rank's last micro-batch only
+                sync = micro == own[-1] or not self.dist.active
+                with contextlib.nullcontext() if sync else self.forward_module.no_sync():
+                    losses[micro] = self.forward_backward(batch, step, micro)
         grad_norm = self._clip_gradients()
         # One transfer to the host per step (not one per micro-batch and another for the norm): the losses and
-        # the norm together, checked before the optimizer touches the weights.
-        *values, norm = torch.stack([*losses, grad_norm.detach().float().to(losses[0].device)]).tolist()
+        # the norm together, checked before the optimizer touches the weights. With several processes each
+        # rank fills in its micro-batches' losses and the sum gives every rank all of them (the norm, of the
+        # averaged gradients, is the same on every rank: rank 0's is kept).
+        report = torch.stack([*losses, grad_norm.detach().float().to(losses[0].device)])
+        if self.dist.active:
+            report[-1] *= float(self.dist.main)
+            distributed.all_sum(report, self.dist)
+        *values, norm = report.tolist()
         bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
         if bad is not None:
             raise TrainingDiverged(
@@ -284,20 +316,27 @@ class Trainer:
             self.ema.update()
         self.step = step
         total = sum(v / cfg.gradient_accumulation_steps for v in values)
-        return StepResult(step, total, lr, time.perf_counter() - t0, self.loader.wait_seconds - wait0, norm)
+        wait = self.loader.wait_seconds - wait0
+        if self.dist.active:  # the slowest rank's data wait is the run's
+            wait = float(distributed.all_max(torch.tensor([wait], dtype=torch.float64), self.dist).item())
+        return StepResult(step, total, lr, time.perf_counter() - t0, wait, norm)
 
     def forward_backward(self, batch: EditBatch, step: int, micro: int) -> torch.Tensor:
         """One micro-batch's forward and backward; returns its loss, detached, on the device (no host sync)."""
         batch = batch.to(self.device, non_blocking=True)
         g = step_generator(self.cfg.seed, step, micro)
+        if self.cfg.lora_dropout > 0:  # dropout masks from (seed, step, micro) too: any rank draws the same
+            torch.manual_seed(int(torch.randint(0, 2 ** 62, (), generator=step_generator(self.cfg.seed + 1, step,
+                                                                                          micro))))
         B, _, h, w = batch.latents_BChw.shape
         noise_BLC = torch.randn(B, (h // 2) * (w // 2), 64, generator=g).to(self.device)
         if self.shift_config is not None:  # flow_schedule_auto_shift: by this batch's image sequence length
             sigmas_B = sample_sigmas(B, 1.0, g, image_seq_len=(h // 2) * (w // 2), scheduler=self.shift_config)
         else:
             sigmas_B = sample_sigmas(B, self.cfg.flow_schedule_shift, g)
-        loss = flow_matching_loss(self.transformer, batch, noise_BLC, sigmas_B.to(self.device), self.dtype)
-        (loss / self.cfg.gradient_accumulation_steps).backward()
+        loss = flow_matching_loss(self.forward_module, batch, noise_BLC, sigmas_B.to(self.device), self.dtype)
+        # DDP averages over the N ranks: N/A makes the sum over all micro-batches what one process computes
+        (loss * (self.dist.world / self.cfg.gradient_accumulation_steps)).backward()
         return loss.detach()
 
     @contextmanager
@@ -339,19 +378,24 @@ class Trainer:
                                transformer=self.transformer)
 
     def export(self, prefix: str, fmt: str | None = None) -> list[str]:
+        """Rank 0 writes the files (the other ranks return no keys; the callers' barriers order the rest)."""
+        if not self.dist.main:
+            return []
         return [self.store.put_bytes(f"{prefix}/{name}", data).key
                 for name, data in self.export_files(fmt=fmt).items()]
 
     def save_checkpoint(self) -> int:
         t0 = time.perf_counter()
-        rng_tensors, rng = capture_rng()
-        state = CheckpointState(step=self.step, lora=self.lora_state(), optimizer=self.optimizer.state_dict(),
-                                scheduler=self.scheduler.state_dict(), loader=self.loader.state_dict(),
-                                ema=self.ema.state() if self.ema else None, rng_tensors=rng_tensors, rng=rng,
-                                extra={"history": self.history})
-        save_checkpoint(self.store, self.prefix, state, files=self.export_files())
-        prune_checkpoints(self.store, self.prefix, self.cfg.checkpoints_total_limit)
-        self.store.put_bytes(f"{self.prefix}/metrics.jsonl", self._metrics_jsonl())
+        if self.dist.main:  # the state is the same on every rank; the commit marker is written last
+            rng_tensors, rng = capture_rng()
+            state = CheckpointState(step=self.step, lora=self.lora_state(), optimizer=self.optimizer.state_dict(),
+                                    scheduler=self.scheduler.state_dict(), loader=self.loader.state_dict(),
+                                    ema=self.ema.state() if self.ema else None, rng_tensors=rng_tensors, rng=rng,
+                                    extra={"history": self.history})
+            save_checkpoint(self.store, self.prefix, state, files=self.export_files())
+            prune_checkpoints(self.store, self.prefix, self.cfg.checkpoints_total_limit)
+            self.store.put_bytes(f"{self.prefix}/metrics.jsonl", self._metrics_jsonl())
+        distributed.barrier(self.dist)
         self.events({"phase": "checkpoint", "step": self.step, "total": self.max_steps,
                      "seconds": time.perf_counter() - t0, "message": f"checkpoint step-{self.step}"})
         return self.step
@@ -363,12 +407,13 @@ class Trainer:
         self.transformer.eval()
         try:
             with torch.no_grad(), eval_weights(self.optimizer):  # previews of the weights a LoRA file holds
-                result = self.validate(self, step) if self.validate else {}
+                result = self.validate(self, step) if self.validate and self.dist.main else {}
         except Exception as e:  # a broken preview must not cost the run; it is recorded and logged
             log.exception("validation at step %d failed", step)
             result = {"step": step, "error": f"{type(e).__name__}: {e}"}
         finally:
             self.transformer.train(was_training)
+        distributed.barrier(self.dist)  # the other ranks wait for rank 0's previews
         self.history.append({"validation": result, "step": step})
         return result
 

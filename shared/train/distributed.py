@@ -1,0 +1,188 @@
+"""Data parallel training over the LoRA parameters: one process per GPU (gloo processes on a CPU), started by
+``torch.distributed.run`` over the training worker.
+
+The global batch does not depend on the number of processes N: of a step's ``gradient_accumulation_steps`` A
+micro-batches, rank r computes those with index g mod N == r, each loss scaled by N/A, and DDP averages the
+gradients over the ranks on each rank's last micro-batch. Noise, sigmas and LoRA dropout are drawn from
+(seed, step, g), so N processes compute what one computes: with A = N the sums are the same floating-point
+operations (bit-identical); with A > N they add in another order. Every rank reads every batch from the
+loader, so its position, and a checkpoint, do not depend on N: a run resumes on another number of processes.
+Rank 0 alone writes (checkpoints, exports, metrics, previews) and reports events; the others wait at a barrier.
+
+The frozen base is not part of DDP's start-up broadcast: it would not sync quantized weights (quanto's are
+untouched, bitsandbytes' packed data overwritten without their scales). Each rank loads and quantizes it the
+same way instead, and ``check_replicas`` compares a fingerprint of the base and of the LoRA's initial weights
+across ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shared.errors import FailedPrecondition, InvalidInput
+
+# A barrier waits for rank 0's checkpoint writes and in-process previews; a rank that dies is seen by torchrun
+# at once, so the timeout only bounds a rank that hangs.
+TIMEOUT = datetime.timedelta(minutes=60)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def current() -> Dist:
+    """This process's place, from torchrun's environment (one process when it is absent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def rank_device(device: torch.device, dist: Dist) -> torch.device:
+    """Each rank binds its own GPU (``cuda:LOCAL_RANK``); a bare ``cuda`` would put every rank on GPU 0."""
+    if dist.active and device.type == "cuda":
+        if dist.local_rank >= torch.cuda.device_count():
+            raise InvalidInput(f"num_processes: rank {dist.rank} has local rank {dist.local_rank}, but this host "
+                               f"has {torch.cuda.device_count()} GPU(s); use num_processes "
+                               f"{torch.cuda.device_count()} or fewer")
+        torch.cuda.set_device(dist.local_rank)
+        return torch.device("cuda", dist.local_rank)
+    return device
+
+
+def init(device: torch.device) -> Dist:
+    """Join the process group (nccl on CUDA, gloo on a CPU) when torchrun started this process."""
+    dist = current()
+    if dist.active and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, timeout=TIMEOUT)
+    return dist
+
+
+def shutdown() -> None:
+    """Leave the process group; DDP wrappers must be gone first (collected here)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
+        torch.distributed.destroy_process_group()
+
+
+def barrier(dist: Dist) -> None:
+    if dist.active:
+        torch.distributed.barrier()
+
+
+def own_micro_batches(accumulation: int, dist: Dist) -> list[int]:
+    return [g for g in range(accumulation) if g % dist.world == dist.rank]
+
+
+def check_divisible(accumulation: int, world: int) -> None:
+    if accumulation % world:
+        ok = ((accumulation + world - 1) // world) * world
+        raise InvalidInput(f"gradient_accumulation_steps {accumulation} does not split over {world} processes (each "
+                           f"computes an equal share of a step's micro-batches, so that the global batch stays "
+                           f"{accumulation} x train_batch_size): use gradient_accumulation_steps {ok}, or "
+                           f"num_processes that divides {accumulation}")
+
+
+def wrap(transformer: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP over the trainable (LoRA) parameters; the frozen base and buffers are left out of its sync."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    frozen = [n for n, p in transformer.named_parameters() if not p.requires_grad]
+    frozen += [n for n, _ in transformer.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(transformer, frozen)
+    return DDP(transformer, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=False, gradient_as_bucket_view=True)
+
+
+def _fingerprint(transformer: torch.nn.Module) -> tuple[str, str]:
+    """Digests of the base (the first values of every frozen tensor, quantized data and scales included) and of
+    the LoRA weights: equal on every rank when each loaded, quantized and initialised the same."""
+    base, lora = hashlib.sha256(), hashlib.sha256()
+    for name, p in sorted(transformer.named_parameters(), key=lambda kv: kv[0]):
+        h = lora if p.requires_grad else base
+        h.update(name.encode())
+        for t in (getattr(p, "_data", None), getattr(p, "_scale", None)) if hasattr(p, "_data") else (p,):
+            if t is None:
+                continue
+            try:
+                values = t.detach().reshape(-1)[:256].to("cpu", torch.float64)
+            except (RuntimeError, TypeError, NotImplementedError):
+                values = torch.tensor(list(t.shape), dtype=torch.float64)  # a packing that does not slice
+            h.update(values.numpy().tobytes())
+    return base.hexdigest(), lora.hexdigest()
+
+
+def check_replicas(transformer: torch.nn.Module, dist: Dist) -> None:
+    if not dist.active:
+        return
+    mine = _fingerprint(transformer)
+    every: list[Any] = [None] * dist.world
+    torch.distributed.all_gather_object(every, mine)
+    for what, i in (("base model weights", 0), ("LoRA initial weights", 1)):
+        differ = [r for r, f in enumerate(every) if f[i] != every[0][i]]
+        if differ:
+            raise FailedPrecondition(f"the {what} of rank(s) {differ} differ from rank 0's: every process must load "
+                                     "the same model files with the same base_model_precision and seed")
+
+
+def all_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.active:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def all_max(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.active:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t
+
+
+# ------------------------------------------------------------------------------------------------ launch
+def processes_per_machine(cfg: Any) -> int:
+    if cfg.num_processes == "auto":
+        return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+    return int(cfg.num_processes)
+
+
+def is_distributed(cfg: Any) -> bool:
+    return processes_per_machine(cfg) > 1 or cfg.num_machines > 1
+
+
+def launch_command(worker: list[str], cfg: Any) -> list[str]:
+    """``worker`` (``[python, -m, trainer_svc.worker, ...]``) under torchrun: standalone on one machine, a c10d
+    rendezvous at main_process_ip:main_process_port across machines; no restarts (a failed rank fails the run,
+    which resumes from its checkpoint)."""
+    if not is_distributed(cfg):
+        return worker
+    if len(worker) < 3 or worker[1] != "-m":
+        raise InvalidInput(f"cannot start {worker[:3]} under torchrun: expected python -m MODULE")
+    python, module, rest = worker[0], worker[2], worker[3:]
+    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={processes_per_machine(cfg)}",
+           "--max-restarts=0"]
+    if cfg.num_machines > 1:
+        cmd += [f"--nnodes={cfg.num_machines}", f"--node-rank={cfg.machine_rank}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={cfg.main_process_ip}:{cfg.main_process_port}",
+                f"--rdzv-id=edittuner-{cfg.main_process_port}",
+                f"--rdzv-conf=is_host={'true' if cfg.machine_rank == 0 else 'false'}"]  # machine 0 hosts the store
+    else:
+        cmd += ["--standalone"]
+    return [*cmd, "-m", module, *rest]

@@ -1,0 +1,207 @@
+"""Data parallel training on the CPU with gloo: the training worker under torchrun (as trainer_svc and
+``edittuner train --in-process`` start it) computes what one process computes.
+
+Every run here is a real worker process with one thread (torchrun gives each rank one; matmul results depend on
+the thread count), so the single-process runs they are compared with are worker processes with one thread too.
+With gradient_accumulation_steps equal to the number of processes the sums are the same floating-point
+operations, so losses and LoRA are bit-identical; with more micro-batches than processes they add in another
+order (within rtol 1e-5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.config.loading import load_run_config
+from shared.errors import ConfigError
+from shared.service.supervisor import WorkerFailed, run_worker
+from shared.store.checkpoint import load_checkpoint
+from shared.store.local import LocalStore
+from shared.train.distributed import launch_command
+from test_training import make_run
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+WORKER = [sys.executable, "-m", "trainer_svc.worker"]
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("ddp")
+    cfg, store = make_run(root, tiny_models, refs=1, n=4, max_train_steps=4, checkpoint_step_interval=2,
+                          gradient_accumulation_steps=2)
+    return cfg, store
+
+
+def _command(cfg: Path, store: LocalStore, *overrides: str, flags: tuple[str, ...] = ()) -> list[str]:
+    run = load_run_config(cfg, overrides=list(overrides))
+    return launch_command([*WORKER, "--config", str(cfg), "--store", str(store.root), "--no-encode",
+                           "--no-validation", *flags, *overrides], run.train)
+
+
+def _train(cfg: Path, store: LocalStore, run: str, *overrides: str, flags: tuple[str, ...] = ()) -> dict:
+    cmd = _command(cfg, store, f"output_dir={run}", *overrides, flags=flags)
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    lines = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    result = next((m["result"] for m in lines if "result" in m), None)
+    assert p.returncode == 0 and result is not None, (cmd, p.stdout[-2000:], p.stderr[-4000:])
+    return result
+
+
+def _losses(store: LocalStore, run: str) -> list[float]:
+    history = store.get_bytes(f"runs/{run}/metrics.jsonl").decode().splitlines()
+    return [h["loss"] for h in map(json.loads, history) if "loss" in h]
+
+
+def _lora(store: LocalStore, run: str, step: int | None = None) -> dict[str, torch.Tensor]:
+    if step is not None:
+        return load_checkpoint(store, f"runs/{run}", step).lora
+    return store.get_tensors(f"runs/{run}/lora/pytorch_lora_weights.safetensors")[0]
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_launch_command(encoded):
+    cfg, store = encoded
+    assert _command(cfg, store)[:3] == [*WORKER]  # one process: the worker itself
+    two = _command(cfg, store, "num_processes=2")
+    assert two[1:6] == ["-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=0", "--standalone"]
+    assert two[6:8] == ["-m", "trainer_svc.worker"]
+    nodes = _command(cfg, store, "num_processes=2", "num_machines=2", "machine_rank=1", "main_process_ip=10.0.0.5",
+                     "gradient_accumulation_steps=4",
+                     "main_process_port=29400")
+    assert {"--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.5:29400",
+            "--rdzv-conf=is_host=false"} <= set(nodes) and "--standalone" not in nodes
+
+
+def test_settings_that_cannot_run_are_config_errors(encoded):
+    cfg, _ = encoded
+    for overrides, where, needle in [
+            (["num_processes=4"], "gradient_accumulation_steps", "2 does not split over 4 processes"),
+            (["num_processes=0"], "num_processes", "expected a number of processes"),
+            (["num_machines=2"], "main_process_ip", "is required with num_machines > 1"),
+            (["num_machines=2", "machine_rank=2", "main_process_ip=h"], "machine_rank", "numbered 0 to 1")]:
+        with pytest.raises(ConfigError) as e:
+            load_run_config(cfg, overrides=overrides)
+        assert any(p.where.endswith(f"$.{where}") and needle in p.message for p in e.value.problems), str(e.value)
+
+
+@pytest.fixture(scope="module")
+def baseline(encoded):
+    """One process, run "one"."""
+    cfg, store = encoded
+    return _train(cfg, store, "one", "lora_dropout=0.1")
+
+
+def test_two_processes_compute_what_one_does_and_either_resumes_the_other(encoded, baseline):
+    """lora_dropout on: its masks come from (seed, step, micro-batch) like the noise, on whichever rank. Two
+    ranks stop at step 2 and two resume to step 3; one process resumes their checkpoint to the end."""
+    cfg, store = encoded
+    one = baseline
+    assert one["processes"] == 1 and one["checkpoints"] == [2, 4]
+    half = _train(cfg, store, "two", "lora_dropout=0.1", "num_processes=2", flags=("--until-step=2",))
+    assert half["processes"] == 2 and half["steps"] == 2 and half["checkpoints"] == [2]
+    assert _losses(store, "two") == _losses(store, "one")[:2]  # bitwise: the all-reduced losses
+    assert _equal(_lora(store, "two", 2), _lora(store, "one", 2))
+    assert load_checkpoint(store, "runs/two", 2).loader == load_checkpoint(store, "runs/one", 2).loader
+    more = _train(cfg, store, "two", "lora_dropout=0.1", "num_processes=2", "resume_from_checkpoint=latest",
+                  "checkpoint_step_interval=1", flags=("--until-step=3",))
+    assert more["steps"] == 3 and more["processes"] == 2 and _losses(store, "two") == _losses(store, "one")[:3]
+    rest = _train(cfg, store, "two", "lora_dropout=0.1", "resume_from_checkpoint=latest")
+    assert rest["steps"] == 4 and rest["processes"] == 1
+    assert _losses(store, "two") == _losses(store, "one")
+    assert _equal(_lora(store, "two"), _lora(store, "one"))
+
+
+def test_two_machines_on_loopback_compute_what_one_process_does(encoded, baseline):
+    """Two torchrun agents meeting at a c10d rendezvous (machine 0 hosts it), one process each."""
+    from shared.service.local_stack import free_port
+
+    cfg, store = encoded
+    port = free_port()
+    procs = [subprocess.Popen(_command(cfg, store, "output_dir=nodes", "lora_dropout=0.1", "num_machines=2",
+                                       f"machine_rank={m}", "main_process_ip=127.0.0.1", f"main_process_port={port}"),
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for m in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
+    results = [json.loads(line)["result"] for out, _ in outs for line in out.splitlines() if '"result"' in line]
+    assert len(results) == 1 and results[0]["processes"] == 2  # rank 0 reports, on whichever machine it is
+    assert _losses(store, "nodes") == _losses(store, "one") and _equal(_lora(store, "nodes"), _lora(store, "one"))
+
+
+@pytest.mark.parametrize("precision", ["int8-quanto", "nf4-bnb"])
+def test_quantized_bases_with_four_micro_batches_over_two_processes(encoded, precision):
+    """Each rank quantizes its own base (DDP's broadcast would not sync quantized weights; the fingerprints are
+    compared across ranks instead). Four micro-batches over two ranks add in another order: rtol 1e-5."""
+    cfg, store = encoded
+    args = [f"base_model_precision={precision}", "gradient_accumulation_steps=4", "max_train_steps=1"]
+    _train(cfg, store, f"{precision}-1", *args)
+    _train(cfg, store, f"{precision}-2", *args, "num_processes=2")
+    torch.testing.assert_close(torch.tensor(_losses(store, f"{precision}-2")),
+                               torch.tensor(_losses(store, f"{precision}-1")), rtol=1e-5, atol=0)
+    one, two = _lora(store, f"{precision}-1"), _lora(store, f"{precision}-2")
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-7)
+
+
+def _rank_pid(parent: int, rank: int, timeout_s: float = 120.0) -> int:
+    """The pid of a torchrun agent's worker process with RANK=rank."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+            try:
+                env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return int(child)
+        time.sleep(0.05)
+    raise AssertionError(f"no rank {rank} under {parent}")
+
+
+def test_a_rank_killed_with_sigkill_fails_the_run_by_name_and_leaves_nothing_running(encoded, tmp_path):
+    cfg, store = encoded
+    cmd = _command(cfg, store, "output_dir=killed", "num_processes=2", "max_train_steps=100000",
+                   "checkpoint_step_interval=100000")
+    started = threading.Event()
+    pids: list[int] = []
+
+    def on_event(e: dict) -> None:
+        if e.get("phase") == "train" and e.get("step", 0) >= 1 and not started.is_set():
+            started.set()
+
+    def kill_rank_1() -> None:
+        started.wait(300)
+        agent = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _is_agent(int(p), "output_dir=killed"))
+        pids.extend([agent, _rank_pid(agent, 0), _rank_pid(agent, 1)])
+        pids.append(time.monotonic())
+        os.kill(pids[2], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_rank_1, daemon=True)
+    killer.start()
+    with pytest.raises(WorkerFailed) as e:
+        run_worker(cmd, on_event=on_event, cancelled=threading.Event(), env=ENV, log_path=tmp_path / "worker.log")
+    failed_after = time.monotonic() - pids[3]
+    assert "rank 1 killed by SIGKILL" in str(e.value), str(e.value)
+    assert failed_after < 30, failed_after
+    for pid in pids[:3]:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def _is_agent(pid: int, marker: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"torch.distributed.run" in cmdline and marker.encode() in cmdline

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from shared.cli.common import DEFAULT_STORE, ProgressBars, load_from_args, store_from_args
 from shared.cli.jobs import cmd_data_push, cmd_jobs, cmd_runs_pull, remote_job
-from shared.errors import EditTunerError
+from shared.errors import EditTunerError, InvalidInput
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -99,6 +99,11 @@ def cmd_encode_in_process(args: argparse.Namespace) -> int:
     run = load_from_args(args)
     store = store_from_args(args)
     enc = DatasetEncoder(run, store)
+    if args.finalize:
+        keys = enc.finalize(args.finalize)
+        print(f"merged the manifests of {args.finalize} encoder replicas; index: {', '.join(keys)}")
+        return 0
+    shard = _shard(args.shard) if args.shard else None
     bar = tqdm(desc="encode", unit="item", disable=args.quiet)
     started = time.perf_counter()
 
@@ -109,7 +114,7 @@ def cmd_encode_in_process(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        stats = enc.encode(progress)
+        stats, _ = enc.encode_with_index(progress, shard=shard)
     finally:
         bar.close()
         enc.release()
@@ -118,6 +123,13 @@ def cmd_encode_in_process(args: argparse.Namespace) -> int:
     for f in stats.failures:
         print(f"failed: {f}", file=sys.stderr)
     return 0
+
+
+def _shard(text: str) -> tuple[int, int]:
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        raise InvalidInput(f"--shard {text!r}: expected I/N with 0 <= I < N (this replica's place among N)")
+    return int(i), int(n)
 
 
 def _materialize(args: argparse.Namespace) -> None:
@@ -235,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     _add_server_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--shard", metavar="I/N", help="with --in-process: encode only replica I's share of N (its own "
+                                                  "manifests, no index); then run --finalize N once")
+    p.add_argument("--finalize", type=int, metavar="N", help="with --in-process: merge N replicas' manifests and "
+                                                             "write the index")
     p.set_defaults(func=cmd_encode)
     p = sub.add_parser("train", help="encode what is missing, train the LoRA, render validation previews")
     _add_run_args(p)

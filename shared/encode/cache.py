@@ -129,12 +129,28 @@ def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) 
 
 
 # -------------------------------------------------------------------------------------------- manifests
-class Manifests:
-    """The per-prefix manifest.json files, loaded lazily and written back as they change."""
+def shard_of(item: Item, shards: int) -> int:
+    """The encoder replica an entry belongs to: a stable hash of its manifest place, the same on every host."""
+    digest = hashlib.sha256(f"{item.prefix}/{item.entry}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % shards
 
-    def __init__(self, store: ObjectStore):
+
+def shard_manifest(prefix: str, shard: str) -> str:
+    return f"{prefix}/manifest.shard-{shard}.json"
+
+
+class Manifests:
+    """The per-prefix manifest.json files, loaded lazily and written back as they change.
+
+    With ``shard`` (an encoder replica's ``i-of-n``) new entries go to the replica's own
+    ``manifest.shard-i-of-n.json`` beside the shared manifest, which it only reads: replicas never rewrite the
+    same object. ``merge_shards`` (the finalize step) folds every shard file into the manifest."""
+
+    def __init__(self, store: ObjectStore, shard: str | None = None):
         self.store = store
+        self.shard = shard
         self.docs: dict[str, dict[str, Any]] = {}
+        self.own: dict[str, dict[str, Any]] = {}
         self.dirty: set[str] = set()
 
     def doc(self, prefix: str) -> dict[str, Any]:
@@ -148,17 +164,52 @@ class Manifests:
             self.docs[prefix] = d
         return self.docs[prefix]
 
+    def _own(self, prefix: str) -> dict[str, Any]:
+        if self.shard is None:
+            return self.doc(prefix)
+        if prefix not in self.own:
+            try:
+                d = self.store.get_json(shard_manifest(prefix, self.shard))
+            except NotFound:
+                d = None
+            self.own[prefix] = d if isinstance(d, dict) and d.get("format") == CACHE_FORMAT else {
+                "format": CACHE_FORMAT, "entries": {}}
+        return self.own[prefix]
+
     def entry(self, prefix: str, entry: str) -> dict[str, Any] | None:
+        if self.shard is not None and entry in self._own(prefix)["entries"]:
+            return self._own(prefix)["entries"][entry]
         return self.doc(prefix)["entries"].get(entry)
 
     def set(self, prefix: str, entry: str, value: dict[str, Any]) -> None:
-        self.doc(prefix)["entries"][entry] = value
+        self._own(prefix)["entries"][entry] = value
         self.dirty.add(prefix)
 
     def flush(self) -> None:
         for prefix in sorted(self.dirty):
-            self.store.put_json(f"{prefix}/{MANIFEST}", self.docs[prefix])
+            if self.shard is None:
+                self.store.put_json(f"{prefix}/{MANIFEST}", self.docs[prefix])
+            else:
+                self.store.put_json(shard_manifest(prefix, self.shard), self.own[prefix])
         self.dirty.clear()
+
+    def merge_shards(self, prefixes: set[str]) -> int:
+        """Fold the replicas' shard manifests into each prefix's manifest (written before the shard files are
+        removed, so a crash in between loses nothing); returns the number of entries merged."""
+        merged = 0
+        for prefix in sorted(prefixes):
+            keys = [k for k in self.store.list(prefix) if k.rsplit("/", 1)[0] == prefix
+                    and k.rsplit("/", 1)[1].startswith("manifest.shard-") and k.endswith(".json")]
+            for key in keys:
+                d = self.store.get_json(key)
+                if isinstance(d, dict) and d.get("format") == CACHE_FORMAT:
+                    self.doc(prefix)["entries"].update(d["entries"])
+                    merged += len(d["entries"])
+                    self.dirty.add(prefix)
+            self.flush()
+            for key in keys:
+                self.store.delete(key)
+        return merged
 
 
 def is_cached(item: Item, manifests: Manifests) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -14,10 +15,12 @@ import torch
 from shared.config.schema import RunConfig
 from shared.data.pairing import PairedDataset, pair_datasets
 from shared.data.sources import open_image
-from shared.encode.cache import CACHE_FORMAT, Item, Manifests, is_cached, plan, settings_for, write_index
-from shared.errors import DatasetError, InvalidInput, Problem
+from shared.encode.cache import CACHE_FORMAT, Item, Manifests, is_cached, plan, settings_for, shard_of, write_index
+from shared.errors import DatasetError, FailedPrecondition, InvalidInput, Problem
 from shared.model.device import resolve_device
 from shared.store.base import ObjectStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,20 +70,28 @@ class DatasetEncoder:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def prepare(self) -> tuple[list[PairedDataset], list[Item], Manifests, list[str]]:
+    def prepare(self, shard: str | None = None) -> tuple[list[PairedDataset], list[Item], Manifests, list[str]]:
         paired, warnings = pair_datasets(self.run, self.store)
         items = plan(self.run, paired, settings_for(self.run))
-        return paired, items, Manifests(self.store), warnings
+        return paired, items, Manifests(self.store, shard), warnings
 
     def encode(self, progress: Callable[[EncodeStats, int], None] | None = None) -> EncodeStats:
         stats, _ = self.encode_with_index(progress)
         return stats
 
-    def encode_with_index(self, progress: Callable[[EncodeStats, int], None] | None = None
-                          ) -> tuple[EncodeStats, list[str]]:
+    def encode_with_index(self, progress: Callable[[EncodeStats, int], None] | None = None,
+                          shard: tuple[int, int] | None = None) -> tuple[EncodeStats, list[str]]:
         """Encode every missing entry. Per-image failures are counted and named; with bad_image_policy 'fail'
-        they raise a DatasetError at the end — after everything that did encode is safely in the store."""
-        paired, items, manifests, _ = self.prepare()
+        they raise a DatasetError at the end — after everything that did encode is safely in the store.
+
+        ``shard`` (i, n): one of n encoder replicas, encoding only the entries ``shard_of`` gives it into its own
+        shard manifests and writing no index; ``finalize`` merges the replicas' work and writes the index."""
+        name = None if shard is None else f"{shard[0]}-of-{shard[1]}"
+        if shard is not None and not 0 <= shard[0] < shard[1]:
+            raise InvalidInput(f"shard {shard[0]} of {shard[1]}: expected 0 <= shard < shards")
+        paired, items, manifests, _ = self.prepare(name)
+        if shard is not None:
+            items = [it for it in items if shard_of(it, shard[1]) == shard[0]]
         stats = EncodeStats()
         todo = []
         for it in items:
@@ -110,10 +121,30 @@ class DatasetEncoder:
             manifests.flush()
         if stats.failures and self.run.train.bad_image_policy == "fail":
             raise DatasetError([Problem("encode", f) for f in stats.failures], "encoding failed")
+        if shard is not None:
+            return stats, []
         settings = settings_for(self.run)
         index_keys = [write_index(self.store, self.run, ds, [i for i in items if i.dataset is ds], manifests,
                                   settings) for ds in paired]
         return stats, index_keys
+
+    def finalize(self, shards: int) -> list[str]:
+        """After n replicas' ``encode_with_index(shard=(i, n))``: merge their manifests, check nothing is missing,
+        write the index."""
+        paired, items, manifests, _ = self.prepare()
+        manifests.merge_shards({it.prefix for it in items})
+        missing = [it for it in items if not is_cached(it, manifests)]
+        if missing and self.run.train.bad_image_policy == "skip":  # the replicas skipped images they could not read
+            log.warning("%d of %d cache entries are missing after %d encoder replicas (skipped images); their "
+                        "samples are left out of the index", len(missing), len(items), shards)
+        elif missing:
+            by = sorted({shard_of(it, shards) for it in missing})
+            raise FailedPrecondition(f"{len(missing)} of {len(items)} cache entries are missing after {shards} "
+                                     f"encoder replicas (those of shard(s) {', '.join(map(str, by))}, e.g. "
+                                     f"{missing[0].object_key}); run the encode again: what is cached is kept")
+        settings = settings_for(self.run)
+        return [write_index(self.store, self.run, ds, [i for i in items if i.dataset is ds], manifests, settings)
+                for ds in paired]
 
     # ---- internals
     def _run(self, batch: list[Item], fn: Callable[[list[Item]], list[tuple[dict, dict]]], manifests: Manifests,

@@ -7,17 +7,26 @@ import json
 
 import pytest
 import torch
-from seed_files import SEED_CONFIG, SEED_DATA_V2
 
+from seed_files import SEED_CONFIG, SEED_DATA_V2
 from shared import errors
 from shared.cli.main import main
 from shared.config.loading import load_run_config_text
 from shared.plan import memory
-from shared.plan.counts import (REAL_TRANSFORMER_CONFIG, component_params, counts_for_config, lora_targets,
-                                transformer_counts)
+from shared.plan.counts import (
+    REAL_TRANSFORMER_CONFIG,
+    component_params,
+    counts_for_config,
+    lora_targets,
+    transformer_counts,
+)
 from shared.plan.gpus import GiB, fmt_gib, gpu_spec, parse_size
-from shared.plan.measure import (measure_activation_coefficients, measure_peak_bytes, measure_saved_bytes,
-                                 prepare_for_training)
+from shared.plan.measure import (
+    measure_activation_coefficients,
+    measure_peak_bytes,
+    measure_saved_bytes,
+    prepare_for_training,
+)
 from shared.plan.memory import linear_weight_bytes, training_activation_bytes, transformer_weight_bytes
 from shared.plan.predict import check_fits, plan_run
 from shared.plan.recommend import apply_recommendation
@@ -311,3 +320,22 @@ def test_model_flops_agree_with_the_gpu_benchmark():
         sys.modules.pop(spec.name, None)
     assert plan.model_flops_per_step == pytest.approx(model, rel=0.01)
     assert plan.flops_per_step == pytest.approx(hardware, rel=0.01)
+
+
+def test_data_parallel_plan_is_per_gpu_with_the_all_reduce():
+    from pathlib import Path
+
+    from shared.plan.predict import NCCL_BUFFER_BYTES, allreduce_seconds
+    from shared.plan.report import gpus_table
+
+    one = plan_run(seed_run(), gpu="H100", recommend=False)
+    two = plan_run(seed_run(), gpu="H100", recommend=False, gpus=2)
+    assert two.gpus == 2 and two.trainer.total == one.trainer.total + NCCL_BUFFER_BYTES
+    n_lora = one.parameters["LoRA"]
+    assert two.allreduce_seconds == pytest.approx(n_lora * 4 / 150e9)  # 2 (N-1)/N = 1 of the fp32 gradients
+    assert two.seconds_per_step == pytest.approx(one.seconds_per_step / 2 + two.allreduce_seconds)
+    assert two.host_load_bytes == 2 * one.host_load_bytes
+    assert allreduce_seconds(n_lora, 8, machines=2) > allreduce_seconds(n_lora, 8)  # slower links between machines
+    assert "on 2 GPUs: the trainer figures are per GPU" in format_plan(two)
+    doc = (Path(__file__).parents[1] / "docs" / "PLANNER.md").read_text(encoding="utf-8")
+    assert gpus_table() in doc, "regenerate: python -m shared.plan.report --gpus"

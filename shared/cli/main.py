@@ -81,7 +81,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     memory = parse_size(args.gpu_memory) if args.gpu_memory else None
     _materialize(args)  # a tiny preset's model is generated on first use, as for encode and train
-    plan = plan_run(load_from_args(args), memory, args.gpu)
+    plan = plan_run(load_from_args(args), memory, args.gpu, gpus=args.gpus)
     print(format_plan(plan))
     return 0 if plan.fits else 2
 
@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.add_argument("--gpu", default="H100", help="GPU for memory and timing: H100, H200, A100, L40S, RTX4090, RTX3090")
     p.add_argument("--gpu-memory", help="memory to fit, e.g. 24GiB or 80GB (default: the --gpu's)")
+    p.add_argument("--gpus", type=int, help="data parallel processes (default: num_processes x num_machines): "
+                                            "memory per GPU, the step time with the gradient all-reduce")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("encode", help="encode the datasets into the cache (VAE latents, caption embeddings)")
     _add_run_args(p)

@@ -25,11 +25,23 @@ from shared.config.schema import RunConfig
 from shared.plan.counts import component_params, lora_params, lora_targets, transformer_counts
 from shared.plan.flops import MFU_BF16, MFU_QUANTIZED, step_flops
 from shared.plan.gpus import fmt_gib, gpu_spec
-from shared.plan.memory import (CUDA_OVERHEAD, LORA_STATE_BYTES, VAE_DECODE_BYTES, VAE_ENCODE_BYTES, dtype_bytes,
-                                inference_activation_bytes, text_encoder_activation_bytes, training_activation_bytes,
-                                transformer_weight_bytes)
+from shared.plan.memory import (
+    CUDA_OVERHEAD,
+    LORA_STATE_BYTES,
+    VAE_DECODE_BYTES,
+    VAE_ENCODE_BYTES,
+    dtype_bytes,
+    inference_activation_bytes,
+    text_encoder_activation_bytes,
+    training_activation_bytes,
+    transformer_weight_bytes,
+)
 from shared.plan.recommend import recommend_overrides
 from shared.plan.tokens import CAPTION_TOKENS, VL_PIXELS_PER_TOKEN, Tokens, eval_tokens, training_tokens
+
+NCCL_BUFFER_BYTES = 512 * 2 ** 20
+INTRA_NODE_BYTES_S = 150e9  # NCCL all-reduce bus bandwidth within an NVLink machine: assumed
+INTER_NODE_BYTES_S = 20e9  # between machines (200 Gb/s InfiniBand): assumed
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -73,10 +85,22 @@ class Plan:
     recommendation: list[str] = field(default_factory=list)
     recommended_bytes: int | None = None  # the trainer's prediction with the recommendation applied
     assumptions: list[str] = field(default_factory=list)
+    gpus: int = 1  # data parallel processes (num_processes x num_machines): the trainer's figures are per GPU
+    allreduce_seconds: float = 0.0  # of seconds_per_step: the LoRA gradients' all-reduce, once per step
+    host_load_bytes: int = 0  # host RAM while every rank of one machine loads the base at once
 
     @property
     def trainer(self) -> ServicePlan:
         return self.services["trainer"]
+
+
+def _dp_assumptions(machines: int) -> list[str]:
+    link = (f"the network at {INTER_NODE_BYTES_S / 1e9:g}" if machines > 1 else
+            f"NVLink at {INTRA_NODE_BYTES_S / 1e9:g}")
+    return [f"data parallel: NCCL buffers {fmt_gib(NCCL_BUFFER_BYTES)} per GPU, assumed; the all-reduce of the fp32 "
+            f"LoRA gradients over {link} GB/s bus bandwidth, assumed, not overlapped with the backward (it is in "
+            "part)",
+            "host RAM while loading: every process of a machine loads the base in the compute dtype at once"]
 
 
 def _assumptions(gpu: str, mfu: float, compute_bytes: int) -> list[str]:
@@ -96,10 +120,25 @@ def _assumptions(gpu: str, mfu: float, compute_bytes: int) -> list[str]:
     ]
 
 
+def processes(run: RunConfig) -> int:
+    t = run.train
+    return (1 if t.num_processes == "auto" else int(t.num_processes)) * t.num_machines
+
+
+def allreduce_seconds(lora_params: int, gpus: int, machines: int = 1) -> float:
+    """A ring all-reduce of the fp32 LoRA gradients: 2 (N-1)/N of their bytes over the slowest link."""
+    if gpus <= 1:
+        return 0.0
+    bandwidth = INTER_NODE_BYTES_S if machines > 1 else INTRA_NODE_BYTES_S
+    return 2 * (gpus - 1) / gpus * lora_params * 4 / bandwidth
+
+
 def plan_run(run: RunConfig, gpu_memory_bytes: int | None = None, gpu: str = "H100", *,
-             recommend: bool = True) -> Plan:
+             recommend: bool = True, gpus: int | None = None) -> Plan:
     """Predict memory per service, tokens, FLOPs and seconds per step of ``run`` on ``gpu``; when the trainer does
-    not fit ``gpu_memory_bytes`` (default: the GPU's memory), search for overrides that make it fit."""
+    not fit ``gpu_memory_bytes`` (default: the GPU's memory), search for overrides that make it fit. ``gpus``
+    (default: num_processes x num_machines) data parallel processes: the trainer's memory is per GPU, the step
+    time is one GPU's share of the micro-batches plus the gradient all-reduce."""
     name, peak_flops, default_memory = gpu_spec(gpu)
     memory = int(gpu_memory_bytes) if gpu_memory_bytes is not None else default_memory
     t = run.train
@@ -118,6 +157,9 @@ def plan_run(run: RunConfig, gpu_memory_bytes: int | None = None, gpu: str = "H1
     acts = {k: v * cb // 2 for k, v in acts.items()}  # measured in bf16; fp32 compute: about twice
     trainer = {**weights, f"LoRA {n_lora / 1e6:.1f}M params + grads + {t.optimizer}":
                n_lora * LORA_STATE_BYTES[t.optimizer], **acts, "CUDA overhead": CUDA_OVERHEAD}
+    n_gpus = gpus or processes(run)
+    if n_gpus > 1:  # DDP's buckets are the gradients themselves (gradient_as_bucket_view); NCCL's own buffers
+        trainer["NCCL buffers"] = NCCL_BUFFER_BYTES
 
     te_params, vae_params, base_dim = component_params(t.model_path)
     vl_area = t.model_kwargs.vl_reference_area or flav.vl_ref_area
@@ -149,8 +191,12 @@ def plan_run(run: RunConfig, gpu_memory_bytes: int | None = None, gpu: str = "H1
                 parameters={"transformer": counts.total, "text encoder": te_params, "VAE": vae_params,
                             "LoRA": n_lora},
                 flops_per_step=per_step, model_flops_per_step=(flops["forward"] + flops["backward"]) * samples,
-                seconds_per_step=per_step / (peak_flops * mfu), mfu=mfu,
-                fits=services["trainer"].fits, assumptions=_assumptions(name, mfu, cb))
+                seconds_per_step=per_step / n_gpus / (peak_flops * mfu) + allreduce_seconds(n_lora, n_gpus,
+                                                                                           t.num_machines), mfu=mfu,
+                fits=services["trainer"].fits, assumptions=_assumptions(name, mfu, cb) + (
+                    _dp_assumptions(t.num_machines) if n_gpus > 1 else []),
+                gpus=n_gpus, allreduce_seconds=allreduce_seconds(n_lora, n_gpus, t.num_machines),
+                host_load_bytes=max(1, n_gpus // t.num_machines) * counts.total * cb)
     if recommend and not plan.fits:
         plan.recommendation, plan.recommended_bytes = recommend_overrides(run, memory, name, plan_run)
     return plan

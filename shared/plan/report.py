@@ -28,6 +28,12 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"{s.name:<8} {fmt_gib(s.total):>10}  {'yes' if s.fits else 'NO':<4}  {parts}")
     lines += ["", f"step: {plan.flops_per_step:.3g} FLOPs ({plan.micro_batches} micro-batch(es) of {plan.batch}), "
               f"about {plan.seconds_per_step:.3g} s per optimizer step on {plan.gpu} (assumed MFU {plan.mfu:.2f})"]
+    if plan.gpus > 1:
+        lines.append(f"on {plan.gpus} GPUs: the trainer figures are per GPU; each computes "
+                     f"{plan.micro_batches // plan.gpus if plan.micro_batches % plan.gpus == 0 else '?'} of the "
+                     f"{plan.micro_batches} micro-batches, the LoRA gradients' all-reduce adds "
+                     f"{plan.allreduce_seconds * 1000:.1f} ms; host RAM while loading about "
+                     f"{fmt_gib(plan.host_load_bytes)} per machine")
     if plan.fits:
         lines.append(f"the trainer fits {fmt_gib(plan.gpu_memory_bytes)}")
     elif plan.recommendation:
@@ -73,7 +79,32 @@ def docs_table(gpu: str = "H100") -> str:
     return "\n".join(lines)
 
 
+def gpus_table(gpu: str = "H100") -> str:
+    """docs/PLANNER.md's data parallel table: edit-v2 with 3 references at 1024, gradient checkpointing, 8
+    micro-batches per step, on 1, 2, 4 and 8 GPUs of one machine."""
+    from shared.config.loading import load_run_config_text
+
+    lines = [f"| precision | GPUs | trainer GiB per GPU | s/step {gpu} (predicted) | of it all-reduce | samples/s | "
+             "host GiB while loading | measured |", "|" + "---|" * 8]
+    ids = ["ref0", "ref1", "ref2"]
+    data = [{"id": "img", "instance_data_dir": "/d/img", "resolution": 1024, "conditioning_data": ids}] + [
+        {"id": i, "dataset_type": "conditioning", "instance_data_dir": f"/d/{i}", "resolution": 1024} for i in ids]
+    for precision in ("no_change", "nf4-bnb"):
+        for n in (1, 2, 4, 8):
+            cfg = {"model_flavour": "edit-v2", "base_model_precision": precision, "mixed_precision": "bf16",
+                   "gradient_checkpointing": True, "train_batch_size": 1, "gradient_accumulation_steps": 8,
+                   "num_processes": n}
+            p = plan_run(load_run_config_text(json.dumps(cfg), json.dumps(data)), gpu=gpu, recommend=False)
+            lines.append(f"| {'bf16' if precision == 'no_change' else precision} | {n} | {p.trainer.total / GiB:.1f} | "
+                         f"{p.seconds_per_step:.2f} | {p.allreduce_seconds * 1000:.1f} ms | "
+                         f"{8 / p.seconds_per_step:.2f} | {p.host_load_bytes / GiB:.0f} | |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     import sys
 
-    print(docs_table(*(sys.argv[1:2] or ["H100"])))
+    if sys.argv[1:2] == ["--gpus"]:
+        print(gpus_table(*(sys.argv[2:3] or ["H100"])))
+    else:
+        print(docs_table(*(sys.argv[1:2] or ["H100"])))

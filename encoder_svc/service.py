@@ -8,9 +8,19 @@ from typing import Any
 import grpc
 
 from shared.encode.encoder import DatasetEncoder, EncodeStats
+from shared.errors import InvalidInput
 from shared.rpc import encoder_pb2, encoder_pb2_grpc
-from shared.service.common import (IdleRelease, JobRpcMixin, ServerPaths, files_from_proto, files_to_params,
-                                   free_gpu_memory, job_to_proto, run_from_params, validated_run)
+from shared.service.common import (
+    IdleRelease,
+    JobRpcMixin,
+    ServerPaths,
+    files_from_proto,
+    files_to_params,
+    free_gpu_memory,
+    job_to_proto,
+    run_from_params,
+    validated_run,
+)
 from shared.service.jobs import JobContext
 from shared.service.metrics import Metrics
 from shared.service.records import JobRecord
@@ -45,8 +55,13 @@ class EncoderCore:
                              message=f"encoded {stats.encoded}, cached {stats.cached}, failed {stats.failed}")
                 ctx.check_cancelled()
 
+            count = int(job.params.get("shard_count", "0") or 0)
             try:
-                stats, index_keys = enc.encode_with_index(progress)
+                if job.params.get("finalize") == "true":  # the replicas' shards merged; nothing encoded here
+                    index_keys, stats = enc.finalize(count), EncodeStats()
+                else:
+                    shard = (int(job.params.get("shard_index", "0")), count) if count > 1 else None
+                    stats, index_keys = enc.encode_with_index(progress, shard=shard)
             except BaseException:
                 self._pipes.clear()  # a failed job must not leave half-used models resident
                 enc.release()
@@ -82,7 +97,15 @@ class EncoderServicer(JobRpcMixin, encoder_pb2_grpc.EncoderServiceServicer):
                      ) -> encoder_pb2.SubmitEncodeResponse:
         files = files_from_proto(request.files)
         validated_run(files, self.core.paths)  # bad input fails the call, listing every problem, before a job
-        job = self.jobs.submit("encode", files_to_params(files), request.request_id)
+        if request.shard_count > 1 and request.shard_index >= request.shard_count:
+            raise InvalidInput(f"shard_index {request.shard_index} with shard_count {request.shard_count}: expected "
+                               "0 <= shard_index < shard_count")
+        if request.finalize and request.shard_count < 1:
+            raise InvalidInput("finalize needs shard_count: the number of replicas whose shards it merges")
+        shard = {"shard_index": str(request.shard_index), "shard_count": str(request.shard_count),
+                 "finalize": "true" if request.finalize else "false"} if request.shard_count > 1 or \
+            request.finalize else {}
+        job = self.jobs.submit("encode", files_to_params(files) | shard, request.request_id)
         return encoder_pb2.SubmitEncodeResponse(job=job_to_proto(job))
 
     def ReleaseModels(self, request: encoder_pb2.ReleaseModelsRequest, context: grpc.ServicerContext

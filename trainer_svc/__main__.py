@@ -1,5 +1,6 @@
 """``python -m trainer_svc``: the trainer service. Besides EDITTUNER_TRAINER_* / EDITTUNER_*, it reads
-EDITTUNER_ENCODER_ADDR and EDITTUNER_EVAL_ADDR (the other two services) and EDITTUNER_WORKDIR."""
+EDITTUNER_ENCODER_ADDR (or EDITTUNER_ENCODER_ADDRS, several encoder replicas, comma-separated) and
+EDITTUNER_EVAL_ADDR (the other two services) and EDITTUNER_WORKDIR."""
 
 import os
 import sys
@@ -12,9 +13,14 @@ def make(config, store, metrics):
     from trainer_svc.service import Peers, TrainerCore, TrainerServicer
 
     env = dict(os.environ)
-    enc, ev = peer_channel(env, "encoder", config.token), peer_channel(env, "eval", config.token)
-    peers = Peers(encoder_pb2_grpc.EncoderServiceStub(enc) if enc else None,
-                  eval_pb2_grpc.EvalServiceStub(ev) if ev else None)
+    # EDITTUNER_ENCODER_ADDRS (comma-separated): encoder replicas that split every encode into disjoint shards
+    addrs = [a.strip() for a in env.get("EDITTUNER_ENCODER_ADDRS", "").split(",") if a.strip()]
+    encoders = [peer_channel({"EDITTUNER_ENCODER_ADDR": a, **{k: v for k, v in env.items() if k.startswith(
+        "EDITTUNER_TLS")}}, "encoder", config.token) for a in addrs] or [peer_channel(env, "encoder", config.token)]
+    ev = peer_channel(env, "eval", config.token)
+    stubs = [encoder_pb2_grpc.EncoderServiceStub(c) for c in encoders if c is not None]
+    peers = Peers(stubs[0] if stubs else None, eval_pb2_grpc.EvalServiceStub(ev) if ev else None,
+                  more_encoders=tuple(stubs[1:]))
     core = TrainerCore(config.store_url or ".edittuner/store", peers, metrics, workdir(env),
                        paths=server_paths(config), grace_s=config.grace_s)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,18 @@ from shared.errors import FailedPrecondition, Unavailable
 from shared.model.device import resolve_device
 from shared.plan.predict import check_fits
 from shared.rpc import common_pb2, encoder_pb2, encoder_pb2_grpc, eval_pb2, eval_pb2_grpc, trainer_pb2, trainer_pb2_grpc
-from shared.service.common import (JobRpcMixin, ServerPaths, check_run_id, error_of, files_from_proto, files_to_params,
-                                   job_to_proto, run_from_params, state_name, validated_run)
+from shared.service.common import (
+    JobRpcMixin,
+    ServerPaths,
+    check_run_id,
+    error_of,
+    files_from_proto,
+    files_to_params,
+    job_to_proto,
+    run_from_params,
+    state_name,
+    validated_run,
+)
 from shared.service.jobs import JobContext
 from shared.service.metrics import Metrics
 from shared.service.records import JobCancelled, JobRecord
@@ -42,6 +53,7 @@ class Peers:
 
     encoder: encoder_pb2_grpc.EncoderServiceStub | None
     eval: eval_pb2_grpc.EvalServiceStub | None
+    more_encoders: tuple[encoder_pb2_grpc.EncoderServiceStub, ...] = ()  # replicas beyond the first, for shards
 
 
 class TrainerCore:
@@ -115,52 +127,84 @@ class TrainerCore:
     def _encode(self, job: JobRecord, ctx: JobContext) -> list[str]:
         """Encode through encoder_svc and wait; then ask it to free the GPU for training. Returns the cache index
         keys the encoder wrote: the worker reads those, so it never recomputes a key from model files this host
-        may not have."""
+        may not have. With several encoder replicas (EDITTUNER_ENCODER_ADDRS) each encodes its shard at the same
+        time, then the first merges their manifests and writes the index."""
         if self.peers.encoder is None:
             raise Unavailable("trainer_svc has no encoder_svc address (EDITTUNER_ENCODER_ADDR)")
         files = self._files(job)
+        replicas = [self.peers.encoder, *self.peers.more_encoders]
+        request_id = f"{job.job_id}-encode-{job.attempt}"
+        if len(replicas) == 1:
+            enc_job = self._encode_on(replicas[0], encoder_pb2.SubmitEncodeRequest(request_id=request_id,
+                                                                                    files=files), ctx)
+        else:
+            n = len(replicas)
+            failures: list[BaseException] = []
+
+            def shard(i: int) -> None:
+                try:
+                    self._encode_on(replicas[i], encoder_pb2.SubmitEncodeRequest(
+                        request_id=f"{request_id}-shard-{i}-of-{n}", files=files, shard_index=i, shard_count=n),
+                        ctx, label=f"encoder replica {i}")
+                except BaseException as e:  # noqa: BLE001 - re-raised on the job's thread below
+                    failures.append(e)
+
+            threads = [threading.Thread(target=shard, args=(i,), name=f"encode-shard-{i}") for i in range(n)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            if failures:
+                raise failures[0]
+            enc_job = self._encode_on(replicas[0], encoder_pb2.SubmitEncodeRequest(
+                request_id=f"{request_id}-finalize", files=files, shard_count=n, finalize=True), ctx)
+        for stub in replicas:
+            try:
+                stub.ReleaseModels(encoder_pb2.ReleaseModelsRequest(), timeout=RPC_TIMEOUT_S)
+            except grpc.RpcError as e:
+                log.warning("encoder_svc did not release its models: %s", e)
+        return [k for k in enc_job.outputs.get("index", "").split(",") if k.startswith("cache/index/")]
+
+    def _encode_on(self, stub: encoder_pb2_grpc.EncoderServiceStub, request: encoder_pb2.SubmitEncodeRequest,
+                   ctx: JobContext, label: str = "encoder_svc") -> Any:
+        """Submit one encode job and watch it to its end; returns the finished job."""
         try:
-            sub = self.peers.encoder.SubmitEncode(encoder_pb2.SubmitEncodeRequest(
-                request_id=f"{job.job_id}-encode-{job.attempt}", files=files), timeout=RPC_TIMEOUT_S)
+            sub = stub.SubmitEncode(request, timeout=RPC_TIMEOUT_S)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise FailedPrecondition(f"encoder_svc refused the encode: {e.details()}") from None
-            raise Unavailable(f"encoder_svc: {e.code().name}: {e.details()}") from None
+                raise FailedPrecondition(f"{label} refused the encode: {e.details()}") from None
+            raise Unavailable(f"{label}: {e.code().name}: {e.details()}") from None
         enc_job = sub.job
         # A Watch stream ends with UNAVAILABLE when encoder_svc shuts down (the job is then queued to resume
         # after its restart): watch again, for up to ENCODE_WATCH_ATTEMPTS tries.
         for attempt in range(ENCODE_WATCH_ATTEMPTS):
             try:
-                for ev in self.peers.encoder.WatchJob(encoder_pb2.WatchJobRequest(job_id=enc_job.job_id)):
+                for ev in stub.WatchJob(encoder_pb2.WatchJobRequest(job_id=enc_job.job_id)):
                     enc_job = ev.job
                     p = enc_job.progress
-                    ctx.progress(phase="encode", step=p.step, total=p.total, message=p.message)
+                    ctx.progress(phase="encode", step=p.step, total=p.total,  # replicas: each its own share
+                                 message=p.message if label == "encoder_svc" else f"{label}: {p.message}")
                     if ctx.cancelled.is_set():
-                        self.peers.encoder.CancelJob(encoder_pb2.CancelJobRequest(job_id=enc_job.job_id),
-                                                     timeout=RPC_TIMEOUT_S)
+                        stub.CancelJob(encoder_pb2.CancelJobRequest(job_id=enc_job.job_id), timeout=RPC_TIMEOUT_S)
                         ctx.check_cancelled()
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == ENCODE_WATCH_ATTEMPTS - 1:
-                    raise Unavailable(f"encoder_svc: {e.code().name}: {e.details()}") from None
-                log.info("encoder_svc went away while encoding (%s); watching its job again", e.details())
+                    raise Unavailable(f"{label}: {e.code().name}: {e.details()}") from None
+                log.info("%s went away while encoding (%s); watching its job again", label, e.details())
             if state_name(enc_job) in ("succeeded", "failed", "cancelled"):
                 break
             if ctx.cancelled.wait(ENCODE_REWATCH_S):
                 ctx.check_cancelled()
         state = state_name(enc_job)
         if state == "cancelled":
-            raise FailedPrecondition(f"the encode job {enc_job.job_id} on encoder_svc was cancelled; start the run "
+            raise FailedPrecondition(f"the encode job {enc_job.job_id} on {label} was cancelled; start the run "
                                      "again")
         if state != "succeeded":
             if state == "failed":
                 raise error_of(enc_job)
-            raise Unavailable(f"the encode job {enc_job.job_id} on encoder_svc did not finish ({state}); is "
+            raise Unavailable(f"the encode job {enc_job.job_id} on {label} did not finish ({state}); is "
                               "encoder_svc restarting?")
-        try:
-            self.peers.encoder.ReleaseModels(encoder_pb2.ReleaseModelsRequest(), timeout=RPC_TIMEOUT_S)
-        except grpc.RpcError as e:
-            log.warning("encoder_svc did not release its models: %s", e)
-        return [k for k in enc_job.outputs.get("index", "").split(",") if k.startswith("cache/index/")]
+        return enc_job
 
     def _submit_render(self, job: JobRecord, e: dict[str, Any], validations: list[str], missed: list[str],
                        index: list[str]) -> None:

@@ -25,37 +25,37 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as edittuner_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"edittuner/encoder/v1/encoder.proto\x12\x14\x65\x64ittuner.encoder.v1\x1a edittuner/common/v1/common.proto\"]\n\x13SubmitEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x05\x66iles\x18\x02 \x01(\x0b\x32#.edittuner.common.v1.RunConfigFiles\"=\n\x14SubmitEncodeResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.edittuner.common.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"7\n\x0eGetJobResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.edittuner.common.v1.Job\"f\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.edittuner.common.v1.JobState\"S\n\x10ListJobsResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x18.edittuner.common.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\":\n\x11\x43\x61ncelJobResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.edittuner.common.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"9\n\x10WatchJobResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.edittuner.common.v1.Job\"\x16\n\x14ReleaseModelsRequest\"E\n\x15ReleaseModelsResponse\x12\x17\n\x0freleased_models\x18\x01 \x03(\t\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x03\x32\xcc\x04\n\x0e\x45ncoderService\x12\x65\n\x0cSubmitEncode\x12).edittuner.encoder.v1.SubmitEncodeRequest\x1a*.edittuner.encoder.v1.SubmitEncodeResponse\x12S\n\x06GetJob\x12#.edittuner.encoder.v1.GetJobRequest\x1a$.edittuner.encoder.v1.GetJobResponse\x12Y\n\x08ListJobs\x12%.edittuner.encoder.v1.ListJobsRequest\x1a&.edittuner.encoder.v1.ListJobsResponse\x12\\\n\tCancelJob\x12&.edittuner.encoder.v1.CancelJobRequest\x1a\'.edittuner.encoder.v1.CancelJobResponse\x12[\n\x08WatchJob\x12%.edittuner.encoder.v1.WatchJobRequest\x1a&.edittuner.encoder.v1.WatchJobResponse0\x01\x12h\n\rReleaseModels\x12*.edittuner.encoder.v1.ReleaseModelsRequest\x1a+.edittuner.encoder.v1.ReleaseModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"edittuner/encoder/v1/encoder.proto\x12\x14\x65\x64ittuner.encoder.v1\x1a edittuner/common/v1/common.proto\"\x99\x01\n\x13SubmitEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x05\x66iles\x18\x02 \x01(\x0b\x32#.edittuner.common.v1.RunConfigFiles\x12\x13\n\x0bshard_index\x18\x03 \x01(\r\x12\x13\n\x0bshard_count\x18\x04 \x01(\r\x12\x10\n\x08\x66inalize\x18\x05 \x01(\x08\"=\n\x14SubmitEncodeResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.edittuner.common.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"7\n\x0eGetJobResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.edittuner.common.v1.Job\"f\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.edittuner.common.v1.JobState\"S\n\x10ListJobsResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x18.edittuner.common.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\":\n\x11\x43\x61ncelJobResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.edittuner.common.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"9\n\x10WatchJobResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.edittuner.common.v1.Job\"\x16\n\x14ReleaseModelsRequest\"E\n\x15ReleaseModelsResponse\x12\x17\n\x0freleased_models\x18\x01 \x03(\t\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x03\x32\xcc\x04\n\x0e\x45ncoderService\x12\x65\n\x0cSubmitEncode\x12).edittuner.encoder.v1.SubmitEncodeRequest\x1a*.edittuner.encoder.v1.SubmitEncodeResponse\x12S\n\x06GetJob\x12#.edittuner.encoder.v1.GetJobRequest\x1a$.edittuner.encoder.v1.GetJobResponse\x12Y\n\x08ListJobs\x12%.edittuner.encoder.v1.ListJobsRequest\x1a&.edittuner.encoder.v1.ListJobsResponse\x12\\\n\tCancelJob\x12&.edittuner.encoder.v1.CancelJobRequest\x1a\'.edittuner.encoder.v1.CancelJobResponse\x12[\n\x08WatchJob\x12%.edittuner.encoder.v1.WatchJobRequest\x1a&.edittuner.encoder.v1.WatchJobResponse0\x01\x12h\n\rReleaseModels\x12*.edittuner.encoder.v1.ReleaseModelsRequest\x1a+.edittuner.encoder.v1.ReleaseModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.rpc.encoder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUBMITENCODEREQUEST']._serialized_start=94
-  _globals['_SUBMITENCODEREQUEST']._serialized_end=187
-  _globals['_SUBMITENCODERESPONSE']._serialized_start=189
-  _globals['_SUBMITENCODERESPONSE']._serialized_end=250
-  _globals['_GETJOBREQUEST']._serialized_start=252
-  _globals['_GETJOBREQUEST']._serialized_end=283
-  _globals['_GETJOBRESPONSE']._serialized_start=285
-  _globals['_GETJOBRESPONSE']._serialized_end=340
-  _globals['_LISTJOBSREQUEST']._serialized_start=342
-  _globals['_LISTJOBSREQUEST']._serialized_end=444
-  _globals['_LISTJOBSRESPONSE']._serialized_start=446
-  _globals['_LISTJOBSRESPONSE']._serialized_end=529
-  _globals['_CANCELJOBREQUEST']._serialized_start=531
-  _globals['_CANCELJOBREQUEST']._serialized_end=565
-  _globals['_CANCELJOBRESPONSE']._serialized_start=567
-  _globals['_CANCELJOBRESPONSE']._serialized_end=625
-  _globals['_WATCHJOBREQUEST']._serialized_start=627
-  _globals['_WATCHJOBREQUEST']._serialized_end=660
-  _globals['_WATCHJOBRESPONSE']._serialized_start=662
-  _globals['_WATCHJOBRESPONSE']._serialized_end=719
-  _globals['_RELEASEMODELSREQUEST']._serialized_start=721
-  _globals['_RELEASEMODELSREQUEST']._serialized_end=743
-  _globals['_RELEASEMODELSRESPONSE']._serialized_start=745
-  _globals['_RELEASEMODELSRESPONSE']._serialized_end=814
-  _globals['_ENCODERSERVICE']._serialized_start=817
-  _globals['_ENCODERSERVICE']._serialized_end=1405
+  _globals['_SUBMITENCODEREQUEST']._serialized_start=95
+  _globals['_SUBMITENCODEREQUEST']._serialized_end=248
+  _globals['_SUBMITENCODERESPONSE']._serialized_start=250
+  _globals['_SUBMITENCODERESPONSE']._serialized_end=311
+  _globals['_GETJOBREQUEST']._serialized_start=313
+  _globals['_GETJOBREQUEST']._serialized_end=344
+  _globals['_GETJOBRESPONSE']._serialized_start=346
+  _globals['_GETJOBRESPONSE']._serialized_end=401
+  _globals['_LISTJOBSREQUEST']._serialized_start=403
+  _globals['_LISTJOBSREQUEST']._serialized_end=505
+  _globals['_LISTJOBSRESPONSE']._serialized_start=507
+  _globals['_LISTJOBSRESPONSE']._serialized_end=590
+  _globals['_CANCELJOBREQUEST']._serialized_start=592
+  _globals['_CANCELJOBREQUEST']._serialized_end=626
+  _globals['_CANCELJOBRESPONSE']._serialized_start=628
+  _globals['_CANCELJOBRESPONSE']._serialized_end=686
+  _globals['_WATCHJOBREQUEST']._serialized_start=688
+  _globals['_WATCHJOBREQUEST']._serialized_end=721
+  _globals['_WATCHJOBRESPONSE']._serialized_start=723
+  _globals['_WATCHJOBRESPONSE']._serialized_end=780
+  _globals['_RELEASEMODELSREQUEST']._serialized_start=782
+  _globals['_RELEASEMODELSREQUEST']._serialized_end=804
+  _globals['_RELEASEMODELSRESPONSE']._serialized_start=806
+  _globals['_RELEASEMODELSRESPONSE']._serialized_end=875
+  _globals['_ENCODERSERVICE']._serialized_start=878
+  _globals['_ENCODERSERVICE']._serialized_end=1466
 # @@protoc_insertion_point(module_scope)

@@ -8,12 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitEncodeRequest(_message.Message):
-    __slots__ = ("request_id", "files")
+    __slots__ = ("request_id", "files", "shard_index", "shard_count", "finalize")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FINALIZE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     files: _common_pb2.RunConfigFiles
-    def __init__(self, request_id: _Optional[str] = ..., files: _Optional[_Union[_common_pb2.RunConfigFiles, _Mapping]] = ...) -> None: ...
+    shard_index: int
+    shard_count: int
+    finalize: bool
+    def __init__(self, request_id: _Optional[str] = ..., files: _Optional[_Union[_common_pb2.RunConfigFiles, _Mapping]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., finalize: _Optional[bool] = ...) -> None: ...
 
 class SubmitEncodeResponse(_message.Message):
     __slots__ = ("job",)

@@ -14,10 +14,24 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from deployfiles import (ALLOWED_SERIES, COMPOSE, DASHBOARD, DATASOURCES, GPU_SERVICES, HISTOGRAMS, K8S, METRICS,
-                         PROMETHEUS_YML, ROOT, SECRET_KEY, k8s_docs, load_yaml, services)
 from prom import require_tool, start_prometheus
+
+from deployfiles import (
+    ALLOWED_SERIES,
+    COMPOSE,
+    DASHBOARD,
+    DATASOURCES,
+    GPU_SERVICES,
+    HISTOGRAMS,
+    K8S,
+    METRICS,
+    PROMETHEUS_YML,
+    ROOT,
+    SECRET_KEY,
+    k8s_docs,
+    load_yaml,
+    services,
+)
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +247,32 @@ def test_prometheus_helper_scrapes_a_real_exporter():
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def test_the_multinode_job_meets_at_pod_0_and_its_command_is_a_valid_run():
+    import shlex
+
+    from shared.config.loading import parse_override
+
+    folder = K8S / "multinode"
+    docs = [d for d in yaml.safe_load_all((folder / "train-job.yaml").read_text()) if d]
+    service = next(d for d in docs if d["kind"] == "Service")
+    job = next(d for d in docs if d["kind"] == "Job")
+    spec, pod = job["spec"], job["spec"]["template"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    assert service["spec"]["clusterIP"] == "None" and pod["spec"]["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    words = shlex.split(container["args"][0].replace("$JOB_COMPLETION_INDEX", "0"))
+    assert words[:4] == ["exec", "edittuner", "train", "--in-process"]
+    overrides = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+    for w in overrides:
+        parse_override(f"{w}={overrides[w]}")
+    assert int(overrides["num_machines"]) == spec["completions"]
+    assert overrides["main_process_ip"] == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert {p["containerPort"] for p in container["ports"]} == {int(overrides["main_process_port"])}
+    kustomization = load_yaml(folder / "kustomization.yaml")
+    assert kustomization["resources"] == ["train-job.yaml"]
+    assert {"config.json", "multidatabackend.json"} == set(kustomization["configMapGenerator"][0]["files"])
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/run/edittuner", "/models", "/datasets", "/dev/shm"} <= mounts

@@ -81,7 +81,7 @@ def test_the_launch_command(encoded):
                      "gradient_accumulation_steps=4",
                      "main_process_port=29400")
     assert {"--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.5:29400",
-            "--rdzv-conf=is_host=false"} <= set(nodes) and "--standalone" not in nodes
+            "--rdzv-conf=is_host=false,join_timeout=3600"} <= set(nodes) and "--standalone" not in nodes
 
 
 def test_settings_that_cannot_run_are_config_errors(encoded):
@@ -142,9 +142,11 @@ def test_two_machines_on_loopback_compute_what_one_process_does(encoded, baselin
 @pytest.mark.parametrize("precision", ["int8-quanto", "nf4-bnb"])
 def test_quantized_bases_with_four_micro_batches_over_two_processes(encoded, precision):
     """Each rank quantizes its own base (DDP's broadcast would not sync quantized weights; the fingerprints are
-    compared across ranks instead). Four micro-batches over two ranks add in another order: rtol 1e-5."""
+    compared across ranks instead), with gradient checkpointing. Four micro-batches over two ranks add in another
+    order: rtol 1e-5."""
     cfg, store = encoded
-    args = [f"base_model_precision={precision}", "gradient_accumulation_steps=4", "max_train_steps=1"]
+    args = [f"base_model_precision={precision}", "gradient_accumulation_steps=4", "max_train_steps=1",
+            "gradient_checkpointing=true"]  # DDP with diffusers' non-reentrant checkpointing
     _train(cfg, store, f"{precision}-1", *args)
     _train(cfg, store, f"{precision}-2", *args, "num_processes=2")
     torch.testing.assert_close(torch.tensor(_losses(store, f"{precision}-2")),
@@ -205,3 +207,28 @@ def _is_agent(pid: int, marker: str) -> bool:
     except OSError:
         return False
     return b"torch.distributed.run" in cmdline and marker.encode() in cmdline
+
+
+@pytest.mark.parametrize("precision", ["int8-quanto", "nf4-bnb"])
+def test_the_replica_fingerprint_sees_the_quantized_base_and_the_lora(tiny_models, precision):
+    """What check_replicas compares across ranks: equal for the same files, precision and seed; a changed base
+    value (quantized data or scale) or another LoRA seed changes its digest."""
+    from shared.model.loading import load_transformer
+    from shared.model.lora import attach_lora
+    from shared.model.quantize import quantize_transformer
+    from shared.train.distributed import _fingerprint
+
+    def model(seed: int = 0):
+        m = quantize_transformer(load_transformer(tiny_models("edit-v2"), "edit-v2"), precision, device="cpu",
+                                 compute_dtype=torch.float32, quantize_via="cpu", quantize_activations=False)
+        attach_lora(m, 4, 4.0, 0.0, ["to_q", "to_k", "to_v", "to_out.0"], seed=seed)
+        return m
+
+    a, b = model(), model()
+    assert _fingerprint(a) == _fingerprint(b)
+    assert _fingerprint(model(seed=1))[1] != _fingerprint(a)[1] and _fingerprint(model(seed=1))[0] == _fingerprint(a)[0]
+    frozen = next(p for n, p in b.named_parameters() if not p.requires_grad and "to_q" in n and "weight" in n)
+    inner = getattr(frozen, "_data", frozen)
+    with torch.no_grad():
+        inner.view(-1)[0] += 1
+    assert _fingerprint(b)[0] != _fingerprint(a)[0]

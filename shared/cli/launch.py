@@ -25,13 +25,16 @@ from shared.train.trainer import run_id_for
 
 def train_processes(args: argparse.Namespace, run: RunConfig, store: ObjectStore, store_url: str,
                     events: Callable[[dict[str, Any]], None], stop: threading.Event) -> tuple[EncodeStats, dict, dict]:
-    """Encode here, train under torchrun; returns the encode stats, the worker's result and the copied outputs."""
-    enc = DatasetEncoder(run, store)
-    try:
-        stats = enc.encode(lambda s, total: events({"phase": "encode", "step": s.total, "total": total,
-                                                    "message": f"encoded {s.encoded}, cached {s.cached}"}))
-    finally:
-        enc.release()
+    """Encode here, train under torchrun; returns the encode stats, the worker's result and the copied outputs.
+    On several machines machine 0 encodes before it joins the rendezvous, where the others wait for it."""
+    stats = EncodeStats()
+    if run.train.machine_rank == 0:
+        enc = DatasetEncoder(run, store)
+        try:
+            stats = enc.encode(lambda s, total: events({"phase": "encode", "step": s.total, "total": total,
+                                                        "message": f"encoded {s.encoded}, cached {s.cached}"}))
+        finally:
+            enc.release()
     worker = [sys.executable, "-m", "trainer_svc.worker", "--store", store_url, "--no-encode",
               *(["--config", str(args.config)] if args.config else []),
               *(["--data", str(args.data)] if args.data else []),

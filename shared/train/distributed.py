@@ -182,7 +182,8 @@ def launch_command(worker: list[str], cfg: Any) -> list[str]:
         cmd += [f"--nnodes={cfg.num_machines}", f"--node-rank={cfg.machine_rank}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={cfg.main_process_ip}:{cfg.main_process_port}",
                 f"--rdzv-id=edittuner-{cfg.main_process_port}",
-                f"--rdzv-conf=is_host={'true' if cfg.machine_rank == 0 else 'false'}"]  # machine 0 hosts the store
+                # machine 0 hosts the rendezvous; the others wait there while it encodes (up to an hour)
+                f"--rdzv-conf=is_host={'true' if cfg.machine_rank == 0 else 'false'},join_timeout=3600"]
     else:
         cmd += ["--standalone"]
     return [*cmd, "-m", module, *rest]

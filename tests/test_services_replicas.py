@@ -20,9 +20,9 @@ from shared.store.local import LocalStore
 
 
 def test_two_encoder_replicas_split_the_encode_of_a_run(tmp_path, tiny_models):
-    root = write_dataset(tmp_path / "data", n=6, references=2)
-    cfg, data = write_configs(tmp_path / "cfg", root, tiny_models("edit-v2"), "edit-v2", 2, max_train_steps=2,
-                              checkpoint_step_interval=2, validation_step_interval=100, num_eval_images=1,
+    root = write_dataset(tmp_path / "data", n=4, references=1)
+    cfg, data = write_configs(tmp_path / "cfg", root, tiny_models("edit-v2"), "edit-v2", 1, max_train_steps=1,
+                              checkpoint_step_interval=1, validation_step_interval=100, num_eval_images=1,
                               output_dir=str(tmp_path / "out" / "replicas"), vae_batch_size=1)
     _, items, _, _ = DatasetEncoder(load_run_config(cfg), LocalStore(tmp_path / "plan")).prepare()
     env = {**os.environ, "EDITTUNER_WORKDIR": str(tmp_path / "work")}

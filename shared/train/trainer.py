@@ -418,11 +418,14 @@ class Trainer:
         return result
 
     def _gpu_memory(self) -> dict[str, int]:
+        """This GPU's memory; with several processes the largest over the ranks (every rank calls it)."""
         if self.device.type != "cuda":
             return {}
-        return {"gpu_allocated_bytes": torch.cuda.memory_allocated(self.device),
-                "gpu_reserved_bytes": torch.cuda.memory_reserved(self.device),
-                "gpu_peak_bytes": torch.cuda.max_memory_allocated(self.device)}
+        values = [torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device),
+                  torch.cuda.max_memory_allocated(self.device)]
+        if self.dist.active:
+            values = [int(v) for v in distributed.all_max(torch.tensor(values, device=self.device), self.dist).tolist()]
+        return dict(zip(("gpu_allocated_bytes", "gpu_reserved_bytes", "gpu_peak_bytes"), values))
 
     def _metrics_jsonl(self) -> bytes:
         return "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history).encode()

@@ -11,8 +11,8 @@ Rank 0 alone writes (checkpoints, exports, metrics, previews) and reports events
 
 The frozen base is not part of DDP's start-up broadcast: it would not sync quantized weights (quanto's are
 untouched, bitsandbytes' packed data overwritten without their scales). Each rank loads and quantizes it the
-same way instead, and ``check_replicas`` compares a fingerprint of the base and of the LoRA's initial weights
-across ranks.
+same way instead (the processes of one machine in turns, ``in_turns``: one host copy at a time), and
+``check_replicas`` compares a fingerprint of the base and of the LoRA's initial weights across ranks.
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ from __future__ import annotations
 import datetime
 import gc
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from shared.errors import FailedPrecondition, InvalidInput
+
+log = logging.getLogger(__name__)
 
 # A barrier waits for rank 0's checkpoint writes and in-process previews; a rank that dies is seen by torchrun
 # at once, so the timeout only bounds a rank that hangs.
@@ -87,6 +90,22 @@ def shutdown() -> None:
 def barrier(dist: Dist) -> None:
     if dist.active:
         torch.distributed.barrier()
+
+
+def in_turns(load: Callable[[], Any], dist: Dist) -> Any:
+    """``load()`` on one process of this machine at a time (local rank 0 first), the others waiting at a barrier:
+    every process loading and quantizing the base at once would need as many host copies of it."""
+    if not dist.active:
+        return load()
+    turns = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world))
+    out = None
+    for turn in range(turns):
+        if turn == dist.local_rank:
+            log.info("rank %d: loading the base model (turn %d of %d on this machine)", dist.rank, turn + 1, turns)
+            out = load()
+            gc.collect()  # the host copy goes before the next process loads
+        barrier(dist)
+    return out
 
 
 def own_micro_batches(accumulation: int, dist: Dist) -> list[int]:

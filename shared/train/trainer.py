@@ -143,14 +143,18 @@ class Trainer:
                                   random_references=cfg.conditioning_multidataset_sampling == "random",
                                   null_available=null_ok, pin_memory=self.device.type == "cuda")
         torch.manual_seed(cfg.seed)
-        if transformer is None:
-            transformer = load_transformer(cfg.model_path, cfg.model_flavour, dtype=self.dtype)
-        apply_flavour(transformer, cfg.model_flavour)
+
+        def load_base() -> Any:
+            model = transformer if transformer is not None else load_transformer(cfg.model_path, cfg.model_flavour,
+                                                                                 dtype=self.dtype)
+            apply_flavour(model, cfg.model_flavour)
+            return quantize_transformer(model, cfg.base_model_precision, device=self.device, compute_dtype=self.dtype,
+                                        quantize_via=cfg.quantize_via, quantize_activations=cfg.quantize_activations)
+
+        # several processes on one machine load the base in turns: one host copy at a time, not N at once
+        self.transformer = distributed.in_turns(load_base, self.dist) if transformer is None else load_base()
         if cfg.flow_schedule_auto_shift:
             self.shift_config = scheduler_config(cfg.model_path)
-        self.transformer = quantize_transformer(
-            transformer, cfg.base_model_precision, device=self.device, compute_dtype=self.dtype,
-            quantize_via=cfg.quantize_via, quantize_activations=cfg.quantize_activations)
         attach_lora(self.transformer, cfg.lora_rank, cfg.effective_lora_alpha, cfg.lora_dropout,
                     cfg.lora_target_modules, seed=cfg.seed)
         self.params = [p for n, p in self.transformer.named_parameters() if p.requires_grad]

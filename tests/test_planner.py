@@ -334,7 +334,7 @@ def test_data_parallel_plan_is_per_gpu_with_the_all_reduce():
     n_lora = one.parameters["LoRA"]
     assert two.allreduce_seconds == pytest.approx(n_lora * 4 / 150e9)  # 2 (N-1)/N = 1 of the fp32 gradients
     assert two.seconds_per_step == pytest.approx(one.seconds_per_step / 2 + two.allreduce_seconds)
-    assert two.host_load_bytes == 2 * one.host_load_bytes
+    assert two.host_load_bytes == one.host_load_bytes  # the processes of a machine load in turns
     assert allreduce_seconds(n_lora, 8, machines=2) > allreduce_seconds(n_lora, 8)  # slower links between machines
     assert "on 2 GPUs: the trainer figures are per GPU" in format_plan(two)
     doc = (Path(__file__).parents[1] / "docs" / "PLANNER.md").read_text(encoding="utf-8")

@@ -87,7 +87,7 @@ class Plan:
     assumptions: list[str] = field(default_factory=list)
     gpus: int = 1  # data parallel processes (num_processes x num_machines): the trainer's figures are per GPU
     allreduce_seconds: float = 0.0  # of seconds_per_step: the LoRA gradients' all-reduce, once per step
-    host_load_bytes: int = 0  # host RAM while every rank of one machine loads the base at once
+    host_load_bytes: int = 0  # host RAM for the base while loading: the processes of a machine load in turns
 
     @property
     def trainer(self) -> ServicePlan:
@@ -100,7 +100,8 @@ def _dp_assumptions(machines: int) -> list[str]:
     return [f"data parallel: NCCL buffers {fmt_gib(NCCL_BUFFER_BYTES)} per GPU, assumed; the all-reduce of the fp32 "
             f"LoRA gradients over {link} GB/s bus bandwidth, assumed, not overlapped with the backward (it is in "
             "part)",
-            "host RAM while loading: every process of a machine loads the base in the compute dtype at once"]
+            "host RAM while loading: one copy of the base in the compute dtype, as the processes of a machine "
+            "load in turns (start-up takes that many loads)"]
 
 
 def _assumptions(gpu: str, mfu: float, compute_bytes: int) -> list[str]:
@@ -196,7 +197,7 @@ def plan_run(run: RunConfig, gpu_memory_bytes: int | None = None, gpu: str = "H1
                 fits=services["trainer"].fits, assumptions=_assumptions(name, mfu, cb) + (
                     _dp_assumptions(t.num_machines) if n_gpus > 1 else []),
                 gpus=n_gpus, allreduce_seconds=allreduce_seconds(n_lora, n_gpus, t.num_machines),
-                host_load_bytes=max(1, n_gpus // t.num_machines) * counts.total * cb)
+                host_load_bytes=counts.total * cb)
     if recommend and not plan.fits:
         plan.recommendation, plan.recommended_bytes = recommend_overrides(run, memory, name, plan_run)
     return plan

@@ -32,8 +32,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"on {plan.gpus} GPUs: the trainer figures are per GPU; each computes "
                      f"{plan.micro_batches // plan.gpus if plan.micro_batches % plan.gpus == 0 else '?'} of the "
                      f"{plan.micro_batches} micro-batches, the LoRA gradients' all-reduce adds "
-                     f"{plan.allreduce_seconds * 1000:.1f} ms; host RAM while loading about "
-                     f"{fmt_gib(plan.host_load_bytes)} per machine")
+                     f"{plan.allreduce_seconds * 1000:.1f} ms; the processes of a machine load the base in "
+                     f"turns (about {fmt_gib(plan.host_load_bytes)} of host RAM at a time)")
     if plan.fits:
         lines.append(f"the trainer fits {fmt_gib(plan.gpu_memory_bytes)}")
     elif plan.recommendation:
@@ -85,7 +85,7 @@ def gpus_table(gpu: str = "H100") -> str:
     from shared.config.loading import load_run_config_text
 
     lines = [f"| precision | GPUs | trainer GiB per GPU | s/step {gpu} (predicted) | of it all-reduce | samples/s | "
-             "host GiB while loading | measured |", "|" + "---|" * 8]
+             "measured |", "|" + "---|" * 7]
     ids = ["ref0", "ref1", "ref2"]
     data = [{"id": "img", "instance_data_dir": "/d/img", "resolution": 1024, "conditioning_data": ids}] + [
         {"id": i, "dataset_type": "conditioning", "instance_data_dir": f"/d/{i}", "resolution": 1024} for i in ids]
@@ -97,7 +97,7 @@ def gpus_table(gpu: str = "H100") -> str:
             p = plan_run(load_run_config_text(json.dumps(cfg), json.dumps(data)), gpu=gpu, recommend=False)
             lines.append(f"| {'bf16' if precision == 'no_change' else precision} | {n} | {p.trainer.total / GiB:.1f} | "
                          f"{p.seconds_per_step:.2f} | {p.allreduce_seconds * 1000:.1f} ms | "
-                         f"{8 / p.seconds_per_step:.2f} | {p.host_load_bytes / GiB:.0f} | |")
+                         f"{8 / p.seconds_per_step:.2f} | |")
     return "\n".join(lines)
 
 

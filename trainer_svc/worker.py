@@ -22,6 +22,7 @@ import torch
 
 from shared.config.loading import load_run_config
 from shared.errors import EditTunerError
+from shared.logs import quiet_import_noise
 from shared.model.device import resolve_device
 from shared.service.supervisor import OOM_ADVICE, exit_with_parent
 from shared.store.url import open_store
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    quiet_import_noise()
     try:
         run = load_run_config(args.config, args.data, args.overrides)
         distributed.init(distributed.rank_device(resolve_device(run.train.device), RANK))

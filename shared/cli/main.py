@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from shared.cli.common import DEFAULT_STORE, ProgressBars, load_from_args, store_from_args
 from shared.cli.jobs import cmd_data_push, cmd_jobs, cmd_runs_pull, remote_job
 from shared.errors import EditTunerError, InvalidInput
+from shared.logs import quiet_import_noise
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -302,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_import_noise()
     for noisy in ("bitsandbytes", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     parser = build_parser()

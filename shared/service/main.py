@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shared.errors import EditTunerError
+from shared.logs import quiet_import_noise
 from shared.rpc import data_pb2, data_pb2_grpc
 from shared.rpc.server import ServiceConfig, build_server, install_sigterm
 from shared.service.common import ServerPaths
@@ -36,6 +37,7 @@ def serve(name: str, default_port: int, make: Callable[[ServiceConfig, Any, Metr
     store) is printed as one message and exits 2, no traceback. On SIGTERM/SIGINT the jobs stop first (a
     training worker starts its last checkpoint at once, Watch streams end), then the server drains."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    quiet_import_noise()
     env = dict(os.environ if env is None else env)
     try:
         config = ServiceConfig.from_env(f"EDITTUNER_{name.upper()}", env, default_port=default_port)

@@ -97,11 +97,24 @@ def test_settings_that_cannot_run_are_config_errors(encoded):
         assert any(p.where.endswith(f"$.{where}") and needle in p.message for p in e.value.problems), str(e.value)
 
 
+def _train_here(cfg: Path, store: LocalStore, run: str, *overrides: str) -> dict:
+    """One process: this one, on one thread like the workers (the same kernels, so the same bits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(load_run_config(cfg, overrides=[f"output_dir={run}", *overrides]), store)
+        trainer.setup()
+        s = trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+    return {"run_id": s.run_id, "steps": s.steps, "processes": 1, "checkpoints": s.checkpoints}
+
+
 @pytest.fixture(scope="module")
 def baseline(encoded):
     """One process, run "one"."""
     cfg, store = encoded
-    return _train(cfg, store, "one", "lora_dropout=0.1")
+    return _train_here(cfg, store, "one", "lora_dropout=0.1")
 
 
 def test_two_processes_compute_what_one_does_and_either_resumes_the_other(encoded, baseline):
@@ -255,7 +268,7 @@ def test_sigterm_stops_both_ranks_at_one_step_with_a_checkpoint_and_the_run_resu
     assert k >= 1 and load_checkpoint(store, "runs/stopped", k).step == k
     end = f"max_train_steps={k + 2}"
     _train(cfg, store, "stopped", *args, end, "resume_from_checkpoint=latest")
-    _train(cfg, store, "through", "lora_dropout=0.1", "checkpoint_step_interval=1000", end)  # one process
+    _train_here(cfg, store, "through", "lora_dropout=0.1", "checkpoint_step_interval=1000", end)
     assert len(_losses(store, "stopped")) == k + 2
     assert _losses(store, "stopped") == _losses(store, "through")
     assert _equal(_lora(store, "stopped"), _lora(store, "through"))

@@ -23,9 +23,8 @@ from shared.data.sources import IMAGE_EXTENSIONS
 from shared.errors import DatasetError, InvalidInput, Problem
 from shared.rpc import data_pb2
 from shared.rpc.client import Client
-from shared.store.files import write_file_verified
+from shared.store.files import file_chunks, sha256_file, write_file_verified
 
-CHUNK = 1 << 20
 SAMPLE = 8  # files per dataset compared with the server's view of the same path
 
 
@@ -35,14 +34,6 @@ class PushResult:
     files: int
     sent: int  # files whose bytes crossed the network (the store lacked their sha256)
     sent_bytes: int
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def dataset_files(folder: Path) -> list[Path]:
@@ -67,7 +58,7 @@ def server_sees(client: Client, config_path: str, folder: Path) -> bool:
     picks = sorted({files[round(i * (len(files) - 1) / max(1, SAMPLE - 1))] for i in range(min(SAMPLE, len(files)))})
     paths = [os.path.join(config_path, p.relative_to(folder).as_posix()) for p in picks]
     reply = client.call("StatFiles", data_pb2.StatFilesRequest(paths=paths))
-    return all(f.readable and f.size == p.stat().st_size and f.sha256 == _sha256(p)
+    return all(f.readable and f.size == p.stat().st_size and f.sha256 == sha256_file(p)
                for f, p in zip(reply.files, picks, strict=True))
 
 
@@ -82,7 +73,7 @@ def push_folder(client: Client, folder: Path, upload_id: str | None = None,
     entries, by_sha = [], {}
     for path in dataset_files(folder):
         entry = data_pb2.UploadEntry(path=path.relative_to(folder).as_posix(), size=path.stat().st_size,
-                                     sha256=_sha256(path))
+                                     sha256=sha256_file(path))
         entries.append(entry)
         by_sha.setdefault(entry.sha256, (path, entry))
     if not entries:
@@ -102,9 +93,8 @@ def push_folder(client: Client, folder: Path, upload_id: str | None = None,
 
 def _upload_messages(path: Path, entry: data_pb2.UploadEntry) -> Iterator[data_pb2.UploadFileRequest]:
     yield data_pb2.UploadFileRequest(file=entry)
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            yield data_pb2.UploadFileRequest(chunk=chunk)
+    for chunk in file_chunks(path):  # 1 MiB: the chunk size DataService takes
+        yield data_pb2.UploadFileRequest(chunk=chunk)
 
 
 def datasets_for_server(client: Client, files: ConfigFiles, cwd: Path,

@@ -19,12 +19,12 @@ from shared import errors
 from shared.rpc import data_pb2, data_pb2_grpc
 from shared.service.common import ServerPaths, check_run_id
 from shared.store.base import ObjectStore
+from shared.store.files import file_chunks
 from shared.store.keys import validate_key
 from shared.store.uploads import (MAX_FILE_BYTES, Entry, check_entries, check_entry, commit_manifest, missing,
                                   store_verified)
 
 MAX_STAT_PATHS = 64
-CHUNK = 1 << 20
 
 
 class DataServicer(data_pb2_grpc.DataServiceServicer):
@@ -98,11 +98,9 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
         with tempfile.TemporaryDirectory(dir=self.tmp) as tmp:
             path = Path(tmp) / "file"
             self.store.get_file(key, path)  # verified against its sha256 on the way
-            with open(path, "rb") as f:
-                yield data_pb2.DownloadFileResponse(file=data_pb2.RunFile(key=key, size=info.size,
-                                                                          sha256=info.sha256))
-                while chunk := f.read(CHUNK):
-                    yield data_pb2.DownloadFileResponse(chunk=chunk)
+            yield data_pb2.DownloadFileResponse(file=data_pb2.RunFile(key=key, size=info.size, sha256=info.sha256))
+            for chunk in file_chunks(path):
+                yield data_pb2.DownloadFileResponse(chunk=chunk)
 
     def _entries(self, files) -> list[Entry]:
         return check_entries([check_entry(f.path, f.size, f.sha256, self.max_file_bytes) for f in files])

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shared.config.schema import RunConfig
-from shared.encode.encoder import DatasetEncoder, EncodeStats
+from shared.encode.encoder import EncodeStats
 from shared.service.records import JobCancelled
 from shared.service.supervisor import run_worker
 from shared.store.base import ObjectStore
 from shared.store.local import LocalStore
 from shared.train.distributed import launch_command
-from shared.train.runner import copy_outputs
+from shared.train.runner import copy_outputs, encode_missing
 from shared.train.trackers import logs_dir
 from shared.train.trainer import run_id_for
 
@@ -27,14 +27,7 @@ def train_processes(args: argparse.Namespace, run: RunConfig, store: ObjectStore
                     events: Callable[[dict[str, Any]], None], stop: threading.Event) -> tuple[EncodeStats, dict, dict]:
     """Encode here, train under torchrun; returns the encode stats, the worker's result and the copied outputs.
     On several machines machine 0 encodes before it joins the rendezvous, where the others wait for it."""
-    stats = EncodeStats()
-    if run.train.machine_rank == 0:
-        enc = DatasetEncoder(run, store)
-        try:
-            stats = enc.encode(lambda s, total: events({"phase": "encode", "step": s.total, "total": total,
-                                                        "message": f"encoded {s.encoded}, cached {s.cached}"}))
-        finally:
-            enc.release()
+    stats = encode_missing(run, store, events) if run.train.machine_rank == 0 else EncodeStats()
     worker = [sys.executable, "-m", "trainer_svc.worker", "--store", store_url, "--no-encode",
               *(["--config", str(args.config)] if args.config else []),
               *(["--data", str(args.data)] if args.data else []),

@@ -201,12 +201,19 @@ def check_processes(train: TrainConfig, cfg_label: str) -> list[Problem]:
     if train.num_machines > 1 and not train.main_process_ip:
         out.append(Problem(f"{cfg_label}: $.main_process_ip", "is required with num_machines > 1: the address "
                            "of machine 0, where the others meet (its main_process_port must be reachable)"))
-    if train.num_processes != "auto":
-        world = int(train.num_processes) * train.num_machines
-        if train.gradient_accumulation_steps % world:
-            ok = -(-train.gradient_accumulation_steps // world) * world
-            out.append(Problem(f"{cfg_label}: $.gradient_accumulation_steps", (
-                f"{train.gradient_accumulation_steps} does not split over {world} processes (each computes an "
-                f"equal share of a step's micro-batches, so the global batch does not change with the number of "
-                f"processes): use {ok}, or a number of processes that divides it")))
+    if train.num_processes != "auto":  # auto: the trainer checks once it knows how many GPUs it sees
+        problem = accumulation_split_problem(train.gradient_accumulation_steps,
+                                             int(train.num_processes) * train.num_machines)
+        if problem:
+            out.append(Problem(f"{cfg_label}: $.gradient_accumulation_steps", problem))
     return out
+
+
+def accumulation_split_problem(accumulation: int, world: int) -> str | None:
+    """Why ``accumulation`` micro-batches per step cannot be shared by ``world`` processes (None: they can)."""
+    if accumulation % world == 0:
+        return None
+    ok = -(-accumulation // world) * world
+    return (f"{accumulation} does not split over {world} processes (each computes an equal share of a step's "
+            f"micro-batches, so the global batch does not change with the number of processes): use {ok}, or a "
+            "number of processes that divides it")

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from shared.config.checks import accumulation_split_problem
 from shared.errors import FailedPrecondition, InvalidInput
 
 log = logging.getLogger(__name__)
@@ -113,12 +114,9 @@ def own_micro_batches(accumulation: int, dist: Dist) -> list[int]:
 
 
 def check_divisible(accumulation: int, world: int) -> None:
-    if accumulation % world:
-        ok = ((accumulation + world - 1) // world) * world
-        raise InvalidInput(f"gradient_accumulation_steps {accumulation} does not split over {world} processes (each "
-                           f"computes an equal share of a step's micro-batches, so that the global batch stays "
-                           f"{accumulation} x train_batch_size): use gradient_accumulation_steps {ok}, or "
-                           f"num_processes that divides {accumulation}")
+    problem = accumulation_split_problem(accumulation, world)
+    if problem:
+        raise InvalidInput(f"gradient_accumulation_steps {problem}")
 
 
 def wrap(transformer: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -50,14 +50,7 @@ def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], N
                            if on_this_machine else None) if dist.main else None  # a missing tracker fails first
     if tracker is not None:
         events = _tee(events, tracker)
-    stats = EncodeStats()
-    if encode and dist.main:
-        enc = DatasetEncoder(run, store)
-        try:
-            stats = enc.encode(lambda s, total: events({"phase": "encode", "step": s.total, "total": total,
-                                                        "message": f"encoded {s.encoded}, cached {s.cached}"}))
-        finally:
-            enc.release()  # the transformer needs the memory next
+    stats = encode_missing(run, store, events) if encode and dist.main else EncodeStats()
     if encode:
         distributed.barrier(dist)
     validator = (external_validator(events) if validate == "external" else
@@ -78,6 +71,17 @@ def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], N
     outputs = copy_outputs(store, trainer.prefix, Path(run.train.output_dir),
                            logs_dir(run.train.output_dir, run.train.logging_dir)) if copy else {}
     return RunResult(stats, summary, outputs)
+
+
+def encode_missing(run: RunConfig, store: ObjectStore, events: Callable[[Event], None]) -> EncodeStats:
+    """Encode what the cache lacks, reporting progress as encode events, then free the encoders (the
+    transformer needs the memory next)."""
+    enc = DatasetEncoder(run, store)
+    try:
+        return enc.encode(lambda s, total: events({"phase": "encode", "step": s.total, "total": total,
+                                                   "message": f"encoded {s.encoded}, cached {s.cached}"}))
+    finally:
+        enc.release()
 
 
 def _tee(first: Callable[[Event], None], second: Callable[[Event], None]) -> Callable[[Event], None]:

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from shared.errors import InvalidInput
+from shared.config.checks import check_schedule
+from shared.errors import ConfigError
 
 
 def build_scheduler(cfg: Any, name: str, optimizer: torch.optim.Optimizer, total_steps: int
@@ -25,17 +26,14 @@ def build_scheduler(cfg: Any, name: str, optimizer: torch.optim.Optimizer, total
     """The schedule ``name`` (cfg.lr_scheduler, or constant for schedule-free optimizers) over total_steps."""
     from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, get_scheduler
 
+    problems = check_schedule(cfg, "config.json")  # the config's own rules, for a config built without loading
+    if problems:
+        raise ConfigError(problems)
     warmup = cfg.lr_warmup_steps
     if name == "polynomial":
-        if cfg.lr_end > cfg.learning_rate:
-            raise InvalidInput(f"lr_end ({cfg.lr_end:g}) must not exceed learning_rate ({cfg.learning_rate:g}) for the "
-                               "polynomial schedule")
         return get_polynomial_decay_schedule_with_warmup(optimizer, warmup, total_steps, lr_end=cfg.lr_end,
                                                          power=cfg.lr_power)
     if name == "sine":
-        if warmup <= 0:
-            raise InvalidInput("lr_scheduler sine takes its period from lr_warmup_steps (SimpleTuner's rule): set "
-                               "lr_warmup_steps > 0")
         base = float(optimizer.param_groups[0]["lr"])  # the optimizer's (Prodigy's 1.0 when it sets it)
         floor = min(cfg.lr_end, base) / base if base > 0 else 0.0
 

@@ -70,6 +70,7 @@ class EvalCore:
                 if ADAPTER in getattr(pipe.transformer, "peft_config", {}):
                     pipe.delete_adapters(ADAPTER)
             self.metrics.eval_render_seconds.observe(result.seconds)
+            self.metrics.record_validation(result.to_json())
             self.metrics.record_gpu("eval")
         self.idle.touch()
         outputs = {"metrics": result.metrics_key, "grids": ",".join(s.grid_key for s in result.samples),

@@ -2,10 +2,16 @@
 
 Every metric takes its labels from a small fixed set (service, state, kind): never a job or run id, which would
 make a new time series per job. ``Metrics(registry)`` builds them on a registry so that tests use a fresh one.
+
+No ``run`` label either, not even on the latest-value gauges (loss, PSNR) the dashboard's Run row shows: trainer_svc
+trains one run at a time (its job manager has one worker) and eval_svc renders one validation at a time, so those
+gauges always hold the run in progress, and the time range picks a run as well as a variable would. A run label
+would leave one series per run behind in every gauge, for as long as the service lives.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -14,6 +20,7 @@ from prometheus_client.registry import Collector
 
 STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120)
 SAVE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+DATA_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)
 
 
 class Metrics:
@@ -30,12 +37,19 @@ class Metrics:
                                                 registry=r)
         self.trainer_step_seconds = Histogram("edittuner_trainer_step_seconds", "Seconds per optimizer step",
                                               buckets=STEP_BUCKETS, registry=r)
+        self.trainer_data_wait_seconds = Histogram("edittuner_trainer_data_wait_seconds", "Seconds of a step spent "
+                                                   "waiting for batches (part of the step's seconds)",
+                                                   buckets=DATA_WAIT_BUCKETS, registry=r)
         self.trainer_learning_rate = Gauge("edittuner_trainer_learning_rate", "Learning rate of the latest step",
                                            registry=r)
         self.checkpoint_save_seconds = Histogram("edittuner_trainer_checkpoint_save_seconds",
                                                  "Seconds to write a checkpoint", buckets=SAVE_BUCKETS, registry=r)
         self.eval_render_seconds = Histogram("edittuner_eval_render_seconds", "Seconds to render one validation",
                                              buckets=SAVE_BUCKETS, registry=r)
+        self.eval_psnr = Gauge("edittuner_eval_psnr_decibels", "Mean PSNR against the targets of the latest "
+                               "validation render, kind base (adapters off) or lora", ["kind"], registry=r)
+        self.eval_heldout_loss = Gauge("edittuner_eval_heldout_loss", "Held-out flow-matching loss of the latest "
+                                       "validation render", registry=r)
         self.gpu_memory = Gauge("edittuner_gpu_memory_bytes", "GPU memory of this process", ["service", "kind"],
                                 registry=r)
 
@@ -47,6 +61,7 @@ class Metrics:
             self.trainer_learning_rate.set(e.get("lr", 0.0))
             seconds = e.get("seconds_per_step") or 0.0
             self.trainer_step_seconds.observe(seconds)
+            self.trainer_data_wait_seconds.observe(e.get("data_wait") or 0.0)
             if seconds > 0:
                 self.trainer_samples_per_second.set(batch_size / seconds)
         elif e.get("phase") == "checkpoint" and "seconds" in e:
@@ -54,6 +69,13 @@ class Metrics:
         for kind in ("allocated", "reserved", "peak"):
             if f"gpu_{kind}_bytes" in e:
                 self.gpu_memory.labels(service="trainer", kind=kind).set(e[f"gpu_{kind}_bytes"])
+
+    def record_validation(self, v: dict[str, Any]) -> None:
+        """Feed a finished render (``ValidationResult.to_json``, what its metrics.json holds) into the eval gauges. A
+        value the render lacks (no samples, no held-out loss) reads NaN, never the previous render's."""
+        for kind in ("base", "lora"):
+            self.eval_psnr.labels(kind=kind).set(_or_nan(v.get(f"psnr_{kind}")))
+        self.eval_heldout_loss.set(_or_nan(v.get("heldout_loss_mean")))
 
     def collect_jobs(self, service: str, counts: Callable[[], dict[str, int]]) -> None:
         """``edittuner_jobs{service,state}``, read from the job manager at each scrape (never stale)."""
@@ -66,6 +88,10 @@ class Metrics:
             self.gpu_memory.labels(service=service, kind="allocated").set(torch.cuda.memory_allocated())
             self.gpu_memory.labels(service=service, kind="reserved").set(torch.cuda.memory_reserved())
             self.gpu_memory.labels(service=service, kind="peak").set(torch.cuda.max_memory_allocated())
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 class _JobsCollector(Collector):

@@ -31,10 +31,11 @@ METRICS = {
     "edittuner_trainer_steps_total", "edittuner_trainer_loss", "edittuner_trainer_samples_per_second",
     "edittuner_trainer_learning_rate", "edittuner_gpu_memory_bytes", "edittuner_encoder_images_total",
     "edittuner_encoder_cache_hits_total", "edittuner_jobs", "grpc_server_handled_total",
+    "edittuner_eval_psnr_decibels", "edittuner_eval_heldout_loss",
 }
 HISTOGRAMS = {
-    "edittuner_trainer_step_seconds", "edittuner_trainer_checkpoint_save_seconds", "edittuner_eval_render_seconds",
-    "grpc_server_handling_seconds",
+    "edittuner_trainer_step_seconds", "edittuner_trainer_data_wait_seconds",
+    "edittuner_trainer_checkpoint_save_seconds", "edittuner_eval_render_seconds", "grpc_server_handling_seconds",
 }
 ALLOWED_SERIES = METRICS | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
 
@@ -49,6 +50,17 @@ def load_yaml(path: Path):
 
 def services(compose: dict) -> dict:
     return compose["services"]
+
+
+def row_panels(dashboard: dict, title: str) -> list[dict]:
+    """The panels under the dashboard's expanded row ``title``, up to the next row."""
+    start = next(i for i, p in enumerate(dashboard["panels"]) if p["type"] == "row" and p["title"] == title)
+    panels = []
+    for panel in dashboard["panels"][start + 1:]:
+        if panel["type"] == "row":
+            break
+        panels.append(panel)
+    return panels
 
 
 def k8s_docs() -> list[dict]:

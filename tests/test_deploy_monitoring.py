@@ -30,6 +30,7 @@ from deployfiles import (
     SECRET_KEY,
     k8s_docs,
     load_yaml,
+    row_panels,
     services,
 )
 
@@ -134,16 +135,74 @@ def test_dashboard_uses_only_the_exported_metric_names(dashboard):
     assert base == METRICS | HISTOGRAMS, f"metrics without a panel: {(METRICS | HISTOGRAMS) - base}"
 
 
+# The Run row, first on the dashboard: what a user watches during a run (tests/test_run_metrics.py evaluates it).
+# Every service exports every unlabelled gauge (0 where unused): the job label (compose's and k8s' job names) picks
+# the one service that sets it.
+RUN_PANELS = {
+    "Training loss": ['edittuner_trainer_loss{job="trainer"}',
+                      'avg_over_time(edittuner_trainer_loss{job="trainer"}[1m])'],
+    "Seconds per step": ["sum(rate(edittuner_trainer_step_seconds_sum[1m])) / "
+                         "sum(rate(edittuner_trainer_step_seconds_count[1m]))"],
+    "Data wait": ["sum(rate(edittuner_trainer_data_wait_seconds_sum[1m])) / "
+                  "sum(rate(edittuner_trainer_step_seconds_sum[1m]))",
+                  "sum(rate(edittuner_trainer_data_wait_seconds_sum[1m])) / "
+                  "sum(rate(edittuner_trainer_data_wait_seconds_count[1m]))"],
+    "Trainer GPU memory": ['edittuner_gpu_memory_bytes{service="trainer", kind=~"allocated|peak"}'],
+    "Validation PSNR": ['edittuner_eval_psnr_decibels{job="eval"}'],
+    "Held-out loss": ['edittuner_eval_heldout_loss{job="eval"}'],
+}
+
+
+def test_the_run_row_is_first_with_the_live_panels(dashboard):
+    row = dashboard["panels"][0]
+    assert (row["type"], row["title"], row["collapsed"], row["gridPos"]["y"]) == ("row", "Run", False, 0)
+    panels = row_panels(dashboard, "Run")
+    assert {p["title"]: [t["expr"] for t in p["targets"]] for p in panels} == RUN_PANELS
+    below = min(p["gridPos"]["y"] for p in dashboard["panels"][len(panels) + 1:])
+    assert all(p["gridPos"]["y"] + p["gridPos"]["h"] <= below for p in panels), "the Run row's panels come first"
+    units = {p["title"]: p["fieldConfig"]["defaults"]["unit"] for p in panels}
+    assert (units["Seconds per step"], units["Data wait"], units["Trainer GPU memory"]) == ("s", "percentunit",
+                                                                                              "bytes")
+
+
 def test_dashboard_panels(dashboard):
     titles = {p["title"] for p in query_panels(dashboard)}
     assert {"Training loss", "Steps per second", "Samples per second", "Step seconds", "Learning rate",
             "GPU memory", "Checkpoint save seconds", "Eval render seconds", "Encoder images and cache hits",
             "Jobs by state", "gRPC calls by method and code", "gRPC latency (unary)"} <= titles
+    assert len(titles) == len(query_panels(dashboard)), "one panel per title"
     exprs = [t["expr"] for p in query_panels(dashboard) for t in p["targets"]]
     assert "sum(rate(edittuner_trainer_steps_total[$__rate_interval]))" in exprs
     assert any(e.startswith("histogram_quantile(") and "edittuner_trainer_step_seconds_bucket" in e for e in exprs)
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_the_allowed_names_are_what_the_services_export():
+    """METRICS and HISTOGRAMS (all the dashboard may use) against the registries the services build: every
+    metric of shared.service.metrics, once fed, and the gRPC interceptor's."""
+    from prometheus_client import CollectorRegistry
+
+    from shared.rpc.interceptors import server_metrics
+    from shared.service.metrics import Metrics
+
+    registry = CollectorRegistry()
+    m = Metrics(registry)
+    m.record_train_event({"phase": "train", "loss": 0.5, "lr": 1e-4, "seconds_per_step": 2.0, "data_wait": 0.1,
+                          "gpu_allocated_bytes": 1, "gpu_reserved_bytes": 2, "gpu_peak_bytes": 3})
+    m.record_train_event({"phase": "checkpoint", "seconds": 1.0})
+    m.record_validation({"psnr_base": 20.0, "psnr_lora": 25.0, "heldout_loss_mean": 0.4})
+    m.encoder_images.inc()
+    m.encoder_cache_hits.inc()
+    m.eval_render_seconds.observe(3.0)
+    m.collect_jobs("trainer", lambda: {})
+    grpc_metrics = server_metrics(registry)
+    grpc_metrics.handled.labels("s", "m", "unary", "OK").inc()
+    grpc_metrics.handling_seconds.labels("s", "m", "unary").observe(0.1)
+    families = list(registry.collect())
+    histograms = {f.name for f in families if f.type == "histogram"}
+    series = {s.name for f in families if f.type != "histogram" for s in f.samples if not s.name.endswith("_created")}
+    assert HISTOGRAMS <= histograms and METRICS <= series, (HISTOGRAMS - histograms, METRICS - series)
 
 
 def test_dashboard_datasource_matches_the_provisioning(dashboard):

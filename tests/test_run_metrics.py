@@ -1,6 +1,7 @@
 """A tiny CPU run's own numbers reach the metrics the dashboard's Run row shows: the trainer's loss, step seconds
 and data wait from the worker's events (fed to the metrics as trainer_svc feeds them), the validation PSNRs and
-held-out loss from eval_svc's render, read back from a real /metrics endpoint."""
+held-out loss from eval_svc's render; read back from a real /metrics endpoint and through a real Prometheus
+evaluating the Run row's queries."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import pytest
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
+from deployfiles import DASHBOARD, row_panels
 from eval_svc.service import EvalCore
+from prom import require_tool, start_prometheus
 from shared.config.loading import load_run_config, read_config_files
 from shared.data.synthetic import write_configs, write_dataset
 from shared.encode.encoder import DatasetEncoder
@@ -126,3 +129,47 @@ def test_a_render_without_a_value_reads_nan_not_the_previous_one():
     values = [m.registry.get_sample_value("edittuner_eval_psnr_decibels", {"kind": k}) for k in ("base", "lora")]
     assert all(math.isnan(v) for v in values + [m.registry.get_sample_value("edittuner_eval_heldout_loss")])
 
+
+def test_prometheus_evaluates_the_run_rows_queries_to_the_runs_values(run):
+    """The trainer's exporter serves half the run's steps at Prometheus's first scrape and all of them after, so
+    the row's rates over [1m] compare two scrapes, as during a run."""
+    require_tool("prometheus")
+    row = row_panels(json.loads(DASHBOARD.read_text()), "Run")
+    panels = {p["title"]: [t["expr"] for t in p["targets"]] for p in row}
+    # a CPU trainer reports no GPU memory; these fixed values stand in for a CUDA trainer's, for that panel
+    gpu = {"gpu_allocated_bytes": 3 << 30, "gpu_reserved_bytes": 4 << 30, "gpu_peak_bytes": 5 << 30}
+    events = [e | gpu if "loss" in e else e for e in run["events"]]
+    half = [i for i, e in enumerate(events) if "loss" in e][STEPS // 2]
+    trainer = trainer_metrics(events[:half])
+    steps = run["steps"]
+    with exporter(trainer.registry) as trainer_target, exporter(run["eval_metrics"].registry) as eval_target, \
+            start_prometheus({"trainer": [trainer_target], "eval": [eval_target]}) as prom:
+        prom.wait_for(f"edittuner_trainer_steps_total == {STEPS // 2}", timeout=30)
+        for e in events[half:]:
+            trainer.record_train_event(e, BATCH)
+        prom.wait_for(f"edittuner_trainer_steps_total == {STEPS}")
+        prom.wait_for("edittuner_eval_heldout_loss")
+        values = {title: [[(s["metric"], float(s["value"][1])) for s in prom.query(e)]
+                          for e in exprs] for title, exprs in panels.items()}
+    for title, results in values.items():
+        assert all(results) and all(math.isfinite(v) for r in results for _, v in r), (title, results)
+
+    def value(title: str, target: int = 0) -> float:
+        [(_, v)] = values[title][target]
+        return v
+
+    later = steps[STEPS // 2:]  # the steps between the two scrapes a rate compares
+    losses = [s["loss"] for s in steps]
+    assert value("Training loss") == losses[-1]
+    assert min(losses) <= value("Training loss", 1) <= max(losses)
+    # a rate extrapolates its samples towards the window's start, a counter no further than where it would reach
+    # 0: sum and count may stretch differently, which leaves their ratio within a factor 0.5-1.05 of the mean
+    assert value("Seconds per step") == pytest.approx(sum(s["seconds"] for s in later) / len(later), rel=0.5)
+    assert 0 <= value("Data wait") < 1
+    assert value("Data wait", 1) == pytest.approx(sum(s["data_wait"] for s in later) / len(later), rel=0.5, abs=1e-6)
+    assert sorted((m["kind"], v) for m, v in values["Trainer GPU memory"][0]) == [("allocated", 3 << 30),
+                                                                                 ("peak", 5 << 30)]
+    render = run["render"]
+    assert sorted((m["kind"], v) for m, v in values["Validation PSNR"][0]) == [("base", render["psnr_base"]),
+                                                                              ("lora", render["psnr_lora"])]
+    assert value("Held-out loss") == render["heldout_loss_mean"]

@@ -15,6 +15,7 @@ from shared.data.pairing import pair_datasets
 from shared.encode.cache import index_key, settings_for
 from shared.errors import InvalidInput
 from shared.evaluate.preview import eval_set, render_validation
+from shared.evaluate.report import refresh_run_report
 from shared.model.device import resolve_device, resolve_dtype
 from shared.model.loading import load_pipeline
 from shared.rpc import eval_pb2, eval_pb2_grpc
@@ -72,9 +73,12 @@ class EvalCore:
             self.metrics.eval_render_seconds.observe(result.seconds)
             self.metrics.record_validation(result.to_json())
             self.metrics.record_gpu("eval")
+            report = refresh_run_report(self.store, p["run_id"])  # in the lock: of two renders, the later is last
         self.idle.touch()
         outputs = {"metrics": result.metrics_key, "grids": ",".join(s.grid_key for s in result.samples),
                    "psnr_lora": f"{result.psnr_lora}", "psnr_base": f"{result.psnr_base}"}
+        if report:
+            outputs["report"] = report
         try:  # the worker has moved on: this render's TensorBoard file is written here, whenever it finishes
             if key := publish_validation(self.store, run, p["run_id"], result.to_json()):
                 outputs["tensorboard"] = key

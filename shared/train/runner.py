@@ -15,6 +15,7 @@ from typing import Any, Callable
 from shared.config.schema import RunConfig
 from shared.encode.encoder import DatasetEncoder, EncodeStats
 from shared.errors import EditTunerError
+from shared.evaluate.report import refresh_run_report
 from shared.store.base import ObjectStore
 from shared.store.local import LocalStore
 from shared.train import distributed
@@ -67,6 +68,8 @@ def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], N
         trainer.forward_module = None  # the DDP wrapper goes before the process group (else exits can abort)
         if tracker is not None:
             tracker.close()
+    if dist.main:  # also for a stopped run: its curves so far; eval_svc writes it again after each render
+        refresh_run_report(store, run_id)
     copy = on_this_machine and not summary.interrupted
     outputs = copy_outputs(store, trainer.prefix, Path(run.train.output_dir),
                            logs_dir(run.train.output_dir, run.train.logging_dir)) if copy else {}
@@ -135,14 +138,16 @@ def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int
                                            eval_label=ev.label)
         finally:
             pipe.transformer = None
+        refresh_run_report(store, trainer.run_id)  # readable while the run goes on: the metrics of its checkpoints
         return result.to_json()
 
     return validate
 
 
 def copy_outputs(store: ObjectStore, run_prefix: str, output_dir: Path, logs: Path | None = None) -> dict[str, str]:
-    """With the local store, put the final LoRA and the previews where the user looks: output_dir; the tracker
-    files (runs/<run>/logs/) in ``logs``, by default the logging_dir the run's run.json records."""
+    """With the local store, put the final LoRA, the previews and the report (``report/index.html``) where the user
+    looks: output_dir; the tracker files (runs/<run>/logs/) in ``logs``, by default the logging_dir the run's
+    run.json records."""
     output_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, str] = {}
     for key in store.list(f"{run_prefix}/lora"):
@@ -155,6 +160,12 @@ def copy_outputs(store: ObjectStore, run_prefix: str, output_dir: Path, logs: Pa
         store.get_file(key, dest)
     if (output_dir / "validation").exists():
         out["validation"] = str(output_dir / "validation")
+    for key in store.list(f"{run_prefix}/report"):
+        dest = output_dir / "report" / key[len(f"{run_prefix}/report/"):]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        store.get_file(key, dest)
+    if (output_dir / "report" / "index.html").exists():
+        out["report"] = str(output_dir / "report" / "index.html")
     log_keys = store.list(f"{run_prefix}/logs")
     if log_keys:
         logs = logs or logs_dir(output_dir, _recorded_logging_dir(store, run_prefix))

@@ -1,5 +1,5 @@
 """The CLI's commands that talk to the services: train and encode as jobs (uploading the datasets the services
-cannot read), jobs list/get/watch/cancel, runs pull, data push."""
+cannot read), jobs list/get/watch/cancel, runs pull and report, data push."""
 
 from __future__ import annotations
 
@@ -149,6 +149,34 @@ def cmd_runs_pull(args: argparse.Namespace) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         store.get_file(key, target)
     print(f"pulled {args.run_id} from {store.describe()} into {dest}")
+    return 0
+
+
+def cmd_runs_report(args: argparse.Namespace) -> int:
+    """A run's report (``shared.evaluate.report``) made here into DIR, from the run's files: fetched through the
+    services with --server (only the files the report reads), else read from the store."""
+    from shared.evaluate.report import FolderRunFiles, StoreRunFiles, report_input, write_report_folder
+
+    dest = Path(args.dir)
+    server = args.server or resolve_data_address()
+    if server and not args.store:
+        import tempfile
+
+        from shared.cli.transfer import pull_run
+        from shared.rpc.client import Client
+
+        client = Client("data", server)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                pull_run(client, args.run_id, Path(tmp), only=report_input)
+                page = write_report_folder(FolderRunFiles(Path(tmp)), args.run_id, dest)
+        finally:
+            client.close()
+        print(f"report of {args.run_id} from {server}: {page}")
+        return 0
+    store = store_from_args(args)
+    page = write_report_folder(StoreRunFiles(store, args.run_id), args.run_id, dest)
+    print(f"report of {args.run_id} from {store.describe()}: {page}")
     return 0
 
 

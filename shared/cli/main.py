@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from shared.cli.common import DEFAULT_STORE, ProgressBars, load_from_args, store_from_args
-from shared.cli.jobs import cmd_data_push, cmd_jobs, cmd_runs_pull, remote_job
+from shared.cli.jobs import cmd_data_push, cmd_jobs, cmd_runs_pull, cmd_runs_report, remote_job
 from shared.errors import EditTunerError, InvalidInput
 from shared.logs import quiet_import_noise
 
@@ -277,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--store", help="read the store directly instead (a directory, or s3://bucket with EDITTUNER_S3_*)")
     q.add_argument("--no-checkpoints", action="store_true")
     q.set_defaults(func=cmd_runs_pull)
+    q = rs.add_parser("report", help="write a run's report (curves, validation metrics, previews, config) into DIR")
+    q.add_argument("run_id")
+    q.add_argument("dir")
+    q.add_argument("--server", help="HOST:PORT of a service: fetch the run's files through it")
+    q.add_argument("--store", help="read the store directly instead (a directory, or s3://bucket with EDITTUNER_S3_*)")
+    q.set_defaults(func=cmd_runs_report)
     p = sub.add_parser("data", help="datasets in the services' store")
     ds = p.add_subparsers(dest="data_action", required=True)
     q = ds.add_parser("push", help="upload a dataset folder (only what the store lacks) and print its entry")

@@ -126,13 +126,16 @@ def datasets_for_server(client: Client, files: ConfigFiles, cwd: Path,
 
 
 def pull_run(client: Client, run_id: str, dest: Path, include_checkpoints: bool = False,
-             progress: Callable[[int, int], None] | None = None) -> list[Path]:
-    """A run's files from the services into ``dest`` (each written atomically, verified by sha256)."""
+             progress: Callable[[int, int], None] | None = None,
+             only: Callable[[str], bool] | None = None) -> list[Path]:
+    """A run's files from the services into ``dest`` (each written atomically, verified by sha256); ``only``: the
+    files to fetch, by their name under ``runs/<run>/`` (default all)."""
     listing = client.call("ListRunFiles", data_pb2.ListRunFilesRequest(run_id=run_id,
                                                                        include_checkpoints=include_checkpoints))
-    total, done, written = sum(f.size for f in listing.files), 0, []
     prefix = f"runs/{run_id}/"
-    for f in listing.files:
+    files = [f for f in listing.files if only is None or only(f.key[len(prefix):])]
+    total, done, written = sum(f.size for f in files), 0, []
+    for f in files:
         target = Path(dest) / f.key[len(prefix):]
         stream = client.call_stream("DownloadFile", data_pb2.DownloadFileRequest(key=f.key), streaming_response=True)
         head = next(stream)

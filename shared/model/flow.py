@@ -38,6 +38,13 @@ class EditBatch:
         return EditBatch(mv(self.latents_BChw), [mv(r) for r in self.refs_BChw], mv(self.prompt_embeds_BLD),
                          mv(self.prompt_mask_BL), self.keys, self.text_all_valid)
 
+    def take(self, rows: list[int]) -> "EditBatch":
+        """The samples ``rows`` of the batch, in that order."""
+        idx = torch.tensor(rows, device=self.latents_BChw.device)
+        pick = lambda t: t.index_select(0, idx)  # noqa: E731
+        return EditBatch(pick(self.latents_BChw), [pick(r) for r in self.refs_BChw], pick(self.prompt_embeds_BLD),
+                         pick(self.prompt_mask_BL), [self.keys[i] for i in rows], self.text_all_valid)
+
     def pin_memory(self) -> "EditBatch":
         return EditBatch(self.latents_BChw.pin_memory(), [r.pin_memory() for r in self.refs_BChw],
                          self.prompt_embeds_BLD.pin_memory(), self.prompt_mask_BL.pin_memory(), self.keys,
@@ -100,11 +107,13 @@ def predict_velocity(transformer: torch.nn.Module, batch: EditBatch, noisy_BLC: 
 
 def flow_matching_loss(transformer: torch.nn.Module, batch: EditBatch, noise_BLC: torch.Tensor,
                        sigmas_B: torch.Tensor, dtype: torch.dtype = torch.float32,
-                       reduce: bool = True) -> torch.Tensor:
-    """MSE (fp32) between the predicted and the true velocity at ``sigmas_B``; per-sample when not ``reduce``."""
+                       reduce: bool = True, noisy_BLC: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE (fp32) between the predicted and the true velocity at ``sigmas_B``; per-sample when not ``reduce``.
+    ``noisy_BLC``: the transformer's input instead of the exact interpolation (scheduled sampling's rollout)."""
     x0_BLC = pack_latents(batch.latents_BChw).float()
-    s = sigmas_B.view(-1, 1, 1).float()
-    noisy_BLC = (1 - s) * x0_BLC + s * noise_BLC.float()
+    if noisy_BLC is None:
+        s = sigmas_B.view(-1, 1, 1).float()
+        noisy_BLC = (1 - s) * x0_BLC + s * noise_BLC.float()
     pred_BLC = predict_velocity(transformer, batch, noisy_BLC, sigmas_B, dtype)
     err = F.mse_loss(pred_BLC.float(), noise_BLC.float() - x0_BLC, reduction="none")
     return err.mean() if reduce else err.mean(dim=(1, 2))

@@ -51,8 +51,9 @@ class ProgressBars:
             self.bar = self.tqdm(desc=phase, total=total or None, unit="step" if phase == "train" else "item")
         self.bar.total = total or None
         self.bar.n = step
-        if loss:
-            self.bar.set_postfix(loss=f"{loss:.4f}", s_step=f"{seconds_per_step:.2f}")
+        if loss:  # a training step's message says what else it ran (scheduled sampling's forwards)
+            note = f", {message}" if phase == "train" and message and message != "training" else ""
+            self.bar.set_postfix_str(f"loss={loss:.4f}, s_step={seconds_per_step:.2f}{note}")
         self.bar.refresh()
 
     def bytes(self, label: str):

@@ -192,6 +192,25 @@ def check_schedule(train: TrainConfig, cfg_label: str) -> list[Problem]:
     return []
 
 
+def check_rollout(train: TrainConfig, cfg_label: str) -> list[str]:
+    """Scheduled sampling's warnings (its values are checked field by field): a setting that rolls nothing out,
+    and SimpleTuner's ReflexFlow default, which EditTuner does not have."""
+    if train.scheduled_sampling_max_step_offset <= 0:
+        return []
+    out = []
+    ramp = train.scheduled_sampling_ramp_steps > 0
+    if max((train.scheduled_sampling_prob_start, train.scheduled_sampling_prob_end) if ramp else
+           (train.scheduled_sampling_probability,)) <= 0:
+        key = "scheduled_sampling_prob_end" if ramp else "scheduled_sampling_probability"
+        out.append(f"{cfg_label}: $.{key}: is 0, so no sample is rolled out (SimpleTuner's default); set it "
+                   "above 0 to use scheduled_sampling_max_step_offset")
+    if train.scheduled_sampling_reflexflow is None:
+        out.append(f"{cfg_label}: $.scheduled_sampling_reflexflow: unset; SimpleTuner turns ReflexFlow on for "
+                   "flow-matching rollouts, EditTuner does not have it and rolls out without it (set it to false "
+                   "to say so)")
+    return out
+
+
 def check_processes(train: TrainConfig, cfg_label: str) -> list[Problem]:
     """num_processes / num_machines: what torchrun needs to start, and a global batch that splits over them."""
     out = []

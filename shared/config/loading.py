@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import jsonc
-from shared.config.checks import check_datasets, check_processes, check_schedule
+from shared.config.checks import check_datasets, check_processes, check_rollout, check_schedule
 from shared.config.schema import DataConfig, DatasetConfig, ModelKwargs, RunConfig, TrainConfig
 from shared.config.simpletuner import DATASET_RULES, TRAIN_RULES, translate, value_alias, value_problem
 from shared.config.typed import build, names
@@ -245,6 +245,7 @@ def _finish(train: TrainConfig, data_raw: Any, cfg_label: str, data_label: str, 
     cross, warnings = check_datasets(train, dcfg, cfg_label)
     problems.extend(cross)
     problems.extend(check_schedule(train, cfg_label) + check_processes(train, cfg_label))
+    warnings.extend(check_rollout(train, cfg_label))
     if problems:
         raise ConfigError(problems)
     unknown = [k[: -len(" [unknown key]")] for k in ignored if k.endswith(" [unknown key]")]

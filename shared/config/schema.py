@@ -118,6 +118,17 @@ def _check_port(v: int) -> str | None:
     return None if 1 <= v <= 65535 else f"{v}: expected a TCP port, 1-65535"
 
 
+def _check_solver_order(v: int) -> str | None:
+    return None if 1 <= v <= 3 else f"{v}: the rollout solvers take order 1, 2 or 3 (euler is always 1)"
+
+
+def _check_reflexflow(v: bool) -> str | None:
+    if not v:
+        return None
+    return ("ReflexFlow (its anti-drift regulariser and exposure-bias loss weights) is not built: set false for "
+            "plain rollout, or remove the key")
+
+
 # --------------------------------------------------------------------------------------------- train config
 @dataclass(frozen=True)
 class ModelKwargs:
@@ -193,6 +204,26 @@ class TrainConfig:
     flow_schedule_auto_shift: bool = field(False, doc="shift each batch's sigmas by its image sequence length, as "
                                                       "the Qwen scheduler shifts inference (replaces the static shift)")
     caption_dropout_probability: float = field(0.0, check=probability)
+    # scheduled sampling (rollout), SimpleTuner's names: see shared.model.rollout
+    scheduled_sampling_max_step_offset: int = field(0, check=non_negative,
+                                                    doc="a rolled-out sample starts up to this many inference "
+                                                        "steps before its training sigma (0: off)")
+    scheduled_sampling_probability: float = field(0.0, check=probability, doc="share of samples rolled out "
+                                                                               "(without a ramp)")
+    scheduled_sampling_ramp_steps: int = field(0, check=non_negative, doc="> 0: the share ramps from prob_start "
+                                                                          "to prob_end over this many steps")
+    scheduled_sampling_start_step: int = field(0, check=non_negative, doc="the step the ramp starts at")
+    scheduled_sampling_prob_start: float = field(0.0, check=probability)
+    scheduled_sampling_prob_end: float = field(0.5, check=probability)
+    scheduled_sampling_ramp_shape: Literal["linear", "cosine"] = field("linear")
+    scheduled_sampling_strategy: Literal["uniform", "biased_early", "biased_late"] = field(
+        "uniform", doc="how the rollout length is drawn: uniform, biased_early (shorter), biased_late (longer)")
+    scheduled_sampling_sampler: Literal["unipc", "euler", "dpm"] = field(
+        "unipc", doc="the rollout's solver: diffusers' UniPC, flow-match Euler or DPM-Solver++ multistep")
+    scheduled_sampling_order: int = field(2, check=_check_solver_order, doc="unipc/dpm solver order, 1-3 (euler: 1)")
+    scheduled_sampling_reflexflow: Optional[bool] = field(
+        None, check=_check_reflexflow, doc="false or unset only: ReflexFlow is not built (SimpleTuner turns it on "
+                                           "when unset; a warning says so)")
     # dataset defaults (SimpleTuner's top-level options: each dataset without its own value takes these)
     resolution: Optional[float] = field(None, check=positive, doc="default of each dataset's resolution (1024)")
     resolution_type: Optional[Literal["pixel", "area", "pixel_area"]] = field(None, doc="default of each dataset's "

@@ -46,6 +46,7 @@ def _flag(target: str, value: Any) -> Mapping:
 
 NO_HUB = "EditTuner does not upload; push output_dir yourself (`huggingface-cli upload`)"
 NO_LYCORIS = "EditTuner trains standard LoRA adapters (peft); LyCORIS is not built"
+NO_REFLEXFLOW = "ReflexFlow is not built (scheduled_sampling_reflexflow: false or unset); rollout runs without it"
 
 TRAIN_RULES: dict[str, Rule] = {
     # ------------------------------------------------------------------------------------------------ mapped
@@ -110,6 +111,9 @@ TRAIN_RULES: dict[str, Rule] = {
                                         neutral=(None, 0)),
     "checkpoints_rolling_total_limit": Rule("no effect", "only with checkpointing_rolling_steps"),
     "text_encoder_1_precision": Rule("refused", "the text encoder runs in the compute dtype", neutral=("no_change",)),
+    "scheduled_sampling_reflexflow_alpha": Rule("refused", NO_REFLEXFLOW, neutral=(1.0,)),
+    "scheduled_sampling_reflexflow_beta1": Rule("refused", NO_REFLEXFLOW, neutral=(10.0,)),
+    "scheduled_sampling_reflexflow_beta2": Rule("refused", NO_REFLEXFLOW, neutral=(1.0,)),
 }
 
 _DATA_TYPES = {"local", "aws", "store"}

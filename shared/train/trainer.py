@@ -29,6 +29,7 @@ from shared.encode.cache import TRAINING_SAMPLES, settings_for
 from shared.errors import EditTunerError, FailedPrecondition, InvalidInput
 from shared.model.device import resolve_device
 from shared.model.flow import EditBatch, flow_matching_loss, sample_sigmas, step_generator
+from shared.model.rollout import Rollout, inference_sigmas, roll_out
 from shared.store.base import ObjectStore
 from shared.store.checkpoint import (CheckpointState, capture_rng, checkpoint_prefix, committed_steps, load_checkpoint,
                                      prune_checkpoints, resolve_resume, restore_rng, save_checkpoint)
@@ -61,6 +62,7 @@ class StepResult:
     seconds: float
     data_wait: float
     grad_norm: float
+    rollout_forwards: int = 0  # scheduled sampling's transformer forwards without gradient, over the step
 
 
 @dataclass
@@ -108,6 +110,9 @@ class Trainer:
         self.transformer: Any = None
         self.ema: LoraEMA | None = None
         self.shift_config: dict[str, Any] | None = None  # the scheduler's, with flow_schedule_auto_shift
+        self.rollout = Rollout.from_config(self.cfg)  # scheduled sampling; None when off
+        self.inference_config: dict[str, Any] | None = None  # the scheduler's, for the rollout's schedule
+        self.rollout_forwards = 0  # of the current optimizer step, on this rank
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self, transformer: Any = None) -> None:
@@ -155,6 +160,8 @@ class Trainer:
         self.transformer = distributed.in_turns(load_base, self.dist) if transformer is None else load_base()
         if cfg.flow_schedule_auto_shift:
             self.shift_config = scheduler_config(cfg.model_path)
+        if self.rollout is not None:
+            self.inference_config = scheduler_config(cfg.model_path)
         attach_lora(self.transformer, cfg.lora_rank, cfg.effective_lora_alpha, cfg.lora_dropout,
                     cfg.lora_target_modules, seed=cfg.seed)
         self.params = [p for n, p in self.transformer.named_parameters() if p.requires_grad]
@@ -236,6 +243,8 @@ class Trainer:
                 self.events({"phase": "train", "step": r.step, "total": self.max_steps, "loss": r.loss,
                              "lr": r.lr, "seconds_per_step": r.seconds, "data_wait": r.data_wait,
                              **({"grad_norm": r.grad_norm} if cfg.max_grad_norm > 0 else {}),  # else not computed
+                             **({"rollout_forwards": r.rollout_forwards,  # the progress line shows the message
+                                 "message": f"rollout {r.rollout_forwards} fwd"} if self.rollout else {}),
                              **self._gpu_memory()})
                 if r.step % cfg.checkpoint_step_interval == 0:
                     checkpoints.append(self.save_checkpoint())
@@ -289,6 +298,7 @@ class Trainer:
         own = distributed.own_micro_batches(A, self.dist)
         losses = [torch.zeros((), device=self.device)] * A
         keys = []
+        self.rollout_forwards = 0
         for micro in range(A):
             batch = self.loader.next_batch()  # every rank reads every batch: the loader's position is N's
             keys.append(batch.keys)
@@ -297,15 +307,17 @@ class Trainer:
                 with contextlib.nullcontext() if sync else self.forward_module.no_sync():
                     losses[micro] = self.forward_backward(batch, step, micro)
         grad_norm = self._clip_gradients()
-        # One transfer to the host per step (not one per micro-batch and another for the norm): the losses and
-        # the norm together, checked before the optimizer touches the weights. With several processes each
-        # rank fills in its micro-batches' losses and the sum gives every rank all of them (the norm, of the
-        # averaged gradients, is the same on every rank: rank 0's is kept).
-        report = torch.stack([*losses, grad_norm.detach().float().to(losses[0].device)])
+        # One transfer to the host per step (not one per micro-batch and another for the norm): the losses, the
+        # rollout forwards and the norm together, checked before the optimizer touches the weights. With several
+        # processes each rank fills in its micro-batches' losses and the sum gives every rank all of them (and
+        # the forwards of all ranks; the norm, of the averaged gradients, is the same on every rank: rank 0's is
+        # kept).
+        forwards = torch.tensor(float(self.rollout_forwards), device=losses[0].device)
+        report = torch.stack([*losses, forwards, grad_norm.detach().float().to(losses[0].device)])
         if self.dist.active:
             report[-1] *= float(self.dist.main)
             distributed.all_sum(report, self.dist)
-        *values, norm = report.tolist()
+        *values, forwards_all, norm = report.tolist()
         bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
         if bad is not None:
             raise TrainingDiverged(
@@ -323,7 +335,7 @@ class Trainer:
         wait = self.loader.wait_seconds - wait0
         if self.dist.active:  # the slowest rank's data wait is the run's
             wait = float(distributed.all_max(torch.tensor([wait], dtype=torch.float64), self.dist).item())
-        return StepResult(step, total, lr, time.perf_counter() - t0, wait, norm)
+        return StepResult(step, total, lr, time.perf_counter() - t0, wait, norm, int(forwards_all))
 
     def forward_backward(self, batch: EditBatch, step: int, micro: int) -> torch.Tensor:
         """One micro-batch's forward and backward; returns its loss, detached, on the device (no host sync)."""
@@ -338,10 +350,25 @@ class Trainer:
             sigmas_B = sample_sigmas(B, 1.0, g, image_seq_len=(h // 2) * (w // 2), scheduler=self.shift_config)
         else:
             sigmas_B = sample_sigmas(B, self.cfg.flow_schedule_shift, g)
-        loss = flow_matching_loss(self.forward_module, batch, noise_BLC, sigmas_B.to(self.device), self.dtype)
+        noisy_BLC = self._roll_out(batch, noise_BLC, sigmas_B, step, g) if self.rollout is not None else None
+        loss = flow_matching_loss(self.forward_module, batch, noise_BLC, sigmas_B.to(self.device), self.dtype,
+                                  noisy_BLC=noisy_BLC)
         # DDP averages over the N ranks: N/A makes the sum over all micro-batches what one process computes
         (loss * (self.dist.world / self.cfg.gradient_accumulation_steps)).backward()
         return loss.detach()
+
+    def _roll_out(self, batch: EditBatch, noise_BLC: torch.Tensor, sigmas_B: torch.Tensor, step: int,
+                  g: torch.Generator) -> torch.Tensor | None:
+        """Scheduled sampling: the micro-batch's noisy input made by the current weights from a noisier point of
+        the inference schedule (None: no sample rolled out). The transformer itself, not its DDP wrapper: no
+        gradient, nothing to synchronise."""
+        r = self.rollout
+        steps_B = r.draw_steps(batch.latents_BChw.shape[0], step - 1, g)
+        schedule_N = inference_sigmas(self.inference_config, r.inference_steps, noise_BLC.shape[1])
+        noisy_BLC, forwards = roll_out(self.transformer, batch, noise_BLC, sigmas_B, steps_B,
+                                       schedule_N, sampler=r.sampler, order=r.order, dtype=self.dtype)
+        self.rollout_forwards += forwards
+        return noisy_BLC
 
     @contextmanager
     def exported_weights(self) -> Iterator[None]:

@@ -22,6 +22,7 @@ import torch
 from shared import errors
 from shared.config.flavours import get_flavour
 from shared.config.schema import RunConfig
+from shared.model.rollout import Rollout
 from shared.plan.counts import component_params, lora_params, lora_targets, transformer_counts
 from shared.plan.flops import MFU_BF16, MFU_QUANTIZED, step_flops
 from shared.plan.gpus import fmt_gib, gpu_spec
@@ -88,6 +89,7 @@ class Plan:
     gpus: int = 1  # data parallel processes (num_processes x num_machines): the trainer's figures are per GPU
     allreduce_seconds: float = 0.0  # of seconds_per_step: the LoRA gradients' all-reduce, once per step
     host_load_bytes: int = 0  # host RAM for the base while loading: the processes of a machine load in turns
+    rollout_forwards: float = 0.0  # scheduled sampling: mean forwards without gradient per sample, in the FLOPs
 
     @property
     def trainer(self) -> ServicePlan:
@@ -119,6 +121,14 @@ def _assumptions(gpu: str, mfu: float, compute_bytes: int) -> list[str]:
         "eval is planned at the run's base_model_precision; eval_svc loads the pipeline without quantizing today, "
         "so it needs the no_change weight figure until it does",
     ]
+
+
+def _rollout_assumptions(rollout: Rollout, forwards: float) -> list[str]:
+    return [f"scheduled sampling: {forwards:.2g} forwards without gradient per sample (share "
+            f"{rollout.prob_end if rollout.ramp_steps > 0 else rollout.probability:g} x mean rollout length, "
+            f"{rollout.strategy} up to {rollout.max_step_offset}; after any ramp), counted at the forward's FLOPs: "
+            "an upper bound, as a sigma near 1 has fewer inference steps above it; their memory (one forward "
+            "without saved activations, before the training forward) is taken to stay under the training step's"]
 
 
 def processes(run: RunConfig) -> int:
@@ -180,6 +190,9 @@ def plan_run(run: RunConfig, gpu_memory_bytes: int | None = None, gpu: str = "H1
           "CUDA overhead": CUDA_OVERHEAD}
 
     flops = step_flops(counts, tokens, targets, t.lora_rank, checkpointing=t.gradient_checkpointing)
+    rollout = Rollout.from_config(t)
+    rollout_forwards = rollout.expected_steps() if rollout is not None else 0.0
+    flops["rollout"] = rollout_forwards * flops["forward"]  # the same forward, at batch size or below
     samples = t.train_batch_size * t.gradient_accumulation_steps
     per_step = sum(flops.values()) * samples
     mfu = MFU_BF16 if t.base_model_precision == "no_change" else MFU_QUANTIZED
@@ -195,9 +208,10 @@ def plan_run(run: RunConfig, gpu_memory_bytes: int | None = None, gpu: str = "H1
                 seconds_per_step=per_step / n_gpus / (peak_flops * mfu) + allreduce_seconds(n_lora, n_gpus,
                                                                                            t.num_machines), mfu=mfu,
                 fits=services["trainer"].fits, assumptions=_assumptions(name, mfu, cb) + (
-                    _dp_assumptions(t.num_machines) if n_gpus > 1 else []),
+                    _dp_assumptions(t.num_machines) if n_gpus > 1 else []) + (
+                    _rollout_assumptions(rollout, rollout_forwards) if rollout is not None else []),
                 gpus=n_gpus, allreduce_seconds=allreduce_seconds(n_lora, n_gpus, t.num_machines),
-                host_load_bytes=counts.total * cb)
+                host_load_bytes=counts.total * cb, rollout_forwards=rollout_forwards)
     if recommend and not plan.fits:
         plan.recommendation, plan.recommended_bytes = recommend_overrides(run, memory, name, plan_run)
     return plan

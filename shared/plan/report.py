@@ -28,6 +28,9 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"{s.name:<8} {fmt_gib(s.total):>10}  {'yes' if s.fits else 'NO':<4}  {parts}")
     lines += ["", f"step: {plan.flops_per_step:.3g} FLOPs ({plan.micro_batches} micro-batch(es) of {plan.batch}), "
               f"about {plan.seconds_per_step:.3g} s per optimizer step on {plan.gpu} (assumed MFU {plan.mfu:.2f})"]
+    if plan.rollout_forwards:
+        lines.append(f"of it scheduled sampling: {plan.rollout_forwards:.2g} forwards without gradient per sample "
+                     "before its training forward")
     if plan.gpus > 1:
         lines.append(f"on {plan.gpus} GPUs: the trainer figures are per GPU; each computes "
                      f"{plan.micro_batches // plan.gpus if plan.micro_batches % plan.gpus == 0 else '?'} of the "

@@ -188,6 +188,10 @@ class TrainConfig:
                                   "nf4-bnb", "int8-bnb"] = field("no_change")
     quantize_via: Literal["cpu", "accelerator"] = field("accelerator")
     quantize_activations: bool = field(False)
+    text_encoder_1_precision: Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto",
+                                      "nf4-bnb"] = field("no_change", doc="the text encoder's weights while "
+                                                                          "encoding (SimpleTuner's values that "
+                                                                          "quanto and bitsandbytes apply)")
     device: str = field("auto", check=_check_device, doc="auto, cpu, cuda or cuda:N")
     skip_fit_check: bool = field(False, doc="start even when the planner (edittuner plan) predicts the trainer will "
                                             "not fit the GPU's memory")
@@ -275,6 +279,9 @@ class TrainConfig:
                                                 "samples')")
     vae_batch_size: int = field(4, check=positive, doc="images per VAE encode batch (same size only); lower it "
                                                        "when the encoder runs out of memory")
+    vae_enable_tiling: bool = field(False, doc="encode images above 256 pixels in blended tiles (less memory; "
+                                               "latents close to, not equal to, untiled ones)")
+    vae_enable_slicing: bool = field(False, doc="encode a batch one image at a time (less memory, same latents)")
     # dataset hygiene
     bad_image_policy: Literal["fail", "skip"] = field("fail", doc="corrupt/oversized images: fail the run or "
                                                                   "skip them with a warning")

@@ -110,7 +110,6 @@ TRAIN_RULES: dict[str, Rule] = {
     "checkpointing_rolling_steps": Rule("refused", "use checkpoint_step_interval with checkpoints_total_limit",
                                         neutral=(None, 0)),
     "checkpoints_rolling_total_limit": Rule("no effect", "only with checkpointing_rolling_steps"),
-    "text_encoder_1_precision": Rule("refused", "the text encoder runs in the compute dtype", neutral=("no_change",)),
     "scheduled_sampling_reflexflow_alpha": Rule("refused", NO_REFLEXFLOW, neutral=(1.0,)),
     "scheduled_sampling_reflexflow_beta1": Rule("refused", NO_REFLEXFLOW, neutral=(10.0,)),
     "scheduled_sampling_reflexflow_beta2": Rule("refused", NO_REFLEXFLOW, neutral=(1.0,)),

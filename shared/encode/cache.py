@@ -15,7 +15,8 @@ What is cached, and where (prefixes come from the config):
   The digest covers the model, flavour and dataset entry, so differently configured runs never share an index.
 
 Each entry's *cache key* hashes everything that changes its tensors (image bytes, placement, caption, model
-fingerprint, dtype, flavour, reference area). An entry whose key is unchanged and whose object exists is not
+fingerprint, dtype, flavour, reference area, and the text encoder's precision and the VAE's tiling where they are
+not the defaults). An entry whose key is unchanged and whose object exists is not
 encoded again, so a second encode of an unchanged dataset encodes nothing and a changed caption re-encodes
 exactly one text entry.
 """
@@ -73,6 +74,8 @@ class EncodeSettings:
     vl_area: int
     with_null: bool
     random_refs: bool
+    text_precision: str = "no_change"  # text_encoder_1_precision: quantized weights give other embeddings
+    vae_tiling: bool = False  # tiled encoding gives latents close to, not equal to, untiled ones
 
 
 def settings_for(run: RunConfig) -> EncodeSettings:
@@ -84,12 +87,19 @@ def settings_for(run: RunConfig) -> EncodeSettings:
         flavour=flav.name, model=t.model_path,
         model_fp=model_fingerprint(t.model_path, ("vae", "text_encoder", "tokenizer", "processor")),
         dtype=t.mixed_precision, vl_area=t.model_kwargs.vl_reference_area or flav.vl_ref_area,
-        with_null=t.caption_dropout_probability > 0, random_refs=t.conditioning_multidataset_sampling == "random")
+        with_null=t.caption_dropout_probability > 0, random_refs=t.conditioning_multidataset_sampling == "random",
+        text_precision=t.text_encoder_1_precision, vae_tiling=t.vae_enable_tiling)
+
+
+# Settings whose default leaves the keys as they were before the setting existed: caches encoded then stay valid.
+_KEYED_UNLESS_DEFAULT = {"text_precision": "no_change", "vae_tiling": False}
 
 
 def _keyed(settings: EncodeSettings) -> dict[str, Any]:
-    """The settings that decide the tensors: all but ``model``, the name the model goes by on this host."""
-    return {k: v for k, v in dataclasses.asdict(settings).items() if k != "model"}
+    """The settings that decide the text tensors: all but ``model``, the name the model goes by on this host, and
+    ``vae_tiling``, which only the latents depend on."""
+    return {k: v for k, v in dataclasses.asdict(settings).items()
+            if k not in ("model", "vae_tiling") and _KEYED_UNLESS_DEFAULT.get(k, object()) != v}
 
 
 def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) -> list[Item]:
@@ -106,6 +116,8 @@ def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) 
         for s in ds.samples:
             t_sha = s.target.sha256
             vae_common = {"model_fp": settings.model_fp, "dtype": settings.dtype, "format": CACHE_FORMAT}
+            if settings.vae_tiling:
+                vae_common["tiling"] = True
             items.append(Item("vae", ds.config.vae_cache_prefix, s.key,
                               _digest({**vae_common, "src": t_sha, "place": s.placement.to_json()}),
                               ds, s, None, {s.target.relpath: t_sha}))
@@ -235,7 +247,8 @@ def index_key(run: RunConfig, dataset_id: str, settings: EncodeSettings) -> str:
     entry.pop("aws_secret_access_key", None)
     refs = [dataclasses.asdict(r) | {"aws_secret_access_key": None} for r in
             run.data.references_of(run.data.get(dataset_id))]
-    digest = _digest({"settings": _keyed(settings), "dataset": entry, "refs": refs,
+    keyed = _keyed(settings) | ({"vae_tiling": True} if settings.vae_tiling else {})
+    digest = _digest({"settings": keyed, "dataset": entry, "refs": refs,
                       "match_target_res": run.train.model_kwargs.match_target_res,
                       "reference_area": run.train.model_kwargs.reference_area, "format": INDEX_FORMAT})
     return f"cache/index/{dataset_id}/{digest[:32]}.json"

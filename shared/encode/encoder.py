@@ -50,18 +50,20 @@ class DatasetEncoder:
 
     @property
     def pipe(self) -> Any:
-        if self._pipe is None:
-            from shared.model.loading import load_encoder_pipeline
+        from shared.model.loading import configure_vae, load_encoder_pipeline
 
-            self._pipe = load_encoder_pipeline(self.run.train.model_path, self.run.train.model_flavour,
-                                               device=self.device, dtype=self.dtype)
+        t = self.run.train
+        if self._pipe is None:
+            self._pipe = load_encoder_pipeline(t.model_path, t.model_flavour, device=self.device, dtype=self.dtype,
+                                               text_encoder_precision=t.text_encoder_1_precision)
+        configure_vae(self._pipe.vae, tiling=t.vae_enable_tiling, slicing=t.vae_enable_slicing)
         return self._pipe
 
     @property
-    def pipe_key(self) -> tuple[str, str, str, str]:
+    def pipe_key(self) -> tuple[str, str, str, str, str]:
         """What identifies the loaded models: a service reuses them across jobs with the same key."""
         t = self.run.train
-        return (t.model_path, t.model_flavour, str(self.device), str(self.dtype))
+        return (t.model_path, t.model_flavour, str(self.device), str(self.dtype), t.text_encoder_1_precision)
 
     def release(self) -> None:
         """Free the models (the trainer needs the GPU next)."""

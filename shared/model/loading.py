@@ -140,10 +140,38 @@ def load_pipeline(
 
 
 def load_encoder_pipeline(
-    source: str | Path, flavour: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    source: str | Path, flavour: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    text_encoder_precision: str = "no_change",
 ) -> Any:
-    """The pipeline without transformer or scheduler: all that encoding latents and prompt embeddings needs."""
-    return load_pipeline(source, flavour, device=device, dtype=dtype, components=ENCODER_COMPONENTS)
+    """The pipeline without transformer or scheduler: all that encoding latents and prompt embeddings needs.
+
+    ``text_encoder_precision`` (``text_encoder_1_precision``): the text encoder is loaded on the CPU, quantized
+    there (``shared.model.quantize``) and only then moved to ``device``, so the device never holds it in ``dtype``.
+    """
+    if text_encoder_precision == "no_change":
+        return load_pipeline(source, flavour, device=device, dtype=dtype, components=ENCODER_COMPONENTS)
+    from shared.model.quantize import check_precision, quantize_text_encoder
+
+    check_precision(text_encoder_precision, device, option="text_encoder_1_precision")  # before reading weights
+    pipe = load_pipeline(source, flavour, device="cpu", dtype=dtype, components=ENCODER_COMPONENTS)
+    quantize_text_encoder(pipe.text_encoder, text_encoder_precision, device=device, compute_dtype=dtype)
+    pipe.vae.to(device)
+    return pipe
+
+
+def configure_vae(vae: Any, *, tiling: bool, slicing: bool) -> Any:
+    """``vae_enable_tiling`` / ``vae_enable_slicing`` on a diffusers VAE: tiles of 256 pixels (stride 192, blended)
+    for images above that size, and one image of a batch at a time. Both lower the peak memory of encoding large
+    images; slicing gives the same latents, tiling latents close to the untiled ones (the tests measure how close)."""
+    if tiling:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()
+    if slicing:
+        vae.enable_slicing()
+    else:
+        vae.disable_slicing()
+    return vae
 
 
 def quiet_progress_bars() -> None:

@@ -17,7 +17,7 @@ from shared.errors import InvalidInput
 from shared.evaluate.preview import eval_set, render_validation
 from shared.evaluate.report import refresh_run_report
 from shared.model.device import resolve_device, resolve_dtype
-from shared.model.loading import load_pipeline
+from shared.model.loading import configure_vae, load_render_pipeline
 from shared.rpc import eval_pb2, eval_pb2_grpc
 from shared.service.common import (IdleRelease, JobRpcMixin, ServerPaths, check_run_id, files_from_proto,
                                    files_to_params, free_gpu_memory, job_to_proto, run_from_params, validated_run)
@@ -40,16 +40,23 @@ class EvalCore:
         self.idle = IdleRelease(self.release, idle_release_s)
         self._lock = threading.Lock()
         self._pipe: tuple[tuple[str, ...], Any] | None = None
+        self.components: tuple[str, ...] = ()  # what the resident render pipeline holds
 
-    def _pipeline(self, run) -> Any:
-        device = resolve_device(run.train.device)
-        dtype = resolve_dtype(run.train.mixed_precision, device)
-        key = (run.train.model_path, run.train.model_flavour, str(device), str(dtype))
+    def _pipeline(self, run, text_encoder: bool) -> Any:
+        """The render pipeline: the transformer at the run's base_model_precision, and the text encoder only when
+        some preview sample's embeddings are not cached."""
+        t = run.train
+        device = resolve_device(t.device)
+        dtype = resolve_dtype(t.mixed_precision, device)
+        key = (t.model_path, t.model_flavour, str(device), str(dtype), t.base_model_precision, str(text_encoder))
         if self._pipe is None or self._pipe[0] != key:
             self._pipe = None
             free_gpu_memory()
-            self._pipe = (key, load_pipeline(run.train.model_path, run.train.model_flavour, device=device,
-                                             dtype=dtype))
+            pipe, self.components = load_render_pipeline(t.model_path, t.model_flavour, device=device, dtype=dtype,
+                                                         precision=t.base_model_precision,
+                                                         quantize_via=t.quantize_via, text_encoder=text_encoder)
+            log.info("render pipeline: %s, transformer %s", ", ".join(self.components), t.base_model_precision)
+            self._pipe = (key, pipe)
         return self._pipe[1]
 
     def execute(self, job: JobRecord, ctx: JobContext) -> dict[str, str]:
@@ -57,16 +64,17 @@ class EvalCore:
         run = run_from_params(p)
         with self._lock:
             ctx.progress(phase="render", step=0, total=1, message=f"validation of {p['run_id']} step {p['step']}")
-            pipe = self._pipeline(run)
+            paired, _ = pair_datasets(run, self.store)
+            keys = p.get("index_keys") or [index_key(run, ds.id, settings_for(run))
+                                           for ds in run.data.image_datasets]
+            ev = eval_set(run, paired, self.store, keys)
+            pipe = self._pipeline(run, text_encoder=ev.needs_text_encoder)
+            configure_vae(pipe.vae, tiling=run.train.vae_enable_tiling, slicing=run.train.vae_enable_slicing)
             try:
                 self._load_lora(pipe, p["lora_key"])
-                paired, _ = pair_datasets(run, self.store)
-                keys = p.get("index_keys") or [index_key(run, ds.id, settings_for(run))
-                                               for ds in run.data.image_datasets]
-                ev = eval_set(run, paired, self.store, keys)
                 result = render_validation(pipe, run, ev.samples, step=int(p["step"]), store=self.store,
                                            prefix=f"runs/{p['run_id']}/validation", loss_index=ev.entries,
-                                           eval_label=ev.label)
+                                           eval_label=ev.label, conditioning=ev.conditioning)
             finally:
                 if ADAPTER in getattr(pipe.transformer, "peft_config", {}):
                     pipe.delete_adapters(ADAPTER)

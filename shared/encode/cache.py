@@ -8,7 +8,10 @@ What is cached, and where (prefixes come from the config):
   conditioned on the sample's reference(s) through the flavour's edit template; plus ``null_embeds`` /
   ``null_mask`` (the empty caption with the same references) when caption dropout is on. For edit-v1 the text
   prefix is the conditioning_image_embeds cache. With ``conditioning_multidataset_sampling=random`` there is one
-  file per reference dataset: ``<text prefix>/<sample key>/<reference dataset id>.safetensors``.
+  file per reference dataset: ``<text prefix>/<sample key>/<reference dataset id>.safetensors``. A preview sample's
+  entry (``eval_candidates``) also holds ``negative_embeds`` / ``negative_mask``, the previews' negative prompt
+  with the same references, when previews use true CFG (``validation_guidance`` > 1): previews then need no text
+  encoder (not with random sampling, whose entries see one reference each while previews see them all).
 - ``<prefix>/manifest.json`` per cache prefix: sample key → object, cache key, bucket, shapes, dtypes, sources.
 - ``cache/index/<dataset id>/<settings digest>.json``: what training reads — per sample its caption, bucket and
   the objects of its target latents, reference latents (in conditioning_data order) and caption embedding(s).
@@ -26,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +61,7 @@ class Item:
     sample: Sample
     ref_index: int | None  # vae: None = the target, i = reference i; text: the chosen reference (random)
     sources: dict[str, str]  # relpath → sha256 of the bytes
+    negative: str | None = None  # text of a preview sample: also encode this negative prompt (previews' true CFG)
 
     @property
     def object_key(self) -> str:
@@ -76,6 +81,7 @@ class EncodeSettings:
     random_refs: bool
     text_precision: str = "no_change"  # text_encoder_1_precision: quantized weights give other embeddings
     vae_tiling: bool = False  # tiled encoding gives latents close to, not equal to, untiled ones
+    negative_prompt: str | None = None  # previews' negative prompt when they use true CFG: preview samples only
 
 
 def settings_for(run: RunConfig) -> EncodeSettings:
@@ -88,7 +94,8 @@ def settings_for(run: RunConfig) -> EncodeSettings:
         model_fp=model_fingerprint(t.model_path, ("vae", "text_encoder", "tokenizer", "processor")),
         dtype=t.mixed_precision, vl_area=t.model_kwargs.vl_reference_area or flav.vl_ref_area,
         with_null=t.caption_dropout_probability > 0, random_refs=t.conditioning_multidataset_sampling == "random",
-        text_precision=t.text_encoder_1_precision, vae_tiling=t.vae_enable_tiling)
+        text_precision=t.text_encoder_1_precision, vae_tiling=t.vae_enable_tiling,
+        negative_prompt=t.validation_negative_prompt if t.validation_guidance > 1 else None)
 
 
 # Settings whose default leaves the keys as they were before the setting existed: caches encoded then stay valid.
@@ -96,10 +103,10 @@ _KEYED_UNLESS_DEFAULT = {"text_precision": "no_change", "vae_tiling": False}
 
 
 def _keyed(settings: EncodeSettings) -> dict[str, Any]:
-    """The settings that decide the text tensors: all but ``model``, the name the model goes by on this host, and
-    ``vae_tiling``, which only the latents depend on."""
+    """The settings that decide the text tensors: all but ``model``, the name the model goes by on this host,
+    ``vae_tiling``, which only the latents depend on, and ``negative_prompt``, which only preview samples' do."""
     return {k: v for k, v in dataclasses.asdict(settings).items()
-            if k not in ("model", "vae_tiling") and _KEYED_UNLESS_DEFAULT.get(k, object()) != v}
+            if k not in ("model", "vae_tiling", "negative_prompt") and _KEYED_UNLESS_DEFAULT.get(k, object()) != v}
 
 
 def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) -> list[Item]:
@@ -110,6 +117,8 @@ def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) 
     for d in run.data.image_datasets:
         for rid in d.conditioning_data:
             users[rid] = users.get(rid, 0) + 1
+    # previews render their samples from the cache, negative prompt included (eval_svc needs no text encoder)
+    previewed = set() if settings.random_refs else {(ds.config.id, s.key) for ds, s in eval_candidates(run, paired)}
     for ds in paired:
         text_prefix = run.data.text_cache_prefix(ds.config, settings.flavour)
         refs_cfg = run.data.references_of(ds.config)
@@ -131,12 +140,15 @@ def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) 
                                   _digest({**vae_common, "src": r_sha, "place": r.placement.to_json()}),
                                   ds, s, i, {r.image.relpath: r_sha}))
             choices = list(range(len(s.references))) if settings.random_refs else [None]
+            negative = settings.negative_prompt if (ds.config.id, s.key) in previewed else None
             for choice in choices:
                 used = ref_shas if choice is None else [ref_shas[choice]]
                 entry = s.key if choice is None else f"{s.key}/{s.references[choice].dataset_id}"
-                items.append(Item("text", text_prefix, entry,
-                                  _digest({**base, "caption": s.caption, "refs": used, "format": CACHE_FORMAT}),
-                                  ds, s, choice, {s.target.relpath: t_sha}))
+                keyed = {**base, "caption": s.caption, "refs": used, "format": CACHE_FORMAT}
+                if negative is not None:
+                    keyed["negative"] = negative
+                items.append(Item("text", text_prefix, entry, _digest(keyed), ds, s, choice, {s.target.relpath: t_sha},
+                                  negative))
     return items
 
 
@@ -282,6 +294,23 @@ def write_index(store: ObjectStore, run: RunConfig, ds: PairedDataset, items: li
 
 # ------------------------------------------------------------------------------------------- evaluation
 EVAL_DATASET, HELD_OUT, TRAINING_SAMPLES = "eval dataset", "held out of training", "training samples"
+
+
+def eval_candidates(run: RunConfig, paired: Sequence[PairedDataset], cached: set[tuple[str, str]] | None = None
+                    ) -> list[tuple[PairedDataset, Sample]]:
+    """The samples previews are rendered for, the same at every step: the first ``num_eval_images`` of
+    ``eval_dataset_id`` when the config names one; else the samples ``holdout`` keeps out of training, or (on a
+    tiny dataset, or with ``holdout_eval_images`` off) the first training samples. ``cached``: the (dataset, key)
+    pairs the cache index holds — the loader decides on those, so must this; the encoder, before anything is
+    cached, passes None."""
+    n = run.train.num_eval_images
+    eval_id = run.train.eval_dataset_id
+    pool = [ds for ds in paired if (ds.config.id == eval_id if eval_id is not None else ds.role == "train")]
+    candidates = [(ds, s) for ds in pool for s in ds.samples if cached is None or (ds.config.id, s.key) in cached]
+    if eval_id is not None:
+        return candidates[:n]
+    held, _ = holdout(run, [(ds.config.id, s.key) for ds, s in candidates])
+    return [c for c in candidates if (c[0].config.id, c[1].key) in held] if held else candidates[:n]
 
 
 def holdout(run: RunConfig, train_keys: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], str]:

@@ -206,6 +206,9 @@ class DatasetEncoder:
         if self.run.train.caption_dropout_probability > 0:
             n_embeds, n_mask = encode_null_prompt(self.pipe, flavour, refs, vl_area)
             tensors |= {"null_embeds": n_embeds[0].to(self.dtype).cpu(), "null_mask": n_mask[0].cpu()}
+        if it.negative is not None:  # a preview sample: what the previews' true CFG needs, encoded once here
+            g_embeds, g_mask = encode_null_prompt(self.pipe, flavour, refs, vl_area, null_caption=it.negative)
+            tensors |= {"negative_embeds": g_embeds[0].to(self.dtype).cpu(), "negative_mask": g_mask[0].cpu()}
         return [(tensors, {"caption": it.sample.caption})]
 
 

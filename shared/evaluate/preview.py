@@ -31,8 +31,9 @@ from PIL import Image, ImageDraw, ImageOps
 from shared.config.schema import RunConfig
 from shared.data.geometry import cover_crop, pipeline_size
 from shared.data.pairing import PairedDataset, Sample, load_sample
-from shared.encode.cache import holdout
-from shared.evaluate.sampling import decode, denoise, encode_conditioning
+from shared.encode.cache import eval_candidates, holdout
+from shared.errors import FailedPrecondition
+from shared.evaluate.sampling import cached_conditioning, decode, denoise, encode_conditioning
 from shared.model.flow import EditBatch, flow_matching_loss
 from shared.store.base import ObjectStore
 
@@ -49,15 +50,9 @@ def select_eval_samples(run: RunConfig, paired: Sequence[PairedDataset],
     """The samples previews are rendered for, the same at every step: the first ``num_eval_images`` of
     ``eval_dataset_id`` when the config names one; else the samples ``shared.encode.cache.holdout`` keeps out of
     training, or (on a tiny dataset, or with ``holdout_eval_images`` off) the first training samples. ``cached``:
-    the (dataset, key) pairs the cache index holds — the loader decides on those, so must this."""
-    n = run.train.num_eval_images
-    eval_id = run.train.eval_dataset_id
-    pool = [ds for ds in paired if (ds.config.id == eval_id if eval_id is not None else ds.role == "train")]
-    candidates = [(ds, s) for ds in pool for s in ds.samples if cached is None or (ds.config.id, s.key) in cached]
-    if eval_id is not None:
-        return candidates[:n]
-    held, _ = holdout(run, [(ds.config.id, s.key) for ds, s in candidates])
-    return [c for c in candidates if (c[0].config.id, c[1].key) in held] if held else candidates[:n]
+    the (dataset, key) pairs the cache index holds — the loader decides on those, so must this. The rule is
+    ``shared.encode.cache.eval_candidates``, which the encoder shares (it caches these samples' negative prompt)."""
+    return eval_candidates(run, paired, cached)
 
 
 @dataclass
@@ -65,6 +60,14 @@ class EvalSet:
     samples: list[tuple[PairedDataset, Sample]]
     entries: list[dict[str, Any]]  # their training-index entries: the held-out loss is scored on them
     label: str  # "eval dataset", "held out of training" or "training samples": what the metrics are on
+    # (dataset, key) → the cache object holding every embedding a preview of the sample needs (see
+    # shared.encode.cache: the caption's and, for true CFG, the negative prompt's)
+    conditioning: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    @property
+    def needs_text_encoder(self) -> bool:
+        """Whether some preview sample's embeddings are not cached, so rendering needs the text encoder."""
+        return any((ds.config.id, s.key) not in self.conditioning for ds, s in self.samples)
 
 
 def eval_set(run: RunConfig, paired: Sequence[PairedDataset], store: ObjectStore, index_keys: Sequence[str]
@@ -77,7 +80,22 @@ def eval_set(run: RunConfig, paired: Sequence[PairedDataset], store: ObjectStore
     train_keys = [(ds.config.id, s.key) for ds in paired if ds.role == "train" for s in ds.samples
                   if (ds.config.id, s.key) in cached]
     _, label = holdout(run, train_keys)
-    return EvalSet(samples, index_entries(store, [k for k in index_keys if store.exists(k)], samples), label)
+    entries = index_entries(store, [k for k in index_keys if store.exists(k)], samples)
+    return EvalSet(samples, entries, label, cached_conditioning_keys(run, store, docs, samples))
+
+
+def cached_conditioning_keys(run: RunConfig, store: ObjectStore, index_docs: Sequence[dict[str, Any]],
+                             samples: Sequence[tuple[PairedDataset, Sample]]) -> dict[tuple[str, str], str]:
+    """The text cache objects that hold all a preview of each sample needs (the caption conditioned on all its
+    references, and with true CFG the negative prompt): samples without one are left out."""
+    wanted = {"prompt_embeds", "negative_embeds"} if run.train.validation_guidance > 1 else {"prompt_embeds"}
+    texts = {(doc["dataset"], e["key"]): e["text"].get("") for doc in index_docs for e in doc["samples"]}
+    found: dict[tuple[str, str], str] = {}
+    for ds, s in samples:
+        key = texts.get((ds.config.id, s.key))
+        if key and store.exists(key) and wanted <= set(store.get_tensors(key)[0]):
+            found[(ds.config.id, s.key)] = key
+    return found
 
 
 def index_entries(store: ObjectStore, index_keys: Sequence[str],
@@ -310,11 +328,16 @@ def output_size(validation_size: tuple[int, int], target: tuple[int, int]) -> tu
 
 
 def _render_pair(pipe: Any, cfg: _RenderSettings, caption: str, refs: list[Image.Image], seed: int,
-                 size: tuple[int, int], vl_refs: list[Image.Image] | None = None) -> tuple[Image.Image, Image.Image]:
-    """(base, LoRA) edits of one sample from the same noise, ``size`` (W, H); inputs are encoded once for both."""
-    cond = encode_conditioning(pipe, cfg.flavour, caption, refs, true_cfg_scale=cfg.guidance,
-                               negative_prompt=cfg.negative_prompt, vl_ref_area=cfg.vl_ref_area,
-                               vl_references=vl_refs)
+                 size: tuple[int, int], vl_refs: list[Image.Image] | None = None,
+                 text: dict[str, torch.Tensor] | None = None) -> tuple[Image.Image, Image.Image]:
+    """(base, LoRA) edits of one sample from the same noise, ``size`` (W, H); inputs are encoded once for both,
+    the caption from its cached embeddings ``text`` when given, else with the pipeline's text encoder."""
+    if text is not None:
+        cond = cached_conditioning(pipe, text, refs, true_cfg_scale=cfg.guidance)
+    else:
+        cond = encode_conditioning(pipe, cfg.flavour, caption, refs, true_cfg_scale=cfg.guidance,
+                                   negative_prompt=cfg.negative_prompt, vl_ref_area=cfg.vl_ref_area,
+                                   vl_references=vl_refs)
     W, H = size
 
     def render() -> Image.Image:
@@ -332,13 +355,19 @@ def _render_pair(pipe: Any, cfg: _RenderSettings, caption: str, refs: list[Image
 
 
 def render_sample(pipe: Any, run: RunConfig, ds: PairedDataset, sample: Sample, *, index: int, store: ObjectStore,
-                  folder: str, used_names: set[str], step: int | None = None) -> SamplePreview:
-    """Render, grid, store and score one evaluation sample (the ``index``-th: its seed offset)."""
+                  folder: str, used_names: set[str], step: int | None = None,
+                  text_key: str | None = None) -> SamplePreview:
+    """Render, grid, store and score one evaluation sample (the ``index``-th: its seed offset); ``text_key``: the
+    cache object of its embeddings (``EvalSet.conditioning``), which spares the text encoder."""
     cfg = _RenderSettings.of(run)
     target, refs, regions = load_sample(ds, sample, run.train.max_image_pixels)  # the pixels training saw
     seed = cfg.seed + index
     size = output_size(cfg.size, target.size)
-    base, lora = _render_pair(pipe, cfg, sample.caption, refs, seed, size, vl_refs=regions)
+    text = store.get_tensors(text_key)[0] if text_key is not None else None
+    if text is None and getattr(pipe, "text_encoder", None) is None:
+        raise FailedPrecondition(f"preview sample {ds.config.id}/{sample.key}: its caption embeddings are not "
+                                 "cached and the pipeline has no text encoder; encode the run's datasets again")
+    base, lora = _render_pair(pipe, cfg, sample.caption, refs, seed, size, vl_refs=regions, text=text)
     target_v = target_at(target, size)
     psnr_base, psnr_lora = psnr(base, target_v), psnr(lora, target_v)
     labels = [f"ref {i + 1}" for i in range(len(refs))] + ["base", "LoRA", "target"]
@@ -357,16 +386,19 @@ def _mean(values: list[float]) -> float | None:
 
 def render_validation(pipe: Any, run: RunConfig, samples: Sequence[tuple[PairedDataset, Sample]], *, step: int,
                       store: ObjectStore, prefix: str, loss_index: Sequence[dict[str, Any]] | None = None,
-                      eval_label: str = "") -> ValidationResult:
+                      eval_label: str = "", conditioning: dict[tuple[str, str], str] | None = None
+                      ) -> ValidationResult:
     """Previews, PSNRs and (given ``loss_index``, the samples' training-index entries) the held-out loss of the
-    pipeline's transformer with its LoRA, written under ``<prefix>/step-<step>/``."""
+    pipeline's transformer with its LoRA, written under ``<prefix>/step-<step>/``. ``conditioning``
+    (``EvalSet.conditioning``): samples whose embeddings are cached are rendered without the text encoder."""
     start = time.perf_counter()
     folder = f"{prefix.rstrip('/')}/step-{step}"
     transformer = pipe.transformer
     cfg = _RenderSettings.of(run)
     used: set[str] = set()
     with eval_mode(transformer):
-        previews = [render_sample(pipe, run, ds, s, index=i, store=store, folder=folder, used_names=used, step=step)
+        previews = [render_sample(pipe, run, ds, s, index=i, store=store, folder=folder, used_names=used, step=step,
+                                  text_key=(conditioning or {}).get((ds.config.id, s.key)))
                     for i, (ds, s) in enumerate(samples)]
         heldout = None
         if loss_index:

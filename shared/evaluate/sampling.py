@@ -124,6 +124,29 @@ def encode_conditioning(pipe: Any, flavour: str, prompt: str, references: Sequen
     return EditConditioning(embeds, mask, neg_embeds, neg_mask, ref_tokens, ref_shapes)
 
 
+def cached_conditioning(pipe: Any, text: dict[str, torch.Tensor], references: Sequence[Image.Image], *,
+                        true_cfg_scale: float) -> EditConditioning:
+    """``encode_conditioning`` with the caption embeddings taken from a cache entry (``shared.encode.cache``:
+    ``prompt_embeds`` / ``prompt_mask`` and, for true CFG, ``negative_embeds`` / ``negative_mask``) instead of the
+    text encoder, which the pipeline may then lack. The encoder computed those with the same template, references
+    and area, so the conditioning is the one ``encode_conditioning`` would build; only the references' latents
+    are encoded here."""
+    device = execution_device(pipe)
+    dtype = compute_dtype(pipe)
+
+    def one(embeds_LD: torch.Tensor, mask_L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return embeds_LD[None].to(device, dtype), _mask_or_none(mask_L[None].to(device))
+
+    embeds, mask = one(text["prompt_embeds"], text["prompt_mask"])
+    neg_embeds = neg_mask = None
+    if true_cfg_scale > 1:
+        if "negative_embeds" not in text:
+            raise ValueError("true CFG needs the negative prompt's embeddings: the cache entry has none")
+        neg_embeds, neg_mask = one(text["negative_embeds"], text["negative_mask"])
+    ref_tokens, ref_shapes = encode_references(pipe, references, dtype, device)
+    return EditConditioning(embeds, mask, neg_embeds, neg_mask, ref_tokens, ref_shapes)
+
+
 def initial_noise(pipe: Any, height: int, width: int, generator: torch.Generator | None, dtype: torch.dtype,
                   device: torch.device) -> torch.Tensor:
     """``prepare_latents``' noise: one ``randn_tensor`` draw of shape (1, 1, C, h, w), packed (noise_BLC)."""

@@ -159,6 +159,32 @@ def load_encoder_pipeline(
     return pipe
 
 
+# What a preview render needs when the caption embeddings are cached: no text encoder, tokenizer or processor.
+RENDER_COMPONENTS: tuple[str, ...] = ("transformer", "vae", "scheduler")
+
+
+def load_render_pipeline(
+    source: str | Path, flavour: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    precision: str = "no_change", quantize_via: str = "cpu", text_encoder: bool = False,
+) -> tuple[Any, tuple[str, ...]]:
+    """The pipeline previews render with, and the components it holds: the transformer at ``precision``
+    (``base_model_precision``, quantized by the code training uses, so a preview shows the weights training
+    trained against), the VAE and scheduler, and the text encoder only when ``text_encoder`` (embeddings not
+    cached). Returns (pipe, components loaded)."""
+    wanted = COMPONENTS if text_encoder else RENDER_COMPONENTS
+    if precision == "no_change":
+        return load_pipeline(source, flavour, device=device, dtype=dtype, components=wanted), wanted
+    from shared.model.quantize import check_precision, quantize_transformer
+
+    check_precision(precision, device)  # before reading any weight
+    pipe = load_pipeline(source, flavour, device=device, dtype=dtype,
+                         components=[c for c in wanted if c != "transformer"])
+    transformer = load_transformer(source, flavour, dtype=dtype)
+    pipe.transformer = quantize_transformer(transformer, precision, device=device, compute_dtype=dtype,
+                                            quantize_via=quantize_via)
+    return pipe, wanted
+
+
 def configure_vae(vae: Any, *, tiling: bool, slicing: bool) -> Any:
     """``vae_enable_tiling`` / ``vae_enable_slicing`` on a diffusers VAE: tiles of 256 pixels (stride 192, blended)
     for images above that size, and one image of a batch at a time. Both lower the peak memory of encoding large

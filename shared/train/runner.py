@@ -109,11 +109,12 @@ def external_validator(events: Callable[[Event], None]) -> Callable[[Trainer, in
 
 
 def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int], dict[str, Any]]:
-    """Previews with the training transformer itself (no second copy of the weights): the VAE and text encoder
-    are loaded on first use beside it."""
+    """Previews with the training transformer itself (no second copy of the weights): the VAE, and the text
+    encoder only where a preview sample's embeddings are not cached, are loaded on first use beside it."""
     from shared.data.pairing import pair_datasets
     from shared.encode.cache import index_key, settings_for
     from shared.evaluate.preview import eval_set, render_validation
+    from shared.model.loading import configure_vae
 
     state: dict[str, Any] = {}
 
@@ -121,21 +122,21 @@ def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int
         if "pipe" not in state:
             from shared.model.loading import load_pipeline
 
-            pipe = load_pipeline(run.train.model_path, run.train.model_flavour, device=trainer.device,
-                                 dtype=trainer.dtype, components=("vae", "text_encoder", "tokenizer", "processor",
-                                                                  "scheduler"))
-            state["pipe"] = pipe
             paired, _ = pair_datasets(run, store)
             keys = list((trainer.index_keys or {}).values()) or [index_key(run, ds.id, settings_for(run))
                                                                   for ds in run.data.image_datasets]
-            state["eval"] = eval_set(run, paired, store, keys)
+            state["eval"] = ev = eval_set(run, paired, store, keys)
+            text = ("text_encoder", "tokenizer", "processor") if ev.needs_text_encoder else ()
+            state["pipe"] = load_pipeline(run.train.model_path, run.train.model_flavour, device=trainer.device,
+                                          dtype=trainer.dtype, components=("vae", *text, "scheduler"))
         pipe, ev = state["pipe"], state["eval"]
+        configure_vae(pipe.vae, tiling=run.train.vae_enable_tiling, slicing=run.train.vae_enable_slicing)
         pipe.transformer = trainer.transformer
         try:
             with trainer.exported_weights():  # the weights the LoRA file holds: the EMA when use_ema
                 result = render_validation(pipe, run, ev.samples, step=step, store=store,
                                            prefix=f"{trainer.prefix}/validation", loss_index=ev.entries,
-                                           eval_label=ev.label)
+                                           eval_label=ev.label, conditioning=ev.conditioning)
         finally:
             pipe.transformer = None
         refresh_run_report(store, trainer.run_id)  # readable while the run goes on: the metrics of its checkpoints

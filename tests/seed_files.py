@@ -106,3 +106,23 @@ SEED_EVAL = """\
   "eval_dataset_id": "qwen-edit-val"
 }
 """
+
+
+def planner_fit_table() -> str:
+    """docs/PLANNER.md's quickstart table: the seed's config, edit-v1 and edit-v2 with three references, on a
+    24 GiB card, every service on one GPU (compose's default)."""
+    from shared.config.loading import load_run_config_text
+    from shared.plan.gpus import parse_size
+    from shared.plan.report import fit_table
+
+    runs = [("edit-v1", load_run_config_text(SEED_CONFIG, SEED_DATA_V1)),
+            ("edit-v2, 3 refs", load_run_config_text(SEED_CONFIG, SEED_DATA_V2, ["model_flavour=edit-v2"]))]
+    return fit_table(runs, parse_size("24GiB"), "RTX4090")
+
+
+if __name__ == "__main__":  # regenerate docs/PLANNER.md's quickstart table: python tests/seed_files.py
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    print(planner_fit_table())

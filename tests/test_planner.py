@@ -339,3 +339,101 @@ def test_data_parallel_plan_is_per_gpu_with_the_all_reduce():
     assert "on 2 GPUs: the trainer figures are per GPU" in format_plan(two)
     doc = (Path(__file__).parents[1] / "docs" / "PLANNER.md").read_text(encoding="utf-8")
     assert gpus_table() in doc, "regenerate: python -m shared.plan.report --gpus"
+
+
+# ------------------------------------------------- every service on the quickstart's 24 GB card, one GPU
+def _seed(flavour: str):
+    from seed_files import SEED_DATA_V1
+
+    if flavour == "edit-v1":
+        return load_run_config_text(SEED_CONFIG, SEED_DATA_V1)
+    return seed_run()
+
+
+@pytest.mark.parametrize("flavour", ["edit-v1", "edit-v2"])
+def test_quickstart_on_24gib_every_service_and_the_gpu_fit_after_the_printed_changes(flavour):
+    run = _seed(flavour)
+    plan = plan_run(run, parse_size("24GiB"), "RTX4090", environ={})
+    assert not plan.trainer.fits and not plan.services["encoder"].fits  # as configured: neither
+    assert plan.recommendation == ["base_model_precision=nf4-bnb"]
+    assert plan.service_recommendations == {"encoder": ["vae_enable_slicing=true"]}  # eval fits at nf4
+    again = plan_run(apply_recommendation(run, plan.all_recommendations), parse_size("24GiB"), "RTX4090",
+                     recommend=False, environ={})
+    assert again.all_fit, {k: fmt_gib(s.total) for k, s in again.services.items()}
+    assert again.services["trainer"].total == plan.applied.services["trainer"].total
+    # one GPU: trainer and eval_svc do not fit it together, so validations render in the training worker
+    assert again.placement == {"encoder": "0", "trainer": "0", "eval": "0"}
+    assert again.validation == "training worker"
+    assert again.trainer.total + again.services["eval"].total > 24 * GiB
+    assert again.gpu_totals["0"]["training"] == again.in_worker_validation_bytes <= 24 * GiB
+    text = format_plan(plan)
+    assert "vae_enable_slicing=true" in text and "with every change above applied" in text
+    assert "GPU 0 (encoder, trainer, eval): encoding 19.1 GiB" in text
+    assert "validations render in the training worker" in text
+
+
+def test_encoder_options_and_cached_embeddings_lower_encoder_and_eval():
+    base = plan_run(seed_run(), recommend=False, environ={})
+    enc = base.services["encoder"].breakdown
+    assert enc["text encoder (no_change)"] == 8_292_166_656 * 2
+    int8 = plan_run(seed_run("text_encoder_1_precision=int8-quanto"), recommend=False, environ={})
+    nf4 = plan_run(seed_run("text_encoder_1_precision=nf4-bnb"), recommend=False, environ={})
+    te8 = int8.services["encoder"].breakdown["text encoder (int8-quanto)"]
+    te4 = nf4.services["encoder"].breakdown["text encoder (nf4-bnb)"]
+    embedding = 152064 * 3584 * 2  # the token embedding stays bf16
+    assert te8 == pytest.approx((8_292_166_656 * 2 - embedding) / 2 + embedding, rel=0.01)
+    assert te4 < te8 < enc["text encoder (no_change)"]
+    working = "working set (max of VAE encode, text encoder)"
+    sliced = plan_run(seed_run("vae_enable_slicing=true"), recommend=False, environ={}).services["encoder"]
+    tiled = plan_run(seed_run("vae_enable_tiling=true"), recommend=False, environ={}).services["encoder"]
+    vae_batch = memory.VAE_ENCODE_BYTES * 96 * 4 * 1024 ** 2  # 4 images of 1 MP
+    assert enc[working] == int(vae_batch)
+    assert sliced.breakdown[working] < enc[working] / 3 and tiled.breakdown[working] < enc[working] / 3
+    # eval: the previews' embeddings are cached (no text encoder) unless random sampling; tiled decode
+    assert not any(k.startswith("text encoder") for k in base.services["eval"].breakdown)
+    random = plan_run(seed_run("conditioning_multidataset_sampling=random"), recommend=False, environ={})
+    assert random.services["eval"].breakdown["text encoder"] == 8_292_166_656 * 2
+    tiled_eval = plan_run(seed_run("vae_enable_tiling=true"), recommend=False, environ={}).services["eval"]
+    assert tiled_eval.total < base.services["eval"].total
+
+
+def test_placement_from_the_environment_decides_where_validations_render():
+    from shared.plan.placement import gpu_groups, gpu_placement
+
+    run = seed_run("base_model_precision=nf4-bnb", "vae_enable_slicing=true")
+    one = plan_run(run, 24 * GiB, "RTX4090", recommend=False, environ={})
+    assert one.validation == "training worker" and list(one.gpu_totals) == ["0"]
+    env = {"EDITTUNER_ENCODER_GPU": "0", "EDITTUNER_TRAINER_GPU": "0", "EDITTUNER_EVAL_GPU": "1"}
+    assert gpu_groups(gpu_placement(env)) == {"0": ["encoder", "trainer"], "1": ["eval"]}
+    two = plan_run(run, 24 * GiB, "RTX4090", recommend=False, environ=env)
+    assert two.validation == "eval_svc"  # eval_svc has its own GPU
+    assert two.gpu_totals == {"0": {"encoding": two.services["encoder"].total, "training": two.trainer.total},
+                              "1": {"training": two.services["eval"].total}}
+    big = plan_run(run, 80 * GiB, "H100", recommend=False, environ={})
+    assert big.validation == "eval_svc"  # room beside the trainer on one GPU
+    assert big.gpu_totals["0"]["training"] == big.trainer.total + big.services["eval"].total
+
+
+def test_compose_passes_every_services_gpu_to_every_service():
+    from pathlib import Path
+
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).parents[1] / "compose.yaml").read_text(encoding="utf-8"))
+    for name in ("encoder", "trainer", "eval"):
+        env = compose["services"][name]["environment"]
+        for other in ("ENCODER", "TRAINER", "EVAL"):
+            assert env[f"EDITTUNER_{other}_GPU"] == f"${{EDITTUNER_{other}_GPU:-0}}", (name, other)
+        [device] = compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["device_ids"] == [f"${{EDITTUNER_{name.upper()}_GPU:-0}}"]  # the same variable reserves it
+
+
+def test_planner_doc_holds_the_generated_tables():
+    from pathlib import Path
+
+    from seed_files import planner_fit_table
+    from shared.plan.report import docs_table
+
+    doc = (Path(__file__).parents[1] / "docs" / "PLANNER.md").read_text(encoding="utf-8")
+    assert docs_table() in doc, "regenerate: python -m shared.plan.report"
+    assert planner_fit_table() in doc, "regenerate: python tests/seed_files.py"

@@ -172,6 +172,20 @@ def component_params(model_path: str) -> tuple[int, int, int]:
     return te or REAL_TEXT_ENCODER["params"], vae or REAL_VAE["params"], base_dim
 
 
+def text_encoder_embedding_params(model_path: str) -> int:
+    """The token embedding table's elements (vocab x hidden, from text_encoder/config.json): the part of the text
+    encoder ``text_encoder_1_precision`` leaves in the compute dtype (an ``nn.Embedding``, not a Linear)."""
+    from shared.model.location import locate_model
+
+    cfg = Path(locate_model(model_path).source).expanduser() / "text_encoder" / "config.json"
+    if cfg.is_file():
+        d = json.loads(cfg.read_text(encoding="utf-8"))
+        text = d.get("text_config") or d
+        if "vocab_size" in text and "hidden_size" in text:
+            return int(text["vocab_size"]) * int(text["hidden_size"])
+    return REAL_TEXT_ENCODER["vocab"] * REAL_TEXT_ENCODER["hidden"]
+
+
 # -------------------------------------------------------------------------------------------- LoRA
 def lora_targets(counts: TransformerCounts, target_modules: list[str]) -> list[LinearInfo]:
     """The Linears peft wraps for ``target_modules`` (a name matches itself or any ``.``-suffix); InvalidInput

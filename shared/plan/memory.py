@@ -47,6 +47,7 @@ VAE_DECODE_BYTES = 36.2
 
 # ------------------------------------------------------------------------------------------ assumptions
 CUDA_OVERHEAD = int(1.5 * GiB)  # CUDA context, cuBLAS/attention workspaces, caching-allocator slack
+VAE_TILE_PIXELS = 256 * 256  # vae_enable_tiling: diffusers' tile_sample_min_height/width for AutoencoderKLQwenImage
 
 
 # Per trained LoRA parameter: weight + gradient (fp32, bf16 for adamw_bf16) + the optimizer's state, from the table
@@ -87,6 +88,27 @@ def transformer_weight_bytes(counts: TransformerCounts, precision: str, compute_
     rest = (sum(li.out_features for li in counts.linears if li.bias and not li.kept) + counts.other_params)
     return {f"base weights ({precision})": int(quantized), "kept layers": kept,
             "biases + norms": rest * compute_bytes}
+
+
+def text_encoder_weight_bytes(params: int, embedding: int, precision: str, compute_bytes: int = 2) -> int:
+    """The text encoder at ``text_encoder_1_precision``: every parameter but the token embedding is taken as a
+    Linear weight of width ``REAL_TEXT_ENCODER["hidden"]`` (biases and norms, <0.1%, are counted with them)."""
+    if precision == "no_change":
+        return params * compute_bytes
+    hidden = REAL_TEXT_ENCODER["hidden"]
+    linear = max(0, params - embedding)
+    return int(linear_weight_bytes(precision, hidden, max(1, linear // hidden), compute_bytes)
+               + embedding * compute_bytes)
+
+
+def vae_working_bytes(bytes_per_pixel: float, base_dim: int, images: int, pixels: int, *, tiling: bool,
+                      slicing: bool) -> int:
+    """The VAE's encode or decode working set for a batch of ``images`` of ``pixels`` each: slicing runs one image
+    at a time, tiling one tile of ``VAE_TILE_PIXELS`` at a time (the full-size input and output, a few MB, are
+    not counted)."""
+    n = 1 if slicing else images
+    px = min(pixels, VAE_TILE_PIXELS) if tiling else pixels
+    return int(bytes_per_pixel * base_dim * n * px)
 
 
 # -------------------------------------------------------------------------------------- activations

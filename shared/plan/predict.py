@@ -5,10 +5,17 @@ The model, service by service:
 - trainer = base weights (bytes per weight by ``base_model_precision``; biases, ``KEEP_HIGH_PRECISION`` modules
   and non-Linear parameters stay in the compute dtype) + LoRA (fp32 weights + fp32 grads + AdamW state; EMA lives
   on the CPU) + activations + a fixed CUDA overhead.
-- encoder = Qwen2.5-VL text encoder + VAE (compute dtype) + the larger of the VAE's encode working set (one batch
-  of ``DatasetEncoder`` images at ~1 MP) and the text encoder's forward.
-- eval = transformer at the run's precision + text encoder + VAE + the largest of: no-grad denoising step, text
-  encoder forward, VAE decode.
+- encoder = Qwen2.5-VL text encoder (at ``text_encoder_1_precision``) + VAE (compute dtype) + the larger of the
+  VAE's encode working set (a batch of ``vae_batch_size`` images, one with ``vae_enable_slicing``, a 256-pixel tile
+  with ``vae_enable_tiling``) and the text encoder's forward.
+- eval = transformer at the run's precision + VAE + the larger of a no-grad denoising step and the VAE decode
+  (tiled with ``vae_enable_tiling``); the preview samples' embeddings are cached, so no text encoder — except with
+  ``conditioning_multidataset_sampling=random``, whose cache entries see one reference each.
+- per GPU (``shared.plan.placement``): the encoder runs alone (the trainer has it release first); while training,
+  the trainer and eval_svc share their GPU's memory if they share a GPU. When the two do not fit together,
+  validations render inside the training worker on its resident transformer (``validation`` says which): the
+  trainer's weights and optimizer state + the VAE + the render's working set, in the memory training's
+  activations used between steps.
 
 Everything that is not counted or measured is listed in ``Plan.assumptions``.
 """
@@ -23,7 +30,13 @@ from shared import errors
 from shared.config.flavours import get_flavour
 from shared.config.schema import RunConfig
 from shared.model.rollout import Rollout
-from shared.plan.counts import component_params, lora_params, lora_targets, transformer_counts
+from shared.plan.counts import (
+    component_params,
+    lora_params,
+    lora_targets,
+    text_encoder_embedding_params,
+    transformer_counts,
+)
 from shared.plan.flops import MFU_BF16, MFU_QUANTIZED, step_flops
 from shared.plan.gpus import fmt_gib, gpu_spec
 from shared.plan.memory import (
@@ -34,10 +47,13 @@ from shared.plan.memory import (
     dtype_bytes,
     inference_activation_bytes,
     text_encoder_activation_bytes,
+    text_encoder_weight_bytes,
     training_activation_bytes,
     transformer_weight_bytes,
+    vae_working_bytes,
 )
-from shared.plan.recommend import recommend_overrides
+from shared.plan.placement import gpu_groups, gpu_placement, sharing
+from shared.plan.recommend import apply_recommendation, recommend_overrides, recommend_service_overrides
 from shared.plan.tokens import CAPTION_TOKENS, VL_PIXELS_PER_TOKEN, Tokens, eval_tokens, training_tokens
 
 NCCL_BUFFER_BYTES = 512 * 2 ** 20
@@ -90,6 +106,27 @@ class Plan:
     allreduce_seconds: float = 0.0  # of seconds_per_step: the LoRA gradients' all-reduce, once per step
     host_load_bytes: int = 0  # host RAM for the base while loading: the processes of a machine load in turns
     rollout_forwards: float = 0.0  # scheduled sampling: mean forwards without gradient per sample, in the FLOPs
+    # the encoder's and eval's own searches, like the trainer's: service → overrides (applied after the trainer's)
+    service_recommendations: dict[str, list[str]] = field(default_factory=dict)
+    placement: dict[str, str] = field(default_factory=dict)  # service → GPU id(s)
+    validation: str = "eval_svc"  # or "training worker": where validations render (see the module docstring)
+    in_worker_validation_bytes: int = 0  # the trainer's GPU while a validation renders in the worker
+    gpu_totals: dict[str, dict[str, int]] = field(default_factory=dict)  # GPU id → phase → bytes
+    applied: "Plan | None" = None  # the plan again with every recommended change applied
+
+    @property
+    def all_recommendations(self) -> list[str]:
+        """The trainer's changes, then the encoder's and eval's: what to apply, in this order."""
+        return self.recommendation + [c for changes in self.service_recommendations.values() for c in changes]
+
+    @property
+    def gpus_fit(self) -> bool:
+        """Whether every GPU holds what runs on it at once, in every phase."""
+        return all(v <= self.gpu_memory_bytes for phases in self.gpu_totals.values() for v in phases.values())
+
+    @property
+    def all_fit(self) -> bool:
+        return all(s.fits for s in self.services.values()) and self.gpus_fit
 
     @property
     def trainer(self) -> ServicePlan:
@@ -118,8 +155,11 @@ def _assumptions(gpu: str, mfu: float, compute_bytes: int) -> list[str]:
         f"tokens per sample: caption ~{CAPTION_TOKENS} text tokens + {VL_PIXELS_PER_TOKEN} px per VL image token; "
         "square buckets at each dataset's area (other aspect ratios have about as many tokens)",
         "text encoder activations are an estimate (hidden states of every layer + all-position logits), not measured",
-        "eval is planned at the run's base_model_precision; eval_svc loads the pipeline without quantizing today, "
-        "so it needs the no_change weight figure until it does",
+        "a quantized text encoder: every parameter but the token embedding counted as a Linear weight at "
+        "text_encoder_1_precision; VAE tiling: one 256x256 tile's working set (the full-size input and output, a "
+        "few MB, not counted)",
+        "eval_svc releases its models when idle (EDITTUNER_IDLE_RELEASE_S) before the next run's encoding: the "
+        "encoding phase counts the encoder alone",
     ]
 
 
@@ -145,11 +185,12 @@ def allreduce_seconds(lora_params: int, gpus: int, machines: int = 1) -> float:
 
 
 def plan_run(run: RunConfig, gpu_memory_bytes: int | None = None, gpu: str = "H100", *,
-             recommend: bool = True, gpus: int | None = None) -> Plan:
+             recommend: bool = True, gpus: int | None = None, environ: dict[str, str] | None = None) -> Plan:
     """Predict memory per service, tokens, FLOPs and seconds per step of ``run`` on ``gpu``; when the trainer does
     not fit ``gpu_memory_bytes`` (default: the GPU's memory), search for overrides that make it fit. ``gpus``
     (default: num_processes x num_machines) data parallel processes: the trainer's memory is per GPU, the step
-    time is one GPU's share of the micro-batches plus the gradient all-reduce."""
+    time is one GPU's share of the micro-batches plus the gradient all-reduce. ``environ`` (default: this
+    process's): the EDITTUNER_<SERVICE>_GPU variables that say which services share a GPU."""
     name, peak_flops, default_memory = gpu_spec(gpu)
     memory = int(gpu_memory_bytes) if gpu_memory_bytes is not None else default_memory
     t = run.train
@@ -173,21 +214,29 @@ def plan_run(run: RunConfig, gpu_memory_bytes: int | None = None, gpu: str = "H1
         trainer["NCCL buffers"] = NCCL_BUFFER_BYTES
 
     te_params, vae_params, base_dim = component_params(t.model_path)
+    te_bytes = text_encoder_weight_bytes(te_params, text_encoder_embedding_params(t.model_path),
+                                         t.text_encoder_1_precision, cb)
     vl_area = t.model_kwargs.vl_reference_area or flav.vl_ref_area
     te_acts = text_encoder_activation_bytes(tokens, tokens.references, vl_area)
-    # a batch of the largest images
-    batch_px = run.train.vae_batch_size * 256 * max(tokens.target, tokens.per_reference)
-    encoder = {"text encoder": te_params * cb, "VAE": vae_params * cb,
-               "working set (max of VAE encode, text encoder)": int(max(VAE_ENCODE_BYTES * base_dim * batch_px,
-                                                                        te_acts)),
+    image_px = 256 * max(tokens.target, tokens.per_reference)  # a batch of the largest images
+    vae_encode = vae_working_bytes(VAE_ENCODE_BYTES, base_dim, t.vae_batch_size, image_px,
+                                   tiling=t.vae_enable_tiling, slicing=t.vae_enable_slicing)
+    encoder = {f"text encoder ({t.text_encoder_1_precision})": te_bytes, "VAE": vae_params * cb,
+               "working set (max of VAE encode, text encoder)": int(max(vae_encode, te_acts)),
                "CUDA overhead": CUDA_OVERHEAD}
     ev_tokens = eval_tokens(run, tokens)
     vw, vh = t.validation_size
-    ev = {**{f"transformer {k}": v for k, v in weights.items()}, "LoRA (compute dtype)": n_lora * cb,
-          "text encoder": te_params * cb, "VAE": vae_params * cb,
-          "working set (max of denoise step, text encoder, VAE decode)": int(max(
-              inference_activation_bytes(counts, ev_tokens), te_acts, VAE_DECODE_BYTES * base_dim * vw * vh)),
+    cached_text = t.conditioning_multidataset_sampling != "random"
+    render = int(max(inference_activation_bytes(counts, ev_tokens), 0 if cached_text else te_acts,
+                     vae_working_bytes(VAE_DECODE_BYTES, base_dim, 1, vw * vh, tiling=t.vae_enable_tiling,
+                                       slicing=False)))
+    text_part = {} if cached_text else {"text encoder": te_bytes}
+    ev = {**{f"transformer {k}": v for k, v in weights.items()}, "LoRA (compute dtype)": n_lora * cb, **text_part,
+          "VAE": vae_params * cb,
+          "working set (max of denoise step, VAE decode" + ("" if cached_text else ", text encoder") + ")": render,
           "CUDA overhead": CUDA_OVERHEAD}
+    resident = sum(v for k, v in trainer.items() if k not in acts)  # between steps: no activations
+    in_worker = max(sum(trainer.values()), resident + sum(text_part.values()) + vae_params * cb + render)
 
     flops = step_flops(counts, tokens, targets, t.lora_rank, checkpointing=t.gradient_checkpointing)
     rollout = Rollout.from_config(t)
@@ -211,9 +260,42 @@ def plan_run(run: RunConfig, gpu_memory_bytes: int | None = None, gpu: str = "H1
                     _dp_assumptions(t.num_machines) if n_gpus > 1 else []) + (
                     _rollout_assumptions(rollout, rollout_forwards) if rollout is not None else []),
                 gpus=n_gpus, allreduce_seconds=allreduce_seconds(n_lora, n_gpus, t.num_machines),
-                host_load_bytes=counts.total * cb, rollout_forwards=rollout_forwards)
+                host_load_bytes=counts.total * cb, rollout_forwards=rollout_forwards,
+                in_worker_validation_bytes=in_worker)
+    place(plan, gpu_placement(environ))
     if recommend and not plan.fits:
         plan.recommendation, plan.recommended_bytes = recommend_overrides(run, memory, name, plan_run)
+    if recommend:
+        plan.service_recommendations = recommend_service_overrides(run, plan.recommendation, memory, name, plan_run)
+        if plan.all_recommendations:
+            plan.applied = plan_run(apply_recommendation(run, plan.all_recommendations), memory, gpu,
+                                    recommend=False, gpus=gpus, environ=environ)
+    return plan
+
+
+def place(plan: Plan, placement: dict[str, str]) -> Plan:
+    """Where validations render and what each GPU holds in each phase, for services placed as ``placement``
+    (service → GPU ids): eval_svc renders when it has its own GPU or fits beside the trainer, else the training
+    worker does."""
+    sv = {k: s.total for k, s in plan.services.items()}
+    together = sharing(placement, "trainer", "eval")
+    plan.placement = dict(placement)
+    plan.validation = ("training worker" if together and sv["trainer"] + sv["eval"] > plan.gpu_memory_bytes
+                       else "eval_svc")
+    totals: dict[str, dict[str, int]] = {}
+    for gpu, names in gpu_groups(placement).items():
+        phases: dict[str, int] = {}
+        if "encoder" in names:
+            phases["encoding"] = sv["encoder"]
+        training = 0
+        if "trainer" in names:
+            training += plan.in_worker_validation_bytes if plan.validation == "training worker" else sv["trainer"]
+        if "eval" in names and plan.validation == "eval_svc":
+            training += sv["eval"]
+        if training:
+            phases["training"] = training
+        totals[gpu] = phases
+    plan.gpu_totals = totals
     return plan
 
 

@@ -1,4 +1,6 @@
-"""Overrides that make a run fit: checkpointing, then a smaller precision, a lower resolution, a lower rank.
+"""Overrides that make a run fit: for the trainer checkpointing, then a smaller precision, a lower resolution, a
+lower rank; for the encoder and eval_svc their own memory options (``SERVICE_LADDERS``), searched after the
+trainer's changes are applied.
 """
 
 from __future__ import annotations
@@ -70,6 +72,44 @@ def recommend_overrides(run: RunConfig, memory: int, gpu: str, predict: Callable
             changes.append(f"multidatabackend.json: \"resolution\": {side} for {ids}")
         return changes, p.trainer.total
     return [], None
+
+
+# Per service, the override sets tried in order (each a superset of what the encoder or eval needs less of):
+# slicing gives the same latents, a quantized text encoder other embeddings, tiling close latents; for eval, tiled
+# decoding, then smaller previews (the quickstart's own advice for out-of-memory during validation).
+SERVICE_LADDERS: dict[str, tuple[dict[str, Any], ...]] = {
+    "encoder": ({"vae_enable_slicing": True},
+                {"vae_enable_slicing": True, "text_encoder_1_precision": "int8-quanto"},
+                {"vae_enable_slicing": True, "text_encoder_1_precision": "nf4-bnb"},
+                {"vae_enable_slicing": True, "text_encoder_1_precision": "nf4-bnb", "vae_enable_tiling": True}),
+    "eval": ({"vae_enable_tiling": True},
+             {"vae_enable_tiling": True, "validation_resolution": "768x768"},
+             {"vae_enable_tiling": True, "validation_resolution": "512x512"}),
+}
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value).strip(chr(34))}"
+
+
+def recommend_service_overrides(run: RunConfig, trainer_changes: list[str], memory: int, gpu: str,
+                                predict: Callable[..., Any]) -> dict[str, list[str]]:
+    """For each of the encoder and eval that does not fit ``memory`` once ``trainer_changes`` are applied: the
+    first set of ``SERVICE_LADDERS`` that makes it fit, as ``key=value`` changes ([] where none does). Each
+    service's changes are applied before the next is searched, so together they are what the plan promises."""
+    out: dict[str, list[str]] = {}
+    current = apply_recommendation(run, trainer_changes)
+    for service, ladder in SERVICE_LADDERS.items():
+        if predict(current, memory, gpu, recommend=False).services[service].fits:
+            continue
+        out[service] = []
+        for over in ladder:
+            changes = [_override(k, v) for k, v in over.items() if getattr(current.train, k) != v]
+            cand = apply_recommendation(current, changes)
+            if changes and predict(cand, memory, gpu, recommend=False).services[service].fits:
+                out[service], current = changes, cand
+                break
+    return out
 
 
 def apply_recommendation(run: RunConfig, recommendation: list[str]) -> RunConfig:

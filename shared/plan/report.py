@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from shared.plan.gpus import GiB, fmt_gib
 from shared.plan.predict import Plan, plan_run
+
+if TYPE_CHECKING:
+    from shared.config.schema import RunConfig
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -46,8 +50,38 @@ def format_plan(plan: Plan) -> str:
     else:
         lines.append(f"the trainer does NOT fit {fmt_gib(plan.gpu_memory_bytes)}, and no setting searched "
                      "(checkpointing, int8-quanto/nf4-bnb/int4-quanto, 768/512, rank 8) makes it fit")
+    lines += _services_and_gpus(plan)
+    if plan.applied is not None:
+        a = plan.applied
+        lines += ["", "with every change above applied: " + ", ".join(
+            f"{s.name} {fmt_gib(s.total)} ({'fits' if s.fits else 'does NOT fit'})" for s in a.services.values())]
+        lines += [f"  {line}" for line in _services_and_gpus(a)]
     lines += ["assumptions:"] + [f"  - {a}" for a in plan.assumptions]
     return "\n".join(lines)
+
+
+def _services_and_gpus(plan: Plan) -> list[str]:
+    """The encoder's and eval's recommendations, where validations render, and each GPU's phases."""
+    lines = []
+    for name, changes in plan.service_recommendations.items():
+        if changes:
+            lines.append(f"the {name} does NOT fit {fmt_gib(plan.gpu_memory_bytes)}; after the changes above, "
+                         "with these it fits:")
+            lines += [f"  {c}" for c in changes]
+        else:
+            lines.append(f"the {name} does NOT fit {fmt_gib(plan.gpu_memory_bytes)}, and none of its memory options "
+                         "(vae_enable_slicing, text_encoder_1_precision, vae_enable_tiling, validation_resolution) "
+                         "makes it fit")
+    where = ("in the training worker, on its resident transformer (trainer and eval_svc do not fit one GPU "
+             "together)" if plan.validation == "training worker" else "in eval_svc")
+    lines.append(f"validations render {where}: trainer with an in-worker validation "
+                 f"{fmt_gib(plan.in_worker_validation_bytes)}")
+    for gpu, phases in plan.gpu_totals.items():
+        names = [s for s, ids in plan.placement.items() if gpu in ids.split(",")]
+        parts = ", ".join(f"{phase} {fmt_gib(v)}" for phase, v in phases.items())
+        ok = all(v <= plan.gpu_memory_bytes for v in phases.values())
+        lines.append(f"GPU {gpu} ({', '.join(names)}): {parts}: {'fits' if ok else 'does NOT fit'}")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ docs table
@@ -80,6 +114,32 @@ def docs_table(gpu: str = "H100") -> str:
                                  f"({fixed / GiB:.1f} / {acts / GiB:.1f}) | {p.services['encoder'].total / GiB:.1f}"
                                  f" | {p.services['eval'].total / GiB:.1f} | {p.seconds_per_step:.1f} | |")
     return "\n".join(lines)
+
+
+def fit_table(runs: list[tuple[str, "RunConfig"]], memory: int, gpu: str) -> str:
+    """docs/PLANNER.md's table of whether each service and GPU fits ``memory`` for ``runs`` (label, config): as
+    configured, and with every change the plan prints applied; then the changes and where validations render.
+    Every service on one GPU, compose's default (no EDITTUNER_<SERVICE>_GPU set)."""
+    lines = [f"| config | service | GiB as configured | GiB with the changes | fits {fmt_gib(memory)} |",
+             "|" + "---|" * 5]
+    notes = []
+    for label, run in runs:
+        plan = plan_run(run, memory, gpu, environ={})
+        after = plan.applied or plan
+        for name in plan.services:
+            lines.append(f"| {label} | {name} | {plan.services[name].total / GiB:.1f} | "
+                         f"{after.services[name].total / GiB:.1f} | {'yes' if after.services[name].fits else 'NO'} |")
+        for gid, phases in after.gpu_totals.items():
+            names = ", ".join(s for s, ids in after.placement.items() if gid in ids.split(","))
+            before = " / ".join(f"{v / GiB:.1f}" for v in plan.gpu_totals[gid].values())
+            now = " / ".join(f"{v / GiB:.1f}" for v in phases.values())
+            ok = all(v <= memory for v in phases.values())
+            lines.append(f"| {label} | GPU {gid} ({names}): {' / '.join(phases)} | {before} | {now} | "
+                         f"{'yes' if ok else 'NO'} |")
+        changes = ", ".join(f"`{c}`" for c in plan.all_recommendations) or "none"
+        notes.append(f"- {label}: changes {changes}; validations render in "
+                     f"{'the training worker' if after.validation == 'training worker' else 'eval_svc'}")
+    return "\n".join(lines + [""] + notes)
 
 
 def gpus_table(gpu: str = "H100") -> str:

@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-encode", action="store_true", help="the caches exist already (encoder_svc made them)")
     ap.add_argument("--no-validation", action="store_true")
     ap.add_argument("--external-validation", action="store_true",
-                    help="export the LoRA at validation steps and emit validation_ready events (trainer_svc)")
+                    help="export the LoRA at validation steps and emit validation_ready events (trainer_svc), "
+                         "unless the planner says trainer and eval_svc do not fit their GPU together: then "
+                         "validate here")
     ap.add_argument("--run-id")
     ap.add_argument("--until-step", type=int, help="stop after this step (the run can be resumed)")
     ap.add_argument("--index", action="append", default=[], metavar="DATASET=KEY",
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run_config(args.config, args.data, args.overrides)
         distributed.init(distributed.rank_device(resolve_device(run.train.device), RANK))
         result = train_run(run, open_store(args.store), events=lambda e: _emit({"event": e}),
-                           validate=False if args.no_validation else "external" if args.external_validation else True,
+                           validate=False if args.no_validation else "auto" if args.external_validation else True,
                            until_step=args.until_step, encode=not args.no_encode, run_id=args.run_id, stop=stop,
                            copy_to_output_dir=False,
                            index_keys=dict(i.split("=", 1) for i in args.index) if args.index else None)

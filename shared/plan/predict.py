@@ -299,6 +299,32 @@ def place(plan: Plan, placement: dict[str, str]) -> Plan:
     return plan
 
 
+# ---------------------------------------------------------------------------------------- validation site
+def device_memory(device: torch.device | str) -> int | None:
+    """Total memory of CUDA ``device`` (torch.cuda.mem_get_info), None elsewhere."""
+    device = torch.device(device)
+    return torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else None
+
+
+def validation_site(run: RunConfig, device: torch.device | str, *, environ: dict[str, str] | None = None
+                    ) -> tuple[str, str]:
+    """("eval_svc" or "training worker", the reason as a sentence): where a service-run's validations render.
+    The training worker when the trainer and eval_svc share the trainer's GPU (EDITTUNER_*_GPU) and the planner
+    predicts the two do not fit its memory together; eval_svc otherwise, and off a GPU."""
+    total = device_memory(device)
+    if total is None:
+        return "eval_svc", f"{torch.device(device)} is not a GPU: eval_svc renders"
+    plan = plan_run(run, total, recommend=False, environ=environ)
+    tr, ev = plan.trainer.total, plan.services["eval"].total
+    if plan.validation == "training worker":
+        return plan.validation, (f"trainer {fmt_gib(tr)} + eval {fmt_gib(ev)} do not fit {fmt_gib(total)} of GPU "
+                                 f"{plan.placement['trainer']} together: validations render in the training worker "
+                                 f"on its transformer (predicted {fmt_gib(plan.in_worker_validation_bytes)})")
+    if sharing(plan.placement, "trainer", "eval"):
+        return "eval_svc", f"trainer {fmt_gib(tr)} + eval {fmt_gib(ev)} fit {fmt_gib(total)} together: eval_svc renders"
+    return "eval_svc", f"eval_svc has its own GPU ({plan.placement['eval']}): eval_svc renders"
+
+
 # ---------------------------------------------------------------------------------------------- fit check
 def check_fits(run: RunConfig, device: torch.device | str, *, total_bytes: int | None = None) -> None:
     """Raise ResourceExhausted when the trainer's prediction exceeds the memory of CUDA ``device`` (its total, from

@@ -37,7 +37,9 @@ def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], N
               run_id: str | None = None, stop: threading.Event | None = None,
               copy_to_output_dir: bool = True, index_keys: dict[str, str] | None = None) -> RunResult:
     """``validate``: True renders previews here; "external" exports the LoRA at each validation step and emits a
-    ``validation_ready`` event for a supervisor to hand to eval_svc; False skips validation. ``stop``: see
+    ``validation_ready`` event for a supervisor to hand to eval_svc; "auto" (trainer_svc's worker) is "external"
+    unless the planner says the trainer and eval_svc do not fit their shared GPU together, and then True (see
+    ``shared.plan.predict.validation_site``; the choice is logged); False skips validation. ``stop``: see
     ``Trainer.train``. ``copy_to_output_dir``: with the local store, copy the LoRA and previews to the config's
     output_dir — only for a run the user started on their own machine; a service's worker never writes outside
     the store (output_dir then only names the run). With report_to, the trackers hear the events and the
@@ -54,6 +56,8 @@ def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], N
     stats = encode_missing(run, store, events) if encode and dist.main else EncodeStats()
     if encode:
         distributed.barrier(dist)
+    if validate == "auto":
+        validate = choose_validation(run)
     validator = (external_validator(events) if validate == "external" else
                  make_validator(run, store) if validate else None)
     if tracker is not None and validator is not None and validate != "external":
@@ -74,6 +78,18 @@ def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], N
     outputs = copy_outputs(store, trainer.prefix, Path(run.train.output_dir),
                            logs_dir(run.train.output_dir, run.train.logging_dir)) if copy else {}
     return RunResult(stats, summary, outputs)
+
+
+def choose_validation(run: RunConfig) -> bool | str:
+    """True (in this worker) or "external" (eval_svc), as ``shared.plan.predict.validation_site`` decides for this
+    process's device; logged, so the run's log says where its previews come from."""
+    from shared.model.device import resolve_device
+    from shared.plan.predict import validation_site
+
+    device = distributed.rank_device(resolve_device(run.train.device), distributed.current())
+    site, why = validation_site(run, device)
+    log.info("validation: %s", why)
+    return True if site == "training worker" else "external"
 
 
 def encode_missing(run: RunConfig, store: ObjectStore, events: Callable[[Event], None]) -> EncodeStats:

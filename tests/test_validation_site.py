@@ -1,0 +1,80 @@
+"""Where a service-run's validations render: trainer_svc's worker (validate="auto") hands them to eval_svc, unless
+the planner says the trainer and eval_svc share a GPU (the environment compose sets) without room for both; then
+the worker renders them itself, on its resident transformer, and says so in its log.
+
+The GPU is simulated: ``device_memory`` (the total torch.cuda.mem_get_info would report) is replaced, on a CPU
+run of the tiny model, by a size between the larger of the two services and their sum.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from shared.config.loading import load_run_config
+from shared.data.synthetic import write_configs, write_dataset
+from shared.plan import predict
+from shared.plan.gpus import GiB
+from shared.store.local import LocalStore
+from shared.train.runner import train_run
+
+ONE_GPU = {"EDITTUNER_ENCODER_GPU": "0", "EDITTUNER_TRAINER_GPU": "0", "EDITTUNER_EVAL_GPU": "0"}
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tiny_models):
+    root = write_dataset(tmp_path / "data", n=3, references=1)
+    cfg, _ = write_configs(tmp_path / "cfg", root, tiny_models("edit-v2"), "edit-v2", 1, max_train_steps=2,
+                           validation_step_interval=2, checkpoint_step_interval=2, num_eval_images=1, lora_rank=4,
+                           output_dir=str(tmp_path / "out" / "site"))
+    return load_run_config(cfg), LocalStore(tmp_path / "store")
+
+
+def _between(run) -> int:
+    """A GPU that holds either service alone but not both."""
+    plan = predict.plan_run(run, recommend=False, environ=ONE_GPU)
+    tr, ev = plan.trainer.total, plan.services["eval"].total
+    memory = tr + ev - GiB // 2
+    assert max(tr, ev) < memory < tr + ev
+    return memory
+
+
+def test_one_gpu_without_room_for_both_validates_in_the_worker(tiny_run, monkeypatch, caplog):
+    run, store = tiny_run
+    memory = _between(run)
+    for k, v in ONE_GPU.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(predict, "device_memory", lambda device: memory)
+    assert predict.validation_site(run, "cpu")[0] == "training worker"
+    events: list[dict] = []
+    with caplog.at_level(logging.INFO, logger="shared.train.runner"):
+        result = train_run(run, store, events=events.append, validate="auto", copy_to_output_dir=False)
+    assert "validations render in the training worker" in caplog.text
+    assert not [e for e in events if e.get("phase") == "validation_ready"]  # nothing handed to eval_svc
+    [validation] = result.summary.validations
+    assert "external" not in validation and validation["step"] == 2 and validation["samples"]
+    assert store.exists(f"runs/{result.summary.run_id}/validation/step-2/metrics.json")
+
+
+def test_eval_svc_renders_when_it_has_its_own_gpu_or_room_beside_the_trainer(tiny_run, monkeypatch, caplog):
+    run, store = tiny_run
+    memory = _between(run)
+    monkeypatch.setattr(predict, "device_memory", lambda device: memory)
+    own = {**ONE_GPU, "EDITTUNER_EVAL_GPU": "1"}
+    site, why = predict.validation_site(run, "cpu", environ=own)
+    assert site == "eval_svc" and "own GPU (1)" in why
+    monkeypatch.setattr(predict, "device_memory", lambda device: 2 * memory)  # room for both
+    for k, v in ONE_GPU.items():
+        monkeypatch.setenv(k, v)
+    events: list[dict] = []
+    with caplog.at_level(logging.INFO, logger="shared.train.runner"):
+        result = train_run(run, store, events=events.append, validate="auto", copy_to_output_dir=False)
+    assert "fit" in caplog.text and "eval_svc renders" in caplog.text
+    [ready] = [e for e in events if e.get("phase") == "validation_ready"]
+    assert ready["step"] == 2 and result.summary.validations[0]["external"] is True
+
+
+def test_off_a_gpu_eval_svc_renders(tiny_run):
+    run, _ = tiny_run
+    assert predict.validation_site(run, "cpu") == ("eval_svc", "cpu is not a GPU: eval_svc renders")

@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import torch
 
 from shared.data.pairing import pair_datasets
 from shared.encode.cache import index_key, settings_for
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, ResourceExhausted
 from shared.evaluate.preview import eval_set, render_validation
 from shared.evaluate.report import refresh_run_report
 from shared.model.device import resolve_device, resolve_dtype
 from shared.model.loading import configure_vae, load_render_pipeline
+from shared.plan.recommend import smaller_validation
 from shared.rpc import eval_pb2, eval_pb2_grpc
 from shared.service.common import (IdleRelease, JobRpcMixin, ServerPaths, check_run_id, files_from_proto,
                                    files_to_params, free_gpu_memory, job_to_proto, run_from_params, validated_run)
@@ -41,6 +43,7 @@ class EvalCore:
         self._lock = threading.Lock()
         self._pipe: tuple[tuple[str, ...], Any] | None = None
         self.components: tuple[str, ...] = ()  # what the resident render pipeline holds
+        self._out_of_memory: dict[str, int] = {}  # run id → renders that ran out of GPU memory
 
     def _pipeline(self, run, text_encoder: bool) -> Any:
         """The render pipeline: the transformer at the run's base_model_precision, and the text encoder only when
@@ -69,12 +72,21 @@ class EvalCore:
                                            for ds in run.data.image_datasets]
             ev = eval_set(run, paired, self.store, keys)
             pipe = self._pipeline(run, text_encoder=ev.needs_text_encoder)
-            configure_vae(pipe.vae, tiling=run.train.vae_enable_tiling, slicing=run.train.vae_enable_slicing)
+            failures = self._out_of_memory.get(p["run_id"], 0)
+            vrun, changes = smaller_validation(run, failures)  # after an out-of-memory: the planner's smaller ones
+            configure_vae(pipe.vae, tiling=vrun.train.vae_enable_tiling, slicing=vrun.train.vae_enable_slicing)
             try:
                 self._load_lora(pipe, p["lora_key"])
-                result = render_validation(pipe, run, ev.samples, step=int(p["step"]), store=self.store,
+                result = render_validation(pipe, vrun, ev.samples, step=int(p["step"]), store=self.store,
                                            prefix=f"runs/{p['run_id']}/validation", loss_index=ev.entries,
                                            eval_label=ev.label, conditioning=ev.conditioning)
+            except torch.OutOfMemoryError as err:  # the job fails RESOURCE_EXHAUSTED; the run's next one is smaller
+                self._out_of_memory[p["run_id"]] = failures + 1
+                free_gpu_memory()
+                _, smaller = smaller_validation(run, failures + 1)
+                raise ResourceExhausted(f"out of GPU memory rendering {p['run_id']} step {p['step']}"
+                                        f"{' with ' + ', '.join(changes) if changes else ''}; its next validation "
+                                        f"renders with {', '.join(smaller) or 'the same settings'}") from err
             finally:
                 if ADAPTER in getattr(pipe.transformer, "peft_config", {}):
                     pipe.delete_adapters(ADAPTER)

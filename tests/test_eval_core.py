@@ -104,3 +104,39 @@ def test_eval_renders_from_cached_embeddings_without_the_text_encoder_on_a_quant
     rendered = json.loads(store.get_bytes(outputs["metrics"]))
     assert rendered["samples"][0]["psnr_lora"] == pytest.approx(worker.samples[0].psnr_lora, abs=0.05)
     assert worker.samples[0].psnr_lora != worker.samples[0].psnr_base  # the LoRA changes the image
+
+
+def test_a_render_out_of_gpu_memory_fails_its_job_and_the_runs_next_render_is_smaller(tmp_path, tiny_models,
+                                                                                       monkeypatch):
+    import eval_svc.service as service
+    from shared import errors
+
+    model = tiny_models("edit-v2")
+    root = write_dataset(tmp_path / "data", n=3, references=1)
+    cfg, data = write_configs(tmp_path / "cfg", root, model, "edit-v2", 1, num_eval_images=1,
+                              validation_resolution="1024x1024")
+    store = LocalStore(tmp_path / "store")
+    DatasetEncoder(load_run_config(cfg), store).encode()
+    tr = load_transformer(model, "edit-v2")
+    attach_lora(tr, 4, 4.0, 0.0, ["to_q"], seed=0)
+    lora_key = "runs/r/validation/step-1/lora/pytorch_lora_weights.safetensors"
+    store.put_bytes(lora_key, save_lora_files(lora_state_dict(tr), alpha=4.0, rank=4, fmt="diffusers",
+                                              transformer=tr)["pytorch_lora_weights.safetensors"])
+    seen = []
+
+    def render(pipe, vrun, *args, **kwargs):
+        seen.append((vrun.train.validation_resolution, pipe.vae.use_tiling))
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(service, "render_validation", render)
+    core = EvalCore(store, Metrics(CollectorRegistry()), idle_release_s=0)
+    params = files_to_params(read_config_files(cfg, data)) | {"run_id": "r", "step": 1, "lora_key": lora_key,
+                                                               "index_keys": []}
+    now = time.time()
+    for n in range(3):
+        with pytest.raises(errors.ResourceExhausted, match="out of GPU memory rendering r step 1") as err:
+            core.execute(JobRecord(f"job-{n}", f"req-{n}", "render", JobState.RUNNING, params, now, now), _Ctx())
+    assert str(err.value) == ("out of GPU memory rendering r step 1 with vae_enable_tiling=true, "
+                              "validation_resolution=768x768; its next validation renders with vae_enable_tiling=true, "
+                              "validation_resolution=512x512")
+    assert seen == [("1024x1024", False), ("1024x1024", True), ("768x768", True)]

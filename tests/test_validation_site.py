@@ -8,6 +8,7 @@ run of the tiny model, by a size between the larger of the two services and thei
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -78,3 +79,48 @@ def test_eval_svc_renders_when_it_has_its_own_gpu_or_room_beside_the_trainer(tin
 def test_off_a_gpu_eval_svc_renders(tiny_run):
     run, _ = tiny_run
     assert predict.validation_site(run, "cpu") == ("eval_svc", "cpu is not a GPU: eval_svc renders")
+
+
+# ------------------------------------------------------------------------ out of memory during a validation
+def test_smaller_validation_walks_the_planners_eval_ladder():
+    from seed_files import SEED_CONFIG, SEED_DATA_V2
+    from shared.config.loading import load_run_config_text
+    from shared.plan.recommend import smaller_validation
+
+    run = load_run_config_text(SEED_CONFIG, SEED_DATA_V2, ["model_flavour=edit-v2"])  # validation at 1024x1024
+    assert smaller_validation(run, 0) == (run, [])
+    steps = [smaller_validation(run, n) for n in (1, 2, 3, 4)]
+    assert [c for _, c in steps] == [["vae_enable_tiling=true"],
+                                     ["vae_enable_tiling=true", "validation_resolution=768x768"],
+                                     ["vae_enable_tiling=true", "validation_resolution=512x512"],
+                                     ["vae_enable_tiling=true", "validation_resolution=512x512"]]
+    assert steps[2][0].train.validation_size == (512, 512) and steps[2][0].train.vae_enable_tiling
+    small = load_run_config_text(SEED_CONFIG, SEED_DATA_V2, ["model_flavour=edit-v2", "validation_resolution=512x512"])
+    assert smaller_validation(small, 3)[1] == ["vae_enable_tiling=true"]  # never a larger preview
+
+
+def test_an_out_of_memory_validation_is_recorded_and_the_next_renders_smaller(tiny_run, monkeypatch):
+    """In the worker: the first validation runs out of GPU memory (simulated), the run goes on, the error names the
+    settings the next one uses, and the next renders with them (tiled VAE; 64x64 is below every ladder size)."""
+    import torch
+
+    from shared.evaluate import preview
+
+    run, store = tiny_run
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, max_train_steps=4))
+    real, seen = preview.render_validation, []
+
+    def render(pipe, vrun, *args, **kwargs):
+        seen.append((vrun.train.vae_enable_tiling, pipe.vae.use_tiling))
+        if len(seen) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.40 GiB")
+        return real(pipe, vrun, *args, **kwargs)
+
+    monkeypatch.setattr(preview, "render_validation", render)
+    result = train_run(run, store, validate=True, copy_to_output_dir=False)
+    assert result.summary.steps == 4
+    first, second = result.summary.validations
+    assert "out of GPU memory rendering the validation at step 2" in first["error"]
+    assert "the next one renders with vae_enable_tiling=true" in first["error"]
+    assert "error" not in second and second["step"] == 4 and second["samples"]
+    assert seen == [(False, False), (True, True)]

@@ -112,6 +112,20 @@ def recommend_service_overrides(run: RunConfig, trainer_changes: list[str], memo
     return out
 
 
+def smaller_validation(run: RunConfig, failures: int) -> tuple[RunConfig, list[str]]:
+    """``run`` with the validation settings to use after ``failures`` out-of-memory renders, and the changes made:
+    the ``failures``-th step of eval's ladder (the last one once past it), leaving out resolutions that are not
+    below the run's own. No failures: ``run`` as it is."""
+    if failures <= 0:
+        return run, []
+    w, h = run.train.validation_size
+    steps = [o for o in SERVICE_LADDERS["eval"] if "validation_resolution" not in o
+             or math.prod(int(x) for x in o["validation_resolution"].split("x")) < w * h]
+    over = steps[min(failures, len(steps)) - 1]
+    changes = [_override(k, v) for k, v in over.items() if getattr(run.train, k) != v]
+    return apply_recommendation(run, changes), changes
+
+
 def apply_recommendation(run: RunConfig, recommendation: list[str]) -> RunConfig:
     """``run`` with a recommendation applied (what a user does by hand), so it can be planned again."""
     train, side = run.train, None

@@ -6,15 +6,18 @@ services later split the encode and validation parts out to encoder_svc and eval
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from shared.config.schema import RunConfig
 from shared.encode.encoder import DatasetEncoder, EncodeStats
-from shared.errors import EditTunerError
+from shared.errors import EditTunerError, ResourceExhausted
 from shared.evaluate.report import refresh_run_report
 from shared.store.base import ObjectStore
 from shared.store.local import LocalStore
@@ -131,8 +134,9 @@ def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int
     from shared.encode.cache import index_key, settings_for
     from shared.evaluate.preview import eval_set, render_validation
     from shared.model.loading import configure_vae
+    from shared.plan.recommend import smaller_validation
 
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"out_of_memory": 0}
 
     def validate(trainer: Trainer, step: int) -> dict[str, Any]:
         if "pipe" not in state:
@@ -146,13 +150,24 @@ def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int
             state["pipe"] = load_pipeline(run.train.model_path, run.train.model_flavour, device=trainer.device,
                                           dtype=trainer.dtype, components=("vae", *text, "scheduler"))
         pipe, ev = state["pipe"], state["eval"]
-        configure_vae(pipe.vae, tiling=run.train.vae_enable_tiling, slicing=run.train.vae_enable_slicing)
+        vrun, changes = smaller_validation(run, state["out_of_memory"])
+        configure_vae(pipe.vae, tiling=vrun.train.vae_enable_tiling, slicing=vrun.train.vae_enable_slicing)
         pipe.transformer = trainer.transformer
         try:
             with trainer.exported_weights():  # the weights the LoRA file holds: the EMA when use_ema
-                result = render_validation(pipe, run, ev.samples, step=step, store=store,
+                result = render_validation(pipe, vrun, ev.samples, step=step, store=store,
                                            prefix=f"{trainer.prefix}/validation", loss_index=ev.entries,
                                            eval_label=ev.label, conditioning=ev.conditioning)
+        except torch.OutOfMemoryError as err:  # recorded by the trainer; the run goes on
+            state["out_of_memory"] += 1
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            _, smaller = smaller_validation(run, state["out_of_memory"])
+            raise ResourceExhausted(f"out of GPU memory rendering the validation at step {step}"
+                                    f"{' with ' + ', '.join(changes) if changes else ''}; the next one renders with "
+                                    f"{', '.join(smaller) or 'the same settings'} ({str(err).splitlines()[0][:200]})"
+                                    ) from err
         finally:
             pipe.transformer = None
         refresh_run_report(store, trainer.run_id)  # readable while the run goes on: the metrics of its checkpoints

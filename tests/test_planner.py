@@ -437,3 +437,22 @@ def test_planner_doc_holds_the_generated_tables():
     doc = (Path(__file__).parents[1] / "docs" / "PLANNER.md").read_text(encoding="utf-8")
     assert docs_table() in doc, "regenerate: python -m shared.plan.report"
     assert planner_fit_table() in doc, "regenerate: python tests/seed_files.py"
+
+
+def test_the_encoder_picks_the_vae_batch_that_fits_the_gpu(monkeypatch):
+    from shared.encode.encoder import DatasetEncoder
+    from shared.plan import predict
+    from shared.plan.predict import encode_batch_size
+
+    run = seed_run()  # vae_batch_size 4 at 1 MP: 7.8 GiB of VAE working set beside the 15.4 GiB text encoder
+    assert encode_batch_size(run, 80 * GiB) == 4
+    b = encode_batch_size(run, 24 * GiB)
+    assert b == 3 and plan_run(seed_run(f"vae_batch_size={b}"), 24 * GiB, recommend=False,
+                               environ={}).services["encoder"].fits
+    assert not plan_run(seed_run(f"vae_batch_size={b + 1}"), 24 * GiB, recommend=False,
+                        environ={}).services["encoder"].fits
+    assert encode_batch_size(run, 18 * GiB) == 1  # nothing fits: the smallest batch
+    assert DatasetEncoder(run, store=None).batch_size == 4  # not on a GPU: as configured
+    monkeypatch.setattr(predict, "device_memory", lambda device: 24 * GiB)
+    assert DatasetEncoder(run, store=None).batch_size == 3
+    assert DatasetEncoder(run, store=None, batch_size=2).batch_size == 2  # a caller's choice stands

@@ -16,7 +16,7 @@ from shared.config.schema import RunConfig
 from shared.data.pairing import PairedDataset, pair_datasets
 from shared.data.sources import open_image
 from shared.encode.cache import CACHE_FORMAT, Item, Manifests, is_cached, plan, settings_for, shard_of, write_index
-from shared.errors import DatasetError, FailedPrecondition, InvalidInput, Problem
+from shared.errors import DatasetError, EditTunerError, FailedPrecondition, InvalidInput, Problem
 from shared.model.device import resolve_device
 from shared.store.base import ObjectStore
 
@@ -45,8 +45,26 @@ class DatasetEncoder:
         self.store = store
         self.device = resolve_device(run.train.device)
         self.dtype = resolve_dtype(run.train.mixed_precision, self.device)
-        self.batch_size = batch_size or run.train.vae_batch_size
+        self.batch_size = batch_size or self._fitting_batch()
         self._pipe = pipe
+
+    def _fitting_batch(self) -> int:
+        """vae_batch_size, lowered on a GPU to what the planner predicts fits its memory."""
+        from shared.plan.predict import device_memory, encode_batch_size
+
+        want = self.run.train.vae_batch_size
+        total = device_memory(self.device)
+        if total is None or want == 1:
+            return want
+        try:
+            fits = encode_batch_size(self.run, total)
+        except EditTunerError as err:  # the planner cannot read this model: keep the configured batch
+            log.warning("vae_batch_size %d kept: the planner could not plan the encoder (%s)", want, err)
+            return want
+        if fits < want:
+            log.info("vae_batch_size %d → %d: the planner predicts %d images of the largest size do not fit the "
+                     "%.1f GiB of %s beside the text encoder", want, fits, want, total / 2 ** 30, self.device)
+        return fits
 
     @property
     def pipe(self) -> Any:

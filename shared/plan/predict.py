@@ -22,6 +22,7 @@ Everything that is not counted or measured is listed in ``Plan.assumptions``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -297,6 +298,18 @@ def place(plan: Plan, placement: dict[str, str]) -> Plan:
         totals[gpu] = phases
     plan.gpu_totals = totals
     return plan
+
+
+# ----------------------------------------------------------------------------------------- encode batch
+def encode_batch_size(run: RunConfig, memory: int) -> int:
+    """The largest VAE batch, up to ``vae_batch_size``, with which the planner predicts the encoder fits ``memory``
+    (1 when none does: the out-of-memory then says what else to change)."""
+    t = run.train
+    for b in range(t.vae_batch_size, 1, -1):
+        cand = dataclasses.replace(run, train=dataclasses.replace(t, vae_batch_size=b))
+        if plan_run(cand, memory, recommend=False, environ={}).services["encoder"].fits:
+            return b
+    return 1
 
 
 # ---------------------------------------------------------------------------------------- validation site

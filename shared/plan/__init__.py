@@ -1,7 +1,7 @@
 """The fit planner, split by what it answers: GPUs and sizes (``gpus``), exact parameter counts (``counts``),
 tokens per sample (``tokens``), bytes (``memory``), FLOPs and time (``flops``), the prediction per service
-(``predict``), overrides that fit (``recommend``), the report (``report``) and the tool that measures its
-activation constants (``measure``).
+(``predict``), which services share a GPU (``placement``), overrides that fit (``recommend``), the report
+(``report``) and the tool that measures its activation constants (``measure``).
 
 May import: ``shared.model``, ``shared.data``, ``shared.config``, ``shared.errors``.
 """

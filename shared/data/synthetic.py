@@ -72,6 +72,45 @@ def write_dataset(root: str | Path, n: int = 8, references: int = 1, seed: int =
     return root
 
 
+# The demo's one edit: every shape turns red. Scenes hold one to three large shapes in other colours, so the
+# reference (what an identity edit returns) and the target differ enough for the LoRA's gain to be measured.
+DEMO_CAPTION = "make the shapes red"
+
+
+def recolor_scene(rng: np.random.Generator, size: tuple[int, int],
+                  extent: tuple[float, float] = (0.25, 0.5)) -> tuple[Image.Image, Image.Image]:
+    """(reference, target) of the demo edit: a plain background with 1-3 shapes, then the same shapes in red.
+    Each shape's sides are ``extent`` (min, max) of the image's."""
+    w, h = size
+    bg = tuple(int(x) for x in rng.integers(170, 250, 3))
+    ref, tgt = Image.new("RGB", size, bg), Image.new("RGB", size, bg)
+    others = [c for c in COLOURS if c != "red"]
+    for _ in range(int(rng.integers(1, 4))):
+        colour = COLOURS[others[int(rng.integers(len(others)))]]
+        sw, sh = (int(rng.integers(int(n * extent[0]), int(n * extent[1]) + 1)) for n in (w, h))
+        x0, y0 = int(rng.integers(0, w - sw + 1)), int(rng.integers(0, h - sh + 1))
+        box = [x0, y0, x0 + sw - 1, y0 + sh - 1]
+        ellipse = rng.random() < 0.5
+        for img, fill in ((ref, colour), (tgt, COLOURS["red"])):
+            (ImageDraw.Draw(img).ellipse if ellipse else ImageDraw.Draw(img).rectangle)(box, fill=fill)
+    return ref, tgt
+
+
+def write_edit_dataset(root: str | Path, n: int = 24, seed: int = 0, size: tuple[int, int] = (64, 64),
+                       extent: tuple[float, float] = (0.25, 0.5)) -> Path:
+    """The demo's dataset: ``images/`` (targets, every caption ``DEMO_CAPTION``) and ``reference_a/``."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for d in (root / "images", root / "reference_a"):
+        d.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        ref, tgt = recolor_scene(rng, size, extent)
+        tgt.save(root / "images" / f"{i:04d}.png")
+        (root / "images" / f"{i:04d}.txt").write_text(DEMO_CAPTION + "\n", encoding="utf-8")
+        ref.save(root / "reference_a" / f"{i:04d}.png")
+    return root
+
+
 def write_configs(out: str | Path, data_root: str | Path, model_dir: str | Path, flavour: str, references: int,
                   resolution: int = 80, **train_overrides: object) -> tuple[Path, Path]:
     """SimpleTuner-style config.json + multidatabackend.json for a generated dataset and a tiny model."""

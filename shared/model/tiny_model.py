@@ -40,6 +40,7 @@ SPECIAL_TOKENS = [
 ]  # fmt: skip
 
 TEXT_WIDTH = 32  # the tiny text encoder's hidden size == the transformer's joint_attention_dim
+TRAINED_VAE_BASE_DIM = 8  # the trained tiny model's VAE (shared.train.tiny): a quarter of the compute of 16
 
 _tiny_lock = threading.Lock()
 
@@ -140,8 +141,9 @@ def _build_text_encoder(tokenizer: Any, seed: int) -> Any:
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def build_tiny_components(flavour: str, seed: int = 0) -> dict[str, Any]:
-    """The six pipeline components of a tiny edit model of ``flavour``, random weights drawn from ``seed``.
+def build_tiny_components(flavour: str, seed: int = 0, vae_base_dim: int = 16) -> dict[str, Any]:
+    """The six pipeline components of a tiny edit model of ``flavour``, random weights drawn from ``seed``
+    (``vae_base_dim`` 8 for the trained tiny model: a quarter of the VAE's compute).
 
     Each model is seeded on its own so that changing one config does not shift the others' weights.
     """
@@ -170,7 +172,8 @@ def build_tiny_components(flavour: str, seed: int = 0) -> dict[str, Any]:
     )
     torch.manual_seed(seed)
     vae = AutoencoderKLQwenImage(  # the default latents_mean/std are the real model's
-        base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True]
+        base_dim=vae_base_dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+        temperal_downsample=[False, True, True],
     )
     scheduler = FlowMatchEulerDiscreteScheduler(  # Qwen/Qwen-Image* scheduler_config.json
         base_image_seq_len=256,
@@ -193,11 +196,38 @@ def build_tiny_components(flavour: str, seed: int = 0) -> dict[str, Any]:
     )
 
 
-def save_tiny_model(out_dir: str | Path, flavour: str, seed: int = 0) -> Path:
-    """Build a tiny model and save it with the flavour's real pipeline class (``save_pretrained``: the hub layout)."""
+def tiny_weights_dir() -> Path:
+    """The trained tiny model's VAE and transformer weights, shipped with the package (``shared.train.tiny``)."""
+    return Path(__file__).resolve().parent / "tiny_weights"
+
+
+def load_trained_weights(components: dict[str, Any], weights: Path | None = None) -> dict[str, Any]:
+    """Put the trained VAE and transformer weights (and the VAE's latent statistics) into tiny components."""
+    from safetensors.torch import load_file
+
+    weights = weights or tiny_weights_dir()
+    doc = json.loads((weights / "recipe.json").read_text(encoding="utf-8"))
+    for name in ("vae", "transformer"):
+        state = {k: v.float() for k, v in load_file(str(weights / f"{name}.safetensors")).items()}
+        components[name].load_state_dict(state, strict=True)
+    components["vae"].register_to_config(**doc["vae_config"])
+    return components
+
+
+def save_tiny_model(out_dir: str | Path, flavour: str, seed: int = 0, trained: bool = False) -> Path:
+    """Build a tiny model and save it with the flavour's real pipeline class (``save_pretrained``: the hub layout).
+
+    ``trained``: with the shipped trained VAE and transformer (edit-v1 and edit-v2 share them; edit-v3's
+    zero_cond_t modulation was not trained), the text side as in the random model.
+    """
     out = Path(out_dir)
     quiet_progress_bars()
-    pipe = pipeline_class(flavour)(**build_tiny_components(flavour, seed))
+    if trained and get_flavour(flavour).zero_cond_t:
+        raise ValueError(f"the trained tiny model exists for edit-v1 and edit-v2, not {flavour}")
+    comps = build_tiny_components(flavour, seed, vae_base_dim=TRAINED_VAE_BASE_DIM if trained else 16)
+    if trained:
+        load_trained_weights(comps)
+    pipe = pipeline_class(flavour)(**comps)
     pipe.save_pretrained(out)
     return out
 

@@ -112,9 +112,11 @@ def test_grids_are_pngs_of_references_base_lora_target_at_each_samples_aspect(v2
         assert W / H == pytest.approx(sample.bucket[0] / sample.bucket[1], rel=0.05)  # not square when it is not
         sizes.add((W, H))
         grid = Image.open(io.BytesIO(v2.store.get_bytes(preview.grid_key)))
-        assert grid.format == "PNG" and grid.size == ((2 + 3) * W, H + 2 * LABEL_HEIGHT)  # title strip + labels
+        # title strips (the title wraps to the grid's width) + labels
+        assert grid.format == "PNG" and grid.width == (2 + 3) * W and grid.height >= H + 2 * LABEL_HEIGHT
+        assert (grid.height - H) % LABEL_HEIGHT == 0
         # the LoRA cell (4th) holds exactly the rendered LoRA image: outputs are already at the cell size
-        lora_cell = grid.convert("RGB").crop((3 * W, 2 * LABEL_HEIGHT, 4 * W, 2 * LABEL_HEIGHT + H))
+        lora_cell = grid.convert("RGB").crop((3 * W, grid.height - H, 4 * W, grid.height))
         assert np.array_equal(np.asarray(lora_cell), np.asarray(preview.lora))
         assert preview.lora.size == preview.base.size == preview.target.size == (W, H)
         assert not np.array_equal(np.asarray(preview.lora), np.asarray(preview.base))
@@ -194,9 +196,28 @@ def test_edit_v1_with_a_lora_loaded_from_an_exported_file(tmp_path, tiny_models)
     for (_, sample), p in zip(samples, result.samples):
         W, H = output_size(s.run.train.validation_size, sample.bucket)
         grid = Image.open(io.BytesIO(s.store.get_bytes(p.grid_key)))
-        assert grid.size == ((1 + 3) * W, H + 2 * LABEL_HEIGHT)
+        assert grid.width == (1 + 3) * W and grid.height >= H + 2 * LABEL_HEIGHT
         assert not np.array_equal(np.asarray(p.lora), np.asarray(p.base))
     assert math.isfinite(result.heldout.mean)
     # toggling adapters (peft's set_adapter makes LoRA weights trainable) left every requires_grad as it was
     assert {n: p.requires_grad for n, p in s.pipe.transformer.named_parameters()} == grads
     assert len(result.samples) == 2 and result.samples[0].dataset_id == "demo-images"
+
+
+def test_a_title_wider_than_its_grid_wraps_at_its_separators_and_loses_nothing():
+    from PIL import ImageFont
+
+    from shared.evaluate.preview import _title_lines, compose_grid
+
+    title = "step 150 · demo-images/0000 · PSNR base 16.31 dB, LoRA 20.59 dB"
+    font = ImageFont.load_default()
+    assert font.getlength(title) > 4 * 64 - 4  # a 64 px CPU preview's grid is narrower than its title
+    lines = _title_lines(title, 4 * 64 - 4)
+    assert len(lines) > 1 and " · ".join(lines) == title
+    assert all(font.getlength(line) <= 4 * 64 - 4 for line in lines)
+    cells = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue", "white")]
+    grid = compose_grid(cells, ["ref 1", "base", "LoRA", "target"], (64, 64), title=title)
+    assert grid.size == (4 * 64, 64 + (len(lines) + 1) * LABEL_HEIGHT)
+    assert np.array_equal(np.asarray(grid.crop((2 * 64, grid.height - 64, 3 * 64, grid.height))),
+                          np.asarray(cells[2]))
+    assert _title_lines(title, 2000) == [title]  # a wide grid keeps it on one line

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from shared.config.schema import RunConfig
 from shared.data.geometry import cover_crop, pipeline_size
@@ -173,16 +173,31 @@ def target_at(target: Image.Image, size: tuple[int, int]) -> Image.Image:
     return target if target.size == size else cover_crop(target.size, size).apply(target)
 
 
+def _title_lines(title: str, width: int) -> list[str]:
+    """``title`` broken at its " · " separators into lines that fit ``width`` pixels (a narrow grid's title wraps
+    instead of being cut off)."""
+    font = ImageFont.load_default()
+    lines: list[str] = []
+    for part in title.split(" · "):
+        joined = f"{lines[-1]} · {part}" if lines else part
+        if lines and font.getlength(joined) <= width:
+            lines[-1] = joined
+        else:
+            lines.append(part)
+    return lines
+
+
 def compose_grid(cells: Sequence[Image.Image], labels: Sequence[str], cell_size: tuple[int, int],
                  title: str = "") -> Image.Image:
     """One row of cells of ``cell_size`` (W, H), each image fitted inside keeping its aspect ratio, with a label
-    strip of ``LABEL_HEIGHT`` above, and ``title`` (step, sample, PSNRs) on a strip above the row."""
+    strip of ``LABEL_HEIGHT`` above, and ``title`` (step, sample, PSNRs) on strips above the row, wrapped to fit."""
     W, H = cell_size
-    top = LABEL_HEIGHT if title else 0
+    lines = _title_lines(title, W * len(cells) - 4) if title else []
+    top = LABEL_HEIGHT * len(lines)
     grid = Image.new("RGB", (W * len(cells), top + H + LABEL_HEIGHT), _BACKGROUND)
     draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((2, 1), title, fill=_LABEL_COLOUR)
+    for n, line in enumerate(lines):
+        draw.text((2, 1 + n * LABEL_HEIGHT), line, fill=_LABEL_COLOUR)
     for i, (img, label) in enumerate(zip(cells, labels, strict=True)):
         fitted = ImageOps.contain(img.convert("RGB"), (W, H), Image.Resampling.LANCZOS)
         grid.paste(fitted, (i * W + (W - fitted.width) // 2, top + LABEL_HEIGHT + (H - fitted.height) // 2))

@@ -313,7 +313,10 @@ def _previews(data: RunData, files: RunFiles, images: dict[str, str]) -> str:
             if source and files.exists(source):
                 name = f"previews/step-{int(v['step'])}/{source.rsplit('/', 1)[1]}"
                 images[name] = source
-                img = f'<img src="{_e(quote(name))}" alt="{_e(caption)}" loading="eager">'
+                # toy-sized previews (a CPU run's 64 px) are shown enlarged, pixel for pixel
+                zoom = max(1, min(4, 192 // max(1, int(s.get("width") or 192))))
+                style = f' class="small" style="zoom:{zoom}"' if zoom > 1 else ""
+                img = f'<img src="{_e(quote(name))}" alt="{_e(caption)}" loading="eager"{style}>'
             else:
                 img = f'<p class="missing">grid {_e(grid)} is not in the run\'s files</p>'
             cells.append(f"<figure>{img}<figcaption>{_e(caption)}</figcaption></figure>")
@@ -329,6 +332,7 @@ body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1180px;paddi
 h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}h3{font-size:15px}
 table{border-collapse:collapse}th,td{text-align:left;padding:2px 12px 2px 0;vertical-align:top}th{font-weight:600}
 .plot svg{max-width:100%;height:auto}figure{margin:8px 0 16px}figure img{max-width:100%;image-rendering:auto}
+figure img.small{image-rendering:pixelated}
 figcaption,.note{color:#555;font-size:13px}pre{background:#f6f6f6;padding:8px;overflow:auto;font-size:12px}
 .error{color:#a00}.missing{color:#a00}
 """

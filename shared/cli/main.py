@@ -218,15 +218,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from shared.model.tiny_model import save_tiny_model
 
-    path = save_tiny_model(args.dir, args.flavour, seed=args.seed)
-    print(f"tiny {args.flavour} model written to {path}")
+    if args.trained and args.flavour == "edit-v3":
+        print("make-tiny-model: --trained exists for edit-v1 and edit-v2 (edit-v3's zero_cond_t modulation is not "
+              "trained); drop --trained for a random-weight edit-v3 model", file=sys.stderr)
+        return 2
+    path = save_tiny_model(args.dir, args.flavour, seed=args.seed, trained=args.trained)
+    print(f"tiny {'trained' if args.trained else 'random-weight'} {args.flavour} model written to {path}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from shared.cli.demo import run_demo
 
-    run_demo(Path(args.output), flavour=args.flavour, samples=args.samples)
+    run_demo(Path(args.output), flavour=args.flavour, samples=args.samples, steps=args.steps)
     return 0
 
 
@@ -294,15 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run one service in the foreground (configured by EDITTUNER_* variables)")
     p.add_argument("service", choices=["encoder", "trainer", "eval"])
     p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("make-tiny-model", help="write a tiny random-weight model in the real Hugging Face layout")
+    p = sub.add_parser("make-tiny-model", help="write a tiny model in the real Hugging Face layout")
     p.add_argument("dir")
     p.add_argument("--flavour", choices=["edit-v1", "edit-v2", "edit-v3"], default="edit-v2")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the random weights' seed (the text side's, with --trained)")
+    p.add_argument("--trained", action="store_true", help="with the shipped trained VAE and transformer (the "
+                   "demo's model: python -m shared.train.tiny made them)")
     p.set_defaults(func=cmd_make_tiny_model)
-    p = sub.add_parser("demo", help="tiny model + generated pairs, end to end on a CPU")
+    p = sub.add_parser("demo", help="trained tiny model + generated pairs: a LoRA learns an edit, on a CPU")
     p.add_argument("--output", default="demo-out")
-    p.add_argument("--flavour", choices=["edit-v1", "edit-v2", "edit-v3"], default="edit-v2")
-    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--flavour", choices=["edit-v1", "edit-v2"], default="edit-v2")
+    p.add_argument("--samples", type=int, default=24)
+    p.add_argument("--steps", type=int, default=300)
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -224,6 +224,26 @@ def test_runs_report_writes_the_page_and_its_images_into_a_folder(run, tmp_path,
     assert "no-such-run" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("name", "damage", "words"), [
+    ("metrics.jsonl", b'{"step": 1, "loss": 0.5}\n{"step": 2, "lo', "metrics.jsonl line 2 is not valid JSON"),
+    ("metrics.jsonl", b'{"loss": 0.5}\n', "metrics.jsonl line 1 has no integer step"),
+    ("run.json", b"[1, 2]", "run.json is list, not a JSON object"),
+    ("validation/step-3/metrics.json", b"\xff\xfe", "validation/step-3/metrics.json is not valid JSON"),
+])
+def test_a_damaged_run_file_is_an_error_naming_it_and_nothing_is_written(run, tmp_path, capsys, name, damage, words):
+    store = LocalStore(tmp_path / "store")
+    for key in run.store.list(f"runs/{RUN}"):
+        if not key.startswith(f"runs/{RUN}/report/"):
+            store.put_bytes(key, run.store.get_bytes(key))
+    store.put_bytes(f"runs/{RUN}/{name}", damage)
+    dest = tmp_path / "out"
+    assert main(["runs", "report", RUN, str(dest), "--store", str(store.root)]) == 1
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert not (dest / "index.html").exists()
+    assert refresh_run_report(store, RUN) is None  # in a run or a render: a warning, never a failure
+
+
 def test_runs_report_through_the_services_fetches_only_what_the_report_reads(run, tmp_path, monkeypatch, capsys):
     from shared.rpc import data_pb2_grpc
     from shared.rpc.server import ServiceConfig, build_server

@@ -110,21 +110,46 @@ class RunData:
         return self.run_doc.get("config") or {}
 
 
-def load_run(files: RunFiles, run_id: str) -> RunData:
-    raw_run = files.read("run.json")
-    run_doc = json.loads(raw_run) if raw_run else {}
+def _parse(run_id: str, name: str, text: bytes | str, line: int | None = None) -> dict[str, Any]:
+    """One JSON object of a run's files, or an error naming the file (and line) that is not one."""
+    where = f"run {run_id!r}: {name}" + (f" line {line}" if line is not None else "")
+    try:
+        doc = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InvalidInput(f"{where} is not valid JSON ({e}); the run's files are damaged: rewrite or remove "
+                           "the file and make the report again") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput(f"{where} is {type(doc).__name__}, not a JSON object; the run's files are damaged")
+    return doc
+
+
+def _steps_of(run_id: str, raw: bytes) -> tuple[dict[int, dict[str, Any]], list[tuple[int, str]]]:
     by_step: dict[int, dict[str, Any]] = {}
     failed = []
-    for line in (files.read("metrics.jsonl") or b"").decode().splitlines():
-        entry = json.loads(line) if line.strip() else {}
-        if "loss" in entry:
-            by_step[int(entry["step"])] = entry  # a resumed run's lines of a step: the later one counts
-        elif isinstance(entry.get("validation"), dict) and "error" in entry["validation"]:
-            failed.append((int(entry["step"]), str(entry["validation"]["error"])))
+    for n, line in enumerate(raw.decode(errors="replace").splitlines(), 1):
+        entry = _parse(run_id, "metrics.jsonl", line, n) if line.strip() else {}
+        try:
+            if "loss" in entry:
+                by_step[int(entry["step"])] = entry  # a resumed run's lines of a step: the later one counts
+            elif isinstance(entry.get("validation"), dict) and "error" in entry["validation"]:
+                failed.append((int(entry["step"]), str(entry["validation"]["error"])))
+        except (KeyError, TypeError, ValueError):
+            raise InvalidInput(f"run {run_id!r}: metrics.jsonl line {n} has no integer step; the run's files are "
+                               "damaged") from None
+    return by_step, failed
+
+
+def load_run(files: RunFiles, run_id: str) -> RunData:
+    raw_run = files.read("run.json")
+    run_doc = _parse(run_id, "run.json", raw_run) if raw_run else {}
+    by_step, failed = _steps_of(run_id, files.read("metrics.jsonl") or b"")
     validations = []
     for name in files.names("validation"):
         if _STEP_FOLDER.fullmatch(name) and (raw := files.read(name)):
-            validations.append(json.loads(raw))
+            doc = _parse(run_id, name, raw)
+            if not isinstance(doc.get("step"), int):
+                raise InvalidInput(f"run {run_id!r}: {name} has no integer step; the run's files are damaged")
+            validations.append(doc)
     if not (run_doc or by_step or validations):
         raise NotFound(f"run {run_id!r} has no run.json, metrics.jsonl or validation metrics to report")
     return RunData(run_id, run_doc, [by_step[s] for s in sorted(by_step)], failed,

@@ -221,8 +221,8 @@ def test_training_with_auto_shift_draws_the_shifted_sigmas(tmp_path, tiny_models
     import shared.train.trainer as trainer_module
 
     real = trainer_module.flow_matching_loss
-    monkeypatch.setattr(trainer_module, "flow_matching_loss", lambda tr, b, n, s, d: seen.append((b, s)) or
-                        real(tr, b, n, s, d))
+    monkeypatch.setattr(trainer_module, "flow_matching_loss", lambda tr, b, n, s, d, **kw: seen.append((b, s)) or
+                        real(tr, b, n, s, d, **kw))
     trainer.train_step()
     trainer.loader.close()
     [(batch, sigmas)] = seen

@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/edittuner demo --output demo-out
 
+# One pytest worker per core, a test file's tests on one worker (module fixtures are built once).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # Regenerate the gRPC stubs in shared/rpc/ from protos/ (commit the result; tests fail on stale stubs).
 protos: $(STAMP)

@@ -9,6 +9,7 @@ import grpc
 
 from shared.encode.encoder import DatasetEncoder, EncodeStats
 from shared.errors import InvalidInput
+from shared.model.device import free_gpu_memory
 from shared.rpc import encoder_pb2, encoder_pb2_grpc
 from shared.service.common import (
     IdleRelease,
@@ -16,7 +17,6 @@ from shared.service.common import (
     ServerPaths,
     files_from_proto,
     files_to_params,
-    free_gpu_memory,
     job_to_proto,
     run_from_params,
     validated_run,

@@ -14,15 +14,14 @@ import torch
 
 from shared.data.pairing import pair_datasets
 from shared.encode.cache import index_key, settings_for
-from shared.errors import InvalidInput, ResourceExhausted
-from shared.evaluate.preview import eval_set, render_validation
+from shared.errors import InvalidInput
+from shared.evaluate.preview import eval_set, out_of_memory, render_validation, validation_settings
 from shared.evaluate.report import refresh_run_report
-from shared.model.device import resolve_device, resolve_dtype
-from shared.model.loading import configure_vae, load_render_pipeline
-from shared.plan.recommend import smaller_validation
+from shared.model.device import free_gpu_memory, resolve_device, resolve_dtype
+from shared.model.loading import load_render_pipeline
 from shared.rpc import eval_pb2, eval_pb2_grpc
 from shared.service.common import (IdleRelease, JobRpcMixin, ServerPaths, check_run_id, files_from_proto,
-                                   files_to_params, free_gpu_memory, job_to_proto, run_from_params, validated_run)
+                                   files_to_params, job_to_proto, run_from_params, validated_run)
 from shared.service.jobs import JobContext
 from shared.service.metrics import Metrics
 from shared.service.records import JobRecord
@@ -73,8 +72,7 @@ class EvalCore:
             ev = eval_set(run, paired, self.store, keys)
             pipe = self._pipeline(run, text_encoder=ev.needs_text_encoder)
             failures = self._out_of_memory.get(p["run_id"], 0)
-            vrun, changes = smaller_validation(run, failures)  # after an out-of-memory: the planner's smaller ones
-            configure_vae(pipe.vae, tiling=vrun.train.vae_enable_tiling, slicing=vrun.train.vae_enable_slicing)
+            vrun, changes = validation_settings(pipe, run, failures)  # after an out-of-memory: smaller ones
             try:
                 self._load_lora(pipe, p["lora_key"])
                 result = render_validation(pipe, vrun, ev.samples, step=int(p["step"]), store=self.store,
@@ -82,11 +80,8 @@ class EvalCore:
                                            eval_label=ev.label, conditioning=ev.conditioning)
             except torch.OutOfMemoryError as err:  # the job fails RESOURCE_EXHAUSTED; the run's next one is smaller
                 self._out_of_memory[p["run_id"]] = failures + 1
-                free_gpu_memory()
-                _, smaller = smaller_validation(run, failures + 1)
-                raise ResourceExhausted(f"out of GPU memory rendering {p['run_id']} step {p['step']}"
-                                        f"{' with ' + ', '.join(changes) if changes else ''}; its next validation "
-                                        f"renders with {', '.join(smaller) or 'the same settings'}") from err
+                raise out_of_memory(run, failures + 1, changes, f"{p['run_id']} step {p['step']}",
+                                    "its next validation") from err
             finally:
                 if ADAPTER in getattr(pipe.transformer, "peft_config", {}):
                     pipe.delete_adapters(ADAPTER)

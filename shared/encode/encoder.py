@@ -4,20 +4,17 @@ keys in ``shared.encode.cache``; the tensor math in ``shared.encode.ops``).
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
-
-import torch
 
 from shared.config.schema import RunConfig
 from shared.data.pairing import PairedDataset, pair_datasets
 from shared.data.sources import open_image
 from shared.encode.cache import CACHE_FORMAT, Item, Manifests, is_cached, plan, settings_for, shard_of, write_index
 from shared.errors import DatasetError, EditTunerError, FailedPrecondition, InvalidInput, Problem
-from shared.model.device import resolve_device
+from shared.model.device import free_gpu_memory, resolve_device
 from shared.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -86,9 +83,7 @@ class DatasetEncoder:
     def release(self) -> None:
         """Free the models (the trainer needs the GPU next)."""
         self._pipe = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_gpu_memory()
 
     def prepare(self, shard: str | None = None) -> tuple[list[PairedDataset], list[Item], Manifests, list[str]]:
         paired, warnings = pair_datasets(self.run, self.store)

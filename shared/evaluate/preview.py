@@ -32,7 +32,7 @@ from shared.config.schema import RunConfig
 from shared.data.geometry import cover_crop, pipeline_size
 from shared.data.pairing import PairedDataset, Sample, load_sample
 from shared.encode.cache import eval_candidates, holdout
-from shared.errors import FailedPrecondition
+from shared.errors import FailedPrecondition, ResourceExhausted
 from shared.evaluate.sampling import cached_conditioning, decode, denoise, encode_conditioning
 from shared.model.flow import EditBatch, flow_matching_loss
 from shared.store.base import ObjectStore
@@ -397,6 +397,31 @@ def render_sample(pipe: Any, run: RunConfig, ds: PairedDataset, sample: Sample, 
 
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
+
+
+def validation_settings(pipe: Any, run: RunConfig, failures: int) -> tuple[RunConfig, list[str]]:
+    """The run as its next validation renders it after ``failures`` renders that ran out of GPU memory (the
+    planner's smaller settings, ``smaller_validation``) and the changes made; the pipeline's VAE tiling and slicing
+    set to them."""
+    from shared.model.loading import configure_vae
+    from shared.plan.recommend import smaller_validation
+
+    vrun, changes = smaller_validation(run, failures)
+    configure_vae(pipe.vae, tiling=vrun.train.vae_enable_tiling, slicing=vrun.train.vae_enable_slicing)
+    return vrun, changes
+
+
+def out_of_memory(run: RunConfig, failures: int, changes: list[str], what: str, next_one: str,
+                  detail: str = "") -> ResourceExhausted:
+    """After rendering ``what`` with ``changes`` ran out of GPU memory (``failures`` counts it): the memory freed,
+    and the error saying what ``next_one`` renders with."""
+    from shared.model.device import free_gpu_memory
+    from shared.plan.recommend import smaller_validation
+
+    free_gpu_memory()
+    _, smaller = smaller_validation(run, failures)
+    return ResourceExhausted(f"out of GPU memory rendering {what}{' with ' + ', '.join(changes) if changes else ''}; "
+                             f"{next_one} renders with {', '.join(smaller) or 'the same settings'}{detail}")
 
 
 def render_validation(pipe: Any, run: RunConfig, samples: Sequence[tuple[PairedDataset, Sample]], *, step: int,

@@ -43,3 +43,12 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise errors.InvalidInput(f"device {name!r}: this host has {torch.cuda.device_count()} GPU(s), numbered from 0")
     return dev
+
+
+def free_gpu_memory() -> None:
+    """Give memory the caching allocator holds back to the device, so another process on the GPU can use it."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -96,17 +96,6 @@ def run_from_files(cf: ConfigFiles, extra_overrides: tuple[str, ...] = ()) -> Ru
                                 config_name=cf.config_name, data_name=cf.data_name)
 
 
-def free_gpu_memory() -> None:
-    """Give memory the caching allocator holds back to the device, so another process on the GPU can use it."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 class IdleRelease:
     """Calls ``release`` once nothing has used the models for ``idle_s`` seconds: on one GPU the three services
     cannot all keep 20B-parameter models resident, so an idle service gives its memory back."""

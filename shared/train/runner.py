@@ -6,7 +6,6 @@ services later split the encode and validation parts out to encoder_svc and eval
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import torch
 
 from shared.config.schema import RunConfig
 from shared.encode.encoder import DatasetEncoder, EncodeStats
-from shared.errors import EditTunerError, ResourceExhausted
+from shared.errors import EditTunerError
 from shared.evaluate.report import refresh_run_report
 from shared.store.base import ObjectStore
 from shared.store.local import LocalStore
@@ -132,9 +131,7 @@ def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int
     encoder only where a preview sample's embeddings are not cached, are loaded on first use beside it."""
     from shared.data.pairing import pair_datasets
     from shared.encode.cache import index_key, settings_for
-    from shared.evaluate.preview import eval_set, render_validation
-    from shared.model.loading import configure_vae
-    from shared.plan.recommend import smaller_validation
+    from shared.evaluate.preview import eval_set, out_of_memory, render_validation, validation_settings
 
     state: dict[str, Any] = {"out_of_memory": 0}
 
@@ -150,8 +147,7 @@ def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int
             state["pipe"] = load_pipeline(run.train.model_path, run.train.model_flavour, device=trainer.device,
                                           dtype=trainer.dtype, components=("vae", *text, "scheduler"))
         pipe, ev = state["pipe"], state["eval"]
-        vrun, changes = smaller_validation(run, state["out_of_memory"])
-        configure_vae(pipe.vae, tiling=vrun.train.vae_enable_tiling, slicing=vrun.train.vae_enable_slicing)
+        vrun, changes = validation_settings(pipe, run, state["out_of_memory"])
         pipe.transformer = trainer.transformer
         try:
             with trainer.exported_weights():  # the weights the LoRA file holds: the EMA when use_ema
@@ -160,14 +156,8 @@ def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int
                                            eval_label=ev.label, conditioning=ev.conditioning)
         except torch.OutOfMemoryError as err:  # recorded by the trainer; the run goes on
             state["out_of_memory"] += 1
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            _, smaller = smaller_validation(run, state["out_of_memory"])
-            raise ResourceExhausted(f"out of GPU memory rendering the validation at step {step}"
-                                    f"{' with ' + ', '.join(changes) if changes else ''}; the next one renders with "
-                                    f"{', '.join(smaller) or 'the same settings'} ({str(err).splitlines()[0][:200]})"
-                                    ) from err
+            raise out_of_memory(run, state["out_of_memory"], changes, f"the validation at step {step}",
+                                "the next one", f" ({str(err).splitlines()[0][:200]})") from err
         finally:
             pipe.transformer = None
         refresh_run_report(store, trainer.run_id)  # readable while the run goes on: the metrics of its checkpoints

@@ -95,6 +95,16 @@ def _step_drawing(t, batch, schedule, lengths):
     raise AssertionError("no such step")
 
 
+def _forward_inputs(t, batch, step: int) -> list[torch.Tensor]:
+    """The transformer's hidden_states at each of its forwards in the step's forward_backward."""
+    inputs = []
+    hook = t.transformer.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw["hidden_states"].clone()),
+                                                   with_kwargs=True)
+    t.forward_backward(batch, step, 0)
+    hook.remove()
+    return inputs
+
+
 @pytest.mark.parametrize("sampler", ["unipc", "euler", "dpm"])
 def test_the_training_input_is_the_solvers_own_k_step_denoise_from_the_preview_schedule(tmp_path, tiny_models,
                                                                                       sampler):
@@ -106,11 +116,7 @@ def test_the_training_input_is_the_solvers_own_k_step_denoise_from_the_preview_s
     schedule = _preview_sigmas(t, batch)
     step = _step_drawing(t, batch, schedule, [[3]])
     noise, sigmas, _ = _draws(t, batch, step)
-    inputs = []
-    hook = t.transformer.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw["hidden_states"].clone()),
-                                                   with_kwargs=True)
-    t.forward_backward(batch, step, 0)
-    hook.remove()
+    inputs = _forward_inputs(t, batch, step)
     L = noise.shape[1]
     path = [*schedule[schedule > sigmas[0]][-3:].tolist(), float(sigmas[0])]
     assert len(path) == 4 and t.rollout_forwards == 3 and len(inputs) == 4  # 3 rollout forwards, then training
@@ -134,11 +140,7 @@ def test_samples_of_a_batch_roll_out_their_own_lengths_in_shared_forwards(tmp_pa
     schedule = _preview_sigmas(t, batch)
     step = _step_drawing(t, batch, schedule, [[1, 3], [2, 3]])
     noise, sigmas, k = _draws(t, batch, step)
-    inputs = []
-    hook = t.transformer.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw["hidden_states"].clone()),
-                                                   with_kwargs=True)
-    t.forward_backward(batch, step, 0)
-    hook.remove()
+    inputs = _forward_inputs(t, batch, step)
     assert t.rollout_forwards == 3 and [x.shape[0] for x in inputs] == [2, 2 if min(k) >= 2 else 1, 1, 2]
     L = noise.shape[1]
     t.transformer.eval()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from shared.evaluate.preview import psnr
 from shared.evaluate.sampling import sample_edit
 from shared.model.loading import load_pipeline
 from shared.model.tiny_model import (
@@ -28,11 +29,6 @@ from shared.train.tiny import Recipe, reconstruction_psnr, scenes, train_tiny_mo
 HELD_OUT_SEED = 4242
 VAE_PSNR_BOUND_DB = 22.0  # the shipped VAE's round trip of held-out 64x64 scenes, pixels in [0, 255] (23.3 measured)
 IDENTITY_PSNR_BOUND_DB = 20.0  # the base's edit of a held-out reference, scored against that reference (21.5-25.3)
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * np.log10(255 ** 2 / max(mse, 1e-12))
 
 
 def test_same_seed_same_weights_and_another_seed_other_weights():
@@ -75,8 +71,8 @@ def test_the_shipped_model_loads_in_the_real_layout_and_its_base_copies_the_refe
         # the pipeline's own steps with the reference at the target's size (the pipelines would make it 1 MP)
         out = sample_edit(pipe, "edit-v2", DEMO_CAPTION, [ref], height=64, width=64, num_inference_steps=12,
                           true_cfg_scale=1.0, generator=torch.Generator().manual_seed(i), vl_ref_area=64 * 64)
-        scores.append(_psnr(np.asarray(out), np.asarray(ref)))
-        changed.append(_psnr(np.asarray(ref), np.asarray(target)))
+        scores.append(psnr(out, ref))
+        changed.append(psnr(ref, target))
     assert min(scores) >= IDENTITY_PSNR_BOUND_DB, f"base vs its reference: {scores}"
     # the identity is far from the edit's target: a LoRA that learns the edit has room to show it
     assert max(changed) < min(scores) - 6, (changed, scores)

@@ -22,12 +22,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from shared.config.flavours import get_flavour
 from shared.encode.ops import encode_prompt, encode_vae_latents
+from shared.model.flow import resolution_mu
 from shared.model.latents import latent_img_shape, pack_latents, unpack_latents
 
 VAE_SCALE = 8  # the Qwen-Image VAE's spatial compression
@@ -164,10 +165,8 @@ def make_scheduler(pipe: Any, num_inference_steps: int, image_seq_len: int, devi
     of the pipeline must not move theirs.
     """
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    cfg = scheduler.config
     sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-    mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    mu = resolution_mu(image_seq_len, scheduler.config)
     timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
     scheduler.set_begin_index(0)
     return scheduler, timesteps

@@ -14,12 +14,16 @@ floating point and are the only thing that trains. Two libraries:
 
 Both keep ``KEEP_HIGH_PRECISION`` unquantized: the network's entry and exit layers, where quantization error is
 not averaged out by later layers (see the constant).
+
+On CUDA quanto would take kernels the CPU never runs, wrong or unbuildable where users train, so this module keeps
+every device on the kernels the CPU tests exercise (``pure_torch_quanto``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 from fnmatch import fnmatch
 from typing import Any
 
@@ -171,6 +175,46 @@ def _move(module: torch.nn.Module, device: torch.device | None, dtype: torch.dty
 
 
 # --------------------------------------------------------------------------------------------------- quanto
+_PURE_TORCH = False
+
+
+def pure_torch_quanto() -> None:
+    """Keep optimum-quanto on its pure-torch kernels on every device (once per process, before quantizing).
+
+    On a Linux host with CUDA, quanto registers CUDA kernels that live in an extension it compiles on first use
+    (nvcc, ninja and g++, writing into its own site-packages folder): int4 and int2 weights are unpacked by it on
+    every move to the GPU and in every backward, and float8 weights become ``MarlinF8QBytesTensor``, whose forward
+    never adds the Linear's bias (every Qwen-Image and Qwen2.5-VL projection has one: the output is noise). Its CPU
+    unpack is a C++ extension compiled the same way. So: ``quanto::unpack`` runs quanto's own pure-torch
+    implementation on the CPU and CUDA, and the Marlin (fp8) and AWQ (int4, fp16 scales) weight classes, which exist
+    only in the extension, are never chosen. What is left is what the CPU tests run: dequantize-and-matmul for
+    int8/fp8/int2, and PyTorch's built-in int4 kernel (TinyGemm) for int4 with bf16 scales on CUDA 12.1+ and on
+    the CPU. No compiler is needed anywhere, and the weights are the same bytes either way."""
+    global _PURE_TORCH
+    if _PURE_TORCH:
+        return
+    import optimum.quanto  # noqa: F401  (registers quanto's ops and its extensions' kernels first)
+    from optimum.quanto.tensor.weights import qbits, qbytes
+
+    def without_cuda_extension(name: str, _available=qbytes.is_extension_available) -> bool:
+        return name != "quanto_cuda" and _available(name)
+
+    qbytes.is_extension_available = without_cuda_extension
+    qbits.is_extension_available = without_cuda_extension
+    with warnings.catch_warnings():  # "Overriding a previously registered kernel": the point of it
+        warnings.simplefilter("ignore")
+        torch.library.impl("quanto::unpack", ["CPU", "CUDA"])(unpack_bits)
+    _PURE_TORCH = True
+
+
+def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """quanto's ``unpack`` in torch ops (its "default" kernel, which its decorator does not hand back): byte ``j``
+    of row block ``i`` holds value ``i`` of ``8 // bits`` in bits ``i*bits .. (i+1)*bits``; the blocks are
+    concatenated along dim 0, as quanto's PackedTensor lays them out."""
+    mask = (1 << bits) - 1
+    return torch.cat([(packed >> (bits * i)) & mask for i in range(8 // bits)]).to(torch.uint8)
+
+
 def _quanto_types(precision: str) -> tuple[Any, Any]:
     """(weight qtype, activation qtype): quanto quantizes activations to int8 or float8 only."""
     from optimum import quanto
@@ -187,6 +231,7 @@ def _quantize_quanto(transformer: Any, precision: str, quantize_activations: boo
     (measured on the tiny model: velocity error 0.45% with fp8 activations, 7% with int8, 0.04% weights-only)."""
     from optimum.quanto import freeze, quantize
 
+    pure_torch_quanto()
     weights, activations = _quanto_types(precision)
     keep = _keep_patterns() if keep is None else keep
     if quantize_activations:

@@ -64,3 +64,58 @@ def test_quantized_linear_keeps_its_bias_and_values(precision: str) -> None:
         out = layer(torch.ones(3, 256, dtype=torch.bfloat16)).float()
     assert float((out - ref).norm() / ref.norm()) < {"fp8-quanto": 0.05, "int4-quanto": 0.1, "int2-quanto": 0.6}[
         precision]
+
+
+# ------------------------------------------------------------------------------------------------ int8-bnb
+def _int8_pair() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """The same weights as the project's int8-bnb layer and as stock Linear8bitLt (threshold 0), and an input with
+    outlier channels as Qwen-Image's activations have."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    float_layer = torch.nn.Linear(512, 256).to(torch.bfloat16)
+    ours = torch.nn.Sequential(torch.nn.Linear(512, 256)).to(torch.bfloat16)
+    ours[0].load_state_dict(float_layer.state_dict())
+    Q._swap_bnb_linears(ours, "int8-bnb", torch.bfloat16, keep=[])
+    ours.to("cpu")
+    stock = bnb.nn.Linear8bitLt(512, 256, has_fp16_weights=False, threshold=0.0)
+    stock.weight = bnb.nn.Int8Params(float_layer.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    stock.bias = torch.nn.Parameter(float_layer.bias.data.clone(), requires_grad=False)
+    stock = torch.nn.Sequential(stock).to("cpu")
+    x = torch.randn(64, 512)
+    x[:, :4] *= 60.0
+    return ours, stock, x.to(torch.bfloat16)
+
+
+def test_int8_bnb_is_dequantized_weight_times_input_in_eval_and_training(caplog: pytest.LogCaptureFixture) -> None:
+    ours, stock, x = _int8_pair()
+    layer = ours[0]
+    assert isinstance(layer, __import__("bitsandbytes").nn.Linear8bitLt)  # peft's bnb LoRA layer still applies
+    assert layer.state.threshold == 6.0
+    assert Q.quantized_modules(ours) == {"0": "bnb:int8"}
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes"):
+        for train in (True, False):
+            ours.train(train)
+            out = ours(x)
+            w = layer.state.CB.to(torch.bfloat16).mul_(layer.state.SCB.unsqueeze(1).mul(1.0 / 127.0))  # as stored
+            expected = torch.nn.functional.linear(x, w, layer.bias)
+            assert torch.equal(out, expected), f"train={train}"
+    assert not [r for r in caplog.records if "float16" in r.getMessage()]  # no per-call fp16 warning
+    # stock bitsandbytes in eval mode takes the fp16, row-quantized input kernel: another function (the CUDA one)
+    stock.eval()
+    ours.eval()
+    exact = torch.nn.functional.linear(x.float(), layer.state.CB.float() * (layer.state.SCB.float().unsqueeze(1) /
+                                                                              127), layer.bias.float())
+    err_ours = float((ours(x).float() - exact).norm() / exact.norm())
+    err_stock = float((stock(x).float() - exact).norm() / exact.norm())
+    assert err_ours < 0.01 < err_stock
+
+
+def test_int8_bnb_backward_reaches_the_input() -> None:
+    ours, _, x = _int8_pair()
+    ours.train()
+    x = x.float().requires_grad_(True)
+    ours(x.to(torch.bfloat16)).float().sum().backward()
+    layer = ours[0]
+    w = layer.state.CB.float() * (layer.state.SCB.float().unsqueeze(1) / 127)
+    assert torch.allclose(x.grad, w.sum(0).expand_as(x), rtol=2e-2, atol=2e-2)

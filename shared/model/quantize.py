@@ -15,12 +15,14 @@ floating point and are the only thing that trains. Two libraries:
 Both keep ``KEEP_HIGH_PRECISION`` unquantized: the network's entry and exit layers, where quantization error is
 not averaged out by later layers (see the constant).
 
-On CUDA quanto would take kernels the CPU never runs, wrong or unbuildable where users train, so this module keeps
-every device on the kernels the CPU tests exercise (``pure_torch_quanto``).
+On CUDA both libraries would take kernels the CPU never runs; two of them are wrong or unbuildable where users
+train, so this module keeps every device on the kernels the CPU tests exercise (``pure_torch_quanto``,
+``Linear8bitDequant``).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import warnings
@@ -272,8 +274,8 @@ def _swap_bnb_linears(transformer: Any, precision: str, compute_dtype: torch.dty
             # matmul_4bit). A validation pass mid-training is exactly that sequence: keep the trainable layout.
             new.support_avx512bf16_for_cpu = False
         else:
-            new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias is not None,
-                                      has_fp16_weights=False, threshold=0.0, device="meta")
+            new = linear8bit_dequant()(linear.in_features, linear.out_features, bias=bias is not None,
+                                       has_fp16_weights=False, threshold=6.0, device="meta")
             new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
         if bias is not None:
             new.bias = torch.nn.Parameter(bias, requires_grad=False)
@@ -282,6 +284,37 @@ def _swap_bnb_linears(transformer: Any, precision: str, compute_dtype: torch.dty
         setattr(transformer.get_submodule(parent_name) if parent_name else transformer, child, new)
     transformer.is_loaded_in_4bit = precision == "nf4-bnb"
     transformer.is_loaded_in_8bit = precision == "int8-bnb"
+
+
+@functools.cache
+def linear8bit_dequant() -> type:
+    """``bnb.nn.Linear8bitLt`` whose matmul is always the dequantized int8 weight times the input, in the input's
+    dtype (bitsandbytes' ``MatMul8bitFp``), in training and in eval, on every device.
+
+    Stock ``Linear8bitLt`` takes that path only for a training forward on the CPU or XPU. Everywhere else — every
+    CUDA forward, and every eval forward — it takes ``MatMul8bitLt``, which casts the bf16 input to **fp16**
+    (values above 65504 become inf; Qwen-Image's activations get there) and int8-quantizes it row by row, losing
+    outlier channels unless ``threshold`` splits them off; and it logs a warning on every call (~840 per
+    forward). So a LoRA trained on int8-bnb would train on another function on a GPU than the CPU tests measure,
+    and preview through a third. This class keeps one function: the weights stay int8 in memory (the point of the
+    precision); the dequantized copy of one Linear lives only for its matmul. ``threshold`` is still set to
+    bitsandbytes' LLM.int8() default, 6.0, for any caller that reaches the stock kernel through ``state``."""
+    import bitsandbytes as bnb
+    from bitsandbytes.autograd._functions import MatMul8bitFp
+
+    class Linear8bitDequant(bnb.nn.Linear8bitLt):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.state.is_training = self.training
+            if self.weight.CB is not None:
+                self.init_8bit_state()
+            if self.bias is not None and self.bias.dtype != x.dtype:
+                self.bias.data = self.bias.data.to(x.dtype)
+            out = MatMul8bitFp.apply(x, self.weight, None, self.bias, self.state)
+            if not self.state.has_fp16_weights and self.state.CB is not None:
+                self.weight.data = self.state.CB
+            return out
+
+    return Linear8bitDequant
 
 
 # ---------------------------------------------------------------------------------------------------- reports
@@ -302,7 +335,7 @@ def _kind(m: torch.nn.Module) -> str | None:
         return f"quanto:{m.weight_qtype.name}"
     if cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes"):
         return f"bnb:{m.weight.quant_type}"
-    if cls.__name__ == "Linear8bitLt" and cls.__module__.startswith("bitsandbytes"):
+    if any(c.__name__ == "Linear8bitLt" and c.__module__.startswith("bitsandbytes") for c in cls.__mro__):
         return "bnb:int8"
     return None
 

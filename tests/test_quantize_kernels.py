@@ -119,3 +119,28 @@ def test_int8_bnb_backward_reaches_the_input() -> None:
     layer = ours[0]
     w = layer.state.CB.float() * (layer.state.SCB.float().unsqueeze(1) / 127)
     assert torch.allclose(x.grad, w.sum(0).expand_as(x), rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------------------------------------ loading peak
+def test_accelerator_quantization_falls_back_to_the_cpu_when_the_weights_do_not_fit(
+        caplog: pytest.LogCaptureFixture) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024))  # 2.1M params, fp32
+    need = sum(p.numel() for p in model.parameters()) * 2  # bf16 bytes, what moves to the device
+    margin = 2 * 2 ** 30
+    cuda = torch.device("cuda")
+    assert Q.fits_to_quantize_on(model, cuda, torch.bfloat16, free_bytes=need + margin)
+    with caplog.at_level(logging.WARNING, logger=Q.log.name):
+        assert not Q.fits_to_quantize_on(model, cuda, torch.bfloat16, free_bytes=need + margin - 1)
+    assert "quantizing on the CPU instead" in caplog.text
+    assert Q.fits_to_quantize_on(model, torch.device("cpu"), torch.bfloat16, free_bytes=0)  # only a GPU is checked
+
+
+def test_quantize_transformer_takes_the_cpu_route_when_told_it_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    moves: list[str] = []
+    real_move = Q._move
+    monkeypatch.setattr(Q, "fits_to_quantize_on", lambda *a, **k: False)
+    monkeypatch.setattr(Q, "_move", lambda m, device, dtype: (moves.append(str(device)), real_move(m, device, dtype)))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    Q.quantize_transformer(model, "int8-quanto", device="cpu", compute_dtype=torch.bfloat16,
+                           quantize_via="accelerator")
+    assert moves == ["cpu"] and Q.quantized_modules(model) == {"0": "quanto:qint8"}

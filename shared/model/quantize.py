@@ -118,6 +118,9 @@ def quantize_transformer(transformer: Any, precision: str, *, device: torch.devi
     if quantize_via not in ("cpu", "accelerator"):
         raise errors.InvalidInput(f"quantize_via {quantize_via!r} is unknown: expected 'cpu' or 'accelerator'")
     transformer.requires_grad_(False)
+    if quantize_via == "accelerator" and precision in QUANTO and not fits_to_quantize_on(transformer, device,
+                                                                                         compute_dtype):
+        quantize_via = "cpu"
     where = torch.device("cpu") if quantize_via == "cpu" else device
     try:
         if precision == "no_change":
@@ -164,6 +167,28 @@ def quantize_text_encoder(text_encoder: Any, precision: str, *, device: torch.de
         text_encoder.to(device)  # bitsandbytes quantizes each weight as it moves
     log.info("text encoder %s on %s: %d quantized layers", precision, device, len(quantized_modules(text_encoder)))
     return text_encoder
+
+
+def fits_to_quantize_on(module: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype,
+                        free_bytes: int | None = None) -> bool:
+    """Whether ``device`` has room for ``module``'s full-precision weights, which quantize_via=accelerator moves
+    there before quanto quantizes them (the 20B transformer: ~41 GB in bf16, more than a 24 or 40 GB card has).
+    When it has not, the caller quantizes on the CPU instead and says so: the same weights, a slower load, and no
+    out-of-memory minutes into it. ``free_bytes`` (default: what CUDA reports free) is injectable for tests."""
+    if device.type != "cuda":
+        return True
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    size = torch.tensor([], dtype=compute_dtype).element_size()
+    needed = sum(p.numel() * (size if p.is_floating_point() else p.element_size())  # what is there already counts
+                 for p in module.parameters() if p.device.type != "cuda")          # in free_bytes
+    margin = 2 * 2 ** 30  # the CUDA context, the quantized copies of the largest layers while freeze() runs
+    if needed + margin <= free_bytes:
+        return True
+    log.warning("quantize_via=accelerator: the full-precision weights (%.1f GiB) do not fit the %.1f GiB free on %s; "
+                "quantizing on the CPU instead (set quantize_via=cpu to skip this check)", needed / 2 ** 30,
+                free_bytes / 2 ** 30, device)
+    return False
 
 
 def _move(module: torch.nn.Module, device: torch.device | None, dtype: torch.dtype) -> None:

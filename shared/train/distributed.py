@@ -72,12 +72,19 @@ def rank_device(device: torch.device, dist: Dist) -> torch.device:
     return device
 
 
+def process_group_backend(device: torch.device) -> str:
+    """The process group's backend for a run on ``device``: gloo on a CPU; on CUDA, nccl for CUDA tensors and
+    gloo for CPU ones. The trainer also all-reduces host values (the stop flag, the data wait), and ``"nccl"``
+    alone serves only the cuda device type: such a collective fails with "No backend type associated with device
+    type cpu". Object collectives and barriers go through gloo then too (torch picks cpu when the group has it)."""
+    return "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 def init(device: torch.device) -> Dist:
-    """Join the process group (nccl on CUDA, gloo on a CPU) when torchrun started this process."""
+    """Join the process group (``process_group_backend``) when torchrun started this process."""
     dist = current()
     if dist.active and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend, timeout=TIMEOUT)
+        torch.distributed.init_process_group(process_group_backend(device), timeout=TIMEOUT)
     return dist
 
 

@@ -270,7 +270,8 @@ class Trainer:
 
     def _stopping(self, stop: threading.Event | None) -> bool:
         """Whether to stop at this step boundary; with several processes, when any rank was asked (torchrun
-        passes a signal to every rank, but not at the same instant), so that all stop at the same step."""
+        passes a signal to every rank, but not at the same instant), so that all stop at the same step. A host
+        tensor: the group has gloo for those beside nccl (``distributed.process_group_backend``)."""
         asked = stop is not None and stop.is_set()
         if not self.dist.active:
             return asked

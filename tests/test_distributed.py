@@ -97,6 +97,28 @@ def test_settings_that_cannot_run_are_config_errors(encoded):
         assert any(p.where.endswith(f"$.{where}") and needle in p.message for p in e.value.problems), str(e.value)
 
 
+def test_a_cuda_run_joins_a_group_that_also_serves_host_tensors(monkeypatch):
+    """The trainer all-reduces CPU tensors (its stop flag, the data wait) beside CUDA ones; "nccl" alone maps only
+    cuda. The group a CUDA run asks for maps cpu to gloo and cuda to nccl, as torch reads the string; a CPU run
+    keeps gloo (which the multi-process tests here run)."""
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+
+    from shared.train import distributed
+
+    cuda = distributed.process_group_backend(torch.device("cuda", 1))
+    assert BackendConfig(Backend(cuda)).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
+    assert distributed.process_group_backend(torch.device("cpu")) == "gloo"
+    asked: list[str] = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: asked.append(backend))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for device in (torch.device("cuda", 1), torch.device("cpu")):
+        assert distributed.init(device) == distributed.Dist(rank=1, world=2, local_rank=1)
+    assert asked == ["cpu:gloo,cuda:nccl", "gloo"]
+
+
 def _train_here(cfg: Path, store: LocalStore, run: str, *overrides: str) -> dict:
     """One process: this one, on one thread like the workers (the same kernels, so the same bits)."""
     threads = torch.get_num_threads()

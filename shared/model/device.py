@@ -35,13 +35,18 @@ def resolve_dtype(name: str | None, device: str | torch.device) -> torch.dtype:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of ``device=name``. A CUDA device always carries its index (``auto`` and ``cuda`` mean the current
+    GPU, ``cuda:N``): tensors report theirs, and ``torch.device("cuda") != torch.device("cuda:0")``, so a device
+    without one never equals a tensor's (the EMA's same-device test, say)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise errors.InvalidInput(f"device {name!r}: CUDA is not available on this host; set device to 'cpu' or 'auto'")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise errors.InvalidInput(f"device {name!r}: this host has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

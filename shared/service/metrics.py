@@ -66,7 +66,7 @@ class Metrics:
                 self.trainer_samples_per_second.set(batch_size / seconds)
         elif e.get("phase") == "checkpoint" and "seconds" in e:
             self.checkpoint_save_seconds.observe(e["seconds"])
-        for kind in ("allocated", "reserved", "peak"):
+        for kind in ("allocated", "reserved", "peak", "peak_reserved"):
             if f"gpu_{kind}_bytes" in e:
                 self.gpu_memory.labels(service="trainer", kind=kind).set(e[f"gpu_{kind}_bytes"])
 
@@ -82,12 +82,15 @@ class Metrics:
         self.registry.register(_JobsCollector(service, counts))
 
     def record_gpu(self, service: str) -> None:
+        """This process's GPU memory: allocated and reserved now, and the peak of each (the reserved one is what the
+        caching allocator held from the device, fragmentation included)."""
         import torch
 
         if torch.cuda.is_available():
             self.gpu_memory.labels(service=service, kind="allocated").set(torch.cuda.memory_allocated())
             self.gpu_memory.labels(service=service, kind="reserved").set(torch.cuda.memory_reserved())
             self.gpu_memory.labels(service=service, kind="peak").set(torch.cuda.max_memory_allocated())
+            self.gpu_memory.labels(service=service, kind="peak_reserved").set(torch.cuda.max_memory_reserved())
 
 
 def _or_nan(value: float | None) -> float:

@@ -33,7 +33,7 @@ from shared.model.rollout import Rollout, inference_sigmas, roll_out
 from shared.store.base import ObjectStore
 from shared.store.checkpoint import (CheckpointState, capture_rng, checkpoint_prefix, committed_steps, load_checkpoint,
                                      prune_checkpoints, resolve_resume, restore_rng, save_checkpoint)
-from shared.train import distributed
+from shared.train import distributed, gpu
 from shared.train.ema import LoraEMA
 from shared.train.loader import TrainLoader, load_items
 from shared.train.optimizers import build_optimizer, check_optimizer_args, eval_weights, lr_scheduler_name, weight_dtype
@@ -185,6 +185,7 @@ class Trainer:
             self.store.put_json(f"{self.prefix}/run.json", self._run_doc())
         if cfg.use_ema and self.ema is None:  # also when EMA is switched on at a resume: start from the weights
             self.ema = LoraEMA(self._named_params(), cfg.ema_decay, self._ema_device())
+        gpu.reset_peak(self.device)  # the steps' peak, not the load's: last, after everything setup allocates
 
     def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
@@ -245,7 +246,7 @@ class Trainer:
                              **({"grad_norm": r.grad_norm} if cfg.max_grad_norm > 0 else {}),  # else not computed
                              **({"rollout_forwards": r.rollout_forwards,  # the progress line shows the message
                                  "message": f"rollout {r.rollout_forwards} fwd"} if self.rollout else {}),
-                             **self._gpu_memory()})
+                             **gpu.memory(self.device, self.dist)})
                 if r.step % cfg.checkpoint_step_interval == 0:
                     checkpoints.append(self.save_checkpoint())
                 stopping = self._stopping(stop)
@@ -270,7 +271,8 @@ class Trainer:
 
     def _stopping(self, stop: threading.Event | None) -> bool:
         """Whether to stop at this step boundary; with several processes, when any rank was asked (torchrun
-        passes a signal to every rank, but not at the same instant), so that all stop at the same step."""
+        passes a signal to every rank, but not at the same instant), so that all stop at the same step. A host
+        tensor: the group has gloo for those beside nccl (``distributed.process_group_backend``)."""
         asked = stop is not None and stop.is_set()
         if not self.dist.active:
             return asked
@@ -447,16 +449,6 @@ class Trainer:
         distributed.barrier(self.dist)  # the other ranks wait for rank 0's previews
         self.history.append({"validation": result, "step": step})
         return result
-
-    def _gpu_memory(self) -> dict[str, int]:
-        """This GPU's memory; with several processes the largest over the ranks (every rank calls it)."""
-        if self.device.type != "cuda":
-            return {}
-        values = [torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device),
-                  torch.cuda.max_memory_allocated(self.device)]
-        if self.dist.active:
-            values = [int(v) for v in distributed.all_max(torch.tensor(values, device=self.device), self.dist).tolist()]
-        return dict(zip(("gpu_allocated_bytes", "gpu_reserved_bytes", "gpu_peak_bytes"), values))
 
     def _metrics_jsonl(self) -> bytes:
         return "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history).encode()

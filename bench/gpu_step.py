@@ -1,13 +1,19 @@
 """Speed and memory of one edit-training step on the real-size Qwen-Image-Edit transformer (random weights).
 
-    .venv/bin/python bench/gpu_step.py [--cases bf16,int8-quanto,nf4-bnb,fp8-quanto] [--steps 5] [--json out.json]
-    .venv/bin/python bench/gpu_step.py --small --device cpu --steps 1      # CPU smoke run of the same code
+    python3 bench/gpu_step.py [--cases bf16,int8-quanto,nf4-bnb] [--steps 3] [--json out.json]   # from a checkout
+    python3 bench/gpu_step.py --cases '*:*:*:*' --steps 5                                         # the whole grid
+    python3 bench/gpu_step.py --small --device cpu --steps 1      # CPU smoke run of the same code
 
 Builds QwenImageTransformer2DModel with the real config directly on the device in bf16 (no download, no fp32 copy
 anywhere), quantizes it (shared.model.quantize), attaches a rank-16 LoRA in fp32 (shared.model.lora) with AdamW,
 and times flow-matching steps (shared.model.flow) for edit-v1 (1 reference) and edit-v2 (3 references) at
-512/768/1024 px, with and without gradient checkpointing; then the largest resolution again under a 24 GiB cap (what fits a 24 GB card).
-``--cases`` entries are ``precision[:flavour[:resolution[:ckpt]]]``, e.g. ``bf16,nf4-bnb:edit-v1:1024:on``.
+512/768/1024 px, with and without gradient checkpointing; then the largest resolution again under a 24 GiB cap
+(what fits a 24 GB card). Token counts are the planner's for the same run (references at ~1 MP as the pipelines
+size them, the text with the references the VL encoder sees), and each row carries the planner's prediction.
+Before timing a precision, one real-width block checks its numerics against bf16 (``edittuner doctor``'s check):
+a precision that computes the wrong function is reported "wrong", never timed as "ok".
+``--cases`` entries are ``precision[:flavour[:resolution[:ckpt]]]``, e.g. ``bf16,nf4-bnb:edit-v1:1024:on``; the
+default is the three shipped precisions at edit-v2, 1024, checkpointing on (a few minutes on an H100).
 The FLOP count (model_step_flops) is derived in docs/BENCHMARKS.md.
 """
 
@@ -19,24 +25,30 @@ import json
 import os
 import platform
 import resource
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from shared import errors
-from shared.model.flow import EditBatch, flow_matching_loss, sample_sigmas
-from shared.model.lora import attach_lora
-from shared.model.quantize import check_precision, quantize_transformer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+
+from shared import errors  # noqa: E402
+from shared.model.flow import EditBatch, flow_matching_loss, sample_sigmas  # noqa: E402
+from shared.model.lora import attach_lora  # noqa: E402
+from shared.model.quantize import check_precision, quantize_transformer  # noqa: E402
 
 REAL = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
             num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
             zero_cond_t=False)  # edit-v1 / edit-v2 (edit-v3 differs only by zero_cond_t)
 SMALL = dict(REAL, num_layers=2, attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
              axes_dims_rope=(8, 12, 12))
-PRECISIONS = {"bf16": "no_change", "int8-quanto": "int8-quanto", "nf4-bnb": "nf4-bnb", "fp8-quanto": "fp8-quanto"}
+PRECISIONS = {"bf16": "no_change", "int8-quanto": "int8-quanto", "nf4-bnb": "nf4-bnb", "fp8-quanto": "fp8-quanto",
+              "int4-quanto": "int4-quanto", "int8-bnb": "int8-bnb"}
+DEFAULT_CASES = "bf16:edit-v2:1024:on,int8-quanto:edit-v2:1024:on,nf4-bnb:edit-v2:1024:on"
 FLAVOURS = {"edit-v1": 1, "edit-v2": 3}  # flavour -> references, each at the target's size
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s; first matching substring of the device name wins.
@@ -109,9 +121,9 @@ class Row:
     resolution: int
     checkpointing: bool
     cap_gib: float | None
-    status: str  # "ok" or "OOM"
+    status: str  # "ok", "OOM", "wrong" (numerics against bf16 failed: not timed) or "failed" (an error, in note)
     s_per_step: float | None
-    peak_mem_gib: float | None
+    peak_mem_gib: float | None  # allocated
     memory_source: str
     tokens_target: int
     tokens_refs: int
@@ -120,11 +132,15 @@ class Row:
     model_tflop_per_step: float
     hw_tflop_per_step: float
     mfu: float | None
+    peak_reserved_gib: float | None = None  # what the caching allocator held: what the card must have
+    predicted_gib: float | None = None  # the planner's trainer total for the same run (real model only)
+    predicted_s_per_step: float | None = None
+    note: str = ""
 
 
 def parse_filters(spec: str) -> list[list[str]]:
     filters = [[f for f in item.strip().split(":")] for item in spec.split(",") if item.strip()]
-    unknown = sorted({f[0] for f in filters} - set(PRECISIONS))
+    unknown = sorted({f[0] for f in filters} - set(PRECISIONS) - {"*", ""})
     if unknown:
         raise SystemExit(f"--cases: unknown precision(s) {', '.join(unknown)}; known: {', '.join(PRECISIONS)}")
     return filters
@@ -169,15 +185,35 @@ def build_model(cfg: dict, precision: str, device: torch.device, quantize_via: s
     return model.train()
 
 
-def make_inputs(cfg: dict, case: Case, text_len: int, device: torch.device, g: torch.Generator):
-    h = w = case.resolution // 8
+def case_tokens(case: Case, small: bool, text_len: int) -> tuple[int, int, int, Any]:
+    """(target, all references, text) tokens and the planner's Plan (None with --small) of ``case``.
+
+    The real model's cases take the planner's counts for the same run: references at ~1 MP each as the pipelines
+    size them, the caption plus the reference images the VL encoder reads as text tokens. --small keeps toy counts
+    (references at the target's size, ``text_len`` tokens): the planner describes the real model only."""
+    tgt = (case.resolution // 16) ** 2
+    if small:
+        return tgt, tgt * FLAVOURS[case.flavour], text_len, None
+    from shared.cli.doctor.full import gpu_name, planned
+
+    plan = planned(PRECISIONS[case.precision], flavour=case.flavour, resolution=case.resolution,
+                   references=FLAVOURS[case.flavour], checkpointing=case.checkpointing,
+                   gpu=gpu_name(torch.device("cuda")) if torch.cuda.is_available() else "H100")
+    t = plan.tokens
+    return t.target, t.per_reference * t.references, t.text, plan
+
+
+def make_inputs(cfg: dict, case: Case, tokens: tuple[int, int, int], device: torch.device, g: torch.Generator):
+    tgt, refs, text_len = tokens
+    side, n = int(tgt ** 0.5), FLAVOURS[case.flavour]
+    ref_side = int((refs // n) ** 0.5)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
-    batch = EditBatch(latents_BChw=rand(1, 16, h, w), refs_BChw=[rand(1, 16, h, w) for _ in
-                                                                range(FLAVOURS[case.flavour])],
+    batch = EditBatch(latents_BChw=rand(1, 16, 2 * side, 2 * side),
+                      refs_BChw=[rand(1, 16, 2 * ref_side, 2 * ref_side) for _ in range(n)],
                       prompt_embeds_BLD=rand(1, text_len, cfg["joint_attention_dim"]).to(torch.bfloat16),
                       prompt_mask_BL=torch.ones(1, text_len, dtype=torch.long, device=device), keys=["bench"],
                       text_all_valid=True)  # every token valid, as the loader marks such batches: no mask to SDPA
-    noise = rand(1, (h // 2) * (w // 2), 64)
+    noise = rand(1, side * side, 64)
     return batch, noise, sample_sigmas(1, 3.0, g).to(device)
 
 
@@ -195,8 +231,8 @@ def free(device: torch.device) -> None:
 # -------------------------------------------------------------------------------------------------- timing
 def time_steps(model: Any, opt: torch.optim.Optimizer, inputs: tuple, steps: int, device: torch.device) -> float:
     batch, noise, sigmas = inputs
-    for i in range(2 + steps):  # 2 warm-up steps: allocations, kernel selection, optimizer state
-        if i == 2:
+    for i in range(1 + steps):  # 1 warm-up step: allocations, kernel selection, optimizer state
+        if i == 1:
             sync(device)
             t0 = time.perf_counter()
         loss = flow_matching_loss(model, batch, noise, sigmas, dtype=torch.bfloat16)
@@ -213,8 +249,8 @@ def run_case(model: Any, opt: torch.optim.Optimizer, cfg: dict, case: Case, args
         model.enable_gradient_checkpointing()
     else:
         model.disable_gradient_checkpointing()
-    tgt = (case.resolution // 16) ** 2
-    refs, text = tgt * FLAVOURS[case.flavour], args.text_len
+    small = getattr(args, "small", True)
+    tgt, refs, text, plan = case_tokens(case, small, args.text_len)
     model_f, hw_f = model_step_flops(cfg, tgt + refs, text, case.checkpointing)
     cuda = device.type == "cuda"
     if cuda:
@@ -223,29 +259,51 @@ def run_case(model: Any, opt: torch.optim.Optimizer, cfg: dict, case: Case, args
         torch.cuda.set_per_process_memory_fraction(min(1.0, case.cap_gib * GiB / total) if case.cap_gib else 1.0,
                                                    device)
         torch.cuda.reset_peak_memory_stats(device)
-    seconds, oom = None, False
+    seconds, status, note = None, "ok", ""
     try:
-        inputs = make_inputs(cfg, case, text, device, torch.Generator().manual_seed(0))
+        inputs = make_inputs(cfg, case, (tgt, refs, text), device, torch.Generator().manual_seed(0))
         seconds = time_steps(model, opt, inputs, args.steps, device)
     except torch.OutOfMemoryError:
-        oom = True
+        status = "OOM"
+    except RuntimeError as err:  # a kernel that refuses the shapes, a library error: the row says which
+        status, note = "failed", f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
     inputs = None
     opt.zero_grad(set_to_none=True)
+    reserved = None
     if cuda:
         mem, source = torch.cuda.max_memory_allocated(device) / GiB, "cuda max_memory_allocated"
+        reserved = torch.cuda.max_memory_reserved(device) / GiB
         free(device)
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     else:
         mem, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "cpu peak RSS (process so far)"
     mfu = model_f / (seconds * peak) if seconds and peak else None
-    return Row(case.precision, case.flavour, case.resolution, case.checkpointing, case.cap_gib,
-               "OOM" if oom else "ok", seconds, None if oom else mem, source, tgt, refs, text, tgt + refs + text,
-               model_f / 1e12, hw_f / 1e12, mfu)
+    ok = status == "ok"
+    return Row(case.precision, case.flavour, case.resolution, case.checkpointing, case.cap_gib, status, seconds,
+               mem if ok else None, source, tgt, refs, text, tgt + refs + text, model_f / 1e12, hw_f / 1e12, mfu,
+               reserved if ok else None, plan.trainer.total / GiB if plan else None,
+               plan.seconds_per_step if plan else None, note)
+
+
+def numerics(precision: str, device: torch.device, small: bool) -> tuple[bool, str]:
+    """The doctor's one-block check of ``precision`` against bf16 (relative error, biases, LoRA gradients)."""
+    if precision == "bf16":
+        return True, ""
+    from shared.cli.doctor.block import REAL_BLOCK, REAL_TOKENS, SMALL_BLOCK, SMALL_TOKENS, block_inputs, \
+        build_transformer, probe_precision
+
+    cfg, (side, text) = (SMALL_BLOCK, SMALL_TOKENS) if small else (REAL_BLOCK, REAL_TOKENS)
+    reference = build_transformer(cfg, device).requires_grad_(False)
+    row = probe_precision(PRECISIONS[precision], reference, block_inputs(cfg, side, text, device), device, 1)
+    del reference
+    free(device)
+    return row.status == "pass", row.detail
 
 
 # -------------------------------------------------------------------------------------------------- report
-HEADER = (f"{'precision':<12} {'flavour':<8} {'res':>5} {'ckpt':<4} {'cap':>6} {'s/step':>8} {'peak GiB':>9} "
-          f"{'tokens (tgt+refs+txt)':>24} {'FLOP model/hw':>15} {'MFU':>6}")
+HEADER = (f"{'precision':<12} {'flavour':<8} {'res':>5} {'ckpt':<4} {'cap':>6} {'s/step':>8} {'pred':>6} "
+          f"{'alloc GiB':>9} {'resv GiB':>9} {'pred GiB':>8} {'tokens (tgt+refs+txt)':>24} {'FLOP model/hw':>15} "
+          f"{'MFU':>6}")
 
 
 def si(x: float) -> str:
@@ -255,15 +313,23 @@ def si(x: float) -> str:
     return f"{x / unit[0]:.3g}{unit[1]}"
 
 
+def _num(x: float | None, width: int, fmt: str) -> str:
+    return f"{x:>{width}{fmt}}" if x is not None else f"{'-':>{width}}"
+
+
 def format_row(r: Row) -> str:
     cap = f"{r.cap_gib:g}G" if r.cap_gib else "-"
     toks = f"{r.tokens_target}+{r.tokens_refs}+{r.tokens_text}={r.tokens_total}"
     flops = f"{si(r.model_tflop_per_step * 1e12)}/{si(r.hw_tflop_per_step * 1e12)}"
     head = f"{r.precision:<12} {r.flavour:<8} {r.resolution:>5} {'on' if r.checkpointing else 'off':<4} {cap:>6}"
-    if r.status == "OOM":
-        return f"{head} {'OOM':>8} {'OOM':>9} {toks:>24} {flops:>15} {'-':>6}"
+    pred = f"{_num(r.predicted_s_per_step, 6, '.2f')}"
+    pred_gib = _num(r.predicted_gib, 8, ".1f")
+    if r.status != "ok":
+        return (f"{head} {r.status.upper():>8} {pred} {'-':>9} {'-':>9} {pred_gib} {toks:>24} {flops:>15} {'-':>6}"
+                + (f"  {r.note}" if r.note else ""))
     mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
-    return f"{head} {r.s_per_step:>8.3f} {r.peak_mem_gib:>9.2f} {toks:>24} {flops:>15} {mfu:>6}"
+    return (f"{head} {r.s_per_step:>8.3f} {pred} {r.peak_mem_gib:>9.2f} {_num(r.peak_reserved_gib, 9, '.2f')} "
+            f"{pred_gib} {toks:>24} {flops:>15} {mfu:>6}")
 
 
 def machine(device: torch.device, peak_note: str) -> dict[str, Any]:
@@ -279,13 +345,15 @@ def machine(device: torch.device, peak_note: str) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default=",".join(PRECISIONS), help="precision[:flavour[:resolution[:ckpt on|off]]],...")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per case, after 2 warm-up steps")
+    ap.add_argument("--cases", default=DEFAULT_CASES, help="precision[:flavour[:resolution[:ckpt on|off]]],... "
+                    "('*' for any field; default: the three shipped precisions, edit-v2, 1024, checkpointing)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per case, after 1 warm-up step")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true", help="2 layers, 4 heads of 32, text width 64: a CPU smoke run")
-    ap.add_argument("--text-len", type=int, default=None, help="prompt tokens (default 256; 32 with --small)")
-    ap.add_argument("--cap-gib", type=float, default=24.0, help="memory cap of the repeated largest-resolution "
-                    "cases, CUDA only (0: no capped cases)")
+    ap.add_argument("--text-len", type=int, default=None, help="--small's prompt tokens (default 32); the real "
+                    "model's come from the planner")
+    ap.add_argument("--cap-gib", type=float, default=0.0, help="repeat the largest-resolution cases under this "
+                    "memory cap, CUDA only (e.g. 24: what fits a 24 GB card; default 0: none)")
     ap.add_argument("--quantize-via", choices=("accelerator", "cpu"), default="accelerator")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, for MFU")
     ap.add_argument("--json", default=None, help="also write the table here as JSON")
@@ -294,7 +362,7 @@ def main() -> None:
         ap.error("--steps must be at least 1")
     device = torch.device(args.device)
     cfg = SMALL if args.small else REAL
-    args.text_len = args.text_len or (32 if args.small else 256)
+    args.text_len = args.text_len or 32
     resolutions = [64, 128] if args.small else [512, 768, 1024]
     if args.small and device.type == "cpu":
         torch.set_num_threads(1)  # tiny ops: a second thread only adds barrier stalls (see tests/conftest.py)
@@ -304,7 +372,8 @@ def main() -> None:
     info = machine(device, peak_note)
     print("machine: " + ", ".join(f"{k}: {v}" for k, v in info.items()))
     print(f"model: {'SMALL' if args.small else 'real'} {cfg}; LoRA rank 16 on {','.join(LORA_TARGETS)} (fp32), "
-          f"AdamW; bf16 compute; text {args.text_len} tokens; batch 1; {args.steps} timed steps after 2 warm-up")
+          f"AdamW; bf16 compute; text {f'{args.text_len} tokens' if args.small else 'tokens from the planner'}; "
+          f"batch 1; {args.steps} timed steps after 1 warm-up")
     rows: list[Row] = []
     skipped: list[dict[str, str]] = []
     builds: list[dict[str, Any]] = []
@@ -312,9 +381,21 @@ def main() -> None:
     def save() -> None:
         if args.json:
             with open(args.json, "w") as fh:
-                json.dump({"machine": info, "config": {**cfg, "text_len": args.text_len, "steps": args.steps,
-                                                       "small": args.small, "lora_rank": 16, "targets": LORA_TARGETS},
+                json.dump({"machine": info, "config": {**cfg, "text_len": args.text_len if args.small else None,
+                                                       "steps": args.steps, "small": args.small, "lora_rank": 16,
+                                                       "targets": LORA_TARGETS},
                            "builds": builds, "rows": [asdict(r) for r in rows], "skipped": skipped}, fh, indent=1)
+
+    def not_timed(cases: list[Case], status: str, note: str) -> None:
+        for case in cases:
+            tgt, refs, text, plan = case_tokens(case, args.small, args.text_len)
+            model_f, hw_f = model_step_flops(cfg, tgt + refs, text, case.checkpointing)
+            rows.append(Row(case.precision, case.flavour, case.resolution, case.checkpointing, case.cap_gib, status,
+                            None, None, "-", tgt, refs, text, tgt + refs + text, model_f / 1e12, hw_f / 1e12, None,
+                            None, plan.trainer.total / GiB if plan else None,
+                            plan.seconds_per_step if plan else None, note))
+            print(format_row(rows[-1]), flush=True)
+        save()
 
     print(HEADER)
     for precision in PRECISIONS:
@@ -327,8 +408,24 @@ def main() -> None:
             print(f"{precision:<12} skipped: {err}")
             skipped.append({"precision": precision, "reason": str(err)})
             continue
+        try:
+            good, why = numerics(precision, device, args.small)
+        except Exception as err:  # noqa: BLE001 - the row says what broke; the other precisions still run
+            good, why = False, f"the numerics check failed: {type(err).__name__}: {str(err)[:200]}"
+        if not good:
+            not_timed(cases, "wrong", why)
+            continue
         t0 = time.perf_counter()
-        model = build_model(cfg, precision, device, args.quantize_via)
+        try:
+            model = build_model(cfg, precision, device, args.quantize_via)
+        except torch.OutOfMemoryError:
+            free(device)
+            not_timed(cases, "OOM", "out of memory while building and quantizing the model")
+            continue
+        except Exception as err:  # noqa: BLE001
+            free(device)
+            not_timed(cases, "failed", f"build: {type(err).__name__}: {str(err)[:200]}")
+            continue
         weights = torch.cuda.memory_allocated(device) / GiB if device.type == "cuda" else None
         builds.append({"precision": precision, "build_s": time.perf_counter() - t0, "weights_gib": weights})
         print(f"# {precision}: built in {builds[-1]['build_s']:.1f} s"

@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trained", action="store_true", help="with the shipped trained VAE and transformer (the "
                    "demo's model: python -m shared.train.tiny made them)")
     p.set_defaults(func=cmd_make_tiny_model)
+    from shared.cli.doctor.command import add_parser as add_doctor
+
+    add_doctor(sub)
     p = sub.add_parser("demo", help="trained tiny model + generated pairs: a LoRA learns an edit, on a CPU")
     p.add_argument("--output", default="demo-out")
     p.add_argument("--flavour", choices=["edit-v1", "edit-v2"], default="edit-v2")

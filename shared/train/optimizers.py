@@ -37,6 +37,7 @@ import torch
 from shared.config.optimizers import OPTIMIZERS, OptimizerSpec, parse_optimizer_config
 from shared.config.schema import TrainConfig
 from shared.errors import InvalidInput
+from shared.train.toolchain import require_compiler
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ def check_optimizer_args(cfg: TrainConfig, device: torch.device) -> tuple[type[t
     checked here, which the trainer does before it loads the model."""
     spec = OPTIMIZERS[cfg.optimizer]
     check_device(cfg.optimizer, spec, device)
+    if spec.import_name == "torchao":  # compiled per parameter shape at its first step
+        require_compiler(f"optimizer={cfg.optimizer}", "use a bitsandbytes 8-bit optimizer (bnb-adamw8bit) instead")
     cls = optimizer_class(cfg.optimizer, spec)
     return cls, optimizer_kwargs(cfg, spec, cls, device)
 

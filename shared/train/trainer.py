@@ -38,6 +38,7 @@ from shared.train.ema import LoraEMA
 from shared.train.loader import TrainLoader, load_items
 from shared.train.optimizers import build_optimizer, check_optimizer_args, eval_weights, lr_scheduler_name, weight_dtype
 from shared.train.schedule import build_scheduler
+from shared.train.toolchain import require_compiler
 
 log = logging.getLogger(__name__)
 Event = dict[str, Any]
@@ -126,6 +127,8 @@ class Trainer:
             raise InvalidInput("mixed_precision: fp16 training would need loss scaling and underflows with this "
                                "model; use bf16 (or fp32)")
         check_optimizer_args(cfg, self.device)  # a wrong optimizer setting fails before the model loads
+        if cfg.compile_transformer:
+            require_compiler("compile_transformer=true", "set compile_transformer=false")
         distributed.check_divisible(cfg.gradient_accumulation_steps, self.dist.world)
         if self.device.type == "cuda" and not cfg.skip_fit_check:
             from shared.plan.predict import check_fits

@@ -194,7 +194,7 @@ def case_tokens(case: Case, small: bool, text_len: int) -> tuple[int, int, int, 
     tgt = (case.resolution // 16) ** 2
     if small:
         return tgt, tgt * FLAVOURS[case.flavour], text_len, None
-    from shared.cli.doctor.full import gpu_name, planned
+    from shared.plan.step import gpu_name, planned
 
     plan = planned(PRECISIONS[case.precision], flavour=case.flavour, resolution=case.resolution,
                    references=FLAVOURS[case.flavour], checkpointing=case.checkpointing,
@@ -289,15 +289,15 @@ def numerics(precision: str, device: torch.device, small: bool) -> tuple[bool, s
     """The doctor's one-block check of ``precision`` against bf16 (relative error, biases, LoRA gradients)."""
     if precision == "bf16":
         return True, ""
-    from shared.cli.doctor.block import REAL_BLOCK, REAL_TOKENS, SMALL_BLOCK, SMALL_TOKENS, block_inputs, \
-        build_transformer, probe_precision
+    from shared.plan.probe import REAL_BLOCK, REAL_TOKENS, SMALL_BLOCK, SMALL_TOKENS, block_inputs, \
+        build_transformer, describe, probe_precision
 
     cfg, (side, text) = (SMALL_BLOCK, SMALL_TOKENS) if small else (REAL_BLOCK, REAL_TOKENS)
     reference = build_transformer(cfg, device).requires_grad_(False)
-    row = probe_precision(PRECISIONS[precision], reference, block_inputs(cfg, side, text, device), device, 1)
+    data, problems = probe_precision(PRECISIONS[precision], reference, block_inputs(cfg, side, text, device), device, 1)
     del reference
     free(device)
-    return row.status == "pass", row.detail
+    return not problems, describe(data) + "".join(f"; {p}" for p in problems)
 
 
 # -------------------------------------------------------------------------------------------------- report

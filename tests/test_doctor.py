@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from shared.cli.doctor import block, host
+from shared.plan import probe
 from shared.cli.doctor.rows import Report, Row
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,18 +53,18 @@ def test_doctor_rows_on_a_cpu(first_contact) -> None:
     assert rows["process group 'gloo' (the trainer's)"]["status"] == "pass"
     assert rows["bitsandbytes"]["data"]["nf4_roundtrip_rel_err"] < 0.15
     assert rows["optimum-quanto"]["data"]["kernels"] == "pure torch"
-    for precision in block.BLOCK_PRECISIONS:
+    for precision in probe.BLOCK_PRECISIONS:
         r = rows[f"block {precision}"]
         assert r["status"] == "pass", r
         d = r["data"]
-        assert 0 < d["rel_error"] < block.MAX_REL_ERROR[precision]
+        assert 0 < d["rel_error"] < probe.MAX_REL_ERROR[precision]
         assert d["biases_honoured"] == d["biased_linears"] == 14  # every quantized Linear of the block
         assert d["lora_b_nonzero"] == d["lora_b_tensors"] == 4 and d["finite"]
     # the quanto classes chosen are the pure-torch ones; int4 with bf16 scales is PyTorch's own TinyGemm kernel
     assert rows["block int4-quanto"]["data"]["weight_classes"] == ["TinyGemmWeightQBitsTensor", "WeightQBitsTensor"]
     assert rows["block fp8-quanto"]["data"]["weight_classes"] == ["WeightQBytesTensor"]
     # 8-bit weights lose less than 4-bit ones: a wrong threshold table or a swapped precision would not order so
-    err = {p: rows[f"block {p}"]["data"]["rel_error"] for p in block.BLOCK_PRECISIONS}
+    err = {p: rows[f"block {p}"]["data"]["rel_error"] for p in probe.BLOCK_PRECISIONS}
     assert err["int8-quanto"] < err["fp8-quanto"] < err["int4-quanto"] < err["int2-quanto"]
     tiny = rows["tiny run (int8-quanto, EMA)"]
     assert tiny["status"] == "pass" and tiny["data"]["checkpoints"] == [2, 4] and all(tiny["data"]["files"].values())
@@ -80,9 +81,9 @@ def test_doctor_rows_on_a_cpu(first_contact) -> None:
 def small_reference():
     torch.set_num_threads(1)
     cpu = torch.device("cpu")
-    side, text = block.SMALL_TOKENS
-    return block.build_transformer(block.SMALL_BLOCK, cpu).requires_grad_(False), \
-        block.block_inputs(block.SMALL_BLOCK, side, text, cpu)
+    side, text = probe.SMALL_TOKENS
+    return probe.build_transformer(probe.SMALL_BLOCK, cpu).requires_grad_(False), \
+        probe.block_inputs(probe.SMALL_BLOCK, side, text, cpu)
 
 
 def test_a_kernel_that_drops_the_bias_fails_the_block_row(small_reference, monkeypatch) -> None:
@@ -93,7 +94,7 @@ def test_a_kernel_that_drops_the_bias_fails_the_block_row(small_reference, monke
         return torch.nn.functional.linear(input, self.qweight.dequantize())
 
     monkeypatch.setattr(QLinear, "forward", no_bias)
-    row = block.probe_precision("fp8-quanto", *small_reference, torch.device("cpu"), 1)
+    row = block.precision_row("fp8-quanto", *small_reference, torch.device("cpu"), 1)
     assert row.status == "fail" and "14 of 14 quantized Linears drop their bias" in row.detail
 
 
@@ -104,14 +105,14 @@ def test_a_precision_computing_another_function_fails_on_its_error(small_referen
     real = QLinear.forward
     monkeypatch.setattr(QLinear, "forward", lambda self, x: real(self, x) + 0.5 * torch.nn.functional.linear(
         x, self.qweight.dequantize()))
-    row = block.probe_precision("int8-quanto", *small_reference, torch.device("cpu"), 1)
+    row = block.precision_row("int8-quanto", *small_reference, torch.device("cpu"), 1)
     assert row.status == "fail" and "relative error" in row.detail.split("; ")[-1]
-    assert row.data["biases_honoured"] == 14 and row.data["rel_error"] > block.MAX_REL_ERROR["int8-quanto"]
+    assert row.data["biases_honoured"] == 14 and row.data["rel_error"] > probe.MAX_REL_ERROR["int8-quanto"]
 
 
 def test_the_wrong_weight_class_fails_even_when_the_numbers_pass(small_reference, monkeypatch) -> None:
-    monkeypatch.setattr(block, "weight_classes", lambda model: ["MarlinF8QBytesTensor"])
-    row = block.probe_precision("int8-quanto", *small_reference, torch.device("cpu"), 1)
+    monkeypatch.setattr(probe, "weight_classes", lambda model: ["MarlinF8QBytesTensor"])
+    row = block.precision_row("int8-quanto", *small_reference, torch.device("cpu"), 1)
     assert row.status == "fail" and "MarlinF8QBytesTensor in use (drops the Linear bias)" in row.detail
 
 

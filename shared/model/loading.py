@@ -29,26 +29,21 @@ COMPONENTS: tuple[str, ...] = ("transformer", "vae", "text_encoder", "tokenizer"
 ENCODER_COMPONENTS: tuple[str, ...] = ("vae", "text_encoder", "tokenizer", "processor")
 
 
-def _torchvision_works() -> bool:
-    """PyPI's torchvision is a CUDA build that fails to import beside a CPU torch; only a real import tells."""
-    try:
-        importlib.import_module("torchvision")
-    except Exception:  # ImportError, or RuntimeError "operator torchvision::nms does not exist"
-        return False
-    return True
+def processor_without_video() -> None:
+    """Build and load ``Qwen2VLProcessor`` without its video processor, on every host.
 
-
-def patch_processor_without_torchvision() -> None:
-    """Let ``Qwen2VLProcessor`` be built and loaded without torchvision.
-
-    The processor insists on a ``Qwen2VLVideoProcessor``, which needs torchvision; the edit pipelines never pass
-    video, so where torchvision is unusable we drop ``video_processor`` from the processor's attribute list and
-    ``__init__``/``from_pretrained`` skip it. Idempotent; a no-op on hosts where torchvision imports fine.
+    The processor's attribute list includes a ``Qwen2VLVideoProcessor``, which needs torchvision, and its
+    ``from_pretrained`` then insists on a ``video_preprocessor_config.json``. The edit pipelines never pass video.
+    Dropping ``video_processor`` from the attribute list (``__init__``/``from_pretrained`` then skip it) makes
+    loading the same on a host where torchvision imports (GPU hosts with a CUDA torch usually have it) as on one
+    where it does not: the real model's folder loads either way, and so does the tiny model, which has no video
+    processor to write. Deciding by whether torchvision imports would load the tiny model on a CPU and fail it on a
+    GPU host. Idempotent.
     """
     from transformers import Qwen2VLProcessor
     from transformers.processing_utils import ProcessorMixin
 
-    if getattr(Qwen2VLProcessor, "_edittuner_without_video", False) or _torchvision_works():
+    if getattr(Qwen2VLProcessor, "_edittuner_without_video", False):
         return
     base = ProcessorMixin.get_attributes.__func__
     Qwen2VLProcessor.get_attributes = classmethod(lambda cls: [a for a in base(cls) if a != "video_processor"])
@@ -118,7 +113,7 @@ def load_pipeline(
     how the encoder avoids holding the 20B-parameter transformer it never calls.
     """
     wanted = _wanted_components(components)
-    patch_processor_without_torchvision()
+    processor_without_video()
     quiet_progress_bars()
     cls = pipeline_class(flavour)
     loc = locate_model(str(source))

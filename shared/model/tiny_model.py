@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from shared.config.flavours import get_flavour
-from shared.model.loading import patch_processor_without_torchvision, pipeline_class, quiet_progress_bars
+from shared.model.loading import processor_without_video, pipeline_class, quiet_progress_bars
 
 # The system prompt of both edit templates; the pipelines drop the hidden states of everything up to and including
 # "<|im_start|>user\n" (64 tokens with the real Qwen2.5 tokenizer), so the tiny tokenizer must agree.
@@ -150,7 +150,7 @@ def build_tiny_components(flavour: str, seed: int = 0, vae_base_dim: int = 16) -
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
     flav = get_flavour(flavour)
-    patch_processor_without_torchvision()
+    processor_without_video()
     tokenizer = build_tokenizer()
     n_prefix = system_prefix_length(tokenizer)
     if n_prefix != SYSTEM_PREFIX_TOKENS:

@@ -361,6 +361,8 @@ def main() -> None:
     if args.steps < 1:
         ap.error("--steps must be at least 1")
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # memory-fraction calls want an index
+        device = torch.device("cuda", torch.cuda.current_device())
     cfg = SMALL if args.small else REAL
     args.text_len = args.text_len or 32
     resolutions = [64, 128] if args.small else [512, 768, 1024]

@@ -32,18 +32,25 @@ def test_quanto_unpack_is_pure_torch_and_inverts_its_packing(bits: int) -> None:
     assert torch.equal(Q.unpack_bits(packed._data, bits), values)
 
 
-def test_quanto_never_picks_its_extension_weight_classes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a Linux CUDA host quanto registers "quanto_cuda", which enables the Marlin fp8 and AWQ int4 classes:
-    after pure_torch_quanto the check those classes pass through says no, whatever is registered."""
+def test_quanto_never_picks_its_extension_weight_classes_nor_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a Linux CUDA host quanto registers "quanto_cuda", which enables the Marlin fp8 and AWQ int4 classes and
+    compiles on first use: after pure_torch_quanto the check those classes pass through says no, and the
+    extension's library is the torch-ops kernel, without a build."""
     from optimum.quanto.library.extensions import extension
     from optimum.quanto.tensor.weights import qbits, qbytes
 
+    cuda = extension.Extension("quanto_cuda", "/nonexistent", ["unpack.cu"])  # as registered with CUDA available
+    monkeypatch.setitem(extension._extensions, "quanto_cuda", cuda)
     Q.pure_torch_quanto()
-    monkeypatch.setitem(extension._extensions, "quanto_cuda", object())  # as registered with CUDA available
     assert extension.is_extension_available("quanto_cuda")  # quanto's own answer
     assert not qbytes.is_extension_available("quanto_cuda")  # MarlinF8QBytesTensor's condition
     assert not qbits.is_extension_available("quanto_cuda")  # AWQWeightQBitsTensor's condition
     assert qbytes.is_extension_available("quanto_cpp") == extension.is_extension_available("quanto_cpp")
+    for name in ("quanto_cuda", "quanto_cpp"):  # lib would run torch.utils.cpp_extension.load: no build
+        assert extension.get_extension(name).lib.unpack is Q.unpack_bits
+    Q.pure_torch_quanto()  # idempotent: the check is wrapped once
+    assert not qbytes.is_extension_available("quanto_cuda")
+    assert qbytes.is_extension_available.__defaults__[0] is not qbytes.is_extension_available
 
 
 @pytest.mark.parametrize("precision", ["int4-quanto", "int2-quanto", "fp8-quanto"])

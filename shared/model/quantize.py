@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-import warnings
+import types
 from fnmatch import fnmatch
 from typing import Any
 
@@ -202,36 +202,37 @@ def _move(module: torch.nn.Module, device: torch.device | None, dtype: torch.dty
 
 
 # --------------------------------------------------------------------------------------------------- quanto
-_PURE_TORCH = False
-
-
 def pure_torch_quanto() -> None:
-    """Keep optimum-quanto on its pure-torch kernels on every device (once per process, before quantizing).
+    """Keep optimum-quanto on its pure-torch kernels on every device (call before quantizing; idempotent).
 
     On a Linux host with CUDA, quanto registers CUDA kernels that live in an extension it compiles on first use
-    (nvcc, ninja and g++, writing into its own site-packages folder): int4 and int2 weights are unpacked by it on
-    every move to the GPU and in every backward, and float8 weights become ``MarlinF8QBytesTensor``, whose forward
-    never adds the Linear's bias (every Qwen-Image and Qwen2.5-VL projection has one: the output is noise). Its CPU
-    unpack is a C++ extension compiled the same way. So: ``quanto::unpack`` runs quanto's own pure-torch
-    implementation on the CPU and CUDA, and the Marlin (fp8) and AWQ (int4, fp16 scales) weight classes, which exist
-    only in the extension, are never chosen. What is left is what the CPU tests run: dequantize-and-matmul for
-    int8/fp8/int2, and PyTorch's built-in int4 kernel (TinyGemm) for int4 with bf16 scales on CUDA 12.1+ and on
-    the CPU. No compiler is needed anywhere, and the weights are the same bytes either way."""
-    global _PURE_TORCH
-    if _PURE_TORCH:
-        return
-    import optimum.quanto  # noqa: F401  (registers quanto's ops and its extensions' kernels first)
+    (nvcc, ninja and g++, writing into its own site-packages folder; 79 s on an H200 host with CUDA 13 and 16
+    cores, a crash where there is no toolkit): int4 and int2 weights are unpacked by it on every move to the GPU
+    and in every backward, and float8 weights become ``MarlinF8QBytesTensor``, whose forward never adds the
+    Linear's bias (every Qwen-Image and Qwen2.5-VL projection has one: the output is noise). Its CPU unpack is a
+    C++ extension compiled the same way. So: every registered quanto extension is given, in place of the library
+    it would compile, the one kernel the chosen weight classes call (``unpack``) in torch ops, and the Marlin
+    (fp8) and AWQ (int4, fp16 scales) weight classes, which exist only in the CUDA extension, are never chosen.
+    What is left is what the CPU tests run: dequantize-and-matmul for int8/fp8/int2, and PyTorch's built-in int4
+    kernel (TinyGemm) for int4 with bf16 scales on CUDA 12.1+ and on the CPU. No compiler is needed anywhere, and
+    the weights are the same bytes either way. (Registering other kernels for ``quanto::unpack`` instead is refused
+    by torch 2.11, which does not let Python override a Python registration.)"""
+    import optimum.quanto  # noqa: F401  (registers quanto's ops and its extensions first)
+    from optimum.quanto.library.extensions import extension
     from optimum.quanto.tensor.weights import qbits, qbytes
+
+    kernels = types.SimpleNamespace(unpack=unpack_bits)
+    for ext in extension._extensions.values():  # quanto_cpp everywhere, quanto_cuda on Linux with CUDA
+        ext._lib = kernels  # what Extension.lib returns instead of compiling
+    if getattr(qbytes.is_extension_available, "_edittuner", False):
+        return
 
     def without_cuda_extension(name: str, _available=qbytes.is_extension_available) -> bool:
         return name != "quanto_cuda" and _available(name)
 
+    without_cuda_extension._edittuner = True
     qbytes.is_extension_available = without_cuda_extension
     qbits.is_extension_available = without_cuda_extension
-    with warnings.catch_warnings():  # "Overriding a previously registered kernel": the point of it
-        warnings.simplefilter("ignore")
-        torch.library.impl("quanto::unpack", ["CPU", "CUDA"])(unpack_bits)
-    _PURE_TORCH = True
 
 
 def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:

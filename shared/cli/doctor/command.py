@@ -29,8 +29,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--small", action="store_true", help="the small block (128 wide) on a GPU too; the CPU's default")
     p.add_argument("--skip", default="", help="comma-separated groups to leave out: host, block, tiny")
     p.add_argument("--work-dir", help="where the tiny run writes (default: a new temporary directory)")
-    p.add_argument("--build-quanto-extension", action="store_true",
-                   help="also time quanto's CUDA extension build (information: nothing uses it)")
     p.set_defaults(func=cmd_doctor)
 
 
@@ -62,7 +60,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"edittuner doctor on {platform.node()}, device {device}")
     checks: list = []
     if "host" not in skip:
-        checks += host_rows(device, args.model, args.build_quanto_extension)
+        checks += host_rows(device, args.model)
     if "block" not in skip:
         checks += block_rows(device, small=args.small or device.type == "cpu", precisions=block_precisions)
     if "tiny" not in skip:

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sysconfig
 import tempfile
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -117,10 +116,8 @@ def bitsandbytes_row(device: torch.device) -> Row:
                "that the library matches the driver", data=data)
 
 
-def quanto_row(device: torch.device, build_extension: bool = False) -> Row:
-    """quanto runs on its pure-torch kernels here (shared.model.quantize.pure_torch_quanto): no compiler needed.
-    ``build_extension`` also times the CUDA extension quanto would otherwise compile on first use (information
-    only: nothing uses it)."""
+def quanto_row(device: torch.device) -> Row:
+    """quanto runs on its pure-torch kernels here (shared.model.quantize.pure_torch_quanto): no compiler needed."""
     version = _version("optimum-quanto")
     if version is None:
         return Row("optimum-quanto", "warn", "not installed: the *-quanto precisions are refused",
@@ -128,20 +125,8 @@ def quanto_row(device: torch.device, build_extension: bool = False) -> Row:
     from shared.model.quantize import pure_torch_quanto
 
     pure_torch_quanto()
-    data: dict[str, object] = {"version": version, "kernels": "pure torch"}
-    detail = f"{version}, pure-torch kernels (its compiled extensions are not used: no compiler needed)"
-    if device.type == "cuda" and build_extension:
-        from optimum.quanto.library.extensions import get_extension
-
-        t0 = time.perf_counter()
-        try:
-            get_extension("quanto_cuda").lib
-            data["extension_build_s"] = round(time.perf_counter() - t0, 1)
-            detail += f"; its CUDA extension compiled in {data['extension_build_s']} s"
-        except Exception as err:  # noqa: BLE001 - information only
-            data["extension_error"] = f"{type(err).__name__}: {str(err)[-300:]}"
-            detail += f"; its CUDA extension does not build here ({type(err).__name__}), which nothing needs"
-    return Row("optimum-quanto", "pass", detail, data=data)
+    return Row("optimum-quanto", "pass", f"{version}, pure-torch kernels (its compiled extensions are not used: no "
+               "compiler needed)", data={"version": version, "kernels": "pure torch"})
 
 
 def compiler_row() -> Row:
@@ -226,11 +211,11 @@ def _one_rank_group(dist, backend: str, device: torch.device) -> tuple[bool, str
                                           else label.strip() for label, r in results)
 
 
-def host_rows(device: torch.device, model: str | None, build_quanto_extension: bool = False) -> list:
+def host_rows(device: torch.device, model: str | None) -> list:
     """The checks of this module, in order, as (name, function) pairs for ``Report.run``."""
     return [("torch", torch_row), ("device", lambda: device_row(device)),
             ("bitsandbytes", lambda: bitsandbytes_row(device)),
-            ("optimum-quanto", lambda: quanto_row(device, build_quanto_extension)),
+            ("optimum-quanto", lambda: quanto_row(device)),
             ("C compiler", compiler_row), ("model files", lambda: model_rows(model)),
             ("process group", lambda: process_group_row(device))]
 

@@ -12,7 +12,7 @@ from shared.config.loading import load_run_config
 from shared.model.device import resolve_device
 from shared.service.metrics import Metrics
 from shared.train import gpu
-from shared.train.distributed import Dist
+from shared.train.distributed import Dist, rank_device
 from shared.train.ema import LoraEMA
 from shared.train.trainer import Trainer
 from test_planner import seed_run
@@ -109,6 +109,19 @@ def test_the_ema_on_the_accelerator_reads_the_parameters_where_they_are(cuda):
     ema.params, ema.device = [_OnGpu(torch.full((3,), 3.0), torch.device("cuda", 0))], t._ema_device()
     ema.update()
     assert ema._staging is None and torch.equal(ema.shadow[0], torch.full((3,), 2.0))
+
+
+def test_one_process_binds_the_gpu_it_was_given(cuda):
+    """device=cuda:1 becomes the current GPU (handles and scratch space go there, not to GPU 0); under torchrun each
+    rank binds cuda:LOCAL_RANK whatever device says; a CPU run binds nothing."""
+    t = Trainer(seed_run("device=cuda:1"), store=None)
+    assert (t.device, cuda.current, cuda.set_devices) == (torch.device("cuda", 1), 1, [1])
+    assert rank_device(torch.device("cpu"), Dist()) == torch.device("cpu")
+    assert rank_device(torch.device("cuda"), Dist()) == torch.device("cuda", 1)  # the current one, left as it is
+    assert rank_device(torch.device("cuda", 1), Dist(rank=2, world=4, local_rank=0)) == torch.device("cuda", 0)
+    assert cuda.set_devices == [1, 0]
+    with pytest.raises(errors.InvalidInput, match="has local rank 2, but this host has 2 GPU"):
+        rank_device(torch.device("cuda", 0), Dist(rank=2, world=3, local_rank=2))
 
 
 # ------------------------------------------------------------------------------------------ GPU memory

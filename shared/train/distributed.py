@@ -61,14 +61,21 @@ def current() -> Dist:
 
 
 def rank_device(device: torch.device, dist: Dist) -> torch.device:
-    """Each rank binds its own GPU (``cuda:LOCAL_RANK``); a bare ``cuda`` would put every rank on GPU 0."""
-    if dist.active and device.type == "cuda":
+    """The GPU this process computes on, made its current device. Each rank binds its own (``cuda:LOCAL_RANK``); a
+    bare ``cuda`` would put every rank on GPU 0. One process binds the one it was given (``device=cuda:1``):
+    what is allocated on the current device rather than on a tensor's (cuBLAS handles, libraries' scratch
+    space, the CUDA context) would otherwise land on GPU 0."""
+    if device.type != "cuda":
+        return device
+    if dist.active:
         if dist.local_rank >= torch.cuda.device_count():
             raise InvalidInput(f"num_processes: rank {dist.rank} has local rank {dist.local_rank}, but this host "
                                f"has {torch.cuda.device_count()} GPU(s); use num_processes "
                                f"{torch.cuda.device_count()} or fewer")
-        torch.cuda.set_device(dist.local_rank)
-        return torch.device("cuda", dist.local_rank)
+        device = torch.device("cuda", dist.local_rank)
+    elif device.index is None:  # resolve_device gives one; a bare "cuda" is the current GPU already
+        return torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(device)
     return device
 
 

@@ -135,8 +135,21 @@ def test_the_oom_kill_counter_is_read_from_this_process_cgroup():
     assert count is None or (isinstance(count, int) and count >= 0)
 
 
+# Failed allocations that reach Python as a RuntimeError, not torch.OutOfMemoryError (as torch and the libraries word
+# them), and errors that only look alike
+LIBRARY_OOM = ["RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+               "RuntimeError: cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+               "RuntimeError: cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
+               "RuntimeError: CUDA error: out of memory"]
+NOT_OOM = ["RuntimeError: CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasGemmEx( handle, opa, opb)`",
+           "RuntimeError: cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
+           "non-contiguous input.",
+           "RuntimeError: CUDA error: an illegal memory access was encountered",
+           "Cuda failure 'invalid argument'", "ValueError: ALLOC_FAILED is not a valid mode"]
+
+
 @pytest.mark.parametrize("marker", ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
-                                    "MemoryError"])
+                                    "MemoryError", *LIBRARY_OOM])
 def test_out_of_memory_in_stderr_is_resource_exhausted(tmp_path, marker):
     cmd = worker(tmp_path, f"""
         print("Traceback (most recent call last):", file=sys.stderr)
@@ -147,6 +160,21 @@ def test_out_of_memory_in_stderr_is_resource_exhausted(tmp_path, marker):
     with pytest.raises(errors.ResourceExhausted) as info:
         run(cmd)
     assert str(info.value).startswith(f"the worker ran out of memory: {marker}; lower the resolution")
+
+
+def test_nccls_out_of_memory_is_resource_exhausted_and_lookalikes_are_not(tmp_path):
+    cmd = worker(tmp_path, """
+        print("torch.distributed.DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:3356, unhandled cuda error "
+              "(run with NCCL_DEBUG=INFO for details), NCCL version 2.27.3", file=sys.stderr)
+        print("ncclUnhandledCudaError: Call to CUDA function failed.\\nLast error:", file=sys.stderr)
+        print("Cuda failure 2 'out of memory'", file=sys.stderr)
+        emit({"error": "rank 1: internal error in the training worker: DistBackendError", "kind": "internal"})
+        sys.exit(2)
+    """)
+    with pytest.raises(errors.ResourceExhausted) as info:
+        run(cmd)
+    assert str(info.value).startswith("the worker ran out of memory: Cuda failure 2 'out of memory'; lower the")
+    assert [line for line in NOT_OOM if supervisor.OOM_MARKERS.search(line)] == []
 
 
 def test_cancel_stops_the_worker_with_sigterm(tmp_path):

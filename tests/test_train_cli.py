@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
+import threading
 
+import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -83,3 +86,31 @@ def test_train_in_process_on_two_processes_with_previews(tmp_path, monkeypatch, 
     assert len(load_file(tmp_path / "output" / "tiny-edit-v2" / "pytorch_lora_weights.safetensors")) == 16
     for step in (2, 4):
         assert (tmp_path / "output" / "tiny-edit-v2" / "validation" / f"step-{step}" / "0000.png").is_file()
+
+
+@pytest.mark.parametrize(("error", "said"), [
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+     "out of GPU memory in the training worker: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+     "`cublasCreate(handle)`; lower the resolution"),
+    (RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:3356, unhandled cuda error\nLast error:\n"
+                  "Cuda failure 'out of memory'"),
+     "out of GPU memory in the training worker: Cuda failure 'out of memory'; lower the resolution"),
+    (MemoryError(), "out of host memory in the training worker: MemoryError; lower the resolution"),
+], ids=["cublas", "nccl", "host"])
+def test_the_worker_reports_a_failed_allocation_as_out_of_memory(monkeypatch, capsys, error, said):
+    """A CUDA library's failed allocation is a RuntimeError, not torch.OutOfMemoryError: exit 1, ResourceExhausted,
+    quoting the line that says so (a MemoryError without a message is named by its class)."""
+    from test_planner import seed_run
+    from trainer_svc import worker
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(worker, "exit_with_parent", lambda: None)  # nothing of the worker's process set-up here
+    monkeypatch.setattr(worker, "_stop_on_signals", threading.Event)
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)
+    monkeypatch.setattr(worker, "load_run_config", lambda *args: seed_run("device=cpu"))
+    monkeypatch.setattr(worker, "train_run", fail)
+    assert worker.main(["--store", "unused"]) == 1
+    reported = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert reported["kind"] == "ResourceExhausted" and reported["error"].startswith(said)

@@ -24,7 +24,7 @@ from shared.config.loading import load_run_config
 from shared.errors import EditTunerError
 from shared.logs import quiet_import_noise
 from shared.model.device import resolve_device
-from shared.service.supervisor import OOM_ADVICE, exit_with_parent
+from shared.service.supervisor import OOM_ADVICE, OOM_MARKERS, exit_with_parent
 from shared.store.url import open_store
 from shared.train import distributed
 from shared.train.runner import train_run
@@ -55,6 +55,17 @@ def _stop_on_signals() -> threading.Event:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, handler)
     return stop
+
+
+def _out_of_memory(e: BaseException) -> int:
+    """Report an out-of-memory error (exit 1): its line that says so, else its first, else its class."""
+    where = "host" if isinstance(e, MemoryError) else "GPU"
+    lines = str(e).splitlines()
+    said = next((line for line in lines if OOM_MARKERS.search(line)), lines[0] if lines else type(e).__name__)
+    traceback.print_exc()
+    _emit({"error": f"out of {where} memory in the training worker: {said.strip()[:300]}; {OOM_ADVICE}",
+           "kind": "ResourceExhausted"})
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,12 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         _emit({"error": str(e), "kind": type(e).__name__})
         return 1
     except (torch.OutOfMemoryError, MemoryError) as e:
-        where = "GPU" if isinstance(e, torch.OutOfMemoryError) else "host"
-        traceback.print_exc()
-        _emit({"error": f"out of {where} memory in the training worker: {str(e).splitlines()[0][:300]}; "
-                        f"{OOM_ADVICE}", "kind": "ResourceExhausted"})
-        return 1
+        return _out_of_memory(e)
     except Exception as e:  # the supervisor reports a generic failure; the traceback goes to the log
+        if OOM_MARKERS.search(str(e)):  # a CUDA library's failed allocation, raised as a RuntimeError
+            return _out_of_memory(e)
         traceback.print_exc()
         _emit({"error": f"internal error in the training worker: {type(e).__name__}", "kind": "internal"})
         return 2

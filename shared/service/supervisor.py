@@ -36,9 +36,15 @@ TAIL_LINES = 15  # what an error message quotes ...
 TAIL_CHARS = 2000  # ... at most
 EXIT_DRAIN_S = 2.0  # after the worker exits, how long a process it left behind may hold stdout open
 # What the worker's own output shows when it ran out of memory: torch's CUDA message and exception, Python's
-# MemoryError. A bare SIGKILL is not such evidence (torchrun prints "Signal 9 (SIGKILL) received" for any kill):
-# an out-of-memory kill by the kernel is told by the cgroup's memory.events (see oom_kill_count).
-OOM_MARKERS = re.compile(r"CUDA out of memory|torch\.OutOfMemoryError|OutOfMemoryError: |^MemoryError", re.M)
+# MemoryError; and the failed allocations that reach Python as a RuntimeError, not torch.OutOfMemoryError: a CUDA
+# call's own (cudaErrorMemoryAllocation), a CUDA library's status (CUBLAS_STATUS_ALLOC_FAILED when cublasCreate
+# finds no room for its workspace, cuDNN's CUDNN_STATUS_ALLOC_FAILED or, from cuDNN 9, ..._ALLOCATION_FAILED,
+# cuFFT's, cuRAND's, ...) and NCCL's "Cuda failure 'out of memory'". A bare SIGKILL is not such evidence (torchrun
+# prints "Signal 9 (SIGKILL) received" for any kill): an out-of-memory kill by the kernel is told by the cgroup's
+# memory.events (see oom_kill_count).
+OOM_MARKERS = re.compile(r"CUDA out of memory|torch\.OutOfMemoryError|OutOfMemoryError: |^MemoryError"
+                         r"|CUDA error: out of memory|Cuda failure (?:\d+ )?'out of memory'"
+                         r"|\bCU[A-Z]+_(?:STATUS_)?(?:INTERNAL_ERROR_(?:HOST|DEVICE)_)?ALLOC(?:ATION)?_FAILED\b", re.M)
 OOM_ADVICE = ("lower the resolution or train_batch_size, enable gradient_checkpointing, or quantize the base "
               "model (base_model_precision)")
 # Worker error kinds re-raised as the same class in the supervisor; other kinds (TrainingDiverged, "internal")

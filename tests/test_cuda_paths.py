@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
 from shared import errors
 from shared.config.loading import load_run_config
-from shared.model.device import resolve_device
+from shared.model.device import resolve_device, resolve_dtype
 from shared.service.metrics import Metrics
 from shared.train import gpu
 from shared.train.distributed import Dist, rank_device
@@ -23,15 +27,18 @@ GiB = 1 << 30
 
 class FakeCuda:
     """torch.cuda on a host with ``count`` GPUs, GPU 0 the current one: what the code asks, answered; what it
-    sets, recorded. Its caching allocator (one for the host) keeps what it reserved when tensors are freed."""
+    sets, recorded. Every GPU computes bf16 natively unless ``bf16_native`` says otherwise. Its caching allocator
+    (one for the host) keeps what it reserved when tensors are freed."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, count: int = 2):
         self.count, self.current = count, 0
         self.set_devices: list[int] = []
+        self.bf16_native = [True] * count
         self.allocated = self.reserved = self.peak_allocated = self.peak_reserved = 0
         self.peak_resets: list[torch.device | None] = []
-        for name in ("is_available", "device_count", "current_device", "set_device", "memory_allocated",
-                     "memory_reserved", "max_memory_allocated", "max_memory_reserved", "reset_peak_memory_stats"):
+        for name in ("is_available", "device_count", "current_device", "set_device", "device", "is_bf16_supported",
+                     "memory_allocated", "memory_reserved", "max_memory_allocated", "max_memory_reserved",
+                     "reset_peak_memory_stats"):
             monkeypatch.setattr(torch.cuda, name, getattr(self, name))
 
     def is_available(self) -> bool:
@@ -48,6 +55,17 @@ class FakeCuda:
         assert index is not None and 0 <= index < self.count, device  # torch refuses a device without an index
         self.current = index
         self.set_devices.append(index)
+
+    @contextmanager
+    def device(self, device: torch.device) -> Iterator[None]:
+        before, self.current = self.current, torch.device(device).index
+        try:
+            yield
+        finally:
+            self.current = before
+
+    def is_bf16_supported(self, including_emulation: bool = True) -> bool:
+        return including_emulation or self.bf16_native[self.current]
 
     def allocate(self, n: int) -> None:
         self.allocated += n
@@ -122,6 +140,21 @@ def test_one_process_binds_the_gpu_it_was_given(cuda):
     assert cuda.set_devices == [1, 0]
     with pytest.raises(errors.InvalidInput, match="has local rank 2, but this host has 2 GPU"):
         rank_device(torch.device("cuda", 0), Dist(rank=2, world=3, local_rank=2))
+
+
+def test_auto_precision_is_bf16_only_on_a_gpu_that_computes_it(cuda, caplog):
+    """GPU 0 an A100, GPU 1 a V100 (bf16 emulated only): auto is bf16 on the first, fp32 with the reason logged on
+    the second, whichever GPU is current; asked for explicitly, bf16 it is."""
+    cuda.bf16_native = [True, False]
+    with caplog.at_level(logging.WARNING, logger="shared.model.device"):
+        assert resolve_dtype("auto", torch.device("cuda", 0)) == resolve_dtype(None, "cuda:0") == torch.bfloat16
+        assert not caplog.records
+        assert resolve_dtype("auto", torch.device("cuda", 1)) == torch.float32
+        assert "cuda:1 has no native bf16" in caplog.text and cuda.current == 0
+        assert resolve_dtype("bf16", "cuda:1") == torch.bfloat16
+        assert resolve_dtype("auto", "cpu") == torch.float32
+        for device, dtype in (("cuda:1", torch.float32), ("cuda:0", torch.bfloat16)):
+            assert Trainer(seed_run("mixed_precision=auto", f"device={device}"), store=None).dtype == dtype
 
 
 # ------------------------------------------------------------------------------------------ GPU memory

@@ -175,21 +175,38 @@ def test_the_reported_peak_is_the_steps_not_the_loads(cuda):
     assert cuda.peak_resets == [device]
 
 
-def test_setup_resets_the_peak_last_and_after_a_resume(tmp_path, tiny_models, monkeypatch):
-    """The reset comes after everything setup allocates: the base, the LoRA, the optimizer, the EMA, and on a resume
-    the checkpoint's state (its step and EMA loaded)."""
+def test_setup_allows_tf32_first_and_resets_the_peak_last_also_on_a_resume(tmp_path, tiny_models, monkeypatch):
+    """TF32 is on before the base loads; the peak is reset after everything setup allocates: the base, the LoRA, the
+    optimizer, the EMA, and on a resume the checkpoint's state (its step loaded)."""
     cfg, store = make_run(tmp_path, tiny_models, n=2)
     seen: list[tuple] = []
     trainers: list[Trainer] = []
+    monkeypatch.setattr(gpu, "allow_tf32", lambda device: seen.append(("tf32", device, trainers[-1].transformer)))
     monkeypatch.setattr(gpu, "reset_peak", lambda device: seen.append(
-        (device, trainers[-1].step, hasattr(trainers[-1], "scheduler"), trainers[-1].ema is not None)))
+        ("reset", device, trainers[-1].step, hasattr(trainers[-1], "scheduler"), trainers[-1].ema is not None)))
     for overrides in (["max_train_steps=3", "use_ema=true"], ["max_train_steps=4", "resume_from_checkpoint=latest",
                                                               "use_ema=true"]):
         trainers.append(Trainer(load_run_config(cfg, overrides=overrides), store))
         trainers[-1].setup()
-        assert len(seen) == len(trainers)
+        assert len(seen) == 2 * len(trainers)
         trainers[-1].train()
-    assert seen == [(torch.device("cpu"), 0, True, True), (torch.device("cpu"), 3, True, True)]
+    cpu = torch.device("cpu")
+    assert seen == [("tf32", cpu, None), ("reset", cpu, 0, True, True),
+                    ("tf32", cpu, None), ("reset", cpu, 3, True, True)]
+
+
+def test_tf32_is_allowed_for_a_cuda_run_and_a_cpu_run_changes_nothing():
+    matmul = torch.backends.cuda.matmul
+    before, matmul.allow_tf32 = matmul.allow_tf32, False  # torch's default
+    try:
+        gpu.allow_tf32(torch.device("cpu"))
+        assert matmul.allow_tf32 is False and torch.get_float32_matmul_precision() == "highest"
+        gpu.allow_tf32(torch.device("cuda", 0))
+        assert matmul.allow_tf32 is True
+        # readable through the new API and the process-wide one too (torch raises on a mix of set and read APIs)
+        assert (matmul.fp32_precision, torch.get_float32_matmul_precision()) == ("tf32", "high")
+    finally:
+        matmul.allow_tf32 = before
 
 
 def test_the_services_export_the_reserved_peak_beside_the_allocated_one(cuda):

@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
 from shared import errors
 from shared.config.loading import load_run_config
-from shared.model.device import resolve_device
+from shared.model.device import resolve_device, resolve_dtype
 from shared.service.metrics import Metrics
 from shared.train import gpu
 from shared.train.distributed import Dist, rank_device
@@ -23,15 +27,18 @@ GiB = 1 << 30
 
 class FakeCuda:
     """torch.cuda on a host with ``count`` GPUs, GPU 0 the current one: what the code asks, answered; what it
-    sets, recorded. Its caching allocator (one for the host) keeps what it reserved when tensors are freed."""
+    sets, recorded. Every GPU computes bf16 natively unless ``bf16_native`` says otherwise. Its caching allocator
+    (one for the host) keeps what it reserved when tensors are freed."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, count: int = 2):
         self.count, self.current = count, 0
         self.set_devices: list[int] = []
+        self.bf16_native = [True] * count
         self.allocated = self.reserved = self.peak_allocated = self.peak_reserved = 0
         self.peak_resets: list[torch.device | None] = []
-        for name in ("is_available", "device_count", "current_device", "set_device", "memory_allocated",
-                     "memory_reserved", "max_memory_allocated", "max_memory_reserved", "reset_peak_memory_stats"):
+        for name in ("is_available", "device_count", "current_device", "set_device", "device", "is_bf16_supported",
+                     "memory_allocated", "memory_reserved", "max_memory_allocated", "max_memory_reserved",
+                     "reset_peak_memory_stats"):
             monkeypatch.setattr(torch.cuda, name, getattr(self, name))
 
     def is_available(self) -> bool:
@@ -48,6 +55,17 @@ class FakeCuda:
         assert index is not None and 0 <= index < self.count, device  # torch refuses a device without an index
         self.current = index
         self.set_devices.append(index)
+
+    @contextmanager
+    def device(self, device: torch.device) -> Iterator[None]:
+        before, self.current = self.current, torch.device(device).index
+        try:
+            yield
+        finally:
+            self.current = before
+
+    def is_bf16_supported(self, including_emulation: bool = True) -> bool:
+        return including_emulation or self.bf16_native[self.current]
 
     def allocate(self, n: int) -> None:
         self.allocated += n
@@ -124,6 +142,21 @@ def test_one_process_binds_the_gpu_it_was_given(cuda):
         rank_device(torch.device("cuda", 0), Dist(rank=2, world=3, local_rank=2))
 
 
+def test_auto_precision_is_bf16_only_on_a_gpu_that_computes_it(cuda, caplog):
+    """GPU 0 an A100, GPU 1 a V100 (bf16 emulated only): auto is bf16 on the first, fp32 with the reason logged on
+    the second, whichever GPU is current; asked for explicitly, bf16 it is."""
+    cuda.bf16_native = [True, False]
+    with caplog.at_level(logging.WARNING, logger="shared.model.device"):
+        assert resolve_dtype("auto", torch.device("cuda", 0)) == resolve_dtype(None, "cuda:0") == torch.bfloat16
+        assert not caplog.records
+        assert resolve_dtype("auto", torch.device("cuda", 1)) == torch.float32
+        assert "cuda:1 has no native bf16" in caplog.text and cuda.current == 0
+        assert resolve_dtype("bf16", "cuda:1") == torch.bfloat16
+        assert resolve_dtype("auto", "cpu") == torch.float32
+        for device, dtype in (("cuda:1", torch.float32), ("cuda:0", torch.bfloat16)):
+            assert Trainer(seed_run("mixed_precision=auto", f"device={device}"), store=None).dtype == dtype
+
+
 # ------------------------------------------------------------------------------------------ GPU memory
 def test_the_reported_peak_is_the_steps_not_the_loads(cuda):
     """A bf16 base loaded (41 GiB) and quantized down to 12 GiB; after the reset a step peaks at 20 GiB. Reported:
@@ -142,21 +175,38 @@ def test_the_reported_peak_is_the_steps_not_the_loads(cuda):
     assert cuda.peak_resets == [device]
 
 
-def test_setup_resets_the_peak_last_and_after_a_resume(tmp_path, tiny_models, monkeypatch):
-    """The reset comes after everything setup allocates: the base, the LoRA, the optimizer, the EMA, and on a resume
-    the checkpoint's state (its step and EMA loaded)."""
+def test_setup_allows_tf32_first_and_resets_the_peak_last_also_on_a_resume(tmp_path, tiny_models, monkeypatch):
+    """TF32 is on before the base loads; the peak is reset after everything setup allocates: the base, the LoRA, the
+    optimizer, the EMA, and on a resume the checkpoint's state (its step loaded)."""
     cfg, store = make_run(tmp_path, tiny_models, n=2)
     seen: list[tuple] = []
     trainers: list[Trainer] = []
+    monkeypatch.setattr(gpu, "allow_tf32", lambda device: seen.append(("tf32", device, trainers[-1].transformer)))
     monkeypatch.setattr(gpu, "reset_peak", lambda device: seen.append(
-        (device, trainers[-1].step, hasattr(trainers[-1], "scheduler"), trainers[-1].ema is not None)))
+        ("reset", device, trainers[-1].step, hasattr(trainers[-1], "scheduler"), trainers[-1].ema is not None)))
     for overrides in (["max_train_steps=3", "use_ema=true"], ["max_train_steps=4", "resume_from_checkpoint=latest",
                                                               "use_ema=true"]):
         trainers.append(Trainer(load_run_config(cfg, overrides=overrides), store))
         trainers[-1].setup()
-        assert len(seen) == len(trainers)
+        assert len(seen) == 2 * len(trainers)
         trainers[-1].train()
-    assert seen == [(torch.device("cpu"), 0, True, True), (torch.device("cpu"), 3, True, True)]
+    cpu = torch.device("cpu")
+    assert seen == [("tf32", cpu, None), ("reset", cpu, 0, True, True),
+                    ("tf32", cpu, None), ("reset", cpu, 3, True, True)]
+
+
+def test_tf32_is_allowed_for_a_cuda_run_and_a_cpu_run_changes_nothing():
+    matmul = torch.backends.cuda.matmul
+    before, matmul.allow_tf32 = matmul.allow_tf32, False  # torch's default
+    try:
+        gpu.allow_tf32(torch.device("cpu"))
+        assert matmul.allow_tf32 is False and torch.get_float32_matmul_precision() == "highest"
+        gpu.allow_tf32(torch.device("cuda", 0))
+        assert matmul.allow_tf32 is True
+        # readable through the new API and the process-wide one too (torch raises on a mix of set and read APIs)
+        assert (matmul.fp32_precision, torch.get_float32_matmul_precision()) == ("tf32", "high")
+    finally:
+        matmul.allow_tf32 = before
 
 
 def test_the_services_export_the_reserved_peak_beside_the_allocated_one(cuda):

@@ -269,6 +269,7 @@ def test_start_run_refuses_before_a_job_exists_unless_skipped(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 24 * GiB))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
     files = common_pb2.RunConfigFiles(config_json=SEED_CONFIG, data_json=SEED_DATA_V2,
@@ -293,6 +294,7 @@ def test_trainer_setup_refuses_on_a_gpu_too_small_unless_skipped(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 24 * GiB))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
     with pytest.raises(errors.ResourceExhausted, match="base_model_precision=nf4-bnb"):

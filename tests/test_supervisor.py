@@ -271,3 +271,16 @@ def test_environment_and_working_directory_are_passed(tmp_path):
     cmd = worker(tmp_path, 'emit({"result": {"cwd": os.getcwd(), "x": os.environ.get("X", "")}})\n')
     result, _ = run(cmd, env={**os.environ, "X": "42"}, cwd=tmp_path)
     assert result == {"cwd": str(tmp_path), "x": "42"}
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, ("expandable_segments:True", None)),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"}, ("backend:cudaMallocAsync", None)),
+    ({"PYTORCH_ALLOC_CONF": "expandable_segments:False"}, (None, "expandable_segments:False")),
+], ids=["default", "user-cuda", "user-generic"])
+def test_workers_get_expandable_segments_unless_the_allocator_is_configured(tmp_path, env, expected):
+    cmd = worker(tmp_path, '''emit({"result": {"conf": [os.environ.get(v) for v in ("PYTORCH_CUDA_ALLOC_CONF",
+                                                                            "PYTORCH_ALLOC_CONF")]}})\n''')
+    base = {k: v for k, v in os.environ.items() if k not in supervisor.ALLOC_CONF_VARS}
+    result, _ = run(cmd, env={**base, **env})
+    assert tuple(result["conf"]) == expected

@@ -114,3 +114,31 @@ def test_the_worker_reports_a_failed_allocation_as_out_of_memory(monkeypatch, ca
     assert worker.main(["--store", "unused"]) == 1
     reported = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert reported["kind"] == "ResourceExhausted" and reported["error"].startswith(said)
+
+
+def test_the_worker_keeps_bitsandbytes_per_call_warning_out_of_its_log(monkeypatch, caplog):
+    """A real int8-bnb Linear warns on each forward (MatMul8bitLt casts bf16 to fp16); after the worker's logging
+    set-up that warning is gone, and the project's own loggers are left as they were."""
+    import torch
+
+    from shared.model.quantize import quantize_transformer
+    from trainer_svc import worker
+
+    linear = quantize_transformer(torch.nn.Sequential(torch.nn.Linear(64, 64)).to(torch.bfloat16), "int8-bnb",
+                                  device="cpu", compute_dtype=torch.bfloat16).eval()
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)  # the test process keeps its handlers
+    bnb = logging.getLogger("bitsandbytes")
+    before = bnb.level
+    bnb.setLevel(logging.NOTSET)  # as in a fresh process (the CLI's tests raise it in this one)
+    try:
+        with caplog.at_level(logging.WARNING), torch.no_grad():
+            linear(torch.randn(2, 64, dtype=torch.bfloat16))
+            assert any(r.name.startswith("bitsandbytes.") and "MatMul8bitLt: inputs will be cast" in r.getMessage()
+                       for r in caplog.records)
+            caplog.clear()
+            worker._configure_logging()
+            linear(torch.randn(2, 64, dtype=torch.bfloat16))
+            assert caplog.records == []
+            assert logging.getLogger("shared.train.trainer").level == logging.NOTSET
+    finally:
+        bnb.setLevel(before)

@@ -22,7 +22,7 @@ import torch
 
 from shared.config.loading import load_run_config
 from shared.errors import EditTunerError
-from shared.logs import quiet_import_noise
+from shared.logs import quiet_call_noise, quiet_import_noise
 from shared.model.device import resolve_device
 from shared.service.supervisor import OOM_ADVICE, OOM_MARKERS, exit_with_parent
 from shared.store.url import open_store
@@ -57,6 +57,14 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def _configure_logging() -> None:
+    """INFO on stderr (trainer_svc keeps it as the run's worker.log); errors only from the libraries that announce
+    their import or warn on every call (shared.logs)."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    quiet_import_noise()
+    quiet_call_noise()
+
+
 def _out_of_memory(e: BaseException) -> int:
     """Report an out-of-memory error (exit 1): its line that says so, else its first, else its class."""
     where = "host" if isinstance(e, MemoryError) else "GPU"
@@ -87,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the cache index of a dataset, as the encoder reported it")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    quiet_import_noise()
+    _configure_logging()
     try:
         run = load_run_config(args.config, args.data, args.overrides)
         distributed.init(distributed.rank_device(resolve_device(run.train.device), RANK))

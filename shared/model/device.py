@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from shared import errors
+
+log = logging.getLogger(__name__)
 
 _DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -21,17 +25,33 @@ _DTYPES: dict[str, torch.dtype] = {
 def resolve_dtype(name: str | None, device: str | torch.device) -> torch.dtype:
     """Map a precision name to a torch dtype.
 
-    ``None`` or ``"auto"`` (the user did not choose) means bf16 on CUDA and fp32 elsewhere: CPUs run bf16 matmuls
-    slowly and with poor accuracy, so a CPU gets bf16/fp16 only when asked for explicitly.
+    ``None`` or ``"auto"`` (the user did not choose) means bf16 on a GPU that computes it natively (compute
+    capability 8.0 on: Ampere and later) and fp32 elsewhere: CPUs run bf16 matmuls slowly and with poor accuracy,
+    older GPUs only emulate bf16, and fp16, which they do run fast, overflows with this model (training refuses
+    it). Such a device gets bf16/fp16 only when asked for explicitly.
     """
     if name is None or name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            return torch.float32
+        if _computes_bf16(dev):
+            return torch.bfloat16
+        log.warning("mixed_precision auto: %s has no native bf16 (compute capability below 8.0), so the run computes "
+                    "in fp32 (fp16 overflows with this model); set mixed_precision=bf16 to use emulated bf16", dev)
+        return torch.float32
     try:
         return _DTYPES[name.lower()]
     except (KeyError, AttributeError):
         raise errors.InvalidInput(
             f"unknown precision {name!r}: expected one of auto, bf16, fp16, fp32, no"
         ) from None
+
+
+def _computes_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 natively; ``is_bf16_supported`` asks about the current GPU, so ``device`` is made
+    current for the question. Emulated bf16 counts as no."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shared.errors import EditTunerError
-from shared.logs import quiet_import_noise
+from shared.logs import quiet_call_noise, quiet_import_noise
 from shared.rpc import data_pb2, data_pb2_grpc
 from shared.rpc.server import ServiceConfig, build_server, install_sigterm
 from shared.service.common import ServerPaths
@@ -38,6 +38,7 @@ def serve(name: str, default_port: int, make: Callable[[ServiceConfig, Any, Metr
     training worker starts its last checkpoint at once, Watch streams end), then the server drains."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
     quiet_import_noise()
+    quiet_call_noise()  # eval_svc's previews through an int8-bnb base
     env = dict(os.environ if env is None else env)
     try:
         config = ServiceConfig.from_env(f"EDITTUNER_{name.upper()}", env, default_port=default_port)

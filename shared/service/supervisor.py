@@ -47,6 +47,12 @@ OOM_MARKERS = re.compile(r"CUDA out of memory|torch\.OutOfMemoryError|OutOfMemor
                          r"|\bCU[A-Z]+_(?:STATUS_)?(?:INTERNAL_ERROR_(?:HOST|DEVICE)_)?ALLOC(?:ATION)?_FAILED\b", re.M)
 OOM_ADVICE = ("lower the resolution or train_batch_size, enable gradient_checkpointing, or quantize the base "
               "model (base_model_precision)")
+# The CUDA caching allocator of a worker: expandable segments, which grow in place, so that batches of another
+# bucket's shape reuse the memory the last ones freed instead of fragmenting it into blocks of the wrong size
+# (check_fits leaves only CUDA_OVERHEAD of slack). Unless the environment configures the allocator: torch reads
+# PYTORCH_ALLOC_CONF too (its newer name, preferred for the settings every device shares).
+ALLOC_CONF = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+ALLOC_CONF_VARS = {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"}
 # Worker error kinds re-raised as the same class in the supervisor; other kinds (TrainingDiverged, "internal")
 # become WorkerFailed.
 KINDS: dict[str, type[errors.EditTunerError]] = {
@@ -75,12 +81,15 @@ def run_worker(cmd: list[str], *, on_event: Callable[[dict[str, Any]], None], ca
                log_path: Path | None = None, kill_grace_s: float = 10.0) -> dict[str, Any]:
     """Run ``cmd`` in a new process group; call ``on_event`` (on this thread) for each event; return the result.
 
-    ``env`` replaces the environment as in ``subprocess`` (None inherits). Stderr is appended to ``log_path``
-    (else to an anonymous temp file). When ``cancelled`` is set, or ``on_event`` raises, the group gets SIGTERM,
-    then SIGKILL after ``kill_grace_s``; cancellation raises ``JobCancelled``."""
+    ``env`` replaces the environment as in ``subprocess`` (None inherits), with ``ALLOC_CONF`` added unless it
+    configures the allocator itself. Stderr is appended to ``log_path`` (else to an anonymous temp file). When
+    ``cancelled`` is set, or ``on_event`` raises, the group gets SIGTERM, then SIGKILL after ``kill_grace_s``;
+    cancellation raises ``JobCancelled``."""
     with _open_log(log_path) as logf:
         start = logf.seek(0, os.SEEK_END)
         child_env = {**(os.environ if env is None else env), PARENT_PID_ENV: str(os.getpid())}
+        if not ALLOC_CONF_VARS & child_env.keys():  # the user's configuration wins
+            child_env.update(ALLOC_CONF)
         oom_before = oom_kill_count()
         try:
             # No preexec_fn (Python code between fork and exec, beside the service's threads, can crash the

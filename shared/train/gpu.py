@@ -1,5 +1,6 @@
-"""The training process's GPU memory figures: the peak is measured from the end of setup, and reported with what the
-caching allocator reserved beside what tensors allocated. On a CPU there are none.
+"""What a training process sets on its GPU, and the memory figures it reads back: fp32 matmuls in TF32; the peak
+measured from the end of setup, reported with what the caching allocator reserved beside what tensors allocated.
+On a CPU nothing is set and there are no figures.
 """
 
 from __future__ import annotations
@@ -7,6 +8,16 @@ from __future__ import annotations
 import torch
 
 from shared.train import distributed
+
+
+def allow_tf32(device: torch.device) -> None:
+    """fp32 matmuls in TF32 on CUDA (cuBLAS; convolutions already are, by torch's default). The fp32 LoRA's inputs
+    are cast up from bf16 activations (8 significant bits), which TF32 (11) holds exactly; its weights are rounded
+    to TF32 inside the product only, still finer than the bf16 base they add to. The legacy flag, not
+    ``fp32_precision``: torch raises when one API is read after the other set it, and diffusers, transformers and
+    torchao read the legacy ones."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def reset_peak(device: torch.device) -> None:

@@ -150,6 +150,7 @@ class Trainer:
                                   caption_dropout=cfg.caption_dropout_probability,
                                   random_references=cfg.conditioning_multidataset_sampling == "random",
                                   null_available=null_ok, pin_memory=self.device.type == "cuda")
+        gpu.allow_tf32(self.device)  # the fp32 LoRA's matmuls; set once the run is known to start
         torch.manual_seed(cfg.seed)
 
         def load_base() -> Any:

@@ -7,8 +7,16 @@ from shared.plan.counts import LinearInfo, TransformerCounts
 from shared.plan.memory import per_stream
 from shared.plan.tokens import Tokens
 
-MFU_BF16 = 0.35
-MFU_QUANTIZED = 0.25  # quanto dequantizes the weight for every matmul; bnb likewise
+# Model FLOPs utilisation per base_model_precision: hardware FLOPs (with checkpointing's recompute) per second over
+# the card's dense bf16 peak. Measured on one NVIDIA H200 (torch 2.11 + CUDA 13.0; `edittuner doctor --full`,
+# shared.plan.step) at edit-v2, 1024 px, three references (17,012 tokens per sample), checkpointing, rank-16 LoRA,
+# AdamW: bf16 4.09 s/step, int8-quanto 4.37, fp8-quanto 4.45, nf4-bnb 4.10, int4-quanto 25.1 (see
+# shared/plan/measured.json and docs/BENCHMARKS.md). Fewer tokens per step use the card less well: below that size
+# these are optimistic. int4-quanto recovers its weight through an identity matmul and an unpack in every backward
+# (quanto's TinyGemm layout): six times slower. int8-bnb and int2-quanto were not measured at full size: assumed.
+MFU: dict[str, float] = {"no_change": 0.38, "int8-quanto": 0.36, "fp8-quanto": 0.35, "nf4-bnb": 0.38,
+                         "int4-quanto": 0.062, "int8-bnb": 0.25, "int2-quanto": 0.25}
+MEASURED_MFU = ("no_change", "int8-quanto", "fp8-quanto", "nf4-bnb", "int4-quanto")
 ATTENTION_BACKWARD = 2.0  # dQ, dK from dS and dV, dP from dO: 2x the forward (bench/gpu_step.py counts the same)
 
 

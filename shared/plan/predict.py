@@ -38,7 +38,7 @@ from shared.plan.counts import (
     text_encoder_embedding_params,
     transformer_counts,
 )
-from shared.plan.flops import MFU_BF16, MFU_QUANTIZED, step_flops
+from shared.plan.flops import MEASURED_MFU, MFU, step_flops
 from shared.plan.gpus import fmt_gib, gpu_spec
 from shared.plan.memory import (
     CUDA_OVERHEAD,
@@ -144,15 +144,18 @@ def _dp_assumptions(machines: int) -> list[str]:
             "load in turns (start-up takes that many loads)"]
 
 
-def _assumptions(gpu: str, mfu: float, compute_bytes: int) -> list[str]:
+def _assumptions(gpu: str, mfu: float, compute_bytes: int, precision: str) -> list[str]:
     fp32 = ["mixed_precision fp32: activations taken as twice the bf16 measurement (approximate)"]
+    source = ("measured on an H200 at edit-v2, 1024 px, three references, checkpointing (17,012 tokens per "
+              "sample; optimistic for fewer tokens)" if precision in MEASURED_MFU else
+              "assumed: not measured at full size for this precision")
     return (fp32 if compute_bytes == 4 else []) + [
-        f"fixed CUDA overhead {fmt_gib(CUDA_OVERHEAD)} per service (context, workspaces, allocator slack): assumed",
-        f"seconds/step = hardware FLOPs (with checkpointing's recompute) / ({gpu} peak bf16 x MFU {mfu:.2f}); the "
-        "MFU is an assumption until bench/gpu_step.py measures it (it reports MFU on model FLOPs, without the "
-        "recompute)",
-        "activation constants measured on CPU kernels (saved tensors + peak live bytes); CUDA's attention kernels "
-        "save the same q/k/v/output/logsumexp, so the same bytes are expected: not yet checked on a GPU",
+        f"fixed CUDA overhead {fmt_gib(CUDA_OVERHEAD)} per service (context, workspaces, allocator slack): measured "
+        "1.1-2.1 GiB above the device's use on an H200",
+        f"seconds/step = hardware FLOPs (with checkpointing's recompute) / ({gpu} peak bf16 x MFU {mfu:.3g}); the "
+        f"MFU for {precision} is {source}",
+        "activation constants measured on CPU kernels (saved tensors + peak live bytes); on an H200 the trainer's "
+        "predicted total was 2-10% above the device memory used, for every precision measured",
         f"tokens per sample: caption ~{CAPTION_TOKENS} text tokens + {VL_PIXELS_PER_TOKEN} px per VL image token; "
         "square buckets at each dataset's area (other aspect ratios have about as many tokens)",
         "text encoder activations are an estimate (hidden states of every layer + all-position logits), not measured",
@@ -245,7 +248,7 @@ def plan_run(run: RunConfig, gpu_memory_bytes: int | None = None, gpu: str = "H1
     flops["rollout"] = rollout_forwards * flops["forward"]  # the same forward, at batch size or below
     samples = t.train_batch_size * t.gradient_accumulation_steps
     per_step = sum(flops.values()) * samples
-    mfu = MFU_BF16 if t.base_model_precision == "no_change" else MFU_QUANTIZED
+    mfu = MFU[t.base_model_precision]
     services = {"trainer": ServicePlan("trainer", trainer, memory), "encoder": ServicePlan("encoder", encoder, memory),
                 "eval": ServicePlan("eval", ev, memory)}
     plan = Plan(model=t.model_path, flavour=t.model_flavour, precision=t.base_model_precision,
@@ -257,7 +260,7 @@ def plan_run(run: RunConfig, gpu_memory_bytes: int | None = None, gpu: str = "H1
                 flops_per_step=per_step, model_flops_per_step=(flops["forward"] + flops["backward"]) * samples,
                 seconds_per_step=per_step / n_gpus / (peak_flops * mfu) + allreduce_seconds(n_lora, n_gpus,
                                                                                            t.num_machines), mfu=mfu,
-                fits=services["trainer"].fits, assumptions=_assumptions(name, mfu, cb) + (
+                fits=services["trainer"].fits, assumptions=_assumptions(name, mfu, cb, t.base_model_precision) + (
                     _dp_assumptions(t.num_machines) if n_gpus > 1 else []) + (
                     _rollout_assumptions(rollout, rollout_forwards) if rollout is not None else []),
                 gpus=n_gpus, allreduce_seconds=allreduce_seconds(n_lora, n_gpus, t.num_machines),

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from shared.plan.gpus import GiB, fmt_gib
 from shared.plan.predict import Plan, plan_run
@@ -31,7 +32,7 @@ def format_plan(plan: Plan) -> str:
         parts = ", ".join(f"{k} {fmt_gib(v)}" for k, v in s.breakdown.items())
         lines.append(f"{s.name:<8} {fmt_gib(s.total):>10}  {'yes' if s.fits else 'NO':<4}  {parts}")
     lines += ["", f"step: {plan.flops_per_step:.3g} FLOPs ({plan.micro_batches} micro-batch(es) of {plan.batch}), "
-              f"about {plan.seconds_per_step:.3g} s per optimizer step on {plan.gpu} (assumed MFU {plan.mfu:.2f})"]
+              f"about {plan.seconds_per_step:.3g} s per optimizer step on {plan.gpu} (MFU {plan.mfu:.3g})"]
     if plan.rollout_forwards:
         lines.append(f"of it scheduled sampling: {plan.rollout_forwards:.2g} forwards without gradient per sample "
                      "before its training forward")
@@ -85,6 +86,19 @@ def _services_and_gpus(plan: Plan) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ docs table
+def measured_runs() -> dict[str, Any]:
+    """The GPU measurements the planner is checked against (``measured.json``: device, software, rows)."""
+    return json.loads((Path(__file__).with_name("measured.json")).read_text(encoding="utf-8"))
+
+
+def _measured_cell(rows: list[dict[str, Any]], flavour: str, refs: int, res: int, precision: str, ckpt: bool) -> str:
+    for r in rows:
+        if (r["flavour"], r["references"], r["resolution"], r["precision"], r["checkpointing"]) == (
+                flavour, refs, res, precision, ckpt) and r["cap_gib"] is None:
+            return f"{r['device_used_gib']:.1f} GiB used, {r['s_per_step']:.2f} s (H200)"
+    return ""
+
+
 def docs_table(gpu: str = "H100") -> str:
     """The markdown table of docs/PLANNER.md: the real model (hub ids) at 512/768/1024, edit-v1 and edit-v2 with 3
     references, bf16/int8-quanto/nf4-bnb, with and without gradient checkpointing."""
@@ -93,6 +107,7 @@ def docs_table(gpu: str = "H100") -> str:
     head = ("| flavour | refs | res | precision | ckpt | tokens | trainer GiB (weights + LoRA / activations) | "
             "encoder GiB | eval GiB | s/step " + gpu + " (predicted) | measured |")
     lines = [head, "|" + "---|" * 11]
+    measured = measured_runs()["rows"]
     for flavour, refs in (("edit-v1", 1), ("edit-v2", 3)):
         for res in (512, 768, 1024):
             ids = [f"ref{i}" for i in range(refs)]
@@ -112,7 +127,8 @@ def docs_table(gpu: str = "H100") -> str:
                     lines.append(f"| {flavour} | {refs} | {res} | {'bf16' if precision == 'no_change' else precision}"
                                  f" | {'on' if ckpt else 'off'} | {p.tokens.total} | {p.trainer.total / GiB:.1f} "
                                  f"({fixed / GiB:.1f} / {acts / GiB:.1f}) | {p.services['encoder'].total / GiB:.1f}"
-                                 f" | {p.services['eval'].total / GiB:.1f} | {p.seconds_per_step:.1f} | |")
+                                 f" | {p.services['eval'].total / GiB:.1f} | {p.seconds_per_step:.1f} | "
+                                 f"{_measured_cell(measured, flavour, refs, res, precision, ckpt)} |")
     return "\n".join(lines)
 
 

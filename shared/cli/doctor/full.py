@@ -46,6 +46,10 @@ def full_row(precision: str, device: torch.device, steps: int = 2, flavour: str 
     if under > 0.10:
         return Row(check, "warn", detail, f"the planner under-predicts this run by {100 * under:.0f}%: leave that "
                    "much more headroom than `edittuner plan` says", data=data)
+    slower = m["s_per_step"] / plan.seconds_per_step
+    if slower > 1.5:
+        return Row(check, "warn", detail, f"steps take {slower:.1f}x the planner's time on this card: expect runs "
+                   "that much longer than `edittuner plan` says", data=data)
     return Row(check, "pass", detail, data=data)
 
 

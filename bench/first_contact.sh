@@ -14,12 +14,13 @@
 #   doctor      (FC_DOCTOR_S=240)  edittuner doctor: host rows, one real-width block per precision against bf16
 #                                  with a LoRA backward, a tiny end-to-end run on the device and its resume, the
 #                                  LoRA loaded by diffusers
-#   full        (FC_FULL_S=300)    edittuner doctor --full: one real-size step per precision (edit-v2, 1024, three
-#                                  references, checkpointing) beside the planner's prediction
-#   gpu_step    (FC_STEP_S=240)    bench/gpu_step.py: nf4-bnb, fp8-quanto and int4-quanto at the same size, and
-#                                  again under a 24 GiB cap (what a 24 GB card holds)
+#   full        (FC_FULL_S=300)    edittuner doctor --full: one real-size step per precision (FC_FULL, default
+#                                  bf16,int8-quanto,nf4-bnb; edit-v2, 1024, three references, checkpointing)
+#                                  beside the planner's prediction
+#   gpu_step    (FC_STEP_S=240)    bench/gpu_step.py: the cases FC_STEP_CASES (default nf4-bnb and fp8-quanto at
+#                                  that size), each again under a 24 GiB cap (what a 24 GB card holds)
 #
-# About eight minutes on one H100/H200. PYTHON picks the interpreter (default python3). On a host without CUDA the
+# About four minutes on one H200. PYTHON picks the interpreter (default python3). On a host without CUDA the
 # same stages run what a CPU can (the doctor's GPU rows say they need one; gpu_step on the small model): the test
 # suite runs it that way.
 set -u
@@ -88,10 +89,11 @@ print('cuda', torch.version.cuda, 'available', torch.cuda.is_available(), 'bf16'
 EOF
 "
 stage doctor "${FC_DOCTOR_S:-240}" "$PY" -m shared.cli.main doctor --json "$OUT/doctor.json" --work-dir "$WORK/tiny"
-stage full "${FC_FULL_S:-300}" "$PY" -m shared.cli.main doctor --full --skip host,block,tiny --json "$OUT/full.json"
+stage full "${FC_FULL_S:-300}" "$PY" -m shared.cli.main doctor --full --skip host,block,tiny --json "$OUT/full.json" \
+    --full-precisions "${FC_FULL:-bf16,int8-quanto,nf4-bnb}"
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     stage gpu_step "${FC_STEP_S:-240}" "$PY" bench/gpu_step.py --steps 2 --cap-gib 24 --json "$OUT/gpu_step.json" \
-        --cases nf4-bnb:edit-v2:1024:on,fp8-quanto:edit-v2:1024:on,int4-quanto:edit-v2:1024:on
+        --cases "${FC_STEP_CASES:-nf4-bnb:edit-v2:1024:on,fp8-quanto:edit-v2:1024:on}"
 else  # a CPU host: the same code on the small model
     stage gpu_step "${FC_STEP_S:-240}" "$PY" bench/gpu_step.py --small --device cpu --steps 1 \
         --json "$OUT/gpu_step.json" --cases nf4-bnb:edit-v2:64:on,fp8-quanto:edit-v2:64:on,int4-quanto:edit-v2:64:on

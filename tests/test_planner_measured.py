@@ -18,12 +18,14 @@ def _plan(row):
                    references=row["references"], checkpointing=row["checkpointing"], gpu="H200")
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if r["cap_gib"] is None], ids=lambda r: r["precision"])
+@pytest.mark.parametrize("row", [r for r in ROWS if r["cap_gib"] is None],
+                         ids=lambda r: f"{r['precision']}-{r['flavour']}-{r['resolution']}")
 def test_prediction_covers_what_the_gpu_used(row) -> None:
     plan = _plan(row)
     assert plan.tokens.total == row["tokens"]  # the same run, token for token
     predicted = plan.trainer.total / GiB
-    assert row["device_used_gib"] <= predicted <= 1.15 * row["device_used_gib"], (predicted, row)
+    used = row["device_used_gib"] or row["reserved_gib"] + 0.75  # gpu_step reads torch's peaks: + the context
+    assert used <= predicted <= 1.15 * used, (predicted, row)
     assert plan.seconds_per_step == pytest.approx(row["s_per_step"], rel=0.15)
 
 
@@ -42,4 +44,6 @@ def test_docs_table_shows_the_measurements() -> None:
     table = docs_table()
     for row in ROWS:
         if row["cap_gib"] is None and row["precision"] in ("no_change", "int8-quanto", "nf4-bnb"):
-            assert f"{row['device_used_gib']:.1f} GiB used, {row['s_per_step']:.2f} s (H200)" in table
+            mem = (f"{row['device_used_gib']:.1f} GiB used" if row["device_used_gib"] is not None
+                   else f"{row['reserved_gib']:.1f} GiB reserved")
+            assert f"{mem}, {row['s_per_step']:.2f} s (H200)" in table

@@ -202,13 +202,25 @@ def test_unknown_flavour_lists_the_valid_ones() -> None:
 
 
 SIMULATED_TORCHVISION_HOST = """
-import sys, types
-from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline  # the libraries import as they would anyway
-import transformers.utils as tu
-import transformers.utils.import_utils as iu
-for module in (tu, iu):  # what transformers' processor code consults
-    module.is_torchvision_available = lambda: True
-sys.modules["torchvision"] = types.ModuleType("torchvision")  # and `import torchvision` succeeds
+import importlib, importlib.machinery, sys, types
+import diffusers  # the libraries import first, as they would anyway
+pu = importlib.import_module("transformers.processing_utils")
+transformers = pu.transformers_module  # the module processing_utils resolves class names in
+iu = importlib.import_module("transformers.utils.import_utils")
+tu = importlib.import_module("transformers.utils")
+ipa = importlib.import_module("transformers.models.auto.image_processing_auto")
+vpa = importlib.import_module("transformers.models.auto.video_processing_auto")
+vpu = importlib.import_module("transformers.video_processing_utils")
+tv = types.ModuleType("torchvision")  # 1. `import torchvision` succeeds
+tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
+sys.modules["torchvision"] = tv
+for m in (iu, tu, ipa, vpa):  # 2. transformers' call-time check (imported by name into each module) says yes
+    m.is_torchvision_available = lambda: True
+for name, value in (("VideoProcessorMixin", vpu.VideoProcessorMixin), ("BaseVideoProcessor", vpu.BaseVideoProcessor),
+                    ("AutoVideoProcessor", vpa.AutoVideoProcessor),
+                    ("VIDEO_PROCESSOR_MAPPING", vpa.VIDEO_PROCESSOR_MAPPING)):
+    setattr(transformers, name, value)  # 3. what transformers exports only when torchvision imported with it
+vpa.VIDEO_PROCESSOR_MAPPING_NAMES["qwen2_5_vl"]["torchvision"] = "Qwen2VLVideoProcessor"  # 4. the auto mapping's entry
 from shared.model.loading import load_pipeline
 from shared.model.tiny_model import save_tiny_model
 for flavour in ("edit-v1", "edit-v2"):
@@ -220,8 +232,10 @@ for flavour in ("edit-v1", "edit-v2"):
 
 def test_tiny_model_writes_and_loads_where_torchvision_imports(tmp_path: Path) -> None:
     """GPU hosts with a CUDA torch usually have torchvision, which makes transformers want a video processor the
-    tiny model never has: writing and loading must not depend on it (here simulated: torchvision importable and
-    reported available to transformers, after the libraries imported)."""
+    tiny model never has: writing and loading must not depend on it. Simulated here as transformers sees such a host
+    (torchvision importable, reported available, its video-processor classes and auto-mapping entry present); the
+    code before the fix fails this exactly as a real host does: "Received a NoneType for argument video_processor"
+    when writing, "Can't load video processor" when loading."""
     import subprocess
     import sys
 

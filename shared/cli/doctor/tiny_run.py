@@ -50,7 +50,10 @@ def tiny_run_rows(device: torch.device, precision: str = "int8-quanto", work: Pa
     from shared.cli.demo import materialize_preset
     from shared.store.local import LocalStore
 
-    root = Path(work or tempfile.mkdtemp(prefix="edittuner-doctor-")).resolve()
+    if work is None:
+        with tempfile.TemporaryDirectory(prefix="edittuner-doctor-") as tmp:
+            return tiny_run_rows(device, precision, Path(tmp))
+    root = Path(work).resolve()
     root.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     with _in_dir(root):

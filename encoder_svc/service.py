@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from shared.encode.encoder import DatasetEncoder, EncodeStats
+from shared.encode.encoder import DatasetEncoder, EncodeStats, pipe_key
 from shared.errors import InvalidInput
 from shared.model.device import free_gpu_memory
 from shared.rpc import encoder_pb2, encoder_pb2_grpc
@@ -40,7 +40,7 @@ class EncoderCore:
     def execute(self, job: JobRecord, ctx: JobContext) -> dict[str, str]:
         run = run_from_params(job.params)
         with self._lock:
-            key = self._key(run)
+            key = pipe_key(run)  # the key the models are stored under below
             if key not in self._pipes and self._pipes:  # never two model sets on the GPU at once
                 self._pipes.clear()
                 free_gpu_memory()
@@ -67,19 +67,11 @@ class EncoderCore:
                 enc.release()
                 raise
             if enc._pipe is not None:
-                self._pipes = {enc.pipe_key: enc._pipe}  # one model set resident at a time
+                self._pipes = {key: enc._pipe}  # one model set resident at a time
             self.metrics.record_gpu("encoder")
         self.idle.touch()
         return {"encoded": str(stats.encoded), "cached": str(stats.cached), "failed": str(stats.failed),
                 "index": ",".join(index_keys)}
-
-    @staticmethod
-    def _key(run) -> tuple[str, ...]:
-        from shared.model.device import resolve_device, resolve_dtype
-
-        device = resolve_device(run.train.device)
-        return (run.train.model_path, run.train.model_flavour, str(device),
-                str(resolve_dtype(run.train.mixed_precision, device)))
 
     def release(self) -> bool:
         """Free GPU memory (the trainer asks before training starts on the same GPU)."""

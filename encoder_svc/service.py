@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from shared.encode.encoder import DatasetEncoder, EncodeStats, pipe_key
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, clear_frames
 from shared.model.device import free_gpu_memory
 from shared.rpc import encoder_pb2, encoder_pb2_grpc
 from shared.service.common import (
@@ -62,8 +62,9 @@ class EncoderCore:
                 else:
                     shard = (int(job.params.get("shard_index", "0")), count) if count > 1 else None
                     stats, index_keys = enc.encode_with_index(progress, shard=shard)
-            except BaseException:
+            except BaseException as err:
                 self._pipes.clear()  # a failed job must not leave half-used models resident
+                clear_frames(err)  # its frames hold the models and the batch: freed only once they are cleared
                 enc.release()
                 raise
             if enc._pipe is not None:

@@ -1,5 +1,6 @@
 """encoder_svc's core keeps one model set resident: a job with the same model settings reuses it, a job that needs
-another set (another text_encoder_1_precision) releases it before loading its own."""
+another set (another text_encoder_1_precision) releases it before loading its own; a job that runs out of GPU
+memory leaves nothing of its models or batch alive when the memory is given back."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 import weakref
 from typing import Any
 
+import pytest
+import torch
 from prometheus_client import CollectorRegistry
 
 from encoder_svc.service import EncoderCore
@@ -66,3 +69,27 @@ def test_jobs_with_the_same_models_load_them_once_and_another_precision_replaces
     assert [what for _, what in loads] == [("no_change", []), ("int8-quanto", [False])]
     [(key, resident)] = core._pipes.items()
     assert key[-1] == "int8-quanto" and resident is loads[1][0]()
+
+
+def test_a_job_out_of_gpu_memory_frees_its_models_and_batch_before_giving_memory_back(tmp_path, tiny_models,
+                                                                                        monkeypatch):
+    """The error's traceback frames hold the VAE and the batch being encoded: when the core frees memory after the
+    failed job, they are gone, and no model set stays resident."""
+    from shared.encode import encoder, ops
+
+    root = write_dataset(tmp_path / "data", n=2, references=1)
+    cfg, data = write_configs(tmp_path / "cfg", root, tiny_models("edit-v2"), "edit-v2", 1)
+    held: list[weakref.ref] = []
+    frees: list[list[bool]] = []
+
+    def encode_vae_latents(vae: Any, *args: Any, **kwargs: Any) -> Any:
+        latents = torch.ones(1 << 20)  # what the batch holds when the allocator gives up
+        held.extend([weakref.ref(vae), weakref.ref(latents)])
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.40 GiB")
+
+    monkeypatch.setattr(ops, "encode_vae_latents", encode_vae_latents)
+    monkeypatch.setattr(encoder, "free_gpu_memory", lambda: frees.append([ref() is None for ref in held]))
+    core = EncoderCore(LocalStore(tmp_path / "store"), Metrics(CollectorRegistry()), idle_release_s=0)
+    with pytest.raises(torch.OutOfMemoryError):
+        core.execute(_job(1, cfg, data), _Ctx())
+    assert frees == [[True, True]] and core._pipes == {}

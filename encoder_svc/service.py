@@ -7,8 +7,8 @@ from typing import Any
 
 import grpc
 
-from shared.encode.encoder import DatasetEncoder, EncodeStats
-from shared.errors import InvalidInput
+from shared.encode.encoder import DatasetEncoder, EncodeStats, pipe_key
+from shared.errors import InvalidInput, clear_frames
 from shared.model.device import free_gpu_memory
 from shared.rpc import encoder_pb2, encoder_pb2_grpc
 from shared.service.common import (
@@ -40,7 +40,7 @@ class EncoderCore:
     def execute(self, job: JobRecord, ctx: JobContext) -> dict[str, str]:
         run = run_from_params(job.params)
         with self._lock:
-            key = self._key(run)
+            key = pipe_key(run)  # the key the models are stored under below
             if key not in self._pipes and self._pipes:  # never two model sets on the GPU at once
                 self._pipes.clear()
                 free_gpu_memory()
@@ -62,24 +62,17 @@ class EncoderCore:
                 else:
                     shard = (int(job.params.get("shard_index", "0")), count) if count > 1 else None
                     stats, index_keys = enc.encode_with_index(progress, shard=shard)
-            except BaseException:
+            except BaseException as err:
                 self._pipes.clear()  # a failed job must not leave half-used models resident
+                clear_frames(err)  # its frames hold the models and the batch: freed only once they are cleared
                 enc.release()
                 raise
             if enc._pipe is not None:
-                self._pipes = {enc.pipe_key: enc._pipe}  # one model set resident at a time
+                self._pipes = {key: enc._pipe}  # one model set resident at a time
             self.metrics.record_gpu("encoder")
         self.idle.touch()
         return {"encoded": str(stats.encoded), "cached": str(stats.cached), "failed": str(stats.failed),
                 "index": ",".join(index_keys)}
-
-    @staticmethod
-    def _key(run) -> tuple[str, ...]:
-        from shared.model.device import resolve_device, resolve_dtype
-
-        device = resolve_device(run.train.device)
-        return (run.train.model_path, run.train.model_flavour, str(device),
-                str(resolve_dtype(run.train.mixed_precision, device)))
 
     def release(self) -> bool:
         """Free GPU memory (the trainer asks before training starts on the same GPU)."""

@@ -73,18 +73,21 @@ class EvalCore:
             pipe = self._pipeline(run, text_encoder=ev.needs_text_encoder)
             failures = self._out_of_memory.get(p["run_id"], 0)
             vrun, changes = validation_settings(pipe, run, failures)  # after an out-of-memory: smaller ones
+            oom: torch.OutOfMemoryError | None = None
             try:
                 self._load_lora(pipe, p["lora_key"])
                 result = render_validation(pipe, vrun, ev.samples, step=int(p["step"]), store=self.store,
                                            prefix=f"runs/{p['run_id']}/validation", loss_index=ev.entries,
                                            eval_label=ev.label, conditioning=ev.conditioning)
-            except torch.OutOfMemoryError as err:  # the job fails RESOURCE_EXHAUSTED; the run's next one is smaller
+            except torch.OutOfMemoryError as err:  # recorded here, freed below: after the LoRA is gone too
                 self._out_of_memory[p["run_id"]] = failures + 1
-                raise out_of_memory(run, failures + 1, changes, f"{p['run_id']} step {p['step']}",
-                                    "its next validation") from err
+                oom = err
             finally:
                 if ADAPTER in getattr(pipe.transformer, "peft_config", {}):
                     pipe.delete_adapters(ADAPTER)
+            if oom is not None:  # the job fails RESOURCE_EXHAUSTED; the run's next one is smaller
+                raise out_of_memory(oom, run, failures + 1, changes, f"{p['run_id']} step {p['step']}",
+                                    "its next validation") from oom
             self.metrics.eval_render_seconds.observe(result.seconds)
             self.metrics.record_validation(result.to_json())
             self.metrics.record_gpu("eval")

@@ -2,11 +2,12 @@
 
 Every error a user can cause or meet is one of these. The services map them to gRPC status codes in one place
 (later: the interceptor); the CLI prints ``str(err)`` and exits 1, never a traceback. Each message names the
-file, field or object concerned and says what to do.
+file, field or object concerned and says what to do. Also ``clear_frames``: what a caught error holds on to.
 """
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass
 
 
@@ -76,3 +77,22 @@ class ResourceExhausted(EditTunerError):
 
 class Unavailable(EditTunerError):
     """A dependency is not ready yet, e.g. models still loading or the store unreachable (gRPC UNAVAILABLE)."""
+
+
+def clear_frames(err: BaseException) -> None:
+    """Drop the locals of the finished frames ``err`` (and its causes and contexts) passed through.
+
+    A caught error keeps every frame of its traceback alive, and with them their locals, for as long as the error
+    is referenced: in the ``except`` block and, through ``raise ... from err``, until the job that fails with it
+    has ended. After an out-of-memory error those locals are the failed computation's tensors, so memory freed
+    while they live is not given back. The traceback still prints (files, lines and code stay); the frame that is
+    handling ``err`` is still running and keeps its locals."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [err]
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        pending += [e.__cause__, e.__context__]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import time
+import traceback
+import weakref
 
 import numpy as np
 import pytest
@@ -106,11 +108,8 @@ def test_eval_renders_from_cached_embeddings_without_the_text_encoder_on_a_quant
     assert worker.samples[0].psnr_lora != worker.samples[0].psnr_base  # the LoRA changes the image
 
 
-def test_a_render_out_of_gpu_memory_fails_its_job_and_the_runs_next_render_is_smaller(tmp_path, tiny_models,
-                                                                                       monkeypatch):
-    import eval_svc.service as service
-    from shared import errors
-
+def _render_job(tmp_path, tiny_models) -> tuple[EvalCore, dict]:
+    """An eval core and the params of a render job of run r (edit-v2, previews at 1024x1024) with a LoRA file."""
     model = tiny_models("edit-v2")
     root = write_dataset(tmp_path / "data", n=3, references=1)
     cfg, data = write_configs(tmp_path / "cfg", root, model, "edit-v2", 1, num_eval_images=1,
@@ -122,6 +121,23 @@ def test_a_render_out_of_gpu_memory_fails_its_job_and_the_runs_next_render_is_sm
     lora_key = "runs/r/validation/step-1/lora/pytorch_lora_weights.safetensors"
     store.put_bytes(lora_key, save_lora_files(lora_state_dict(tr), alpha=4.0, rank=4, fmt="diffusers",
                                               transformer=tr)["pytorch_lora_weights.safetensors"])
+    core = EvalCore(store, Metrics(CollectorRegistry()), idle_release_s=0)
+    params = files_to_params(read_config_files(cfg, data)) | {"run_id": "r", "step": 1, "lora_key": lora_key,
+                                                               "index_keys": []}
+    return core, params
+
+
+def _job(n: int, params: dict) -> JobRecord:
+    now = time.time()
+    return JobRecord(f"job-{n}", f"req-{n}", "render", JobState.RUNNING, params, now, now)
+
+
+def test_a_render_out_of_gpu_memory_fails_its_job_and_the_runs_next_render_is_smaller(tmp_path, tiny_models,
+                                                                                       monkeypatch):
+    import eval_svc.service as service
+    from shared import errors
+
+    core, params = _render_job(tmp_path, tiny_models)
     seen = []
 
     def render(pipe, vrun, *args, **kwargs):
@@ -129,14 +145,43 @@ def test_a_render_out_of_gpu_memory_fails_its_job_and_the_runs_next_render_is_sm
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(service, "render_validation", render)
-    core = EvalCore(store, Metrics(CollectorRegistry()), idle_release_s=0)
-    params = files_to_params(read_config_files(cfg, data)) | {"run_id": "r", "step": 1, "lora_key": lora_key,
-                                                               "index_keys": []}
-    now = time.time()
     for n in range(3):
         with pytest.raises(errors.ResourceExhausted, match="out of GPU memory rendering r step 1") as err:
-            core.execute(JobRecord(f"job-{n}", f"req-{n}", "render", JobState.RUNNING, params, now, now), _Ctx())
+            core.execute(_job(n, params), _Ctx())
     assert str(err.value) == ("out of GPU memory rendering r step 1 with vae_enable_tiling=true, "
                               "validation_resolution=768x768; its next validation renders with vae_enable_tiling=true, "
                               "validation_resolution=512x512")
     assert seen == [("1024x1024", False), ("1024x1024", True), ("768x768", True)]
+
+
+def test_the_tensors_of_a_render_out_of_gpu_memory_are_freed_before_the_memory_is_given_back(tmp_path, tiny_models,
+                                                                                           monkeypatch):
+    """The render's tensors live on in the error's traceback frames: freeing memory while they do gives nothing
+    back. When eval_svc frees it after an out-of-memory render, they are gone, and so is the job's LoRA; the error
+    still carries the render's traceback."""
+    import eval_svc.service as service
+    from shared import errors
+    from shared.model import device
+
+    core, params = _render_job(tmp_path, tiny_models)
+    held: list[weakref.ref] = []
+    frees: list[tuple[list[bool], bool]] = []
+
+    def render(pipe, vrun, *args, **kwargs):
+        activations = torch.ones(1 << 20)  # what the render holds when the allocator gives up
+        held.append(weakref.ref(activations))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.40 GiB")
+
+    def free_gpu_memory() -> None:  # when it runs: is each render's tensor gone, is the LoRA still attached
+        frees.append(([ref() is None for ref in held], ADAPTER in getattr(core._pipe[1].transformer, "peft_config",
+                                                                           {})))
+
+    monkeypatch.setattr(service, "render_validation", render)
+    monkeypatch.setattr(device, "free_gpu_memory", free_gpu_memory)
+    for n in range(2):
+        with pytest.raises(errors.ResourceExhausted, match="out of GPU memory rendering r step 1") as err:
+            core.execute(_job(n, params), _Ctx())
+    assert frees == [([True], False), ([True, True], False)]
+    cause = err.value.__cause__
+    assert isinstance(cause, torch.OutOfMemoryError)
+    assert ", in render\n    raise torch.OutOfMemoryError(" in "".join(traceback.format_exception(cause))

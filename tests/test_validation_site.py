@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 
 import pytest
 
@@ -101,23 +102,29 @@ def test_smaller_validation_walks_the_planners_eval_ladder():
 
 def test_an_out_of_memory_validation_is_recorded_and_the_next_renders_smaller(tiny_run, monkeypatch):
     """In the worker: the first validation runs out of GPU memory (simulated), the run goes on, the error names the
-    settings the next one uses, and the next renders with them (tiled VAE; 64x64 is below every ladder size)."""
+    settings the next one uses, and the next renders with them (tiled VAE; 64x64 is below every ladder size). The
+    failed render's tensors, which its error's traceback frames hold, are gone when the memory is given back."""
     import torch
 
     from shared.evaluate import preview
+    from shared.model import device
 
     run, store = tiny_run
     run = dataclasses.replace(run, train=dataclasses.replace(run.train, max_train_steps=4))
-    real, seen = preview.render_validation, []
+    real, seen, held, frees = preview.render_validation, [], [], []
 
     def render(pipe, vrun, *args, **kwargs):
         seen.append((vrun.train.vae_enable_tiling, pipe.vae.use_tiling))
         if len(seen) == 1:
+            activations = torch.ones(1 << 20)  # what the render holds when the allocator gives up
+            held.append(weakref.ref(activations))
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.40 GiB")
         return real(pipe, vrun, *args, **kwargs)
 
     monkeypatch.setattr(preview, "render_validation", render)
+    monkeypatch.setattr(device, "free_gpu_memory", lambda: frees.append([ref() is None for ref in held]))
     result = train_run(run, store, validate=True, copy_to_output_dir=False)
+    assert frees == [[True]]  # one free, after the out-of-memory render: its tensor already gone
     assert result.summary.steps == 4
     first, second = result.summary.validations
     assert "out of GPU memory rendering the validation at step 2" in first["error"]

@@ -14,7 +14,7 @@ from shared.data.pairing import PairedDataset, pair_datasets
 from shared.data.sources import open_image
 from shared.encode.cache import CACHE_FORMAT, Item, Manifests, is_cached, plan, settings_for, shard_of, write_index
 from shared.errors import DatasetError, EditTunerError, FailedPrecondition, InvalidInput, Problem
-from shared.model.device import free_gpu_memory, resolve_device
+from shared.model.device import free_gpu_memory, resolve_device, resolve_dtype
 from shared.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -32,12 +32,19 @@ class EncodeStats:
         return self.encoded + self.cached + self.failed
 
 
+def pipe_key(run: RunConfig) -> tuple[str, str, str, str, str]:
+    """What identifies the models a ``DatasetEncoder`` of ``run`` loads: a service keeps them resident and hands
+    them to the next job with the same key (a job at another ``text_encoder_1_precision`` needs another set)."""
+    t = run.train
+    device = resolve_device(t.device)
+    return (t.model_path, t.model_flavour, str(device), str(resolve_dtype(t.mixed_precision, device)),
+            t.text_encoder_1_precision)
+
+
 class DatasetEncoder:
     """Loads the VAE and text encoder lazily, encodes what the plan says is missing, writes caches."""
 
     def __init__(self, run: RunConfig, store: ObjectStore, pipe: Any = None, batch_size: int | None = None):
-        from shared.model.device import resolve_dtype
-
         self.run = run
         self.store = store
         self.device = resolve_device(run.train.device)
@@ -73,12 +80,6 @@ class DatasetEncoder:
                                                text_encoder_precision=t.text_encoder_1_precision)
         configure_vae(self._pipe.vae, tiling=t.vae_enable_tiling, slicing=t.vae_enable_slicing)
         return self._pipe
-
-    @property
-    def pipe_key(self) -> tuple[str, str, str, str, str]:
-        """What identifies the loaded models: a service reuses them across jobs with the same key."""
-        t = self.run.train
-        return (t.model_path, t.model_flavour, str(self.device), str(self.dtype), t.text_encoder_1_precision)
 
     def release(self) -> None:
         """Free the models (the trainer needs the GPU next)."""

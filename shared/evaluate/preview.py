@@ -32,7 +32,7 @@ from shared.config.schema import RunConfig
 from shared.data.geometry import cover_crop, pipeline_size
 from shared.data.pairing import PairedDataset, Sample, load_sample
 from shared.encode.cache import eval_candidates, holdout
-from shared.errors import FailedPrecondition, ResourceExhausted
+from shared.errors import FailedPrecondition, ResourceExhausted, clear_frames
 from shared.evaluate.sampling import cached_conditioning, decode, denoise, encode_conditioning
 from shared.model.flow import EditBatch, flow_matching_loss
 from shared.store.base import ObjectStore
@@ -411,13 +411,16 @@ def validation_settings(pipe: Any, run: RunConfig, failures: int) -> tuple[RunCo
     return vrun, changes
 
 
-def out_of_memory(run: RunConfig, failures: int, changes: list[str], what: str, next_one: str,
-                  detail: str = "") -> ResourceExhausted:
-    """After rendering ``what`` with ``changes`` ran out of GPU memory (``failures`` counts it): the memory freed,
-    and the error saying what ``next_one`` renders with."""
+def out_of_memory(err: torch.OutOfMemoryError, run: RunConfig, failures: int, changes: list[str], what: str,
+                  next_one: str, detail: str = "") -> ResourceExhausted:
+    """After rendering ``what`` with ``changes`` ran out of GPU memory (``err``; ``failures`` counts it): the
+    memory freed, and the error saying what ``next_one`` renders with. The render's tensors live on in ``err``'s
+    frames, so those are cleared first: freeing before that gives nothing back, and the error raised ``from err``
+    would keep them until the job's record goes."""
     from shared.model.device import free_gpu_memory
     from shared.plan.recommend import smaller_validation
 
+    clear_frames(err)
     free_gpu_memory()
     _, smaller = smaller_validation(run, failures)
     return ResourceExhausted(f"out of GPU memory rendering {what}{' with ' + ', '.join(changes) if changes else ''}; "

@@ -156,7 +156,7 @@ def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int
                                            eval_label=ev.label, conditioning=ev.conditioning)
         except torch.OutOfMemoryError as err:  # recorded by the trainer; the run goes on
             state["out_of_memory"] += 1
-            raise out_of_memory(run, state["out_of_memory"], changes, f"the validation at step {step}",
+            raise out_of_memory(err, run, state["out_of_memory"], changes, f"the validation at step {step}",
                                 "the next one", f" ({str(err).splitlines()[0][:200]})") from err
         finally:
             pipe.transformer = None

@@ -263,10 +263,12 @@ def run_case(model: Any, opt: torch.optim.Optimizer, cfg: dict, case: Case, args
     try:
         inputs = make_inputs(cfg, case, (tgt, refs, text), device, torch.Generator().manual_seed(0))
         seconds = time_steps(model, opt, inputs, args.steps, device)
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as err:
         status = "OOM"
+        errors.clear_frames(err)  # its frames hold the step's tensors: dropped before the memory is given back
     except RuntimeError as err:  # a kernel that refuses the shapes, a library error: the row says which
         status, note = "failed", f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        errors.clear_frames(err)
     inputs = None
     opt.zero_grad(set_to_none=True)
     reserved = None
@@ -418,15 +420,18 @@ def main() -> None:
             not_timed(cases, "wrong", why)
             continue
         t0 = time.perf_counter()
+        model, failure = None, None
         try:
             model = build_model(cfg, precision, device, args.quantize_via)
-        except torch.OutOfMemoryError:
-            free(device)
-            not_timed(cases, "OOM", "out of memory while building and quantizing the model")
-            continue
+        except torch.OutOfMemoryError as err:
+            failure = ("OOM", "out of memory while building and quantizing the model")
+            errors.clear_frames(err)
         except Exception as err:  # noqa: BLE001
+            failure = ("failed", f"build: {type(err).__name__}: {str(err)[:200]}")
+            errors.clear_frames(err)
+        if failure is not None:  # out of the except block: the error no longer holds the half-built model
             free(device)
-            not_timed(cases, "failed", f"build: {type(err).__name__}: {str(err)[:200]}")
+            not_timed(cases, *failure)
             continue
         weights = torch.cuda.memory_allocated(device) / GiB if device.type == "cuda" else None
         builds.append({"precision": precision, "build_s": time.perf_counter() - t0, "weights_gib": weights})

@@ -9,6 +9,7 @@ import math
 import torch
 
 from shared.cli.doctor.rows import Row
+from shared.errors import clear_frames
 from shared.plan.probe import free
 from shared.plan.step import gpu_name, measure_step, planned, real_config
 
@@ -27,9 +28,12 @@ def full_row(precision: str, device: torch.device, steps: int = 2, flavour: str 
     tok = plan.tokens
     predicted_gib = plan.trainer.total / GiB
     tokens = f"{tok.target}+{tok.references}x{tok.per_reference}+{tok.text}={tok.total} tokens"
+    m = None
     try:
         m = measure_step(precision, device, plan, real_config(flavour), steps)
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as err:
+        clear_frames(err)  # the failed step's tensors live in its frames: drop them before giving memory back
+    if m is None:
         free(device)
         return Row(check, "info", f"out of memory on {torch.cuda.get_device_name(device)}; the planner predicted "
                    f"{predicted_gib:.1f} GiB ({tokens})", data={"predicted_gib": predicted_gib, "oom": True})

@@ -95,8 +95,9 @@ TRAIN_RULES: dict[str, Rule] = {
     "validation_disable": Rule("mapped", "true → no previews (validation_step_interval past the run's end)",
                                apply=_flag("validation_step_interval", 10 ** 9)),
     "validation_torch_compile": Rule("no effect", "the preview pipeline runs eagerly; same images"),
-    "disable_tf32": Rule("no effect", "TF32 matmuls follow PyTorch's default"),
-    "allow_tf32": Rule("no effect", "TF32 matmuls follow PyTorch's default"),
+    "disable_tf32": Rule("refused", "CUDA runs compute the fp32 LoRA matmuls in TF32 (their bf16 inputs carry no more "
+                                    "precision than TF32 keeps)", neutral=(False,)),
+    "allow_tf32": Rule("no effect", "CUDA runs compute the fp32 LoRA matmuls in TF32 already"),
     "dataloader_prefetch": Rule("no effect", "the loader always prefetches"),
     "dataloader_prefetch_qlen": Rule("no effect", "the loader always prefetches"),
     "aws_config": Rule("no effect", "S3 datasets carry their own aws_* keys in multidatabackend.json"),

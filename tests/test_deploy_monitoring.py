@@ -147,7 +147,7 @@ RUN_PANELS = {
                   "sum(rate(edittuner_trainer_step_seconds_sum[1m]))",
                   "sum(rate(edittuner_trainer_data_wait_seconds_sum[1m])) / "
                   "sum(rate(edittuner_trainer_data_wait_seconds_count[1m]))"],
-    "Trainer GPU memory": ['edittuner_gpu_memory_bytes{service="trainer", kind=~"allocated|peak"}'],
+    "Trainer GPU memory": ['edittuner_gpu_memory_bytes{service="trainer", kind=~"allocated|peak|peak_reserved"}'],
     "Validation PSNR": ['edittuner_eval_psnr_decibels{job="eval"}'],
     "Held-out loss": ['edittuner_eval_heldout_loss{job="eval"}'],
 }

@@ -95,6 +95,7 @@ def test_gpu_services_environment_volumes_ports_and_healthchecks(compose):
         assert env["EDITTUNER_STORE"].startswith("minio://minio:9000/")
         assert env["EDITTUNER_MODEL_DIR"] == "/models" and env["HF_HOME"] == "/hf-cache"
         assert env["EDITTUNER_DEVICE"] == "cuda"
+        assert env["PYTORCH_CUDA_ALLOC_CONF"] == "${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
         assert env["EDITTUNER_HOST"] == "0.0.0.0" and env["EDITTUNER_TOKEN"].startswith("${EDITTUNER_TOKEN:?")
         assert env["EDITTUNER_ENCODER_ADDR"] == "encoder:50051" and env["EDITTUNER_EVAL_ADDR"] == "eval:50053"
         assert env[f"EDITTUNER_{name.upper()}_PORT"] == str(port)

@@ -22,7 +22,7 @@ from shared.service.common import (
     validated_run,
 )
 from shared.service.jobs import JobContext
-from shared.service.metrics import Metrics
+from shared.service.metrics import Metrics, start_gpu_job
 from shared.service.records import JobRecord
 from shared.store.base import ObjectStore
 
@@ -40,6 +40,7 @@ class EncoderCore:
     def execute(self, job: JobRecord, ctx: JobContext) -> dict[str, str]:
         run = run_from_params(job.params)
         with self._lock:
+            start_gpu_job(run.train.device)
             key = pipe_key(run)  # the key the models are stored under below
             if key not in self._pipes and self._pipes:  # never two model sets on the GPU at once
                 self._pipes.clear()

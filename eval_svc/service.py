@@ -23,7 +23,7 @@ from shared.rpc import eval_pb2, eval_pb2_grpc
 from shared.service.common import (IdleRelease, JobRpcMixin, ServerPaths, check_run_id, files_from_proto,
                                    files_to_params, job_to_proto, run_from_params, validated_run)
 from shared.service.jobs import JobContext
-from shared.service.metrics import Metrics
+from shared.service.metrics import Metrics, start_gpu_job
 from shared.service.records import JobRecord
 from shared.store.base import ObjectStore, validate_key
 from shared.train.trackers import publish_validation
@@ -66,6 +66,7 @@ class EvalCore:
         run = run_from_params(p)
         with self._lock:
             ctx.progress(phase="render", step=0, total=1, message=f"validation of {p['run_id']} step {p['step']}")
+            start_gpu_job(run.train.device)
             paired, _ = pair_datasets(run, self.store)
             keys = p.get("index_keys") or [index_key(run, ds.id, settings_for(run))
                                            for ds in run.data.image_datasets]

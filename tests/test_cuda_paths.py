@@ -225,3 +225,18 @@ def test_the_services_export_the_reserved_peak_beside_the_allocated_one(cuda):
     assert [value("eval", k) for k in ("allocated", "reserved", "peak", "peak_reserved")] == [
         7 * GiB, 7 * GiB, 7 * GiB, 10 * GiB]
     assert (value("trainer", "peak"), value("trainer", "peak_reserved")) == (7 * GiB, 9 * GiB)
+
+
+def test_an_encode_or_render_job_binds_its_gpu_and_starts_its_peak(monkeypatch: pytest.MonkeyPatch) -> None:
+    """encoder_svc and eval_svc do their GPU work in the service process: a job on cuda:1 makes GPU 1 current and
+    the peak they export is the job's, not the largest since the process started."""
+    from shared.service.metrics import start_gpu_job
+
+    cuda = FakeCuda(monkeypatch, count=2)
+    start_gpu_job("cuda:1")
+    assert cuda.set_devices == [1] and cuda.current == 1
+    assert cuda.peak_resets == [torch.device("cuda", 1)]
+    start_gpu_job("auto")  # the current GPU, bound by index
+    assert cuda.peak_resets[-1] == torch.device("cuda", 1)
+    start_gpu_job("cpu")  # nothing to bind or reset
+    assert len(cuda.peak_resets) == 2

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from shared.cli.common import DEFAULT_STORE, ProgressBars, load_from_args, store_from_args
 from shared.cli.jobs import cmd_data_push, cmd_jobs, cmd_runs_pull, cmd_runs_report, remote_job
 from shared.errors import EditTunerError, InvalidInput
-from shared.logs import quiet_import_noise
+from shared.logs import quiet_call_noise, quiet_import_noise
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_import_noise()
-    for noisy in ("bitsandbytes", "diffusers", "transformers"):
+    quiet_call_noise()
+    for noisy in ("diffusers", "transformers"):  # their warnings are about a model being loaded, not the user's
         logging.getLogger(noisy).setLevel(logging.ERROR)
     parser = build_parser()
     # key=value overrides may come before or after options: argparse hands the later ones back as extras

@@ -20,14 +20,12 @@ The FLOP count (model_step_flops) is derived in docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
 import resource
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,9 +35,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 
 from shared import errors  # noqa: E402
-from shared.model.flow import EditBatch, flow_matching_loss, sample_sigmas  # noqa: E402
 from shared.model.lora import attach_lora  # noqa: E402
 from shared.model.quantize import check_precision, quantize_transformer  # noqa: E402
+from shared.plan.probe import build_transformer, free, sync  # noqa: E402
+from shared.plan.step import step_inputs, time_steps  # noqa: E402
+from shared.plan.tokens import Tokens  # noqa: E402
 
 REAL = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
             num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
@@ -161,24 +161,11 @@ def plan_cases(precision: str, resolutions: list[int], filters: list[list[str]],
 
 
 # ---------------------------------------------------------------------------------------------- model, inputs
-@contextmanager
-def default_dtype(dtype: torch.dtype):
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
-
-
 def build_model(cfg: dict, precision: str, device: torch.device, quantize_via: str) -> Any:
     """The transformer, initialised in bf16 where it is built (the device, or the CPU with quantize_via=cpu), then
     quantized/frozen, then a rank-16 fp32 LoRA attached."""
-    from diffusers import QwenImageTransformer2DModel
-
     where = torch.device("cpu") if quantize_via == "cpu" else device
-    with default_dtype(torch.bfloat16), where:
-        model = QwenImageTransformer2DModel(**cfg)
+    model = build_transformer(cfg, where)
     model = quantize_transformer(model, PRECISIONS[precision], device=device, compute_dtype=torch.bfloat16,
                                  quantize_via=quantize_via)
     attach_lora(model, rank=16, alpha=16.0, dropout=0.0, target_modules=LORA_TARGETS, seed=0, dtype=torch.float32)
@@ -203,46 +190,14 @@ def case_tokens(case: Case, small: bool, text_len: int) -> tuple[int, int, int, 
     return t.target, t.per_reference * t.references, t.text, plan
 
 
-def make_inputs(cfg: dict, case: Case, tokens: tuple[int, int, int], device: torch.device, g: torch.Generator):
-    tgt, refs, text_len = tokens
-    side, n = int(tgt ** 0.5), FLAVOURS[case.flavour]
-    ref_side = int((refs // n) ** 0.5)
-    rand = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
-    batch = EditBatch(latents_BChw=rand(1, 16, 2 * side, 2 * side),
-                      refs_BChw=[rand(1, 16, 2 * ref_side, 2 * ref_side) for _ in range(n)],
-                      prompt_embeds_BLD=rand(1, text_len, cfg["joint_attention_dim"]).to(torch.bfloat16),
-                      prompt_mask_BL=torch.ones(1, text_len, dtype=torch.long, device=device), keys=["bench"],
-                      text_all_valid=True)  # every token valid, as the loader marks such batches: no mask to SDPA
-    noise = rand(1, side * side, 64)
-    return batch, noise, sample_sigmas(1, 3.0, g).to(device)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+def make_inputs(cfg: dict, case: Case, tokens: tuple[int, int, int], device: torch.device):
+    """The batch, noise and sigma of ``tokens`` (target, all references, text) from seed 0 (shared.plan.step)."""
+    tgt, refs, text = tokens
+    n = FLAVOURS[case.flavour]
+    return step_inputs(Tokens(tgt, refs // n, n, text, 0), cfg["joint_attention_dim"], device)
 
 
 # -------------------------------------------------------------------------------------------------- timing
-def time_steps(model: Any, opt: torch.optim.Optimizer, inputs: tuple, steps: int, device: torch.device) -> float:
-    batch, noise, sigmas = inputs
-    for i in range(1 + steps):  # 1 warm-up step: allocations, kernel selection, optimizer state
-        if i == 1:
-            sync(device)
-            t0 = time.perf_counter()
-        loss = flow_matching_loss(model, batch, noise, sigmas, dtype=torch.bfloat16)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    sync(device)
-    return (time.perf_counter() - t0) / steps
-
-
 def run_case(model: Any, opt: torch.optim.Optimizer, cfg: dict, case: Case, args: argparse.Namespace,
              device: torch.device, peak: float | None) -> Row:
     if case.checkpointing:
@@ -261,8 +216,8 @@ def run_case(model: Any, opt: torch.optim.Optimizer, cfg: dict, case: Case, args
         torch.cuda.reset_peak_memory_stats(device)
     seconds, status, note = None, "ok", ""
     try:
-        inputs = make_inputs(cfg, case, (tgt, refs, text), device, torch.Generator().manual_seed(0))
-        seconds = time_steps(model, opt, inputs, args.steps, device)
+        inputs = make_inputs(cfg, case, (tgt, refs, text), device)
+        seconds, _ = time_steps(model, opt, inputs, args.steps, device)
     except torch.OutOfMemoryError as err:
         status = "OOM"
         errors.clear_frames(err)  # its frames hold the step's tensors: dropped before the memory is given back

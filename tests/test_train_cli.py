@@ -117,15 +117,18 @@ def test_the_worker_reports_a_failed_allocation_as_out_of_memory(monkeypatch, ca
 
 
 def test_the_worker_keeps_bitsandbytes_per_call_warning_out_of_its_log(monkeypatch, caplog):
-    """A real int8-bnb Linear warns on each forward (MatMul8bitLt casts bf16 to fp16); after the worker's logging
-    set-up that warning is gone, and the project's own loggers are left as they were."""
+    """Stock bitsandbytes' int8 Linear warns on each eval forward (MatMul8bitLt casts bf16 to fp16; the project's
+    int8-bnb layer never takes that kernel, other bitsandbytes code may); after the worker's logging set-up that
+    warning is gone, and the project's own loggers are left as they were."""
+    import bitsandbytes as bnb_lib
     import torch
 
-    from shared.model.quantize import quantize_transformer
     from trainer_svc import worker
 
-    linear = quantize_transformer(torch.nn.Sequential(torch.nn.Linear(64, 64)).to(torch.bfloat16), "int8-bnb",
-                                  device="cpu", compute_dtype=torch.bfloat16).eval()
+    stock = bnb_lib.nn.Linear8bitLt(64, 64, has_fp16_weights=False, threshold=0.0)
+    stock.weight = bnb_lib.nn.Int8Params(torch.randn(64, 64).to(torch.bfloat16), requires_grad=False,
+                                         has_fp16_weights=False)
+    linear = torch.nn.Sequential(stock).to("cpu").eval()
     monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)  # the test process keeps its handlers
     bnb = logging.getLogger("bitsandbytes")
     before = bnb.level

@@ -81,10 +81,30 @@ def step_inputs(tokens: Any, text_dim: int, device: torch.device, seed: int = 0)
     return batch, rand(1, t_side * t_side, 64), sample_sigmas(1, 3.0, g).to(device)
 
 
+def time_steps(model: Any, opt: torch.optim.Optimizer, inputs: tuple[Any, Any, Any], steps: int,
+               device: torch.device) -> tuple[float, list[float]]:
+    """(seconds per step over ``steps`` steps after one warm-up step, every step's loss): the warm-up takes the
+    allocations, the kernel selection and the optimizer's state."""
+    from shared.model.flow import flow_matching_loss
+
+    batch, noise, sigmas = inputs
+    losses = []
+    for i in range(1 + steps):
+        if i == 1:
+            sync(device)
+            t0 = time.perf_counter()
+        loss = flow_matching_loss(model, batch, noise, sigmas, dtype=torch.bfloat16)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    sync(device)
+    return (time.perf_counter() - t0) / steps, losses
+
+
 def measure_step(precision: str, device: torch.device, plan: Any, cfg: dict[str, Any], steps: int) -> dict[str, Any]:
     """Build, quantize and LoRA-attach the model as the trainer does, then time ``steps`` steps after a warm-up."""
     from shared.config.schema import DEFAULT_TARGET_MODULES
-    from shared.model.flow import flow_matching_loss
     from shared.model.lora import attach_lora
     from shared.model.quantize import fits_to_quantize_on, quantize_transformer
 
@@ -110,19 +130,8 @@ def measure_step(precision: str, device: torch.device, plan: Any, cfg: dict[str,
     batch, noise, sigmas = step_inputs(plan.tokens, cfg["joint_attention_dim"], device)
     free(device)
     reset_peaks(device)
-    losses = []
-    for i in range(1 + steps):
-        if i == 1:
-            sync(device)
-            t1 = time.perf_counter()
-        loss = flow_matching_loss(model, batch, noise, sigmas, dtype=torch.bfloat16)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    sync(device)
-    out: dict[str, Any] = {"s_per_step": (time.perf_counter() - t1) / steps, "build_s": build_s,
-                           "losses": losses, "built_on": where.type}
+    seconds, losses = time_steps(model, opt, (batch, noise, sigmas), steps, device)
+    out: dict[str, Any] = {"s_per_step": seconds, "build_s": build_s, "losses": losses, "built_on": where.type}
     if device.type == "cuda":
         free_b, total_b = torch.cuda.mem_get_info(device)
         out |= {"weights_gib": weights, "allocated_gib": torch.cuda.max_memory_allocated(device) / GiB,

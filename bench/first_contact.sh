@@ -20,9 +20,10 @@
 #   gpu_step    (FC_STEP_S=240)    bench/gpu_step.py: the cases FC_STEP_CASES (default nf4-bnb and fp8-quanto at
 #                                  that size), each again under a 24 GiB cap (what a 24 GB card holds)
 #
-# About four minutes on one H200. PYTHON picks the interpreter (default python3). On a host without CUDA the
-# same stages run what a CPU can (the doctor's GPU rows say they need one; gpu_step on the small model): the test
-# suite runs it that way.
+# About five minutes on one H200 with the defaults (from its stages' times there: doctor 54 s, a real-size step
+# of the 20B model 4-5 s, building it 3-47 s a precision). PYTHON picks the interpreter (default python3). On a
+# host without CUDA the same stages run what a CPU can (the doctor's GPU rows say they need one; gpu_step on the
+# small model): the test suite runs it that way.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-first-contact}

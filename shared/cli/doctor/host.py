@@ -8,7 +8,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sysconfig
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -131,18 +130,18 @@ def quanto_row(device: torch.device) -> Row:
 
 def compiler_row() -> Row:
     """torch.compile (compile_transformer, the ao-* optimizers) builds C code: Inductor's CPU kernels, Triton's
-    CUDA launcher. Both need a C compiler and Python's headers."""
-    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-    found = shutil.which(cc) if cc else None
-    headers = (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file()
+    CUDA launcher. Both need a C compiler and Python's headers (shared.train.toolchain, which the trainer checks)."""
+    from shared.train.toolchain import c_compiler, python_headers
+
+    found, headers = c_compiler(), python_headers()
     data = {"cc": found, "python_headers": headers, "nvcc": shutil.which("nvcc"), "ninja": shutil.which("ninja")}
     if found and headers:
         return Row("C compiler", "pass", f"{found} and Python.h: compile_transformer and the ao-* optimizers can "
                    "compile", data=data)
     missing = " and ".join(m for m, ok in (("a C compiler", found), ("Python.h", headers)) if not ok)
     return Row("C compiler", "warn", f"no {missing}: compile_transformer=true and the ao-* optimizers are refused "
-               "at the config check", "apt-get install gcc python3-dev (the Docker image has both), or leave "
-               "compile_transformer off and use a non-ao optimizer", data=data)
+               "before a run loads its model", "apt-get install gcc python3-dev (the Docker image has both), or "
+               "leave compile_transformer off and use a non-ao optimizer", data=data)
 
 
 def model_rows(model: str | None) -> list[Row]:

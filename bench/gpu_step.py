@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 from shared import errors  # noqa: E402
 from shared.model.lora import attach_lora  # noqa: E402
 from shared.model.quantize import check_precision, quantize_transformer  # noqa: E402
-from shared.plan.probe import build_transformer, free, sync  # noqa: E402
+from shared.model.device import free_gpu_memory  # noqa: E402
+from shared.plan.probe import build_transformer, sync  # noqa: E402
 from shared.plan.step import step_inputs, time_steps  # noqa: E402
 from shared.plan.tokens import Tokens  # noqa: E402
 
@@ -209,7 +210,7 @@ def run_case(model: Any, opt: torch.optim.Optimizer, cfg: dict, case: Case, args
     model_f, hw_f = model_step_flops(cfg, tgt + refs, text, case.checkpointing)
     cuda = device.type == "cuda"
     if cuda:
-        free(device)
+        free_gpu_memory()
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, case.cap_gib * GiB / total) if case.cap_gib else 1.0,
                                                    device)
@@ -230,7 +231,7 @@ def run_case(model: Any, opt: torch.optim.Optimizer, cfg: dict, case: Case, args
     if cuda:
         mem, source = torch.cuda.max_memory_allocated(device) / GiB, "cuda max_memory_allocated"
         reserved = torch.cuda.max_memory_reserved(device) / GiB
-        free(device)
+        free_gpu_memory()
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     else:
         mem, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "cpu peak RSS (process so far)"
@@ -253,7 +254,7 @@ def numerics(precision: str, device: torch.device, small: bool) -> tuple[bool, s
     reference = build_transformer(cfg, device).requires_grad_(False)
     data, problems = probe_precision(PRECISIONS[precision], reference, block_inputs(cfg, side, text, device), device, 1)
     del reference
-    free(device)
+    free_gpu_memory()
     return not problems, describe(data) + "".join(f"; {p}" for p in problems)
 
 
@@ -385,7 +386,7 @@ def main() -> None:
             failure = ("failed", f"build: {type(err).__name__}: {str(err)[:200]}")
             errors.clear_frames(err)
         if failure is not None:  # out of the except block: the error no longer holds the half-built model
-            free(device)
+            free_gpu_memory()
             not_timed(cases, *failure)
             continue
         weights = torch.cuda.memory_allocated(device) / GiB if device.type == "cuda" else None
@@ -399,7 +400,7 @@ def main() -> None:
             print(format_row(rows[-1]), flush=True)
             save()  # after every row: a run that dies later keeps what it measured
         del model, opt, params
-        free(device)
+        free_gpu_memory()
     save()
 
 

@@ -70,6 +70,13 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def reset_peak(device: torch.device) -> None:
+    """Start ``device``'s memory peak anew (CUDA only): what a step or a job reports is then its own, not the
+    load's (a bf16 base before it is quantized on the accelerator, ~41 GB) or an earlier job's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def free_gpu_memory() -> None:
     """Give memory the caching allocator holds back to the device, so another process on the GPU can use it."""
     import gc

@@ -179,9 +179,8 @@ def fits_to_quantize_on(module: torch.nn.Module, device: torch.device, compute_d
         return True
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0]
-    size = torch.tensor([], dtype=compute_dtype).element_size()
-    needed = sum(p.numel() * (size if p.is_floating_point() else p.element_size())  # what is there already counts
-                 for p in module.parameters() if p.device.type != "cuda")          # in free_bytes
+    needed = sum(p.numel() * (compute_dtype.itemsize if p.is_floating_point() else p.element_size())
+                 for p in module.parameters() if p.device.type != "cuda")  # what is there already is in free_bytes
     margin = 2 * 2 ** 30  # the CUDA context, the quantized copies of the largest layers while freeze() runs
     if needed + margin <= free_bytes:
         return True

@@ -13,13 +13,14 @@ it.
 from __future__ import annotations
 
 import copy
-import gc
 import math
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
+
+from shared.model.device import free_gpu_memory, reset_peak
 
 GiB = 2**30
 REAL_BLOCK = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=128,
@@ -74,22 +75,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def peaks(device: torch.device) -> dict[str, float]:
     if device.type != "cuda":
         return {}
     return {"allocated_gib": round(torch.cuda.max_memory_allocated(device) / GiB, 3),
             "reserved_gib": round(torch.cuda.max_memory_reserved(device) / GiB, 3)}
-
-
-def reset_peaks(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def weight_classes(model: torch.nn.Module) -> list[str]:
@@ -155,12 +145,11 @@ def lora_backward(model: Any, inputs: dict[str, Any], device: torch.device, step
     model.enable_gradient_checkpointing()
     model.train()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    elapsed = 0.0
     for i in range(1 + steps):
         for p in params.values():
             p.grad = None
         if i == 1:
-            reset_peaks(device)
+            reset_peak(device)
             sync(device)
             t0 = time.perf_counter()
         out = model(**inputs)[0]
@@ -193,7 +182,7 @@ def probe_precision(precision: str, reference: Any, inputs: dict[str, Any], devi
     bias_ok, biased = biases_honoured(model)
     train = lora_backward(model, inputs, device, steps)
     del model, ref_out
-    free(device)
+    free_gpu_memory()
     data = {"precision": precision, "rel_error": round(rel, 5), "cosine": round(cos, 6), "weight_classes": classes,
             "biases_honoured": bias_ok, "biased_linears": biased, "quantize_s": round(quantize_s, 3), **train}
     problems = []

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from shared.plan.probe import build_transformer, free, reset_peaks, sync
+from shared.model.device import free_gpu_memory, reset_peak
+from shared.plan.probe import build_transformer, peaks, sync
 
 GiB = 2**30
 
@@ -108,7 +109,7 @@ def measure_step(precision: str, device: torch.device, plan: Any, cfg: dict[str,
     from shared.model.lora import attach_lora
     from shared.model.quantize import fits_to_quantize_on, quantize_transformer
 
-    free(device)
+    free_gpu_memory()
     t0 = time.perf_counter()
     where = device
     if device.type == "cuda":  # 20B bf16 weights are built on the CPU when the card cannot hold them
@@ -128,14 +129,13 @@ def measure_step(precision: str, device: torch.device, plan: Any, cfg: dict[str,
     build_s = time.perf_counter() - t0
     weights = torch.cuda.memory_allocated(device) / GiB if device.type == "cuda" else None
     batch, noise, sigmas = step_inputs(plan.tokens, cfg["joint_attention_dim"], device)
-    free(device)
-    reset_peaks(device)
+    free_gpu_memory()
+    reset_peak(device)
     seconds, losses = time_steps(model, opt, (batch, noise, sigmas), steps, device)
     out: dict[str, Any] = {"s_per_step": seconds, "build_s": build_s, "losses": losses, "built_on": where.type}
     if device.type == "cuda":
         free_b, total_b = torch.cuda.mem_get_info(device)
-        out |= {"weights_gib": weights, "allocated_gib": torch.cuda.max_memory_allocated(device) / GiB,
-                "reserved_gib": torch.cuda.max_memory_reserved(device) / GiB, "device_used_gib": (total_b - free_b) / GiB}
+        out |= {"weights_gib": weights, **peaks(device), "device_used_gib": (total_b - free_b) / GiB}
     del model, opt, params, batch, noise
-    free(device)
+    free_gpu_memory()
     return out

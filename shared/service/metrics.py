@@ -113,7 +113,7 @@ def start_gpu_job(device_name: str) -> None:
     """At the start of an encode or render job: bind the job's GPU (``device=cuda:N``, so the CUDA context and the
     libraries' scratch space go there, not to GPU 0) and start its memory peak anew, so the peak the service exports
     is this job's, not the largest since the process started."""
-    from shared.model.device import resolve_device
-    from shared.train import distributed, gpu
+    from shared.model.device import reset_peak, resolve_device
+    from shared.train import distributed
 
-    gpu.reset_peak(distributed.rank_device(resolve_device(device_name), distributed.Dist()))
+    reset_peak(distributed.rank_device(resolve_device(device_name), distributed.Dist()))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from shared.model.device import reset_peak  # noqa: F401  (the trainer's gpu.reset_peak, at the end of setup)
 from shared.train import distributed
 
 
@@ -18,13 +19,6 @@ def allow_tf32(device: torch.device) -> None:
     torchao read the legacy ones."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-
-
-def reset_peak(device: torch.device) -> None:
-    """Start the peak anew at the end of setup: until then it holds the load (a bf16 base before it is quantized on
-    the accelerator, ~41 GB) and, in one process, the encoders' peak, which no training step needs again."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def memory(device: torch.device, dist: distributed.Dist) -> dict[str, int]:

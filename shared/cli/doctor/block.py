@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from shared.cli.doctor.rows import Row
+from shared.model.device import free_gpu_memory
 from shared.plan.probe import (
     BLOCK_PRECISIONS,
     REAL_BLOCK,
@@ -17,7 +18,6 @@ from shared.plan.probe import (
     block_inputs,
     build_transformer,
     describe,
-    free,
     probe_precision,
 )
 
@@ -56,7 +56,7 @@ def block_rows(device: torch.device, *, small: bool, precisions: tuple[str, ...]
 
     def done() -> list[Row]:
         state.clear()
-        free(device)
+        free_gpu_memory()
         return []
 
     return [("block bf16 reference", reference)] + [(f"block {p}", one(p)) for p in precisions] + [

@@ -10,7 +10,7 @@ import torch
 
 from shared.cli.doctor.rows import Row
 from shared.errors import clear_frames
-from shared.plan.probe import free
+from shared.model.device import free_gpu_memory
 from shared.plan.step import gpu_name, measure_step, planned, real_config
 
 GiB = 2**30
@@ -34,7 +34,7 @@ def full_row(precision: str, device: torch.device, steps: int = 2, flavour: str 
     except torch.OutOfMemoryError as err:
         clear_frames(err)  # the failed step's tensors live in its frames: drop them before giving memory back
     if m is None:
-        free(device)
+        free_gpu_memory()
         return Row(check, "info", f"out of memory on {torch.cuda.get_device_name(device)}; the planner predicted "
                    f"{predicted_gib:.1f} GiB ({tokens})", data={"predicted_gib": predicted_gib, "oom": True})
     data = {"precision": precision, "tokens": tok.total, "tokens_text": tok.text, "gpu": gpu,

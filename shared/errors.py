@@ -71,11 +71,20 @@ class FailedPrecondition(EditTunerError):
     """The system is not in a state that allows the request, e.g. a run already active (gRPC FAILED_PRECONDITION)."""
 
 
-class ResourceExhausted(EditTunerError):
+class Retryable(EditTunerError):
+    """An answer that may change if asked again later. ``retry_after_s``, when set, is when: the services send it
+    as the ``grpc-retry-pushback-ms`` trailer, and patient clients (``shared.rpc.patience``) wait that long."""
+
+    def __init__(self, message: str = "", *, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ResourceExhausted(Retryable):
     """Out of GPU memory or a full queue (gRPC RESOURCE_EXHAUSTED)."""
 
 
-class Unavailable(EditTunerError):
+class Unavailable(Retryable):
     """A dependency is not ready yet, e.g. models still loading or the store unreachable (gRPC UNAVAILABLE)."""
 
 

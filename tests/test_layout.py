@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS: dict[str, int] = {
-    "errors": 0, "logs": 0,
+    "errors": 0, "logs": 0, "deadline": 0,
     "config": 1, "store": 1, "data": 1, "model": 1,
     "encode": 2, "train": 2, "evaluate": 2, "plan": 2,
     "service": 3, "rpc": 3,

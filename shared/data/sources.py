@@ -11,7 +11,7 @@ from typing import Any, Callable, Protocol
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from shared import errors
+from shared import deadline, errors
 from shared.config.schema import DatasetConfig
 from shared.errors import DatasetError, InvalidInput, Problem
 
@@ -89,8 +89,9 @@ class S3Source:
         from shared.store.s3 import is_transient, retrying
 
         where = f"bucket {self.bucket!r} at {self.endpoint or 'its endpoint'}"
+        budget_s, bounded = deadline.budget(self.retry_s)  # inside a call: ends before its client's deadline
         try:
-            return retrying(self.retry_s, where)(operation)
+            return retrying(budget_s, where, hard=bounded)(operation)
         except S3Error as err:
             hint = {"NoSuchBucket": "check aws_bucket_name", "NoSuchKey": "the file is gone: encode again",
                     "AccessDenied": "check aws_access_key_id / aws_secret_access_key"}.get(err.code, "")

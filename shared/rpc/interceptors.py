@@ -2,7 +2,9 @@
 
 - ``ErrorInterceptor`` is the one place domain exceptions (``shared.errors``) become gRPC status codes
   (``STATUS_FOR``). Anything else is INTERNAL with a generic message and an incident id; the traceback goes to
-  the log under that id, never to the client.
+  the log under that id, never to the client. A retryable error's ``retry_after_s`` becomes the
+  ``grpc-retry-pushback-ms`` trailer. It also runs each unary-response handler under the call's deadline
+  (``shared.deadline``), so retry loops below it give up in time to answer.
 - ``BearerAuthInterceptor`` requires ``authorization: Bearer <token>`` metadata.
 - ``MetricsInterceptor`` counts and times calls with the conventional ``grpc_server_*`` metric names.
 
@@ -25,7 +27,7 @@ from typing import Any
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
-from shared import errors
+from shared import deadline, errors
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,9 @@ STATUS_FOR: dict[type[errors.EditTunerError], grpc.StatusCode] = {
     errors.IntegrityError: grpc.StatusCode.DATA_LOSS,
     errors.EditTunerError: grpc.StatusCode.UNKNOWN,
 }
+
+PUSHBACK_KEY = "grpc-retry-pushback-ms"  # the retry hint gRPC defines for a refused call
+NO_DEADLINE_S = 10 * 365 * 86400.0
 
 # Status details travel percent-encoded in a trailer, and clients drop trailers over ~8-16 KiB ("metadata size
 # exceeds hard limit", RESOURCE_EXHAUSTED). A longer message (hundreds of config problems) is cut at a line, with
@@ -96,6 +101,12 @@ def rewrap(handler: grpc.RpcMethodHandler, wrap_unary: Callable[[Behavior], Beha
     return grpc.stream_stream_rpc_method_handler(wrap_streaming(handler.stream_stream), de, se)
 
 
+def call_time_remaining(context: grpc.ServicerContext) -> float | None:
+    """Seconds until the client's deadline; None when it set none (grpc then reports an infinite future)."""
+    left = context.time_remaining()
+    return None if left is None or left > NO_DEADLINE_S else left
+
+
 def client_gone_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
     """DEADLINE_EXCEEDED or CANCELLED once the call is over from the client's side, else None."""
     if context.is_active():
@@ -141,7 +152,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         def unary(behavior: Behavior) -> Behavior:
             def call(request, context):
                 try:
-                    return behavior(request, context)
+                    with deadline.serving(call_time_remaining(context)):
+                        return behavior(request, context)
                 except Exception as exc:  # noqa: BLE001 - the point of this interceptor
                     self.abort(exc, context, method)
 
@@ -173,6 +185,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             incident = uuid.uuid4().hex[:8]
             log.error("internal error (id %s) in %s", incident, method, exc_info=exc)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error; see the service log (id {incident})")
+        retry_after_s = getattr(exc, "retry_after_s", None)
+        if retry_after_s is not None:
+            context.set_trailing_metadata(((PUSHBACK_KEY, str(int(retry_after_s * 1000))),))
         log.info("%s: %s: %s", method, code.name, str(exc).split("\n", 1)[0])
         details = clip_details(str(exc))
         if details != str(exc):

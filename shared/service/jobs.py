@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+QUEUE_FULL_RETRY_S = 5.0  # the retry hint a full queue answers with
 _WATCH_POLL_S = 0.5  # how often a waiting watcher checks that its client is still there
 _SERVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 JOB_ID = re.compile(r"[0-9a-f]{12}")  # uuid4().hex[:12], see submit
@@ -133,7 +134,7 @@ class JobManager:
                 if waiting >= self.max_queued:
                     raise errors.ResourceExhausted(
                         f"queue full: {waiting} {self.service} jobs are waiting (max_queued={self.max_queued}); "
-                        "retry later or cancel queued jobs"
+                        f"retry in {QUEUE_FULL_RETRY_S:g} s or cancel queued jobs", retry_after_s=QUEUE_FULL_RETRY_S
                     )
                 now = self._last_created = max(time.time(), self._last_created + 1e-6)  # newest-first is total
             record = JobRecord(job_id=uuid.uuid4().hex[:12], request_id=request_id, kind=kind,

@@ -4,7 +4,9 @@ and an S3 PUT is atomic. Also the endpoint and credential rules shared with Simp
 Transient faults — refused or reset connections, timeouts, 5xx answers, SlowDown — are retried by tenacity with
 exponential backoff and jitter for every operation, for a budget of ``retry_s`` seconds (``EDITTUNER_STORE_RETRY_S``,
 default 120): a run rides out a store restart or a network blip. Past the budget the operation fails
-``Unavailable`` naming the endpoint. urllib3 itself does not retry (one policy, not two nested ones).
+``Unavailable`` naming the endpoint. urllib3 itself does not retry (one policy, not two nested ones). Inside a
+call a client is waiting for (``shared.deadline``), the retries stop before that client's deadline: the call is
+answered ``Unavailable`` naming the endpoint, with a retry hint, rather than left to run out.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import io
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +29,7 @@ import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error, ServerError
 
-from shared import errors
+from shared import deadline, errors
 from shared.store.base import DEFAULT_BUCKET, ObjectInfo, ObjectStore, folder_prefix, mismatch_error, validate_key
 from shared.store.files import CHUNK, sha256_file, write_file_verified
 
@@ -70,16 +73,17 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
 
 
-def retrying(budget_s: float, where: str) -> tenacity.Retrying:
+def retrying(budget_s: float, where: str, *, hard: bool = False) -> tenacity.Retrying:
     """The retry policy of every store and dataset-bucket operation: exponential backoff with jitter (0.2 s
-    doubling up to 5 s) while ``is_transient``, for ``budget_s`` seconds in all, then the last error is raised."""
+    doubling up to 5 s) while ``is_transient``, for ``budget_s`` seconds in all, then the last error is raised.
+    ``hard``: no attempt starts after ``budget_s`` (a client's deadline), rather than none after it ran out."""
     def note(state: tenacity.RetryCallState) -> None:
         err = state.outcome.exception() if state.outcome else None
         log.warning("%s: %s; retrying (attempt %d, %.0f s of %.0f s)", where, type(err).__name__,
                     state.attempt_number, state.seconds_since_start or 0.0, budget_s)
 
     return tenacity.Retrying(retry=tenacity.retry_if_exception(is_transient),
-                             stop=tenacity.stop_after_delay(budget_s),
+                             stop=tenacity.stop_before_delay(budget_s) if hard else tenacity.stop_after_delay(budget_s),
                              wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0), reraise=True,
                              before_sleep=note)
 
@@ -209,9 +213,19 @@ class MinioStore(ObjectStore):
         self._do(lambda: self.client.remove_object(self.bucket, key), validate_key(key))
 
     def _do(self, operation: Callable[[], Any], key: str | None = None) -> Any:
-        """``operation()`` with the retry policy, its final failure translated to an EditTunerError."""
-        with self._translated(key):
-            return retrying(self.retry_s, self.describe())(operation)
+        """``operation()`` with the retry policy, its final failure translated to an EditTunerError. Serving a
+        call with a deadline, the retries end before it (``shared.deadline.budget``)."""
+        budget_s, bounded = deadline.budget(self.retry_s)
+        started = time.monotonic()
+        try:
+            with self._translated(key, budget_s):
+                return retrying(budget_s, self.describe(), hard=bounded)(operation)
+        except errors.Unavailable as err:
+            if not bounded:
+                raise
+            raise errors.Unavailable(
+                f"{err}; this call gave up after {time.monotonic() - started:.1f} s to answer before its deadline: "
+                f"retry in {deadline.RETRY_HINT_S:g} s", retry_after_s=deadline.RETRY_HINT_S) from err.__cause__
 
     def _recorded_sha(self, key: str, headers: Mapping[str, str]) -> str:
         sha = _header(headers, "x-amz-meta-sha256")
@@ -232,21 +246,22 @@ class MinioStore(ObjectStore):
             response.release_conn()
 
     @contextmanager
-    def _translated(self, key: str | None = None) -> Iterator[None]:
+    def _translated(self, key: str | None = None, retried_s: float | None = None) -> Iterator[None]:
         """Turn minio/urllib3 exceptions into EditTuner errors that say what to check."""
+        retried_s = self.retry_s if retried_s is None else retried_s
         try:
             yield
         except S3Error as err:
-            raise self._s3_error(err, key) from err
+            raise self._s3_error(err, key, retried_s) from err
         except (urllib3.exceptions.HTTPError, MinioException, ConnectionError, TimeoutError) as err:
-            retried = f" (retried for {self.retry_s:g} s, EDITTUNER_STORE_RETRY_S)" if self.retry_s > 0 else ""
+            retried = f" (retried for {retried_s:.3g} s, EDITTUNER_STORE_RETRY_S)" if retried_s > 0 else ""
             raise errors.Unavailable(
                 f"object store at {'https' if self.secure else 'http'}://{self.endpoint} is unreachable or not "
                 f"an S3 server ({type(err).__name__}: {err}){retried}; check that MinIO is running and that the "
                 "endpoint (EDITTUNER_S3_ENDPOINT or the store URL) is right"
             ) from err
 
-    def _s3_error(self, err: S3Error, key: str | None) -> errors.EditTunerError:
+    def _s3_error(self, err: S3Error, key: str | None, retried_s: float) -> errors.EditTunerError:
         where = self.describe()
         if err.code == "NoSuchKey" and key is not None:
             return errors.NotFound(f"object '{key}' not found in {where}")
@@ -258,7 +273,7 @@ class MinioStore(ObjectStore):
             )
         subject = f"'{key}' in {where}" if key else where
         if err.code in _TRANSIENT_CODES:
-            return errors.Unavailable(f"{subject} kept failing ({err.code}: {err.message}) for {self.retry_s:g} s; "
+            return errors.Unavailable(f"{subject} kept failing ({err.code}: {err.message}) for {retried_s:.3g} s; "
                                       "is the object store overloaded or restarting?")
         return errors.EditTunerError(f"object store error on {subject}: {err.code}: {err.message}")
 

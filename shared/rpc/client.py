@@ -14,10 +14,11 @@ the server's message and a service calling another maps it on with the same code
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +28,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shared import errors
 from shared.rpc import (common_pb2, data_pb2, data_pb2_grpc, encoder_pb2, encoder_pb2_grpc, eval_pb2, eval_pb2_grpc,
                         trainer_pb2, trainer_pb2_grpc)
+from shared.rpc.guards import PEER_KEY
+from shared.rpc.patience import Patience
 
 DEFAULT_DEADLINE_S = 30.0
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -54,16 +57,16 @@ class _CallDetails(
     pass
 
 
-class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds ``authorization: Bearer <token>`` to every call (works on plaintext channels too, unlike call
-    credentials, which grpc only sends over TLS)."""
+class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds fixed metadata to every call: ``authorization: Bearer <token>`` (works on plaintext channels too,
+    unlike call credentials, which grpc only sends over TLS), ``x-edittuner-peer`` on a service's channels."""
 
-    def __init__(self, token: str):
-        self._pair = ("authorization", f"Bearer {token}")
+    def __init__(self, pairs: Sequence[tuple[str, str]]):
+        self._pairs = tuple(pairs)
 
     def _with_token(self, details: grpc.ClientCallDetails) -> _CallDetails:
-        metadata = [*(details.metadata or ()), self._pair]
+        metadata = [*(details.metadata or ()), *self._pairs]
         return _CallDetails(details.method, details.timeout, metadata, details.credentials,
                             details.wait_for_ready, details.compression)
 
@@ -82,9 +85,10 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 
 def make_channel(target: str, *, token: str | None = None, tls_ca: str | Path | None = None, tls: bool = False,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+                 options: Sequence[tuple[str, Any]] = (), peer: str | None = None) -> grpc.Channel:
     """A channel to ``target`` (``host:port``). ``tls_ca``: PEM of the CA that signed the server's certificate
-    (implies TLS); ``tls=True`` without it trusts the system roots. ``token``: sent as a bearer token."""
+    (implies TLS); ``tls=True`` without it trusts the system roots. ``token``: sent as a bearer token. ``peer``:
+    sent as ``x-edittuner-peer`` (a service calling another, see ``shared.rpc.guards.is_peer``)."""
     opts = [("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000), *options]
@@ -93,8 +97,9 @@ def make_channel(target: str, *, token: str | None = None, tls_ca: str | Path | 
         channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root), opts)
     else:
         channel = grpc.insecure_channel(target, opts)
-    if token:
-        channel = grpc.intercept_channel(channel, _BearerToken(token))
+    pairs = ([("authorization", f"Bearer {token}")] if token else []) + ([(PEER_KEY, peer)] if peer else [])
+    if pairs:
+        channel = grpc.intercept_channel(channel, _Metadata(pairs))
     return channel
 
 
@@ -158,10 +163,27 @@ RECONNECT_S = 120.0
 TRANSFER_TIMEOUT_S = 600.0  # one file up or down
 
 
-class Client:
-    """One service's stub with the channel's token and a deadline on every unary call."""
+CLIENT_WAIT_S = 120.0  # EDITTUNER_CLIENT_WAIT_S: how long a CLI call follows a busy server's retry hints
 
-    def __init__(self, service: str, address: str, token: str | None = None):
+
+def client_wait_s(env: Mapping[str, str] | None = None) -> float:
+    raw = (os.environ if env is None else env).get("EDITTUNER_CLIENT_WAIT_S", "").strip()
+    try:
+        value = float(raw) if raw else CLIENT_WAIT_S
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise errors.InvalidInput(f"EDITTUNER_CLIENT_WAIT_S={raw!r} is not a number of seconds (0 or more)")
+    return value
+
+
+class Client:
+    """One service's stub with the channel's token and a deadline on every unary call. A server that answers
+    "busy" (RESOURCE_EXHAUSTED: its queue is full, its streams are all open) or "unavailable, retry in N s" is
+    asked again after its hint, for up to ``wait_s`` seconds (EDITTUNER_CLIENT_WAIT_S, default 120), each wait
+    logged; a server that cannot be reached fails at once (``rpc_error`` says how to start it)."""
+
+    def __init__(self, service: str, address: str, token: str | None = None, *, wait_s: float | None = None):
         if service not in STUBS:
             raise errors.InvalidInput(f"unknown service {service!r}; one of {', '.join(STUBS)}")
         stub_cls, self.pb = STUBS[service]
@@ -170,10 +192,16 @@ class Client:
                                     tls_ca=os.environ.get("EDITTUNER_TLS_CA") or None,
                                     tls=os.environ.get("EDITTUNER_TLS", "") == "1")
         self.stub = stub_cls(self.channel)
+        self.patience = Patience(f"{service}_svc at {address}", client_wait_s() if wait_s is None else wait_s,
+                                 on_wait=log.warning, codes=frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                                       grpc.StatusCode.UNAVAILABLE}),
+                                 hinted_only=frozenset({grpc.StatusCode.UNAVAILABLE}),
+                                 budget_name="EDITTUNER_CLIENT_WAIT_S")
 
     def call(self, method: str, request: Any) -> Any:
+        """A unary call (every submit carries a request_id, so asking again never makes a second job)."""
         try:
-            return getattr(self.stub, method)(request, timeout=TIMEOUT_S)
+            return self.patience.call(getattr(self.stub, method), request, timeout_s=TIMEOUT_S)
         except grpc.RpcError as e:
             raise rpc_error(self.service, self.address, e) from None
 
@@ -209,25 +237,14 @@ class Client:
     def watch(self, job_id: str, on_update: Callable[[common_pb2.Job], None], *,
               reconnect_s: float = RECONNECT_S) -> common_pb2.Job:
         """Stream the job's events until it ends; returns the last snapshot. Jobs outlive their service's
-        restarts, so a stream that ends UNAVAILABLE (the service stopping, a dropped connection) or is refused
-        RESOURCE_EXHAUSTED (too many open streams) is opened again, for up to ``reconnect_s`` seconds of trying."""
-        last, failing_since, pause = None, None, 0.5
-        while True:
-            try:
-                for ev in self.stub.WatchJob(self.pb.WatchJobRequest(job_id=job_id)):
-                    last, failing_since, pause = ev.job, None, 0.5
-                    on_update(last)
-                return last if last is not None else self.get(job_id)
-            except grpc.RpcError as e:
-                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                    raise rpc_error(self.service, self.address, e) from None
-                failing_since = failing_since or time.monotonic()
-                if time.monotonic() - failing_since > reconnect_s:
-                    raise rpc_error(self.service, self.address, e) from None
-                log.warning("watching %s job %s: %s (%s); watching again", self.service, job_id, e.code().name,
-                            e.details())
-                time.sleep(pause)
-                pause = min(pause * 2, 5.0)
+        restarts, so a stream that ends UNAVAILABLE (the service stopping, a dropped connection) is opened again,
+        for up to ``reconnect_s`` seconds of trying; one refused RESOURCE_EXHAUSTED (the server's streams are all
+        open) becomes polling GetJob (``shared.rpc.patience``)."""
+        patience = dataclasses.replace(self.patience, budget_s=reconnect_s, hinted_only=frozenset())
+        try:
+            return patience.watch_job(self.stub, self.pb, job_id, on_update, timeout_s=TIMEOUT_S)
+        except grpc.RpcError as e:
+            raise rpc_error(self.service, self.address, e) from None
 
     def close(self) -> None:
         self.channel.close()

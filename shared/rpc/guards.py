@@ -9,13 +9,17 @@
   its thread for as long as the job runs. Past ``max_streams`` open streams a new one is ``RESOURCE_EXHAUSTED``
   at once, with a retry hint (the ``grpc-retry-pushback-ms`` trailer and the message), so the remaining threads
   stay free for unary calls. A bound, rather than grpc.aio: the job manager, the executors and every servicer are
-  thread-based, and a bound keeps the unary capacity a number one can state (``max_workers - max_streams``).
+  thread-based, and a bound keeps the unary capacity a number one can state (``max_workers - max_streams -
+  peer_streams``). Beyond the clients' ``max_streams``, ``peer_streams`` more are kept for the other services
+  (calls carrying ``x-edittuner-peer``, see ``is_peer``): a trainer following its encode job never competes with
+  dashboards and scripts for the last slot.
 
 gRPC's own health and reflection services pass through untouched (their Watch does not hold a thread).
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -28,6 +32,21 @@ from shared.rpc.interceptors import Behavior, is_infra, rewrap
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_MS = 5000
+PEER_KEY = "x-edittuner-peer"  # metadata a service's calls to another service carry (shared.rpc.client)
+
+
+def is_peer(metadata: Any, peer_token: str | None) -> bool:
+    """Whether a call comes from another EditTuner service: it carries ``x-edittuner-peer``, whose value must be
+    ``peer_token`` when the server has one (EDITTUNER_PEER_TOKEN); without one, any value does (the bearer token,
+    when set, has already admitted the caller)."""
+    for key, value in metadata or ():
+        if key != PEER_KEY:
+            continue
+        given = value.decode() if isinstance(value, bytes) else str(value)
+        if peer_token:
+            return hmac.compare_digest(given.encode(), peer_token.encode())
+        return bool(given)
+    return False
 
 
 class MalformedRequest:
@@ -95,27 +114,43 @@ class DecodeGuardInterceptor(grpc.ServerInterceptor):
 
 
 class StreamLimitInterceptor(grpc.ServerInterceptor):
-    """At most ``max_streams`` response streams open at once; beyond: RESOURCE_EXHAUSTED with a retry hint."""
+    """At most ``max_streams`` response streams from clients and ``peer_streams`` more from peers (``is_peer``)
+    open at once; beyond: RESOURCE_EXHAUSTED with a retry hint. A peer takes a client slot when its own are all
+    open."""
 
-    def __init__(self, max_streams: int):
-        self.max_streams = max_streams
+    def __init__(self, max_streams: int, peer_streams: int = 0, peer_token: str | None = None):
+        self.max_streams, self.peer_streams, self.peer_token = max_streams, peer_streams, peer_token
         self._slots = threading.BoundedSemaphore(max_streams) if max_streams > 0 else None
+        self._peer_slots = threading.BoundedSemaphore(peer_streams) if peer_streams > 0 else None
         self._lock = threading.Lock()
         self.open = 0
+        self.open_peer = 0
+
+    def _acquire(self, peer: bool) -> threading.BoundedSemaphore | None:
+        for pool in ((self._peer_slots, self._slots) if peer else (self._slots,)):
+            if pool is not None and pool.acquire(blocking=False):
+                return pool
+        return None
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or not handler.response_streaming or is_infra(handler_call_details.method):
             return handler
         behavior = handler.unary_stream or handler.stream_stream
+        peer = is_peer(handler_call_details.invocation_metadata, self.peer_token)
 
         def call(request, context):
-            if self._slots is None or not self._slots.acquire(blocking=False):
+            pool = self._acquire(peer)
+            if pool is None:
                 context.set_trailing_metadata((("grpc-retry-pushback-ms", str(RETRY_AFTER_MS)),))
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"this server already has {self.max_streams} open streams, its limit "
-                              f"(EDITTUNER_MAX_STREAMS); retry in {RETRY_AFTER_MS // 1000} s or close other watches")
+                limit = f"{self.max_streams} open streams, its limit (EDITTUNER_MAX_STREAMS)"
+                if peer:
+                    limit = (f"{self.max_streams + self.peer_streams} open streams, its limit for services "
+                             "(EDITTUNER_MAX_STREAMS + EDITTUNER_PEER_STREAMS)")
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"this server already has {limit}; retry in "
+                                                                  f"{RETRY_AFTER_MS // 1000} s or close other watches")
             released = threading.Event()
+            counts_peer = pool is self._peer_slots
 
             def release() -> None:
                 with self._lock:
@@ -123,10 +158,12 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
                         return
                     released.set()
                     self.open -= 1
-                self._slots.release()
+                    self.open_peer -= counts_peer
+                pool.release()
 
             with self._lock:
                 self.open += 1
+                self.open_peer += counts_peer
             context.add_callback(release)  # a client that goes away may never let the generator finish
             try:
                 yield from behavior(request, context)

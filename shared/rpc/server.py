@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 UNARY_RESERVE = 8  # server threads never taken by streams
+DEFAULT_PEER_STREAMS = 8
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,21 @@ class ServiceConfig:
     # remain for unary calls (see shared.rpc.guards.StreamLimitInterceptor).
     max_workers: int = 64
     max_streams: int = 48
+    # Beyond max_streams, for the other services' calls only (x-edittuner-peer; with peer_token, that value only):
+    # a trainer following its encode job never waits behind dashboards for a stream slot. None: what max_workers
+    # leaves beyond max_streams and the unary threads, at most DEFAULT_PEER_STREAMS (8 with the defaults).
+    peer_streams: int | None = None
+    peer_token: str | None = None
+    max_queued: int = 16  # jobs waiting beyond the running ones; more are RESOURCE_EXHAUSTED with a retry hint
     keepalive_s: float = 15.0  # a Watch stream re-sends the job's state at least this often; HTTP/2 pings too
     allow_insecure: bool = False  # listen beyond loopback without a token (EDITTUNER_ALLOW_INSECURE=1)
     dataset_roots: tuple[str, ...] = ()  # server folders a request's local dataset may be read from
     model_roots: tuple[str, ...] = ()  # server folders a request's local model directory may be read from
 
     def __post_init__(self) -> None:
+        if self.peer_streams is None:
+            spare = self.max_workers - UNARY_RESERVE - self.max_streams
+            object.__setattr__(self, "peer_streams", max(0, min(DEFAULT_PEER_STREAMS, spare)))
         problems = [Problem(name, message) for name, message in self._problems()]
         if problems:
             raise ConfigError(problems, "invalid service configuration")
@@ -95,10 +105,15 @@ class ServiceConfig:
             found.append(("grace_s", f"{self.grace_s} must be 0 or more seconds"))
         if self.max_workers < 1:
             found.append(("max_workers", f"{self.max_workers} must be at least 1"))
-        if not 0 <= self.max_streams <= self.max_workers - UNARY_RESERVE:
-            found.append(("max_streams", f"{self.max_streams} must be between 0 and max_workers - {UNARY_RESERVE} "
-                                         f"({self.max_workers - UNARY_RESERVE}): streams must leave threads for "
-                                         "unary calls"))
+        assert self.peer_streams is not None  # set above
+        if self.peer_streams < 0:
+            found.append(("peer_streams", f"{self.peer_streams} must be 0 or more"))
+        elif not 0 <= self.max_streams <= self.max_workers - UNARY_RESERVE - self.peer_streams:
+            found.append(("max_streams", f"{self.max_streams} must be between 0 and max_workers - peer_streams - "
+                                         f"{UNARY_RESERVE} ({self.max_workers - self.peer_streams - UNARY_RESERVE}): "
+                                         "streams must leave threads for unary calls"))
+        if self.max_queued < 1:
+            found.append(("max_queued", f"{self.max_queued} must be at least 1"))
         if self.keepalive_s <= 0:
             found.append(("keepalive_s", f"{self.keepalive_s} must be more than 0 seconds"))
         if not self.loopback and not self.token and not self.allow_insecure:
@@ -168,6 +183,9 @@ class ServiceConfig:
             grace_s=number("GRACE_S", float, cls.grace_s),
             max_workers=number("MAX_WORKERS", int, cls.max_workers),
             max_streams=number("MAX_STREAMS", int, cls.max_streams),
+            peer_streams=number("PEER_STREAMS", int, None),
+            peer_token=get("PEER_TOKEN")[1],
+            max_queued=number("MAX_QUEUED", int, cls.max_queued),
             keepalive_s=number("KEEPALIVE_S", float, cls.keepalive_s),
             allow_insecure=flag("ALLOW_INSECURE"),
             dataset_roots=folders("DATASET_ROOTS"),
@@ -252,7 +270,8 @@ def build_server(config: ServiceConfig, add_servicers: Callable[[grpc.Server], N
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(registry)]
     if config.token:
         interceptors.append(BearerAuthInterceptor(config.token))
-    interceptors += [StreamLimitInterceptor(config.max_streams), ErrorInterceptor(), DecodeGuardInterceptor()]
+    interceptors += [StreamLimitInterceptor(config.max_streams, config.peer_streams, config.peer_token),
+                     ErrorInterceptor(), DecodeGuardInterceptor()]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
         interceptors=interceptors,

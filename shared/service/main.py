@@ -47,8 +47,13 @@ def serve(name: str, default_port: int, make: Callable[[ServiceConfig, Any, Metr
         print(f"{name}_svc cannot start: {err}", file=sys.stderr)
         return 2
     metrics = Metrics()
-    core, execute, full_name, add = make(config, store, metrics)
-    jobs = JobManager(store, name, execute, spool=RecordSpool(workdir(env) / "job-spool" / name))
+    try:
+        core, execute, full_name, add = make(config, store, metrics)
+    except EditTunerError as err:
+        print(f"{name}_svc cannot start: {err}", file=sys.stderr)
+        return 2
+    jobs = JobManager(store, name, execute, max_queued=config.max_queued,
+                      spool=RecordSpool(workdir(env) / "job-spool" / name))
     metrics.collect_jobs(name, jobs.jobs_by_state)
     data = DataServicer(store, server_paths(config), workdir(env),
                         int(env.get("EDITTUNER_MAX_UPLOAD_BYTES") or MAX_FILE_BYTES))
@@ -78,14 +83,17 @@ def server_paths(config: ServiceConfig) -> ServerPaths:
     return ServerPaths(dataset_roots=config.dataset_roots, model_roots=config.model_roots)
 
 
-def peer_channel(env: dict[str, str], name: str, token: str | None) -> Any:
+def peer_channel(env: dict[str, str], name: str, token: str | None, caller: str = "") -> Any:
+    """A channel to the service ``name`` at EDITTUNER_<NAME>_ADDR, or None. Its calls say they come from a peer
+    (``x-edittuner-peer``: EDITTUNER_PEER_TOKEN, else ``caller``), which the peer's stream limit keeps slots for."""
     from shared.rpc.client import make_channel
 
     address = env.get(f"EDITTUNER_{name.upper()}_ADDR")
     if not address:
         return None
     return make_channel(address, token=token, tls_ca=env.get("EDITTUNER_TLS_CA") or None,
-                        tls=env.get("EDITTUNER_TLS", "") == "1")
+                        tls=env.get("EDITTUNER_TLS", "") == "1",
+                        peer=env.get("EDITTUNER_PEER_TOKEN") or caller or "service")
 
 
 def workdir(env: dict[str, str]) -> Path:

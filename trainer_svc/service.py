@@ -1,8 +1,15 @@
 """trainer_svc: StartRun validates, asks encoder_svc to encode, then supervises the training worker process.
 
 A crash, an out-of-memory or a kill of the worker fails the run with its reason, never the service. At each
-validation step the worker writes the LoRA to the store and the trainer submits a Render job to eval_svc
-without waiting for it; when eval_svc is down the run goes on and the missed validation is recorded.
+validation step the worker writes the LoRA to the store and the trainer submits a Render job to eval_svc from a
+thread of its own, so training never waits for it. A busy or restarting eval_svc is waited for while training runs;
+a validation it has not taken when training ends (or within the wait budget) is recorded as missed, with its last
+answer, and the run succeeds.
+
+A busy or restarting peer never fails a run at once: every call to encoder_svc and eval_svc waits out
+RESOURCE_EXHAUSTED (a full queue, the stream limit), UNAVAILABLE and DEADLINE_EXCEEDED, following the peer's
+retry hint, for up to ``Peers.wait_s`` seconds (EDITTUNER_PEER_WAIT_S, default 1800), the run's progress saying
+what it waits for (``shared.rpc.patience``); a Watch stream the encoder refuses becomes GetJob polling.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ import dataclasses
 import logging
 import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +31,7 @@ from shared.errors import FailedPrecondition, Unavailable
 from shared.model.device import resolve_device
 from shared.plan.predict import check_fits
 from shared.rpc import common_pb2, encoder_pb2, encoder_pb2_grpc, eval_pb2, eval_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from shared.rpc.patience import Patience
 from shared.service.common import (
     JobRpcMixin,
     ServerPaths,
@@ -43,17 +53,26 @@ from shared.train.trainer import run_id_for
 
 log = logging.getLogger(__name__)
 RPC_TIMEOUT_S = 30.0
-ENCODE_WATCH_ATTEMPTS = 30
-ENCODE_REWATCH_S = 2.0
+PEER_WAIT_S = 1800.0  # EDITTUNER_PEER_WAIT_S: how long a run waits out a busy or restarting peer
+RELEASE_WAIT_S = 30.0  # asking the encoder to free the GPU is worth less waiting: a restarted one holds nothing
 
 
 @dataclass
 class Peers:
-    """Clients of the other two services (channels built by __main__ from the environment)."""
+    """Clients of the other two services (channels built by __main__ from the environment), their addresses
+    for messages, and how long a run waits out a busy or restarting peer (``wait_s``)."""
 
     encoder: encoder_pb2_grpc.EncoderServiceStub | None
     eval: eval_pb2_grpc.EvalServiceStub | None
     more_encoders: tuple[encoder_pb2_grpc.EncoderServiceStub, ...] = ()  # replicas beyond the first, for shards
+    encoder_addresses: tuple[str, ...] = ()  # the first's, then the replicas'
+    eval_address: str = ""
+    wait_s: float = PEER_WAIT_S
+
+    def describe(self, label: str, index: int = 0) -> str:
+        address = self.eval_address if label == "eval_svc" else (
+            self.encoder_addresses[index] if index < len(self.encoder_addresses) else "")
+        return f"{label} at {address}" if address else label
 
 
 class TrainerCore:
@@ -86,13 +105,18 @@ class TrainerCore:
         validations: list[str] = []
         missed: list[str] = []
         batch = run.train.train_batch_size * run.train.gradient_accumulation_steps
+        renders = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"renders-{job.job_id}")  # in step order
+        trained = threading.Event()  # training is over: a validation eval_svc has not taken yet is missed
+
+        def render(e: dict[str, Any]) -> None:
+            self._submit_render(job, ctx, e, validations, missed, index, trained)
+            ctx.set_output("validations", ",".join(validations))
+            if missed:
+                ctx.set_output("missed_validations", "; ".join(missed))
 
         def on_event(e: dict[str, Any]) -> None:
             if e.get("phase") == "validation_ready":
-                self._submit_render(job, e, validations, missed, index)
-                ctx.set_output("validations", ",".join(validations))
-                if missed:
-                    ctx.set_output("missed_validations", "; ".join(missed))
+                renders.submit(render, e)  # training goes on while eval_svc is waited for
                 return
             self.metrics.record_train_event(e, batch)
             ctx.progress(phase=e.get("phase", ""), step=e.get("step", 0), total=e.get("total", 0),
@@ -101,8 +125,12 @@ class TrainerCore:
                          data_wait_fraction=(e.get("data_wait", 0.0) / e["seconds_per_step"])
                          if e.get("seconds_per_step") else 0.0)
 
-        result = run_worker(cmd, on_event=on_event, cancelled=ctx.cancelled, env=self.env,
-                            log_path=folder / "worker.log", kill_grace_s=self.grace_s)
+        try:
+            result = run_worker(cmd, on_event=on_event, cancelled=ctx.cancelled, env=self.env,
+                                log_path=folder / "worker.log", kill_grace_s=self.grace_s)
+        finally:
+            trained.set()  # wakes a submission waiting for eval_svc: one last try, then it is missed
+            renders.shutdown(wait=True)
         if result.get("interrupted"):  # stopped at a step boundary, with a checkpoint of that step
             if ctx.cancelled.is_set():  # a shutdown (the job resumes after the restart) or a cancel
                 raise JobCancelled(f"the run stopped at step {result.get('steps')} ({ctx.cancel_reason})")
@@ -145,7 +173,7 @@ class TrainerCore:
                 try:
                     self._encode_on(replicas[i], encoder_pb2.SubmitEncodeRequest(
                         request_id=f"{request_id}-shard-{i}-of-{n}", files=files, shard_index=i, shard_count=n),
-                        ctx, label=f"encoder replica {i}")
+                        ctx, label=f"encoder replica {i}", index=i)
                 except BaseException as e:  # noqa: BLE001 - re-raised on the job's thread below
                     failures.append(e)
 
@@ -158,67 +186,98 @@ class TrainerCore:
                 raise failures[0]
             enc_job = self._encode_on(replicas[0], encoder_pb2.SubmitEncodeRequest(
                 request_id=f"{request_id}-finalize", files=files, shard_count=n, finalize=True), ctx)
-        for stub in replicas:
+        for i, stub in enumerate(replicas):
             try:
-                stub.ReleaseModels(encoder_pb2.ReleaseModelsRequest(), timeout=RPC_TIMEOUT_S)
-            except grpc.RpcError as e:
-                log.warning("encoder_svc did not release its models: %s", e)
+                self._patience(ctx, self.peers.describe("encoder_svc", i), RELEASE_WAIT_S, quiet=True).call(
+                    stub.ReleaseModels, encoder_pb2.ReleaseModelsRequest(), timeout_s=RPC_TIMEOUT_S)
+            except (grpc.RpcError, Unavailable) as e:
+                log.warning("encoder_svc did not release its models: %s", e.details() if isinstance(
+                    e, grpc.RpcError) else e)
         return [k for k in enc_job.outputs.get("index", "").split(",") if k.startswith("cache/index/")]
 
+    def _patience(self, ctx: JobContext, peer: str, budget_s: float | None = None, *, quiet: bool = False
+                  ) -> Patience:
+        """How this job waits for ``peer``: its waits end at once when the job is cancelled, and unless ``quiet``
+        the job's progress (phase ``encode``) says what it waits for."""
+        def sleep(seconds: float) -> None:
+            if ctx.cancelled.wait(seconds):
+                ctx.check_cancelled()
+
+        def on_wait(message: str) -> None:
+            log.info("job %s: %s", ctx.job.job_id, message)
+            if not quiet:
+                ctx.progress(phase="encode", message=message)
+
+        return Patience(peer, self.peers.wait_s if budget_s is None else budget_s, on_wait=on_wait, sleep=sleep,
+                        budget_name="EDITTUNER_PEER_WAIT_S")
+
     def _encode_on(self, stub: encoder_pb2_grpc.EncoderServiceStub, request: encoder_pb2.SubmitEncodeRequest,
-                   ctx: JobContext, label: str = "encoder_svc") -> Any:
-        """Submit one encode job and watch it to its end; returns the finished job."""
+                   ctx: JobContext, label: str = "encoder_svc", index: int = 0) -> Any:
+        """Submit one encode job and follow it to its end, waiting out a busy encoder; returns the finished job."""
+        patience = self._patience(ctx, self.peers.describe("encoder_svc", index))
         try:
-            sub = stub.SubmitEncode(request, timeout=RPC_TIMEOUT_S)
+            enc_job = patience.call(stub.SubmitEncode, request, timeout_s=RPC_TIMEOUT_S).job  # idempotent
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise FailedPrecondition(f"{label} refused the encode: {e.details()}") from None
             raise Unavailable(f"{label}: {e.code().name}: {e.details()}") from None
-        enc_job = sub.job
-        # A Watch stream ends with UNAVAILABLE when encoder_svc shuts down (the job is then queued to resume
-        # after its restart): watch again, for up to ENCODE_WATCH_ATTEMPTS tries.
-        for attempt in range(ENCODE_WATCH_ATTEMPTS):
-            try:
-                for ev in stub.WatchJob(encoder_pb2.WatchJobRequest(job_id=enc_job.job_id)):
-                    enc_job = ev.job
-                    p = enc_job.progress
-                    ctx.progress(phase="encode", step=p.step, total=p.total,  # replicas: each its own share
-                                 message=p.message if label == "encoder_svc" else f"{label}: {p.message}")
-                    if ctx.cancelled.is_set():
-                        stub.CancelJob(encoder_pb2.CancelJobRequest(job_id=enc_job.job_id), timeout=RPC_TIMEOUT_S)
-                        ctx.check_cancelled()
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == ENCODE_WATCH_ATTEMPTS - 1:
-                    raise Unavailable(f"{label}: {e.code().name}: {e.details()}") from None
-                log.info("%s went away while encoding (%s); watching its job again", label, e.details())
-            if state_name(enc_job) in ("succeeded", "failed", "cancelled"):
-                break
-            if ctx.cancelled.wait(ENCODE_REWATCH_S):
-                ctx.check_cancelled()
+
+        def on_update(job: common_pb2.Job) -> None:
+            p = job.progress
+            ctx.progress(phase="encode", step=p.step, total=p.total,  # replicas: each its own share
+                         message=p.message if label == "encoder_svc" else f"{label}: {p.message}")
+            if ctx.cancelled.is_set():
+                try:
+                    patience.call(stub.CancelJob, encoder_pb2.CancelJobRequest(job_id=job.job_id),
+                                  timeout_s=RPC_TIMEOUT_S)
+                finally:
+                    ctx.check_cancelled()
+
+        try:
+            enc_job = patience.watch_job(stub, encoder_pb2, enc_job.job_id, on_update, timeout_s=RPC_TIMEOUT_S)
+        except grpc.RpcError as e:
+            raise Unavailable(f"{label}: {e.code().name}: {e.details()}") from None
         state = state_name(enc_job)
         if state == "cancelled":
             raise FailedPrecondition(f"the encode job {enc_job.job_id} on {label} was cancelled; start the run "
                                      "again")
-        if state != "succeeded":
-            if state == "failed":
-                raise error_of(enc_job)
-            raise Unavailable(f"the encode job {enc_job.job_id} on {label} did not finish ({state}); is "
-                              "encoder_svc restarting?")
+        if state == "failed":
+            raise error_of(enc_job)
         return enc_job
 
-    def _submit_render(self, job: JobRecord, e: dict[str, Any], validations: list[str], missed: list[str],
-                       index: list[str]) -> None:
-        """Hand a validation to eval_svc without waiting; a failure is recorded, never fatal."""
+    def _submit_render(self, job: JobRecord, ctx: JobContext, e: dict[str, Any], validations: list[str],
+                       missed: list[str], index: list[str], trained: threading.Event) -> None:
+        """Hand a validation to eval_svc (not waiting for the render), waiting out a busy eval_svc while training
+        runs (at most the peer budget); a validation it has not taken by then is recorded as missed, never fatal."""
         step = int(e["step"])
         files = self._files(job)
+        last: list[str] = []
+
+        def sleep(seconds: float) -> None:
+            until = time.monotonic() + seconds
+            while not trained.is_set():
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                if ctx.cancelled.wait(min(left, 0.25)):
+                    ctx.check_cancelled()
+            raise Unavailable(f"the run's training ended before eval_svc took it ({last[-1] if last else ''})")
+
         try:
             if self.peers.eval is None:
                 raise Unavailable("no eval_svc address (EDITTUNER_EVAL_ADDR)")
-            r = self.peers.eval.SubmitRender(eval_pb2.SubmitRenderRequest(
+            patience = self._patience(ctx, self.peers.describe("eval_svc"), quiet=True)
+
+            def on_wait(message: str, log_wait: Any = patience.on_wait) -> None:
+                last.append(message.removeprefix("waiting for "))
+                log_wait(message)
+
+            patience = dataclasses.replace(patience, sleep=sleep, on_wait=on_wait)
+            r = patience.call(self.peers.eval.SubmitRender, eval_pb2.SubmitRenderRequest(
                 request_id=f"{job.job_id}-render-{step}", files=files, run_id=e["run_id"], step=step,
-                lora_key=e["lora_key"], index_keys=index), timeout=RPC_TIMEOUT_S)
+                lora_key=e["lora_key"], index_keys=index), timeout_s=RPC_TIMEOUT_S)
             validations.append(f"{step}:{r.job.job_id}")
-        except (grpc.RpcError, Unavailable) as err:
+        except (grpc.RpcError, Unavailable, JobCancelled) as err:
             reason = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.RpcError) else str(err)
             missed.append(f"step {step}: eval_svc unavailable ({reason})")
             log.warning("validation at step %d missed: %s", step, reason)

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean protos
+.PHONY: demo test venv clean protos lint format typecheck
 
 venv: $(STAMP)
 
@@ -20,6 +20,15 @@ demo: $(STAMP)
 # One pytest worker per core, a test file's tests on one worker (module fixtures are built once).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
+
+# ruff: the lint rules and the format (pyproject.toml), checked; `make format` rewrites.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # Regenerate the gRPC stubs in shared/rpc/ from protos/ (commit the result; tests fail on stale stubs).
 protos: $(STAMP)

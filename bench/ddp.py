@@ -34,11 +34,28 @@ WARMUP = 5
 
 
 def run(cfg: Path, store: Path, processes: int, steps: int, name: str) -> list[float]:
-    overrides = [f"output_dir={name}", f"num_processes={processes}", f"max_train_steps={steps}",
-                 f"checkpoint_step_interval={steps * 10}"]
+    overrides = [
+        f"output_dir={name}",
+        f"num_processes={processes}",
+        f"max_train_steps={steps}",
+        f"checkpoint_step_interval={steps * 10}",
+    ]
     train = load_run_config(cfg, overrides=overrides).train
-    cmd = launch_command([sys.executable, "-m", "trainer_svc.worker", "--config", str(cfg), "--store", str(store),
-                          "--no-encode", "--no-validation", *overrides], train)
+    cmd = launch_command(
+        [
+            sys.executable,
+            "-m",
+            "trainer_svc.worker",
+            "--config",
+            str(cfg),
+            "--store",
+            str(store),
+            "--no-encode",
+            "--no-validation",
+            *overrides,
+        ],
+        train,
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -54,8 +71,21 @@ def exits(cfg: Path, store: Path, runs: int) -> None:
     for i in range(runs):
         overrides = [f"output_dir=exit-{i}", "num_processes=2", "max_train_steps=2", "checkpoint_step_interval=2"]
         train = load_run_config(cfg, overrides=overrides).train
-        cmd = launch_command([sys.executable, "-m", "trainer_svc.worker", "--config", str(cfg), "--store",
-                              str(store), "--no-encode", "--no-validation", *overrides], train)
+        cmd = launch_command(
+            [
+                sys.executable,
+                "-m",
+                "trainer_svc.worker",
+                "--config",
+                str(cfg),
+                "--store",
+                str(store),
+                "--no-encode",
+                "--no-validation",
+                *overrides,
+            ],
+            train,
+        )
         out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
         ok = out.returncode == 0 and '"result"' in out.stdout and "terminate called" not in out.stderr
         clean += ok
@@ -70,21 +100,33 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--accumulation", type=int, default=2)
     ap.add_argument("--processes", default="1,2")
-    ap.add_argument("--exits", type=int, default=0, help="instead: this many short 2-process runs, counting clean "
-                                                         "exits")
+    ap.add_argument(
+        "--exits", type=int, default=0, help="instead: this many short 2-process runs, counting clean exits"
+    )
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-ddp-"))
     model = save_tiny_model(root / "model", "edit-v2", seed=0)
     data = write_dataset(root / "data", n=8, references=1, sizes=((args.resolution, args.resolution),))
-    cfg, _ = write_configs(root / "cfg", data, model, "edit-v2", 1, resolution=args.resolution, lora_rank=16,
-                           gradient_accumulation_steps=args.accumulation, output_dir=str(root / "out"))
+    cfg, _ = write_configs(
+        root / "cfg",
+        data,
+        model,
+        "edit-v2",
+        1,
+        resolution=args.resolution,
+        lora_rank=16,
+        gradient_accumulation_steps=args.accumulation,
+        output_dir=str(root / "out"),
+    )
     DatasetEncoder(load_run_config(cfg), LocalStore(root / "store")).encode()
     if args.exits:
         return exits(cfg, root / "store", args.exits)
     samples_per_step = args.accumulation  # train_batch_size 1
-    print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, torch "
-          f"{torch.__version__}; tiny edit-v2, 1 reference, resolution {args.resolution}, batch 1 x "
-          f"{args.accumulation} micro-batches, one thread per process, {args.steps} steps")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, torch "
+        f"{torch.__version__}; tiny edit-v2, 1 reference, resolution {args.resolution}, batch 1 x "
+        f"{args.accumulation} micro-batches, one thread per process, {args.steps} steps"
+    )
     print("| processes | s/step (median) | samples/s | vs 1 process |\n|---|---|---|---|")
     base = None
     for n in (int(x) for x in args.processes.split(",")):

@@ -35,8 +35,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = save_tiny_model(root / "model", args.flavour)
-        data = write_dataset(root / "data", n=args.samples, references=args.references,
-                             sizes=((args.resolution, args.resolution), (args.resolution * 3 // 2, args.resolution)))
+        data = write_dataset(
+            root / "data",
+            n=args.samples,
+            references=args.references,
+            sizes=((args.resolution, args.resolution), (args.resolution * 3 // 2, args.resolution)),
+        )
         cfg, _ = write_configs(root / "cfg", data, model, args.flavour, args.references, resolution=args.resolution)
         run = load_run_config(cfg)
         store = LocalStore(root / "store")
@@ -49,14 +53,21 @@ def main() -> None:
         t2 = time.perf_counter()
     images = args.samples * (1 + args.references)
     cold, warm = t1 - t0, t2 - t1
-    print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, torch "
-          f"{torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"dataset: {args.samples} samples x (1 target + {args.references} references) = {images} images, "
-          f"{args.flavour}, resolution {args.resolution}, tiny model")
-    print(f"first encode:  {first.encoded} entries in {cold:.2f}s = {images / cold:.1f} images/s "
-          f"({args.samples / cold:.1f} samples/s incl. caption embeddings)")
-    print(f"second encode: {second.encoded} encoded, {second.cached} cached in {warm:.2f}s = "
-          f"{images / warm:.1f} images/s")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, torch "
+        f"{torch.__version__}, threads {torch.get_num_threads()}"
+    )
+    print(
+        f"dataset: {args.samples} samples x (1 target + {args.references} references) = {images} images, "
+        f"{args.flavour}, resolution {args.resolution}, tiny model"
+    )
+    print(
+        f"first encode:  {first.encoded} entries in {cold:.2f}s = {images / cold:.1f} images/s "
+        f"({args.samples / cold:.1f} samples/s incl. caption embeddings)"
+    )
+    print(
+        f"second encode: {second.encoded} encoded, {second.cached} cached in {warm:.2f}s = {images / warm:.1f} images/s"
+    )
     print(f"cached speed-up: {cold / warm:.1f}x")
 
 

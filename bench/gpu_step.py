@@ -34,28 +34,51 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 
-from shared import errors  # noqa: E402
-from shared.model.lora import attach_lora  # noqa: E402
-from shared.model.quantize import check_precision, quantize_transformer  # noqa: E402
-from shared.model.device import free_gpu_memory  # noqa: E402
-from shared.plan.probe import build_transformer, sync  # noqa: E402
-from shared.plan.step import step_inputs, time_steps  # noqa: E402
-from shared.plan.tokens import Tokens  # noqa: E402
+from shared import errors
+from shared.model.device import free_gpu_memory
+from shared.model.lora import attach_lora
+from shared.model.quantize import check_precision, quantize_transformer
+from shared.plan.probe import build_transformer
+from shared.plan.step import step_inputs, time_steps
+from shared.plan.tokens import Tokens
 
-REAL = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
-            num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
-            zero_cond_t=False)  # edit-v1 / edit-v2 (edit-v3 differs only by zero_cond_t)
-SMALL = dict(REAL, num_layers=2, attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
-             axes_dims_rope=(8, 12, 12))
-PRECISIONS = {"bf16": "no_change", "int8-quanto": "int8-quanto", "nf4-bnb": "nf4-bnb", "fp8-quanto": "fp8-quanto",
-              "int4-quanto": "int4-quanto", "int8-bnb": "int8-bnb"}
+REAL = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=60,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,
+    guidance_embeds=False,
+    axes_dims_rope=(16, 56, 56),
+    zero_cond_t=False,
+)  # edit-v1 / edit-v2 (edit-v3 differs only by zero_cond_t)
+SMALL = dict(
+    REAL, num_layers=2, attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64, axes_dims_rope=(8, 12, 12)
+)
+PRECISIONS = {
+    "bf16": "no_change",
+    "int8-quanto": "int8-quanto",
+    "nf4-bnb": "nf4-bnb",
+    "fp8-quanto": "fp8-quanto",
+    "int4-quanto": "int4-quanto",
+    "int8-bnb": "int8-bnb",
+}
 DEFAULT_CASES = "bf16:edit-v2:1024:on,int8-quanto:edit-v2:1024:on,nf4-bnb:edit-v2:1024:on"
 FLAVOURS = {"edit-v1": 1, "edit-v2": 3}  # flavour -> references, each at the target's size
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s; first matching substring of the device name wins.
-PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
-             ("L40S", 362e12), ("RTX 4090", 165e12)]
-GiB = 2 ** 30
+PEAK_BF16 = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("RTX 4090", 165e12),
+]
+GiB = 2**30
 
 
 # ------------------------------------------------------------------------------------------------------ FLOPs
@@ -149,15 +172,18 @@ def parse_filters(spec: str) -> list[list[str]]:
 
 def matches(case: Case, filters: list[list[str]]) -> bool:
     fields = [case.precision, case.flavour, str(case.resolution), "on" if case.checkpointing else "off"]
-    return any(all(want in ("", "*", have) for want, have in zip(f, fields)) for f in filters)
+    return any(all(want in ("", "*", have) for want, have in zip(f, fields, strict=False)) for f in filters)
 
 
 def plan_cases(precision: str, resolutions: list[int], filters: list[list[str]], cap_gib: float | None) -> list[Case]:
     grid = [Case(precision, fl, res, ck) for fl in FLAVOURS for res in resolutions for ck in (False, True)]
     cases = [c for c in grid if matches(c, filters)]
     if cap_gib:  # the largest resolution again under the cap
-        cases += [Case(c.precision, c.flavour, c.resolution, c.checkpointing, cap_gib) for c in cases
-                  if c.resolution == max(resolutions)]
+        cases += [
+            Case(c.precision, c.flavour, c.resolution, c.checkpointing, cap_gib)
+            for c in cases
+            if c.resolution == max(resolutions)
+        ]
     return cases
 
 
@@ -167,8 +193,9 @@ def build_model(cfg: dict, precision: str, device: torch.device, quantize_via: s
     quantized/frozen, then a rank-16 fp32 LoRA attached."""
     where = torch.device("cpu") if quantize_via == "cpu" else device
     model = build_transformer(cfg, where)
-    model = quantize_transformer(model, PRECISIONS[precision], device=device, compute_dtype=torch.bfloat16,
-                                 quantize_via=quantize_via)
+    model = quantize_transformer(
+        model, PRECISIONS[precision], device=device, compute_dtype=torch.bfloat16, quantize_via=quantize_via
+    )
     attach_lora(model, rank=16, alpha=16.0, dropout=0.0, target_modules=LORA_TARGETS, seed=0, dtype=torch.float32)
     return model.train()
 
@@ -184,9 +211,14 @@ def case_tokens(case: Case, small: bool, text_len: int) -> tuple[int, int, int, 
         return tgt, tgt * FLAVOURS[case.flavour], text_len, None
     from shared.plan.step import gpu_name, planned
 
-    plan = planned(PRECISIONS[case.precision], flavour=case.flavour, resolution=case.resolution,
-                   references=FLAVOURS[case.flavour], checkpointing=case.checkpointing,
-                   gpu=gpu_name(torch.device("cuda")) if torch.cuda.is_available() else "H100")
+    plan = planned(
+        PRECISIONS[case.precision],
+        flavour=case.flavour,
+        resolution=case.resolution,
+        references=FLAVOURS[case.flavour],
+        checkpointing=case.checkpointing,
+        gpu=gpu_name(torch.device("cuda")) if torch.cuda.is_available() else "H100",
+    )
     t = plan.tokens
     return t.target, t.per_reference * t.references, t.text, plan
 
@@ -199,8 +231,15 @@ def make_inputs(cfg: dict, case: Case, tokens: tuple[int, int, int], device: tor
 
 
 # -------------------------------------------------------------------------------------------------- timing
-def run_case(model: Any, opt: torch.optim.Optimizer, cfg: dict, case: Case, args: argparse.Namespace,
-             device: torch.device, peak: float | None) -> Row:
+def run_case(
+    model: Any,
+    opt: torch.optim.Optimizer,
+    cfg: dict,
+    case: Case,
+    args: argparse.Namespace,
+    device: torch.device,
+    peak: float | None,
+) -> Row:
     if case.checkpointing:
         model.enable_gradient_checkpointing()
     else:
@@ -212,8 +251,9 @@ def run_case(model: Any, opt: torch.optim.Optimizer, cfg: dict, case: Case, args
     if cuda:
         free_gpu_memory()
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, case.cap_gib * GiB / total) if case.cap_gib else 1.0,
-                                                   device)
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, case.cap_gib * GiB / total) if case.cap_gib else 1.0, device
+        )
         torch.cuda.reset_peak_memory_stats(device)
     seconds, status, note = None, "ok", ""
     try:
@@ -234,21 +274,47 @@ def run_case(model: Any, opt: torch.optim.Optimizer, cfg: dict, case: Case, args
         free_gpu_memory()
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     else:
-        mem, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "cpu peak RSS (process so far)"
+        mem, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu peak RSS (process so far)"
     mfu = model_f / (seconds * peak) if seconds and peak else None
     ok = status == "ok"
-    return Row(case.precision, case.flavour, case.resolution, case.checkpointing, case.cap_gib, status, seconds,
-               mem if ok else None, source, tgt, refs, text, tgt + refs + text, model_f / 1e12, hw_f / 1e12, mfu,
-               reserved if ok else None, plan.trainer.total / GiB if plan else None,
-               plan.seconds_per_step if plan else None, note)
+    return Row(
+        case.precision,
+        case.flavour,
+        case.resolution,
+        case.checkpointing,
+        case.cap_gib,
+        status,
+        seconds,
+        mem if ok else None,
+        source,
+        tgt,
+        refs,
+        text,
+        tgt + refs + text,
+        model_f / 1e12,
+        hw_f / 1e12,
+        mfu,
+        reserved if ok else None,
+        plan.trainer.total / GiB if plan else None,
+        plan.seconds_per_step if plan else None,
+        note,
+    )
 
 
 def numerics(precision: str, device: torch.device, small: bool) -> tuple[bool, str]:
     """The doctor's one-block check of ``precision`` against bf16 (relative error, biases, LoRA gradients)."""
     if precision == "bf16":
         return True, ""
-    from shared.plan.probe import REAL_BLOCK, REAL_TOKENS, SMALL_BLOCK, SMALL_TOKENS, block_inputs, \
-        build_transformer, describe, probe_precision
+    from shared.plan.probe import (
+        REAL_BLOCK,
+        REAL_TOKENS,
+        SMALL_BLOCK,
+        SMALL_TOKENS,
+        block_inputs,
+        build_transformer,
+        describe,
+        probe_precision,
+    )
 
     cfg, (side, text) = (SMALL_BLOCK, SMALL_TOKENS) if small else (REAL_BLOCK, REAL_TOKENS)
     reference = build_transformer(cfg, device).requires_grad_(False)
@@ -259,15 +325,18 @@ def numerics(precision: str, device: torch.device, small: bool) -> tuple[bool, s
 
 
 # -------------------------------------------------------------------------------------------------- report
-HEADER = (f"{'precision':<12} {'flavour':<8} {'res':>5} {'ckpt':<4} {'cap':>6} {'s/step':>8} {'pred':>6} "
-          f"{'alloc GiB':>9} {'resv GiB':>9} {'pred GiB':>8} {'tokens (tgt+refs+txt)':>24} {'FLOP model/hw':>15} "
-          f"{'MFU':>6}")
+HEADER = (
+    f"{'precision':<12} {'flavour':<8} {'res':>5} {'ckpt':<4} {'cap':>6} {'s/step':>8} {'pred':>6} "
+    f"{'alloc GiB':>9} {'resv GiB':>9} {'pred GiB':>8} {'tokens (tgt+refs+txt)':>24} {'FLOP model/hw':>15} "
+    f"{'MFU':>6}"
+)
 
 
 def si(x: float) -> str:
     """1.065e15 -> '1.07P', 7.4e13 -> '74T'."""
-    unit = next(((f, u) for f, u in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")) if x >= f),
-                (1.0, ""))
+    unit = next(
+        ((f, u) for f, u in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")) if x >= f), (1.0, "")
+    )
     return f"{x / unit[0]:.3g}{unit[1]}"
 
 
@@ -283,16 +352,23 @@ def format_row(r: Row) -> str:
     pred = f"{_num(r.predicted_s_per_step, 6, '.2f')}"
     pred_gib = _num(r.predicted_gib, 8, ".1f")
     if r.status != "ok":
-        return (f"{head} {r.status.upper():>8} {pred} {'-':>9} {'-':>9} {pred_gib} {toks:>24} {flops:>15} {'-':>6}"
-                + (f"  {r.note}" if r.note else ""))
+        return f"{head} {r.status.upper():>8} {pred} {'-':>9} {'-':>9} {pred_gib} {toks:>24} {flops:>15} {'-':>6}" + (
+            f"  {r.note}" if r.note else ""
+        )
     mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
-    return (f"{head} {r.s_per_step:>8.3f} {pred} {r.peak_mem_gib:>9.2f} {_num(r.peak_reserved_gib, 9, '.2f')} "
-            f"{pred_gib} {toks:>24} {flops:>15} {mfu:>6}")
+    return (
+        f"{head} {r.s_per_step:>8.3f} {pred} {r.peak_mem_gib:>9.2f} {_num(r.peak_reserved_gib, 9, '.2f')} "
+        f"{pred_gib} {toks:>24} {flops:>15} {mfu:>6}"
+    )
 
 
 def machine(device: torch.device, peak_note: str) -> dict[str, Any]:
-    info = {"host": f"{platform.machine()} {os.cpu_count()} cpus", "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "peak": peak_note}
+    info = {
+        "host": f"{platform.machine()} {os.cpu_count()} cpus",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "peak": peak_note,
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(device=props.name, device_memory_gib=round(props.total_memory / GiB, 1), cuda=torch.version.cuda)
@@ -303,15 +379,28 @@ def machine(device: torch.device, peak_note: str) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default=DEFAULT_CASES, help="precision[:flavour[:resolution[:ckpt on|off]]],... "
-                    "('*' for any field; default: the three shipped precisions, edit-v2, 1024, checkpointing)")
+    ap.add_argument(
+        "--cases",
+        default=DEFAULT_CASES,
+        help="precision[:flavour[:resolution[:ckpt on|off]]],... "
+        "('*' for any field; default: the three shipped precisions, edit-v2, 1024, checkpointing)",
+    )
     ap.add_argument("--steps", type=int, default=3, help="timed steps per case, after 1 warm-up step")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true", help="2 layers, 4 heads of 32, text width 64: a CPU smoke run")
-    ap.add_argument("--text-len", type=int, default=None, help="--small's prompt tokens (default 32); the real "
-                    "model's come from the planner")
-    ap.add_argument("--cap-gib", type=float, default=0.0, help="repeat the largest-resolution cases under this "
-                    "memory cap, CUDA only (e.g. 24: what fits a 24 GB card; default 0: none)")
+    ap.add_argument(
+        "--text-len",
+        type=int,
+        default=None,
+        help="--small's prompt tokens (default 32); the real model's come from the planner",
+    )
+    ap.add_argument(
+        "--cap-gib",
+        type=float,
+        default=0.0,
+        help="repeat the largest-resolution cases under this "
+        "memory cap, CUDA only (e.g. 24: what fits a 24 GB card; default 0: none)",
+    )
     ap.add_argument("--quantize-via", choices=("accelerator", "cpu"), default="accelerator")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, for MFU")
     ap.add_argument("--json", default=None, help="also write the table here as JSON")
@@ -331,9 +420,11 @@ def main() -> None:
     peak, peak_note = peak_flops(device, args.peak_tflops)
     info = machine(device, peak_note)
     print("machine: " + ", ".join(f"{k}: {v}" for k, v in info.items()))
-    print(f"model: {'SMALL' if args.small else 'real'} {cfg}; LoRA rank 16 on {','.join(LORA_TARGETS)} (fp32), "
-          f"AdamW; bf16 compute; text {f'{args.text_len} tokens' if args.small else 'tokens from the planner'}; "
-          f"batch 1; {args.steps} timed steps after 1 warm-up")
+    print(
+        f"model: {'SMALL' if args.small else 'real'} {cfg}; LoRA rank 16 on {','.join(LORA_TARGETS)} (fp32), "
+        f"AdamW; bf16 compute; text {f'{args.text_len} tokens' if args.small else 'tokens from the planner'}; "
+        f"batch 1; {args.steps} timed steps after 1 warm-up"
+    )
     rows: list[Row] = []
     skipped: list[dict[str, str]] = []
     builds: list[dict[str, Any]] = []
@@ -341,19 +432,53 @@ def main() -> None:
     def save() -> None:
         if args.json:
             with open(args.json, "w") as fh:
-                json.dump({"machine": info, "config": {**cfg, "text_len": args.text_len if args.small else None,
-                                                       "steps": args.steps, "small": args.small, "lora_rank": 16,
-                                                       "targets": LORA_TARGETS},
-                           "builds": builds, "rows": [asdict(r) for r in rows], "skipped": skipped}, fh, indent=1)
+                json.dump(
+                    {
+                        "machine": info,
+                        "config": {
+                            **cfg,
+                            "text_len": args.text_len if args.small else None,
+                            "steps": args.steps,
+                            "small": args.small,
+                            "lora_rank": 16,
+                            "targets": LORA_TARGETS,
+                        },
+                        "builds": builds,
+                        "rows": [asdict(r) for r in rows],
+                        "skipped": skipped,
+                    },
+                    fh,
+                    indent=1,
+                )
 
     def not_timed(cases: list[Case], status: str, note: str) -> None:
         for case in cases:
             tgt, refs, text, plan = case_tokens(case, args.small, args.text_len)
             model_f, hw_f = model_step_flops(cfg, tgt + refs, text, case.checkpointing)
-            rows.append(Row(case.precision, case.flavour, case.resolution, case.checkpointing, case.cap_gib, status,
-                            None, None, "-", tgt, refs, text, tgt + refs + text, model_f / 1e12, hw_f / 1e12, None,
-                            None, plan.trainer.total / GiB if plan else None,
-                            plan.seconds_per_step if plan else None, note))
+            rows.append(
+                Row(
+                    case.precision,
+                    case.flavour,
+                    case.resolution,
+                    case.checkpointing,
+                    case.cap_gib,
+                    status,
+                    None,
+                    None,
+                    "-",
+                    tgt,
+                    refs,
+                    text,
+                    tgt + refs + text,
+                    model_f / 1e12,
+                    hw_f / 1e12,
+                    None,
+                    None,
+                    plan.trainer.total / GiB if plan else None,
+                    plan.seconds_per_step if plan else None,
+                    note,
+                )
+            )
             print(format_row(rows[-1]), flush=True)
         save()
 
@@ -391,8 +516,10 @@ def main() -> None:
             continue
         weights = torch.cuda.memory_allocated(device) / GiB if device.type == "cuda" else None
         builds.append({"precision": precision, "build_s": time.perf_counter() - t0, "weights_gib": weights})
-        print(f"# {precision}: built in {builds[-1]['build_s']:.1f} s"
-              + (f", {weights:.2f} GiB resident (weights + LoRA)" if weights is not None else ""))
+        print(
+            f"# {precision}: built in {builds[-1]['build_s']:.1f} s"
+            + (f", {weights:.2f} GiB resident (weights + LoRA)" if weights is not None else "")
+        )
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
         for case in cases:

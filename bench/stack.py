@@ -38,26 +38,48 @@ def main() -> None:
         root = Path(tmp)
         model = save_tiny_model(root / "model", "edit-v2")
         data = write_dataset(root / "data", n=8, references=2)
-        common = dict(max_train_steps=args.steps, checkpoint_step_interval=args.steps, validation_step_interval=10 ** 6)
-        cfg_w, data_w = write_configs(root / "cfg-w", data, model, "edit-v2", 2, output_dir=str(root / "o" / "w"),
-                                      **common)
-        cfg_s, data_s = write_configs(root / "cfg-s", data, model, "edit-v2", 2, output_dir=str(root / "o" / "s"),
-                                      **common)
+        common = dict(max_train_steps=args.steps, checkpoint_step_interval=args.steps, validation_step_interval=10**6)
+        cfg_w, data_w = write_configs(
+            root / "cfg-w", data, model, "edit-v2", 2, output_dir=str(root / "o" / "w"), **common
+        )
+        cfg_s, data_s = write_configs(
+            root / "cfg-s", data, model, "edit-v2", 2, output_dir=str(root / "o" / "s"), **common
+        )
         store = root / "store"
         DatasetEncoder(load_run_config(cfg_w), LocalStore(store)).encode()
 
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "trainer_svc.worker", "--config", str(cfg_w), "--data", str(data_w),
-                        "--store", str(store), "--no-encode", "--no-validation"], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "trainer_svc.worker",
+                "--config",
+                str(cfg_w),
+                "--data",
+                str(data_w),
+                "--store",
+                str(store),
+                "--no-encode",
+                "--no-validation",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         worker_s = time.perf_counter() - t0
 
-        with start_local_stack(str(store), root / "logs", env={**os.environ, "EDITTUNER_WORKDIR": str(root / "w")}
-                               ) as stack:
+        with start_local_stack(
+            str(store), root / "logs", env={**os.environ, "EDITTUNER_WORKDIR": str(root / "w")}
+        ) as stack:
             client = Client("trainer", stack.addresses["trainer"])
             t0 = time.perf_counter()
-            job = client.call("StartRun", trainer_pb2.StartRunRequest(
-                request_id=uuid.uuid4().hex, files=files_to_proto(read_config_files(cfg_s, data_s)))).job
+            job = client.call(
+                "StartRun",
+                trainer_pb2.StartRunRequest(
+                    request_id=uuid.uuid4().hex, files=files_to_proto(read_config_files(cfg_s, data_s))
+                ),
+            ).job
             job = client.watch(job.job_id, lambda j: None)
             stack_s = time.perf_counter() - t0
             assert state_name(job) == "succeeded", job.error

@@ -27,14 +27,14 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encoder_svc.service import EncoderServicer  # noqa: E402
-from shared.rpc import encoder_pb2, encoder_pb2_grpc  # noqa: E402
-from shared.rpc.client import make_channel  # noqa: E402
-from shared.rpc.interceptors import ErrorInterceptor, MetricsInterceptor  # noqa: E402
-from shared.rpc.server import ServiceConfig, build_server  # noqa: E402
-from shared.service.common import ServerPaths  # noqa: E402
-from shared.service.jobs import JobManager  # noqa: E402
-from shared.store.local import LocalStore  # noqa: E402
+from encoder_svc.service import EncoderServicer
+from shared.rpc import encoder_pb2, encoder_pb2_grpc
+from shared.rpc.client import make_channel
+from shared.rpc.interceptors import ErrorInterceptor, MetricsInterceptor
+from shared.rpc.server import ServiceConfig, build_server
+from shared.service.common import ServerPaths
+from shared.service.jobs import JobManager
+from shared.store.local import LocalStore
 
 
 def never_runs(job, ctx):
@@ -43,15 +43,21 @@ def never_runs(job, ctx):
 
 def serve(mode: str, servicer: EncoderServicer) -> tuple[object, int, callable]:
     if mode == "before":  # the server of the previous release: 32 threads, every stream holding one
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
-                             interceptors=[MetricsInterceptor(CollectorRegistry()), ErrorInterceptor()])
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=32),
+            interceptors=[MetricsInterceptor(CollectorRegistry()), ErrorInterceptor()],
+        )
         encoder_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         return server, port, lambda: server.stop(0)
     config = ServiceConfig(host="127.0.0.1", port=0, grace_s=0)
-    running = build_server(config, lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, s),
-                           ["edittuner.encoder.v1.EncoderService"], registry=CollectorRegistry())
+    running = build_server(
+        config,
+        lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, s),
+        ["edittuner.encoder.v1.EncoderService"],
+        registry=CollectorRegistry(),
+    )
     return running.server, running.port, lambda: running.stop(0)
 
 
@@ -67,7 +73,8 @@ def run_mode(mode: str, n_streams: int, n_calls: int) -> dict[str, object]:
 
         def watch(i: int) -> None:
             call = encoder_pb2_grpc.EncoderServiceStub(channels[i % 10]).WatchJob(
-                encoder_pb2.WatchJobRequest(job_id=job.job_id))
+                encoder_pb2.WatchJobRequest(job_id=job.job_id)
+            )
             with lock:
                 calls.append(call)
             try:
@@ -104,8 +111,14 @@ def run_mode(mode: str, n_streams: int, n_calls: int) -> dict[str, object]:
         jobs.shutdown(wait=False)
         stop()
         q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
-        return {"mode": mode, **outcome, "answered": len(latencies), "failed": failed,
-                "p50_ms": 1000 * q[49], "p99_ms": 1000 * q[98]}
+        return {
+            "mode": mode,
+            **outcome,
+            "answered": len(latencies),
+            "failed": failed,
+            "p50_ms": 1000 * q[49],
+            "p99_ms": 1000 * q[98],
+        }
 
 
 def main() -> None:
@@ -113,14 +126,20 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=200)
     ap.add_argument("--calls", type=int, default=200)
     args = ap.parse_args()
-    print(f"# {platform.machine()}, {platform.python_version()}, grpcio {grpc.__version__}; {args.streams} Watch "
-          f"streams opened, then {args.calls} GetJob calls (2 s deadline each)")
-    print(f"{'mode':<7} {'streams open':>12} {'refused':>8} {'unary ok':>9} {'unary failed':>13} {'p50 ms':>8} "
-          f"{'p99 ms':>8}")
+    print(
+        f"# {platform.machine()}, {platform.python_version()}, grpcio {grpc.__version__}; {args.streams} Watch "
+        f"streams opened, then {args.calls} GetJob calls (2 s deadline each)"
+    )
+    print(
+        f"{'mode':<7} {'streams open':>12} {'refused':>8} {'unary ok':>9} {'unary failed':>13} {'p50 ms':>8} "
+        f"{'p99 ms':>8}"
+    )
     for mode in ("before", "after"):
         r = run_mode(mode, args.streams, args.calls)
-        print(f"{r['mode']:<7} {r['open']:>12} {r['refused']:>8} {r['answered']:>9} {r['failed']:>13} "
-              f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
+        print(
+            f"{r['mode']:<7} {r['open']:>12} {r['refused']:>8} {r['answered']:>9} {r['failed']:>13} "
+            f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}"
+        )
 
 
 if __name__ == "__main__":

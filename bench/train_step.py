@@ -57,12 +57,19 @@ def main() -> None:
     ap.add_argument("--resolution", default="80", help="one or more, comma-separated: each is measured in turn")
     ap.add_argument("--precision", default="no_change")
     ap.add_argument("--compile", action="store_true", help="compile_transformer=true (regional torch.compile)")
-    ap.add_argument("--rollout", type=int, default=0, help="K > 0: the trainer with scheduled sampling "
-                    "(max_step_offset K, probability 1.0) against the trainer without it, instead of the bare loop")
+    ap.add_argument(
+        "--rollout",
+        type=int,
+        default=0,
+        help="K > 0: the trainer with scheduled sampling "
+        "(max_step_offset K, probability 1.0) against the trainer without it, instead of the bare loop",
+    )
     ap.add_argument("--sampler", default="unipc", help="with --rollout: scheduled_sampling_sampler")
     args = ap.parse_args()
-    print(f"machine: {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, threads "
-          f"{torch.get_num_threads()}")
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, threads "
+        f"{torch.get_num_threads()}"
+    )
     for resolution in (int(r) for r in str(args.resolution).split(",")):
         (measure_rollout if args.rollout else measure)(args, resolution)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -73,10 +80,21 @@ def _config(args: argparse.Namespace, root: Path, resolution: int) -> tuple[Path
     """The tiny model, 16 generated pairs and their caches under ``root``."""
     model = save_tiny_model(root / "model", args.flavour)
     data = write_dataset(root / "data", n=16, references=args.references)
-    cfg, _ = write_configs(root / "cfg", data, model, args.flavour, args.references, resolution=resolution,
-                           max_train_steps=args.steps + 20, checkpoint_step_interval=10 ** 6, lora_rank=16,
-                           base_model_precision=args.precision, output_dir=str(root / "out"),
-                           compile_transformer=args.compile, validation_num_inference_steps=30)
+    cfg, _ = write_configs(
+        root / "cfg",
+        data,
+        model,
+        args.flavour,
+        args.references,
+        resolution=resolution,
+        max_train_steps=args.steps + 20,
+        checkpoint_step_interval=10**6,
+        lora_rank=16,
+        base_model_precision=args.precision,
+        output_dir=str(root / "out"),
+        compile_transformer=args.compile,
+        validation_num_inference_steps=30,
+    )
     store = LocalStore(root / "store")
     DatasetEncoder(load_run_config(cfg), store).encode()
     return cfg, store
@@ -100,16 +118,22 @@ def measure(args: argparse.Namespace, resolution: int) -> None:
             wait0 = trainer.loader.wait_seconds
             trainer_t += [timed(trainer.train_step) for _ in range(per_round)]
             waits += trainer.loader.wait_seconds - wait0
-            bare_t += [timed(lambda i=i: bare_step(trainer, batches[i % len(batches)], i))
-                       for i in range(r * per_round, (r + 1) * per_round)]
+            bare_t += [
+                timed(lambda i=i: bare_step(trainer, batches[i % len(batches)], i))
+                for i in range(r * per_round, (r + 1) * per_round)
+            ]
         trainer.loader.close()
         trainer_s, bare_s = statistics.median(trainer_t), statistics.median(bare_t)
         stall = waits / sum(trainer_t)
-    print(f"setup: tiny {args.flavour}, {args.references} reference(s), resolution {resolution}, batch 1, "
-          f"LoRA rank 16, precision {args.precision}, compile {args.compile}, {rounds * per_round} timed steps each "
-          "(10 interleaved rounds) after 5 warm-up")
-    print(f"  median trainer step: {1000 * trainer_s:.1f} ms; bare loop step: {1000 * bare_s:.1f} ms; trainer / bare "
-          f"ratio: {trainer_s / bare_s:.2f}; data wait: {100 * stall:.1f}% of trainer step time")
+    print(
+        f"setup: tiny {args.flavour}, {args.references} reference(s), resolution {resolution}, batch 1, "
+        f"LoRA rank 16, precision {args.precision}, compile {args.compile}, {rounds * per_round} timed steps each "
+        "(10 interleaved rounds) after 5 warm-up"
+    )
+    print(
+        f"  median trainer step: {1000 * trainer_s:.1f} ms; bare loop step: {1000 * bare_s:.1f} ms; trainer / bare "
+        f"ratio: {trainer_s / bare_s:.2f}; data wait: {100 * stall:.1f}% of trainer step time"
+    )
 
 
 def measure_rollout(args: argparse.Namespace, resolution: int) -> None:
@@ -117,8 +141,12 @@ def measure_rollout(args: argparse.Namespace, resolution: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cfg, store = _config(args, root, resolution)
-        on = [f"scheduled_sampling_max_step_offset={args.rollout}", "scheduled_sampling_probability=1.0",
-              "scheduled_sampling_reflexflow=false", f"scheduled_sampling_sampler={args.sampler}"]
+        on = [
+            f"scheduled_sampling_max_step_offset={args.rollout}",
+            "scheduled_sampling_probability=1.0",
+            "scheduled_sampling_reflexflow=false",
+            f"scheduled_sampling_sampler={args.sampler}",
+        ]
         trainers = {}
         for name, overrides in (("off", []), ("on", on)):
             trainers[name] = Trainer(load_run_config(cfg, overrides=[f"output_dir={root / name}", *overrides]), store)
@@ -138,13 +166,17 @@ def measure_rollout(args: argparse.Namespace, resolution: int) -> None:
         for t in trainers.values():
             t.loader.close()
     off_s, on_s = statistics.median(times["off"]), statistics.median(times["on"])
-    print(f"setup: tiny {args.flavour}, {args.references} reference(s), resolution {resolution}, batch 1, "
-          f"LoRA rank 16, precision {args.precision}, compile {args.compile}, {rounds * per_round} timed steps each "
-          f"(10 interleaved rounds) after 5 warm-up; rollout max_step_offset {args.rollout}, probability 1.0, "
-          f"sampler {args.sampler}, 30-step preview schedule")
-    print(f"  median trainer step without rollout: {1000 * off_s:.1f} ms; with rollout: {1000 * on_s:.1f} ms; "
-          f"ratio {on_s / off_s:.2f}; rollout forwards per step: mean {statistics.mean(forwards):.2f} "
-          f"(max {max(forwards)})")
+    print(
+        f"setup: tiny {args.flavour}, {args.references} reference(s), resolution {resolution}, batch 1, "
+        f"LoRA rank 16, precision {args.precision}, compile {args.compile}, {rounds * per_round} timed steps each "
+        f"(10 interleaved rounds) after 5 warm-up; rollout max_step_offset {args.rollout}, probability 1.0, "
+        f"sampler {args.sampler}, 30-step preview schedule"
+    )
+    print(
+        f"  median trainer step without rollout: {1000 * off_s:.1f} ms; with rollout: {1000 * on_s:.1f} ms; "
+        f"ratio {on_s / off_s:.2f}; rollout forwards per step: mean {statistics.mean(forwards):.2f} "
+        f"(max {max(forwards)})"
+    )
 
 
 if __name__ == "__main__":

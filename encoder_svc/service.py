@@ -30,9 +30,10 @@ from shared.store.base import ObjectStore
 class EncoderCore:
     """Runs encode jobs; keeps the VAE and text encoder loaded between jobs until released."""
 
-    def __init__(self, store: ObjectStore, metrics: Metrics, idle_release_s: float = 300.0,
-                 paths: ServerPaths = ServerPaths()):
-        self.store, self.metrics, self.paths = store, metrics, paths
+    def __init__(
+        self, store: ObjectStore, metrics: Metrics, idle_release_s: float = 300.0, paths: ServerPaths | None = None
+    ):
+        self.store, self.metrics, self.paths = store, metrics, paths or ServerPaths()
         self.idle = IdleRelease(self.release, idle_release_s)
         self._lock = threading.Lock()
         self._pipes: dict[tuple[str, ...], Any] = {}
@@ -52,8 +53,12 @@ class EncoderCore:
                 self.metrics.encoder_images.inc(stats.encoded - seen.encoded)
                 self.metrics.encoder_cache_hits.inc(stats.cached - seen.cached)
                 seen.encoded, seen.cached = stats.encoded, stats.cached
-                ctx.progress(phase="encode", step=stats.total, total=total,
-                             message=f"encoded {stats.encoded}, cached {stats.cached}, failed {stats.failed}")
+                ctx.progress(
+                    phase="encode",
+                    step=stats.total,
+                    total=total,
+                    message=f"encoded {stats.encoded}, cached {stats.cached}, failed {stats.failed}",
+                )
                 ctx.check_cancelled()
 
             count = int(job.params.get("shard_count", "0") or 0)
@@ -72,8 +77,12 @@ class EncoderCore:
                 self._pipes = {key: enc._pipe}  # one model set resident at a time
             self.metrics.record_gpu("encoder")
         self.idle.touch()
-        return {"encoded": str(stats.encoded), "cached": str(stats.cached), "failed": str(stats.failed),
-                "index": ",".join(index_keys)}
+        return {
+            "encoded": str(stats.encoded),
+            "cached": str(stats.cached),
+            "failed": str(stats.failed),
+            "index": ",".join(index_keys),
+        }
 
     def release(self) -> bool:
         """Free GPU memory (the trainer asks before training starts on the same GPU)."""
@@ -87,22 +96,32 @@ class EncoderCore:
 class EncoderServicer(JobRpcMixin, encoder_pb2_grpc.EncoderServiceServicer):
     pb = encoder_pb2
 
-    def SubmitEncode(self, request: encoder_pb2.SubmitEncodeRequest, context: grpc.ServicerContext
-                     ) -> encoder_pb2.SubmitEncodeResponse:
+    def SubmitEncode(
+        self, request: encoder_pb2.SubmitEncodeRequest, context: grpc.ServicerContext
+    ) -> encoder_pb2.SubmitEncodeResponse:
         files = files_from_proto(request.files)
         validated_run(files, self.core.paths)  # bad input fails the call, listing every problem, before a job
         if request.shard_count > 1 and request.shard_index >= request.shard_count:
-            raise InvalidInput(f"shard_index {request.shard_index} with shard_count {request.shard_count}: expected "
-                               "0 <= shard_index < shard_count")
+            raise InvalidInput(
+                f"shard_index {request.shard_index} with shard_count {request.shard_count}: expected "
+                "0 <= shard_index < shard_count"
+            )
         if request.finalize and request.shard_count < 1:
             raise InvalidInput("finalize needs shard_count: the number of replicas whose shards it merges")
-        shard = {"shard_index": str(request.shard_index), "shard_count": str(request.shard_count),
-                 "finalize": "true" if request.finalize else "false"} if request.shard_count > 1 or \
-            request.finalize else {}
+        shard = (
+            {
+                "shard_index": str(request.shard_index),
+                "shard_count": str(request.shard_count),
+                "finalize": "true" if request.finalize else "false",
+            }
+            if request.shard_count > 1 or request.finalize
+            else {}
+        )
         job = self.jobs.submit("encode", files_to_params(files) | shard, request.request_id)
         return encoder_pb2.SubmitEncodeResponse(job=job_to_proto(job))
 
-    def ReleaseModels(self, request: encoder_pb2.ReleaseModelsRequest, context: grpc.ServicerContext
-                      ) -> encoder_pb2.ReleaseModelsResponse:
+    def ReleaseModels(
+        self, request: encoder_pb2.ReleaseModelsRequest, context: grpc.ServicerContext
+    ) -> encoder_pb2.ReleaseModelsResponse:
         self.core.release()
         return encoder_pb2.ReleaseModelsResponse()

@@ -29,8 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     except EditTunerError as e:
         print(json.dumps({"error": str(e)}), flush=True)
         return 1
-    print(json.dumps({"encoded": stats.encoded, "cached": stats.cached, "failed": stats.failed,
-                      "failures": stats.failures}), flush=True)
+    print(
+        json.dumps(
+            {"encoded": stats.encoded, "cached": stats.cached, "failed": stats.failed, "failures": stats.failures}
+        ),
+        flush=True,
+    )
     return 0
 
 

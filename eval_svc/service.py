@@ -20,8 +20,17 @@ from shared.evaluate.report import refresh_run_report
 from shared.model.device import free_gpu_memory, resolve_device, resolve_dtype
 from shared.model.loading import load_render_pipeline
 from shared.rpc import eval_pb2, eval_pb2_grpc
-from shared.service.common import (IdleRelease, JobRpcMixin, ServerPaths, check_run_id, files_from_proto,
-                                   files_to_params, job_to_proto, run_from_params, validated_run)
+from shared.service.common import (
+    IdleRelease,
+    JobRpcMixin,
+    ServerPaths,
+    check_run_id,
+    files_from_proto,
+    files_to_params,
+    job_to_proto,
+    run_from_params,
+    validated_run,
+)
 from shared.service.jobs import JobContext
 from shared.service.metrics import Metrics, start_gpu_job
 from shared.service.records import JobRecord
@@ -35,9 +44,10 @@ log = logging.getLogger(__name__)
 class EvalCore:
     """Renders validations; keeps the base pipeline loaded between jobs, the LoRA only for one job."""
 
-    def __init__(self, store: ObjectStore, metrics: Metrics, idle_release_s: float = 300.0,
-                 paths: ServerPaths = ServerPaths()):
-        self.store, self.metrics, self.paths = store, metrics, paths
+    def __init__(
+        self, store: ObjectStore, metrics: Metrics, idle_release_s: float = 300.0, paths: ServerPaths | None = None
+    ):
+        self.store, self.metrics, self.paths = store, metrics, paths or ServerPaths()
         self.idle = IdleRelease(self.release, idle_release_s)
         self._lock = threading.Lock()
         self._pipe: tuple[tuple[str, ...], Any] | None = None
@@ -54,9 +64,15 @@ class EvalCore:
         if self._pipe is None or self._pipe[0] != key:
             self._pipe = None
             free_gpu_memory()
-            pipe, self.components = load_render_pipeline(t.model_path, t.model_flavour, device=device, dtype=dtype,
-                                                         precision=t.base_model_precision,
-                                                         quantize_via=t.quantize_via, text_encoder=text_encoder)
+            pipe, self.components = load_render_pipeline(
+                t.model_path,
+                t.model_flavour,
+                device=device,
+                dtype=dtype,
+                precision=t.base_model_precision,
+                quantize_via=t.quantize_via,
+                text_encoder=text_encoder,
+            )
             log.info("render pipeline: %s, transformer %s", ", ".join(self.components), t.base_model_precision)
             self._pipe = (key, pipe)
         return self._pipe[1]
@@ -68,8 +84,7 @@ class EvalCore:
             ctx.progress(phase="render", step=0, total=1, message=f"validation of {p['run_id']} step {p['step']}")
             start_gpu_job(run.train.device)
             paired, _ = pair_datasets(run, self.store)
-            keys = p.get("index_keys") or [index_key(run, ds.id, settings_for(run))
-                                           for ds in run.data.image_datasets]
+            keys = p.get("index_keys") or [index_key(run, ds.id, settings_for(run)) for ds in run.data.image_datasets]
             ev = eval_set(run, paired, self.store, keys)
             pipe = self._pipeline(run, text_encoder=ev.needs_text_encoder)
             failures = self._out_of_memory.get(p["run_id"], 0)
@@ -77,9 +92,17 @@ class EvalCore:
             oom: torch.OutOfMemoryError | None = None
             try:
                 self._load_lora(pipe, p["lora_key"])
-                result = render_validation(pipe, vrun, ev.samples, step=int(p["step"]), store=self.store,
-                                           prefix=f"runs/{p['run_id']}/validation", loss_index=ev.entries,
-                                           eval_label=ev.label, conditioning=ev.conditioning)
+                result = render_validation(
+                    pipe,
+                    vrun,
+                    ev.samples,
+                    step=int(p["step"]),
+                    store=self.store,
+                    prefix=f"runs/{p['run_id']}/validation",
+                    loss_index=ev.entries,
+                    eval_label=ev.label,
+                    conditioning=ev.conditioning,
+                )
             except torch.OutOfMemoryError as err:  # recorded here, freed below: after the LoRA is gone too
                 self._out_of_memory[p["run_id"]] = failures + 1
                 oom = err
@@ -87,15 +110,20 @@ class EvalCore:
                 if ADAPTER in getattr(pipe.transformer, "peft_config", {}):
                     pipe.delete_adapters(ADAPTER)
             if oom is not None:  # the job fails RESOURCE_EXHAUSTED; the run's next one is smaller
-                raise out_of_memory(oom, run, failures + 1, changes, f"{p['run_id']} step {p['step']}",
-                                    "its next validation") from oom
+                raise out_of_memory(
+                    oom, run, failures + 1, changes, f"{p['run_id']} step {p['step']}", "its next validation"
+                ) from oom
             self.metrics.eval_render_seconds.observe(result.seconds)
             self.metrics.record_validation(result.to_json())
             self.metrics.record_gpu("eval")
             report = refresh_run_report(self.store, p["run_id"])  # in the lock: of two renders, the later is last
         self.idle.touch()
-        outputs = {"metrics": result.metrics_key, "grids": ",".join(s.grid_key for s in result.samples),
-                   "psnr_lora": f"{result.psnr_lora}", "psnr_base": f"{result.psnr_base}"}
+        outputs = {
+            "metrics": result.metrics_key,
+            "grids": ",".join(s.grid_key for s in result.samples),
+            "psnr_lora": f"{result.psnr_lora}",
+            "psnr_base": f"{result.psnr_base}",
+        }
         if report:
             outputs["report"] = report
         try:  # the worker has moved on: this render's TensorBoard file is written here, whenever it finishes
@@ -123,8 +151,9 @@ class EvalCore:
 class EvalServicer(JobRpcMixin, eval_pb2_grpc.EvalServiceServicer):
     pb = eval_pb2
 
-    def SubmitRender(self, request: eval_pb2.SubmitRenderRequest, context: grpc.ServicerContext
-                     ) -> eval_pb2.SubmitRenderResponse:
+    def SubmitRender(
+        self, request: eval_pb2.SubmitRenderRequest, context: grpc.ServicerContext
+    ) -> eval_pb2.SubmitRenderResponse:
         files = files_from_proto(request.files)
         validated_run(files, self.core.paths)
         if not request.run_id or not request.lora_key:
@@ -132,17 +161,24 @@ class EvalServicer(JobRpcMixin, eval_pb2_grpc.EvalServiceServicer):
         check_run_id(request.run_id)
         validate_key(request.lora_key)
         if not request.lora_key.startswith(f"runs/{request.run_id}/"):
-            raise InvalidInput(f"lora_key: {request.lora_key[:120]!r} is not in run {request.run_id!r}'s folder "
-                               f"(runs/{request.run_id}/...): a render reads only the run's own LoRA")
+            raise InvalidInput(
+                f"lora_key: {request.lora_key[:120]!r} is not in run {request.run_id!r}'s folder "
+                f"(runs/{request.run_id}/...): a render reads only the run's own LoRA"
+            )
         for key in request.index_keys:
             if not validate_key(key).startswith("cache/index/"):
                 raise InvalidInput(f"index_keys: {key[:120]!r} is not a cache index (cache/index/...)")
-        params = files_to_params(files) | {"run_id": request.run_id, "step": request.step,
-                                           "lora_key": request.lora_key, "index_keys": list(request.index_keys)}
+        params = files_to_params(files) | {
+            "run_id": request.run_id,
+            "step": request.step,
+            "lora_key": request.lora_key,
+            "index_keys": list(request.index_keys),
+        }
         job = self.jobs.submit("render", params, request.request_id)
         return eval_pb2.SubmitRenderResponse(job=job_to_proto(job))
 
-    def ReleaseModels(self, request: eval_pb2.ReleaseModelsRequest, context: grpc.ServicerContext
-                      ) -> eval_pb2.ReleaseModelsResponse:
+    def ReleaseModels(
+        self, request: eval_pb2.ReleaseModelsRequest, context: grpc.ServicerContext
+    ) -> eval_pb2.ReleaseModelsResponse:
         self.core.release()
         return eval_pb2.ReleaseModelsResponse()

@@ -59,7 +59,7 @@ class ChaosProxy:
                 continue
             try:
                 client, _ = listener.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             if self.mode != "up":
                 self.refused_or_reset += 1
@@ -110,6 +110,7 @@ class ChaosProxy:
 
     def outage(self, seconds: float) -> threading.Thread:
         """In the background: refuse for half of ``seconds``, accept-and-reset for the other half, then recover."""
+
         def run() -> None:
             self.go_down("refuse")
             time.sleep(seconds / 2)

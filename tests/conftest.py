@@ -6,7 +6,7 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import pytest
+import pytest  # noqa: E402 - after the path set-up above
 
 
 @pytest.fixture(scope="session")

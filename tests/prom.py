@@ -60,12 +60,15 @@ def free_port() -> int:
 
 def _config(jobs: Mapping[str, Sequence[str]], scrape_interval: str) -> str:
     # JSON is YAML: no YAML library needed to write the config.
-    return json.dumps({
-        "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
-        "scrape_configs": [
-            {"job_name": job, "static_configs": [{"targets": list(targets)}]} for job, targets in jobs.items()
-        ],
-    }, indent=2)
+    return json.dumps(
+        {
+            "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": list(targets)}]} for job, targets in jobs.items()
+            ],
+        },
+        indent=2,
+    )
 
 
 class Prometheus:
@@ -81,10 +84,17 @@ class Prometheus:
         self._log_path = self._dir / "prometheus.log"
         self._log = open(self._log_path, "wb")
         self._proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={self._dir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h",
-             "--log.level=warn"],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={self._dir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=1h",
+                "--log.level=warn",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         try:
             self._wait_ready(startup_timeout)

@@ -18,8 +18,10 @@ from shared.rpc.server import ServiceConfig, build_server
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
 LIMIT = 64 * 1024
-TWO_PROBLEMS = [Problem("config.json: $.learning_rate", "'fast' is not a number"),
-                Problem("multidatabackend.json: $[0].instance_data_dir", "folder /nope does not exist")]
+TWO_PROBLEMS = [
+    Problem("config.json: $.learning_rate", "'fast' is not a number"),
+    Problem("multidatabackend.json: $[0].instance_data_dir", "folder /nope does not exist"),
+]
 
 
 class Diverged(errors.EditTunerError):
@@ -53,8 +55,9 @@ class FakeEncoder(encoder_pb2_grpc.EncoderServiceServicer):
             time.sleep(0.6)
             raise errors.Unavailable("too late anyway")
         if what.startswith("many:"):
-            raise errors.ConfigError([Problem(f"config.json: $.key_{i}", "unknown key " + "x" * 40)
-                                      for i in range(int(what[5:]))])
+            raise errors.ConfigError(
+                [Problem(f"config.json: $.key_{i}", "unknown key " + "x" * 40) for i in range(int(what[5:]))]
+            )
         raise make_error(what)
 
     def GetJob(self, request, context):
@@ -72,8 +75,12 @@ class FakeEncoder(encoder_pb2_grpc.EncoderServiceServicer):
 def start(registry: CollectorRegistry | None = None, **overrides):
     config = ServiceConfig(host="127.0.0.1", port=0, grace_s=0.2, max_message_bytes=LIMIT, **overrides)
     registry = registry if registry is not None else CollectorRegistry()
-    running = build_server(config, lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(FakeEncoder(), s),
-                           [SERVICE], registry=registry)
+    running = build_server(
+        config,
+        lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(FakeEncoder(), s),
+        [SERVICE],
+        registry=registry,
+    )
     return running, registry
 
 
@@ -93,5 +100,3 @@ def wait_until(condition, timeout_s: float, what: str) -> None:
 def handled(registry, method: str, code: str, kind: str = "unary") -> float:
     labels = {"grpc_service": SERVICE, "grpc_method": method, "grpc_type": kind, "grpc_code": code}
     return registry.get_sample_value("grpc_server_handled_total", labels) or 0.0
-
-

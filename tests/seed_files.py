@@ -115,8 +115,10 @@ def planner_fit_table() -> str:
     from shared.plan.gpus import parse_size
     from shared.plan.report import fit_table
 
-    runs = [("edit-v1", load_run_config_text(SEED_CONFIG, SEED_DATA_V1)),
-            ("edit-v2, 3 refs", load_run_config_text(SEED_CONFIG, SEED_DATA_V2, ["model_flavour=edit-v2"]))]
+    runs = [
+        ("edit-v1", load_run_config_text(SEED_CONFIG, SEED_DATA_V1)),
+        ("edit-v2, 3 refs", load_run_config_text(SEED_CONFIG, SEED_DATA_V2, ["model_flavour=edit-v2"])),
+    ]
     return fit_table(runs, parse_size("24GiB"), "RTX4090")
 
 

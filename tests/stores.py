@@ -8,6 +8,7 @@ import uuid
 from urllib.parse import urlsplit
 
 from s3server import ACCESS_KEY, SECRET_KEY
+
 from shared.store.s3 import MinioStore
 
 S3_ENV = {"EDITTUNER_S3_ACCESS_KEY": ACCESS_KEY, "EDITTUNER_S3_SECRET_KEY": SECRET_KEY}
@@ -35,5 +36,3 @@ def new_minio_store(endpoint_url: str, **kwargs: object) -> MinioStore:
 
 def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-

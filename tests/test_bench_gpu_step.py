@@ -16,8 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_step.py"
 
 # 1 block, 1 head of 8 (d = 8), text width 8; rope axes sum to the head dim.
-TOY = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=8, num_attention_heads=1,
-           joint_attention_dim=8, guidance_embeds=False, axes_dims_rope=(2, 2, 4), zero_cond_t=False)
+TOY = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=1,
+    attention_head_dim=8,
+    num_attention_heads=1,
+    joint_attention_dim=8,
+    guidance_embeds=False,
+    axes_dims_rope=(2, 2, 4),
+    zero_cond_t=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +69,11 @@ def test_linear_params_match_the_module_tree(bench, config):
     counts = {"img": 0, "txt": 0, "per_sample": 0}
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear):
-            kind = [k for k, keys in (("img", img), ("txt", txt), ("per_sample", per_sample))
-                    if any(key in name or name.startswith(key) for key in keys)]
+            kind = [
+                k
+                for k, keys in (("img", img), ("txt", txt), ("per_sample", per_sample))
+                if any(key in name or name.startswith(key) for key in keys)
+            ]
             assert len(kind) == 1, name
             counts[kind[0]] += sum(p.numel() for p in m.parameters())
     assert (counts["img"], counts["txt"]) == bench.linear_params(cfg)
@@ -97,14 +110,35 @@ def test_case_filters(bench):
 
 def test_small_cpu_run_writes_the_table(bench, tmp_path):
     out = tmp_path / "gpu_step.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--small", "--device", "cpu", "--steps", "1",
-                           "--cases", "bf16,int8-quanto,nf4-bnb:edit-v1:64:off", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--small",
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--cases",
+            "bf16,int8-quanto,nf4-bnb:edit-v1:64:off",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = json.loads(out.read_text())
     rows = table["rows"]
-    expected = {(p, f, r, c) for p in ("bf16", "int8-quanto") for f in ("edit-v1", "edit-v2") for r in (64, 128)
-                for c in (False, True)} | {("nf4-bnb", "edit-v1", 64, False)}
+    expected = {
+        (p, f, r, c)
+        for p in ("bf16", "int8-quanto")
+        for f in ("edit-v1", "edit-v2")
+        for r in (64, 128)
+        for c in (False, True)
+    } | {("nf4-bnb", "edit-v1", 64, False)}
     got = [(r["precision"], r["flavour"], r["resolution"], r["checkpointing"]) for r in rows]
     assert sorted(got) == sorted(expected)  # each case exactly once; no capped rows on the CPU
     for r in rows:

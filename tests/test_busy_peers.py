@@ -18,10 +18,10 @@ from urllib.parse import urlsplit
 
 import grpc
 import pytest
-from prometheus_client import CollectorRegistry
-
 from chaosproxy import ChaosProxy
+from prometheus_client import CollectorRegistry
 from s3server import ACCESS_KEY, SECRET_KEY
+
 from shared.config.loading import read_config_files
 from shared.data.synthetic import write_configs, write_dataset
 from shared.rpc import encoder_pb2, encoder_pb2_grpc, trainer_pb2
@@ -46,8 +46,18 @@ class HeldEncoder:
         from encoder_svc.__main__ import make
 
         self.gate = threading.Event()
-        config = ServiceConfig(host="127.0.0.1", port=0, grace_s=1, max_workers=16, max_streams=2, peer_streams=2,
-                               max_queued=2, keepalive_s=1, dataset_roots=("/",), model_roots=("/",))
+        config = ServiceConfig(
+            host="127.0.0.1",
+            port=0,
+            grace_s=1,
+            max_workers=16,
+            max_streams=2,
+            peer_streams=2,
+            max_queued=2,
+            keepalive_s=1,
+            dataset_roots=("/",),
+            model_roots=("/",),
+        )
         store = LocalStore(store_dir)
         _core, execute, name, add = make(config, store, Metrics(CollectorRegistry()))
 
@@ -73,8 +83,12 @@ class HeldEncoder:
 def trainer(tmp, name: str, store: str, encoder_address: str, wait_s: float) -> LocalStack:
     """trainer_svc as its own process, talking to ``encoder_address``, with no eval_svc."""
     addresses = {"trainer": f"127.0.0.1:{free_port()}", "encoder": encoder_address, "eval": "127.0.0.1:1"}
-    env = stack_env(store, addresses, {s: free_port() for s in addresses},
-                    {**os.environ, "EDITTUNER_WORKDIR": str(tmp / f"work-{name}"), "EDITTUNER_PEER_WAIT_S": str(wait_s)})
+    env = stack_env(
+        store,
+        addresses,
+        {s: free_port() for s in addresses},
+        {**os.environ, "EDITTUNER_WORKDIR": str(tmp / f"work-{name}"), "EDITTUNER_PEER_WAIT_S": str(wait_s)},
+    )
     env.pop("EDITTUNER_EVAL_ADDR")
     (tmp / "logs").mkdir(exist_ok=True)
     stack = LocalStack(addresses, {}, tmp / "logs", env)
@@ -92,8 +106,17 @@ def wait_until(what: str, condition, timeout_s: float = 300.0):
 
 def test_a_run_waits_for_a_busy_encoder_and_succeeds_once_it_is_free(tmp_path, tiny_models):
     root = write_dataset(tmp_path / "data", n=2, references=1)
-    cfg, data = write_configs(tmp_path / "cfg", root, tiny_models("edit-v2"), "edit-v2", 1, max_train_steps=2,
-                              checkpoint_step_interval=2, lora_rank=4, output_dir=str(tmp_path / "out"))
+    cfg, data = write_configs(
+        tmp_path / "cfg",
+        root,
+        tiny_models("edit-v2"),
+        "edit-v2",
+        1,
+        max_train_steps=2,
+        checkpoint_step_interval=2,
+        lora_rank=4,
+        output_dir=str(tmp_path / "out"),
+    )
     files = files_to_proto(read_config_files(cfg, data))
     encoder = HeldEncoder(tmp_path / "store")
     patient = trainer(tmp_path, "patient", str(tmp_path / "store"), encoder.address, wait_s=600)
@@ -103,11 +126,15 @@ def test_a_run_waits_for_a_busy_encoder_and_succeeds_once_it_is_free(tmp_path, t
     streams = []
     try:
         # The other client takes the encoder's worker, fills its queue and holds every client stream.
-        held = [stub.SubmitEncode(encoder_pb2.SubmitEncodeRequest(request_id=f"{HELD}-{i}", files=files),
-                                  timeout=10).job for i in range(1)]
+        held = [
+            stub.SubmitEncode(encoder_pb2.SubmitEncodeRequest(request_id=f"{HELD}-{i}", files=files), timeout=10).job
+            for i in range(1)
+        ]
         wait_until("the held job to run", lambda: encoder.jobs.get(held[0].job_id).state.value == "running", 30)
-        held += [stub.SubmitEncode(encoder_pb2.SubmitEncodeRequest(request_id=f"{HELD}-{i}", files=files),
-                                   timeout=10).job for i in (1, 2)]
+        held += [
+            stub.SubmitEncode(encoder_pb2.SubmitEncodeRequest(request_id=f"{HELD}-{i}", files=files), timeout=10).job
+            for i in (1, 2)
+        ]
         for _ in range(2):
             streams.append(stub.WatchJob(encoder_pb2.WatchJobRequest(job_id=held[0].job_id)))
             next(streams[-1])
@@ -123,21 +150,28 @@ def test_a_run_waits_for_a_busy_encoder_and_succeeds_once_it_is_free(tmp_path, t
         runs = {}
         for name, stack in (("patient", patient), ("hasty", hasty)):
             c = Client("trainer", stack.addresses["trainer"])
-            runs[name] = (c, c.call("StartRun", trainer_pb2.StartRunRequest(
-                request_id=uuid.uuid4().hex, files=files)).job)
+            runs[name] = (
+                c,
+                c.call("StartRun", trainer_pb2.StartRunRequest(request_id=uuid.uuid4().hex, files=files)).job,
+            )
 
         # With a 3 s budget the run fails, naming the encoder and what it answered.
         c, job = runs["hasty"]
         failed = c.watch(job.job_id, lambda j: None)
         assert state_name(failed) == "failed"
-        assert f"encoder_svc at {encoder.address} answered RESOURCE_EXHAUSTED: queue full: 2 encoder jobs are " \
-               "waiting (max_queued=2)" in failed.error, failed.error
+        assert (
+            f"encoder_svc at {encoder.address} answered RESOURCE_EXHAUSTED: queue full: 2 encoder jobs are "
+            "waiting (max_queued=2)" in failed.error
+        ), failed.error
         assert "EDITTUNER_PEER_WAIT_S" in failed.error
 
         # With the default budget the run waits, and says so.
         c, job = runs["patient"]
-        waiting = wait_until("the run to say it waits", lambda: (j := c.get(job.job_id)).progress.message.startswith(
-            "waiting for encoder_svc: queue full") and j, 120)
+        waiting = wait_until(
+            "the run to say it waits",
+            lambda: (j := c.get(job.job_id)).progress.message.startswith("waiting for encoder_svc: queue full") and j,
+            120,
+        )
         assert state_name(waiting) == "running" and waiting.progress.phase == "encode"
         assert "retry in" in waiting.progress.message
 
@@ -165,17 +199,23 @@ def state_name_of(record) -> str:
     return record.state.value
 
 
-def test_a_submit_while_the_store_is_down_is_unavailable_naming_it_within_the_deadline(tmp_path, tiny_models,
-                                                                                        s3_server):
+def test_a_submit_while_the_store_is_down_is_unavailable_naming_it_within_the_deadline(
+    tmp_path, tiny_models, s3_server
+):
     proxy = ChaosProxy((urlsplit(s3_server).hostname, urlsplit(s3_server).port))
     bucket = f"down-{uuid.uuid4().hex[:8]}"
     root = write_dataset(tmp_path / "data", n=2, references=1)
     cfg, data = write_configs(tmp_path / "cfg", root, tiny_models("edit-v2"), "edit-v2", 1)
     files = files_to_proto(read_config_files(cfg, data))
-    env = {**os.environ, "EDITTUNER_WORKDIR": str(tmp_path / "work"), "EDITTUNER_S3_ACCESS_KEY": ACCESS_KEY,
-           "EDITTUNER_S3_SECRET_KEY": SECRET_KEY}  # the store's retry budget stays its default, 120 s
-    stack = start_local_stack(f"http://127.0.0.1:{proxy.port}/{bucket}", tmp_path / "logs", env=env,
-                              services=("encoder",))
+    env = {
+        **os.environ,
+        "EDITTUNER_WORKDIR": str(tmp_path / "work"),
+        "EDITTUNER_S3_ACCESS_KEY": ACCESS_KEY,
+        "EDITTUNER_S3_SECRET_KEY": SECRET_KEY,
+    }  # the store's retry budget stays its default, 120 s
+    stack = start_local_stack(
+        f"http://127.0.0.1:{proxy.port}/{bucket}", tmp_path / "logs", env=env, services=("encoder",)
+    )
     try:
         stub = encoder_pb2_grpc.EncoderServiceStub(make_channel(stack.addresses["encoder"]))
         proxy.go_down("refuse")
@@ -188,8 +228,7 @@ def test_a_submit_while_the_store_is_down_is_unavailable_naming_it_within_the_de
         assert f"object store at http://127.0.0.1:{proxy.port} is unreachable" in refused.value.details()
         assert "retry in 5 s" in refused.value.details() and pushback_s(refused.value) == 5.0
         proxy.come_up()
-        job = stub.SubmitEncode(encoder_pb2.SubmitEncodeRequest(request_id="while-down", files=files),
-                                timeout=30.0).job
+        job = stub.SubmitEncode(encoder_pb2.SubmitEncodeRequest(request_id="while-down", files=files), timeout=30.0).job
         final = Client("encoder", stack.addresses["encoder"]).watch(job.job_id, lambda j: None)
         assert state_name(final) == "succeeded", final.error
         store = MinioStore(f"127.0.0.1:{proxy.port}", ACCESS_KEY, SECRET_KEY, bucket)

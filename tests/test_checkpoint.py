@@ -10,8 +10,18 @@ import pytest
 import torch
 
 from shared.errors import InvalidInput, NotFound
-from shared.store.checkpoint import (CheckpointState, capture_rng, committed_steps, flatten, load_checkpoint,
-                                     prune_checkpoints, resolve_resume, restore_rng, save_checkpoint, unflatten)
+from shared.store.checkpoint import (
+    CheckpointState,
+    capture_rng,
+    committed_steps,
+    flatten,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_resume,
+    restore_rng,
+    save_checkpoint,
+    unflatten,
+)
 from shared.store.local import LocalStore
 
 
@@ -51,9 +61,16 @@ def test_rng_capture_and_restore():
 def _state(step):
     p, opt = adam_state()
     t, r = capture_rng()
-    return CheckpointState(step=step, lora={"w.lora_A.weight": torch.full((2, 2), float(step))},
-                           optimizer=opt.state_dict(), scheduler={"last_epoch": step}, loader={"epoch": 0, "position": step},
-                           ema=None, rng_tensors=t, rng=r)
+    return CheckpointState(
+        step=step,
+        lora={"w.lora_A.weight": torch.full((2, 2), float(step))},
+        optimizer=opt.state_dict(),
+        scheduler={"last_epoch": step},
+        loader={"epoch": 0, "position": step},
+        ema=None,
+        rng_tensors=t,
+        rng=r,
+    )
 
 
 def test_only_committed_checkpoints_are_seen_and_loaded(tmp_path):

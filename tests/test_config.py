@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from seed_files import SEED_CONFIG, SEED_DATA_V1, SEED_DATA_V2, SEED_EVAL, SEED_MODEL_KWARGS
+
 from shared.config.loading import load_run_config, preset_names
 from shared.config.schema import parse_wxh
 from shared.errors import ConfigError
@@ -23,8 +23,9 @@ def write_project(root: Path, config: str = SEED_CONFIG, data: str = SEED_DATA_V
 
 def with_model_kwargs(config: str) -> str:
     """The seed's config with its model_kwargs snippet pasted in as the quickstart says."""
-    return config.replace('  "model_type"', "  " + SEED_MODEL_KWARGS.rstrip().replace("\n", "\n  ") + ",\n  "
-                          '"model_type"', 1)
+    return config.replace(
+        '  "model_type"', "  " + SEED_MODEL_KWARGS.rstrip().replace("\n", "\n  ") + ',\n  "model_type"', 1
+    )
 
 
 def problems_of(excinfo: pytest.ExceptionInfo[ConfigError]) -> list[str]:
@@ -60,18 +61,26 @@ def test_seed_v2_data_with_match_target_res(tmp_path, monkeypatch):
     assert run.train.model_kwargs.match_target_res is True
     main = run.data.image_datasets[0]
     assert [r.id for r in run.data.references_of(main)] == [
-        "qwen-edit-plus-reference-a", "qwen-edit-plus-reference-b", "qwen-edit-plus-reference-c"]
+        "qwen-edit-plus-reference-a",
+        "qwen-edit-plus-reference-b",
+        "qwen-edit-plus-reference-c",
+    ]
     assert run.data.get("qwen-edit-plus-reference-b").vae_cache_prefix == "cache/vae/qwen-edit-plus/ref_b"
     assert run.data.text_cache_prefix(main, "edit-v2") == "cache/text/qwen-edit-plus-images"
 
 
 def test_eval_dataset_id_snippet(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = json.loads(SEED_CONFIG.replace("      // ou \"edit-v2\"", ""))
+    cfg = json.loads(SEED_CONFIG.replace('      // ou "edit-v2"', ""))
     cfg.update(json.loads(SEED_EVAL))
     data = json.loads(SEED_DATA_V1)
-    val = dict(data[0], id="qwen-edit-val", instance_data_dir="/datasets/qwen-edit/val",
-               cache_dir_vae="cache/vae/qwen-edit-val", conditioning_image_embeds="qwen-edit-val-embeds")
+    val = dict(
+        data[0],
+        id="qwen-edit-val",
+        instance_data_dir="/datasets/qwen-edit/val",
+        cache_dir_vae="cache/vae/qwen-edit-val",
+        conditioning_image_embeds="qwen-edit-val-embeds",
+    )
     embeds = dict(data[2], id="qwen-edit-val-embeds", cache_dir="cache/conditioning_image_embeds/qwen-edit-val")
     write_project(tmp_path, json.dumps(cfg), json.dumps(data + [val, embeds]))
     assert load_run_config("config/config.json").train.eval_dataset_id == "qwen-edit-val"
@@ -91,9 +100,16 @@ def test_data_backend_config_found_from_another_directory(tmp_path, monkeypatch)
 def test_overrides_and_dash_prefixed_keys(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_project(tmp_path, SEED_CONFIG.replace('"train_batch_size"', '"--train_batch_size"'))
-    run = load_run_config("config/config.json", overrides=[
-        "learning_rate=3e-4", "lora_rank=8", "model_kwargs.match_target_res=true", "validation_resolution=768x512",
-        "output_dir=out/x"])
+    run = load_run_config(
+        "config/config.json",
+        overrides=[
+            "learning_rate=3e-4",
+            "lora_rank=8",
+            "model_kwargs.match_target_res=true",
+            "validation_resolution=768x512",
+            "output_dir=out/x",
+        ],
+    )
     t = run.train
     assert t.learning_rate == pytest.approx(3e-4) and t.lora_rank == 8 and t.effective_lora_alpha == 8.0
     assert t.model_kwargs.match_target_res and t.validation_size == (768, 512) and t.output_dir == "out/x"
@@ -102,8 +118,11 @@ def test_overrides_and_dash_prefixed_keys(tmp_path, monkeypatch):
 
 def test_unknown_and_no_effect_keys_are_reported_apart(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_project(tmp_path, SEED_CONFIG.replace("{", '{"hub_model_id": "me/x", "lora_rnak": 4,', 1),
-                  SEED_DATA_V1.replace('"type": "local",', '"type": "local", "vae_cache_ondemand": true,', 1))
+    write_project(
+        tmp_path,
+        SEED_CONFIG.replace("{", '{"hub_model_id": "me/x", "lora_rnak": 4,', 1),
+        SEED_DATA_V1.replace('"type": "local",', '"type": "local", "vae_cache_ondemand": true,', 1),
+    )
     run = load_run_config("config/config.json")
     [unknown] = [w for w in run.warnings if w.startswith("ignoring unknown keys")]
     assert "$.lora_rnak (did you mean 'lora_rank'?)" in unknown and "hub_model_id" not in unknown
@@ -129,21 +148,24 @@ def test_syntax_error_in_data_file(tmp_path, monkeypatch):
     assert any(p.startswith("config/qwen_edit/multidatabackend.json:14:5:") for p in problems_of(e))
 
 
-@pytest.mark.parametrize("override,where,words", [
-    ("model_flavour=edit-v4", "$.model_flavour", "'edit-v4' is not valid"),
-    ("base_model_precision=int3-quanto", "$.base_model_precision", "'int3-quanto' is not valid"),
-    ("validation_resolution=1024x", "$.validation_resolution", "WIDTHxHEIGHT"),
-    ("validation_resolution=1000x1000", "$.validation_resolution", "multiples of 16"),
-    ("caption_dropout_probability=1.5", "$.caption_dropout_probability", "between 0 and 1"),
-    ("train_batch_size=0", "$.train_batch_size", "must be > 0"),
-    ("validation_num_inference_steps=1", "$.validation_num_inference_steps", "at least 2"),
-    ("conditioning_multidataset_sampling=mixed", "$.conditioning_multidataset_sampling", "'combined', 'random'"),
-    ("quantize_via=gpu", "$.quantize_via", "'cpu', 'accelerator'"),
-    ("resume_from_checkpoint=yesterday", "$.resume_from_checkpoint", "latest"),
-    ("device=gpu", "$.device", "auto, cpu, cuda or cuda:N"),
-    ("adam_beta2=1.0", "$.adam_beta2", "[0, 1)"),
-    ("flow_schedule_shift=0", "$.flow_schedule_shift", "must be > 0"),
-])
+@pytest.mark.parametrize(
+    "override,where,words",
+    [
+        ("model_flavour=edit-v4", "$.model_flavour", "'edit-v4' is not valid"),
+        ("base_model_precision=int3-quanto", "$.base_model_precision", "'int3-quanto' is not valid"),
+        ("validation_resolution=1024x", "$.validation_resolution", "WIDTHxHEIGHT"),
+        ("validation_resolution=1000x1000", "$.validation_resolution", "multiples of 16"),
+        ("caption_dropout_probability=1.5", "$.caption_dropout_probability", "between 0 and 1"),
+        ("train_batch_size=0", "$.train_batch_size", "must be > 0"),
+        ("validation_num_inference_steps=1", "$.validation_num_inference_steps", "at least 2"),
+        ("conditioning_multidataset_sampling=mixed", "$.conditioning_multidataset_sampling", "'combined', 'random'"),
+        ("quantize_via=gpu", "$.quantize_via", "'cpu', 'accelerator'"),
+        ("resume_from_checkpoint=yesterday", "$.resume_from_checkpoint", "latest"),
+        ("device=gpu", "$.device", "auto, cpu, cuda or cuda:N"),
+        ("adam_beta2=1.0", "$.adam_beta2", "[0, 1)"),
+        ("flow_schedule_shift=0", "$.flow_schedule_shift", "must be > 0"),
+    ],
+)
 def test_bad_value_names_the_field(tmp_path, monkeypatch, override, where, words):
     monkeypatch.chdir(tmp_path)
     write_project(tmp_path)
@@ -177,8 +199,9 @@ def test_edit_v2_v3_with_four_references(tmp_path, monkeypatch, flavour):
     [p] = problems_of(e)
     assert "$[0].conditioning_data" in p and "at most 3" in p and "4 reference datasets" in p
     # drawing one reference dataset per sample makes four legitimate
-    run = load_run_config("config/config.json", overrides=[f"model_flavour={flavour}",
-                                                           "conditioning_multidataset_sampling=random"])
+    run = load_run_config(
+        "config/config.json", overrides=[f"model_flavour={flavour}", "conditioning_multidataset_sampling=random"]
+    )
     assert len(run.data.image_datasets[0].conditioning_data) == 4
 
 
@@ -192,8 +215,12 @@ def test_conditioning_data_naming_no_entry(tmp_path, monkeypatch):
 
 def test_conditioning_image_embeds_naming_no_entry_is_cache_not_found(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_project(tmp_path, data=SEED_DATA_V1.replace('"conditioning_image_embeds": "qwen-edit-ref-embeds"',
-                                                      '"conditioning_image_embeds": "qwen-edit-embeds"'))
+    write_project(
+        tmp_path,
+        data=SEED_DATA_V1.replace(
+            '"conditioning_image_embeds": "qwen-edit-ref-embeds"', '"conditioning_image_embeds": "qwen-edit-embeds"'
+        ),
+    )
     with pytest.raises(ConfigError) as e:
         load_run_config("config/config.json")
     [p] = problems_of(e)
@@ -202,8 +229,9 @@ def test_conditioning_image_embeds_naming_no_entry_is_cache_not_found(tmp_path, 
 
 def test_two_datasets_sharing_a_vae_cache_are_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_project(tmp_path,
-                  data=SEED_DATA_V1.replace('"cache/vae/qwen-edit-reference"', '"cache/vae/qwen-edit-images"'))
+    write_project(
+        tmp_path, data=SEED_DATA_V1.replace('"cache/vae/qwen-edit-reference"', '"cache/vae/qwen-edit-images"')
+    )
     with pytest.raises(ConfigError) as e:
         load_run_config("config/config.json")
     [p] = problems_of(e)
@@ -221,8 +249,11 @@ def test_bad_dataset_resolution(tmp_path, monkeypatch):
 
 def test_every_problem_is_reported_at_once(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_project(tmp_path, SEED_CONFIG.replace('"int8-quanto"', '"int9"').replace('4.0', '"high"'),
-                  SEED_DATA_V1.replace('"qwen-edit-ref-embeds",', '"nope",', 1).replace('"local"', '"ftp"', 1))
+    write_project(
+        tmp_path,
+        SEED_CONFIG.replace('"int8-quanto"', '"int9"').replace("4.0", '"high"'),
+        SEED_DATA_V1.replace('"qwen-edit-ref-embeds",', '"nope",', 1).replace('"local"', '"ftp"', 1),
+    )
     with pytest.raises(ConfigError) as e:
         load_run_config("config/config.json")
     ps = problems_of(e)
@@ -256,8 +287,11 @@ def test_parse_wxh():
 
 def test_presets_are_bundled_and_real_ones_use_real_model_ids():
     names = preset_names()
-    for flavour, model in (("edit-v1", "Qwen/Qwen-Image-Edit"), ("edit-v2", "Qwen/Qwen-Image-Edit-2509"),
-                           ("edit-v3", "Qwen/Qwen-Image-Edit-2511")):
+    for flavour, model in (
+        ("edit-v1", "Qwen/Qwen-Image-Edit"),
+        ("edit-v2", "Qwen/Qwen-Image-Edit-2509"),
+        ("edit-v3", "Qwen/Qwen-Image-Edit-2511"),
+    ):
         assert f"qwen_image.{flavour}-lora" in names and f"qwen_image.{flavour}-lora-tiny" in names
         run = load_run_config(overrides=[f"example=qwen_image.{flavour}-lora"])
         assert run.train.model_flavour == flavour and run.train.model_path == model

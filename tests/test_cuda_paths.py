@@ -10,6 +10,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
+from test_planner import seed_run
+from test_training import make_run
 
 from shared import errors
 from shared.config.loading import load_run_config
@@ -19,8 +21,6 @@ from shared.train import gpu
 from shared.train.distributed import Dist, rank_device
 from shared.train.ema import LoraEMA
 from shared.train.trainer import Trainer
-from test_planner import seed_run
-from test_training import make_run
 
 GiB = 1 << 30
 
@@ -36,9 +36,19 @@ class FakeCuda:
         self.bf16_native = [True] * count
         self.allocated = self.reserved = self.peak_allocated = self.peak_reserved = 0
         self.peak_resets: list[torch.device | None] = []
-        for name in ("is_available", "device_count", "current_device", "set_device", "device", "is_bf16_supported",
-                     "memory_allocated", "memory_reserved", "max_memory_allocated", "max_memory_reserved",
-                     "reset_peak_memory_stats"):
+        for name in (
+            "is_available",
+            "device_count",
+            "current_device",
+            "set_device",
+            "device",
+            "is_bf16_supported",
+            "memory_allocated",
+            "memory_reserved",
+            "max_memory_allocated",
+            "max_memory_reserved",
+            "reset_peak_memory_stats",
+        ):
             monkeypatch.setattr(torch.cuda, name, getattr(self, name))
 
     def is_available(self) -> bool:
@@ -168,8 +178,12 @@ def test_the_reported_peak_is_the_steps_not_the_loads(cuda):
     cuda.allocate(8 * GiB)
     cuda.allocate(-8 * GiB)
     assert cuda.peak_resets == [device]
-    assert gpu.memory(device, Dist()) == {"gpu_allocated_bytes": 12 * GiB, "gpu_reserved_bytes": 41 * GiB,
-                                          "gpu_peak_bytes": 20 * GiB, "gpu_peak_reserved_bytes": 41 * GiB}
+    assert gpu.memory(device, Dist()) == {
+        "gpu_allocated_bytes": 12 * GiB,
+        "gpu_reserved_bytes": 41 * GiB,
+        "gpu_peak_bytes": 20 * GiB,
+        "gpu_peak_reserved_bytes": 41 * GiB,
+    }
     assert gpu.memory(torch.device("cpu"), Dist()) == {}
     gpu.reset_peak(torch.device("cpu"))
     assert cuda.peak_resets == [device]
@@ -182,17 +196,28 @@ def test_setup_allows_tf32_first_and_resets_the_peak_last_also_on_a_resume(tmp_p
     seen: list[tuple] = []
     trainers: list[Trainer] = []
     monkeypatch.setattr(gpu, "allow_tf32", lambda device: seen.append(("tf32", device, trainers[-1].transformer)))
-    monkeypatch.setattr(gpu, "reset_peak", lambda device: seen.append(
-        ("reset", device, trainers[-1].step, hasattr(trainers[-1], "scheduler"), trainers[-1].ema is not None)))
-    for overrides in (["max_train_steps=3", "use_ema=true"], ["max_train_steps=4", "resume_from_checkpoint=latest",
-                                                              "use_ema=true"]):
+    monkeypatch.setattr(
+        gpu,
+        "reset_peak",
+        lambda device: seen.append(
+            ("reset", device, trainers[-1].step, hasattr(trainers[-1], "scheduler"), trainers[-1].ema is not None)
+        ),
+    )
+    for overrides in (
+        ["max_train_steps=3", "use_ema=true"],
+        ["max_train_steps=4", "resume_from_checkpoint=latest", "use_ema=true"],
+    ):
         trainers.append(Trainer(load_run_config(cfg, overrides=overrides), store))
         trainers[-1].setup()
         assert len(seen) == 2 * len(trainers)
         trainers[-1].train()
     cpu = torch.device("cpu")
-    assert seen == [("tf32", cpu, None), ("reset", cpu, 0, True, True),
-                    ("tf32", cpu, None), ("reset", cpu, 3, True, True)]
+    assert seen == [
+        ("tf32", cpu, None),
+        ("reset", cpu, 0, True, True),
+        ("tf32", cpu, None),
+        ("reset", cpu, 3, True, True),
+    ]
 
 
 def test_tf32_is_allowed_for_a_cuda_run_and_a_cpu_run_changes_nothing():
@@ -223,7 +248,11 @@ def test_the_services_export_the_reserved_peak_beside_the_allocated_one(cuda):
         return m.registry.get_sample_value("edittuner_gpu_memory_bytes", {"service": service, "kind": kind})
 
     assert [value("eval", k) for k in ("allocated", "reserved", "peak", "peak_reserved")] == [
-        7 * GiB, 7 * GiB, 7 * GiB, 10 * GiB]
+        7 * GiB,
+        7 * GiB,
+        7 * GiB,
+        10 * GiB,
+    ]
     assert (value("trainer", "peak"), value("trainer", "peak_reserved")) == (7 * GiB, 9 * GiB)
 
 

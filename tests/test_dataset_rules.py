@@ -17,8 +17,13 @@ from shared.errors import ConfigError
 from shared.train.trainer import total_steps
 
 CONFIG = {"model_flavour": "edit-v2"}
-IMAGES = {"id": "img", "type": "local", "instance_data_dir": "/d/img", "caption_strategy": "textfile",
-          "conditioning_data": ["ref"]}
+IMAGES = {
+    "id": "img",
+    "type": "local",
+    "instance_data_dir": "/d/img",
+    "caption_strategy": "textfile",
+    "conditioning_data": ["ref"],
+}
 REF = {"id": "ref", "type": "local", "instance_data_dir": "/d/ref", "conditioning_type": "reference_strict"}
 
 
@@ -41,7 +46,8 @@ def test_a_reference_entry_needs_no_dataset_type_nor_caption_strategy():
     named_only = load_run_config_text(json.dumps(CONFIG), json.dumps(data))  # named in conditioning_data: enough
     assert named_only.data.get("ref").dataset_type == "conditioning"
     assert "caption_strategy (id 'img'): is null, but the edit images need their" in problems(
-        images={"caption_strategy": None})
+        images={"caption_strategy": None}
+    )
 
 
 def test_config_level_sizes_are_every_image_datasets_defaults():
@@ -54,8 +60,9 @@ def test_config_level_sizes_are_every_image_datasets_defaults():
 
 
 def test_a_disabled_entry_is_left_out_before_any_check():
-    run = load(extra=[{"id": "old", "type": "local", "dataset_type": "image", "instance_data_dir": "",
-                       "disabled": True}])
+    run = load(
+        extra=[{"id": "old", "type": "local", "dataset_type": "image", "instance_data_dir": "", "disabled": True}]
+    )
     assert [d.id for d in run.data.datasets] == ["img", "ref"]
 
 
@@ -87,12 +94,21 @@ def test_size_rules_by_resolution_type():
 
 
 def test_maximum_image_size_downsamples_to_target_downsample_size_before_the_crop():
-    ds = load(images={"resolution": 64, "resolution_type": "pixel", "crop": True, "crop_aspect": "square",
-                      "maximum_image_size": 256, "target_downsample_size": 128}).data.get("img")
+    ds = load(
+        images={
+            "resolution": 64,
+            "resolution_type": "pixel",
+            "crop": True,
+            "crop_aspect": "square",
+            "maximum_image_size": 256,
+            "target_downsample_size": 128,
+        }
+    ).data.get("img")
     p = target_placement(ds, (400, 300), "a")
     assert p.resize == (math.ceil(400 * 128 / 300), 128) and p.final == (64, 64)  # shorter side to 128, then 64²
-    plain = load(images={"resolution": 64, "resolution_type": "pixel", "crop": True,
-                         "crop_aspect": "square"}).data.get("img")
+    plain = load(images={"resolution": 64, "resolution_type": "pixel", "crop": True, "crop_aspect": "square"}).data.get(
+        "img"
+    )
     assert target_placement(plain, (400, 300), "a").resize == (86, 64)  # without: straight to cover 64²
 
 
@@ -115,7 +131,8 @@ def test_crop_styles_and_aspects():
     w, h = target_placement(preserve, (300, 200), "a").final
     assert h == 64 and w == 96
     assert "crop_aspect_buckets (id 'img'): is required with crop_aspect 'closest'" in problems(
-        images={"crop": True, "crop_aspect": "closest"})
+        images={"crop": True, "crop_aspect": "closest"}
+    )
     assert "face crops need a face detector" in problems(images={"crop": True, "crop_style": "face"})
 
 
@@ -132,8 +149,10 @@ def test_check_counts_what_size_rules_leave_out_and_verbose_names_them(tmp_path,
     assert "2 image(s) left out by its size rules" in out.err
     assert main([*args, "--verbose"]) == 0
     listed = [line.strip() for line in capsys.readouterr().out.splitlines() if "left out:" in line]
-    assert listed == ["left out: 0001.png: 96x64 is wider than maximum_aspect_ratio 1.2",
-                      "left out: 0003.png: 96x64 is wider than maximum_aspect_ratio 1.2"]
+    assert listed == [
+        "left out: 0001.png: 96x64 is wider than maximum_aspect_ratio 1.2",
+        "left out: 0003.png: 96x64 is wider than maximum_aspect_ratio 1.2",
+    ]
 
 
 # ------------------------------------------------------------------------------------------ length
@@ -143,6 +162,7 @@ def test_epochs_count_when_max_train_steps_is_zero_or_absent():
     assert total_steps(run.train, 5) == 3 * 3  # 5 batches per epoch, 2 per step: 3 steps an epoch
     assert total_steps(load(max_train_steps=0, num_train_epochs=1).train, 4) == 4
     assert total_steps(load(max_train_steps=7).train, 4) == 7
-    assert "both max_train_steps (7) and num_train_epochs (2) are set" in problems(max_train_steps=7,
-                                                                                  num_train_epochs=2)
+    assert "both max_train_steps (7) and num_train_epochs (2) are set" in problems(
+        max_train_steps=7, num_train_epochs=2
+    )
     assert "give the run a length" in problems(max_train_steps=0)

@@ -105,6 +105,7 @@ def test_missing_caption_file(tmp_path):
 def test_filename_and_instanceprompt_captions(tmp_path):
     def rename(entries):
         entries[0]["caption_strategy"] = "filename"
+
     root, run = make_run(tmp_path, refs=1, n=1, data_edit=rename)
     (root / "images" / "0000.png").rename(root / "images" / "make_it_blue.png")
     (root / "reference_a" / "0000.png").rename(root / "reference_a" / "make_it_blue.png")
@@ -113,6 +114,7 @@ def test_filename_and_instanceprompt_captions(tmp_path):
 
     def instance(entries):
         entries[0].update(caption_strategy="instanceprompt", instance_prompt="turn it into a watercolor")
+
     _, run2 = make_run(tmp_path / "b", refs=1, n=2, data_edit=instance)
     [ds], _ = pair_datasets(run2())
     assert {s.caption for s in ds.samples} == {"turn it into a watercolor"}
@@ -159,8 +161,9 @@ def test_duplicate_stems_are_ambiguous(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- geometry
-@pytest.mark.parametrize("size,area", [((1024, 1024), 1024 ** 2), ((1920, 1080), 1024 ** 2), ((600, 1400), 768 ** 2),
-                                       ((97, 61), 80 ** 2)])
+@pytest.mark.parametrize(
+    "size,area", [((1024, 1024), 1024**2), ((1920, 1080), 1024**2), ((600, 1400), 768**2), ((97, 61), 80**2)]
+)
 def test_buckets_are_multiples_of_32_near_the_area_and_aspect(size, area):
     w, h = bucket_for_area(*size, area)
     assert w % 32 == 0 and h % 32 == 0
@@ -184,6 +187,7 @@ def test_cover_crop_is_centred_and_covers():
 def _placements(tmp_path, flavour, conditioning_type, *overrides, ref_size=(96, 64), target_size=None):
     def edit(entries):
         entries[1]["conditioning_type"] = conditioning_type
+
     root, run = make_run(tmp_path, flavour=flavour, refs=1, n=2, data_edit=edit)
     Image.new("RGB", ref_size, "blue").save(root / "reference_a" / "0000.png")
     if target_size:
@@ -201,7 +205,7 @@ def test_reference_strict_is_cropped_like_its_target_then_sized_to_a_megapixel(t
     assert r.crop[0] == 0 and abs(r.crop[1] / 128 - t.crop[1] / t.resize[1]) < 0.01  # same fraction cut
     assert abs(r.size[0] / r.size[1] - 128 / 32) < 0.05 and r.crop[1] + r.size[1] <= 128
     assert r.final == pipeline_size(1024 * 1024, r.size[0] / r.size[1])  # ~1 MP at the crop's own aspect
-    target, [ref] = load_sample_images(ds, s, 10 ** 8)
+    target, [ref] = load_sample_images(ds, s, 10**8)
     assert target.size == (128, 32) and ref.size == r.final
 
 
@@ -218,14 +222,20 @@ def test_edit_v2_references_at_one_megapixel_of_their_aspect_by_default(tmp_path
     ds, s = _placements(tmp_path / "b", "edit-v2", "reference_strict", "model_kwargs.match_target_res=false")
     # its 64x64 target is not cropped, so neither is it: its own aspect, not stretched to the target's
     assert s.references[0].placement.size == (96, 64) and s.references[0].placement.final == (1248, 832)
-    ds, s = _placements(tmp_path / "c", "edit-v2", "reference_loose", "model_kwargs.match_target_res=false",
-                        "model_kwargs.reference_area=262144")  # a smaller area for small GPUs
+    ds, s = _placements(
+        tmp_path / "c",
+        "edit-v2",
+        "reference_loose",
+        "model_kwargs.match_target_res=false",
+        "model_kwargs.reference_area=262144",
+    )  # a smaller area for small GPUs
     assert s.references[0].placement.final == pipeline_size(512 * 512, 1.5) == (640, 416)
 
 
 def test_a_strict_reference_of_another_aspect_is_named_in_a_warning(tmp_path):
     def edit(entries):
         entries[1]["conditioning_type"] = "reference_strict"
+
     root, run = make_run(tmp_path, flavour="edit-v2", refs=1, n=2, data_edit=edit)
     Image.new("RGB", (96, 64), "blue").save(root / "reference_a" / "0000.png")  # its target is 64x64
     [ds], warnings = pair_datasets(run("model_kwargs.match_target_res=false", "model_kwargs.reference_area=1048576"))
@@ -237,8 +247,9 @@ def test_a_strict_reference_of_another_aspect_is_named_in_a_warning(tmp_path):
 def test_match_target_res_gives_references_the_target_resolution(tmp_path):
     ds, s = _placements(tmp_path, "edit-v2", "reference_strict", "model_kwargs.match_target_res=true")
     assert s.references[0].placement.final == s.bucket
-    ds, s = _placements(tmp_path / "b", "edit-v2", "reference_loose", "model_kwargs.match_target_res=true",
-                        ref_size=(128, 64))
+    ds, s = _placements(
+        tmp_path / "b", "edit-v2", "reference_loose", "model_kwargs.match_target_res=true", ref_size=(128, 64)
+    )
     # the target's area (64x64) at the reference's own 2:1 aspect
     assert s.bucket == (64, 64) and s.references[0].placement.final == bucket_for_area(128, 64, 64 * 64) == (96, 32)
 
@@ -247,11 +258,28 @@ def test_eval_dataset_is_not_a_training_dataset(tmp_path):
     root = write_dataset(tmp_path / "val", n=2, references=2, seed=3)
 
     def add_val(entries):
-        entries.append(dict(entries[0], id="demo-val", instance_data_dir=str(root / "images"),
-                            conditioning_data=["demo-val-ref-a", "demo-val-ref-b"], cache_dir_vae="cache/vae/val"))
+        entries.append(
+            dict(
+                entries[0],
+                id="demo-val",
+                instance_data_dir=str(root / "images"),
+                conditioning_data=["demo-val-ref-a", "demo-val-ref-b"],
+                cache_dir_vae="cache/vae/val",
+            )
+        )
         for c in "ab":
-            entries.append(dict(entries[1], id=f"demo-val-ref-{c}", instance_data_dir=str(root / f"reference_{c}"),
-                                cache_dir_vae=f"cache/vae/val-ref-{c}"))
+            entries.append(
+                dict(
+                    entries[1],
+                    id=f"demo-val-ref-{c}",
+                    instance_data_dir=str(root / f"reference_{c}"),
+                    cache_dir_vae=f"cache/vae/val-ref-{c}",
+                )
+            )
+
     _, run = make_run(tmp_path, data_edit=add_val)
     paired, _ = pair_datasets(run("eval_dataset_id=demo-val"))
-    assert [(d.config.id, d.role, len(d.samples)) for d in paired] == [("demo-images", "train", 6), ("demo-val", "eval", 2)]
+    assert [(d.config.id, d.role, len(d.samples)) for d in paired] == [
+        ("demo-images", "train", 6),
+        ("demo-val", "eval", 2),
+    ]

@@ -17,9 +17,21 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from deployfiles import (COMPOSE, COMPOSE_SCHEMA, DEPLOY, DOCKERFILE, GPU_SERVICES, OWN_IMAGE, REQUIRED_ENV, ROOT,
-                         SECRET_KEY, k8s_docs, load_yaml, run_compose_config, services)
+from deployfiles import (
+    COMPOSE,
+    COMPOSE_SCHEMA,
+    DEPLOY,
+    DOCKERFILE,
+    GPU_SERVICES,
+    OWN_IMAGE,
+    REQUIRED_ENV,
+    ROOT,
+    SECRET_KEY,
+    k8s_docs,
+    load_yaml,
+    run_compose_config,
+    services,
+)
 from prom import in_ci
 
 
@@ -29,6 +41,7 @@ def compose() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- compose.yaml
+
 
 def test_compose_validates_against_compose_spec(compose):
     from jsonschema import Draft7Validator
@@ -113,12 +126,14 @@ def test_gpu_services_environment_volumes_ports_and_healthchecks(compose):
 
 def test_depends_on_conditions(compose):
     svc = services(compose)
-    store = {"minio": {"condition": "service_healthy"},
-             "bucket-init": {"condition": "service_completed_successfully"}}
+    store = {"minio": {"condition": "service_healthy"}, "bucket-init": {"condition": "service_completed_successfully"}}
     assert svc["encoder"]["depends_on"] == store
     assert svc["eval"]["depends_on"] == store
-    assert svc["trainer"]["depends_on"] == {**store, "encoder": {"condition": "service_healthy"},
-                                           "eval": {"condition": "service_healthy"}}
+    assert svc["trainer"]["depends_on"] == {
+        **store,
+        "encoder": {"condition": "service_healthy"},
+        "eval": {"condition": "service_healthy"},
+    }
 
 
 def test_prometheus_and_grafana_services(compose):
@@ -154,8 +169,9 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
     result = run_compose_config(tmp_path, {**REQUIRED_ENV, "EDITTUNER_TRAINER_GPU": "1", "EDITTUNER_EVAL_GPU": "2"})
     assert result.returncode == 0, result.stderr
     rendered = yaml.safe_load(result.stdout)["services"]
-    gpu = {name: rendered[name]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
-           for name in GPU_SERVICES}
+    gpu = {
+        name: rendered[name]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for name in GPU_SERVICES
+    }
     assert gpu == {"encoder": ["0"], "trainer": ["1"], "eval": ["2"]}
     assert rendered["trainer"]["environment"]["EDITTUNER_S3_SECRET_KEY"] == "dummy-password-123"
     assert rendered["trainer"]["environment"]["EDITTUNER_STORE"] == "minio://minio:9000/edittuner"
@@ -171,6 +187,7 @@ def test_docker_compose_config_requires_the_credentials(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ Dockerfile
+
 
 def test_hadolint_passes_on_the_dockerfile():
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
@@ -191,18 +208,22 @@ def test_dockerfile_essentials():
     base = re.search(r"^FROM\s+(\S+)", text, re.M)[1]
     assert ":" in base and not base.endswith(":latest")
     assert "torchvision" not in text.replace("torchvision must not be installed", "").replace(
-        "find_spec('torchvision')", "").replace("torchvision is not a dependency", "")
+        "find_spec('torchvision')", ""
+    ).replace("torchvision is not a dependency", "")
     assert re.search(r"^USER\s+10001", text, re.M)
     assert 'ENTRYPOINT ["dumb-init"' in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "demo-out", ".edittuner", ".pytest_cache", "models", ".env"} <= set(ignored)
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["encoder"], "-m encoder_svc"),
-    (["trainer", "--flag"], "-m trainer_svc --flag"),
-    (["eval"], "-m eval_svc"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["encoder"], "-m encoder_svc"),
+        (["trainer", "--flag"], "-m trainer_svc --flag"),
+        (["eval"], "-m eval_svc"),
+    ],
+)
 def test_entrypoint_selects_the_service(tmp_path, args, expected):
     fake_python = tmp_path / "python"
     fake_python.write_text('#!/bin/sh\necho "$@"\n')
@@ -237,10 +258,12 @@ def test_compose_healthcheck_probe_against_a_grpc_server(compose):
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
+
         def probe(**env):
             full_env = {k: v for k, v in os.environ.items() if k != "EDITTUNER_TOKEN"} | env
-            return subprocess.run([sys.executable, "-c", code, str(port)], env=full_env,
-                                  capture_output=True, text=True, timeout=30).returncode
+            return subprocess.run(
+                [sys.executable, "-c", code, str(port)], env=full_env, capture_output=True, text=True, timeout=30
+            ).returncode
 
         servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         assert probe() == 0
@@ -250,8 +273,6 @@ def test_compose_healthcheck_probe_against_a_grpc_server(compose):
     finally:
         server.stop(None)
     assert subprocess.run([sys.executable, "-c", code, str(port)], capture_output=True).returncode != 0
-
-
 
 
 def test_env_example_lists_every_variable_compose_reads_and_sets_no_secret():

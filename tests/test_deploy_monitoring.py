@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prom import require_tool, start_prometheus
-
 from deployfiles import (
     ALLOWED_SERIES,
     COMPOSE,
@@ -33,6 +31,7 @@ from deployfiles import (
     row_panels,
     services,
 )
+from prom import require_tool, start_prometheus
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +40,7 @@ def compose() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ Prometheus
+
 
 def test_prometheus_config_scrapes_the_three_services():
     config = load_yaml(PROMETHEUS_YML)
@@ -79,8 +79,21 @@ def test_promtool_checks_the_kubernetes_prometheus_config(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- Grafana
 
-PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-                   "offset", "inf", "nan"}
+PROMQL_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def promql_metric_names(expr: str) -> set[str]:
@@ -94,7 +107,7 @@ def promql_metric_names(expr: str) -> set[str]:
     names = set()
     for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", e):
         token = match.group(0)
-        if token.lower() in PROMQL_KEYWORDS or e[match.end():].lstrip().startswith("("):
+        if token.lower() in PROMQL_KEYWORDS or e[match.end() :].lstrip().startswith("("):
             continue
         names.add(token)
     return names
@@ -102,7 +115,8 @@ def promql_metric_names(expr: str) -> set[str]:
 
 def test_promql_metric_name_extraction():
     assert promql_metric_names(
-        'histogram_quantile(0.99, sum by (le, grpc_method) (rate(x_seconds_bucket{grpc_type="unary"}[$__rate_interval])))'
+        "histogram_quantile(0.99, sum by (le, grpc_method) "
+        '(rate(x_seconds_bucket{grpc_type="unary"}[$__rate_interval])))'
     ) == {"x_seconds_bucket"}
     assert promql_metric_names("sum(rate(a_total[5m])) / sum(rate(b_count[5m])) * 1e3") == {"a_total", "b_count"}
     assert promql_metric_names("sum without (instance) (c) > bool 0.5 and on (job) d") == {"c", "d"}
@@ -128,10 +142,14 @@ def test_dashboard_uses_only_the_exported_metric_names(dashboard):
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             names = promql_metric_names(target["expr"])
-            assert names and names <= ALLOWED_SERIES, f"{panel['title']}: {target['expr']} uses {names - ALLOWED_SERIES}"
+            assert names and names <= ALLOWED_SERIES, (
+                f"{panel['title']}: {target['expr']} uses {names - ALLOWED_SERIES}"
+            )
             used |= names
-    base = {re.sub(r"_(bucket|sum|count)$", "", n) if re.sub(r"_(bucket|sum|count)$", "", n) in HISTOGRAMS else n
-            for n in used}
+    base = {
+        re.sub(r"_(bucket|sum|count)$", "", n) if re.sub(r"_(bucket|sum|count)$", "", n) in HISTOGRAMS else n
+        for n in used
+    }
     assert base == METRICS | HISTOGRAMS, f"metrics without a panel: {(METRICS | HISTOGRAMS) - base}"
 
 
@@ -139,14 +157,18 @@ def test_dashboard_uses_only_the_exported_metric_names(dashboard):
 # Every service exports every unlabelled gauge (0 where unused): the job label (compose's and k8s' job names) picks
 # the one service that sets it.
 RUN_PANELS = {
-    "Training loss": ['edittuner_trainer_loss{job="trainer"}',
-                      'avg_over_time(edittuner_trainer_loss{job="trainer"}[1m])'],
-    "Seconds per step": ["sum(rate(edittuner_trainer_step_seconds_sum[1m])) / "
-                         "sum(rate(edittuner_trainer_step_seconds_count[1m]))"],
-    "Data wait": ["sum(rate(edittuner_trainer_data_wait_seconds_sum[1m])) / "
-                  "sum(rate(edittuner_trainer_step_seconds_sum[1m]))",
-                  "sum(rate(edittuner_trainer_data_wait_seconds_sum[1m])) / "
-                  "sum(rate(edittuner_trainer_data_wait_seconds_count[1m]))"],
+    "Training loss": [
+        'edittuner_trainer_loss{job="trainer"}',
+        'avg_over_time(edittuner_trainer_loss{job="trainer"}[1m])',
+    ],
+    "Seconds per step": [
+        "sum(rate(edittuner_trainer_step_seconds_sum[1m])) / sum(rate(edittuner_trainer_step_seconds_count[1m]))"
+    ],
+    "Data wait": [
+        "sum(rate(edittuner_trainer_data_wait_seconds_sum[1m])) / sum(rate(edittuner_trainer_step_seconds_sum[1m]))",
+        "sum(rate(edittuner_trainer_data_wait_seconds_sum[1m])) / "
+        "sum(rate(edittuner_trainer_data_wait_seconds_count[1m]))",
+    ],
     "Trainer GPU memory": ['edittuner_gpu_memory_bytes{service="trainer", kind=~"allocated|peak|peak_reserved"}'],
     "Validation PSNR": ['edittuner_eval_psnr_decibels{job="eval"}'],
     "Held-out loss": ['edittuner_eval_heldout_loss{job="eval"}'],
@@ -158,18 +180,28 @@ def test_the_run_row_is_first_with_the_live_panels(dashboard):
     assert (row["type"], row["title"], row["collapsed"], row["gridPos"]["y"]) == ("row", "Run", False, 0)
     panels = row_panels(dashboard, "Run")
     assert {p["title"]: [t["expr"] for t in p["targets"]] for p in panels} == RUN_PANELS
-    below = min(p["gridPos"]["y"] for p in dashboard["panels"][len(panels) + 1:])
+    below = min(p["gridPos"]["y"] for p in dashboard["panels"][len(panels) + 1 :])
     assert all(p["gridPos"]["y"] + p["gridPos"]["h"] <= below for p in panels), "the Run row's panels come first"
     units = {p["title"]: p["fieldConfig"]["defaults"]["unit"] for p in panels}
-    assert (units["Seconds per step"], units["Data wait"], units["Trainer GPU memory"]) == ("s", "percentunit",
-                                                                                              "bytes")
+    assert (units["Seconds per step"], units["Data wait"], units["Trainer GPU memory"]) == ("s", "percentunit", "bytes")
 
 
 def test_dashboard_panels(dashboard):
     titles = {p["title"] for p in query_panels(dashboard)}
-    assert {"Training loss", "Steps per second", "Samples per second", "Step seconds", "Learning rate",
-            "GPU memory", "Checkpoint save seconds", "Eval render seconds", "Encoder images and cache hits",
-            "Jobs by state", "gRPC calls by method and code", "gRPC latency (unary)"} <= titles
+    assert {
+        "Training loss",
+        "Steps per second",
+        "Samples per second",
+        "Step seconds",
+        "Learning rate",
+        "GPU memory",
+        "Checkpoint save seconds",
+        "Eval render seconds",
+        "Encoder images and cache hits",
+        "Jobs by state",
+        "gRPC calls by method and code",
+        "gRPC latency (unary)",
+    } <= titles
     assert len(titles) == len(query_panels(dashboard)), "one panel per title"
     exprs = [t["expr"] for p in query_panels(dashboard) for t in p["targets"]]
     assert "sum(rate(edittuner_trainer_steps_total[$__rate_interval]))" in exprs
@@ -188,8 +220,18 @@ def test_the_allowed_names_are_what_the_services_export():
 
     registry = CollectorRegistry()
     m = Metrics(registry)
-    m.record_train_event({"phase": "train", "loss": 0.5, "lr": 1e-4, "seconds_per_step": 2.0, "data_wait": 0.1,
-                          "gpu_allocated_bytes": 1, "gpu_reserved_bytes": 2, "gpu_peak_bytes": 3})
+    m.record_train_event(
+        {
+            "phase": "train",
+            "loss": 0.5,
+            "lr": 1e-4,
+            "seconds_per_step": 2.0,
+            "data_wait": 0.1,
+            "gpu_allocated_bytes": 1,
+            "gpu_reserved_bytes": 2,
+            "gpu_peak_bytes": 3,
+        }
+    )
     m.record_train_event({"phase": "checkpoint", "seconds": 1.0})
     m.record_validation({"psnr_base": 20.0, "psnr_lora": 25.0, "heldout_loss_mean": 0.4})
     m.encoder_images.inc()
@@ -218,15 +260,21 @@ def test_dashboard_datasource_matches_the_provisioning(dashboard):
 
 def test_dashboard_queries_are_valid_promql(dashboard, tmp_path):
     """promtool parses every panel's expression as a recording rule (Grafana's $__ variables substituted)."""
-    rules = [{"record": f"edittuner:panel_{panel['id']}_{target['refId']}",
-              "expr": target["expr"].replace("$__rate_interval", "1m").replace("$__range", "1h")}
-             for panel in query_panels(dashboard) for target in panel["targets"]]
+    rules = [
+        {
+            "record": f"edittuner:panel_{panel['id']}_{target['refId']}",
+            "expr": target["expr"].replace("$__rate_interval", "1m").replace("$__range", "1h"),
+        }
+        for panel in query_panels(dashboard)
+        for target in panel["targets"]
+    ]
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
     promtool_check("rules", path)
 
 
 # ---------------------------------------------------------------------------------------------- Kubernetes
+
 
 def test_k8s_manifests_parse_and_the_kustomization_lists_them():
     docs = k8s_docs()
@@ -277,14 +325,16 @@ def test_k8s_services_and_shared_config_match_compose(compose):
 
 # ----------------------------------------------------------------------------------------------------- CI
 
+
 def test_ci_installs_the_debian_tools_before_the_tests():
-    lines = [l.strip() for l in (ROOT / ".ci" / "run").read_text().splitlines() if l.strip()]
-    assert lines[-1] == "make test"
-    install = next(i for i, l in enumerate(lines) if "apt-get install" in l)
+    lines = [s.strip() for s in (ROOT / ".ci" / "run").read_text().splitlines() if s.strip()]
+    assert lines[-2:] == ["make lint", "make test"]
+    install = next(i for i, s in enumerate(lines) if "apt-get install" in s)
     assert "docker-compose" in lines[install] and "prometheus" in lines[install]
 
 
 # ---------------------------------------------------------------------------------------- tests/prom.py
+
 
 def test_prometheus_helper_scrapes_a_real_exporter():
     from prometheus_client import CollectorRegistry, Counter, start_http_server

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training import make_run
 
 from shared.config.loading import load_run_config
 from shared.errors import ConfigError
@@ -28,7 +29,6 @@ from shared.store.checkpoint import load_checkpoint
 from shared.store.local import LocalStore
 from shared.train.distributed import launch_command
 from shared.train.trainer import Trainer
-from test_training import make_run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 WORKER = [sys.executable, "-m", "trainer_svc.worker"]
@@ -37,15 +37,28 @@ WORKER = [sys.executable, "-m", "trainer_svc.worker"]
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("ddp")
-    cfg, store = make_run(root, tiny_models, refs=1, n=4, max_train_steps=4, checkpoint_step_interval=2,
-                          gradient_accumulation_steps=2)
+    cfg, store = make_run(
+        root, tiny_models, refs=1, n=4, max_train_steps=4, checkpoint_step_interval=2, gradient_accumulation_steps=2
+    )
     return cfg, store
 
 
 def _command(cfg: Path, store: LocalStore, *overrides: str, flags: tuple[str, ...] = ()) -> list[str]:
     run = load_run_config(cfg, overrides=list(overrides))
-    return launch_command([*WORKER, "--config", str(cfg), "--store", str(store.root), "--no-encode",
-                           "--no-validation", *flags, *overrides], run.train)
+    return launch_command(
+        [
+            *WORKER,
+            "--config",
+            str(cfg),
+            "--store",
+            str(store.root),
+            "--no-encode",
+            "--no-validation",
+            *flags,
+            *overrides,
+        ],
+        run.train,
+    )
 
 
 def _train(cfg: Path, store: LocalStore, run: str, *overrides: str, flags: tuple[str, ...] = ()) -> dict:
@@ -78,20 +91,33 @@ def test_the_launch_command(encoded):
     two = _command(cfg, store, "num_processes=2")
     assert two[1:6] == ["-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=0", "--standalone"]
     assert two[6:8] == ["-m", "trainer_svc.worker"]
-    nodes = _command(cfg, store, "num_processes=2", "num_machines=2", "machine_rank=1", "main_process_ip=10.0.0.5",
-                     "gradient_accumulation_steps=4",
-                     "main_process_port=29400")
-    assert {"--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.5:29400",
-            "--rdzv-conf=is_host=false,join_timeout=3600"} <= set(nodes) and "--standalone" not in nodes
+    nodes = _command(
+        cfg,
+        store,
+        "num_processes=2",
+        "num_machines=2",
+        "machine_rank=1",
+        "main_process_ip=10.0.0.5",
+        "gradient_accumulation_steps=4",
+        "main_process_port=29400",
+    )
+    assert {
+        "--nnodes=2",
+        "--node-rank=1",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=10.0.0.5:29400",
+        "--rdzv-conf=is_host=false,join_timeout=3600",
+    } <= set(nodes) and "--standalone" not in nodes
 
 
 def test_settings_that_cannot_run_are_config_errors(encoded):
     cfg, _ = encoded
     for overrides, where, needle in [
-            (["num_processes=4"], "gradient_accumulation_steps", "2 does not split over 4 processes"),
-            (["num_processes=0"], "num_processes", "expected a number of processes"),
-            (["num_machines=2"], "main_process_ip", "is required with num_machines > 1"),
-            (["num_machines=2", "machine_rank=2", "main_process_ip=h"], "machine_rank", "numbered 0 to 1")]:
+        (["num_processes=4"], "gradient_accumulation_steps", "2 does not split over 4 processes"),
+        (["num_processes=0"], "num_processes", "expected a number of processes"),
+        (["num_machines=2"], "main_process_ip", "is required with num_machines > 1"),
+        (["num_machines=2", "machine_rank=2", "main_process_ip=h"], "machine_rank", "numbered 0 to 1"),
+    ]:
         with pytest.raises(ConfigError) as e:
             load_run_config(cfg, overrides=overrides)
         assert any(p.where.endswith(f"$.{where}") and needle in p.message for p in e.value.problems), str(e.value)
@@ -162,9 +188,25 @@ def test_two_machines_on_loopback_compute_what_one_process_does(encoded, baselin
 
     cfg, store = encoded
     port = free_port()
-    procs = [subprocess.Popen(_command(cfg, store, "output_dir=nodes", "lora_dropout=0.1", "num_machines=2",
-                                       f"machine_rank={m}", "main_process_ip=127.0.0.1", f"main_process_port={port}"),
-                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for m in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            _command(
+                cfg,
+                store,
+                "output_dir=nodes",
+                "lora_dropout=0.1",
+                "num_machines=2",
+                f"machine_rank={m}",
+                "main_process_ip=127.0.0.1",
+                f"main_process_port={port}",
+            ),
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for m in (0, 1)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
     results = [json.loads(line)["result"] for out, _ in outs for line in out.splitlines() if '"result"' in line]
@@ -178,15 +220,23 @@ def test_quantized_bases_with_four_micro_batches_over_two_processes(encoded, pre
     compared across ranks instead), with gradient checkpointing. Four micro-batches over two ranks add in another
     order: rtol 1e-5."""
     cfg, store = encoded
-    args = [f"base_model_precision={precision}", "gradient_accumulation_steps=4", "max_train_steps=1",
-            "gradient_checkpointing=true"]  # DDP with diffusers' non-reentrant checkpointing
+    args = [
+        f"base_model_precision={precision}",
+        "gradient_accumulation_steps=4",
+        "max_train_steps=1",
+        "gradient_checkpointing=true",
+    ]  # DDP with diffusers' non-reentrant checkpointing
     # the baseline in this process (two threads): within rtol 1e-5 the thread count does not matter
     trainer = Trainer(load_run_config(cfg, overrides=[*args, f"output_dir={precision}-1"]), store)
     trainer.setup()
     trainer.train()
     _train(cfg, store, f"{precision}-2", *args, "num_processes=2")
-    torch.testing.assert_close(torch.tensor(_losses(store, f"{precision}-2")),
-                               torch.tensor(_losses(store, f"{precision}-1")), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(_losses(store, f"{precision}-2")),
+        torch.tensor(_losses(store, f"{precision}-1")),
+        rtol=1e-5,
+        atol=0,
+    )
     one, two = _lora(store, f"{precision}-1"), _lora(store, f"{precision}-2")
     assert one.keys() == two.keys()
     for k in one:
@@ -210,8 +260,9 @@ def _rank_pid(parent: int, rank: int, timeout_s: float = 120.0) -> int:
 
 def test_a_rank_killed_with_sigkill_fails_the_run_by_name_and_leaves_nothing_running(encoded, tmp_path):
     cfg, store = encoded
-    cmd = _command(cfg, store, "output_dir=killed", "num_processes=2", "max_train_steps=100000",
-                   "checkpoint_step_interval=100000")
+    cmd = _command(
+        cfg, store, "output_dir=killed", "num_processes=2", "max_train_steps=100000", "checkpoint_step_interval=100000"
+    )
     started = threading.Event()
     pids: list[int] = []
 
@@ -255,8 +306,14 @@ def test_the_replica_fingerprint_sees_the_quantized_base_and_the_lora(tiny_model
     from shared.train.distributed import _fingerprint
 
     def model(seed: int = 0):
-        m = quantize_transformer(load_transformer(tiny_models("edit-v2"), "edit-v2"), precision, device="cpu",
-                                 compute_dtype=torch.float32, quantize_via="cpu", quantize_activations=False)
+        m = quantize_transformer(
+            load_transformer(tiny_models("edit-v2"), "edit-v2"),
+            precision,
+            device="cpu",
+            compute_dtype=torch.float32,
+            quantize_via="cpu",
+            quantize_activations=False,
+        )
         attach_lora(m, 4, 4.0, 0.0, ["to_q", "to_k", "to_v", "to_out.0"], seed=seed)
         return m
 
@@ -277,8 +334,9 @@ def test_sigterm_stops_both_ranks_at_one_step_with_a_checkpoint_and_the_run_resu
     cfg, store = encoded
     args = ("lora_dropout=0.1", "num_processes=2", "checkpoint_step_interval=1000")
     cmd = _command(cfg, store, "output_dir=stopped", *args, "max_train_steps=100000")
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     for line in proc.stdout:  # the first step's event: training is under way on both ranks
         if '"phase": "train"' in line and '"loss"' in line:
             break

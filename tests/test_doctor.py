@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from shared.cli.doctor import block, host
-from shared.plan import probe
 from shared.cli.doctor.rows import Report, Row
+from shared.plan import probe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,10 +23,21 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def first_contact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("first-contact")
-    env = {**os.environ, "PYTHON": str(Path(os.sys.executable)), "TMPDIR": str(out.parent),
-           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "first_contact.sh"), str(out)], cwd=out.parent, env=env,
-                          capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "PYTHON": str(Path(os.sys.executable)),
+        "TMPDIR": str(out.parent),
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "first_contact.sh"), str(out)],
+        cwd=out.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return out, proc
 
 
@@ -37,8 +48,11 @@ def test_first_contact_runs_every_stage_on_a_cpu(first_contact) -> None:
         assert f"== {stage}: exit 0 after" in summary, summary + proc.stdout[-3000:]
     assert "== first contact done in" in summary
     assert "torch" in (out / "env.log").read_text()
-    assert "not installed" not in [ln.split(" ", 1)[1] for ln in (out / "env.log").read_text().splitlines()
-                                   if ln.startswith(("diffusers ", "peft ", "optimum-quanto "))]
+    assert "not installed" not in [
+        ln.split(" ", 1)[1]
+        for ln in (out / "env.log").read_text().splitlines()
+        if ln.startswith(("diffusers ", "peft ", "optimum-quanto "))
+    ]
     steps = json.loads((out / "gpu_step.json").read_text())["rows"]
     assert {r["precision"] for r in steps} == {"nf4-bnb", "fp8-quanto", "int4-quanto"}
     assert all(r["status"] == "ok" and r["s_per_step"] > 0 for r in steps)
@@ -71,8 +85,9 @@ def test_doctor_rows_on_a_cpu(first_contact) -> None:
     assert rows["tiny run resume"]["data"]["max_rel_diff"] == 0.0  # bit-exact on the CPU
     assert rows["diffusers loads the LoRA"]["data"]["max_abs_diff"] > 0
     full = json.loads((out / "full.json").read_text())["rows"]
-    assert [(r["check"], r["status"]) for r in full] == [(f"step {p} edit-v2 1024 x3 refs", "skip")
-                                                         for p in ("bf16", "int8-quanto", "nf4-bnb")]
+    assert [(r["check"], r["status"]) for r in full] == [
+        (f"step {p} edit-v2 1024 x3 refs", "skip") for p in ("bf16", "int8-quanto", "nf4-bnb")
+    ]
     assert all("needs a GPU" in r["detail"] for r in full)
 
 
@@ -82,15 +97,16 @@ def small_reference():
     torch.set_num_threads(1)
     cpu = torch.device("cpu")
     side, text = probe.SMALL_TOKENS
-    return probe.build_transformer(probe.SMALL_BLOCK, cpu).requires_grad_(False), \
-        probe.block_inputs(probe.SMALL_BLOCK, side, text, cpu)
+    return probe.build_transformer(probe.SMALL_BLOCK, cpu).requires_grad_(False), probe.block_inputs(
+        probe.SMALL_BLOCK, side, text, cpu
+    )
 
 
 def test_a_kernel_that_drops_the_bias_fails_the_block_row(small_reference, monkeypatch) -> None:
     """As quanto's Marlin fp8 forward does: the bias is never added."""
     from optimum.quanto.nn import QLinear
 
-    def no_bias(self, input):  # noqa: A002
+    def no_bias(self, input):
         return torch.nn.functional.linear(input, self.qweight.dequantize())
 
     monkeypatch.setattr(QLinear, "forward", no_bias)
@@ -103,8 +119,11 @@ def test_a_precision_computing_another_function_fails_on_its_error(small_referen
     from optimum.quanto.nn import QLinear
 
     real = QLinear.forward
-    monkeypatch.setattr(QLinear, "forward", lambda self, x: real(self, x) + 0.5 * torch.nn.functional.linear(
-        x, self.qweight.dequantize()))
+    monkeypatch.setattr(
+        QLinear,
+        "forward",
+        lambda self, x: real(self, x) + 0.5 * torch.nn.functional.linear(x, self.qweight.dequantize()),
+    )
     row = block.precision_row("int8-quanto", *small_reference, torch.device("cpu"), 1)
     assert row.status == "fail" and "relative error" in row.detail.split("; ")[-1]
     assert row.data["biases_honoured"] == 14 and row.data["rel_error"] > probe.MAX_REL_ERROR["int8-quanto"]

@@ -83,8 +83,13 @@ def _spy_on_call(pipe: Any, monkeypatch: pytest.MonkeyPatch, **call: Any) -> dic
     monkeypatch.setattr(pipe, "encode_prompt", spy_encode_prompt)
     monkeypatch.setattr(pipe, "_encode_vae_image", spy_encode_vae)
     monkeypatch.setattr(pipe, "prepare_latents", spy_prepare_latents)
-    pipe(num_inference_steps=2, true_cfg_scale=1.0, output_type="latent",
-         generator=torch.Generator().manual_seed(0), **call)
+    pipe(
+        num_inference_steps=2,
+        true_cfg_scale=1.0,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        **call,
+    )
     return seen
 
 
@@ -124,8 +129,7 @@ def test_v2_matches_the_pipeline_call(full: dict, enc: dict, monkeypatch: pytest
     seen = _spy_on_call(full["edit-v2"], monkeypatch, image=refs, prompt="add a red hat", height=64, width=64)
     embeds, _ = encode_prompt(enc["edit-v2"], "edit-v2", ["add a red hat"], [refs])  # default: 384*384
     torch.testing.assert_close(embeds, seen["prompt_embeds"], **EXACT)
-    torch.testing.assert_close(_our_reference_tokens(enc["edit-v2"], refs, SMALL_AREA), seen["image_latents"],
-                               **EXACT)
+    torch.testing.assert_close(_our_reference_tokens(enc["edit-v2"], refs, SMALL_AREA), seen["image_latents"], **EXACT)
     assert len(seen["vae_pixels"]) == 3  # one VAE encode per reference, each at its own size
 
 
@@ -138,9 +142,11 @@ def test_prompt_embeds_match_pipeline_encode_prompt(full: dict, enc: dict, flavo
     pipe = full[flavour]
     with torch.no_grad():
         want, want_mask = pipe.encode_prompt(
-            "turn it into a watercolor painting", image=_pipeline_image_arg(pipe, flavour, refs, SMALL_AREA))
-    embeds, mask = encode_prompt(enc[flavour], flavour, ["turn it into a watercolor painting"], [refs],
-                                   vl_ref_area=SMALL_AREA)
+            "turn it into a watercolor painting", image=_pipeline_image_arg(pipe, flavour, refs, SMALL_AREA)
+        )
+    embeds, mask = encode_prompt(
+        enc[flavour], flavour, ["turn it into a watercolor painting"], [refs], vl_ref_area=SMALL_AREA
+    )
     torch.testing.assert_close(embeds, want, **EXACT)
     assert want_mask is None  # the pipeline drops an all-ones mask; ours is explicit
     assert mask.dtype == torch.long and bool(mask.all())
@@ -154,11 +160,10 @@ def test_batched_prompts_are_padded_per_sample(full: dict, enc: dict) -> None:
     embeds, mask = encode_prompt(enc["edit-v1"], "edit-v1", prompts, refs, vl_ref_area=SMALL_AREA)
     lengths = mask.sum(dim=1).tolist()
     assert lengths[0] < lengths[1] == embeds.shape[1]
-    assert bool((embeds[0, lengths[0]:] == 0).all())
+    assert bool((embeds[0, lengths[0] :] == 0).all())
     for b in range(2):
-        alone, _ = encode_prompt(enc["edit-v1"], "edit-v1", prompts[b:b + 1], refs[b:b + 1],
-                                   vl_ref_area=SMALL_AREA)
-        torch.testing.assert_close(embeds[b:b + 1, : lengths[b]], alone, **EXACT)
+        alone, _ = encode_prompt(enc["edit-v1"], "edit-v1", prompts[b : b + 1], refs[b : b + 1], vl_ref_area=SMALL_AREA)
+        torch.testing.assert_close(embeds[b : b + 1, : lengths[b]], alone, **EXACT)
     # diffusers' v1 pipeline encodes the same batch in one padded forward pass: equal up to matmul shape effects
     pipe = full["edit-v1"]
     images = [_pipeline_image_arg(pipe, "edit-v1", r, SMALL_AREA) for r in refs]
@@ -172,8 +177,9 @@ def test_vae_latents_match_pipeline_encode_vae_image(full: dict, enc: dict) -> N
     images = [noise(80, 48, seed=30), noise(64, 64, seed=31)]  # resized to 64x96 (H x W) like the pipeline does
     pipe = full["edit-v2"]
     with torch.no_grad():
-        want_BC1hw = pipe._encode_vae_image(pipe.image_processor.preprocess(images, 64, 96).unsqueeze(2),
-                                            generator=None)
+        want_BC1hw = pipe._encode_vae_image(
+            pipe.image_processor.preprocess(images, 64, 96).unsqueeze(2), generator=None
+        )
     latents = encode_vae_latents(enc["edit-v2"].vae, enc["edit-v2"].image_processor, images, 64, 96)
     assert latents.shape == (2, 16, 8, 12) and latents.dtype == torch.float32
     torch.testing.assert_close(latents, want_BC1hw.squeeze(2), **EXACT)
@@ -192,8 +198,11 @@ def test_non_rgb_images_are_converted(enc: dict) -> None:
     pipe = enc["edit-v1"]
     rgb = noise(64, 64, seed=33)
     rgba = rgb.convert("RGBA")
-    torch.testing.assert_close(encode_vae_latents(pipe.vae, pipe.image_processor, [rgba], 64, 64),
-                               encode_vae_latents(pipe.vae, pipe.image_processor, [rgb], 64, 64), **EXACT)
+    torch.testing.assert_close(
+        encode_vae_latents(pipe.vae, pipe.image_processor, [rgba], 64, 64),
+        encode_vae_latents(pipe.vae, pipe.image_processor, [rgb], 64, 64),
+        **EXACT,
+    )
 
 
 # --- every reference reaches the text encoder -------------------------------------------------------------------
@@ -263,11 +272,16 @@ def test_pack_latents_rejects_odd_sizes() -> None:
 
 @pytest.mark.parametrize(
     ("size", "area", "expected"),
-    [((1024, 1024), 1024 * 1024, (1024, 1024)), ((120, 80), 1024 * 1024, (1248, 832)),
-     ((64, 96), 384 * 384, (320, 480)), ((80, 80), 96 * 96, (96, 96))],
+    [
+        ((1024, 1024), 1024 * 1024, (1024, 1024)),
+        ((120, 80), 1024 * 1024, (1248, 832)),
+        ((64, 96), 384 * 384, (320, 480)),
+        ((80, 80), 96 * 96, (96, 96)),
+    ],
 )
-def test_reference_size_follows_calculate_dimensions(size: tuple[int, int], area: int,
-                                                     expected: tuple[int, int]) -> None:
+def test_reference_size_follows_calculate_dimensions(
+    size: tuple[int, int], area: int, expected: tuple[int, int]
+) -> None:
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
 
     w, h = reference_size(*size, area)

@@ -33,8 +33,10 @@ def test_two_replicas_encode_what_one_encoder_does_each_entry_once(tmp_path, tin
 
     shared_store = tmp_path / "replicas"
     base = [*CLI, "encode", "--in-process", "--quiet", "--config", str(cfg), "--store", str(shared_store)]
-    procs = [subprocess.Popen([*base, f"--shard={i}/2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in (0, 1)]
+    procs = [
+        subprocess.Popen([*base, f"--shard={i}/2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in (0, 1)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     encoded = [int(re.search(r"encoded (\d+), cached (\d+)", o[0]).group(1)) for o in outs]
@@ -70,8 +72,11 @@ def test_shards_split_every_entry_and_a_missing_replica_fails_finalize(tmp_path,
 
     from shared.errors import FailedPrecondition
 
-    with pytest.raises(FailedPrecondition, match=r"cache entries are missing after 2 encoder replicas \(those of "
-                                                 r"shard\(s\) 1"):
+    with pytest.raises(
+        FailedPrecondition,
+        match=r"cache entries are missing after 2 encoder replicas \(those of "
+        r"shard\(s\) 1",
+    ):
         enc.finalize(2)
     enc.encode_with_index(shard=(1, 2))
     assert enc.finalize(2)

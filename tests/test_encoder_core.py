@@ -36,8 +36,9 @@ def _job(n: int, cfg, data, overrides: tuple[str, ...] = ()) -> JobRecord:
     return JobRecord(f"job-{n}", f"req-{n}", "encode", JobState.RUNNING, params, now, now)
 
 
-def test_jobs_with_the_same_models_load_them_once_and_another_precision_replaces_them(tmp_path, tiny_models,
-                                                                                       monkeypatch):
+def test_jobs_with_the_same_models_load_them_once_and_another_precision_replaces_them(
+    tmp_path, tiny_models, monkeypatch
+):
     model = tiny_models("edit-v2")
     configs = []
     for seed in (0, 1):  # two datasets: the second job has images of its own to encode, with the resident models
@@ -71,8 +72,9 @@ def test_jobs_with_the_same_models_load_them_once_and_another_precision_replaces
     assert key[-1] == "int8-quanto" and resident is loads[1][0]()
 
 
-def test_a_job_out_of_gpu_memory_frees_its_models_and_batch_before_giving_memory_back(tmp_path, tiny_models,
-                                                                                        monkeypatch):
+def test_a_job_out_of_gpu_memory_frees_its_models_and_batch_before_giving_memory_back(
+    tmp_path, tiny_models, monkeypatch
+):
     """The error's traceback frames hold the VAE and the batch being encoded: when the core frees memory after the
     failed job, they are gone, and no model set stays resident."""
     from shared.encode import encoder, ops

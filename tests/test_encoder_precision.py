@@ -64,8 +64,9 @@ def test_quantized_text_encoder_embeds_close_to_unquantized(tiny_models, unquant
 
 def test_unknown_text_encoder_precision_is_refused_by_name(tmp_path, tiny_models):
     root = write_dataset(tmp_path / "data", n=1, references=1)
-    cfg, _ = write_configs(tmp_path / "cfg", root, tiny_models("edit-v2"), "edit-v2", 1,
-                           text_encoder_1_precision="int8-torchao")
+    cfg, _ = write_configs(
+        tmp_path / "cfg", root, tiny_models("edit-v2"), "edit-v2", 1, text_encoder_1_precision="int8-torchao"
+    )
     with pytest.raises(ConfigError, match="text_encoder_1_precision"):
         load_run_config(cfg)
 

@@ -28,6 +28,7 @@ def pipes(tiny_models):
         if flavour not in cache:
             cache[flavour] = load_encoder_pipeline(tiny_models(flavour), flavour)
         return cache[flavour]
+
     return get
 
 
@@ -49,7 +50,7 @@ def test_cached_tensors_equal_diffusers_pipeline_computation(tmp_path, tiny_mode
     assert (stats.encoded, stats.cached, stats.failed) == (16, 0, 0)  # 4 targets + 8 references + 4 captions
     [ds], _ = pair_datasets(run)
     s = ds.samples[1]
-    target, refs = load_sample_images(ds, s, 10 ** 8)
+    target, refs = load_sample_images(ds, s, 10**8)
     # diffusers' VAE path: preprocess → _encode_vae_image (normalised, argmax) → _pack_latents
     w, h = s.bucket
     x = pipe.image_processor.preprocess(target, h, w).unsqueeze(2)
@@ -82,8 +83,10 @@ def test_second_encode_encodes_nothing_and_a_changed_caption_exactly_one(tmp_pat
     assert changed[0].startswith("cache/index/demo-images/")  # the training index carries the new caption
     index = store.get_json(changed[0])
     assert [s["caption"] for s in index["samples"]][2] == "make everything green"
-    assert index["samples"][2]["references"] == ["cache/vae/demo-reference-a/0002.safetensors",
-                                                 "cache/vae/demo-reference-b/0002.safetensors"]
+    assert index["samples"][2]["references"] == [
+        "cache/vae/demo-reference-a/0002.safetensors",
+        "cache/vae/demo-reference-b/0002.safetensors",
+    ]
 
 
 def test_changed_reference_image_re_encodes_its_latent_and_the_caption_embedding(tmp_path, tiny_models, pipes):
@@ -126,36 +129,48 @@ def test_manifest_records_shapes_dtypes_sources_and_model(tmp_path, tiny_models,
     assert e["shapes"] == {"latents": [16, e["bucket"][1] // 8, e["bucket"][0] // 8]}
     assert e["dtypes"] == {"latents": "float32"} and e["model"] == str(tiny_models("edit-v2"))
     import hashlib
+
     assert e["sources"] == {"0001.png": hashlib.sha256((root / "images" / "0001.png").read_bytes()).hexdigest()}
 
 
 def test_edit_v1_embeds_go_to_the_conditioning_image_embeds_cache(tmp_path, tiny_models, pipes):
-    root, cfg, store = setup(tmp_path, tiny_models, flavour="edit-v1", refs=1, n=2,
-                             model_kwargs={"match_target_res": True, "vl_reference_area": 64 * 64})
+    root, cfg, store = setup(
+        tmp_path,
+        tiny_models,
+        flavour="edit-v1",
+        refs=1,
+        n=2,
+        model_kwargs={"match_target_res": True, "vl_reference_area": 64 * 64},
+    )
     pipe = pipes("edit-v1")
     stats, run = encode(cfg, store, pipe)
     assert stats.encoded == 6
     keys = store.list("cache/conditioning_image_embeds/demo")
-    assert keys == ["cache/conditioning_image_embeds/demo/0000.safetensors",
-                    "cache/conditioning_image_embeds/demo/0001.safetensors",
-                    "cache/conditioning_image_embeds/demo/manifest.json"]
+    assert keys == [
+        "cache/conditioning_image_embeds/demo/0000.safetensors",
+        "cache/conditioning_image_embeds/demo/0001.safetensors",
+        "cache/conditioning_image_embeds/demo/manifest.json",
+    ]
     [ds], _ = pair_datasets(run)
     s = ds.samples[0]
-    _, _, [region] = load_sample(ds, s, 10 ** 8)  # the reference as a user would hand it to the pipeline
-    pe, _ = pipe.encode_prompt(prompt=[s.caption], image=resize_reference(pipe.image_processor, region, 64 * 64),
-                               device="cpu")
+    _, _, [region] = load_sample(ds, s, 10**8)  # the reference as a user would hand it to the pipeline
+    pe, _ = pipe.encode_prompt(
+        prompt=[s.caption], image=resize_reference(pipe.image_processor, region, 64 * 64), device="cpu"
+    )
     text, _ = store.get_tensors(keys[0])
     torch.testing.assert_close(text["prompt_embeds"], pe[0], atol=1e-5, rtol=1e-5)
 
 
 def test_random_sampling_and_caption_dropout_cache_one_embedding_per_choice_and_null(tmp_path, tiny_models, pipes):
     root, cfg, store = setup(tmp_path, tiny_models, n=2)
-    stats, _ = encode(cfg, store, pipes("edit-v2"), "conditioning_multidataset_sampling=random",
-                      "caption_dropout_probability=0.1")
+    stats, _ = encode(
+        cfg, store, pipes("edit-v2"), "conditioning_multidataset_sampling=random", "caption_dropout_probability=0.1"
+    )
     assert stats.encoded == 2 + 4 + 4
     keys = [k for k in store.list("cache/text/demo-images") if not k.endswith("manifest.json")]
-    assert keys == [f"cache/text/demo-images/{s}/demo-reference-{c}.safetensors" for s in ("0000", "0001")
-                    for c in "ab"]
+    assert keys == [
+        f"cache/text/demo-images/{s}/demo-reference-{c}.safetensors" for s in ("0000", "0001") for c in "ab"
+    ]
     a, _ = store.get_tensors(keys[0])
     b, _ = store.get_tensors(keys[1])
     assert set(a) == {"prompt_embeds", "prompt_mask", "null_embeds", "null_mask"}
@@ -175,8 +190,10 @@ def test_a_reference_dataset_shared_by_two_image_datasets_keeps_both_placements(
     first, run = encode(cfg, store, pipe)
     second, _ = encode(cfg, store, pipe)
     assert second.encoded == 0 and second.cached == first.encoded
-    indexes = [store.get_json(k) for k in store.list("cache/index") ]
+    indexes = [store.get_json(k) for k in store.list("cache/index")]
     assert sorted(len(i["samples"]) for i in indexes) == [3, 3]
     refs = {i["dataset"]: i["samples"][0]["references"][0] for i in indexes}
-    assert refs == {"demo-images": "cache/vae/demo-reference-a/demo-images/0000.safetensors",
-                    "demo-images-small": "cache/vae/demo-reference-a/demo-images-small/0000.safetensors"}
+    assert refs == {
+        "demo-images": "cache/vae/demo-reference-a/demo-images/0000.safetensors",
+        "demo-images-small": "cache/vae/demo-reference-a/demo-images-small/0000.safetensors",
+    }

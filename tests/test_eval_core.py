@@ -66,8 +66,17 @@ def test_eval_renders_from_cached_embeddings_without_the_text_encoder_on_a_quant
     differ by at most 1 of 255 per pixel (measured: identical on the tiny model)."""
     model = tiny_models("edit-v2")
     root = write_dataset(tmp_path / "data", n=3, references=1)
-    cfg, data = write_configs(tmp_path / "cfg", root, model, "edit-v2", 1, num_eval_images=1, lora_rank=4,
-                              base_model_precision="int8-quanto", validation_guidance=4.0)
+    cfg, data = write_configs(
+        tmp_path / "cfg",
+        root,
+        model,
+        "edit-v2",
+        1,
+        num_eval_images=1,
+        lora_rank=4,
+        base_model_precision="int8-quanto",
+        validation_guidance=4.0,
+    )
     run = load_run_config(cfg)
     store = LocalStore(tmp_path / "store")
     DatasetEncoder(run, store).encode()
@@ -76,8 +85,9 @@ def test_eval_renders_from_cached_embeddings_without_the_text_encoder_on_a_quant
     assert {"prompt_embeds", "negative_embeds", "negative_mask"} <= set(text)
 
     # the in-worker side: the training transformer, quantized then given a LoRA that does something
-    tr = quantize_transformer(load_transformer(model, "edit-v2"), "int8-quanto", device="cpu",
-                              compute_dtype=torch.float32)
+    tr = quantize_transformer(
+        load_transformer(model, "edit-v2"), "int8-quanto", device="cpu", compute_dtype=torch.float32
+    )
     attach_lora(tr, 4, 4.0, 0.0, ["to_q", "to_k", "to_v", "to_out.0"], seed=0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -92,8 +102,12 @@ def test_eval_renders_from_cached_embeddings_without_the_text_encoder_on_a_quant
     worker = render_validation(full, run, [(ds, sample)], step=1, store=store, prefix="runs/worker/validation")
 
     core = EvalCore(store, Metrics(CollectorRegistry()), idle_release_s=0)
-    params = files_to_params(read_config_files(cfg, data)) | {"run_id": "r", "step": 1, "lora_key": lora_key,
-                                                               "index_keys": []}
+    params = files_to_params(read_config_files(cfg, data)) | {
+        "run_id": "r",
+        "step": 1,
+        "lora_key": lora_key,
+        "index_keys": [],
+    }
     now = time.time()
     outputs = core.execute(JobRecord("job-1", "req-1", "render", JobState.RUNNING, params, now, now), _Ctx())
     pipe = core._pipe[1]
@@ -112,18 +126,27 @@ def _render_job(tmp_path, tiny_models) -> tuple[EvalCore, dict]:
     """An eval core and the params of a render job of run r (edit-v2, previews at 1024x1024) with a LoRA file."""
     model = tiny_models("edit-v2")
     root = write_dataset(tmp_path / "data", n=3, references=1)
-    cfg, data = write_configs(tmp_path / "cfg", root, model, "edit-v2", 1, num_eval_images=1,
-                              validation_resolution="1024x1024")
+    cfg, data = write_configs(
+        tmp_path / "cfg", root, model, "edit-v2", 1, num_eval_images=1, validation_resolution="1024x1024"
+    )
     store = LocalStore(tmp_path / "store")
     DatasetEncoder(load_run_config(cfg), store).encode()
     tr = load_transformer(model, "edit-v2")
     attach_lora(tr, 4, 4.0, 0.0, ["to_q"], seed=0)
     lora_key = "runs/r/validation/step-1/lora/pytorch_lora_weights.safetensors"
-    store.put_bytes(lora_key, save_lora_files(lora_state_dict(tr), alpha=4.0, rank=4, fmt="diffusers",
-                                              transformer=tr)["pytorch_lora_weights.safetensors"])
+    store.put_bytes(
+        lora_key,
+        save_lora_files(lora_state_dict(tr), alpha=4.0, rank=4, fmt="diffusers", transformer=tr)[
+            "pytorch_lora_weights.safetensors"
+        ],
+    )
     core = EvalCore(store, Metrics(CollectorRegistry()), idle_release_s=0)
-    params = files_to_params(read_config_files(cfg, data)) | {"run_id": "r", "step": 1, "lora_key": lora_key,
-                                                               "index_keys": []}
+    params = files_to_params(read_config_files(cfg, data)) | {
+        "run_id": "r",
+        "step": 1,
+        "lora_key": lora_key,
+        "index_keys": [],
+    }
     return core, params
 
 
@@ -132,8 +155,9 @@ def _job(n: int, params: dict) -> JobRecord:
     return JobRecord(f"job-{n}", f"req-{n}", "render", JobState.RUNNING, params, now, now)
 
 
-def test_a_render_out_of_gpu_memory_fails_its_job_and_the_runs_next_render_is_smaller(tmp_path, tiny_models,
-                                                                                       monkeypatch):
+def test_a_render_out_of_gpu_memory_fails_its_job_and_the_runs_next_render_is_smaller(
+    tmp_path, tiny_models, monkeypatch
+):
     import eval_svc.service as service
     from shared import errors
 
@@ -148,14 +172,17 @@ def test_a_render_out_of_gpu_memory_fails_its_job_and_the_runs_next_render_is_sm
     for n in range(3):
         with pytest.raises(errors.ResourceExhausted, match="out of GPU memory rendering r step 1") as err:
             core.execute(_job(n, params), _Ctx())
-    assert str(err.value) == ("out of GPU memory rendering r step 1 with vae_enable_tiling=true, "
-                              "validation_resolution=768x768; its next validation renders with vae_enable_tiling=true, "
-                              "validation_resolution=512x512")
+    assert str(err.value) == (
+        "out of GPU memory rendering r step 1 with vae_enable_tiling=true, "
+        "validation_resolution=768x768; its next validation renders with vae_enable_tiling=true, "
+        "validation_resolution=512x512"
+    )
     assert seen == [("1024x1024", False), ("1024x1024", True), ("768x768", True)]
 
 
-def test_the_tensors_of_a_render_out_of_gpu_memory_are_freed_before_the_memory_is_given_back(tmp_path, tiny_models,
-                                                                                           monkeypatch):
+def test_the_tensors_of_a_render_out_of_gpu_memory_are_freed_before_the_memory_is_given_back(
+    tmp_path, tiny_models, monkeypatch
+):
     """The render's tensors live on in the error's traceback frames: freeing memory while they do gives nothing
     back. When eval_svc frees it after an out-of-memory render, they are gone, and so is the job's LoRA; the error
     still carries the render's traceback."""
@@ -173,8 +200,9 @@ def test_the_tensors_of_a_render_out_of_gpu_memory_are_freed_before_the_memory_i
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.40 GiB")
 
     def free_gpu_memory() -> None:  # when it runs: is each render's tensor gone, is the LoRA still attached
-        frees.append(([ref() is None for ref in held], ADAPTER in getattr(core._pipe[1].transformer, "peft_config",
-                                                                           {})))
+        frees.append(
+            ([ref() is None for ref in held], ADAPTER in getattr(core._pipe[1].transformer, "peft_config", {}))
+        )
 
     monkeypatch.setattr(service, "render_validation", render)
     monkeypatch.setattr(device, "free_gpu_memory", free_gpu_memory)

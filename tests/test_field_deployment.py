@@ -22,11 +22,11 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from safetensors.torch import load_file
-
 from deployfiles import REQUIRED_ENV, run_compose_config
 from s3server import ACCESS_KEY, SECRET_KEY, free_port
+from safetensors.torch import load_file
 from seed_files import SEED_CONFIG, SEED_DATA_V2
+
 from shared.config import jsonc
 from shared.data.synthetic import write_dataset
 from shared.rpc.client import make_channel, wait_for_serving
@@ -34,13 +34,23 @@ from shared.rpc.client import make_channel, wait_for_serving
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = {"encoder": "encoder:50051", "trainer": "trainer:50052", "eval": "eval:50053"}
 EDITTUNER = str(Path(sys.executable).parent / "edittuner")
-TINY = ["max_train_steps=2", "gradient_accumulation_steps=1", "mixed_precision=no", "validation_step_interval=2",
-        "validation_resolution=64x64", "validation_num_inference_steps=2", "num_eval_images=1",
-        "model_kwargs.match_target_res=true", "model_kwargs.vl_reference_area=4096", "lora_rank=4"]
+TINY = [
+    "max_train_steps=2",
+    "gradient_accumulation_steps=1",
+    "mixed_precision=no",
+    "validation_step_interval=2",
+    "validation_resolution=64x64",
+    "validation_num_inference_steps=2",
+    "num_eval_images=1",
+    "model_kwargs.match_target_res=true",
+    "model_kwargs.vl_reference_area=4096",
+    "lora_rank=4",
+]
 
 
-def remap(env: dict[str, str], volumes: list[str], folders: dict[str, Path], hosts: dict[str, str],
-          ports: dict[str, str]) -> dict[str, str]:
+def remap(
+    env: dict[str, str], volumes: list[str], folders: dict[str, Path], hosts: dict[str, str], ports: dict[str, str]
+) -> dict[str, str]:
     """A compose service's environment for a process on this host."""
     mounts = {spec.split(":")[1]: folders[spec.split(":")[1]] for spec in volumes}
     out = {}
@@ -48,7 +58,7 @@ def remap(env: dict[str, str], volumes: list[str], folders: dict[str, Path], hos
         value = str(value)
         for container, host in mounts.items():
             if value == container or value.startswith(container + "/"):
-                value = str(host) + value[len(container):]
+                value = str(host) + value[len(container) :]
         for name, address in hosts.items():
             value = value.replace(name, address)
         out[key] = ports.get(key, value)
@@ -61,8 +71,10 @@ def remap(env: dict[str, str], volumes: list[str], folders: dict[str, Path], hos
 def field(tmp_path_factory, s3_server, tiny_models):
     tmp = tmp_path_factory.mktemp("field")
     bucket = f"edittuner-{uuid.uuid4().hex[:8]}"
-    rendered = run_compose_config(tmp, {**REQUIRED_ENV, "MINIO_ROOT_USER": ACCESS_KEY,
-                                        "MINIO_ROOT_PASSWORD": SECRET_KEY, "EDITTUNER_BUCKET": bucket})
+    rendered = run_compose_config(
+        tmp,
+        {**REQUIRED_ENV, "MINIO_ROOT_USER": ACCESS_KEY, "MINIO_ROOT_PASSWORD": SECRET_KEY, "EDITTUNER_BUCKET": bucket},
+    )
     assert rendered.returncode == 0, rendered.stderr
     services = yaml.safe_load(rendered.stdout)["services"]
     folders = {"/models": tmp / "models", "/datasets": tmp / "datasets", "/hf-cache": tmp / "hf-cache"}
@@ -70,24 +82,33 @@ def field(tmp_path_factory, s3_server, tiny_models):
         f.mkdir()
     shutil.copytree(tiny_models("edit-v2"), folders["/models"] / "Qwen" / "Qwen-Image-Edit-2509")  # its hub id
     grpc_ports = {name: str(free_port()) for name in SERVICES}
-    hosts = {"minio:9000": urlsplit(s3_server).netloc,
-             **{addr: f"127.0.0.1:{grpc_ports[name]}" for name, addr in SERVICES.items()}}
-    ports = {**{f"EDITTUNER_{n.upper()}_PORT": p for n, p in grpc_ports.items()},
-             **{f"EDITTUNER_{n.upper()}_METRICS_PORT": str(free_port()) for n in SERVICES}}
+    hosts = {
+        "minio:9000": urlsplit(s3_server).netloc,
+        **{addr: f"127.0.0.1:{grpc_ports[name]}" for name, addr in SERVICES.items()},
+    }
+    ports = {
+        **{f"EDITTUNER_{n.upper()}_PORT": p for n, p in grpc_ports.items()},
+        **{f"EDITTUNER_{n.upper()}_METRICS_PORT": str(free_port()) for n in SERVICES},
+    }
     procs, logs = {}, {}
     for name in SERVICES:
         svc = services[name]
         env = remap(svc["environment"], svc["volumes"], folders, hosts, ports)
         env |= {"PATH": os.environ["PATH"], "HOME": str(tmp), "EDITTUNER_WORKDIR": str(tmp / "work" / name)}
         logs[name] = tmp / f"{name}.log"
-        procs[name] = subprocess.Popen([sys.executable, "-m", f"{name}_svc"], env=env, cwd=tmp,
-                                       stdout=open(logs[name], "wb"), stderr=subprocess.STDOUT)
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", f"{name}_svc"],
+            env=env,
+            cwd=tmp,
+            stdout=open(logs[name], "wb"),
+            stderr=subprocess.STDOUT,
+        )
     try:
         for name in SERVICES:
             channel = make_channel(f"127.0.0.1:{grpc_ports[name]}", token=REQUIRED_ENV["EDITTUNER_TOKEN"])
             try:
                 wait_for_serving(channel, "", 120)
-            except Exception:
+            except Exception:  # noqa: BLE001 - any failure to start shows the log
                 raise AssertionError(f"{name}_svc did not start:\n{logs[name].read_text()[-3000:]}") from None
             finally:
                 channel.close()
@@ -111,13 +132,29 @@ def client_run(field, name: str, *extra: str) -> subprocess.CompletedProcess:
         e["resolution"] = 64
     (client / "config" / "qwen_edit").mkdir(parents=True, exist_ok=True)
     (client / "config" / "qwen_edit" / "multidatabackend.json").write_text(json.dumps(entries, indent=2))
-    (client / "config" / "config.json").write_text(SEED_CONFIG.replace('"edit-v1",      // ou "edit-v2"',
-                                                                         '"edit-v2",      // ou "edit-v2"'))
+    (client / "config" / "config.json").write_text(
+        SEED_CONFIG.replace('"edit-v1",      // ou "edit-v2"', '"edit-v2",      // ou "edit-v2"')
+    )
     env = {**os.environ, "EDITTUNER_TOKEN": REQUIRED_ENV["EDITTUNER_TOKEN"]}
     env = {k: v for k, v in env.items() if not k.startswith(("EDITTUNER_S3", "EDITTUNER_STORE", "MINIO"))}
-    return subprocess.run([EDITTUNER, "train", "--config", "config/config.json", "--server", trainer, *TINY,
-                           f"output_dir=output/{name}", *extra], cwd=client, env=env, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+        [
+            EDITTUNER,
+            "train",
+            "--config",
+            "config/config.json",
+            "--server",
+            trainer,
+            *TINY,
+            f"output_dir=output/{name}",
+            *extra,
+        ],
+        cwd=client,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_a_remote_client_trains_on_its_own_data_and_pulls_its_lora(field):
@@ -130,9 +167,14 @@ def test_a_remote_client_trains_on_its_own_data_and_pulls_its_lora(field):
     assert "edittuner runs pull first DIR --server" in first.stderr
     assert not (tmp / "client" / "output").exists()  # nothing is written on the client but by a pull
     env = {**os.environ, "EDITTUNER_TOKEN": REQUIRED_ENV["EDITTUNER_TOKEN"]}
-    pulled = subprocess.run([EDITTUNER, "runs", "pull", "first", "lora-back", "--server", trainer,
-                             "--no-checkpoints"], cwd=tmp / "client", env=env, capture_output=True, text=True,
-                            timeout=300)
+    pulled = subprocess.run(
+        [EDITTUNER, "runs", "pull", "first", "lora-back", "--server", trainer, "--no-checkpoints"],
+        cwd=tmp / "client",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert pulled.returncode == 0, pulled.stderr
     lora = load_file(tmp / "client" / "lora-back" / "lora" / "pytorch_lora_weights.safetensors")
     assert any(k.startswith("transformer.transformer_blocks.0.attn.to_q.lora_A") for k in lora)

@@ -36,8 +36,9 @@ class _Stop(Exception):
     pass
 
 
-def pipeline_sizes(pipe: Any, monkeypatch: pytest.MonkeyPatch, images: list[Image.Image], flavour: str
-                   ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def pipeline_sizes(
+    pipe: Any, monkeypatch: pytest.MonkeyPatch, images: list[Image.Image], flavour: str
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(sizes the VL encoder gets, sizes the VAE gets) of each reference, from the pipeline's own __call__; the
     models are not run (the spies answer in their place and stop before denoising)."""
     vl, vae = [], []
@@ -61,8 +62,14 @@ def pipeline_sizes(pipe: Any, monkeypatch: pytest.MonkeyPatch, images: list[Imag
     monkeypatch.setattr(pipe, "_encode_vae_image", spy_vae)
     monkeypatch.setattr(pipe, "prepare_latents", spy_prepare)
     with pytest.raises(_Stop):
-        pipe(image=images if flavour != "edit-v1" else images[0], prompt="x", height=64, width=64,
-             num_inference_steps=2, true_cfg_scale=1.0)
+        pipe(
+            image=images if flavour != "edit-v1" else images[0],
+            prompt="x",
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            true_cfg_scale=1.0,
+        )
     return vl, vae
 
 
@@ -86,24 +93,33 @@ def test_reference_sizes_are_the_pipelines(tmp_path, tiny_models, monkeypatch, f
     import json
 
     entries = json.loads(data.read_text())
-    for e in entries[1:1 + REFS[flavour]]:
+    for e in entries[1 : 1 + REFS[flavour]]:
         e["conditioning_type"] = conditioning
     data.write_text(json.dumps(entries))
-    run = load_run_config(cfg, overrides=["model_kwargs.match_target_res=false", "model_kwargs.reference_area=1048576",
-                                          "model_kwargs.vl_reference_area=null"])
+    run = load_run_config(
+        cfg,
+        overrides=[
+            "model_kwargs.match_target_res=false",
+            "model_kwargs.reference_area=1048576",
+            "model_kwargs.vl_reference_area=null",
+        ],
+    )
     [ds], _ = pair_datasets(run)
     sample = next(s for s in ds.samples if s.key == "0000")
-    _, refs, regions = load_sample(ds, sample, 10 ** 8)
+    _, refs, regions = load_sample(ds, sample, 10**8)
     ours_vae = [r.size for r in refs]
     vl_area = 1024 * 1024 if flavour == "edit-v1" else 384 * 384
     ours_vl = [reference_size(*region.size, vl_area) for region in regions]
-    pipe = load_pipeline(tiny_models(flavour), flavour, components=("vae", "text_encoder", "tokenizer", "processor",
-                                                                    "scheduler", "transformer"))
+    pipe = load_pipeline(
+        tiny_models(flavour),
+        flavour,
+        components=("vae", "text_encoder", "tokenizer", "processor", "scheduler", "transformer"),
+    )
     their_vl, their_vae = pipeline_sizes(pipe, monkeypatch, regions, flavour)
     assert ours_vae == their_vae, (sizes, conditioning)
     assert ours_vl == their_vl, (sizes, conditioning)
     if conditioning == "reference_loose":  # the whole image at ~1 MP of its own aspect
-        assert all(abs(w * h - 1024 ** 2) < 0.12 * 1024 ** 2 for w, h in ours_vae)
+        assert all(abs(w * h - 1024**2) < 0.12 * 1024**2 for w, h in ours_vae)
         assert [r.size for r in regions] == sizes[1:]
 
 
@@ -119,7 +135,7 @@ def test_the_cache_and_the_transformer_get_the_pipelines_reference_latents(tmp_p
     DatasetEncoder(run, store).encode()
     [ds], _ = pair_datasets(run)
     sample = next(s for s in ds.samples if s.key == "0000")
-    _, _, regions = load_sample(ds, sample, 10 ** 8)
+    _, _, regions = load_sample(ds, sample, 10**8)
     pipe = load_pipeline(tiny_models("edit-v2"), "edit-v2")
     _, their_vae = pipeline_sizes(pipe, monkeypatch, regions, "edit-v2")
     items, _, _ = load_items(store, run, settings_for(run))
@@ -135,8 +151,15 @@ def test_the_cache_and_the_transformer_get_the_pipelines_reference_latents(tmp_p
 # ------------------------------------------------------------------------------------------- evaluation
 def make(tmp: Path, tiny_models: Any, n: int, **overrides: Any):
     root = write_dataset(tmp / "data", n=n, references=1)
-    base = dict(max_train_steps=4, checkpoint_step_interval=100, validation_step_interval=100, num_eval_images=2,
-                learning_rate=1e-2, lora_rank=4, output_dir=str(tmp / "out"))
+    base = dict(
+        max_train_steps=4,
+        checkpoint_step_interval=100,
+        validation_step_interval=100,
+        num_eval_images=2,
+        learning_rate=1e-2,
+        lora_rank=4,
+        output_dir=str(tmp / "out"),
+    )
     cfg, _ = write_configs(tmp / "cfg", root, tiny_models("edit-v2"), "edit-v2", 1, **(base | overrides))
     run = load_run_config(cfg)
     store = LocalStore(tmp / "store")
@@ -204,8 +227,9 @@ def test_auto_shift_is_the_schedulers_shift_for_the_sequence_length(tiny_models)
     s = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9])
     for seq_len in (256, 1024, 4096, 8192):  # 256x256 to ~1.4 MP
         mu = resolution_mu(seq_len, cfg)
-        assert mu == calculate_shift(seq_len, cfg["base_image_seq_len"], cfg["max_image_seq_len"],
-                                     cfg["base_shift"], cfg["max_shift"])
+        assert mu == calculate_shift(
+            seq_len, cfg["base_image_seq_len"], cfg["max_image_seq_len"], cfg["base_shift"], cfg["max_shift"]
+        )
         torch.testing.assert_close(auto_shift_sigmas(s, seq_len, cfg), scheduler.time_shift(mu, 1.0, s))
     assert resolution_mu(4096, cfg) == pytest.approx(0.5 + (0.9 - 0.5) * (4096 - 256) / (8192 - 256))
     median = float(auto_shift_sigmas(torch.tensor([0.5]), 4096, cfg))
@@ -221,8 +245,11 @@ def test_training_with_auto_shift_draws_the_shifted_sigmas(tmp_path, tiny_models
     import shared.train.trainer as trainer_module
 
     real = trainer_module.flow_matching_loss
-    monkeypatch.setattr(trainer_module, "flow_matching_loss", lambda tr, b, n, s, d, **kw: seen.append((b, s)) or
-                        real(tr, b, n, s, d, **kw))
+    monkeypatch.setattr(
+        trainer_module,
+        "flow_matching_loss",
+        lambda tr, b, n, s, d, **kw: seen.append((b, s)) or real(tr, b, n, s, d, **kw),
+    )
     trainer.train_step()
     trainer.loader.close()
     [(batch, sigmas)] = seen
@@ -231,8 +258,7 @@ def test_training_with_auto_shift_draws_the_shifted_sigmas(tmp_path, tiny_models
 
     g = step_generator(run.train.seed, 1, 0)
     torch.randn(1, (h // 2) * (w // 2), 64, generator=g)  # the noise is drawn first
-    expected = auto_shift_sigmas(torch.sigmoid(torch.randn(1, generator=g)), (h // 2) * (w // 2),
-                                 trainer.shift_config)
+    expected = auto_shift_sigmas(torch.sigmoid(torch.randn(1, generator=g)), (h // 2) * (w // 2), trainer.shift_config)
     torch.testing.assert_close(sigmas, expected, rtol=0, atol=0)
 
 
@@ -253,8 +279,12 @@ def test_no_text_mask_when_every_caption_token_is_real_gives_the_same_loss(tmp_p
     batch = trainer.loader.next_batch()
     trainer.loader.close()
     assert batch.text_all_valid  # one caption per batch: nothing is padding
-    noise = torch.randn(1, batch.latents_BChw.shape[-2] * batch.latents_BChw.shape[-1] // 4, 64,
-                        generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(
+        1,
+        batch.latents_BChw.shape[-2] * batch.latents_BChw.shape[-1] // 4,
+        64,
+        generator=torch.Generator().manual_seed(0),
+    )
     sigma = torch.tensor([0.6])
     with torch.no_grad():
         fast = flow_matching_loss(trainer.transformer, batch, noise, sigma)

@@ -224,17 +224,20 @@ def test_cancel_a_running_job_and_cancel_a_terminal_one(managers, store):
         m.cancel("nope")
 
 
-@pytest.mark.parametrize("err, code", [
-    (errors.InvalidInput("config.json: $.rank: must be positive"), "INVALID_ARGUMENT"),
-    (errors.ConfigError([errors.Problem("config.json: $.rank", "must be positive")]), "INVALID_ARGUMENT"),
-    (errors.NotFound("run 'r' not found"), "NOT_FOUND"),
-    (errors.FailedPrecondition("run 'r' is already active"), "FAILED_PRECONDITION"),
-    (errors.ResourceExhausted("the worker ran out of memory"), "RESOURCE_EXHAUSTED"),
-    (errors.Unavailable("models are still loading"), "UNAVAILABLE"),
-    (errors.IntegrityError("object 'x' is corrupt"), "DATA_LOSS"),
-    (errors.EditTunerError("a domain error without its own code"), "INTERNAL"),
-    (JobCancelled("stopped"), "CANCELLED"),
-])
+@pytest.mark.parametrize(
+    "err, code",
+    [
+        (errors.InvalidInput("config.json: $.rank: must be positive"), "INVALID_ARGUMENT"),
+        (errors.ConfigError([errors.Problem("config.json: $.rank", "must be positive")]), "INVALID_ARGUMENT"),
+        (errors.NotFound("run 'r' not found"), "NOT_FOUND"),
+        (errors.FailedPrecondition("run 'r' is already active"), "FAILED_PRECONDITION"),
+        (errors.ResourceExhausted("the worker ran out of memory"), "RESOURCE_EXHAUSTED"),
+        (errors.Unavailable("models are still loading"), "UNAVAILABLE"),
+        (errors.IntegrityError("object 'x' is corrupt"), "DATA_LOSS"),
+        (errors.EditTunerError("a domain error without its own code"), "INTERNAL"),
+        (JobCancelled("stopped"), "CANCELLED"),
+    ],
+)
 def test_executor_errors_map_to_status_codes(managers, store, err, code):
     def fail(job, ctx):
         raise err
@@ -254,8 +257,7 @@ def test_an_unexpected_exception_is_internal_and_the_manager_goes_on(managers, s
     m = manager(managers, store, execute)
     with caplog.at_level(logging.ERROR, logger="shared.service.jobs"):
         bad = wait_terminal(m, m.submit("train", {"n": 1}, "r1").job_id)
-    assert (bad.state, bad.error, bad.error_code) == (JobState.FAILED, "internal error: ZeroDivisionError",
-                                                      "INTERNAL")
+    assert (bad.state, bad.error, bad.error_code) == (JobState.FAILED, "internal error: ZeroDivisionError", "INTERNAL")
     assert "ZeroDivisionError: secret detail" in caplog.text  # the traceback is in the log, not the record
     good = wait_terminal(m, m.submit("train", {"n": 2}, "r2").job_id)
     assert good.state == JobState.SUCCEEDED

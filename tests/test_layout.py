@@ -15,14 +15,25 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS: dict[str, int] = {
-    "errors": 0, "logs": 0, "deadline": 0,
-    "config": 1, "store": 1, "data": 1, "model": 1,
-    "encode": 2, "train": 2, "evaluate": 2, "plan": 2,
-    "service": 3, "rpc": 3,
+    "errors": 0,
+    "logs": 0,
+    "deadline": 0,
+    "config": 1,
+    "store": 1,
+    "data": 1,
+    "model": 1,
+    "encode": 2,
+    "train": 2,
+    "evaluate": 2,
+    "plan": 2,
+    "service": 3,
+    "rpc": 3,
     "cli": 4,
 }
 SERVICES = ("encoder_svc", "trainer_svc", "eval_svc")
-MAX_LINES = 500
+# Lines as `ruff format` writes them: a call that wraps takes one line per argument (about a fifth more lines than
+# hand-wrapped code, whose limit was 500).
+MAX_LINES = 600
 
 
 def modules(top: str) -> list[Path]:
@@ -91,8 +102,9 @@ def test_imports_point_down_the_layers():
         for mod in sorted(imported(path)):
             dst = component(mod)
             if src is not None and dst in LAYERS and LAYERS[dst] > LAYERS[src]:
-                wrong.append(f"{path.relative_to(ROOT)} ({src}, layer {LAYERS[src]}) imports {mod} ({dst}, "
-                             f"layer {LAYERS[dst]})")
+                wrong.append(
+                    f"{path.relative_to(ROOT)} ({src}, layer {LAYERS[src]}) imports {mod} ({dst}, layer {LAYERS[dst]})"
+                )
     assert not wrong, "\n".join(wrong)
 
 
@@ -104,7 +116,7 @@ def test_no_cycle_between_packages():
         state[node] = "open"
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == "open":
-                pytest.fail("packages import each other: " + " → ".join(trail[trail.index(nxt):] + [nxt]))
+                pytest.fail("packages import each other: " + " → ".join(trail[trail.index(nxt) :] + [nxt]))
             if nxt not in state:
                 visit(nxt, trail + [nxt])
         state[node] = "done"
@@ -129,8 +141,11 @@ def test_shared_never_imports_a_service_and_services_never_import_each_other():
         wrong += [f"{path.relative_to(ROOT)} imports {m}" for m in imported(path) if m.split(".")[0] in SERVICES]
     for svc in SERVICES:
         for path in modules(svc):
-            wrong += [f"{path.relative_to(ROOT)} imports {m}" for m in imported(path)
-                      if m.split(".")[0] in SERVICES and m.split(".")[0] != svc]
+            wrong += [
+                f"{path.relative_to(ROOT)} imports {m}"
+                for m in imported(path)
+                if m.split(".")[0] in SERVICES and m.split(".")[0] != svc
+            ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -144,8 +159,11 @@ def test_only_entry_points_import_the_cli():
     assert not wrong, "\n".join(wrong)
 
 
-def test_no_module_is_over_500_lines():
-    sizes = {str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines())
-             for top in ("shared", *SERVICES, "bench") for p in modules(top)}
+def test_no_module_is_over_the_line_limit():
+    sizes = {
+        str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines())
+        for top in ("shared", *SERVICES, "bench")
+        for p in modules(top)
+    }
     over = {k: v for k, v in sizes.items() if v > MAX_LINES}
     assert not over, f"modules over {MAX_LINES} lines (split them along responsibilities): {over}"

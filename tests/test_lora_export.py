@@ -28,8 +28,22 @@ from shared.model.loading import load_pipeline, load_transformer, pipeline_class
 
 RANK, ALPHA = 4, 8.0
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "img_mlp.net.2", "txt_mod.1"]
-BLOCK_LINEARS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                 "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1", "txt_mod.1"]
+BLOCK_LINEARS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+    "img_mod.1",
+    "txt_mod.1",
+]
 
 
 def transformer_with_lora(model_dir: Path, flavour: str, seed: int = 0) -> Any:
@@ -112,8 +126,9 @@ def test_diffusers_file_is_what_save_lora_weights_writes(v1: Any, tmp_path: Path
     from diffusers import QwenImageEditPipeline
 
     _, tr, sd = v1
-    QwenImageEditPipeline.save_lora_weights(tmp_path, transformer_lora_layers=sd,
-                                            transformer_lora_adapter_metadata=L.peft_adapter_config(sd, ALPHA, RANK))
+    QwenImageEditPipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=sd, transformer_lora_adapter_metadata=L.peft_adapter_config(sd, ALPHA, RANK)
+    )
     theirs, theirs_meta = _read((tmp_path / L.DIFFUSERS_FILE).read_bytes())
     files = L.save_lora_files(sd, alpha=ALPHA, rank=RANK, fmt="diffusers", transformer=tr)
     ours, ours_meta = _read(files[L.DIFFUSERS_FILE])
@@ -128,10 +143,16 @@ def test_diffusers_file_is_what_save_lora_weights_writes(v1: Any, tmp_path: Path
 
 def test_file_metadata_dtype_and_layout(v1: Any) -> None:
     _, tr, sd = v1
-    files = L.save_lora_files(sd, alpha=ALPHA, rank=RANK, fmt="both", transformer=tr,
-                              metadata={"edittuner.step": "12", "edittuner.flavour": "edit-v1", "n": 3})
+    files = L.save_lora_files(
+        sd,
+        alpha=ALPHA,
+        rank=RANK,
+        fmt="both",
+        transformer=tr,
+        metadata={"edittuner.step": "12", "edittuner.flavour": "edit-v1", "n": 3},
+    )
     assert sorted(files) == [L.DIFFUSERS_FILE, L.COMFYUI_FILE]
-    for name, data in files.items():
+    for data in files.values():
         tensors, meta = _read(data)
         assert meta["edittuner.lora_rank"] == "4" and meta["edittuner.lora_alpha"] == "8.0"
         assert meta["edittuner.step"] == "12" and meta["n"] == "3"
@@ -140,8 +161,10 @@ def test_file_metadata_dtype_and_layout(v1: Any) -> None:
     comfy, comfy_meta = _read(files[L.COMFYUI_FILE])
     assert "lora_adapter_metadata" not in comfy_meta  # diffusers would apply alpha a second time
     assert comfy["diffusion_model.transformer_blocks.0.attn.to_out.0.alpha"].item() == ALPHA
-    assert torch.equal(comfy["diffusion_model.transformer_blocks.0.attn.to_out.0.lora_B.weight"],
-                       sd["transformer_blocks.0.attn.to_out.0.lora_B.weight"])
+    assert torch.equal(
+        comfy["diffusion_model.transformer_blocks.0.attn.to_out.0.lora_B.weight"],
+        sd["transformer_blocks.0.attn.to_out.0.lora_B.weight"],
+    )
     half = L.save_lora_files(sd, alpha=ALPHA, rank=RANK, fmt="comfyui", transformer=tr, dtype=torch.bfloat16)
     tensors, _ = _read(half[L.COMFYUI_FILE])
     assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {torch.bfloat16}
@@ -151,7 +174,7 @@ def test_file_metadata_dtype_and_layout(v1: Any) -> None:
 
 def _read(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     header_len = int.from_bytes(data[:8], "little")
-    meta = json.loads(data[8: 8 + header_len]).get("__metadata__", {})
+    meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
     return safetensors_load(data), meta
 
 
@@ -165,25 +188,41 @@ def test_check_comfyui_keys(v1: Any) -> None:
     bad = {**comfy, "diffusion_model.transformer_blocks.0.attn.to_qq.lora_A.weight": a}
     assert L.check_comfyui_keys(bad, tr) == [
         "diffusion_model.transformer_blocks.0.attn.to_qq.lora_A.weight: the transformer has no module "
-        "'transformer_blocks.0.attn.to_qq'"]
+        "'transformer_blocks.0.attn.to_qq'"
+    ]
     no_alpha = {k: v for k, v in comfy.items() if k != "diffusion_model.transformer_blocks.1.txt_mod.1.alpha"}
     assert L.check_comfyui_keys(no_alpha, tr) == ["diffusion_model.transformer_blocks.1.txt_mod.1: no alpha"]
-    others = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": a,  # diffusers prefix in a ComfyUI file
-              "diffusion_model.transformer_blocks.0.img_norm1.lora_A.weight": a,  # a LayerNorm
-              "diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight": a,  # a suffix we do not write
-              "diffusion_model.proj_out.lora_A.weight": torch.zeros(RANK, 65)}  # wrong width
+    others = {
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": a,  # diffusers prefix in a ComfyUI file
+        "diffusion_model.transformer_blocks.0.img_norm1.lora_A.weight": a,  # a LayerNorm
+        "diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight": a,  # a suffix we do not write
+        "diffusion_model.proj_out.lora_A.weight": torch.zeros(RANK, 65),
+    }  # wrong width
     problems = L.check_comfyui_keys({**comfy, **others}, tr)
     assert [p.split(":")[0] for p in problems] == list(others)
     assert "is a LayerNorm, not a Linear layer" in problems[1] and "65 inputs, proj_out has 64" in problems[3]
 
     # the exporter refuses a state that would load partially, whatever the format
     with pytest.raises(errors.InvalidInput, match="would load partially: .*no module 'transformer_blocks.0.attn.nope'"):
-        L.save_lora_files({**sd, "transformer_blocks.0.attn.nope.lora_A.weight": a,
-                           "transformer_blocks.0.attn.nope.lora_B.weight": torch.zeros(64, RANK)},
-                          alpha=ALPHA, rank=RANK, fmt="diffusers", transformer=tr)
+        L.save_lora_files(
+            {
+                **sd,
+                "transformer_blocks.0.attn.nope.lora_A.weight": a,
+                "transformer_blocks.0.attn.nope.lora_B.weight": torch.zeros(64, RANK),
+            },
+            alpha=ALPHA,
+            rank=RANK,
+            fmt="diffusers",
+            transformer=tr,
+        )
     with pytest.raises(errors.InvalidInput, match="has only one of lora_A / lora_B"):
-        L.save_lora_files({k: v for k, v in sd.items() if not k.startswith("transformer_blocks.0.attn.to_q.lora_B")},
-                          alpha=ALPHA, rank=RANK, fmt="comfyui", transformer=tr)
+        L.save_lora_files(
+            {k: v for k, v in sd.items() if not k.startswith("transformer_blocks.0.attn.to_q.lora_B")},
+            alpha=ALPHA,
+            rank=RANK,
+            fmt="comfyui",
+            transformer=tr,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ pipelines
@@ -214,8 +253,15 @@ def test_exported_files_load_into_the_flavours_pipeline(flavour: str, tiny_model
     assert type(pipe).__name__ == pipeline_class(flavour).__name__
     reuse_reference_encoding(pipe)
     rng = np.random.RandomState(0)
-    kwargs = dict(image=Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8")), prompt="make the sky blue",
-                  height=64, width=64, num_inference_steps=2, true_cfg_scale=1.0, output_type="np")
+    kwargs = dict(
+        image=Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8")),
+        prompt="make the sky blue",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        true_cfg_scale=1.0,
+        output_type="np",
+    )
 
     def run() -> np.ndarray:
         return pipe(generator=torch.Generator().manual_seed(0), **kwargs).images

@@ -17,8 +17,14 @@ from shared.config.schema import TrainConfig
 from shared.errors import IntegrityError, InvalidInput
 from shared.plan.memory import LORA_STATE_BYTES
 from shared.store.checkpoint import load_checkpoint, unflatten
-from shared.train.optimizers import (accepted_arguments, build_optimizer, check_device, eval_weights, is_schedule_free,
-                                     optimizer_class)
+from shared.train.optimizers import (
+    accepted_arguments,
+    build_optimizer,
+    check_device,
+    eval_weights,
+    is_schedule_free,
+    optimizer_class,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_NAMES = [n for n, s in OPTIMIZERS.items() if not s.cuda_only]
@@ -27,8 +33,10 @@ CPU = torch.device("cpu")
 # The tiny model's gradients are small (norm ~0.006): at make_run's learning_rate 1e-3 the plain-gradient steps (SGD,
 # ASGD, Adadelta; RAdam and Ranger in their first, unadapted steps) move the loss by less than a float's resolution.
 # Prodigy's lr scales the step size it estimates (1.0 is its default).
-_LR = {"1.0": ["torch-sgd", "optimi-sgd", "torch-asgd", "torch-adadelta", "prodigy"],
-       "1e-2": ["torch-radam", "optimi-radam", "optimi-ranger"]}
+_LR = {
+    "1.0": ["torch-sgd", "optimi-sgd", "torch-asgd", "torch-adadelta", "prodigy"],
+    "1e-2": ["torch-radam", "optimi-radam", "optimi-ranger"],
+}
 EXTRA = {name: [f"learning_rate={lr}"] for lr, names in _LR.items() for name in names}
 # rank 64 makes every LoRA matrix 64x64 = 4096 values: the size from which bitsandbytes and torchao quantize the state
 RANK = 64
@@ -46,8 +54,7 @@ def _params() -> list[torch.nn.Parameter]:
 def encoded(tmp_path_factory, tiny_models):
     """One encoded dataset for every run here (each run has its own output_dir, hence its own run id)."""
     root = tmp_path_factory.mktemp("optimizers")
-    cfg, store = make_run(root, tiny_models, refs=1, n=2, max_train_steps=3, checkpoint_step_interval=2,
-                          lora_rank=RANK)
+    cfg, store = make_run(root, tiny_models, refs=1, n=2, max_train_steps=3, checkpoint_step_interval=2, lora_rank=RANK)
     return cfg, store, root
 
 
@@ -56,14 +63,18 @@ def untrained_losses(encoded):
     """The losses of a run whose weights do not move (lr 1e-30 on a zero-initialised lora_B): the data and noise
     of each step are fixed by the seed, so any optimizer's loss differs from these only by what it learned."""
     cfg, store, root = encoded
-    return trainer_for(cfg, store, "optimizer=torch-sgd", "learning_rate=1e-30",
-                       f"output_dir={root / 'untrained'}").train().losses
+    return (
+        trainer_for(cfg, store, "optimizer=torch-sgd", "learning_rate=1e-30", f"output_dir={root / 'untrained'}")
+        .train()
+        .losses
+    )
 
 
 def _ao_state(kind: str):
     def check(optimizer: dict) -> None:  # torchao's tensor subclasses, rebuilt from their inner tensors
         state = optimizer["state"][0]
         assert type(state["exp_avg"]).__name__ == kind and torch.is_tensor(state["exp_avg"].codes)
+
     return check
 
 
@@ -81,11 +92,17 @@ def _schedule_free_state(optimizer: dict) -> None:  # saved in train mode, with 
     assert optimizer["param_groups"][0]["train_mode"] is True
 
 
-STORED_STATE = {"ao-adamw8bit": _ao_state("OptimState8bit"), "ao-adamw4bit": _ao_state("OptimState4bit"),
-                "ao-adamfp8": _ao_state("OptimStateFp8"), "ao-adamwfp8": _ao_state("OptimStateFp8"),
-                "bnb-adamw8bit": _bnb_state, "bnb-lion8bit": _bnb_state, "bnb-ademamix8bit": _bnb_state,
-                "prodigy": _prodigy_state,
-                "adamw_schedulefree": _schedule_free_state}
+STORED_STATE = {
+    "ao-adamw8bit": _ao_state("OptimState8bit"),
+    "ao-adamw4bit": _ao_state("OptimState4bit"),
+    "ao-adamfp8": _ao_state("OptimStateFp8"),
+    "ao-adamwfp8": _ao_state("OptimStateFp8"),
+    "bnb-adamw8bit": _bnb_state,
+    "bnb-lion8bit": _bnb_state,
+    "bnb-ademamix8bit": _bnb_state,
+    "prodigy": _prodigy_state,
+    "adamw_schedulefree": _schedule_free_state,
+}
 
 
 def _snapshot(trainer) -> dict[str, torch.Tensor]:
@@ -98,13 +115,16 @@ def test_every_cpu_optimizer_trains_and_resumes_bit_for_bit(encoded, untrained_l
     args = [f"optimizer={name}", f"output_dir={root / name.replace('+', '_')}", *EXTRA.get(name, [])]
     full = trainer_for(cfg, store, *args)
     spec = OPTIMIZERS[name]
-    assert type(full.optimizer).__module__.startswith(spec.import_name) and \
-        type(full.optimizer).__name__ == spec.target.rsplit(".", 1)[1]
+    assert (
+        type(full.optimizer).__module__.startswith(spec.import_name)
+        and type(full.optimizer).__name__ == spec.target.rsplit(".", 1)[1]
+    )
     assert all(p.dtype == (torch.bfloat16 if spec.weights == "bf16" else torch.float32) for p in full.params)
     s = full.train()
     assert s.checkpoints == [2] and s.steps == 3
     assert s.losses[0] == untrained_losses[0]  # nothing learned before the first step ...
-    assert all(a != b for a, b in zip(s.losses[1:], untrained_losses[1:])), (s.losses, untrained_losses)  # ... then
+    changed = [a != b for a, b in zip(s.losses[1:], untrained_losses[1:], strict=True)]
+    assert all(changed), (s.losses, untrained_losses)  # ... then
     weights = _snapshot(full)
     if name in STORED_STATE:
         STORED_STATE[name](load_checkpoint(store, full.prefix, 2).optimizer)
@@ -168,12 +188,15 @@ def test_a_checkpoint_written_before_the_scheduler_was_flattened_still_loads(tmp
     skel = flatten(opt.state_dict(), tensors)
     rng_t, rng = capture_rng()
     plain_scheduler = {"base_lrs": [0.001], "last_epoch": 3, "_step_count": 4, "lr_lambdas": [None]}
-    keys = [store.put_tensors(f"{prefix}/lora.safetensors", {"a": torch.zeros(1)}).key,
-            store.put_tensors(f"{prefix}/optimizer.safetensors", tensors).key,
-            store.put_json(f"{prefix}/optimizer.json", skel).key,
-            store.put_tensors(f"{prefix}/rng.safetensors", rng_t).key,
-            store.put_json(f"{prefix}/state.json", {"step": 3, "scheduler": plain_scheduler, "loader": {},
-                                                    "rng": rng, "extra": {}}).key]
+    keys = [
+        store.put_tensors(f"{prefix}/lora.safetensors", {"a": torch.zeros(1)}).key,
+        store.put_tensors(f"{prefix}/optimizer.safetensors", tensors).key,
+        store.put_json(f"{prefix}/optimizer.json", skel).key,
+        store.put_tensors(f"{prefix}/rng.safetensors", rng_t).key,
+        store.put_json(
+            f"{prefix}/state.json", {"step": 3, "scheduler": plain_scheduler, "loader": {}, "rng": rng, "extra": {}}
+        ).key,
+    ]
     store.commit(prefix, keys)
     ck = load_checkpoint(store, "runs/old", 3)
     assert ck.scheduler == plain_scheduler and ck.optimizer["state"][0]["step"] == 1
@@ -204,10 +227,15 @@ def test_fp8_states_need_compute_capability_8_9_on_cuda(monkeypatch, name):
     check_device(name, OPTIMIZERS[name], torch.device("cuda"))  # H100
 
 
-@pytest.mark.parametrize("module,name,pip", [("optimi", "optimi-lion", "torch-optimi"),
-                                             ("bitsandbytes", "bnb-lion8bit", "bitsandbytes"),
-                                             ("schedulefree", "adamw_schedulefree", "schedulefree"),
-                                             ("prodigyopt", "prodigy", "prodigyopt")])
+@pytest.mark.parametrize(
+    "module,name,pip",
+    [
+        ("optimi", "optimi-lion", "torch-optimi"),
+        ("bitsandbytes", "bnb-lion8bit", "bitsandbytes"),
+        ("schedulefree", "adamw_schedulefree", "schedulefree"),
+        ("prodigyopt", "prodigy", "prodigyopt"),
+    ],
+)
 def test_a_missing_library_names_the_package_to_install(monkeypatch, module, name, pip):
     for m in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
         monkeypatch.delitem(sys.modules, m)
@@ -220,46 +248,72 @@ def test_a_missing_library_names_the_package_to_install(monkeypatch, module, nam
 # ------------------------------------------------------------------------------------------ arguments
 def test_optimizer_config_values_are_parsed():
     assert parse_optimizer_config("weight_decay=0.0,eps=1e-6, d0=-1e5 ,k=6,x=True,y=false,z=None,g=inf,m=abc,") == {
-        "weight_decay": 0.0, "eps": 1e-6, "d0": -1e5, "k": 6, "x": True, "y": False, "z": None,
-        "g": float("inf"), "m": "abc"}
+        "weight_decay": 0.0,
+        "eps": 1e-6,
+        "d0": -1e5,
+        "k": 6,
+        "x": True,
+        "y": False,
+        "z": None,
+        "g": float("inf"),
+        "m": "abc",
+    }
     assert isinstance(parse_optimizer_config("k=6")["k"], int) and parse_optimizer_config("n=-3")["n"] == -3
     assert parse_optimizer_config(None) == {} and parse_optimizer_config("") == {}
-    for bad, message in [("eps", "not key=value"), ("=1", "not key=value"), ("eps=", "not key=value"),
-                         ("eps=1,eps=2", "given twice")]:
+    for bad, message in [
+        ("eps", "not key=value"),
+        ("=1", "not key=value"),
+        ("eps=", "not key=value"),
+        ("eps=1,eps=2", "given twice"),
+    ]:
         with pytest.raises(ValueError, match=message):
             parse_optimizer_config(bad)
 
 
 def test_the_arguments_each_name_gets():
-    opt = build_optimizer(_cfg(optimizer="optimi-lion", optimizer_config="weight_decay=0.1,lr=0.5",
-                               optimizer_beta1=0.8, optimizer_beta2=0.95), _params(), CPU)
+    opt = build_optimizer(
+        _cfg(
+            optimizer="optimi-lion",
+            optimizer_config="weight_decay=0.1,lr=0.5",
+            optimizer_beta1=0.8,
+            optimizer_beta2=0.95,
+        ),
+        _params(),
+        CPU,
+    )
     g = opt.param_groups[0]
     assert (g["lr"], g["weight_decay"], g["beta1"], g["beta2"]) == (0.5, 0.1, 0.8, 0.95)
-    adam = build_optimizer(_cfg(optimizer="bnb-adamw8bit", adam_beta1=0.85, adam_epsilon=1e-7,
-                                adam_weight_decay=0.2), _params(), CPU).param_groups[0]
+    adam = build_optimizer(
+        _cfg(optimizer="bnb-adamw8bit", adam_beta1=0.85, adam_epsilon=1e-7, adam_weight_decay=0.2), _params(), CPU
+    ).param_groups[0]
     assert (adam["betas"], adam["eps"], adam["weight_decay"]) == ((0.85, 0.999), 1e-7, 0.2)
     adan = build_optimizer(_cfg(optimizer="optimi-adan", optimizer_beta1=0.9, optimizer_beta2=0.9), _params(), CPU)
     assert (adan.param_groups[0]["beta1"], adan.param_groups[0]["beta3"]) == (0.9, 0.999)  # the third beta kept
     sf = build_optimizer(_cfg(optimizer="adamw_schedulefree+aggressive", lr_warmup_steps=7), _params(), CPU)
     assert sf.param_groups[0]["warmup_steps"] == 7 and sf.param_groups[0]["weight_decay"] == 1e-3
     assert sf.param_groups[0]["train_mode"] and is_schedule_free(sf)
-    assert [n for n in OPTIMIZERS if OPTIMIZERS[n].schedule_free] == [n for n in OPTIMIZERS
-                                                                      if n.startswith("adamw_schedulefree")]
+    assert [n for n in OPTIMIZERS if OPTIMIZERS[n].schedule_free] == [
+        n for n in OPTIMIZERS if n.startswith("adamw_schedulefree")
+    ]
 
 
 def test_optimizer_config_errors_name_the_key_and_what_is_accepted():
     with pytest.raises(InvalidInput) as e:
-        build_optimizer(_cfg(optimizer="optimi-lion", optimizer_config="weight_decay=0.1,momentum=0.9"), _params(),
-                        CPU)
-    assert str(e.value).startswith("optimizer_config: momentum is not an argument of optimi-lion (optimi.Lion); it "
-                                   "takes ")
+        build_optimizer(_cfg(optimizer="optimi-lion", optimizer_config="weight_decay=0.1,momentum=0.9"), _params(), CPU)
+    assert str(e.value).startswith(
+        "optimizer_config: momentum is not an argument of optimi-lion (optimi.Lion); it takes "
+    )
     assert "weight_decay" in str(e.value) and "kahan_sum" in str(e.value)
-    for kw, message in [({"optimizer_config": "eps"}, "optimizer_config: 'eps' is not key=value"),
-                        ({"optimizer_config": "betas=0.9"}, "use optimizer_beta1 and optimizer_beta2"),
-                        ({"optimizer_beta1": 0.9}, "give both or neither"),
-                        ({"optimizer": "bnb-adagrad", "optimizer_beta1": 0.9, "optimizer_beta2": 0.99},
-                         "bnb-adagrad .* takes no betas"),
-                        ({"optimizer": "torch-sgd", "optimizer_config": "momentum=-1"}, "refused its arguments")]:
+    for kw, message in [
+        ({"optimizer_config": "eps"}, "optimizer_config: 'eps' is not key=value"),
+        ({"optimizer_config": "betas=0.9"}, "use optimizer_beta1 and optimizer_beta2"),
+        ({"optimizer_beta1": 0.9}, "give both or neither"),
+        (
+            {"optimizer": "bnb-adagrad", "optimizer_beta1": 0.9, "optimizer_beta2": 0.99},
+            "bnb-adagrad .* takes no betas",
+        ),
+        ({"optimizer": "torch-sgd", "optimizer_config": "momentum=-1"}, "refused its arguments"),
+    ]:
         with pytest.raises(InvalidInput, match=message):
             build_optimizer(_cfg(**kw), _params(), CPU)
 
@@ -267,13 +321,16 @@ def test_optimizer_config_errors_name_the_key_and_what_is_accepted():
 def test_prodigy_takes_lr_1_unless_learning_rate_is_set(caplog):
     assert build_optimizer(_cfg(optimizer="prodigy"), _params(), CPU).param_groups[0]["lr"] == 1.0
     with caplog.at_level(logging.WARNING):
-        assert build_optimizer(_cfg(optimizer="prodigy", learning_rate=1e-3), _params(),
-                               CPU).param_groups[0]["lr"] == 1e-3
+        assert (
+            build_optimizer(_cfg(optimizer="prodigy", learning_rate=1e-3), _params(), CPU).param_groups[0]["lr"] == 1e-3
+        )
     assert "prodigy: lr 0.001 is far from 1" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert build_optimizer(_cfg(optimizer="prodigy", optimizer_config="lr=1e-4"), _params(),
-                               CPU).param_groups[0]["lr"] == 1e-4
+        assert (
+            build_optimizer(_cfg(optimizer="prodigy", optimizer_config="lr=1e-4"), _params(), CPU).param_groups[0]["lr"]
+            == 1e-4
+        )
     assert "prodigy: lr 0.0001 is far from 1" in caplog.text
     assert build_optimizer(_cfg(optimizer="adamw"), _params(), CPU).param_groups[0]["lr"] == 1e-4
 
@@ -294,10 +351,17 @@ def test_every_spec_names_a_real_class_and_arguments_it_takes():
 def test_the_table_the_planner_and_the_readme_read_the_same_specs():
     table = optimizer_table_markdown()
     assert all(f"| `{n}` |" in table for n in OPTIMIZERS) and len(table.splitlines()) == len(OPTIMIZERS) + 2
-    assert "| `bnb-lion-paged` | bitsandbytes: `bitsandbytes.optim.PagedLion` | no: needs CUDA (paged memory); " \
-           "use bnb-lion |" in table
+    assert (
+        "| `bnb-lion-paged` | bitsandbytes: `bitsandbytes.optim.PagedLion` | no: needs CUDA (paged memory); "
+        "use bnb-lion |" in table
+    )
     assert table in (ROOT / "README.md").read_text(encoding="utf-8")
     assert LORA_STATE_BYTES.keys() == OPTIMIZERS.keys()
-    assert (LORA_STATE_BYTES["adamw"], LORA_STATE_BYTES["adamw8bit"], LORA_STATE_BYTES["bnb-lion"],
-            LORA_STATE_BYTES["ao-adamw4bit"], LORA_STATE_BYTES["prodigy"], LORA_STATE_BYTES["adamw_bf16"]) == \
-        (16, 10, 12, 9, 24, 10)
+    assert (
+        LORA_STATE_BYTES["adamw"],
+        LORA_STATE_BYTES["adamw8bit"],
+        LORA_STATE_BYTES["bnb-lion"],
+        LORA_STATE_BYTES["ao-adamw4bit"],
+        LORA_STATE_BYTES["prodigy"],
+        LORA_STATE_BYTES["adamw_bf16"],
+    ) == (16, 10, 12, 9, 24, 10)

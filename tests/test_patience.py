@@ -19,7 +19,6 @@ from shared.config.loading import read_config_files
 from shared.data.synthetic import write_configs, write_dataset
 from shared.rpc import common_pb2, encoder_pb2, encoder_pb2_grpc
 from shared.rpc.client import Client, make_channel
-from shared.rpc.guards import PEER_KEY
 from shared.rpc.patience import Patience, pushback_s
 from shared.rpc.server import ServiceConfig, build_server
 from shared.service.common import ServerPaths, files_to_proto
@@ -46,10 +45,20 @@ class Encoder:
         self.jobs.start()
         paths = ServerPaths(dataset_roots=("/",), model_roots=("/",))
         servicer = EncoderServicer(self.jobs, SimpleNamespace(paths=paths), keepalive_s=0.3)
-        cfg = ServiceConfig(host="127.0.0.1", port=0, grace_s=0.5, max_workers=16, keepalive_s=0.3,
-                            **({"max_streams": 2, "peer_streams": 2} | config))
-        self.running = build_server(cfg, lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, s),
-                                    [SERVICE], registry=CollectorRegistry())
+        cfg = ServiceConfig(
+            host="127.0.0.1",
+            port=0,
+            grace_s=0.5,
+            max_workers=16,
+            keepalive_s=0.3,
+            **({"max_streams": 2, "peer_streams": 2} | config),
+        )
+        self.running = build_server(
+            cfg,
+            lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, s),
+            [SERVICE],
+            registry=CollectorRegistry(),
+        )
         self.address = f"127.0.0.1:{self.running.port}"
 
     def submit(self, request_id: str):
@@ -74,8 +83,9 @@ class Encoder:
 def files(tmp_path_factory, tiny_models):
     """A run's config files as a request carries them (a tiny model and dataset, so the servicer accepts them)."""
     tmp = tmp_path_factory.mktemp("patience")
-    cfg, data = write_configs(tmp / "cfg", write_dataset(tmp / "data", n=2, references=1), tiny_models("edit-v2"),
-                              "edit-v2", 1)
+    cfg, data = write_configs(
+        tmp / "cfg", write_dataset(tmp / "data", n=2, references=1), tiny_models("edit-v2"), "edit-v2", 1
+    )
     return files_to_proto(read_config_files(cfg, data))
 
 
@@ -120,13 +130,16 @@ def test_patience_follows_the_hint_says_what_it_waits_for_and_gets_through(encod
         slept.append(seconds)
         encoder.jobs.cancel(queued.job_id)
 
-    patience = Patience(f"encoder_svc at {encoder.address}", budget_s=60, on_wait=waits.append, sleep=sleep,
-                        rng=random.Random(0))
-    job = patience.call(stub.SubmitEncode, encoder_pb2.SubmitEncodeRequest(request_id="mine", files=files),
-                        timeout_s=5).job
+    patience = Patience(
+        f"encoder_svc at {encoder.address}", budget_s=60, on_wait=waits.append, sleep=sleep, rng=random.Random(0)
+    )
+    job = patience.call(
+        stub.SubmitEncode, encoder_pb2.SubmitEncodeRequest(request_id="mine", files=files), timeout_s=5
+    ).job
     assert job.request_id == "mine"
-    assert len(waits) == 1 and waits[0].startswith("waiting for encoder_svc: queue full: 1 encoder jobs are "
-                                                   "waiting (max_queued=1); retry in ")
+    assert len(waits) == 1 and waits[0].startswith(
+        "waiting for encoder_svc: queue full: 1 encoder jobs are waiting (max_queued=1); retry in "
+    )
     assert 4.0 <= slept[0] <= 6.0  # the server's 5 s hint, with jitter, not the 0.5 s first backoff
 
 
@@ -139,8 +152,14 @@ def test_past_the_budget_the_call_fails_naming_the_peer_and_its_answer(encoder, 
         slept.append(seconds)
         now[0] += seconds
 
-    patience = Patience(f"encoder_svc at {encoder.address}", budget_s=12, sleep=sleep, clock=lambda: now[0],
-                        budget_name="EDITTUNER_PEER_WAIT_S", rng=random.Random(0))
+    patience = Patience(
+        f"encoder_svc at {encoder.address}",
+        budget_s=12,
+        sleep=sleep,
+        clock=lambda: now[0],
+        budget_name="EDITTUNER_PEER_WAIT_S",
+        rng=random.Random(0),
+    )
     with pytest.raises(errors.Unavailable) as e:
         patience.call(stub.SubmitEncode, encoder_pb2.SubmitEncodeRequest(request_id="mine", files=files), timeout_s=5)
     assert f"encoder_svc at {encoder.address} answered RESOURCE_EXHAUSTED: queue full" in str(e.value)
@@ -170,8 +189,9 @@ def test_peers_have_stream_slots_beyond_the_clients_limit(encoder):
     with pytest.raises(grpc.RpcError) as e:
         hold_streams(peer, job.job_id, 1)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "4 open streams, its limit for services (EDITTUNER_MAX_STREAMS + EDITTUNER_PEER_STREAMS)" in \
-        e.value.details()
+    assert (
+        "4 open streams, its limit for services (EDITTUNER_MAX_STREAMS + EDITTUNER_PEER_STREAMS)" in e.value.details()
+    )
     stub = encoder_pb2_grpc.EncoderServiceStub(client)
     assert stub.GetJob(encoder_pb2.GetJobRequest(job_id=job.job_id), timeout=5).job.job_id == job.job_id
     for call in held:

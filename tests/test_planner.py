@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from seed_files import SEED_CONFIG, SEED_DATA_V2
+
 from shared import errors
 from shared.cli.main import main
 from shared.config.loading import load_run_config_text
@@ -44,9 +44,9 @@ def seed_run(*overrides: str):
 def run_with_refs(n: int, flavour: str = "edit-v2", res: int = 1024, **model_kwargs):
     ids = [f"ref{i}" for i in range(n)]
     data = [{"id": "img", "instance_data_dir": "/d/img", "resolution": res, "conditioning_data": ids}] + [
-        {"id": i, "dataset_type": "conditioning", "instance_data_dir": f"/d/{i}", "resolution": res} for i in ids]
-    return load_run_config_text(json.dumps({"model_flavour": flavour, "model_kwargs": model_kwargs}),
-                                json.dumps(data))
+        {"id": i, "dataset_type": "conditioning", "instance_data_dir": f"/d/{i}", "resolution": res} for i in ids
+    ]
+    return load_run_config_text(json.dumps({"model_flavour": flavour, "model_kwargs": model_kwargs}), json.dumps(data))
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,9 @@ def test_real_config_counts_match_diffusers_on_meta():
 # ------------------------------------------------------------------------------------------------- bytes
 def test_int8_weights_are_about_half_of_bf16_and_nf4_a_quarter():
     counts = transformer_counts(REAL)
-    bf16, int8, nf4 = (sum(transformer_weight_bytes(counts, p).values())
-                       for p in ("no_change", "int8-quanto", "nf4-bnb"))
+    bf16, int8, nf4 = (
+        sum(transformer_weight_bytes(counts, p).values()) for p in ("no_change", "int8-quanto", "nf4-bnb")
+    )
     assert 0.49 < int8 / bf16 < 0.52
     assert 0.25 < nf4 / bf16 < 0.28
 
@@ -140,8 +141,17 @@ def test_checkpointing_lowers_activations_and_adds_a_forward():
 # PEAK_EXTRA_BLOCKS_CKPT, C_INFERENCE) include per-token terms that do not scale with d (the 64-channel input and
 # loss), so they are only checked through the whole prediction below; `python -m shared.plan.measure` re-measures
 # all of them at d = 256 (about 4 minutes on this CPU, too long for every run).
-WIDTH_SCALED = ("C_BLOCK", "C_LORA_INPUT", "C_QUANTO", "C_INT8_BNB", "C_ZERO_COND", "C_CKPT_INPUT",
-                "PEAK_EXTRA_BLOCKS", "VAE_ENCODE_BYTES", "VAE_DECODE_BYTES")
+WIDTH_SCALED = (
+    "C_BLOCK",
+    "C_LORA_INPUT",
+    "C_QUANTO",
+    "C_INT8_BNB",
+    "C_ZERO_COND",
+    "C_CKPT_INPUT",
+    "PEAK_EXTRA_BLOCKS",
+    "VAE_ENCODE_BYTES",
+    "VAE_DECODE_BYTES",
+)
 
 
 def test_measured_constants_still_hold():
@@ -186,8 +196,17 @@ def test_recommendation_lowers_resolution_when_precision_is_not_enough():
     assert plan_run(run, parse_size("2GiB")).recommendation == []  # nothing fits 2 GiB
 
 
-@pytest.mark.parametrize("text,expected", [("24GiB", 24 * 2**30), ("80GB", 80 * 10**9), ("512 MiB", 512 * 2**20),
-                                           ("1.5gib", int(1.5 * 2**30)), ("100MB", 10**8), ("1TiB", 2**40)])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("24GiB", 24 * 2**30),
+        ("80GB", 80 * 10**9),
+        ("512 MiB", 512 * 2**20),
+        ("1.5gib", int(1.5 * 2**30)),
+        ("100MB", 10**8),
+        ("1TiB", 2**40),
+    ],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -272,8 +291,9 @@ def test_start_run_refuses_before_a_job_exists_unless_skipped(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 24 * GiB))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
-    files = common_pb2.RunConfigFiles(config_json=SEED_CONFIG, data_json=SEED_DATA_V2,
-                                      overrides=["model_flavour=edit-v2"])
+    files = common_pb2.RunConfigFiles(
+        config_json=SEED_CONFIG, data_json=SEED_DATA_V2, overrides=["model_flavour=edit-v2"]
+    )
     from types import SimpleNamespace
 
     from shared.service.common import ServerPaths
@@ -318,8 +338,7 @@ def test_model_flops_agree_with_the_gpu_benchmark():
         spec.loader.exec_module(bench)
         run = seed_run("gradient_accumulation_steps=1")
         plan = plan_run(run)
-        model, hardware = bench.model_step_flops(REAL_TRANSFORMER_CONFIG, plan.tokens.image, plan.tokens.text,
-                                                 True)
+        model, hardware = bench.model_step_flops(REAL_TRANSFORMER_CONFIG, plan.tokens.image, plan.tokens.text, True)
     finally:
         sys.modules.pop(spec.name, None)
     assert plan.model_flops_per_step == pytest.approx(model, rel=0.01)
@@ -361,8 +380,9 @@ def test_quickstart_on_24gib_every_service_and_the_gpu_fit_after_the_printed_cha
     assert not plan.trainer.fits and not plan.services["encoder"].fits  # as configured: neither
     assert plan.recommendation == ["base_model_precision=nf4-bnb"]
     assert plan.service_recommendations == {"encoder": ["vae_enable_slicing=true"]}  # eval fits at nf4
-    again = plan_run(apply_recommendation(run, plan.all_recommendations), parse_size("24GiB"), "RTX4090",
-                     recommend=False, environ={})
+    again = plan_run(
+        apply_recommendation(run, plan.all_recommendations), parse_size("24GiB"), "RTX4090", recommend=False, environ={}
+    )
     assert again.all_fit, {k: fmt_gib(s.total) for k, s in again.services.items()}
     assert again.services["trainer"].total == plan.applied.services["trainer"].total
     # one GPU: trainer and eval_svc do not fit it together, so validations render in the training worker
@@ -390,7 +410,7 @@ def test_encoder_options_and_cached_embeddings_lower_encoder_and_eval():
     working = "working set (max of VAE encode, text encoder)"
     sliced = plan_run(seed_run("vae_enable_slicing=true"), recommend=False, environ={}).services["encoder"]
     tiled = plan_run(seed_run("vae_enable_tiling=true"), recommend=False, environ={}).services["encoder"]
-    vae_batch = memory.VAE_ENCODE_BYTES * 96 * 4 * 1024 ** 2  # 4 images of 1 MP
+    vae_batch = memory.VAE_ENCODE_BYTES * 96 * 4 * 1024**2  # 4 images of 1 MP
     assert enc[working] == int(vae_batch)
     assert sliced.breakdown[working] < enc[working] / 3 and tiled.breakdown[working] < enc[working] / 3
     # eval: the previews' embeddings are cached (no text encoder) unless random sampling; tiled decode
@@ -411,8 +431,10 @@ def test_placement_from_the_environment_decides_where_validations_render():
     assert gpu_groups(gpu_placement(env)) == {"0": ["encoder", "trainer"], "1": ["eval"]}
     two = plan_run(run, 24 * GiB, "RTX4090", recommend=False, environ=env)
     assert two.validation == "eval_svc"  # eval_svc has its own GPU
-    assert two.gpu_totals == {"0": {"encoding": two.services["encoder"].total, "training": two.trainer.total},
-                              "1": {"training": two.services["eval"].total}}
+    assert two.gpu_totals == {
+        "0": {"encoding": two.services["encoder"].total, "training": two.trainer.total},
+        "1": {"training": two.services["eval"].total},
+    }
     big = plan_run(run, 80 * GiB, "H100", recommend=False, environ={})
     assert big.validation == "eval_svc"  # room beside the trainer on one GPU
     assert big.gpu_totals["0"]["training"] == big.trainer.total + big.services["eval"].total
@@ -436,6 +458,7 @@ def test_planner_doc_holds_the_generated_tables():
     from pathlib import Path
 
     from seed_files import planner_fit_table
+
     from shared.plan.report import docs_table
 
     doc = (Path(__file__).parents[1] / "docs" / "PLANNER.md").read_text(encoding="utf-8")
@@ -451,10 +474,15 @@ def test_the_encoder_picks_the_vae_batch_that_fits_the_gpu(monkeypatch):
     run = seed_run()  # vae_batch_size 4 at 1 MP: 7.8 GiB of VAE working set beside the 15.4 GiB text encoder
     assert encode_batch_size(run, 80 * GiB) == 4
     b = encode_batch_size(run, 24 * GiB)
-    assert b == 3 and plan_run(seed_run(f"vae_batch_size={b}"), 24 * GiB, recommend=False,
-                               environ={}).services["encoder"].fits
-    assert not plan_run(seed_run(f"vae_batch_size={b + 1}"), 24 * GiB, recommend=False,
-                        environ={}).services["encoder"].fits
+    assert (
+        b == 3
+        and plan_run(seed_run(f"vae_batch_size={b}"), 24 * GiB, recommend=False, environ={}).services["encoder"].fits
+    )
+    assert (
+        not plan_run(seed_run(f"vae_batch_size={b + 1}"), 24 * GiB, recommend=False, environ={})
+        .services["encoder"]
+        .fits
+    )
     assert encode_batch_size(run, 18 * GiB) == 1  # nothing fits: the smallest batch
     assert DatasetEncoder(run, store=None).batch_size == 4  # not on a GPU: as configured
     monkeypatch.setattr(predict, "device_memory", lambda device: 24 * GiB)

@@ -14,12 +14,19 @@ ROWS = measured_runs()["rows"]
 
 
 def _plan(row):
-    return planned(row["precision"], flavour=row["flavour"], resolution=row["resolution"],
-                   references=row["references"], checkpointing=row["checkpointing"], gpu="H200")
+    return planned(
+        row["precision"],
+        flavour=row["flavour"],
+        resolution=row["resolution"],
+        references=row["references"],
+        checkpointing=row["checkpointing"],
+        gpu="H200",
+    )
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if r["cap_gib"] is None],
-                         ids=lambda r: f"{r['precision']}-{r['flavour']}-{r['resolution']}")
+@pytest.mark.parametrize(
+    "row", [r for r in ROWS if r["cap_gib"] is None], ids=lambda r: f"{r['precision']}-{r['flavour']}-{r['resolution']}"
+)
 def test_prediction_covers_what_the_gpu_used(row) -> None:
     plan = _plan(row)
     assert plan.tokens.total == row["tokens"]  # the same run, token for token
@@ -44,6 +51,9 @@ def test_docs_table_shows_the_measurements() -> None:
     table = docs_table()
     for row in ROWS:
         if row["cap_gib"] is None and row["precision"] in ("no_change", "int8-quanto", "nf4-bnb"):
-            mem = (f"{row['device_used_gib']:.1f} GiB used" if row["device_used_gib"] is not None
-                   else f"{row['reserved_gib']:.1f} GiB reserved")
+            mem = (
+                f"{row['device_used_gib']:.1f} GiB used"
+                if row["device_used_gib"] is not None
+                else f"{row['reserved_gib']:.1f} GiB reserved"
+            )
             assert f"{mem}, {row['s_per_step']:.2f} s (H200)" in table

@@ -16,12 +16,20 @@ from peft import LoraConfig
 from PIL import Image
 
 from shared.config.loading import load_run_config
+from shared.data.geometry import cover_crop
 from shared.data.pairing import load_sample_images, pair_datasets
 from shared.data.synthetic import write_configs, write_dataset
 from shared.encode.encoder import DatasetEncoder
-from shared.data.geometry import cover_crop
-from shared.evaluate.preview import (LABEL_HEIGHT, adapters_disabled, eval_set, heldout_loss, index_entries,
-                                     output_size, render_validation, select_eval_samples)
+from shared.evaluate.preview import (
+    LABEL_HEIGHT,
+    adapters_disabled,
+    eval_set,
+    heldout_loss,
+    index_entries,
+    output_size,
+    render_validation,
+    select_eval_samples,
+)
 from shared.model.loading import load_pipeline
 from shared.store.local import LocalStore
 
@@ -49,12 +57,24 @@ def _add_eval_dataset(data_json: Path, root: Path) -> None:
     """An eval image dataset with its own references and caches (same file names as the training set)."""
     entries = json.loads(data_json.read_text())
     refs = [e for e in entries if e.get("dataset_type") == "conditioning"]
-    entries.append(dict(entries[0], id="eval-images", instance_data_dir=str(root / "images"),
-                        cache_dir_vae="cache/vae/eval-images",
-                        conditioning_data=[f"eval-ref-{i}" for i in range(len(refs))]))
+    entries.append(
+        dict(
+            entries[0],
+            id="eval-images",
+            instance_data_dir=str(root / "images"),
+            cache_dir_vae="cache/vae/eval-images",
+            conditioning_data=[f"eval-ref-{i}" for i in range(len(refs))],
+        )
+    )
     for i, r in enumerate(refs):
-        entries.append(dict(r, id=f"eval-ref-{i}", cache_dir_vae=f"cache/vae/eval-ref-{i}",
-                            instance_data_dir=str(root / f"reference_{chr(ord('a') + i)}")))
+        entries.append(
+            dict(
+                r,
+                id=f"eval-ref-{i}",
+                cache_dir_vae=f"cache/vae/eval-ref-{i}",
+                instance_data_dir=str(root / f"reference_{chr(ord('a') + i)}"),
+            )
+        )
     data_json.write_text(json.dumps(entries))
 
 
@@ -62,8 +82,9 @@ class Setup:
     def __init__(self, tmp: Path, tiny_models: Any, flavour: str, refs: int, eval_set: bool):
         data = write_dataset(tmp / "data", n=4, references=refs)
         # 80x80: an area whose 3:2 size rounds to 96x64 (at 64x64 both aspects would round to a square)
-        self.cfg, data_json = write_configs(tmp / "cfg", data, tiny_models(flavour), flavour, refs,
-                                            num_eval_images=2, validation_resolution="80x80")
+        self.cfg, data_json = write_configs(
+            tmp / "cfg", data, tiny_models(flavour), flavour, refs, num_eval_images=2, validation_resolution="80x80"
+        )
         if eval_set:
             _add_eval_dataset(data_json, write_dataset(tmp / "eval", n=3, references=refs, seed=5))
         self.overrides = ["eval_dataset_id=eval-images"] if eval_set else []
@@ -84,8 +105,20 @@ def v2(tmp_path_factory, tiny_models) -> Setup:
 @pytest.fixture(scope="module")
 def v2_result(v2):
     ev = eval_set(v2.run, v2.paired, v2.store, v2.index_keys)
-    return ev.samples, ev.entries, render_validation(v2.pipe, v2.run, ev.samples, step=10, store=v2.store,
-                                                     prefix=PREFIX, loss_index=ev.entries, eval_label=ev.label)
+    return (
+        ev.samples,
+        ev.entries,
+        render_validation(
+            v2.pipe,
+            v2.run,
+            ev.samples,
+            step=10,
+            store=v2.store,
+            prefix=PREFIX,
+            loss_index=ev.entries,
+            eval_label=ev.label,
+        ),
+    )
 
 
 def test_eval_dataset_id_picks_the_eval_datasets_first_samples(v2, v2_result):
@@ -99,15 +132,17 @@ def test_without_eval_dataset_the_first_training_samples(v2):
     run = load_run_config(v2.cfg, overrides=["num_eval_images=3"])
     paired, _ = pair_datasets(run)
     assert [(ds.config.id, s.key) for ds, s in select_eval_samples(run, paired)] == [
-        ("demo-images", "0000"), ("demo-images", "0001"), ("demo-images", "0002")]
+        ("demo-images", "0000"),
+        ("demo-images", "0001"),
+        ("demo-images", "0002"),
+    ]
 
 
 def test_grids_are_pngs_of_references_base_lora_target_at_each_samples_aspect(v2, v2_result):
     samples, _, result = v2_result
-    assert result.keys == [f"{PREFIX}/step-10/0000.png", f"{PREFIX}/step-10/0001.png",
-                           f"{PREFIX}/step-10/metrics.json"]
+    assert result.keys == [f"{PREFIX}/step-10/0000.png", f"{PREFIX}/step-10/0001.png", f"{PREFIX}/step-10/metrics.json"]
     sizes = set()
-    for (ds, sample), preview in zip(samples, result.samples):
+    for (_, sample), preview in zip(samples, result.samples, strict=True):
         W, H = output_size(v2.run.train.validation_size, sample.bucket)
         assert W / H == pytest.approx(sample.bucket[0] / sample.bucket[1], rel=0.05)  # not square when it is not
         sizes.add((W, H))
@@ -128,11 +163,19 @@ def test_metrics_json_psnrs_match_an_independent_computation(v2, v2_result):
     W, H = v2.run.train.validation_size
     metrics = v2.store.get_json(result.metrics_key)
     assert metrics["step"] == 10 and metrics["seconds"] > 0
-    assert metrics["settings"] == {"width": W, "height": H, "steps": 2, "guidance": 4.0, "guidance_rescale": 0.0,
-                                   "negative_prompt": " ", "seed": 42, "vl_reference_area": 64 * 64,
-                                   "eval_samples": "eval dataset"}
-    for (ds, sample), preview, m in zip(samples, result.samples, metrics["samples"]):
-        target, _ = load_sample_images(ds, sample, 10 ** 8)
+    assert metrics["settings"] == {
+        "width": W,
+        "height": H,
+        "steps": 2,
+        "guidance": 4.0,
+        "guidance_rescale": 0.0,
+        "negative_prompt": " ",
+        "seed": 42,
+        "vl_reference_area": 64 * 64,
+        "eval_samples": "eval dataset",
+    }
+    for (ds, sample), preview, m in zip(samples, result.samples, metrics["samples"], strict=True):
+        target, _ = load_sample_images(ds, sample, 10**8)
         size = output_size((W, H), target.size)
         target_v = target if target.size == size else cover_crop(target.size, size).apply(target)  # no stretch
         assert (m["width"], m["height"]) == size
@@ -185,15 +228,17 @@ def test_edit_v1_with_a_lora_loaded_from_an_exported_file(tmp_path, tiny_models)
     s = Setup(tmp_path, tiny_models, "edit-v1", refs=1, eval_set=False)
     trained = load_pipeline(tiny_models("edit-v1"), "edit-v1").transformer
     attach_lora(trained, seed=3)
-    QwenImageEditPipeline.save_lora_weights(tmp_path / "lora",
-                                            transformer_lora_layers=get_peft_model_state_dict(trained))
+    QwenImageEditPipeline.save_lora_weights(
+        tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(trained)
+    )
     s.pipe.load_lora_weights(tmp_path / "lora", adapter_name="edit")
     samples = select_eval_samples(s.run, s.paired)
     entries = index_entries(s.store, s.index_keys, samples)
     grads = {n: p.requires_grad for n, p in s.pipe.transformer.named_parameters()}
-    result = render_validation(s.pipe, s.run, samples, step=0, store=s.store, prefix="runs/v1/validation",
-                               loss_index=entries)
-    for (_, sample), p in zip(samples, result.samples):
+    result = render_validation(
+        s.pipe, s.run, samples, step=0, store=s.store, prefix="runs/v1/validation", loss_index=entries
+    )
+    for (_, sample), p in zip(samples, result.samples, strict=True):
         W, H = output_size(s.run.train.validation_size, sample.bucket)
         grid = Image.open(io.BytesIO(s.store.get_bytes(p.grid_key)))
         assert grid.width == (1 + 3) * W and grid.height >= H + 2 * LABEL_HEIGHT
@@ -218,6 +263,5 @@ def test_a_title_wider_than_its_grid_wraps_at_its_separators_and_loses_nothing()
     cells = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue", "white")]
     grid = compose_grid(cells, ["ref 1", "base", "LoRA", "target"], (64, 64), title=title)
     assert grid.size == (4 * 64, 64 + (len(lines) + 1) * LABEL_HEIGHT)
-    assert np.array_equal(np.asarray(grid.crop((2 * 64, grid.height - 64, 3 * 64, grid.height))),
-                          np.asarray(cells[2]))
+    assert np.array_equal(np.asarray(grid.crop((2 * 64, grid.height - 64, 3 * 64, grid.height))), np.asarray(cells[2]))
     assert _title_lines(title, 2000) == [title]  # a wide grid keeps it on one line

@@ -46,8 +46,9 @@ def test_buf_format_is_clean():
 def test_no_breaking_change_against_the_baseline_and_baseline_is_current():
     assert generate.BASELINE.exists(), "protos/baseline.json is missing: run `make protos`"
     assert generate.breaking_changes() == "", "a change breaks existing clients"
-    assert json.loads(generate.BASELINE.read_text()) == json.loads(generate.build_image()), \
+    assert json.loads(generate.BASELINE.read_text()) == json.loads(generate.build_image()), (
         "protos/baseline.json is older than the protos: run `make protos`"
+    )
 
 
 def test_breaking_check_catches_a_renumbered_field(tmp_path):
@@ -103,13 +104,21 @@ def test_messages_carry_object_keys_never_tensors():
         for msg in _messages(module.DESCRIPTOR):
             for f in msg.fields:
                 assert f.type != FieldDescriptor.TYPE_BYTES, f"{msg.full_name}.{f.name} is bytes"
-    chunks = {f"{m.name}.{f.name}" for m in _messages(data_pb2.DESCRIPTOR) for f in m.fields
-              if f.type == FieldDescriptor.TYPE_BYTES}
+    chunks = {
+        f"{m.name}.{f.name}"
+        for m in _messages(data_pb2.DESCRIPTOR)
+        for f in m.fields
+        if f.type == FieldDescriptor.TYPE_BYTES
+    }
     assert chunks == {"UploadFileRequest.chunk", "DownloadFileResponse.chunk"}
 
 
 def test_job_state_numbers_are_the_documented_ones():
     assert {v.name: v.number for v in common_pb2.JobState.DESCRIPTOR.values} == {
-        "JOB_STATE_UNSPECIFIED": 0, "JOB_STATE_QUEUED": 1, "JOB_STATE_RUNNING": 2,
-        "JOB_STATE_SUCCEEDED": 3, "JOB_STATE_FAILED": 4, "JOB_STATE_CANCELLED": 5,
+        "JOB_STATE_UNSPECIFIED": 0,
+        "JOB_STATE_QUEUED": 1,
+        "JOB_STATE_RUNNING": 2,
+        "JOB_STATE_SUCCEEDED": 3,
+        "JOB_STATE_FAILED": 4,
+        "JOB_STATE_CANCELLED": 5,
     }

@@ -11,6 +11,7 @@ the 8-step overfit went from 2.476 to 2.309 (+-0.003) at every precision, int2-q
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any
 
 import pytest
@@ -48,10 +49,13 @@ def fp32_transformer(tiny_models: Any) -> Any:
 def batch() -> tuple[EditBatch, torch.Tensor, torch.Tensor]:
     """One fixed sample: a 16x8x8 target, one 16x8x8 reference, 7 prompt tokens of width 32, fixed noise/sigma."""
     g = torch.Generator().manual_seed(0)
-    edit = EditBatch(latents_BChw=torch.randn(1, 16, 8, 8, generator=g),
-                     refs_BChw=[torch.randn(1, 16, 8, 8, generator=g)],
-                     prompt_embeds_BLD=torch.randn(1, 7, 32, generator=g),
-                     prompt_mask_BL=torch.ones(1, 7, dtype=torch.long), keys=["fixed"])
+    edit = EditBatch(
+        latents_BChw=torch.randn(1, 16, 8, 8, generator=g),
+        refs_BChw=[torch.randn(1, 16, 8, 8, generator=g)],
+        prompt_embeds_BLD=torch.randn(1, 7, 32, generator=g),
+        prompt_mask_BL=torch.ones(1, 7, dtype=torch.long),
+        keys=["fixed"],
+    )
     return edit, torch.randn(1, 16, 64, generator=g), torch.tensor([0.7])
 
 
@@ -67,8 +71,11 @@ def velocity(transformer: Any, batch: tuple[EditBatch, torch.Tensor, torch.Tenso
 def base_state(transformer: Any) -> dict[str, torch.Tensor]:
     """Every non-LoRA tensor as stored (quantized data, scales, bnb quant state), copied, under its name before a
     LoRA wrapped its layer. (A bnb 4-bit layer's state_dict also undoes an inference repacking of its weight.)"""
-    return {k.replace(".base_layer.", "."): v.detach().clone() for k, v in transformer.state_dict().items()
-            if "lora_" not in k and isinstance(v, torch.Tensor)}
+    return {
+        k.replace(".base_layer.", "."): v.detach().clone()
+        for k, v in transformer.state_dict().items()
+        if "lora_" not in k and isinstance(v, torch.Tensor)
+    }
 
 
 def overfit(transformer: Any, batch: tuple[EditBatch, torch.Tensor, torch.Tensor], steps: int = STEPS) -> list[float]:
@@ -132,7 +139,7 @@ def test_precision_trains_lora_on_a_frozen_base(precision: str, fp32_transformer
     print(f"{precision}: rel. error {rel:.4f}, loss {losses[0]:.4f} -> {losses[-1]:.4f}")  # shown with -s
 
     assert losses[-1] < losses[0] - 0.1, losses
-    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert all(b < a for a, b in itertools.pairwise(losses)), losses
     grads = {n for n, p in tr.named_parameters() if p.grad is not None}
     lora = {n for n, p in tr.named_parameters() if "lora_" in n}
     assert grads == lora  # every adapter got a gradient, nothing else did
@@ -146,24 +153,36 @@ def test_precision_trains_lora_on_a_frozen_base(precision: str, fp32_transformer
 def test_quantize_via_cpu_equals_via_accelerator(precision: str, fp32_transformer: Any, batch: Any) -> None:
     """On a CPU both paths quantize the same weights on the same device: the same bytes, so the same output (up
     to the ~1e-7 that two copies of a model differ by on a CPU: buffer alignment picks the kernel path)."""
-    a = Q.quantize_transformer(copy.deepcopy(fp32_transformer), precision, device=DEVICE,
-                               compute_dtype=torch.float32, quantize_via="cpu")
-    b = Q.quantize_transformer(copy.deepcopy(fp32_transformer), precision, device=DEVICE,
-                               compute_dtype=torch.float32, quantize_via="accelerator")
+    a = Q.quantize_transformer(
+        copy.deepcopy(fp32_transformer), precision, device=DEVICE, compute_dtype=torch.float32, quantize_via="cpu"
+    )
+    b = Q.quantize_transformer(
+        copy.deepcopy(fp32_transformer),
+        precision,
+        device=DEVICE,
+        compute_dtype=torch.float32,
+        quantize_via="accelerator",
+    )
     sa, sb = base_state(a), base_state(b)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     torch.testing.assert_close(velocity(a, batch), velocity(b, batch), atol=1e-5, rtol=1e-5)
 
 
 def test_quanto_activations_are_quantized_except_modulation(fp32_transformer: Any, batch: Any) -> None:
-    tr = Q.quantize_transformer(copy.deepcopy(fp32_transformer), "int8-quanto", device=DEVICE,
-                                compute_dtype=torch.float32, quantize_activations=True)
+    tr = Q.quantize_transformer(
+        copy.deepcopy(fp32_transformer),
+        "int8-quanto",
+        device=DEVICE,
+        compute_dtype=torch.float32,
+        quantize_activations=True,
+    )
     acts = {n: getattr(m.activation_qtype, "name", None) for n, m in tr.named_modules() if n in Q.quantized_modules(tr)}
     assert acts["transformer_blocks.0.attn.to_q"] == "qint8"
     assert acts["transformer_blocks.0.img_mlp.net.2"] == "qint8"
     assert acts["transformer_blocks.0.img_mod.1"] is None  # its output is chunked: must stay a plain tensor
-    weights_only = Q.quantize_transformer(copy.deepcopy(fp32_transformer), "int8-quanto", device=DEVICE,
-                                          compute_dtype=torch.float32)
+    weights_only = Q.quantize_transformer(
+        copy.deepcopy(fp32_transformer), "int8-quanto", device=DEVICE, compute_dtype=torch.float32
+    )
     assert not torch.equal(velocity(tr, batch), velocity(weights_only, batch))
     attach_lora(tr, rank=4, alpha=4.0, dropout=0.0, target_modules=TARGETS, seed=0)
     losses = overfit(tr, batch, steps=5)
@@ -171,19 +190,23 @@ def test_quanto_activations_are_quantized_except_modulation(fp32_transformer: An
 
 
 def test_bf16_compute_dtype_keeps_kept_layers_in_bf16(fp32_transformer: Any) -> None:
-    tr = Q.quantize_transformer(copy.deepcopy(fp32_transformer), "int8-quanto", device=DEVICE,
-                                compute_dtype=torch.bfloat16)
+    tr = Q.quantize_transformer(
+        copy.deepcopy(fp32_transformer), "int8-quanto", device=DEVICE, compute_dtype=torch.bfloat16
+    )
     assert tr.proj_out.weight.dtype == torch.bfloat16
     assert tr.transformer_blocks[0].attn.to_q.weight._scale.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("precision, kwargs, needle", [
-    ("int3-quanto", {}, "unknown: expected one of no_change, int8-quanto"),
-    ("nf4-bnb", {"quantize_activations": True}, "quantize_activations only applies to the quanto precisions"),
-    ("no_change", {"quantize_activations": True}, "quantize_activations only applies"),
-    ("int8-quanto", {"quantize_via": "disk"}, "quantize_via 'disk' is unknown"),
-    ("nf4-bnb", {"device": "mps"}, "bitsandbytes does not run on mps"),
-])
+@pytest.mark.parametrize(
+    "precision, kwargs, needle",
+    [
+        ("int3-quanto", {}, "unknown: expected one of no_change, int8-quanto"),
+        ("nf4-bnb", {"quantize_activations": True}, "quantize_activations only applies to the quanto precisions"),
+        ("no_change", {"quantize_activations": True}, "quantize_activations only applies"),
+        ("int8-quanto", {"quantize_via": "disk"}, "quantize_via 'disk' is unknown"),
+        ("nf4-bnb", {"device": "mps"}, "bitsandbytes does not run on mps"),
+    ],
+)
 def test_bad_combinations_are_invalid_input(precision: str, kwargs: dict[str, Any], needle: str) -> None:
     args = {"device": DEVICE, "compute_dtype": torch.float32, **kwargs}
     with pytest.raises(errors.InvalidInput, match=needle):

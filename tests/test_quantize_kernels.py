@@ -25,7 +25,7 @@ def test_quanto_unpack_is_pure_torch_and_inverts_its_packing(bits: int) -> None:
 
     Q.pure_torch_quanto()
     g = torch.Generator().manual_seed(0)
-    values = torch.randint(0, 2 ** bits, (64, 24), generator=g, dtype=torch.uint8)
+    values = torch.randint(0, 2**bits, (64, 24), generator=g, dtype=torch.uint8)
     packed = PackedTensor.pack(values, bits)
     assert packed._data.shape[0] == 64 * bits // 8  # really packed: 8 // bits values a byte
     assert torch.equal(torch.ops.quanto.unpack(packed._data, bits), values)
@@ -69,8 +69,9 @@ def test_quantized_linear_keeps_its_bias_and_values(precision: str) -> None:
     assert torch.allclose(zero, layer.bias.float(), atol=1e-2)
     with torch.no_grad():
         out = layer(torch.ones(3, 256, dtype=torch.bfloat16)).float()
-    assert float((out - ref).norm() / ref.norm()) < {"fp8-quanto": 0.05, "int4-quanto": 0.1, "int2-quanto": 0.6}[
-        precision]
+    assert (
+        float((out - ref).norm() / ref.norm()) < {"fp8-quanto": 0.05, "int4-quanto": 0.1, "int2-quanto": 0.6}[precision]
+    )
 
 
 # ------------------------------------------------------------------------------------------------ int8-bnb
@@ -111,8 +112,9 @@ def test_int8_bnb_is_dequantized_weight_times_input_in_eval_and_training(caplog:
     # stock bitsandbytes in eval mode takes the fp16, row-quantized input kernel: another function (the CUDA one)
     stock.eval()
     ours.eval()
-    exact = torch.nn.functional.linear(x.float(), layer.state.CB.float() * (layer.state.SCB.float().unsqueeze(1) /
-                                                                              127), layer.bias.float())
+    exact = torch.nn.functional.linear(
+        x.float(), layer.state.CB.float() * (layer.state.SCB.float().unsqueeze(1) / 127), layer.bias.float()
+    )
     err_ours = float((ours(x).float() - exact).norm() / exact.norm())
     err_stock = float((stock(x).float() - exact).norm() / exact.norm())
     assert err_ours < 0.01 < err_stock
@@ -130,10 +132,11 @@ def test_int8_bnb_backward_reaches_the_input() -> None:
 
 # ------------------------------------------------------------------------------------------------ loading peak
 def test_accelerator_quantization_falls_back_to_the_cpu_when_the_weights_do_not_fit(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024))  # 2.1M params, fp32
     need = sum(p.numel() for p in model.parameters()) * 2  # bf16 bytes, what moves to the device
-    margin = 2 * 2 ** 30
+    margin = 2 * 2**30
     cuda = torch.device("cuda")
     assert Q.fits_to_quantize_on(model, cuda, torch.bfloat16, free_bytes=need + margin)
     with caplog.at_level(logging.WARNING, logger=Q.log.name):
@@ -148,6 +151,5 @@ def test_quantize_transformer_takes_the_cpu_route_when_told_it_does_not_fit(monk
     monkeypatch.setattr(Q, "fits_to_quantize_on", lambda *a, **k: False)
     monkeypatch.setattr(Q, "_move", lambda m, device, dtype: (moves.append(str(device)), real_move(m, device, dtype)))
     model = torch.nn.Sequential(torch.nn.Linear(64, 64))
-    Q.quantize_transformer(model, "int8-quanto", device="cpu", compute_dtype=torch.bfloat16,
-                           quantize_via="accelerator")
+    Q.quantize_transformer(model, "int8-quanto", device="cpu", compute_dtype=torch.bfloat16, quantize_via="accelerator")
     assert moves == ["cpu"] and Q.quantized_modules(model) == {"0": "quanto:qint8"}

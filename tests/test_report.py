@@ -20,8 +20,16 @@ from prometheus_client import CollectorRegistry
 from shared.cli.main import main
 from shared.config.loading import load_run_config, read_config_files
 from shared.data.synthetic import write_configs, write_dataset
-from shared.evaluate.report import (FolderRunFiles, StoreRunFiles, build_report, refresh_run_report, report_input,
-                                    smoothed, write_report_folder, write_run_report)
+from shared.evaluate.report import (
+    FolderRunFiles,
+    StoreRunFiles,
+    build_report,
+    refresh_run_report,
+    report_input,
+    smoothed,
+    write_report_folder,
+    write_run_report,
+)
 from shared.store.local import LocalStore
 
 RUN = "report-run"
@@ -44,22 +52,57 @@ def run(tmp_path_factory, tiny_models):
     tmp = tmp_path_factory.mktemp("report")
     root = write_dataset(tmp / "data", n=4, references=1)
     (root / "images" / "0000.txt").write_text(CAPTION + "\n", encoding="utf-8")
-    cfg, data = write_configs(tmp / "cfg", root, tiny_models("edit-v2"), "edit-v2", 1, max_train_steps=STEPS,
-                              checkpoint_step_interval=3, validation_step_interval=3, num_eval_images=2,
-                              learning_rate=1e-3, lora_rank=4, seed=7, output_dir=str(tmp / "out"))
+    cfg, data = write_configs(
+        tmp / "cfg",
+        root,
+        tiny_models("edit-v2"),
+        "edit-v2",
+        1,
+        max_train_steps=STEPS,
+        checkpoint_step_interval=3,
+        validation_step_interval=3,
+        num_eval_images=2,
+        learning_rate=1e-3,
+        lora_rank=4,
+        seed=7,
+        output_dir=str(tmp / "out"),
+    )
     store = LocalStore(tmp / "store")
     DatasetEncoder(load_run_config(cfg), store).encode()
     ready = []
-    train_run(load_run_config(cfg), store, validate="external", run_id=RUN, encode=False, copy_to_output_dir=False,
-              events=lambda e: ready.append(e) if e.get("phase") == "validation_ready" else None)
+    train_run(
+        load_run_config(cfg),
+        store,
+        validate="external",
+        run_id=RUN,
+        encode=False,
+        copy_to_output_dir=False,
+        events=lambda e: ready.append(e) if e.get("phase") == "validation_ready" else None,
+    )
     after_training = store.get_bytes(f"runs/{RUN}/report/index.html").decode()
     core = EvalCore(store, Metrics(CollectorRegistry()), idle_release_s=0)
     ctx = SimpleNamespace(progress=lambda **kw: None)
-    renders = [core.execute(SimpleNamespace(params=files_to_params(read_config_files(cfg, data)) | {
-        "run_id": RUN, "step": e["step"], "lora_key": e["lora_key"]}), ctx) for e in ready]
-    return SimpleNamespace(store=store, tmp=tmp, after_training=after_training, renders=renders,
-                           steps=[json.loads(line) for line in store.get_bytes(f"runs/{RUN}/metrics.jsonl").splitlines()
-                                  if "loss" in json.loads(line)])
+    renders = [
+        core.execute(
+            SimpleNamespace(
+                params=files_to_params(read_config_files(cfg, data))
+                | {"run_id": RUN, "step": e["step"], "lora_key": e["lora_key"]}
+            ),
+            ctx,
+        )
+        for e in ready
+    ]
+    return SimpleNamespace(
+        store=store,
+        tmp=tmp,
+        after_training=after_training,
+        renders=renders,
+        steps=[
+            json.loads(line)
+            for line in store.get_bytes(f"runs/{RUN}/metrics.jsonl").splitlines()
+            if "loss" in json.loads(line)
+        ],
+    )
 
 
 class _Page(HTMLParser):
@@ -91,7 +134,7 @@ class _Page(HTMLParser):
 
 def _pull(store: LocalStore, prefix: str, dest: Path) -> Path:
     for key in store.list(prefix):
-        target = dest / key[len(prefix) + 1:]
+        target = dest / key[len(prefix) + 1 :]
         target.parent.mkdir(parents=True, exist_ok=True)
         store.get_file(key, target)
     return dest
@@ -115,8 +158,9 @@ def test_training_writes_the_report_and_each_later_render_adds_its_validation(ru
     assert sorted(parsed.images) == [f"previews/step-{s}/{n}.png" for s in (3, 6) for n in ("0000", "0001")]
     for src in parsed.images:  # byte for byte the grids eval_svc rendered
         step = src.split("/")[1]
-        assert (run.store.get_bytes(f"runs/{RUN}/report/{src}")
-                == run.store.get_bytes(f"runs/{RUN}/validation/{step}/{src.rsplit('/', 1)[1]}"))
+        assert run.store.get_bytes(f"runs/{RUN}/report/{src}") == run.store.get_bytes(
+            f"runs/{RUN}/validation/{step}/{src.rsplit('/', 1)[1]}"
+        )
     first = run.store.stat(f"runs/{RUN}/report/previews/step-3/0000.png")
     write_run_report(run.store, RUN)  # again: the grids are not copied twice
     assert run.store.stat(f"runs/{RUN}/report/previews/step-3/0000.png") == first
@@ -171,16 +215,25 @@ frame.addEventListener("load", () => {
 
 def _chromium(*args: str) -> subprocess.CompletedProcess:
     assert Path(CHROMIUM).is_file(), "chromium is missing: apt-get install chromium (.ci/run does)"
-    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_the_report_renders_in_chromium_with_every_image_and_one_vertex_per_step(run, tmp_path):
     report = _pull(run.store, f"runs/{RUN}/report", tmp_path / "report")  # as `runs pull` brings it back
     harness = tmp_path / "harness.html"
     harness.write_text(HARNESS % ((report / "index.html").as_uri(), json.dumps(LINES)), encoding="utf-8")
-    dom = _chromium(f"--user-data-dir={tmp_path / 'profile-dom'}", "--allow-file-access-from-files",
-                    "--virtual-time-budget=10000", "--dump-dom", harness.as_uri())
+    dom = _chromium(
+        f"--user-data-dir={tmp_path / 'profile-dom'}",
+        "--allow-file-access-from-files",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        harness.as_uri(),
+    )
     found = re.search(r'<pre id="result">(.*?)</pre>', dom.stdout, re.S)
     assert found, dom.stderr[-2000:]
     assert not found.group(1).startswith(("pending", "error")), found.group(1)
@@ -201,8 +254,12 @@ def test_the_report_renders_in_chromium_with_every_image_and_one_vertex_per_step
     assert abs(lines["loss-raw"]["box"]["left"] - axes["loss"]["left"]) < 1
     assert max(float(t) for t in seen["xticks"]) <= STEPS and str(STEPS) in seen["xticks"]
     shot = report / "screenshot.png"
-    _chromium(f"--user-data-dir={tmp_path / 'profile-shot'}", f"--screenshot={shot}", "--window-size=1280,2400",
-              (report / "index.html").as_uri())
+    _chromium(
+        f"--user-data-dir={tmp_path / 'profile-shot'}",
+        f"--screenshot={shot}",
+        "--window-size=1280,2400",
+        (report / "index.html").as_uri(),
+    )
     with Image.open(shot) as img:
         img.verify()
     with Image.open(shot) as img:
@@ -224,12 +281,15 @@ def test_runs_report_writes_the_page_and_its_images_into_a_folder(run, tmp_path,
     assert "no-such-run" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("name", "damage", "words"), [
-    ("metrics.jsonl", b'{"step": 1, "loss": 0.5}\n{"step": 2, "lo', "metrics.jsonl line 2 is not valid JSON"),
-    ("metrics.jsonl", b'{"loss": 0.5}\n', "metrics.jsonl line 1 has no integer step"),
-    ("run.json", b"[1, 2]", "run.json is list, not a JSON object"),
-    ("validation/step-3/metrics.json", b"\xff\xfe", "validation/step-3/metrics.json is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("name", "damage", "words"),
+    [
+        ("metrics.jsonl", b'{"step": 1, "loss": 0.5}\n{"step": 2, "lo', "metrics.jsonl line 2 is not valid JSON"),
+        ("metrics.jsonl", b'{"loss": 0.5}\n', "metrics.jsonl line 1 has no integer step"),
+        ("run.json", b"[1, 2]", "run.json is list, not a JSON object"),
+        ("validation/step-3/metrics.json", b"\xff\xfe", "validation/step-3/metrics.json is not valid JSON"),
+    ],
+)
 def test_a_damaged_run_file_is_an_error_naming_it_and_nothing_is_written(run, tmp_path, capsys, name, damage, words):
     store = LocalStore(tmp_path / "store")
     for key in run.store.list(f"runs/{RUN}"):
@@ -251,9 +311,12 @@ def test_runs_report_through_the_services_fetches_only_what_the_report_reads(run
     from shared.service.data import DataServicer
 
     servicer = DataServicer(run.store, ServerPaths(), tmp_path / "work")
-    server = build_server(ServiceConfig(host="127.0.0.1", port=0, token="report-token-0123456789", grace_s=0),
-                          lambda s: data_pb2_grpc.add_DataServiceServicer_to_server(servicer, s),
-                          ["edittuner.data.v1.DataService"], registry=CollectorRegistry())
+    server = build_server(
+        ServiceConfig(host="127.0.0.1", port=0, token="report-token-0123456789", grace_s=0),
+        lambda s: data_pb2_grpc.add_DataServiceServicer_to_server(servicer, s),
+        ["edittuner.data.v1.DataService"],
+        registry=CollectorRegistry(),
+    )
     server.set_serving(True)
     monkeypatch.setenv("EDITTUNER_TOKEN", "report-token-0123456789")
     try:
@@ -264,9 +327,10 @@ def test_runs_report_through_the_services_fetches_only_what_the_report_reads(run
     page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
     assert _without_time(page) == _without_time(run.store.get_bytes(f"runs/{RUN}/report/index.html").decode())
     assert len(list((tmp_path / "out" / "previews").rglob("*.png"))) == 4
-    assert [n for n in run.store.list(f"runs/{RUN}") if report_input(n[len(f"runs/{RUN}/"):])] == sorted(
+    assert [n for n in run.store.list(f"runs/{RUN}") if report_input(n[len(f"runs/{RUN}/") :])] == sorted(
         [f"runs/{RUN}/metrics.jsonl", f"runs/{RUN}/run.json"]
-        + [f"runs/{RUN}/validation/step-{s}/{n}" for s in (3, 6) for n in ("0000.png", "0001.png", "metrics.json")])
+        + [f"runs/{RUN}/validation/step-{s}/{n}" for s in (3, 6) for n in ("0000.png", "0001.png", "metrics.json")]
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the parts
@@ -279,8 +343,10 @@ def test_smoothing_is_a_debiased_moving_average():
 
 def test_a_long_run_is_plotted_every_kth_step_and_a_missing_run_is_only_a_warning(tmp_path, caplog):
     store = LocalStore(tmp_path / "store")
-    lines = [{"step": s, "loss": 1 / s, "lr": 1e-4, "grad_norm": 0.5, "seconds": 0.1, "data_wait": 0.01}
-             for s in range(1, 9001)]
+    lines = [
+        {"step": s, "loss": 1 / s, "lr": 1e-4, "grad_norm": 0.5, "seconds": 0.1, "data_wait": 0.01}
+        for s in range(1, 9001)
+    ]
     store.put_bytes("runs/long/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in lines).encode())
     store.put_json("runs/long/run.json", {"config": {"max_train_steps": 9000, "max_grad_norm": 0.0}})
     page = build_report(StoreRunFiles(store, "long"), "long").html
@@ -291,8 +357,12 @@ def test_a_long_run_is_plotted_every_kth_step_and_a_missing_run_is_only_a_warnin
     folder = tmp_path / "pulled"
     folder.mkdir()
     (folder / "metrics.jsonl").write_bytes(store.get_bytes("runs/long/metrics.jsonl"))
-    assert write_report_folder(FolderRunFiles(folder), "long", tmp_path / "r").read_text(encoding="utf-8") \
-        .count('id="loss-raw"') == 1
+    assert (
+        write_report_folder(FolderRunFiles(folder), "long", tmp_path / "r")
+        .read_text(encoding="utf-8")
+        .count('id="loss-raw"')
+        == 1
+    )
     with caplog.at_level("WARNING"):
         assert refresh_run_report(store, "nothing-here") is None
     assert "the report of run nothing-here was not written" in caplog.text

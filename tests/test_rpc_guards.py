@@ -40,12 +40,17 @@ def service(tmp_path):
     queued = jobs.submit("encode", {"x": 1}, "queued-job")
     config = ServiceConfig(host="127.0.0.1", port=0, grace_s=0.5, max_workers=12, max_streams=4, keepalive_s=0.3)
     servicer = EncoderServicer(jobs, SimpleNamespace(paths=ServerPaths()), keepalive_s=config.keepalive_s)
-    running = build_server(config, lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, s),
-                           [SERVICE], registry=CollectorRegistry())
+    running = build_server(
+        config,
+        lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, s),
+        [SERVICE],
+        registry=CollectorRegistry(),
+    )
     running.set_serving(True)
     channel = make_channel(running.target)
-    yield SimpleNamespace(jobs=jobs, job=queued, running=running, channel=channel,
-                          stub=encoder_pb2_grpc.EncoderServiceStub(channel))
+    yield SimpleNamespace(
+        jobs=jobs, job=queued, running=running, channel=channel, stub=encoder_pb2_grpc.EncoderServiceStub(channel)
+    )
     jobs.shutdown(wait=False)
     channel.close()
     running.stop(0)
@@ -58,8 +63,11 @@ def raw(service, method: str, data: bytes, streaming: bool = False):
     return service.channel.unary_unary(path)(data, timeout=5)
 
 
-@pytest.mark.parametrize("data", [os.urandom(64), b"\x0a\x02\xff\xfe", b"\x12\x05\x0a\x03\xc3\x28\x41"],
-                         ids=["random bytes", "invalid UTF-8 in request_id", "invalid UTF-8 in a nested string"])
+@pytest.mark.parametrize(
+    "data",
+    [os.urandom(64), b"\x0a\x02\xff\xfe", b"\x12\x05\x0a\x03\xc3\x28\x41"],
+    ids=["random bytes", "invalid UTF-8 in request_id", "invalid UTF-8 in a nested string"],
+)
 def test_undecodable_requests_are_invalid_argument_naming_the_message(service, data):
     with pytest.raises(grpc.RpcError) as info:
         raw(service, "SubmitEncode", data)
@@ -79,11 +87,14 @@ def test_a_valid_request_still_decodes(service):
     assert encoder_pb2.GetJobResponse.FromString(reply).job.job_id == service.job.job_id
 
 
-@pytest.mark.parametrize("request_, field", [
-    (encoder_pb2.ListJobsRequest(state=99), "state: 99 is not a job state"),
-    (encoder_pb2.ListJobsRequest(page_size=-1), "page_size: -1 is negative"),
-    (encoder_pb2.ListJobsRequest(page_token="%%%"), "invalid page_token"),
-])
+@pytest.mark.parametrize(
+    "request_, field",
+    [
+        (encoder_pb2.ListJobsRequest(state=99), "state: 99 is not a job state"),
+        (encoder_pb2.ListJobsRequest(page_size=-1), "page_size: -1 is negative"),
+        (encoder_pb2.ListJobsRequest(page_token="%%%"), "invalid page_token"),
+    ],
+)
 def test_bad_list_parameters_are_invalid_argument_naming_the_field(service, request_, field):
     with pytest.raises(grpc.RpcError) as info:
         service.stub.ListJobs(request_, timeout=5)
@@ -101,8 +112,13 @@ def test_malformed_job_ids_are_invalid_argument(service, job_id):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.parametrize("config_json, what", [("[" * 100_000, "nests objects and lists more than 64 levels"),
-                                               ("{" + " " * (5 * 1024 * 1024) + "}", "a config file is at most")])
+@pytest.mark.parametrize(
+    "config_json, what",
+    [
+        ("[" * 100_000, "nests objects and lists more than 64 levels"),
+        ("{" + " " * (5 * 1024 * 1024) + "}", "a config file is at most"),
+    ],
+)
 def test_hostile_config_text_is_invalid_argument_naming_the_file(service, config_json, what):
     files = common_pb2.RunConfigFiles(config_json=config_json, data_json="[]", config_name="config.json")
     with pytest.raises(grpc.RpcError) as info:
@@ -176,8 +192,9 @@ def test_the_default_address_is_loopback_and_other_interfaces_need_a_token():
 def test_a_service_refuses_to_listen_beyond_loopback_without_a_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDITTUNER_")}
     env |= {"EDITTUNER_HOST": "0.0.0.0", "EDITTUNER_ENCODER_PORT": "0", "EDITTUNER_STORE": str(tmp_path / "s")}
-    result = subprocess.run([sys.executable, "-m", "encoder_svc"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "encoder_svc"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "encoder_svc cannot start" in result.stderr and "without a token" in result.stderr
     assert "EDITTUNER_ALLOW_INSECURE=1" in result.stderr

@@ -15,8 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
-
 from rpcfake import LIMIT, ROOT, SERVICE, handled, rpc_error, start
+
 from shared import errors
 from shared.rpc import encoder_pb2, encoder_pb2_grpc
 from shared.rpc.client import call, make_channel, wait_for_serving
@@ -52,8 +52,10 @@ def test_bearer_token_required_accepted_and_health_and_reflection_stay_open():
         assert good.GetJob(encoder_pb2.GetJobRequest(job_id="a"), timeout=5).job.job_id == "a"
         assert len(list(good.WatchJob(encoder_pb2.WatchJobRequest(job_id="2:"), timeout=5))) == 2
         # Errors still map behind auth.
-        assert rpc_error(good.SubmitEncode, encoder_pb2.SubmitEncodeRequest(request_id="NotFound")).code() \
+        assert (
+            rpc_error(good.SubmitEncode, encoder_pb2.SubmitEncodeRequest(request_id="NotFound")).code()
             == grpc.StatusCode.NOT_FOUND
+        )
 
         reply = health_pb2_grpc.HealthStub(anonymous).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -81,8 +83,9 @@ def test_reflection_lists_the_service_and_serves_its_descriptor(server):
     [reply] = stub.ServerReflectionInfo(iter([request]), timeout=5)
     from google.protobuf import descriptor_pb2
 
-    files = [descriptor_pb2.FileDescriptorProto.FromString(b) for b in
-             reply.file_descriptor_response.file_descriptor_proto]
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(b) for b in reply.file_descriptor_response.file_descriptor_proto
+    ]
     assert "edittuner/encoder/v1/encoder.proto" in [f.name for f in files]
 
 
@@ -149,12 +152,25 @@ def test_call_passes_a_deadline_and_raises_the_domain_error(server):
 
 # ------------------------------------------------------------------------------------------ configuration
 def test_service_config_from_env_reads_per_service_then_shared_names():
-    env = {"EDITTUNER_ENCODER_PORT": "6001", "EDITTUNER_ENCODER_METRICS_PORT": "9101", "EDITTUNER_PORT": "1",
-           "EDITTUNER_STORE": "minio://minio:9000/edittuner", "EDITTUNER_TOKEN": "shared",
-           "EDITTUNER_ENCODER_TOKEN": "mine", "EDITTUNER_DEVICE": "cuda", "EDITTUNER_ENCODER_GRACE_S": "2.5"}
+    env = {
+        "EDITTUNER_ENCODER_PORT": "6001",
+        "EDITTUNER_ENCODER_METRICS_PORT": "9101",
+        "EDITTUNER_PORT": "1",
+        "EDITTUNER_STORE": "minio://minio:9000/edittuner",
+        "EDITTUNER_TOKEN": "shared",
+        "EDITTUNER_ENCODER_TOKEN": "mine",
+        "EDITTUNER_DEVICE": "cuda",
+        "EDITTUNER_ENCODER_GRACE_S": "2.5",
+    }
     config = ServiceConfig.from_env("EDITTUNER_ENCODER", env)
-    assert (config.port, config.metrics_port, config.store_url, config.token, config.device, config.grace_s) == \
-        (6001, 9101, "minio://minio:9000/edittuner", "mine", "cuda", 2.5)
+    assert (config.port, config.metrics_port, config.store_url, config.token, config.device, config.grace_s) == (
+        6001,
+        9101,
+        "minio://minio:9000/edittuner",
+        "mine",
+        "cuda",
+        2.5,
+    )
     assert config.max_message_bytes == 16 * 1024 * 1024 and config.host == "127.0.0.1"  # loopback by default
     assert ServiceConfig.from_env("EDITTUNER_ENCODER", {**env, "EDITTUNER_HOST": "0.0.0.0"}).host == "0.0.0.0"
     assert ServiceConfig.from_env("EDITTUNER_EVAL", {}, default_port=50053).port == 50053
@@ -174,8 +190,12 @@ def test_a_taken_port_is_refused():
     running, _ = start()
     try:
         with pytest.raises(errors.Unavailable, match="cannot listen on 127.0.0.1:"):
-            build_server(ServiceConfig(host="127.0.0.1", port=running.port), lambda s: None, [SERVICE],
-                         registry=CollectorRegistry())
+            build_server(
+                ServiceConfig(host="127.0.0.1", port=running.port),
+                lambda s: None,
+                [SERVICE],
+                registry=CollectorRegistry(),
+            )
     finally:
         running.stop(0)
 
@@ -193,17 +213,26 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp_path / "server.pem", tmp_path / "server.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 
@@ -221,8 +250,9 @@ def test_tls_with_token(tmp_path):
 
 
 def test_unreadable_tls_files_are_a_config_error(tmp_path):
-    config = ServiceConfig(host="127.0.0.1", port=0, tls_cert=str(tmp_path / "no.pem"),
-                           tls_key=str(tmp_path / "no.key"))
+    config = ServiceConfig(
+        host="127.0.0.1", port=0, tls_cert=str(tmp_path / "no.pem"), tls_key=str(tmp_path / "no.key")
+    )
     with pytest.raises(errors.ConfigError, match="tls_cert: cannot read .*no.pem"):
         build_server(config, lambda s: None, [SERVICE], registry=CollectorRegistry())
 
@@ -281,8 +311,9 @@ def test_a_local_stack_whose_port_was_taken_starts_again_on_new_ports(tmp_path, 
     real = local_stack.free_port
     monkeypatch.setattr(local_stack, "free_port", lambda: next(ports, None) or real())
     try:
-        with local_stack.start_local_stack(str(tmp_path / "store"), tmp_path / "logs", services=("encoder",),
-                                           timeout_s=60) as stack:
+        with local_stack.start_local_stack(
+            str(tmp_path / "store"), tmp_path / "logs", services=("encoder",), timeout_s=60
+        ) as stack:
             assert stack.addresses["encoder"] != f"127.0.0.1:{taken.getsockname()[1]}"
             assert stack.procs["encoder"].poll() is None
         assert "cannot listen on" in (tmp_path / "logs" / "encoder.log").read_text()  # the first try's exit

@@ -10,8 +10,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
-
 from rpcfake import LIMIT, SERVICE, handled, make_error, rpc_error, start, wait_until
+
 from shared.rpc import common_pb2, encoder_pb2, encoder_pb2_grpc
 from shared.rpc.client import make_channel
 from shared.rpc.interceptors import clip_details, server_metrics
@@ -44,12 +44,15 @@ def test_invalid_argument_lists_every_problem_with_its_field(server, name):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     lines = err.details().split("\n")
     assert lines[0].endswith(": 2 problems")
-    assert lines[1:] == ["  - config.json: $.learning_rate: 'fast' is not a number",
-                         "  - multidatabackend.json: $[0].instance_data_dir: folder /nope does not exist"]
+    assert lines[1:] == [
+        "  - config.json: $.learning_rate: 'fast' is not a number",
+        "  - multidatabackend.json: $[0].instance_data_dir: folder /nope does not exist",
+    ]
 
 
-@pytest.mark.parametrize("name,code", [("Diverged", grpc.StatusCode.UNKNOWN),
-                                       ("MissingRun", grpc.StatusCode.NOT_FOUND)])
+@pytest.mark.parametrize(
+    "name,code", [("Diverged", grpc.StatusCode.UNKNOWN), ("MissingRun", grpc.StatusCode.NOT_FOUND)]
+)
 def test_unlisted_subclasses_map_through_their_nearest_listed_base(server, name, code):
     _, _, stub = server
     err = rpc_error(stub.SubmitEncode, encoder_pb2.SubmitEncodeRequest(request_id=name))
@@ -76,9 +79,14 @@ def test_grpc_abort_passes_through(server):
     assert (err.code(), err.details()) == (grpc.StatusCode.ALREADY_EXISTS, "job j1 exists")
 
 
-@pytest.mark.parametrize("error,code", [("NotFound", grpc.StatusCode.NOT_FOUND),
-                                        ("ConfigError", grpc.StatusCode.INVALID_ARGUMENT),
-                                        ("RuntimeError", grpc.StatusCode.INTERNAL)])
+@pytest.mark.parametrize(
+    "error,code",
+    [
+        ("NotFound", grpc.StatusCode.NOT_FOUND),
+        ("ConfigError", grpc.StatusCode.INVALID_ARGUMENT),
+        ("RuntimeError", grpc.StatusCode.INTERNAL),
+    ],
+)
 def test_streaming_errors_map_after_the_events_already_sent(server, error, code):
     _, _, stub = server
     steps = []
@@ -109,8 +117,9 @@ def test_long_problem_lists_are_cut_to_fit_a_trailer(server):
 # ----------------------------------------------------------------------------------- limits and deadlines
 def test_request_over_the_size_limit_is_resource_exhausted(server):
     _, _, stub = server
-    request = encoder_pb2.SubmitEncodeRequest(request_id="ok", files=common_pb2.RunConfigFiles(
-        config_json="x" * (LIMIT + 1)))
+    request = encoder_pb2.SubmitEncodeRequest(
+        request_id="ok", files=common_pb2.RunConfigFiles(config_json="x" * (LIMIT + 1))
+    )
     err = rpc_error(stub.SubmitEncode, request)
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert stub.SubmitEncode(encoder_pb2.SubmitEncodeRequest(request_id="ok"), timeout=5).job.job_id == "j1"
@@ -131,10 +140,14 @@ def test_deadline_shorter_than_the_method_is_deadline_exceeded_and_not_logged_as
         # The handler goes on after the client gave up; when it raises, the interceptor logs one quiet line. The
         # call is counted by the metrics interceptor, from grpc's end-of-call callback or when the handler returns,
         # whichever comes first, on another thread: wait for both conditions the assertions read.
-        wait_until(lambda: [r for r in caplog.records if "then raised Unavailable" in r.getMessage()], 30,
-                   "the slow handler never finished")
-        wait_until(lambda: handled(registry, "SubmitEncode", "DEADLINE_EXCEEDED") >= 1, 30,
-                   "the call was never counted")
+        wait_until(
+            lambda: [r for r in caplog.records if "then raised Unavailable" in r.getMessage()],
+            30,
+            "the slow handler never finished",
+        )
+        wait_until(
+            lambda: handled(registry, "SubmitEncode", "DEADLINE_EXCEEDED") >= 1, 30, "the call was never counted"
+        )
     [record] = [r for r in caplog.records if "then raised Unavailable" in r.getMessage()]
     assert record.levelno == logging.INFO and "ended with DEADLINE_EXCEEDED" in record.getMessage()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -181,11 +194,12 @@ def test_metrics_endpoint_serves_the_registry():
     running, _ = start(metrics_port=0)
     try:
         encoder_pb2_grpc.EncoderServiceStub(make_channel(running.target)).GetJob(
-            encoder_pb2.GetJobRequest(job_id="a"), timeout=5)
+            encoder_pb2.GetJobRequest(job_id="a"), timeout=5
+        )
         body = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=5).read().decode()
     finally:
         running.stop(0)
-    assert ('grpc_server_handled_total{grpc_code="OK",grpc_method="GetJob",'
-            f'grpc_service="{SERVICE}",grpc_type="unary"}} 1.0') in body
-
-
+    assert (
+        'grpc_server_handled_total{grpc_code="OK",grpc_method="GetJob",'
+        f'grpc_service="{SERVICE}",grpc_type="unary"}} 1.0'
+    ) in body

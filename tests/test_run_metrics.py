@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from deployfiles import DASHBOARD, row_panels
+from prom import require_tool, start_prometheus
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from deployfiles import DASHBOARD, row_panels
 from eval_svc.service import EvalCore
-from prom import require_tool, start_prometheus
 from shared.config.loading import load_run_config, read_config_files
 from shared.data.synthetic import write_configs, write_dataset
 from shared.encode.encoder import DatasetEncoder
@@ -48,9 +48,19 @@ def run(tmp_path_factory, tiny_models):
     the render's metrics.json and the eval service's metrics."""
     tmp = tmp_path_factory.mktemp("run-metrics")
     root = write_dataset(tmp / "data", n=3, references=1)
-    cfg, data = write_configs(tmp / "cfg", root, tiny_models("edit-v2"), "edit-v2", 1, max_train_steps=STEPS,
-                              checkpoint_step_interval=STEPS, num_eval_images=1, lora_rank=4, seed=3,
-                              output_dir=str(tmp / "out" / "live"))
+    cfg, data = write_configs(
+        tmp / "cfg",
+        root,
+        tiny_models("edit-v2"),
+        "edit-v2",
+        1,
+        max_train_steps=STEPS,
+        checkpoint_step_interval=STEPS,
+        num_eval_images=1,
+        lora_rank=4,
+        seed=3,
+        output_dir=str(tmp / "out" / "live"),
+    )
     store = LocalStore(tmp / "store")
     DatasetEncoder(load_run_config(cfg), store).encode()
     events: list[dict] = []
@@ -59,14 +69,23 @@ def run(tmp_path_factory, tiny_models):
     summary = trainer.train()
     [lora] = [k for k in summary.lora_keys if k.endswith("/pytorch_lora_weights.safetensors")]
     eval_metrics = Metrics(CollectorRegistry())
-    params = files_to_params(read_config_files(cfg, data)) | {"run_id": summary.run_id, "step": STEPS,
-                                                               "lora_key": lora, "index_keys": []}
+    params = files_to_params(read_config_files(cfg, data)) | {
+        "run_id": summary.run_id,
+        "step": STEPS,
+        "lora_key": lora,
+        "index_keys": [],
+    }
     now = time.time()
     outputs = EvalCore(store, eval_metrics, idle_release_s=0).execute(
-        JobRecord("job-1", "req-1", "render", JobState.RUNNING, params, now, now), _Ctx())
+        JobRecord("job-1", "req-1", "render", JobState.RUNNING, params, now, now), _Ctx()
+    )
     history = [json.loads(line) for line in store.get_bytes(f"runs/{summary.run_id}/metrics.jsonl").splitlines()]
-    return {"events": events, "steps": [h for h in history if "loss" in h],
-            "render": json.loads(store.get_bytes(outputs["metrics"])), "eval_metrics": eval_metrics}
+    return {
+        "events": events,
+        "steps": [h for h in history if "loss" in h],
+        "render": json.loads(store.get_bytes(outputs["metrics"])),
+        "eval_metrics": eval_metrics,
+    }
 
 
 def trainer_metrics(events: list[dict]) -> Metrics:
@@ -94,8 +113,11 @@ def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(f"http://{target}/metrics", timeout=5) as reply:
             text = reply.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_the_trainer_endpoint_serves_the_runs_loss_step_seconds_and_data_wait(run):
@@ -142,15 +164,20 @@ def test_prometheus_evaluates_the_run_rows_queries_to_the_runs_values(run):
     half = [i for i, e in enumerate(events) if "loss" in e][STEPS // 2]
     trainer = trainer_metrics(events[:half])
     steps = run["steps"]
-    with exporter(trainer.registry) as trainer_target, exporter(run["eval_metrics"].registry) as eval_target, \
-            start_prometheus({"trainer": [trainer_target], "eval": [eval_target]}) as prom:
+    with (
+        exporter(trainer.registry) as trainer_target,
+        exporter(run["eval_metrics"].registry) as eval_target,
+        start_prometheus({"trainer": [trainer_target], "eval": [eval_target]}) as prom,
+    ):
         prom.wait_for(f"edittuner_trainer_steps_total == {STEPS // 2}", timeout=30)
         for e in events[half:]:
             trainer.record_train_event(e, BATCH)
         prom.wait_for(f"edittuner_trainer_steps_total == {STEPS}")
         prom.wait_for("edittuner_eval_heldout_loss")
-        values = {title: [[(s["metric"], float(s["value"][1])) for s in prom.query(e)]
-                          for e in exprs] for title, exprs in panels.items()}
+        values = {
+            title: [[(s["metric"], float(s["value"][1])) for s in prom.query(e)] for e in exprs]
+            for title, exprs in panels.items()
+        }
     for title, results in values.items():
         assert all(results) and all(math.isfinite(v) for r in results for _, v in r), (title, results)
 
@@ -158,7 +185,7 @@ def test_prometheus_evaluates_the_run_rows_queries_to_the_runs_values(run):
         [(_, v)] = values[title][target]
         return v
 
-    later = steps[STEPS // 2:]  # the steps between the two scrapes a rate compares
+    later = steps[STEPS // 2 :]  # the steps between the two scrapes a rate compares
     losses = [s["loss"] for s in steps]
     assert value("Training loss") == losses[-1]
     assert min(losses) <= value("Training loss", 1) <= max(losses)
@@ -167,9 +194,13 @@ def test_prometheus_evaluates_the_run_rows_queries_to_the_runs_values(run):
     assert value("Seconds per step") == pytest.approx(sum(s["seconds"] for s in later) / len(later), rel=0.5)
     assert 0 <= value("Data wait") < 1
     assert value("Data wait", 1) == pytest.approx(sum(s["data_wait"] for s in later) / len(later), rel=0.5, abs=1e-6)
-    assert sorted((m["kind"], v) for m, v in values["Trainer GPU memory"][0]) == [("allocated", 3 << 30),
-                                                                                 ("peak", 5 << 30)]
+    assert sorted((m["kind"], v) for m, v in values["Trainer GPU memory"][0]) == [
+        ("allocated", 3 << 30),
+        ("peak", 5 << 30),
+    ]
     render = run["render"]
-    assert sorted((m["kind"], v) for m, v in values["Validation PSNR"][0]) == [("base", render["psnr_base"]),
-                                                                              ("lora", render["psnr_lora"])]
+    assert sorted((m["kind"], v) for m, v in values["Validation PSNR"][0]) == [
+        ("base", render["psnr_base"]),
+        ("lora", render["psnr_lora"]),
+    ]
     assert value("Held-out loss") == render["heldout_loss_mean"]

@@ -32,8 +32,15 @@ def s3_dataset(tmp_path, s3_server, tiny_models):
     entries = json.loads(data.read_text())
     for e in entries:
         folder = e.pop("instance_data_dir").rsplit("/", 1)[1]
-        e.update(type="aws", aws_bucket_name=bucket, aws_data_prefix=f"pairs/{folder}", aws_endpoint_url=s3_server,
-                 aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, aws_region_name="us-east-1")
+        e.update(
+            type="aws",
+            aws_bucket_name=bucket,
+            aws_data_prefix=f"pairs/{folder}",
+            aws_endpoint_url=s3_server,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            aws_region_name="us-east-1",
+        )
     data.write_text(json.dumps(entries))
     return cfg, client, bucket
 

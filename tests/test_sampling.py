@@ -59,8 +59,12 @@ def _memoise(module: torch.nn.Module, method: str) -> None:
     weights, call = _fingerprint(module), getattr(module, method)
 
     def memo(*args: Any, **kwargs: Any) -> Any:
-        key = (weights, method, tuple(_digest(a) for a in args),
-               tuple(sorted((k, _digest(v)) for k, v in kwargs.items())))
+        key = (
+            weights,
+            method,
+            tuple(_digest(a) for a in args),
+            tuple(sorted((k, _digest(v)) for k, v in kwargs.items())),
+        )
         if key not in _MEMO:
             _MEMO[key] = call(*args, **kwargs)
         return _MEMO[key]
@@ -77,6 +81,7 @@ def pipes(tiny_models):
         if flavour not in cache:
             cache[flavour] = load_pipeline(tiny_models(flavour), flavour)
         return cache[flavour]
+
     return get
 
 
@@ -96,10 +101,19 @@ def test_equals_diffusers_pipeline_with_and_without_true_cfg(pipes, flavour, n_r
     outputs = {}
     for cfg, negative in ((1.0, None), (4.0, "blurry")):
         kw = dict(height=64, width=64, num_inference_steps=2, true_cfg_scale=cfg, negative_prompt=negative)
-        expected = pipe(image=image_arg, prompt=PROMPT, output_type="np",
-                        generator=torch.Generator().manual_seed(7), **kw).images[0]
-        ours = sample_edit(pipe, flavour, PROMPT, vae_refs, vl_references=originals, output="np",
-                           generator=torch.Generator().manual_seed(7), **kw)
+        expected = pipe(
+            image=image_arg, prompt=PROMPT, output_type="np", generator=torch.Generator().manual_seed(7), **kw
+        ).images[0]
+        ours = sample_edit(
+            pipe,
+            flavour,
+            PROMPT,
+            vae_refs,
+            vl_references=originals,
+            output="np",
+            generator=torch.Generator().manual_seed(7),
+            **kw,
+        )
         assert ours.shape == expected.shape == (64, 64, 3)
         np.testing.assert_allclose(ours, expected, atol=TOL, rtol=0)
         outputs[cfg] = ours
@@ -116,11 +130,31 @@ def test_small_references_and_output_size(pipes):
     pipe = pipes("edit-v2")
     refs = _small_refs()
     step_index = pipe.scheduler.step_index
-    img = sample_edit(pipe, "edit-v2", PROMPT, refs, height=48, width=80, num_inference_steps=2, true_cfg_scale=1.0,
-                      generator=torch.Generator().manual_seed(0), vl_ref_area=32 * 32)
+    img = sample_edit(
+        pipe,
+        "edit-v2",
+        PROMPT,
+        refs,
+        height=48,
+        width=80,
+        num_inference_steps=2,
+        true_cfg_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        vl_ref_area=32 * 32,
+    )
     assert isinstance(img, Image.Image) and img.size == (80, 48)
-    again = sample_edit(pipe, "edit-v2", PROMPT, refs, height=48, width=80, num_inference_steps=2,
-                        true_cfg_scale=1.0, generator=torch.Generator().manual_seed(0), vl_ref_area=32 * 32)
+    again = sample_edit(
+        pipe,
+        "edit-v2",
+        PROMPT,
+        refs,
+        height=48,
+        width=80,
+        num_inference_steps=2,
+        true_cfg_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        vl_ref_area=32 * 32,
+    )
     assert np.array_equal(np.asarray(img), np.asarray(again))  # seeded: reproducible
     assert pipe.scheduler.step_index == step_index  # the pipeline's own scheduler was not advanced
 
@@ -141,8 +175,26 @@ def test_every_reference_reaches_the_model(pipes, which):
 def test_rejects_sizes_the_pipeline_would_silently_round(pipes):
     pipe = pipes("edit-v2")
     with pytest.raises(ValueError, match="multiples of 16"):
-        sample_edit(pipe, "edit-v2", PROMPT, _small_refs(), height=40, width=64, num_inference_steps=2,
-                    true_cfg_scale=1.0, generator=None)
+        sample_edit(
+            pipe,
+            "edit-v2",
+            PROMPT,
+            _small_refs(),
+            height=40,
+            width=64,
+            num_inference_steps=2,
+            true_cfg_scale=1.0,
+            generator=None,
+        )
     with pytest.raises(ValueError, match="multiples of 16"):
-        sample_edit(pipe, "edit-v2", PROMPT, [_random_image(50, 32, 0)], height=32, width=32, num_inference_steps=2,
-                    true_cfg_scale=1.0, generator=None)
+        sample_edit(
+            pipe,
+            "edit-v2",
+            PROMPT,
+            [_random_image(50, 32, 0)],
+            height=32,
+            width=32,
+            num_inference_steps=2,
+            true_cfg_scale=1.0,
+            generator=None,
+        )

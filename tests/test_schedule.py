@@ -66,15 +66,19 @@ def test_schedule_rules_are_config_errors_naming_the_key():
     assert p.where == "config.json: $.lr_warmup_steps" and "set lr_warmup_steps > 0" in p.message
     (p,) = check_schedule(TrainConfig(model_flavour="edit-v2", lr_scheduler="polynomial", lr_end=1e-3), "c.json")
     assert p.where == "c.json: $.lr_end" and "exceeds learning_rate" in p.message
-    assert check_schedule(TrainConfig(model_flavour="edit-v2", lr_scheduler="sine",
-                                      optimizer="adamw_schedulefree"), "c.json") == []  # constant lr there
+    assert (
+        check_schedule(
+            TrainConfig(model_flavour="edit-v2", lr_scheduler="sine", optimizer="adamw_schedulefree"), "c.json"
+        )
+        == []
+    )  # constant lr there
 
 
 @pytest.mark.parametrize("method", ["norm", "value"])
 def test_gradient_clipping_by_norm_or_by_value_reports_the_norm_before(method):
     grads = [torch.tensor([3.0, -0.5]), torch.tensor([[0.2, -4.0]])]
     params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
-    for p, g in zip(params, grads):
+    for p, g in zip(params, grads, strict=True):
         p.grad = g.clone()
     cfg = TrainConfig(model_flavour="edit-v2", max_grad_norm=1.0, grad_clip_method=method)
     norm = Trainer._clip_gradients(SimpleNamespace(cfg=cfg, params=params, device=torch.device("cpu")))
@@ -83,5 +87,5 @@ def test_gradient_clipping_by_norm_or_by_value_reports_the_norm_before(method):
     if method == "value":  # each element clamped to ±1, the small ones untouched
         assert params[0].grad.tolist() == [1.0, -0.5] and params[1].grad.tolist() == [[pytest.approx(0.2), -1.0]]
     else:  # the direction kept, the length 1
-        assert math.sqrt(sum(float((p.grad ** 2).sum()) for p in params)) == pytest.approx(1.0, rel=1e-5)
+        assert math.sqrt(sum(float((p.grad**2).sum()) for p in params)) == pytest.approx(1.0, rel=1e-5)
         assert params[1].grad[0, 1] / params[0].grad[0] == pytest.approx(-4.0 / 3.0)

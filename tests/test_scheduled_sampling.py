@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from test_config import problems_of, write_project
+from test_distributed import _equal, _lora, _losses, _train, _train_here
+from test_training import make_run, trainer_for
 
 from shared.config.loading import load_run_config
 from shared.errors import ConfigError
@@ -17,12 +20,13 @@ from shared.evaluate.sampling import make_scheduler
 from shared.model.flow import predict_velocity, sample_sigmas, step_generator
 from shared.model.latents import pack_latents
 from shared.model.rollout import Rollout, rollout_sigmas
-from test_config import problems_of, write_project
-from test_distributed import _equal, _lora, _losses, _train, _train_here
-from test_training import make_run, trainer_for
 
-ON = ["scheduled_sampling_max_step_offset=3", "scheduled_sampling_probability=1.0",
-      "scheduled_sampling_reflexflow=false", "validation_num_inference_steps=12"]
+ON = [
+    "scheduled_sampling_max_step_offset=3",
+    "scheduled_sampling_probability=1.0",
+    "scheduled_sampling_reflexflow=false",
+    "validation_num_inference_steps=12",
+]
 
 
 def losses_of(cfg, store, tmp_path, name, *overrides):
@@ -35,10 +39,12 @@ def losses_of(cfg, store, tmp_path, name, *overrides):
 def test_offset_0_or_probability_0_trains_bit_identically_to_no_rollout(tmp_path, tiny_models):
     cfg, store = make_run(tmp_path, tiny_models, refs=1, n=3, gradient_accumulation_steps=2)
     plain, _ = losses_of(cfg, store, tmp_path, "plain")
-    off, off_fwd = losses_of(cfg, store, tmp_path, "off", "scheduled_sampling_max_step_offset=0",
-                             "scheduled_sampling_probability=1.0")
-    never, never_fwd = losses_of(cfg, store, tmp_path, "never", "scheduled_sampling_max_step_offset=5",
-                                 "scheduled_sampling_probability=0")
+    off, off_fwd = losses_of(
+        cfg, store, tmp_path, "off", "scheduled_sampling_max_step_offset=0", "scheduled_sampling_probability=1.0"
+    )
+    never, never_fwd = losses_of(
+        cfg, store, tmp_path, "never", "scheduled_sampling_max_step_offset=5", "scheduled_sampling_probability=0"
+    )
     rolled, rolled_fwd = losses_of(cfg, store, tmp_path, "rolled", *ON)
     assert off == plain and never == plain  # bitwise
     assert off_fwd == never_fwd == [0, 0, 0]
@@ -81,8 +87,9 @@ def _preview_sigmas(t, batch):
     """The sigmas a preview of this batch's size denoises through (shared.evaluate.sampling's scheduler)."""
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(t.cfg.model_path, subfolder="scheduler")
     tokens = batch.latents_BChw[0, 0].numel() // 4
-    sched, _ = make_scheduler(SimpleNamespace(scheduler=scheduler), t.cfg.validation_num_inference_steps, tokens,
-                              torch.device("cpu"))
+    sched, _ = make_scheduler(
+        SimpleNamespace(scheduler=scheduler), t.cfg.validation_num_inference_steps, tokens, torch.device("cpu")
+    )
     return sched.sigmas[:-1]
 
 
@@ -90,7 +97,7 @@ def _step_drawing(t, batch, schedule, lengths):
     """A step whose draws give these rollout lengths (sorted), each with as many inference sigmas above it."""
     for step in range(1, 200):
         _, sigmas, k = _draws(t, batch, step)
-        if sorted(k.tolist()) in lengths and all((schedule > s).sum() >= n for s, n in zip(sigmas, k)):
+        if sorted(k.tolist()) in lengths and all((schedule > s).sum() >= n for s, n in zip(sigmas, k, strict=True)):
             return step
     raise AssertionError("no such step")
 
@@ -98,18 +105,19 @@ def _step_drawing(t, batch, schedule, lengths):
 def _forward_inputs(t, batch, step: int) -> list[torch.Tensor]:
     """The transformer's hidden_states at each of its forwards in the step's forward_backward."""
     inputs = []
-    hook = t.transformer.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw["hidden_states"].clone()),
-                                                   with_kwargs=True)
+    hook = t.transformer.register_forward_pre_hook(
+        lambda m, a, kw: inputs.append(kw["hidden_states"].clone()), with_kwargs=True
+    )
     t.forward_backward(batch, step, 0)
     hook.remove()
     return inputs
 
 
 @pytest.mark.parametrize("sampler", ["unipc", "euler", "dpm"])
-def test_the_training_input_is_the_solvers_own_k_step_denoise_from_the_preview_schedule(tmp_path, tiny_models,
-                                                                                      sampler):
-    cfg, store = make_run(tmp_path, tiny_models, flavour="edit-v3", refs=2, n=2, lora_dropout=0.1,
-                          gradient_checkpointing=True)
+def test_the_training_input_is_the_solvers_own_k_step_denoise_from_the_preview_schedule(tmp_path, tiny_models, sampler):
+    cfg, store = make_run(
+        tmp_path, tiny_models, flavour="edit-v3", refs=2, n=2, lora_dropout=0.1, gradient_checkpointing=True
+    )
     t = trainer_for(cfg, store, *ON, f"scheduled_sampling_sampler={sampler}", "validation_num_inference_steps=12")
     batch = t.loader.next_batch()
     t.loader.close()
@@ -123,12 +131,17 @@ def test_the_training_input_is_the_solvers_own_k_step_denoise_from_the_preview_s
 
     t.transformer.eval()
     with torch.no_grad():
-        expected = _explicit_denoise(sampler, path, pack_latents(batch.latents_BChw).float(), noise,
-                                     lambda x, s: predict_velocity(t.transformer, batch, x, s, torch.float32))
+        expected = _explicit_denoise(
+            sampler,
+            path,
+            pack_latents(batch.latents_BChw).float(),
+            noise,
+            lambda x, s: predict_velocity(t.transformer, batch, x, s, torch.float32),
+        )
     assert torch.equal(inputs[-1][:, :L], expected)
     x0, s = pack_latents(batch.latents_BChw), sigmas[0]
     assert not torch.allclose(expected, (1 - s) * x0 + s * noise, atol=1e-3)  # not the exact interpolation
-    for r, x_in in enumerate(inputs[:-1]):  # each rollout forward saw the sample's references after its tokens
+    for x_in in inputs[:-1]:  # each rollout forward saw the sample's references after its tokens
         assert x_in.shape == inputs[-1].shape and torch.equal(x_in[:, L:], inputs[-1][:, L:])
 
 
@@ -149,41 +162,66 @@ def test_samples_of_a_batch_roll_out_their_own_lengths_in_shared_forwards(tmp_pa
         path = rollout_sigmas(schedule, float(sigmas[i]), int(k[i]))
         assert len(path) == int(k[i]) + 1
         with torch.no_grad():
-            expected = _explicit_denoise("euler", path, pack_latents(one.latents_BChw).float(), noise[i:i + 1],
-                                         lambda x, s: predict_velocity(t.transformer, one, x, s, torch.float32))
-        torch.testing.assert_close(inputs[-1][i:i + 1, :L], expected, rtol=1e-5, atol=1e-5)
+            expected = _explicit_denoise(
+                "euler",
+                path,
+                pack_latents(one.latents_BChw).float(),
+                noise[i : i + 1],
+                lambda x, s, one=one: predict_velocity(t.transformer, one, x, s, torch.float32),
+            )
+        torch.testing.assert_close(inputs[-1][i : i + 1, :L], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("flavour,refs,extra", [
-    ("edit-v2", 2, ["gradient_accumulation_steps=2", "lora_dropout=0.1", "scheduled_sampling_sampler=unipc"]),
-    ("edit-v1", 1, ["base_model_precision=int8-quanto", "gradient_checkpointing=true",
-                    "scheduled_sampling_sampler=dpm", "scheduled_sampling_ramp_steps=3",
-                    "scheduled_sampling_prob_start=0.5", "scheduled_sampling_prob_end=1.0"])])
-def test_resume_with_rollout_gives_bitwise_the_losses_of_an_uninterrupted_run(tmp_path, tiny_models, flavour,
-                                                                              refs, extra):
-    cfg, store = make_run(tmp_path, tiny_models, flavour=flavour, refs=refs, n=3, max_train_steps=4,
-                          checkpoint_step_interval=2)
+@pytest.mark.parametrize(
+    "flavour,refs,extra",
+    [
+        ("edit-v2", 2, ["gradient_accumulation_steps=2", "lora_dropout=0.1", "scheduled_sampling_sampler=unipc"]),
+        (
+            "edit-v1",
+            1,
+            [
+                "base_model_precision=int8-quanto",
+                "gradient_checkpointing=true",
+                "scheduled_sampling_sampler=dpm",
+                "scheduled_sampling_ramp_steps=3",
+                "scheduled_sampling_prob_start=0.5",
+                "scheduled_sampling_prob_end=1.0",
+            ],
+        ),
+    ],
+)
+def test_resume_with_rollout_gives_bitwise_the_losses_of_an_uninterrupted_run(
+    tmp_path, tiny_models, flavour, refs, extra
+):
+    cfg, store = make_run(
+        tmp_path, tiny_models, flavour=flavour, refs=refs, n=3, max_train_steps=4, checkpoint_step_interval=2
+    )
     full = trainer_for(cfg, store, *ON, *extra).train()
     other = str(tmp_path / "out2")
     trainer_for(cfg, store, *ON, *extra, f"output_dir={other}").train(until_step=3)
     rest = trainer_for(cfg, store, *ON, *extra, f"output_dir={other}", "resume_from_checkpoint=latest").train()
     assert rest.losses == full.losses[2:]  # bitwise
-    forwards = [h["rollout_forwards"] for h in trainer_for(cfg, store, *ON, *extra,
-                                                           "resume_from_checkpoint=latest").history if "loss" in h]
+    forwards = [
+        h["rollout_forwards"]
+        for h in trainer_for(cfg, store, *ON, *extra, "resume_from_checkpoint=latest").history
+        if "loss" in h
+    ]
     assert len(forwards) == 4 and sum(forwards) > 0
 
 
 def test_two_processes_roll_out_what_one_process_does(tmp_path, tiny_models):
     """Each rank rolls out its own micro-batches from (seed, step, micro): the losses, the LoRA and the step's
     rollout forwards (summed over the ranks) are one process's, bit for bit."""
-    cfg, store = make_run(tmp_path, tiny_models, refs=1, n=4, max_train_steps=2, checkpoint_step_interval=2,
-                          gradient_accumulation_steps=2)
+    cfg, store = make_run(
+        tmp_path, tiny_models, refs=1, n=4, max_train_steps=2, checkpoint_step_interval=2, gradient_accumulation_steps=2
+    )
     args = [*ON, "lora_dropout=0.1"]
     _train_here(cfg, store, "one", *args)
     assert _train(cfg, store, "two", *args, "num_processes=2")["processes"] == 2
     assert _losses(store, "two") == _losses(store, "one") and _equal(_lora(store, "two"), _lora(store, "one"))
-    history = {r: map(json.loads, store.get_bytes(f"runs/{r}/metrics.jsonl").decode().splitlines()) for r in
-               ("one", "two")}
+    history = {
+        r: map(json.loads, store.get_bytes(f"runs/{r}/metrics.jsonl").decode().splitlines()) for r in ("one", "two")
+    }
     forwards = [[h["rollout_forwards"] for h in steps if "loss" in h] for steps in history.values()]
     assert forwards[0] == forwards[1] and sum(forwards[0]) > 0
 
@@ -192,6 +230,7 @@ def test_the_planner_counts_the_rollout_forwards():
     """k up to 5 at probability 1: 2.5 forwards per sample on average, at a forward's FLOPs (what checkpointing's
     recompute adds), and no memory."""
     from seed_files import SEED_CONFIG, SEED_DATA_V2
+
     from shared.config.loading import load_run_config_text
     from shared.plan.predict import plan_run
     from shared.plan.report import format_plan
@@ -230,18 +269,21 @@ def test_probability_ramp_and_draws_follow_simpletuner():
     assert rollout_sigmas(schedule, 0.375, 2) == [0.75, 0.5, 0.375] and rollout_sigmas(schedule, 0.375, 0) == [0.375]
 
 
-@pytest.mark.parametrize("override,field,words", [
-    ("scheduled_sampling_max_step_offset=-1", "scheduled_sampling_max_step_offset", ">= 0"),
-    ("scheduled_sampling_probability=1.5", "scheduled_sampling_probability", "between 0 and 1"),
-    ("scheduled_sampling_probability=-0.1", "scheduled_sampling_probability", "between 0 and 1"),
-    ("scheduled_sampling_prob_end=2", "scheduled_sampling_prob_end", "between 0 and 1"),
-    ("scheduled_sampling_sampler=ddim", "scheduled_sampling_sampler", "'unipc', 'euler', 'dpm'"),
-    ("scheduled_sampling_order=4", "scheduled_sampling_order", "order 1, 2 or 3"),
-    ("scheduled_sampling_strategy=random", "scheduled_sampling_strategy", "'biased_early'"),
-    ("scheduled_sampling_reflexflow=true", "scheduled_sampling_reflexflow", "ReflexFlow"),
-    ("scheduled_sampling_reflexflow_alpha=2.0", "scheduled_sampling_reflexflow_alpha", "ReflexFlow is not built"),
-    ("scheduled_sampling_reflexflow_beta1=5", "scheduled_sampling_reflexflow_beta1", "ReflexFlow is not built"),
-])
+@pytest.mark.parametrize(
+    "override,field,words",
+    [
+        ("scheduled_sampling_max_step_offset=-1", "scheduled_sampling_max_step_offset", ">= 0"),
+        ("scheduled_sampling_probability=1.5", "scheduled_sampling_probability", "between 0 and 1"),
+        ("scheduled_sampling_probability=-0.1", "scheduled_sampling_probability", "between 0 and 1"),
+        ("scheduled_sampling_prob_end=2", "scheduled_sampling_prob_end", "between 0 and 1"),
+        ("scheduled_sampling_sampler=ddim", "scheduled_sampling_sampler", "'unipc', 'euler', 'dpm'"),
+        ("scheduled_sampling_order=4", "scheduled_sampling_order", "order 1, 2 or 3"),
+        ("scheduled_sampling_strategy=random", "scheduled_sampling_strategy", "'biased_early'"),
+        ("scheduled_sampling_reflexflow=true", "scheduled_sampling_reflexflow", "ReflexFlow"),
+        ("scheduled_sampling_reflexflow_alpha=2.0", "scheduled_sampling_reflexflow_alpha", "ReflexFlow is not built"),
+        ("scheduled_sampling_reflexflow_beta1=5", "scheduled_sampling_reflexflow_beta1", "ReflexFlow is not built"),
+    ],
+)
 def test_bad_rollout_settings_are_config_errors_naming_the_field(tmp_path, monkeypatch, override, field, words):
     monkeypatch.chdir(tmp_path)
     write_project(tmp_path)
@@ -256,8 +298,10 @@ def test_rollout_settings_that_change_nothing_or_differ_from_simpletuner_are_rep
     write_project(tmp_path)
     quiet = load_run_config("config/config.json", overrides=ON)
     assert quiet.warnings == () and Rollout.from_config(quiet.train) == Rollout(3, 1.0, inference_steps=12)
-    run = load_run_config("config/config.json", overrides=["scheduled_sampling_max_step_offset=5",
-                                                           "scheduled_sampling_reflexflow_beta2=1.0"])
+    run = load_run_config(
+        "config/config.json",
+        overrides=["scheduled_sampling_max_step_offset=5", "scheduled_sampling_reflexflow_beta2=1.0"],
+    )
     text = "\n".join(run.warnings)
     assert "$.scheduled_sampling_probability: is 0" in text and "turns ReflexFlow on" in text
     assert "scheduled_sampling_reflexflow_beta2 (ReflexFlow is not built" in text

@@ -41,16 +41,27 @@ def stack(tmp_path_factory, tiny_models):
 
 
 def files_for(stack, name, **overrides):
-    base = dict(max_train_steps=4, checkpoint_step_interval=2, validation_step_interval=2, num_eval_images=1,
-                learning_rate=1e-3, lora_rank=4, output_dir=str(stack.tmp / "out" / name))
+    base = dict(
+        max_train_steps=4,
+        checkpoint_step_interval=2,
+        validation_step_interval=2,
+        num_eval_images=1,
+        learning_rate=1e-3,
+        lora_rank=4,
+        output_dir=str(stack.tmp / "out" / name),
+    )
     cfg, data = write_configs(stack.tmp / "cfg" / name, stack.root, stack.model, "edit-v2", 2, **(base | overrides))
     return files_to_proto(read_config_files(cfg, data))
 
 
 def start(stack, name, request_id=None, **overrides):
     c = Client("trainer", stack.addresses["trainer"])
-    job = c.call("StartRun", trainer_pb2.StartRunRequest(request_id=request_id or uuid.uuid4().hex,
-                                                         files=files_for(stack, name, **overrides))).job
+    job = c.call(
+        "StartRun",
+        trainer_pb2.StartRunRequest(
+            request_id=request_id or uuid.uuid4().hex, files=files_for(stack, name, **overrides)
+        ),
+    ).job
     return c, job
 
 
@@ -76,10 +87,16 @@ def test_whole_flow_through_the_three_services(stack):
         assert metrics["step"] == int(step) and metrics["samples"][0]["grid"] in r.outputs["grids"]
     # the LoRA file loads into the flavour's pipeline and changes the transformer's output
     from shared.model.loading import load_pipeline
+
     pipe = load_pipeline(stack.model, "edit-v2")
     x = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0))
-    kw = dict(hidden_states=x, timestep=torch.tensor([0.5]), encoder_hidden_states=torch.randn(1, 7, 32),
-              img_shapes=[[(1, 4, 4)]], return_dict=False)
+    kw = dict(
+        hidden_states=x,
+        timestep=torch.tensor([0.5]),
+        encoder_hidden_states=torch.randn(1, 7, 32),
+        img_shapes=[[(1, 4, 4)]],
+        return_dict=False,
+    )
     with torch.no_grad():
         base = pipe.transformer(**kw)[0]
         pipe.load_lora_weights(lora, adapter_name="run")
@@ -116,11 +133,16 @@ def test_bad_config_is_invalid_argument_listing_every_problem(stack):
 def test_missing_reference_fails_the_encode_and_the_run_with_the_reason(stack):
     root = write_dataset(stack.tmp / "broken", n=2, references=2)
     (root / "reference_b" / "0001.png").unlink()
-    cfg, data = write_configs(stack.tmp / "cfg" / "broken", root, stack.model, "edit-v2", 2,
-                              output_dir=str(stack.tmp / "out" / "broken"))
+    cfg, data = write_configs(
+        stack.tmp / "cfg" / "broken", root, stack.model, "edit-v2", 2, output_dir=str(stack.tmp / "out" / "broken")
+    )
     enc = Client("encoder", stack.addresses["encoder"])
-    job = enc.call("SubmitEncode", encoder_pb2.SubmitEncodeRequest(
-        request_id=uuid.uuid4().hex, files=files_to_proto(read_config_files(cfg, data, ["bad_image_policy=fail"])))).job
+    job = enc.call(
+        "SubmitEncode",
+        encoder_pb2.SubmitEncodeRequest(
+            request_id=uuid.uuid4().hex, files=files_to_proto(read_config_files(cfg, data, ["bad_image_policy=fail"]))
+        ),
+    ).job
     final = enc.watch(job.job_id, lambda j: None)
     assert state_name(final) == "failed" and final.error_code == "INVALID_ARGUMENT"
     assert "Control tensor list length" in final.error and "0001.png" in final.error
@@ -194,8 +216,10 @@ def test_a_restarted_trainer_resumes_the_run_from_its_checkpoint(stack):
 def test_a_run_id_is_one_key_segment_checked_before_a_job_exists(stack, run_id):
     c = Client("trainer", stack.addresses["trainer"])
     with pytest.raises(grpc.RpcError) as e:
-        c.stub.StartRun(trainer_pb2.StartRunRequest(request_id=uuid.uuid4().hex, files=files_for(stack, "ids"),
-                                                    run_id=run_id), timeout=10)
+        c.stub.StartRun(
+            trainer_pb2.StartRunRequest(request_id=uuid.uuid4().hex, files=files_for(stack, "ids"), run_id=run_id),
+            timeout=10,
+        )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("run_id: ")
     assert not [j for j in c.list() if j.outputs.get("run_id") == run_id]
 
@@ -259,8 +283,10 @@ def test_a_killed_supervisor_takes_its_worker_along_and_nothing_is_committed_aft
     while _alive(worker):
         assert time.monotonic() - killed < 1.0, "the worker outlived its supervisor by a second"
         time.sleep(0.01)
-    markers = [store.root / "keys" / "runs" / "orphan" / "checkpoints" / f"step-{s}" / "_COMMITTED.ptr"
-               for s in committed_steps(store, "runs/orphan")]
+    markers = [
+        store.root / "keys" / "runs" / "orphan" / "checkpoints" / f"step-{s}" / "_COMMITTED.ptr"
+        for s in committed_steps(store, "runs/orphan")
+    ]
     assert markers and all(m.stat().st_mtime <= killed_wall + 0.05 for m in markers)  # none written after
     stack.launch("trainer")
     stack.wait_ready("trainer")

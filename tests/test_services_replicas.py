@@ -21,17 +21,34 @@ from shared.store.local import LocalStore
 
 def test_two_encoder_replicas_split_the_encode_of_a_run(tmp_path, tiny_models):
     root = write_dataset(tmp_path / "data", n=4, references=1)
-    cfg, data = write_configs(tmp_path / "cfg", root, tiny_models("edit-v2"), "edit-v2", 1, max_train_steps=1,
-                              checkpoint_step_interval=1, validation_step_interval=100, num_eval_images=1,
-                              output_dir=str(tmp_path / "out" / "replicas"), vae_batch_size=1)
+    cfg, data = write_configs(
+        tmp_path / "cfg",
+        root,
+        tiny_models("edit-v2"),
+        "edit-v2",
+        1,
+        max_train_steps=1,
+        checkpoint_step_interval=1,
+        validation_step_interval=100,
+        num_eval_images=1,
+        output_dir=str(tmp_path / "out" / "replicas"),
+        vae_batch_size=1,
+    )
     _, items, _, _ = DatasetEncoder(load_run_config(cfg), LocalStore(tmp_path / "plan")).prepare()
     env = {**os.environ, "EDITTUNER_WORKDIR": str(tmp_path / "work")}
     stack = start_local_stack(str(tmp_path / "store"), tmp_path / "logs", env=env, services=("encoder", "eval"))
     second = f"127.0.0.1:{free_port()}"
     log = open(tmp_path / "logs" / "encoder-2.log", "ab")
-    replica = subprocess.Popen([sys.executable, "-m", "encoder_svc"], stdout=log, stderr=subprocess.STDOUT,
-                               env={**stack.env, "EDITTUNER_ENCODER_PORT": second.rsplit(":", 1)[1],
-                                    "EDITTUNER_ENCODER_METRICS_PORT": str(free_port())})
+    replica = subprocess.Popen(
+        [sys.executable, "-m", "encoder_svc"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={
+            **stack.env,
+            "EDITTUNER_ENCODER_PORT": second.rsplit(":", 1)[1],
+            "EDITTUNER_ENCODER_METRICS_PORT": str(free_port()),
+        },
+    )
     try:
         stack.procs["encoder-2"] = replica
         stack.addresses["encoder-2"] = second
@@ -40,8 +57,12 @@ def test_two_encoder_replicas_split_the_encode_of_a_run(tmp_path, tiny_models):
         stack.launch("trainer")
         stack.wait_ready("trainer")
         c = Client("trainer", stack.addresses["trainer"])
-        job = c.call("StartRun", trainer_pb2.StartRunRequest(request_id=uuid.uuid4().hex,
-                                                             files=files_to_proto(read_config_files(cfg, data)))).job
+        job = c.call(
+            "StartRun",
+            trainer_pb2.StartRunRequest(
+                request_id=uuid.uuid4().hex, files=files_to_proto(read_config_files(cfg, data))
+            ),
+        ).job
         final = c.watch(job.job_id, lambda j: None)
         assert state_name(final) == "succeeded", final.error
         jobs = {name: Client("encoder", stack.addresses[name]).list() for name in ("encoder", "encoder-2")}
@@ -56,8 +77,12 @@ def test_two_encoder_replicas_split_the_encode_of_a_run(tmp_path, tiny_models):
         assert store.exists(final.outputs["lora"])
         bad = Client("encoder", second)
         try:
-            bad.call("SubmitEncode", encoder_pb2.SubmitEncodeRequest(
-                request_id="x", files=files_to_proto(read_config_files(cfg, data)), shard_index=2, shard_count=2))
+            bad.call(
+                "SubmitEncode",
+                encoder_pb2.SubmitEncodeRequest(
+                    request_id="x", files=files_to_proto(read_config_files(cfg, data)), shard_index=2, shard_count=2
+                ),
+            )
         except Exception as e:  # noqa: BLE001
             assert "shard_index 2 with shard_count 2" in str(e) and "InvalidInput" in type(e).__name__
         else:

@@ -8,10 +8,10 @@ import time
 import uuid
 from urllib.parse import urlsplit
 
-from safetensors.torch import load as load_safetensors
-
 from prom import require_tool, start_prometheus
 from s3server import ACCESS_KEY, SECRET_KEY
+from safetensors.torch import load as load_safetensors
+
 from shared.cli.remote import wait_for_validations
 from shared.config.loading import read_config_files
 from shared.data.synthetic import write_configs, write_dataset
@@ -39,17 +39,36 @@ def test_minio_flow_scraped_by_prometheus(tmp_path, s3_server, tiny_models):
     require_tool("prometheus")
     bucket = f"edittuner-{uuid.uuid4().hex[:8]}"
     host = urlsplit(s3_server).netloc
-    env = {**os.environ, "EDITTUNER_S3_ACCESS_KEY": ACCESS_KEY, "EDITTUNER_S3_SECRET_KEY": SECRET_KEY,
-           "EDITTUNER_WORKDIR": str(tmp_path / "work")}
+    env = {
+        **os.environ,
+        "EDITTUNER_S3_ACCESS_KEY": ACCESS_KEY,
+        "EDITTUNER_S3_SECRET_KEY": SECRET_KEY,
+        "EDITTUNER_WORKDIR": str(tmp_path / "work"),
+    }
     root = write_dataset(tmp_path / "data", n=3, references=2)
-    cfg, data = write_configs(tmp_path / "cfg", root, tiny_models("edit-v2"), "edit-v2", 2, max_train_steps=6,
-                              checkpoint_step_interval=3, validation_step_interval=6, num_eval_images=1,
-                              output_dir=str(tmp_path / "out" / "minio-run"))
-    with start_local_stack(f"minio://{host}/{bucket}", tmp_path / "logs", env=env) as stack, \
-            start_prometheus({s: [f"127.0.0.1:{p}"] for s, p in stack.metrics_ports.items()}) as prom:
+    cfg, data = write_configs(
+        tmp_path / "cfg",
+        root,
+        tiny_models("edit-v2"),
+        "edit-v2",
+        2,
+        max_train_steps=6,
+        checkpoint_step_interval=3,
+        validation_step_interval=6,
+        num_eval_images=1,
+        output_dir=str(tmp_path / "out" / "minio-run"),
+    )
+    with (
+        start_local_stack(f"minio://{host}/{bucket}", tmp_path / "logs", env=env) as stack,
+        start_prometheus({s: [f"127.0.0.1:{p}"] for s, p in stack.metrics_ports.items()}) as prom,
+    ):
         c = Client("trainer", stack.addresses["trainer"])
-        job = c.call("StartRun", trainer_pb2.StartRunRequest(
-            request_id=uuid.uuid4().hex, files=files_to_proto(read_config_files(cfg, data)))).job
+        job = c.call(
+            "StartRun",
+            trainer_pb2.StartRunRequest(
+                request_id=uuid.uuid4().hex, files=files_to_proto(read_config_files(cfg, data))
+            ),
+        ).job
         final = c.watch(job.job_id, lambda j: None)
         assert state_name(final) == "succeeded", final.error
         [render] = wait_for_validations(final, stack.addresses["eval"])

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from stores import BAD_KEYS, new_minio_store, sha256_of
 
 from shared import errors
 from shared.store.base import COMMIT_MARKER, ObjectInfo, ObjectStore, validate_key
 from shared.store.local import LocalStore
 from shared.store.s3 import MinioStore
-from stores import BAD_KEYS, new_minio_store, sha256_of
 
 
 @pytest.fixture(params=["local", "minio"])
@@ -20,6 +20,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
     if request.param == "local":
         return LocalStore(tmp_path / "store")
     return new_minio_store(request.getfixturevalue("s3_server"))
+
 
 # --- core behaviour, both backends ---------------------------------------------------------------------------
 
@@ -180,9 +181,7 @@ def test_commit_marker_lifecycle(store: ObjectStore) -> None:
     manifest = store.commit(prefix, [b.key, a.key, a.key])
     assert store.is_committed(prefix) and store.is_committed(prefix + "/")
     assert not store.is_committed("runs/r/checkpoints/step-100")
-    assert [(o.key, o.sha256, o.size) for o in manifest.objects] == [
-        (a.key, a.sha256, 4), (b.key, b.sha256, b.size)
-    ]
+    assert [(o.key, o.sha256, o.size) for o in manifest.objects] == [(a.key, a.sha256, 4), (b.key, b.sha256, b.size)]
     assert store.read_commit(prefix) == manifest and store.verify_commit(prefix) == manifest
     doc = store.get_json(f"{prefix}/{COMMIT_MARKER}")
     assert doc["prefix"] == prefix and doc["objects"][0] == {"key": a.key, "sha256": a.sha256, "size": 4}
@@ -223,5 +222,3 @@ def test_describe_says_where(store: ObjectStore) -> None:
     else:
         assert isinstance(store, MinioStore)
         assert store.describe() == f"s3 bucket '{store.bucket}' at http://{store.endpoint}"
-
-

@@ -13,9 +13,9 @@ import uuid
 from urllib.parse import urlsplit
 
 import pytest
-
 from chaosproxy import ChaosProxy
 from s3server import ACCESS_KEY, SECRET_KEY, free_port
+
 from shared import errors
 from shared.config.loading import load_run_config
 from shared.data.pairing import pair_datasets
@@ -42,14 +42,19 @@ def store_at(url: str, bucket: str, retry_s: float) -> MinioStore:
 
 def tiny_run(tmp_path, tiny_models, name: str, **overrides):
     root = write_dataset(tmp_path / "data", n=3, references=1)
-    base = dict(max_train_steps=10, checkpoint_step_interval=3, learning_rate=1e-3, lora_rank=4, seed=3,
-                output_dir=str(tmp_path / name))
+    base = dict(
+        max_train_steps=10,
+        checkpoint_step_interval=3,
+        learning_rate=1e-3,
+        lora_rank=4,
+        seed=3,
+        output_dir=str(tmp_path / name),
+    )
     cfg, _ = write_configs(tmp_path / f"cfg-{name}", root, tiny_models("edit-v2"), "edit-v2", 1, **(base | overrides))
     return load_run_config(cfg)
 
 
-def test_a_run_rides_out_a_30_s_outage_with_the_losses_of_an_uninterrupted_run(tmp_path, tiny_models, s3_server,
-                                                                                   proxy):
+def test_a_run_rides_out_a_30_s_outage_with_the_losses_of_an_uninterrupted_run(tmp_path, tiny_models, s3_server, proxy):
     run = tiny_run(tmp_path, tiny_models, "outage")
     direct = store_at(s3_server, f"direct-{uuid.uuid4().hex[:8]}", retry_s=10)
     reference = train_run(run, direct, validate=False, copy_to_output_dir=False).summary.losses
@@ -67,8 +72,9 @@ def test_a_run_rides_out_a_30_s_outage_with_the_losses_of_an_uninterrupted_run(t
     assert time.monotonic() - started >= OUTAGE_S / 2  # it really waited the store out
     assert result.summary.losses == reference  # bit for bit: nothing was lost or redone differently
     assert result.summary.steps == 10 and result.summary.checkpoints == [3, 6, 9]
-    assert flaky.is_committed("runs/outage/checkpoints/step-9") and flaky.exists("runs/outage/lora/"
-                                                                                 "pytorch_lora_weights.safetensors")
+    assert flaky.is_committed("runs/outage/checkpoints/step-9") and flaky.exists(
+        "runs/outage/lora/pytorch_lora_weights.safetensors"
+    )
 
 
 def test_past_the_retry_budget_the_store_is_unavailable_naming_the_endpoint(s3_server, proxy):
@@ -83,8 +89,9 @@ def test_past_the_retry_budget_the_store_is_unavailable_naming_the_endpoint(s3_s
     assert store.get_bytes("a") == b"1"
 
 
-def test_an_unreachable_dataset_bucket_is_a_dataset_error_naming_bucket_and_endpoint(tmp_path, tiny_models,
-                                                                                       monkeypatch):
+def test_an_unreachable_dataset_bucket_is_a_dataset_error_naming_bucket_and_endpoint(
+    tmp_path, tiny_models, monkeypatch
+):
     monkeypatch.setenv("EDITTUNER_STORE_RETRY_S", "1")
     root = write_dataset(tmp_path / "data", n=2, references=1)
     cfg, data = write_configs(tmp_path / "cfg", root, tiny_models("edit-v2"), "edit-v2", 1)
@@ -95,8 +102,14 @@ def test_an_unreachable_dataset_bucket_is_a_dataset_error_naming_bucket_and_endp
     entries = json.loads(text)
     for e in entries:
         e.pop("instance_data_dir")
-        e.update(type="aws", aws_bucket_name="their-images", aws_data_prefix=e["id"],
-                 aws_endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="k", aws_secret_access_key="s")
+        e.update(
+            type="aws",
+            aws_bucket_name="their-images",
+            aws_data_prefix=e["id"],
+            aws_endpoint_url=f"http://127.0.0.1:{port}",
+            aws_access_key_id="k",
+            aws_secret_access_key="s",
+        )
     data.write_text(json.dumps(entries))
     with pytest.raises(errors.DatasetError) as info:
         pair_datasets(load_run_config(cfg))
@@ -114,8 +127,9 @@ def test_a_record_the_store_could_not_take_is_spooled_and_reconciled_at_the_next
         go.wait(30)
         raise errors.InvalidInput("the run failed")
 
-    m = JobManager(store_at(proxy.url, bucket, retry_s=1.0), "trainer", fails_during_the_outage, spool=spool,
-                   spool_retry_s=3600)
+    m = JobManager(
+        store_at(proxy.url, bucket, retry_s=1.0), "trainer", fails_during_the_outage, spool=spool, spool_retry_s=3600
+    )
     m.start()
     job = m.submit("train", {}, "r")
     deadline = time.monotonic() + 30

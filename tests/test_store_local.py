@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+from stores import sha256_of
 
 from shared import errors
 from shared.store.local import LocalStore
-from stores import sha256_of
 
 
 def test_local_layout_is_content_addressed(tmp_path: Path) -> None:
@@ -115,5 +115,3 @@ def test_local_store_on_a_file_is_invalid_input(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(errors.InvalidInput, match="cannot use .*file as a local object store"):
         LocalStore(tmp_path / "file")
-
-

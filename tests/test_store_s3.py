@@ -8,18 +8,19 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-
 from s3server import ACCESS_KEY, SECRET_KEY, free_port
+from stores import S3_ENV, new_minio_store, sha256_of
+
 from shared import errors
 from shared.store.local import LocalStore
 from shared.store.s3 import MinioStore, minio_client_from_aws_fields, parse_endpoint_url, resolve_s3_credentials
 from shared.store.url import open_store
-from stores import S3_ENV, new_minio_store, sha256_of
 
 
 @pytest.fixture
 def minio_store(s3_server: str) -> MinioStore:
     return new_minio_store(s3_server)
+
 
 # --- MinioStore: metadata, corruption, errors ----------------------------------------------------------------
 
@@ -33,8 +34,9 @@ def test_minio_records_sha_in_user_metadata(minio_store: MinioStore) -> None:
 def test_minio_overwritten_bytes_with_stale_metadata_are_detected(minio_store: MinioStore, tmp_path: Path) -> None:
     minio_store.put_bytes("cache/text/ds/x.safetensors", b"original")
     stale = {"sha256": sha256_of(b"original")}
-    minio_store.client.put_object(minio_store.bucket, "cache/text/ds/x.safetensors", io.BytesIO(b"tampered"), 8,
-                                  metadata=stale)
+    minio_store.client.put_object(
+        minio_store.bucket, "cache/text/ds/x.safetensors", io.BytesIO(b"tampered"), 8, metadata=stale
+    )
     assert minio_store.stat("cache/text/ds/x.safetensors").sha256 == sha256_of(b"original")  # metadata looks fine
     with pytest.raises(errors.IntegrityError, match="'cache/text/ds/x.safetensors'.*corrupt"):
         minio_store.get_bytes("cache/text/ds/x.safetensors")
@@ -98,8 +100,17 @@ def test_open_store_s3_forms(s3_server: str) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["", "ftp://host/bucket", "s3://", "s3://bucket/extra", "minio://host:9000/a/b", "file://relative/path",
-     "s3://Bad_Bucket", "minio://", "http://host:9000/x"],
+    [
+        "",
+        "ftp://host/bucket",
+        "s3://",
+        "s3://bucket/extra",
+        "minio://host:9000/a/b",
+        "file://relative/path",
+        "s3://Bad_Bucket",
+        "minio://",
+        "http://host:9000/x",
+    ],
 )
 def test_open_store_rejects_bad_urls_naming_them(url: str) -> None:
     with pytest.raises(errors.InvalidInput) as info:
@@ -113,8 +124,12 @@ def test_open_store_needs_credentials_for_s3() -> None:
 
 
 def test_credentials_precedence() -> None:
-    env = {"MINIO_ROOT_USER": "mu", "MINIO_ROOT_PASSWORD": "mp", "AWS_ACCESS_KEY_ID": "au",
-           "AWS_SECRET_ACCESS_KEY": "ap"}
+    env = {
+        "MINIO_ROOT_USER": "mu",
+        "MINIO_ROOT_PASSWORD": "mp",
+        "AWS_ACCESS_KEY_ID": "au",
+        "AWS_SECRET_ACCESS_KEY": "ap",
+    }
     assert resolve_s3_credentials("u", "p", {**env, **S3_ENV}) == ("u", "p")
     assert resolve_s3_credentials(None, None, {**env, **S3_ENV}) == (ACCESS_KEY, SECRET_KEY)
     assert resolve_s3_credentials(None, None, env) == ("mu", "mp")
@@ -137,8 +152,13 @@ def test_parse_endpoint_url() -> None:
 
 def test_minio_client_from_aws_fields_reads_foreign_images(minio_store: MinioStore, s3_server: str) -> None:
     minio_store.client.put_object(minio_store.bucket, "images/a.png", io.BytesIO(b"A"), 1)
-    fields = {"aws_bucket_name": minio_store.bucket, "aws_endpoint_url": s3_server, "aws_region_name": "us-east-1",
-              "aws_access_key_id": ACCESS_KEY, "aws_secret_access_key": SECRET_KEY}
+    fields = {
+        "aws_bucket_name": minio_store.bucket,
+        "aws_endpoint_url": s3_server,
+        "aws_region_name": "us-east-1",
+        "aws_access_key_id": ACCESS_KEY,
+        "aws_secret_access_key": SECRET_KEY,
+    }
     client, bucket = minio_client_from_aws_fields(fields, env={})
     assert bucket == minio_store.bucket
     assert [o.object_name for o in client.list_objects(bucket, prefix="images/", recursive=True)] == ["images/a.png"]

@@ -16,8 +16,7 @@ from shared.service import supervisor
 from shared.service.records import JobCancelled
 from shared.service.supervisor import WorkerFailed, run_worker
 
-PRELUDE = "import json, os, signal, subprocess, sys, time\n" \
-          "def emit(obj):\n    print(json.dumps(obj), flush=True)\n"
+PRELUDE = "import json, os, signal, subprocess, sys, time\ndef emit(obj):\n    print(json.dumps(obj), flush=True)\n"
 
 
 def worker(tmp_path: Path, body: str) -> list[str]:
@@ -41,13 +40,16 @@ def gone(pid: int) -> bool:
 
 
 def test_events_then_result_and_stray_stdout_goes_to_the_log(tmp_path):
-    cmd = worker(tmp_path, """
+    cmd = worker(
+        tmp_path,
+        """
         emit({"event": {"phase": "train", "step": 1}})
         print("a stray print")
         emit({"event": {"phase": "train", "step": 2}})
         print("warning on stderr", file=sys.stderr)
         emit({"result": {"run_id": "r", "steps": 2}})
-    """)
+    """,
+    )
     result, events = run(cmd, log_path=tmp_path / "logs" / "w.log")
     assert result == {"run_id": "r", "steps": 2}
     assert events == [{"phase": "train", "step": 1}, {"phase": "train", "step": 2}]
@@ -55,22 +57,28 @@ def test_events_then_result_and_stray_stdout_goes_to_the_log(tmp_path):
     assert "a stray print\n" in log_text and "warning on stderr\n" in log_text
 
 
-@pytest.mark.parametrize("kind, cls", [
-    ("InvalidInput", errors.InvalidInput),
-    ("ConfigError", errors.InvalidInput),
-    ("DatasetError", errors.InvalidInput),
-    ("NotFound", errors.NotFound),
-    ("FailedPrecondition", errors.FailedPrecondition),
-    ("ResourceExhausted", errors.ResourceExhausted),
-    ("Unavailable", errors.Unavailable),
-    ("IntegrityError", errors.IntegrityError),
-    ("TrainingDiverged", WorkerFailed),
-])
+@pytest.mark.parametrize(
+    "kind, cls",
+    [
+        ("InvalidInput", errors.InvalidInput),
+        ("ConfigError", errors.InvalidInput),
+        ("DatasetError", errors.InvalidInput),
+        ("NotFound", errors.NotFound),
+        ("FailedPrecondition", errors.FailedPrecondition),
+        ("ResourceExhausted", errors.ResourceExhausted),
+        ("Unavailable", errors.Unavailable),
+        ("IntegrityError", errors.IntegrityError),
+        ("TrainingDiverged", WorkerFailed),
+    ],
+)
 def test_error_line_is_reraised_as_its_kind(tmp_path, kind, cls):
-    cmd = worker(tmp_path, f"""
+    cmd = worker(
+        tmp_path,
+        f"""
         emit({{"error": "config.json: $.learning_rate: must be positive", "kind": "{kind}"}})
         sys.exit(1)
-    """)
+    """,
+    )
     with pytest.raises(cls) as info:
         run(cmd)
     assert type(info.value) is cls
@@ -78,11 +86,14 @@ def test_error_line_is_reraised_as_its_kind(tmp_path, kind, cls):
 
 
 def test_internal_error_line_carries_the_log_tail(tmp_path):
-    cmd = worker(tmp_path, """
+    cmd = worker(
+        tmp_path,
+        """
         print("Traceback (most recent call last):\\nZeroDivisionError: division by zero", file=sys.stderr)
         emit({"error": "internal error in the training worker: ZeroDivisionError", "kind": "internal"})
         sys.exit(2)
-    """)
+    """,
+    )
     with pytest.raises(WorkerFailed) as info:
         run(cmd)
     assert str(info.value).startswith("internal error in the training worker: ZeroDivisionError; last log lines")
@@ -91,11 +102,14 @@ def test_internal_error_line_carries_the_log_tail(tmp_path):
 
 
 def test_nonzero_exit_names_the_code_and_quotes_stderr(tmp_path):
-    cmd = worker(tmp_path, """
+    cmd = worker(
+        tmp_path,
+        """
         for i in range(100):
             print(f"log line {i}", file=sys.stderr)
         sys.exit(3)
-    """)
+    """,
+    )
     with pytest.raises(WorkerFailed) as info:
         run(cmd)
     message = str(info.value)
@@ -125,8 +139,11 @@ def test_sigkill_with_the_cgroups_oom_kill_count_up_is_out_of_memory(tmp_path, m
     count that went up between the worker's start and end is the evidence the supervisor states."""
     counts = iter([7, 8])
     monkeypatch.setattr(supervisor, "oom_kill_count", lambda: next(counts))
-    with pytest.raises(errors.ResourceExhausted, match=r"out-of-memory killer killed it \(the cgroup's memory.events "
-                                                       r"oom_kill went from 7 to 8\)"):
+    with pytest.raises(
+        errors.ResourceExhausted,
+        match=r"out-of-memory killer killed it \(the cgroup's memory.events "
+        r"oom_kill went from 7 to 8\)",
+    ):
         run(worker(tmp_path, "os.kill(os.getpid(), 9)\n"))
 
 
@@ -137,40 +154,52 @@ def test_the_oom_kill_counter_is_read_from_this_process_cgroup():
 
 # Failed allocations that reach Python as a RuntimeError, not torch.OutOfMemoryError (as torch and the libraries word
 # them), and errors that only look alike
-LIBRARY_OOM = ["RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
-               "RuntimeError: cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
-               "RuntimeError: cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
-               "RuntimeError: CUDA error: out of memory"]
-NOT_OOM = ["RuntimeError: CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasGemmEx( handle, opa, opb)`",
-           "RuntimeError: cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
-           "non-contiguous input.",
-           "RuntimeError: CUDA error: an illegal memory access was encountered",
-           "Cuda failure 'invalid argument'", "ValueError: ALLOC_FAILED is not a valid mode"]
+LIBRARY_OOM = [
+    "RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "RuntimeError: cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+    "RuntimeError: cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
+    "RuntimeError: CUDA error: out of memory",
+]
+NOT_OOM = [
+    "RuntimeError: CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasGemmEx( handle, opa, opb)`",
+    "RuntimeError: cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
+    "non-contiguous input.",
+    "RuntimeError: CUDA error: an illegal memory access was encountered",
+    "Cuda failure 'invalid argument'",
+    "ValueError: ALLOC_FAILED is not a valid mode",
+]
 
 
-@pytest.mark.parametrize("marker", ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
-                                    "MemoryError", *LIBRARY_OOM])
+@pytest.mark.parametrize(
+    "marker", ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "MemoryError", *LIBRARY_OOM]
+)
 def test_out_of_memory_in_stderr_is_resource_exhausted(tmp_path, marker):
-    cmd = worker(tmp_path, f"""
+    cmd = worker(
+        tmp_path,
+        f"""
         print("Traceback (most recent call last):", file=sys.stderr)
         print({marker!r}, file=sys.stderr)
         emit({{"error": "internal error in the training worker: OutOfMemoryError", "kind": "internal"}})
         sys.exit(1)
-    """)
+    """,
+    )
     with pytest.raises(errors.ResourceExhausted) as info:
         run(cmd)
     assert str(info.value).startswith(f"the worker ran out of memory: {marker}; lower the resolution")
 
 
 def test_nccls_out_of_memory_is_resource_exhausted_and_lookalikes_are_not(tmp_path):
-    cmd = worker(tmp_path, """
+    cmd = worker(
+        tmp_path,
+        """
         print("torch.distributed.DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:3356, unhandled cuda error "
               "(run with NCCL_DEBUG=INFO for details), NCCL version 2.27.3", file=sys.stderr)
         print("ncclUnhandledCudaError: Call to CUDA function failed.\\nLast error:", file=sys.stderr)
         print("Cuda failure 2 'out of memory'", file=sys.stderr)
         emit({"error": "rank 1: internal error in the training worker: DistBackendError", "kind": "internal"})
         sys.exit(2)
-    """)
+    """,
+    )
     with pytest.raises(errors.ResourceExhausted) as info:
         run(cmd)
     assert str(info.value).startswith("the worker ran out of memory: Cuda failure 2 'out of memory'; lower the")
@@ -178,10 +207,13 @@ def test_nccls_out_of_memory_is_resource_exhausted_and_lookalikes_are_not(tmp_pa
 
 
 def test_cancel_stops_the_worker_with_sigterm(tmp_path):
-    cmd = worker(tmp_path, """
+    cmd = worker(
+        tmp_path,
+        """
         emit({"event": {"pid": os.getpid()}})
         time.sleep(600)
-    """)
+    """,
+    )
     cancelled, pids = threading.Event(), []
 
     def on_event(event):
@@ -196,13 +228,16 @@ def test_cancel_stops_the_worker_with_sigterm(tmp_path):
 
 
 def test_cancel_kills_a_worker_that_ignores_sigterm_and_its_children(tmp_path):
-    cmd = worker(tmp_path, """
+    cmd = worker(
+        tmp_path,
+        """
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         child = subprocess.Popen([sys.executable, "-c", "import signal, time; "
                                   "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
         emit({"event": {"pid": os.getpid(), "child": child.pid}})
         time.sleep(600)
-    """)
+    """,
+    )
     cancelled, seen = threading.Event(), []
 
     def on_event(event):
@@ -221,10 +256,13 @@ def test_cancel_kills_a_worker_that_ignores_sigterm_and_its_children(tmp_path):
 
 
 def test_an_on_event_error_stops_the_worker_and_propagates(tmp_path):
-    cmd = worker(tmp_path, """
+    cmd = worker(
+        tmp_path,
+        """
         emit({"event": {"pid": os.getpid()}})
         time.sleep(600)
-    """)
+    """,
+    )
     pids = []
 
     def on_event(event):
@@ -237,7 +275,9 @@ def test_an_on_event_error_stops_the_worker_and_propagates(tmp_path):
 
 
 def test_a_stderr_flood_does_not_deadlock(tmp_path):
-    cmd = worker(tmp_path, """
+    cmd = worker(
+        tmp_path,
+        """
         chunk = "x" * 1023 + "\\n"
         for _ in range(6 * 1024):  # 6 MiB
             sys.stderr.write(chunk)
@@ -245,7 +285,8 @@ def test_a_stderr_flood_does_not_deadlock(tmp_path):
             print(f"stray stdout {i}")
         emit({"event": {"phase": "done"}})
         emit({"result": {"ok": True}})
-    """)
+    """,
+    )
     t0 = time.monotonic()
     result, events = run(cmd, log_path=tmp_path / "w.log")
     assert result == {"ok": True} and events == [{"phase": "done"}]
@@ -273,14 +314,21 @@ def test_environment_and_working_directory_are_passed(tmp_path):
     assert result == {"cwd": str(tmp_path), "x": "42"}
 
 
-@pytest.mark.parametrize(("env", "expected"), [
-    ({}, ("expandable_segments:True", None)),
-    ({"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"}, ("backend:cudaMallocAsync", None)),
-    ({"PYTORCH_ALLOC_CONF": "expandable_segments:False"}, (None, "expandable_segments:False")),
-], ids=["default", "user-cuda", "user-generic"])
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, ("expandable_segments:True", None)),
+        ({"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"}, ("backend:cudaMallocAsync", None)),
+        ({"PYTORCH_ALLOC_CONF": "expandable_segments:False"}, (None, "expandable_segments:False")),
+    ],
+    ids=["default", "user-cuda", "user-generic"],
+)
 def test_workers_get_expandable_segments_unless_the_allocator_is_configured(tmp_path, env, expected):
-    cmd = worker(tmp_path, '''emit({"result": {"conf": [os.environ.get(v) for v in ("PYTORCH_CUDA_ALLOC_CONF",
-                                                                            "PYTORCH_ALLOC_CONF")]}})\n''')
+    cmd = worker(
+        tmp_path,
+        """emit({"result": {"conf": [os.environ.get(v) for v in ("PYTORCH_CUDA_ALLOC_CONF",
+                                                                            "PYTORCH_ALLOC_CONF")]}})\n""",
+    )
     base = {k: v for k, v in os.environ.items() if k not in supervisor.ALLOC_CONF_VARS}
     result, _ = run(cmd, env={**base, **env})
     assert tuple(result["conf"]) == expected

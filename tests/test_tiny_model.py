@@ -1,6 +1,7 @@
 """The tiny offline model: saved in the real hub layout, loadable by plain diffusers, runnable, reproducible.
 
-Also the loader's contract (``shared.model.loading``) and the flavour registry, since the tiny model is what exercises them.
+Also the loader's contract (``shared.model.loading``) and the flavour registry,
+since the tiny model is what exercises them.
 """
 
 from __future__ import annotations
@@ -16,14 +17,21 @@ from PIL import Image
 from shared import errors
 from shared.config.flavours import FLAVOURS, get_flavour
 from shared.model.device import resolve_dtype
-from shared.model.loading import (load_encoder_pipeline, load_pipeline, processor_without_video,
-                                  pipeline_class)
-from shared.model.tiny_model import (SYSTEM_PREFIX_TOKENS, build_tokenizer, get_tiny_model, save_tiny_model,
-                                     system_prefix_length)
+from shared.model.loading import load_encoder_pipeline, load_pipeline, pipeline_class, processor_without_video
+from shared.model.tiny_model import (
+    SYSTEM_PREFIX_TOKENS,
+    build_tokenizer,
+    get_tiny_model,
+    save_tiny_model,
+    system_prefix_length,
+)
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler")
-EXPECTED_CLASS = {"edit-v1": "QwenImageEditPipeline", "edit-v2": "QwenImageEditPlusPipeline",
-                  "edit-v3": "QwenImageEditPlusPipeline"}
+EXPECTED_CLASS = {
+    "edit-v1": "QwenImageEditPipeline",
+    "edit-v2": "QwenImageEditPlusPipeline",
+    "edit-v3": "QwenImageEditPlusPipeline",
+}
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +64,8 @@ def test_saved_in_the_hub_layout(tiny_root: Path, flavour: str) -> None:
     [("edit-v1", 1), ("edit-v2", 2), ("edit-v3", 1)],
 )
 def test_plain_diffusers_loads_and_edits(tiny_root: Path, flavour: str, n_refs: int) -> None:
-    """No EditTuner code between from_pretrained and the image, beyond dropping the video processor the edit pipelines never use."""
+    """No EditTuner code between from_pretrained and the image, beyond dropping the video
+    processor the edit pipelines never use."""
     model_dir = get_tiny_model(flavour, tiny_root)
     processor_without_video()
     pipe = pipeline_class(flavour).from_pretrained(model_dir)
@@ -117,8 +126,7 @@ def test_encoder_pipeline_skips_the_transformer(tiny_root: Path) -> None:
 
 
 def test_load_pipeline_casts_dtype(tiny_root: Path) -> None:
-    pipe = load_pipeline(get_tiny_model("edit-v1", tiny_root), "edit-v1", dtype=torch.bfloat16,
-                                components=("vae",))
+    pipe = load_pipeline(get_tiny_model("edit-v1", tiny_root), "edit-v1", dtype=torch.bfloat16, components=("vae",))
     assert pipe.vae.dtype == torch.bfloat16
     assert pipe.text_encoder is None
 
@@ -182,7 +190,10 @@ def test_resolve_dtype_rejects_unknown_names() -> None:
 def test_flavour_registry() -> None:
     v1, v2, v3 = (get_flavour(n) for n in ("edit-v1", "edit-v2", "edit-v3"))
     assert (v1.default_model_id, v2.default_model_id, v3.default_model_id) == (
-        "Qwen/Qwen-Image-Edit", "Qwen/Qwen-Image-Edit-2509", "Qwen/Qwen-Image-Edit-2511")
+        "Qwen/Qwen-Image-Edit",
+        "Qwen/Qwen-Image-Edit-2509",
+        "Qwen/Qwen-Image-Edit-2511",
+    )
     assert [(f.min_refs, f.max_refs) for f in (v1, v2, v3)] == [(1, 1), (1, 3), (1, 3)]
     assert [f.zero_cond_t for f in (v1, v2, v3)] == [False, False, True]
     assert [f.vl_ref_area for f in (v1, v2, v3)] == [1024 * 1024, 384 * 384, 384 * 384]
@@ -239,7 +250,8 @@ def test_tiny_model_writes_and_loads_where_torchvision_imports(tmp_path: Path) -
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", SIMULATED_TORCHVISION_HOST, str(tmp_path)], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SIMULATED_TORCHVISION_HOST, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split("\n")[:2] == ["edit-v1 Qwen2VLProcessor False", "edit-v2 Qwen2VLProcessor False"]

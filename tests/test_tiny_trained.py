@@ -69,8 +69,18 @@ def test_the_shipped_model_loads_in_the_real_layout_and_its_base_copies_the_refe
     for i in range(3):
         ref, target = recolor_scene(rng, (64, 64))
         # the pipeline's own steps with the reference at the target's size (the pipelines would make it 1 MP)
-        out = sample_edit(pipe, "edit-v2", DEMO_CAPTION, [ref], height=64, width=64, num_inference_steps=12,
-                          true_cfg_scale=1.0, generator=torch.Generator().manual_seed(i), vl_ref_area=64 * 64)
+        out = sample_edit(
+            pipe,
+            "edit-v2",
+            DEMO_CAPTION,
+            [ref],
+            height=64,
+            width=64,
+            num_inference_steps=12,
+            true_cfg_scale=1.0,
+            generator=torch.Generator().manual_seed(i),
+            vl_ref_area=64 * 64,
+        )
         scores.append(psnr(out, ref))
         changed.append(psnr(ref, target))
     assert min(scores) >= IDENTITY_PSNR_BOUND_DB, f"base vs its reference: {scores}"

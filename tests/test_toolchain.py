@@ -27,10 +27,17 @@ def test_ao_optimizer_without_a_compiler_is_refused_before_loading(monkeypatch) 
     monkeypatch.setattr(toolchain, "c_compiler", lambda: None)
     import torch
 
-    with pytest.raises(InvalidInput, match=r"optimizer=ao-adamw8bit needs torch.compile, which needs a C compiler.*"
-                                           r"apt-get install gcc.*bnb-adamw8bit"):
-        optimizers.check_optimizer_args(TrainConfig(model_flavour="edit-v2", optimizer="ao-adamw8bit"), torch.device("cpu"))
-    optimizers.check_optimizer_args(TrainConfig(model_flavour="edit-v2", optimizer="adamw"), torch.device("cpu"))  # needs none
+    with pytest.raises(
+        InvalidInput,
+        match=r"optimizer=ao-adamw8bit needs torch.compile, which needs a C compiler.*"
+        r"apt-get install gcc.*bnb-adamw8bit",
+    ):
+        optimizers.check_optimizer_args(
+            TrainConfig(model_flavour="edit-v2", optimizer="ao-adamw8bit"), torch.device("cpu")
+        )
+    optimizers.check_optimizer_args(
+        TrainConfig(model_flavour="edit-v2", optimizer="adamw"), torch.device("cpu")
+    )  # needs none
 
 
 def test_missing_python_headers_are_named(monkeypatch) -> None:
@@ -45,10 +52,12 @@ def test_compile_transformer_without_a_compiler_fails_before_the_model_loads(mon
     from shared.train import trainer as trainer_module
 
     monkeypatch.setattr(toolchain, "c_compiler", lambda: None)
-    monkeypatch.setattr(trainer_module, "resolve_resume",
-                        lambda *a: pytest.fail("got past the compiler check"))  # the first step after the checks
-    run = load_run_config(overrides=["example=qwen_image.edit-v2-lora-tiny", "compile_transformer=true",
-                                     f"output_dir={tmp_path / 'out'}"])
+    monkeypatch.setattr(
+        trainer_module, "resolve_resume", lambda *a: pytest.fail("got past the compiler check")
+    )  # the first step after the checks
+    run = load_run_config(
+        overrides=["example=qwen_image.edit-v2-lora-tiny", "compile_transformer=true", f"output_dir={tmp_path / 'out'}"]
+    )
     t = trainer_module.Trainer(run, LocalStore(tmp_path / "store"))
     with pytest.raises(InvalidInput, match="compile_transformer=true needs torch.compile.*compile_transformer=false"):
         t.setup()

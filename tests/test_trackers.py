@@ -51,7 +51,7 @@ def f32(x: float) -> float:
 def pull(store, prefix: str, dest: Path) -> Path:
     """What `edittuner runs pull` does with a store: every key under the prefix, as files."""
     for key in store.list(prefix):
-        store.get_file(key, dest / key[len(prefix) + 1:])
+        store.get_file(key, dest / key[len(prefix) + 1 :])
     return dest
 
 
@@ -67,8 +67,8 @@ def wandb_history(path: Path) -> list[dict]:
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a record header is padding
             pos += 32768 - pos % 32768
             continue
-        _, size, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk += data[pos + 7:pos + 7 + size]
+        _, size, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk += data[pos + 7 : pos + 7 + size]
         pos += 7 + size
         if kind in (1, 4):  # a full record, or the last piece of one
             record = wandb_internal_pb2.Record.FromString(chunk)
@@ -79,14 +79,21 @@ def wandb_history(path: Path) -> list[dict]:
 
 
 def test_tensorboard_logs_each_step_and_the_in_process_validation(tmp_path, tiny_models):
-    cfg, store = make_run(tmp_path, tiny_models, max_train_steps=4, checkpoint_step_interval=2,
-                          validation_step_interval=4, num_eval_images=1)
+    cfg, store = make_run(
+        tmp_path,
+        tiny_models,
+        max_train_steps=4,
+        checkpoint_step_interval=2,
+        validation_step_interval=4,
+        num_eval_images=1,
+    )
     run = load_run_config(cfg, overrides=["report_to=tensorboard"])
     train_run(run, store, encode=False)
     steps = steps_of(store)
     pulled = pull(store, LOGS, tmp_path / "pulled")
-    assert {p.relative_to(pulled) for p in pulled.rglob("*") if p.is_file()} == \
-        {p.relative_to(tmp_path / "out" / "logs") for p in (tmp_path / "out" / "logs").rglob("*") if p.is_file()}
+    assert {p.relative_to(pulled) for p in pulled.rglob("*") if p.is_file()} == {
+        p.relative_to(tmp_path / "out" / "logs") for p in (tmp_path / "out" / "logs").rglob("*") if p.is_file()
+    }
     train = scalars(pulled / "tensorboard" / "out")
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert train["train/loss"] == {s["step"]: f32(s["loss"]) for s in steps}
@@ -115,10 +122,15 @@ def test_tensorboard_logs_each_step_and_the_in_process_validation(tmp_path, tiny
 
 def test_a_resumed_run_shows_each_step_once_with_the_values_it_kept(tmp_path, tiny_models):
     cfg, store = make_run(tmp_path, tiny_models, n=2, max_train_steps=4, checkpoint_step_interval=2)
-    train_run(load_run_config(cfg, overrides=["report_to=tensorboard"]), store, encode=False, validate=False,
-              until_step=3)
-    train_run(load_run_config(cfg, overrides=["report_to=tensorboard", "resume_from_checkpoint=latest"]), store,
-              encode=False, validate=False)
+    train_run(
+        load_run_config(cfg, overrides=["report_to=tensorboard"]), store, encode=False, validate=False, until_step=3
+    )
+    train_run(
+        load_run_config(cfg, overrides=["report_to=tensorboard", "resume_from_checkpoint=latest"]),
+        store,
+        encode=False,
+        validate=False,
+    )
     folder = pull(store, LOGS, tmp_path / "pulled") / "tensorboard" / "out"
     assert len(list(folder.glob("events.out.tfevents.*"))) == 2  # one per start; step 3 is in both
     assert scalars(folder)["train/loss"] == {s["step"]: f32(s["loss"]) for s in steps_of(store)}
@@ -130,8 +142,16 @@ def test_wandb_offline_and_eval_svc_files_of_a_service_run(tmp_path, tiny_models
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # wandb must not write to the user's home
     monkeypatch.setattr(trackers, "POLL_S", 0.0)  # look for finished renders at every step
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    cfg, store = make_run(tmp_path, tiny_models, n=2, max_train_steps=4, checkpoint_step_interval=2,
-                          validation_step_interval=2, report_to="all", tracker_run_name="my run")
+    cfg, store = make_run(
+        tmp_path,
+        tiny_models,
+        n=2,
+        max_train_steps=4,
+        checkpoint_step_interval=2,
+        validation_step_interval=2,
+        report_to="all",
+        tracker_run_name="my run",
+    )
     run = load_run_config(cfg)
     ready: list[int] = []
 
@@ -139,10 +159,24 @@ def test_wandb_offline_and_eval_svc_files_of_a_service_run(tmp_path, tiny_models
         """What eval_svc leaves in the store for a render."""
         grid = f"runs/out/validation/step-{step}/0000.png"
         store.put_bytes(grid, png_bytes(Image.new("RGB", (48, 16), (step * 40, 0, 0))))
-        result = {"step": step, "psnr_lora": 20.0 + step, "psnr_base": 18.0, "heldout_loss": {"0.5": 0.1 * step},
-                  "heldout_loss_mean": 0.1 * step, "seconds": 1.0,
-                  "samples": [{"dataset": "demo-images", "key": "0000", "caption": "c", "grid": grid,
-                               "psnr_lora": 20.0 + step, "psnr_base": 18.0}]}
+        result = {
+            "step": step,
+            "psnr_lora": 20.0 + step,
+            "psnr_base": 18.0,
+            "heldout_loss": {"0.5": 0.1 * step},
+            "heldout_loss_mean": 0.1 * step,
+            "seconds": 1.0,
+            "samples": [
+                {
+                    "dataset": "demo-images",
+                    "key": "0000",
+                    "caption": "c",
+                    "grid": grid,
+                    "psnr_lora": 20.0 + step,
+                    "psnr_base": 18.0,
+                }
+            ],
+        }
         store.put_json(f"runs/out/validation/step-{step}/metrics.json", result)
         publish_validation(store, run, "out", result)
 
@@ -169,8 +203,13 @@ def test_wandb_offline_and_eval_svc_files_of_a_service_run(tmp_path, tiny_models
     assert val["validation/step"] == 2 and val["validation/psnr_lora"] == 22.0
     assert val["_step"] == 3  # found at the next step: W&B's steps only grow, validation/step is its x axis
     assert val["validation/0000/_type"] == "image-file" and (folder / "files" / val["validation/0000/path"]).is_file()
-    dry = subprocess.run([str(Path(sys.executable).parent / "wandb"), "sync", "--dry-run", str(folder)],
-                         capture_output=True, text=True, timeout=120, env=os.environ | {"WANDB_MODE": "offline"})
+    dry = subprocess.run(
+        [str(Path(sys.executable).parent / "wandb"), "sync", "--dry-run", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"WANDB_MODE": "offline"},
+    )
     assert "Would sync 1 run(s)" in dry.stdout + dry.stderr, dry.stdout + dry.stderr
 
     tb = pulled / "tensorboard" / "my-run"  # tracker_run_name, as one path segment
@@ -201,8 +240,7 @@ def test_a_tracker_failing_mid_run_costs_logs_not_the_run(tmp_path, tiny_models,
         raise OSError("disk full")
 
     monkeypatch.setattr(trackers._TensorBoard, "scalars", broken)
-    result = train_run(load_run_config(cfg, overrides=["report_to=tensorboard"]), store, encode=False,
-                       validate=False)
+    result = train_run(load_run_config(cfg, overrides=["report_to=tensorboard"]), store, encode=False, validate=False)
     assert result.summary.steps == 3 and store.list("runs/out/lora")
     failures = [r for r in caplog.records if "tensorboard: logging scalars failed" in r.getMessage()]
     assert len(failures) == 1 and "disk full" in caplog.text  # warned once, with the reason
@@ -212,7 +250,11 @@ def test_a_tracker_failing_mid_run_costs_logs_not_the_run(tmp_path, tiny_models,
 def test_absolute_logging_dir_receives_the_files(tmp_path, tiny_models):
     cfg, store = make_run(tmp_path, tiny_models, n=2, max_train_steps=2, checkpoint_step_interval=2)
     logs = tmp_path / "elsewhere"
-    train_run(load_run_config(cfg, overrides=["report_to=tensorboard", f"logging_dir={logs}"]), store,
-              encode=False, validate=False)
+    train_run(
+        load_run_config(cfg, overrides=["report_to=tensorboard", f"logging_dir={logs}"]),
+        store,
+        encode=False,
+        validate=False,
+    )
     assert scalars(logs / "tensorboard" / "out")["train/loss"].keys() == {1, 2}
     assert not (tmp_path / "out" / "logs").exists()

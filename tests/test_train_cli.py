@@ -37,21 +37,44 @@ def test_train_example_tiny_preset_end_to_end(tmp_path, monkeypatch, capsys):
     assert main(["train", "example=qwen_image.edit-v2-lora-tiny", *SHORT, "--quiet", "--in-process"]) == 1
     assert "resume_from_checkpoint=latest" in capsys.readouterr().err
     # resuming a finished run trains nothing more and exits cleanly
-    assert main(["train", "example=qwen_image.edit-v2-lora-tiny", *SHORT, "resume_from_checkpoint=latest",
-                 "--quiet", "--no-validation", "--in-process"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "example=qwen_image.edit-v2-lora-tiny",
+                *SHORT,
+                "resume_from_checkpoint=latest",
+                "--quiet",
+                "--no-validation",
+                "--in-process",
+            ]
+        )
+        == 0
+    )
 
 
 def test_worker_prints_json_lines_and_exit_codes(tmp_path):
-    cmd = [sys.executable, "-m", "trainer_svc.worker", "--store", str(tmp_path / "store"),
-           "example=qwen_image.edit-v1-lora-tiny", "max_train_steps=2", "checkpoint_step_interval=1", "--no-validation"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer_svc.worker",
+        "--store",
+        str(tmp_path / "store"),
+        "example=qwen_image.edit-v1-lora-tiny",
+        "max_train_steps=2",
+        "checkpoint_step_interval=1",
+        "--no-validation",
+    ]
     from shared.cli.demo import materialize_preset
+
     materialize_preset("qwen_image.edit-v1-lora-tiny", tmp_path)
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "torchao" not in proc.stderr and "register_constant" not in proc.stderr  # import noise kept out
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
-    steps = [e["event"]["step"] for e in lines if "event" in e and e["event"]["phase"] == "train" and
-             "loss" in e["event"]]
+    steps = [
+        e["event"]["step"] for e in lines if "event" in e and e["event"]["phase"] == "train" and "loss" in e["event"]
+    ]
     assert steps == [1, 2]
     assert lines[-1]["result"]["steps"] == 2 and lines[-1]["result"]["checkpoints"] == [1, 2]
     bad = subprocess.run(cmd + ["lora_rank=0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -63,8 +86,20 @@ def test_train_without_a_server_starts_local_services(tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     for var in ("EDITTUNER_SERVER", "EDITTUNER_TRAINER_ADDR", "EDITTUNER_STORE"):
         monkeypatch.delenv(var, raising=False)
-    assert main(["train", "example=qwen_image.edit-v1-lora-tiny", "max_train_steps=3", "checkpoint_step_interval=3",
-                 "validation_step_interval=3", "num_eval_images=1", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "example=qwen_image.edit-v1-lora-tiny",
+                "max_train_steps=3",
+                "checkpoint_step_interval=3",
+                "validation_step_interval=3",
+                "num_eval_images=1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "started local services" in captured.err and "submitted job" in captured.err
     assert "(train): succeeded" in captured.out
@@ -79,8 +114,20 @@ def test_train_in_process_on_two_processes_with_previews(tmp_path, monkeypatch, 
     while the other waits, and the outputs land where a single process puts them."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert main(["train", "example=qwen_image.edit-v2-lora-tiny", *SHORT, "num_processes=2",
-                 "gradient_accumulation_steps=2", "--quiet", "--in-process"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "example=qwen_image.edit-v2-lora-tiny",
+                *SHORT,
+                "num_processes=2",
+                "gradient_accumulation_steps=2",
+                "--quiet",
+                "--in-process",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "trained run 'tiny-edit-v2' to step 4 on 2 processes" in out and "checkpoints 2, 4" in out
     assert len(load_file(tmp_path / "output" / "tiny-edit-v2" / "pytorch_lora_weights.safetensors")) == 16
@@ -88,19 +135,30 @@ def test_train_in_process_on_two_processes_with_previews(tmp_path, monkeypatch, 
         assert (tmp_path / "output" / "tiny-edit-v2" / "validation" / f"step-{step}" / "0000.png").is_file()
 
 
-@pytest.mark.parametrize(("error", "said"), [
-    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
-     "out of GPU memory in the training worker: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
-     "`cublasCreate(handle)`; lower the resolution"),
-    (RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:3356, unhandled cuda error\nLast error:\n"
-                  "Cuda failure 'out of memory'"),
-     "out of GPU memory in the training worker: Cuda failure 'out of memory'; lower the resolution"),
-    (MemoryError(), "out of host memory in the training worker: MemoryError; lower the resolution"),
-], ids=["cublas", "nccl", "host"])
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (
+            RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+            "out of GPU memory in the training worker: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+            "`cublasCreate(handle)`; lower the resolution",
+        ),
+        (
+            RuntimeError(
+                "NCCL error in: ProcessGroupNCCL.cpp:3356, unhandled cuda error\nLast error:\n"
+                "Cuda failure 'out of memory'"
+            ),
+            "out of GPU memory in the training worker: Cuda failure 'out of memory'; lower the resolution",
+        ),
+        (MemoryError(), "out of host memory in the training worker: MemoryError; lower the resolution"),
+    ],
+    ids=["cublas", "nccl", "host"],
+)
 def test_the_worker_reports_a_failed_allocation_as_out_of_memory(monkeypatch, capsys, error, said):
     """A CUDA library's failed allocation is a RuntimeError, not torch.OutOfMemoryError: exit 1, ResourceExhausted,
     quoting the line that says so (a MemoryError without a message is named by its class)."""
     from test_planner import seed_run
+
     from trainer_svc import worker
 
     def fail(*args, **kwargs):
@@ -126,8 +184,9 @@ def test_the_worker_keeps_bitsandbytes_per_call_warning_out_of_its_log(monkeypat
     from trainer_svc import worker
 
     stock = bnb_lib.nn.Linear8bitLt(64, 64, has_fp16_weights=False, threshold=0.0)
-    stock.weight = bnb_lib.nn.Int8Params(torch.randn(64, 64).to(torch.bfloat16), requires_grad=False,
-                                         has_fp16_weights=False)
+    stock.weight = bnb_lib.nn.Int8Params(
+        torch.randn(64, 64).to(torch.bfloat16), requires_grad=False, has_fp16_weights=False
+    )
     linear = torch.nn.Sequential(stock).to("cpu").eval()
     monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)  # the test process keeps its handlers
     bnb = logging.getLogger("bitsandbytes")
@@ -136,8 +195,10 @@ def test_the_worker_keeps_bitsandbytes_per_call_warning_out_of_its_log(monkeypat
     try:
         with caplog.at_level(logging.WARNING), torch.no_grad():
             linear(torch.randn(2, 64, dtype=torch.bfloat16))
-            assert any(r.name.startswith("bitsandbytes.") and "MatMul8bitLt: inputs will be cast" in r.getMessage()
-                       for r in caplog.records)
+            assert any(
+                r.name.startswith("bitsandbytes.") and "MatMul8bitLt: inputs will be cast" in r.getMessage()
+                for r in caplog.records
+            )
             caplog.clear()
             worker._configure_logging()
             linear(torch.randn(2, 64, dtype=torch.bfloat16))

@@ -71,24 +71,28 @@ def test_resume_position_gives_the_same_next_batches_with_and_without_prefetch(c
     b.load_state_dict(state)
     rest_b = [b.next_batch() for _ in range(3)]
     assert state == {"epoch": 1, "position": 1} and len(seen) == 5
-    for x, y in zip(rest_a, rest_b):
+    for x, y in zip(rest_a, rest_b, strict=True):
         assert x.keys == y.keys and torch.equal(x.latents_BChw, y.latents_BChw)
         assert torch.equal(x.prompt_embeds_BLD, y.prompt_embeds_BLD)
 
 
 def test_random_sampling_uses_one_reference_and_its_own_caption_embedding(cached):
     cfg, store = cached
-    items, null_ok = items_for(cfg, store, "conditioning_multidataset_sampling=random",
-                               "caption_dropout_probability=0.5")
+    items, null_ok = items_for(
+        cfg, store, "conditioning_multidataset_sampling=random", "caption_dropout_probability=0.5"
+    )
     assert null_ok
-    loader = TrainLoader(items, store, batch_size=1, seed=1, prefetch=0, random_references=True,
-                         caption_dropout=0.5, null_available=True)
+    loader = TrainLoader(
+        items, store, batch_size=1, seed=1, prefetch=0, random_references=True, caption_dropout=0.5, null_available=True
+    )
     dropped = 0
     for _ in range(7):
         b = loader.next_batch()
         assert len(b.refs_BChw) == 1
         it = next(i for i in items if f"{i.dataset}/{i.key}" == b.keys[0])
-        ref_ok = [j for j in range(2) if torch.equal(store.get_tensors(it.references[j])[0]["latents"], b.refs_BChw[0][0])]
+        ref_ok = [
+            j for j in range(2) if torch.equal(store.get_tensors(it.references[j])[0]["latents"], b.refs_BChw[0][0])
+        ]
         text = store.get_tensors(it.text_object(it.reference_datasets[ref_ok[0]]))[0]
         n = int(b.prompt_mask_BL.sum())
         if torch.equal(b.prompt_embeds_BLD[0, :n], text["null_embeds"]):

@@ -16,8 +16,14 @@ from shared.train.trainer import Trainer, TrainingDiverged
 
 def make_run(tmp_path, tiny_models, flavour="edit-v2", refs=2, n=4, **overrides):
     root = write_dataset(tmp_path / "data", n=n, references=refs)
-    base = dict(max_train_steps=6, checkpoint_step_interval=3, learning_rate=1e-3, lora_rank=4, seed=7,
-                output_dir=str(tmp_path / "out"))
+    base = dict(
+        max_train_steps=6,
+        checkpoint_step_interval=3,
+        learning_rate=1e-3,
+        lora_rank=4,
+        seed=7,
+        output_dir=str(tmp_path / "out"),
+    )
     cfg, _ = write_configs(tmp_path / "cfg", root, tiny_models(flavour), flavour, refs, **(base | overrides))
     store = LocalStore(tmp_path / "store")
     run = load_run_config(cfg)
@@ -76,6 +82,7 @@ def test_all_three_references_reach_the_transformer(tmp_path, tiny_models):
     def hook(module, args, kwargs):
         seen["tokens"] = kwargs["hidden_states"].shape[1]
         seen["img_shapes"] = kwargs["img_shapes"]
+
     handle = t.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     refs = [r.clone().requires_grad_(True) for r in batch.refs_BChw]
     batch.refs_BChw = refs
@@ -89,11 +96,14 @@ def test_all_three_references_reach_the_transformer(tmp_path, tiny_models):
         assert r.grad is not None and r.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("flavour,refs,extra", [("edit-v2", 2, ["use_ema=true", "lora_dropout=0.1"]),
-                                                ("edit-v3", 1, ["train_batch_size=2",
-                                                                "gradient_accumulation_steps=2"]),
-                                                ("edit-v1", 1, ["optimizer=adamw8bit", "lr_scheduler=cosine",
-                                                                "lr_warmup_steps=2"])])
+@pytest.mark.parametrize(
+    "flavour,refs,extra",
+    [
+        ("edit-v2", 2, ["use_ema=true", "lora_dropout=0.1"]),
+        ("edit-v3", 1, ["train_batch_size=2", "gradient_accumulation_steps=2"]),
+        ("edit-v1", 1, ["optimizer=adamw8bit", "lr_scheduler=cosine", "lr_warmup_steps=2"]),
+    ],
+)
 def test_resume_gives_bitwise_the_losses_of_an_uninterrupted_run(tmp_path, tiny_models, flavour, refs, extra):
     cfg, store = make_run(tmp_path, tiny_models, flavour=flavour, refs=refs, n=5)
     full = trainer_for(cfg, store, *extra).train()
@@ -135,9 +145,12 @@ def test_checkpoint_limit_and_final_export(tmp_path, tiny_models):
     s = trainer_for(cfg, store, "checkpoint_step_interval=1", "checkpoints_total_limit=2", "lora_format=both").train()
     assert s.checkpoints == [1, 2, 3, 4, 5, 6]
     from shared.store.checkpoint import committed_steps
+
     assert committed_steps(store, "runs/out") == [5, 6]
-    assert sorted(k.rsplit("/", 1)[1] for k in s.lora_keys) == ["pytorch_lora_weights.safetensors",
-                                                                "pytorch_lora_weights_comfyui.safetensors"]
+    assert sorted(k.rsplit("/", 1)[1] for k in s.lora_keys) == [
+        "pytorch_lora_weights.safetensors",
+        "pytorch_lora_weights_comfyui.safetensors",
+    ]
     sd = store.get_tensors("runs/out/lora/pytorch_lora_weights.safetensors")[0]
     assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in sd
     assert sd["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape == (4, 64)
@@ -147,7 +160,9 @@ def test_checkpoint_limit_and_final_export(tmp_path, tiny_models):
 
 def _fixed_noise(batch, seed=3):
     h, w = batch.latents_BChw.shape[-2:]
-    return torch.randn(batch.latents_BChw.shape[0], (h // 2) * (w // 2), 64, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(
+        batch.latents_BChw.shape[0], (h // 2) * (w // 2), 64, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def test_caption_padding_is_masked_out(tmp_path, tiny_models):
@@ -163,9 +178,14 @@ def test_caption_padding_is_masked_out(tmp_path, tiny_models):
         both = flow_matching_loss(t.transformer, batch, noise, sigmas, reduce=False)
         for i in range(2):
             n = int(lengths[i])
-            alone = type(batch)(batch.latents_BChw[i:i + 1], [r[i:i + 1] for r in batch.refs_BChw],
-                                batch.prompt_embeds_BLD[i:i + 1, :n], batch.prompt_mask_BL[i:i + 1, :n], [batch.keys[i]])
-            single = flow_matching_loss(t.transformer, alone, noise[i:i + 1], sigmas[i:i + 1], reduce=False)
+            alone = type(batch)(
+                batch.latents_BChw[i : i + 1],
+                [r[i : i + 1] for r in batch.refs_BChw],
+                batch.prompt_embeds_BLD[i : i + 1, :n],
+                batch.prompt_mask_BL[i : i + 1, :n],
+                [batch.keys[i]],
+            )
+            single = flow_matching_loss(t.transformer, alone, noise[i : i + 1], sigmas[i : i + 1], reduce=False)
             torch.testing.assert_close(single[0], both[i], atol=1e-5, rtol=1e-5)
 
 
@@ -185,8 +205,10 @@ def test_gradient_checkpointing_and_bf16_on_cpu(tmp_path, tiny_models):
     DatasetEncoder(load_run_config(cfg, overrides=bf16), store).encode()  # the encoders run in bf16 too
     t = trainer_for(cfg, store, *bf16)
     assert t.dtype == torch.bfloat16
-    assert next(p for n, p in t.transformer.named_parameters() if "lora_" not in n and p.dim() == 2).dtype == \
-        torch.bfloat16
+    assert (
+        next(p for n, p in t.transformer.named_parameters() if "lora_" not in n and p.dim() == 2).dtype
+        == torch.bfloat16
+    )
     assert all(p.dtype == torch.float32 for p in t.params)  # the adapters train in fp32
     r = t.train_step()
     t.loader.close()
@@ -207,8 +229,9 @@ def test_ema_is_what_gets_exported(tmp_path, tiny_models):
 def test_compiled_transformer_blocks_train_like_eager(tmp_path, tiny_models):
     cfg, store = make_run(tmp_path, tiny_models, n=2)
     eager = trainer_for(cfg, store, "max_train_steps=2", f"output_dir={tmp_path / 'eager'}").train()
-    compiled = trainer_for(cfg, store, "max_train_steps=2", "compile_transformer=true",
-                           f"output_dir={tmp_path / 'compiled'}").train()
+    compiled = trainer_for(
+        cfg, store, "max_train_steps=2", "compile_transformer=true", f"output_dir={tmp_path / 'compiled'}"
+    ).train()
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-5, abs=1e-6)
 
 

@@ -34,11 +34,15 @@ def server(tmp_path):
     store = LocalStore(tmp_path / "store")
     visible = tmp_path / "server-datasets"
     visible.mkdir()
-    servicer = DataServicer(store, ServerPaths(dataset_roots=(str(visible),)), tmp_path / "work",
-                            max_file_bytes=200_000)
-    running = build_server(ServiceConfig(host="127.0.0.1", port=0, token=TOKEN, grace_s=0),
-                           lambda s: data_pb2_grpc.add_DataServiceServicer_to_server(servicer, s),
-                           ["edittuner.data.v1.DataService"], registry=CollectorRegistry())
+    servicer = DataServicer(
+        store, ServerPaths(dataset_roots=(str(visible),)), tmp_path / "work", max_file_bytes=200_000
+    )
+    running = build_server(
+        ServiceConfig(host="127.0.0.1", port=0, token=TOKEN, grace_s=0),
+        lambda s: data_pb2_grpc.add_DataServiceServicer_to_server(servicer, s),
+        ["edittuner.data.v1.DataService"],
+        registry=CollectorRegistry(),
+    )
     running.set_serving(True)
     client = Client("data", running.target, token=TOKEN)
     yield SimpleNamespace(store=store, client=client, address=running.target, visible=visible, tmp=tmp_path)
@@ -56,7 +60,8 @@ def test_a_folder_uploads_once_then_nothing_then_only_the_changed_image(server):
     files = dataset_files(images)
     first = push_folder(server.client, images, "demo")
     assert (first.files, first.sent) == (len(files), len(files)) and first.sent_bytes == sum(
-        f.stat().st_size for f in files)
+        f.stat().st_size for f in files
+    )
     manifest = read_manifest(server.store, "demo")
     assert sorted(manifest) == [f.relative_to(images).as_posix() for f in files]
     for rel, entry in manifest.items():  # stored by content, byte for byte
@@ -77,10 +82,12 @@ def test_an_interrupted_upload_stores_nothing_of_the_broken_file_and_resumes(ser
 
     def breaks_on_the_third(method, request, **kw):
         if method == "UploadFile" and len(sent) == 2:
+
             def cut(messages):
                 yield next(messages)  # the header, then half of the bytes, then the connection drops
                 raise ConnectionResetError("the network went away")
-            with pytest.raises(Exception):
+
+            with pytest.raises(errors.EditTunerError):  # the client stream broke
                 real(method, cut(request), **kw)
             raise KeyboardInterrupt  # the user's upload stops here
         sent.append(method)
@@ -102,11 +109,13 @@ def test_an_interrupted_upload_stores_nothing_of_the_broken_file_and_resumes(ser
 @pytest.mark.parametrize("path", ["../escape.png", "/etc/passwd", "a/../../b.png", "a\\b.png", "", "x/" * 600])
 def test_names_that_leave_the_dataset_are_refused_before_a_byte_is_stored(server, path):
     entry = data_pb2.UploadEntry(path=path, size=3, sha256=hashlib.sha256(b"abc").hexdigest())
-    for call in (lambda: server.client.call("PlanUpload", data_pb2.PlanUploadRequest(files=[entry])),
-                 lambda: server.client.call_stream("UploadFile", iter([data_pb2.UploadFileRequest(file=entry),
-                                                                       data_pb2.UploadFileRequest(chunk=b"abc")])),
-                 lambda: server.client.call("CommitUpload", data_pb2.CommitUploadRequest(upload_id="x",
-                                                                                          files=[entry]))):
+    for call in (
+        lambda: server.client.call("PlanUpload", data_pb2.PlanUploadRequest(files=[entry])),
+        lambda: server.client.call_stream(
+            "UploadFile", iter([data_pb2.UploadFileRequest(file=entry), data_pb2.UploadFileRequest(chunk=b"abc")])
+        ),
+        lambda: server.client.call("CommitUpload", data_pb2.CommitUploadRequest(upload_id="x", files=[entry])),
+    ):
         with pytest.raises(errors.InvalidInput, match="not a relative path inside the dataset"):
             call()
     assert server.store.list("uploads") == []
@@ -118,15 +127,18 @@ def test_an_oversize_file_and_a_wrong_hash_are_refused_and_nothing_is_kept(serve
     big = b"x" * 200_001
     entry = data_pb2.UploadEntry(path="big.png", size=len(big), sha256=hashlib.sha256(big).hexdigest())
     with pytest.raises(errors.InvalidInput, match="at most 200000 bytes"):
-        server.client.call_stream("UploadFile", iter([data_pb2.UploadFileRequest(file=entry),
-                                                      data_pb2.UploadFileRequest(chunk=big)]))
+        server.client.call_stream(
+            "UploadFile", iter([data_pb2.UploadFileRequest(file=entry), data_pb2.UploadFileRequest(chunk=big)])
+        )
     liar = data_pb2.UploadEntry(path="a.png", size=3, sha256=hashlib.sha256(b"abc").hexdigest())
     with pytest.raises(errors.InvalidInput, match="announced 3 bytes"):
-        server.client.call_stream("UploadFile", iter([data_pb2.UploadFileRequest(file=liar),
-                                                      data_pb2.UploadFileRequest(chunk=b"abd")]))
+        server.client.call_stream(
+            "UploadFile", iter([data_pb2.UploadFileRequest(file=liar), data_pb2.UploadFileRequest(chunk=b"abd")])
+        )
     with pytest.raises(errors.InvalidInput, match="more than the announced"):
-        server.client.call_stream("UploadFile", iter([data_pb2.UploadFileRequest(file=liar),
-                                                      data_pb2.UploadFileRequest(chunk=b"abcd")]))
+        server.client.call_stream(
+            "UploadFile", iter([data_pb2.UploadFileRequest(file=liar), data_pb2.UploadFileRequest(chunk=b"abcd")])
+        )
     assert server.store.list("uploads") == [] and not list((server.tmp / "work" / "transfers").glob(".up-*"))
     with pytest.raises(errors.FailedPrecondition, match="not in the store yet"):
         server.client.call("CommitUpload", data_pb2.CommitUploadRequest(upload_id="x", files=[liar]))
@@ -150,8 +162,12 @@ def test_the_server_says_which_files_it_reads_itself_and_nothing_outside_its_fol
     assert server_sees(server.client, str(shared_copy), shared_copy)
     private = folder(server.tmp, "private")  # outside it: the server does not even look
     assert not server_sees(server.client, str(private), private)
-    reply = server.client.call("StatFiles", data_pb2.StatFilesRequest(paths=["/etc/hostname", str(
-        server.visible / ".." / "private" / "images" / "0000.png")]))
+    reply = server.client.call(
+        "StatFiles",
+        data_pb2.StatFilesRequest(
+            paths=["/etc/hostname", str(server.visible / ".." / "private" / "images" / "0000.png")]
+        ),
+    )
     assert [f.readable for f in reply.files] == [False, False] and reply.files[0].sha256 == ""
     with pytest.raises(errors.InvalidInput, match="at most 64"):
         server.client.call("StatFiles", data_pb2.StatFilesRequest(paths=["/x"] * 65))
@@ -183,7 +199,10 @@ def test_run_files_come_back_verified_and_only_from_runs(server, tmp_path):
     assert len(pull_run(server.client, "r1", tmp_path / "all", include_checkpoints=True)) == 2
     for key in ("jobs/trainer/secret.json", "runs/../jobs/x", "runs/a/../../etc"):
         with pytest.raises(errors.InvalidInput):
-            list(server.client.call_stream("DownloadFile", data_pb2.DownloadFileRequest(key=key),
-                                           streaming_response=True))
+            list(
+                server.client.call_stream(
+                    "DownloadFile", data_pb2.DownloadFileRequest(key=key), streaming_response=True
+                )
+            )
     with pytest.raises(errors.NotFound):
         pull_run(server.client, "nope", tmp_path / "none")

@@ -27,9 +27,19 @@ ONE_GPU = {"EDITTUNER_ENCODER_GPU": "0", "EDITTUNER_TRAINER_GPU": "0", "EDITTUNE
 @pytest.fixture
 def tiny_run(tmp_path, tiny_models):
     root = write_dataset(tmp_path / "data", n=3, references=1)
-    cfg, _ = write_configs(tmp_path / "cfg", root, tiny_models("edit-v2"), "edit-v2", 1, max_train_steps=2,
-                           validation_step_interval=2, checkpoint_step_interval=2, num_eval_images=1, lora_rank=4,
-                           output_dir=str(tmp_path / "out" / "site"))
+    cfg, _ = write_configs(
+        tmp_path / "cfg",
+        root,
+        tiny_models("edit-v2"),
+        "edit-v2",
+        1,
+        max_train_steps=2,
+        validation_step_interval=2,
+        checkpoint_step_interval=2,
+        num_eval_images=1,
+        lora_rank=4,
+        output_dir=str(tmp_path / "out" / "site"),
+    )
     return load_run_config(cfg), LocalStore(tmp_path / "store")
 
 
@@ -85,16 +95,19 @@ def test_off_a_gpu_eval_svc_renders(tiny_run):
 # ------------------------------------------------------------------------ out of memory during a validation
 def test_smaller_validation_walks_the_planners_eval_ladder():
     from seed_files import SEED_CONFIG, SEED_DATA_V2
+
     from shared.config.loading import load_run_config_text
     from shared.plan.recommend import smaller_validation
 
     run = load_run_config_text(SEED_CONFIG, SEED_DATA_V2, ["model_flavour=edit-v2"])  # validation at 1024x1024
     assert smaller_validation(run, 0) == (run, [])
     steps = [smaller_validation(run, n) for n in (1, 2, 3, 4)]
-    assert [c for _, c in steps] == [["vae_enable_tiling=true"],
-                                     ["vae_enable_tiling=true", "validation_resolution=768x768"],
-                                     ["vae_enable_tiling=true", "validation_resolution=512x512"],
-                                     ["vae_enable_tiling=true", "validation_resolution=512x512"]]
+    assert [c for _, c in steps] == [
+        ["vae_enable_tiling=true"],
+        ["vae_enable_tiling=true", "validation_resolution=768x768"],
+        ["vae_enable_tiling=true", "validation_resolution=512x512"],
+        ["vae_enable_tiling=true", "validation_resolution=512x512"],
+    ]
     assert steps[2][0].train.validation_size == (512, 512) and steps[2][0].train.vae_enable_tiling
     small = load_run_config_text(SEED_CONFIG, SEED_DATA_V2, ["model_flavour=edit-v2", "validation_resolution=512x512"])
     assert smaller_validation(small, 3)[1] == ["vae_enable_tiling=true"]  # never a larger preview

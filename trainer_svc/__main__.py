@@ -18,15 +18,27 @@ def make(config, store, metrics):
     addrs = [a.strip() for a in env.get("EDITTUNER_ENCODER_ADDRS", "").split(",") if a.strip()]
     addrs = addrs or [a for a in (env.get("EDITTUNER_ENCODER_ADDR", "").strip(),) if a]
     shared_env = {k: v for k, v in env.items() if k.startswith(("EDITTUNER_TLS", "EDITTUNER_PEER_TOKEN"))}
-    encoders = [peer_channel({"EDITTUNER_ENCODER_ADDR": a, **shared_env}, "encoder", config.token, "trainer")
-                for a in addrs]
+    encoders = [
+        peer_channel({"EDITTUNER_ENCODER_ADDR": a, **shared_env}, "encoder", config.token, "trainer") for a in addrs
+    ]
     ev = peer_channel(env, "eval", config.token, "trainer")
     stubs = [encoder_pb2_grpc.EncoderServiceStub(c) for c in encoders]
-    peers = Peers(stubs[0] if stubs else None, eval_pb2_grpc.EvalServiceStub(ev) if ev else None,
-                  more_encoders=tuple(stubs[1:]), encoder_addresses=tuple(addrs),
-                  eval_address=env.get("EDITTUNER_EVAL_ADDR", "").strip(), wait_s=peer_wait_s(env))
-    core = TrainerCore(config.store_url or ".edittuner/store", peers, metrics, workdir(env),
-                       paths=server_paths(config), grace_s=config.grace_s)
+    peers = Peers(
+        stubs[0] if stubs else None,
+        eval_pb2_grpc.EvalServiceStub(ev) if ev else None,
+        more_encoders=tuple(stubs[1:]),
+        encoder_addresses=tuple(addrs),
+        eval_address=env.get("EDITTUNER_EVAL_ADDR", "").strip(),
+        wait_s=peer_wait_s(env),
+    )
+    core = TrainerCore(
+        config.store_url or ".edittuner/store",
+        peers,
+        metrics,
+        workdir(env),
+        paths=server_paths(config),
+        grace_s=config.grace_s,
+    )
 
     def add(jobs, server):
         servicer = TrainerServicer(jobs, core, keepalive_s=config.keepalive_s)
@@ -45,8 +57,10 @@ def peer_wait_s(env: dict[str, str]) -> float:
     except ValueError:
         value = -1.0
     if value < 0:
-        raise ConfigError([Problem("$EDITTUNER_PEER_WAIT_S", f"{raw!r} is not a number of seconds (0 or more)")],
-                          "invalid service configuration")
+        raise ConfigError(
+            [Problem("$EDITTUNER_PEER_WAIT_S", f"{raw!r} is not a number of seconds (0 or more)")],
+            "invalid service configuration",
+        )
     return value
 
 

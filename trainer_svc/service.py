@@ -70,20 +70,31 @@ class Peers:
     wait_s: float = PEER_WAIT_S
 
     def describe(self, label: str, index: int = 0) -> str:
-        address = self.eval_address if label == "eval_svc" else (
-            self.encoder_addresses[index] if index < len(self.encoder_addresses) else "")
+        address = (
+            self.eval_address
+            if label == "eval_svc"
+            else (self.encoder_addresses[index] if index < len(self.encoder_addresses) else "")
+        )
         return f"{label} at {address}" if address else label
 
 
 class TrainerCore:
-    def __init__(self, store_url: str, peers: Peers, metrics: Metrics, workdir: Path,
-                 worker_cmd: list[str] | None = None, env: dict[str, str] | None = None,
-                 paths: ServerPaths = ServerPaths(), grace_s: float = 30.0):
+    def __init__(
+        self,
+        store_url: str,
+        peers: Peers,
+        metrics: Metrics,
+        workdir: Path,
+        worker_cmd: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        paths: ServerPaths | None = None,
+        grace_s: float = 30.0,
+    ):
         self.store_url, self.peers, self.metrics = store_url, peers, metrics
         self.workdir = workdir
         self.worker_cmd = worker_cmd or [sys.executable, "-m", "trainer_svc.worker"]
         self.env = env
-        self.paths = paths
+        self.paths = paths or ServerPaths()
         self.grace_s = grace_s  # a stopped worker has this long to finish its step and write its checkpoint
 
     # ------------------------------------------------------------------------------------------ the job
@@ -98,10 +109,24 @@ class TrainerCore:
         (folder / "config.json").write_text(f["config_text"], encoding="utf-8")
         (folder / "multidatabackend.json").write_text(f["data_text"], encoding="utf-8")
         overrides = list(f["overrides"]) + (["resume_from_checkpoint=latest"] if job.attempt > 1 else [])
-        cmd = launch_command([*self.worker_cmd, "--config", str(folder / "config.json"), "--data",
-               str(folder / "multidatabackend.json"), "--store", self.store_url, "--no-encode",
-               "--external-validation", "--run-id", run_id,
-               *[f"--index={k.split('/')[2]}={k}" for k in index], *overrides], run.train)  # torchrun for N > 1
+        cmd = launch_command(
+            [
+                *self.worker_cmd,
+                "--config",
+                str(folder / "config.json"),
+                "--data",
+                str(folder / "multidatabackend.json"),
+                "--store",
+                self.store_url,
+                "--no-encode",
+                "--external-validation",
+                "--run-id",
+                run_id,
+                *[f"--index={k.split('/')[2]}={k}" for k in index],
+                *overrides,
+            ],
+            run.train,
+        )  # torchrun for N > 1
         validations: list[str] = []
         missed: list[str] = []
         batch = run.train.train_batch_size * run.train.gradient_accumulation_steps
@@ -119,28 +144,48 @@ class TrainerCore:
                 renders.submit(render, e)  # training goes on while eval_svc is waited for
                 return
             self.metrics.record_train_event(e, batch)
-            ctx.progress(phase=e.get("phase", ""), step=e.get("step", 0), total=e.get("total", 0),
-                         loss=e.get("loss", 0.0), seconds_per_step=e.get("seconds_per_step", 0.0),
-                         learning_rate=e.get("lr", 0.0), message=e.get("message", ""),
-                         data_wait_fraction=(e.get("data_wait", 0.0) / e["seconds_per_step"])
-                         if e.get("seconds_per_step") else 0.0)
+            ctx.progress(
+                phase=e.get("phase", ""),
+                step=e.get("step", 0),
+                total=e.get("total", 0),
+                loss=e.get("loss", 0.0),
+                seconds_per_step=e.get("seconds_per_step", 0.0),
+                learning_rate=e.get("lr", 0.0),
+                message=e.get("message", ""),
+                data_wait_fraction=(e.get("data_wait", 0.0) / e["seconds_per_step"])
+                if e.get("seconds_per_step")
+                else 0.0,
+            )
 
         try:
-            result = run_worker(cmd, on_event=on_event, cancelled=ctx.cancelled, env=self.env,
-                                log_path=folder / "worker.log", kill_grace_s=self.grace_s)
+            result = run_worker(
+                cmd,
+                on_event=on_event,
+                cancelled=ctx.cancelled,
+                env=self.env,
+                log_path=folder / "worker.log",
+                kill_grace_s=self.grace_s,
+            )
         finally:
             trained.set()  # wakes a submission waiting for eval_svc: one last try, then it is missed
             renders.shutdown(wait=True)
         if result.get("interrupted"):  # stopped at a step boundary, with a checkpoint of that step
             if ctx.cancelled.is_set():  # a shutdown (the job resumes after the restart) or a cancel
                 raise JobCancelled(f"the run stopped at step {result.get('steps')} ({ctx.cancel_reason})")
-            raise WorkerFailed(f"the training worker was stopped by a signal at step {result.get('steps')}, after "
-                               "writing a checkpoint; start the run again with resume_from_checkpoint=latest to "
-                               "continue it")
-        outputs.update({"lora": ",".join(result.get("lora", [])), "steps": str(result.get("steps", 0)),
-                        "final_loss": str(result.get("final_loss")),
-                        "checkpoints": ",".join(map(str, result.get("checkpoints", []))),
-                        "validations": ",".join(validations)})
+            raise WorkerFailed(
+                f"the training worker was stopped by a signal at step {result.get('steps')}, after "
+                "writing a checkpoint; start the run again with resume_from_checkpoint=latest to "
+                "continue it"
+            )
+        outputs.update(
+            {
+                "lora": ",".join(result.get("lora", [])),
+                "steps": str(result.get("steps", 0)),
+                "final_loss": str(result.get("final_loss")),
+                "checkpoints": ",".join(map(str, result.get("checkpoints", []))),
+                "validations": ",".join(validations),
+            }
+        )
         if missed:
             outputs["missed_validations"] = "; ".join(missed)
         return outputs
@@ -148,9 +193,13 @@ class TrainerCore:
     @staticmethod
     def _files(job: JobRecord) -> common_pb2.RunConfigFiles:
         f = job.params["files"]
-        return common_pb2.RunConfigFiles(config_json=f["config_text"], data_json=f["data_text"],
-                                         overrides=f["overrides"], config_name=f["config_name"],
-                                         data_name=f["data_name"])
+        return common_pb2.RunConfigFiles(
+            config_json=f["config_text"],
+            data_json=f["data_text"],
+            overrides=f["overrides"],
+            config_name=f["config_name"],
+            data_name=f["data_name"],
+        )
 
     def _encode(self, job: JobRecord, ctx: JobContext) -> list[str]:
         """Encode through encoder_svc and wait; then ask it to free the GPU for training. Returns the cache index
@@ -163,17 +212,24 @@ class TrainerCore:
         replicas = [self.peers.encoder, *self.peers.more_encoders]
         request_id = f"{job.job_id}-encode-{job.attempt}"
         if len(replicas) == 1:
-            enc_job = self._encode_on(replicas[0], encoder_pb2.SubmitEncodeRequest(request_id=request_id,
-                                                                                    files=files), ctx)
+            enc_job = self._encode_on(
+                replicas[0], encoder_pb2.SubmitEncodeRequest(request_id=request_id, files=files), ctx
+            )
         else:
             n = len(replicas)
             failures: list[BaseException] = []
 
             def shard(i: int) -> None:
                 try:
-                    self._encode_on(replicas[i], encoder_pb2.SubmitEncodeRequest(
-                        request_id=f"{request_id}-shard-{i}-of-{n}", files=files, shard_index=i, shard_count=n),
-                        ctx, label=f"encoder replica {i}", index=i)
+                    self._encode_on(
+                        replicas[i],
+                        encoder_pb2.SubmitEncodeRequest(
+                            request_id=f"{request_id}-shard-{i}-of-{n}", files=files, shard_index=i, shard_count=n
+                        ),
+                        ctx,
+                        label=f"encoder replica {i}",
+                        index=i,
+                    )
                 except BaseException as e:  # noqa: BLE001 - re-raised on the job's thread below
                     failures.append(e)
 
@@ -184,21 +240,28 @@ class TrainerCore:
                 th.join()
             if failures:
                 raise failures[0]
-            enc_job = self._encode_on(replicas[0], encoder_pb2.SubmitEncodeRequest(
-                request_id=f"{request_id}-finalize", files=files, shard_count=n, finalize=True), ctx)
+            enc_job = self._encode_on(
+                replicas[0],
+                encoder_pb2.SubmitEncodeRequest(
+                    request_id=f"{request_id}-finalize", files=files, shard_count=n, finalize=True
+                ),
+                ctx,
+            )
         for i, stub in enumerate(replicas):
             try:
                 self._patience(ctx, self.peers.describe("encoder_svc", i), RELEASE_WAIT_S, quiet=True).call(
-                    stub.ReleaseModels, encoder_pb2.ReleaseModelsRequest(), timeout_s=RPC_TIMEOUT_S)
+                    stub.ReleaseModels, encoder_pb2.ReleaseModelsRequest(), timeout_s=RPC_TIMEOUT_S
+                )
             except (grpc.RpcError, Unavailable) as e:
-                log.warning("encoder_svc did not release its models: %s", e.details() if isinstance(
-                    e, grpc.RpcError) else e)
+                log.warning(
+                    "encoder_svc did not release its models: %s", e.details() if isinstance(e, grpc.RpcError) else e
+                )
         return [k for k in enc_job.outputs.get("index", "").split(",") if k.startswith("cache/index/")]
 
-    def _patience(self, ctx: JobContext, peer: str, budget_s: float | None = None, *, quiet: bool = False
-                  ) -> Patience:
+    def _patience(self, ctx: JobContext, peer: str, budget_s: float | None = None, *, quiet: bool = False) -> Patience:
         """How this job waits for ``peer``: its waits end at once when the job is cancelled, and unless ``quiet``
         the job's progress (phase ``encode``) says what it waits for."""
+
         def sleep(seconds: float) -> None:
             if ctx.cancelled.wait(seconds):
                 ctx.check_cancelled()
@@ -208,11 +271,22 @@ class TrainerCore:
             if not quiet:
                 ctx.progress(phase="encode", message=message)
 
-        return Patience(peer, self.peers.wait_s if budget_s is None else budget_s, on_wait=on_wait, sleep=sleep,
-                        budget_name="EDITTUNER_PEER_WAIT_S")
+        return Patience(
+            peer,
+            self.peers.wait_s if budget_s is None else budget_s,
+            on_wait=on_wait,
+            sleep=sleep,
+            budget_name="EDITTUNER_PEER_WAIT_S",
+        )
 
-    def _encode_on(self, stub: encoder_pb2_grpc.EncoderServiceStub, request: encoder_pb2.SubmitEncodeRequest,
-                   ctx: JobContext, label: str = "encoder_svc", index: int = 0) -> Any:
+    def _encode_on(
+        self,
+        stub: encoder_pb2_grpc.EncoderServiceStub,
+        request: encoder_pb2.SubmitEncodeRequest,
+        ctx: JobContext,
+        label: str = "encoder_svc",
+        index: int = 0,
+    ) -> Any:
         """Submit one encode job and follow it to its end, waiting out a busy encoder; returns the finished job."""
         patience = self._patience(ctx, self.peers.describe("encoder_svc", index))
         try:
@@ -224,12 +298,17 @@ class TrainerCore:
 
         def on_update(job: common_pb2.Job) -> None:
             p = job.progress
-            ctx.progress(phase="encode", step=p.step, total=p.total,  # replicas: each its own share
-                         message=p.message if label == "encoder_svc" else f"{label}: {p.message}")
+            ctx.progress(
+                phase="encode",
+                step=p.step,
+                total=p.total,  # replicas: each its own share
+                message=p.message if label == "encoder_svc" else f"{label}: {p.message}",
+            )
             if ctx.cancelled.is_set():
                 try:
-                    patience.call(stub.CancelJob, encoder_pb2.CancelJobRequest(job_id=job.job_id),
-                                  timeout_s=RPC_TIMEOUT_S)
+                    patience.call(
+                        stub.CancelJob, encoder_pb2.CancelJobRequest(job_id=job.job_id), timeout_s=RPC_TIMEOUT_S
+                    )
                 finally:
                     ctx.check_cancelled()
 
@@ -239,14 +318,21 @@ class TrainerCore:
             raise Unavailable(f"{label}: {e.code().name}: {e.details()}") from None
         state = state_name(enc_job)
         if state == "cancelled":
-            raise FailedPrecondition(f"the encode job {enc_job.job_id} on {label} was cancelled; start the run "
-                                     "again")
+            raise FailedPrecondition(f"the encode job {enc_job.job_id} on {label} was cancelled; start the run again")
         if state == "failed":
             raise error_of(enc_job)
         return enc_job
 
-    def _submit_render(self, job: JobRecord, ctx: JobContext, e: dict[str, Any], validations: list[str],
-                       missed: list[str], index: list[str], trained: threading.Event) -> None:
+    def _submit_render(
+        self,
+        job: JobRecord,
+        ctx: JobContext,
+        e: dict[str, Any],
+        validations: list[str],
+        missed: list[str],
+        index: list[str],
+        trained: threading.Event,
+    ) -> None:
         """Hand a validation to eval_svc (not waiting for the render), waiting out a busy eval_svc while training
         runs (at most the peer budget); a validation it has not taken by then is recorded as missed, never fatal."""
         step = int(e["step"])
@@ -273,9 +359,18 @@ class TrainerCore:
                 log_wait(message)
 
             patience = dataclasses.replace(patience, sleep=sleep, on_wait=on_wait)
-            r = patience.call(self.peers.eval.SubmitRender, eval_pb2.SubmitRenderRequest(
-                request_id=f"{job.job_id}-render-{step}", files=files, run_id=e["run_id"], step=step,
-                lora_key=e["lora_key"], index_keys=index), timeout_s=RPC_TIMEOUT_S)
+            r = patience.call(
+                self.peers.eval.SubmitRender,
+                eval_pb2.SubmitRenderRequest(
+                    request_id=f"{job.job_id}-render-{step}",
+                    files=files,
+                    run_id=e["run_id"],
+                    step=step,
+                    lora_key=e["lora_key"],
+                    index_keys=index,
+                ),
+                timeout_s=RPC_TIMEOUT_S,
+            )
             validations.append(f"{step}:{r.job.job_id}")
         except (grpc.RpcError, Unavailable, JobCancelled) as err:
             reason = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.RpcError) else str(err)
@@ -286,8 +381,9 @@ class TrainerCore:
 class TrainerServicer(JobRpcMixin, trainer_pb2_grpc.TrainerServiceServicer):
     pb = trainer_pb2
 
-    def StartRun(self, request: trainer_pb2.StartRunRequest, context: grpc.ServicerContext
-                 ) -> trainer_pb2.StartRunResponse:
+    def StartRun(
+        self, request: trainer_pb2.StartRunRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.StartRunResponse:
         files = files_from_proto(request.files)
         run = validated_run(files, self.core.paths)
         if request.run_id:
@@ -300,7 +396,9 @@ class TrainerServicer(JobRpcMixin, trainer_pb2_grpc.TrainerServiceServicer):
         params = files_to_params(files) | {"run_id": run_id}
         for active in self.jobs.list(state="running")[0] + self.jobs.list(state="queued")[0]:
             if active.params.get("run_id") == run_id and active.request_id != request.request_id:
-                raise FailedPrecondition(f"run {run_id!r} is already active as job {active.job_id}; cancel it "
-                                         "or pick another output_dir / run_id")
+                raise FailedPrecondition(
+                    f"run {run_id!r} is already active as job {active.job_id}; cancel it "
+                    "or pick another output_dir / run_id"
+                )
         job = self.jobs.submit("train", params, request.request_id)
         return trainer_pb2.StartRunResponse(job=job_to_proto(job))

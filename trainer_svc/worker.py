@@ -71,8 +71,12 @@ def _out_of_memory(e: BaseException) -> int:
     lines = str(e).splitlines()
     said = next((line for line in lines if OOM_MARKERS.search(line)), lines[0] if lines else type(e).__name__)
     traceback.print_exc()
-    _emit({"error": f"out of {where} memory in the training worker: {said.strip()[:300]}; {OOM_ADVICE}",
-           "kind": "ResourceExhausted"})
+    _emit(
+        {
+            "error": f"out of {where} memory in the training worker: {said.strip()[:300]}; {OOM_ADVICE}",
+            "kind": "ResourceExhausted",
+        }
+    )
     return 1
 
 
@@ -85,31 +89,46 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", required=True)
     ap.add_argument("--no-encode", action="store_true", help="the caches exist already (encoder_svc made them)")
     ap.add_argument("--no-validation", action="store_true")
-    ap.add_argument("--external-validation", action="store_true",
-                    help="export the LoRA at validation steps and emit validation_ready events (trainer_svc), "
-                         "unless the planner says trainer and eval_svc do not fit their GPU together: then "
-                         "validate here")
+    ap.add_argument(
+        "--external-validation",
+        action="store_true",
+        help="export the LoRA at validation steps and emit validation_ready events (trainer_svc), "
+        "unless the planner says trainer and eval_svc do not fit their GPU together: then "
+        "validate here",
+    )
     ap.add_argument("--run-id")
     ap.add_argument("--until-step", type=int, help="stop after this step (the run can be resumed)")
-    ap.add_argument("--index", action="append", default=[], metavar="DATASET=KEY",
-                    help="the cache index of a dataset, as the encoder reported it")
+    ap.add_argument(
+        "--index",
+        action="append",
+        default=[],
+        metavar="DATASET=KEY",
+        help="the cache index of a dataset, as the encoder reported it",
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
     _configure_logging()
     try:
         run = load_run_config(args.config, args.data, args.overrides)
         distributed.init(distributed.rank_device(resolve_device(run.train.device), RANK))
-        result = train_run(run, open_store(args.store), events=lambda e: _emit({"event": e}),
-                           validate=False if args.no_validation else "auto" if args.external_validation else True,
-                           until_step=args.until_step, encode=not args.no_encode, run_id=args.run_id, stop=stop,
-                           copy_to_output_dir=False,
-                           index_keys=dict(i.split("=", 1) for i in args.index) if args.index else None)
+        result = train_run(
+            run,
+            open_store(args.store),
+            events=lambda e: _emit({"event": e}),
+            validate=False if args.no_validation else "auto" if args.external_validation else True,
+            until_step=args.until_step,
+            encode=not args.no_encode,
+            run_id=args.run_id,
+            stop=stop,
+            copy_to_output_dir=False,
+            index_keys=dict(i.split("=", 1) for i in args.index) if args.index else None,
+        )
     except EditTunerError as e:
         _emit({"error": str(e), "kind": type(e).__name__})
         return 1
     except (torch.OutOfMemoryError, MemoryError) as e:
         return _out_of_memory(e)
-    except Exception as e:  # the supervisor reports a generic failure; the traceback goes to the log
+    except Exception as e:  # noqa: BLE001 - the supervisor reports a generic failure; the traceback goes to the log
         if OOM_MARKERS.search(str(e)):  # a CUDA library's failed allocation, raised as a RuntimeError
             return _out_of_memory(e)
         traceback.print_exc()
@@ -118,9 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         distributed.shutdown()  # after train_run dropped its DDP wrapper (a live one can abort the exit)
     s = result.summary
-    _emit({"result": {"run_id": s.run_id, "steps": s.steps, "processes": RANK.world,
-                      "final_loss": s.losses[-1] if s.losses else None, "lora": s.lora_keys,
-                      "checkpoints": s.checkpoints, "interrupted": s.interrupted}})
+    _emit(
+        {
+            "result": {
+                "run_id": s.run_id,
+                "steps": s.steps,
+                "processes": RANK.world,
+                "final_loss": s.losses[-1] if s.losses else None,
+                "lora": s.lora_keys,
+                "checkpoints": s.checkpoints,
+                "interrupted": s.interrupted,
+            }
+        }
+    )
     return 0
 
 

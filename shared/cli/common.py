@@ -58,6 +58,7 @@ class ProgressBars:
 
     def bytes(self, label: str):
         """A ``progress(done, total)`` callback drawing a bar in bytes (uploads, downloads)."""
+
         def progress(done: int, total: int) -> None:
             if self.quiet:
                 return

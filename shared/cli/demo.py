@@ -55,16 +55,32 @@ def run_demo(out: Path, flavour: str = "edit-v2", samples: int = 24, steps: int 
     model = out / "model"
     if not (model / "model_index.json").exists():
         save_tiny_model(model, flavour, trained=True)
-    print(f"[demo] trained tiny {flavour} model (its VAE reconstructs the generated scenes, its transformer copies "
-          f"its reference): {model}")
+    print(
+        f"[demo] trained tiny {flavour} model (its VAE reconstructs the generated scenes, its transformer copies "
+        f"its reference): {model}"
+    )
     data = write_edit_dataset(out / "data", n=samples, extent=(0.35, 0.65))
     eval_images = 4
     config, databackend = write_configs(
-        out / "config", data, model, flavour, 1, resolution=64, output_dir=str(out / "output"),
-        max_train_steps=steps, learning_rate=3e-3, lr_scheduler="cosine", lr_warmup_steps=10, lora_rank=16,
-        checkpoint_step_interval=steps, validation_step_interval=max(1, steps // 3),
-        num_eval_images=eval_images, validation_num_inference_steps=12,
-        validation_guidance=1.0, seed=0)
+        out / "config",
+        data,
+        model,
+        flavour,
+        1,
+        resolution=64,
+        output_dir=str(out / "output"),
+        max_train_steps=steps,
+        learning_rate=3e-3,
+        lr_scheduler="cosine",
+        lr_warmup_steps=10,
+        lora_rank=16,
+        checkpoint_step_interval=steps,
+        validation_step_interval=max(1, steps // 3),
+        num_eval_images=eval_images,
+        validation_num_inference_steps=12,
+        validation_guidance=1.0,
+        seed=0,
+    )
     print(f"[demo] {samples} generated pairs, {eval_images} held out for previews: {DEMO_CAPTION!r} ({data})")
     print(f"[demo] config: {config}\n[demo] data:   {databackend}")
     run = load_run_config(config)
@@ -77,13 +93,18 @@ def run_demo(out: Path, flavour: str = "edit-v2", samples: int = 24, steps: int 
     files = files_to_proto(read_config_files(config, databackend))
     import os
 
-    with start_local_stack(str(out / "store"), out / "logs",
-                           env={**os.environ, "EDITTUNER_WORKDIR": str(out / "work")}) as stack:
-        print("[demo] services: " + ", ".join(f"{k}_svc {v}" for k, v in stack.addresses.items()) +
-              f" (logs {out / 'logs'})")
+    with start_local_stack(
+        str(out / "store"), out / "logs", env={**os.environ, "EDITTUNER_WORKDIR": str(out / "work")}
+    ) as stack:
+        print(
+            "[demo] services: "
+            + ", ".join(f"{k}_svc {v}" for k, v in stack.addresses.items())
+            + f" (logs {out / 'logs'})"
+        )
         trainer = Client("trainer", stack.addresses["trainer"])
-        job = trainer.call("StartRun", trainer_pb2.StartRunRequest(request_id=uuid.uuid4().hex, files=files,
-                                                                   run_id="demo")).job
+        job = trainer.call(
+            "StartRun", trainer_pb2.StartRunRequest(request_id=uuid.uuid4().hex, files=files, run_id="demo")
+        ).job
         print(f"[demo] trainer_svc job {job.job_id}: watching")
         shown: set[tuple[str, int]] = set()
 
@@ -105,17 +126,22 @@ def run_demo(out: Path, flavour: str = "edit-v2", samples: int = 24, steps: int 
             raise RuntimeError(f"the demo run failed: {job.error_code}: {job.error}")
         renders = wait_for_validations(job, stack.addresses["eval"])
         for v in renders:
-            print(f"[demo] eval_svc render {v.job_id}: {state_name(v)}, held-out PSNR vs target: base "
-                  f"{float(v.outputs.get('psnr_base', 'nan')):.2f} dB, "
-                  f"LoRA {float(v.outputs.get('psnr_lora', 'nan')):.2f}"
-                  f" dB -> {v.outputs.get('metrics', v.error)}")
+            print(
+                f"[demo] eval_svc render {v.job_id}: {state_name(v)}, held-out PSNR vs target: base "
+                f"{float(v.outputs.get('psnr_base', 'nan')):.2f} dB, "
+                f"LoRA {float(v.outputs.get('psnr_lora', 'nan')):.2f}"
+                f" dB -> {v.outputs.get('metrics', v.error)}"
+            )
         encoder = Client("encoder", stack.addresses["encoder"])
-        again = encoder.call("SubmitEncode", encoder_pb2.SubmitEncodeRequest(request_id=uuid.uuid4().hex,
-                                                                             files=files)).job
+        again = encoder.call(
+            "SubmitEncode", encoder_pb2.SubmitEncodeRequest(request_id=uuid.uuid4().hex, files=files)
+        ).job
         again = encoder.watch(again.job_id, lambda j: None)
         print(f"[demo] encoding again: {again.outputs.get('encoded')} encoded, {again.outputs.get('cached')} cached")
-    print(f"[demo] run {job.outputs['run_id']}: {job.outputs['steps']} steps, final loss "
-          f"{float(job.outputs['final_loss']):.4f}, checkpoints at {job.outputs['checkpoints']}")
+    print(
+        f"[demo] run {job.outputs['run_id']}: {job.outputs['steps']} steps, final loss "
+        f"{float(job.outputs['final_loss']):.4f}, checkpoints at {job.outputs['checkpoints']}"
+    )
     write_run_report(store, job.outputs["run_id"])  # once more, now that every render is in
     outputs = copy_outputs(store, f"runs/{job.outputs['run_id']}", Path(run.train.output_dir))
     print(f"[demo] store: {store.describe()} (runs/{job.outputs['run_id']}/: checkpoints, lora, validation)")
@@ -124,6 +150,8 @@ def run_demo(out: Path, flavour: str = "edit-v2", samples: int = 24, steps: int 
     if renders and state_name(renders[-1]) == "succeeded":
         last = renders[-1].outputs
         base, lora = float(last.get("psnr_base", "nan")), float(last.get("psnr_lora", "nan"))
-        print(f"[demo] on {eval_images} held-out pairs the base copies the reference ({base:.2f} dB against the "
-              f"targets) and the LoRA applies the edit ({lora:.2f} dB): {lora - base:+.2f} dB")
+        print(
+            f"[demo] on {eval_images} held-out pairs the base copies the reference ({base:.2f} dB against the "
+            f"targets) and the LoRA applies the edit ({lora:.2f} dB): {lora - base:+.2f} dB"
+        )
     print(f"[demo] done in {time.perf_counter() - started:.1f}s")

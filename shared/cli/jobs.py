@@ -27,28 +27,40 @@ def remote_job(args: argparse.Namespace, service: str) -> int:
     stack = None
     store_url = args.store or os.environ.get("EDITTUNER_STORE") or DEFAULT_STORE
     if address is None:
-        stack = start_local_stack(str(Path(store_url).resolve()) if "://" not in store_url else store_url,
-                                  Path(".edittuner/logs"))
+        stack = start_local_stack(
+            str(Path(store_url).resolve()) if "://" not in store_url else store_url, Path(".edittuner/logs")
+        )
         address = stack.addresses[service]
-        print(f"started local services ({', '.join(f'{k} {v}' for k, v in stack.addresses.items())}); "
-              f"store {store_url}; logs .edittuner/logs/", file=sys.stderr)
+        print(
+            f"started local services ({', '.join(f'{k} {v}' for k, v in stack.addresses.items())}); "
+            f"store {store_url}; logs .edittuner/logs/",
+            file=sys.stderr,
+        )
     client = Client(service, address)
     bar = ProgressBars(args.quiet)
     job = None
     try:
         data = Client("data", address)
         try:  # the datasets the server cannot read go into its store first
-            files = datasets_for_server(data, files, Path.cwd(), report=lambda m: print(m, file=sys.stderr),
-                                        progress=None if args.quiet else bar.bytes)
+            files = datasets_for_server(
+                data,
+                files,
+                Path.cwd(),
+                report=lambda m: print(m, file=sys.stderr),
+                progress=None if args.quiet else bar.bytes,
+            )
         finally:
             data.close()
             bar.close()
         if service == "trainer":
-            job = client.call("StartRun", trainer_pb2.StartRunRequest(request_id=new_request_id(),
-                                                                      files=files_to_proto(files))).job
+            job = client.call(
+                "StartRun", trainer_pb2.StartRunRequest(request_id=new_request_id(), files=files_to_proto(files))
+            ).job
         else:
-            job = client.call("SubmitEncode", encoder_pb2.SubmitEncodeRequest(request_id=new_request_id(),
-                                                                              files=files_to_proto(files))).job
+            job = client.call(
+                "SubmitEncode",
+                encoder_pb2.SubmitEncodeRequest(request_id=new_request_id(), files=files_to_proto(files)),
+            ).job
         print(f"submitted job {job.job_id} to {service}_svc at {address}", file=sys.stderr)
         try:
             job = client.watch(job.job_id, bar.update)
@@ -56,18 +68,35 @@ def remote_job(args: argparse.Namespace, service: str) -> int:
             bar.close()
             if stack is not None or ask_cancel_or_detach():
                 job = client.cancel(job.job_id)
-                print(f"cancelled job {job.job_id}" + (" (the local services stop with this command; continue "
-                      "later with resume_from_checkpoint=latest)" if stack is not None else ""), file=sys.stderr)
+                print(
+                    f"cancelled job {job.job_id}"
+                    + (
+                        " (the local services stop with this command; continue "
+                        "later with resume_from_checkpoint=latest)"
+                        if stack is not None
+                        else ""
+                    ),
+                    file=sys.stderr,
+                )
             else:
-                print(f"detached; follow it with: edittuner jobs watch {job.job_id} --service {service} "
-                      f"--server {address}", file=sys.stderr)
+                print(
+                    f"detached; follow it with: edittuner jobs watch {job.job_id} --service {service} "
+                    f"--server {address}",
+                    file=sys.stderr,
+                )
             return 130
         if service == "trainer" and state_name(job) == "succeeded":
             eval_address = stack.addresses["eval"] if stack is not None else resolve_address("eval", None)
             for v in wait_for_validations(job, eval_address):
-                print(f"validation {v.job_id}: {state_name(v)}" + (f", PSNR LoRA {v.outputs['psnr_lora']} dB, "
-                      f"base {v.outputs['psnr_base']} dB" if "psnr_lora" in v.outputs else f" {v.error}"),
-                      file=sys.stderr)
+                print(
+                    f"validation {v.job_id}: {state_name(v)}"
+                    + (
+                        f", PSNR LoRA {v.outputs['psnr_lora']} dB, base {v.outputs['psnr_base']} dB"
+                        if "psnr_lora" in v.outputs
+                        else f" {v.error}"
+                    ),
+                    file=sys.stderr,
+                )
     finally:
         bar.close()
         client.close()
@@ -77,8 +106,11 @@ def remote_job(args: argparse.Namespace, service: str) -> int:
     if state_name(job) != "succeeded":
         return 1
     if service == "trainer" and stack is None:
-        print(f"the run's LoRA and previews are in the services' store under runs/{job.outputs['run_id']}/; fetch "
-              f"them with: edittuner runs pull {job.outputs['run_id']} DIR --server {address}", file=sys.stderr)
+        print(
+            f"the run's LoRA and previews are in the services' store under runs/{job.outputs['run_id']}/; fetch "
+            f"them with: edittuner runs pull {job.outputs['run_id']} DIR --server {address}",
+            file=sys.stderr,
+        )
     elif service == "trainer":  # a run started on this machine: its files go where the config says
         from shared.store.url import open_store
         from shared.train.runner import copy_outputs
@@ -95,8 +127,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     address = resolve_address(args.service, args.server)
     if address is None:
-        print("error: give --server HOST:PORT or set EDITTUNER_SERVER / EDITTUNER_"
-              f"{args.service.upper()}_ADDR", file=sys.stderr)
+        print(
+            f"error: give --server HOST:PORT or set EDITTUNER_SERVER / EDITTUNER_{args.service.upper()}_ADDR",
+            file=sys.stderr,
+        )
         return 1
     client = Client(args.service, address)
     try:
@@ -145,7 +179,7 @@ def cmd_runs_pull(args: argparse.Namespace) -> int:
     for key in keys:
         if args.no_checkpoints and "/checkpoints/" in key:
             continue
-        target = dest / key[len(prefix) + 1:]
+        target = dest / key[len(prefix) + 1 :]
         target.parent.mkdir(parents=True, exist_ok=True)
         store.get_file(key, target)
     print(f"pulled {args.run_id} from {store.describe()} into {dest}")
@@ -198,9 +232,11 @@ def cmd_data_push(args: argparse.Namespace) -> int:
     finally:
         bar.close()
         client.close()
-    print(f"uploaded {result.sent} of {result.files} files ({result.sent_bytes} bytes; the rest were stored "
-          f"already) as {result.upload_id!r}. Use it in multidatabackend.json instead of instance_data_dir:",
-          file=sys.stderr)
+    print(
+        f"uploaded {result.sent} of {result.files} files ({result.sent_bytes} bytes; the rest were stored "
+        f"already) as {result.upload_id!r}. Use it in multidatabackend.json instead of instance_data_dir:",
+        file=sys.stderr,
+    )
     print(json.dumps({"type": "store", "store_upload": result.upload_id}))
     return 0
 

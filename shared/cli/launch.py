@@ -8,8 +8,9 @@ import argparse
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from shared.config.schema import RunConfig
 from shared.encode.encoder import EncodeStats
@@ -23,26 +24,49 @@ from shared.train.trackers import logs_dir
 from shared.train.trainer import run_id_for
 
 
-def train_processes(args: argparse.Namespace, run: RunConfig, store: ObjectStore, store_url: str,
-                    events: Callable[[dict[str, Any]], None], stop: threading.Event) -> tuple[EncodeStats, dict, dict]:
+def train_processes(
+    args: argparse.Namespace,
+    run: RunConfig,
+    store: ObjectStore,
+    store_url: str,
+    events: Callable[[dict[str, Any]], None],
+    stop: threading.Event,
+) -> tuple[EncodeStats, dict, dict]:
     """Encode here, train under torchrun; returns the encode stats, the worker's result and the copied outputs.
     On several machines machine 0 encodes before it joins the rendezvous, where the others wait for it."""
     stats = encode_missing(run, store, events) if run.train.machine_rank == 0 else EncodeStats()
-    worker = [sys.executable, "-m", "trainer_svc.worker", "--store", store_url, "--no-encode",
-              *(["--config", str(args.config)] if args.config else []),
-              *(["--data", str(args.data)] if args.data else []),
-              *(["--no-validation"] if args.no_validation else []), *args.overrides]
+    worker = [
+        sys.executable,
+        "-m",
+        "trainer_svc.worker",
+        "--store",
+        store_url,
+        "--no-encode",
+        *(["--config", str(args.config)] if args.config else []),
+        *(["--data", str(args.data)] if args.data else []),
+        *(["--no-validation"] if args.no_validation else []),
+        *args.overrides,
+    ]
     cmd = launch_command(worker, run.train)
     log_path = Path(run.train.output_dir) / "worker.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        result = run_worker(cmd, on_event=events, cancelled=stop,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, log_path=log_path, kill_grace_s=120)
+        result = run_worker(
+            cmd,
+            on_event=events,
+            cancelled=stop,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            log_path=log_path,
+            kill_grace_s=120,
+        )
     except JobCancelled:
         result = {"run_id": run_id_for(run.train.output_dir), "interrupted": True, "steps": None}
     outputs: dict[str, str] = {}
     if isinstance(store, LocalStore) and not result.get("interrupted"):
-        outputs = copy_outputs(store, f"runs/{result['run_id']}", Path(run.train.output_dir),
-                               logs_dir(run.train.output_dir, run.train.logging_dir))
+        outputs = copy_outputs(
+            store,
+            f"runs/{result['run_id']}",
+            Path(run.train.output_dir),
+            logs_dir(run.train.output_dir, run.train.logging_dir),
+        )
     return stats, result, outputs
-

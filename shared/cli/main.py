@@ -13,8 +13,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from shared.cli.common import DEFAULT_STORE, ProgressBars, load_from_args, store_from_args
 from shared.cli.jobs import cmd_data_push, cmd_jobs, cmd_runs_pull, cmd_runs_report, remote_job
@@ -25,16 +26,26 @@ from shared.logs import quiet_call_noise, quiet_import_noise
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="config.json (SimpleTuner style; // comments allowed)")
     p.add_argument("--data", help="multidatabackend.json (default: the config's data_backend_config)")
-    p.add_argument("--store", help=f"object store: a directory (default {DEFAULT_STORE}, or $EDITTUNER_STORE), "
-                                   "or s3://bucket with EDITTUNER_S3_* variables")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="override config keys (learning_rate=1e-4, model_kwargs.match_target_res=true) or "
-                        "example=NAME for a bundled preset")
+    p.add_argument(
+        "--store",
+        help=f"object store: a directory (default {DEFAULT_STORE}, or $EDITTUNER_STORE), "
+        "or s3://bucket with EDITTUNER_S3_* variables",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override config keys (learning_rate=1e-4, model_kwargs.match_target_res=true) or "
+        "example=NAME for a bundled preset",
+    )
 
 
 def _add_server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", help="HOST:PORT of the service; default EDITTUNER_SERVER, else start the three "
-                                    "services locally for this command")
+    p.add_argument(
+        "--server",
+        help="HOST:PORT of the service; default EDITTUNER_SERVER, else start the three "
+        "services locally for this command",
+    )
     p.add_argument("--in-process", action="store_true", help="no services: run everything in this process")
 
 
@@ -58,12 +69,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"data    {run.data.source}")
     for ds in paired:
         refs = run.data.references_of(ds.config)
-        per = len(refs) if t.conditioning_multidataset_sampling == "combined" or len(refs) == 1 else \
-            f"1 of {len(refs)} (random)"
+        per = (
+            len(refs)
+            if t.conditioning_multidataset_sampling == "combined" or len(refs) == 1
+            else f"1 of {len(refs)} (random)"
+        )
         buckets = ", ".join(f"{w}x{h} ×{n}" for (w, h), n in ds.buckets().items()) or "none"
-        print(f"dataset {ds.config.id!r} ({ds.role}): {len(ds.samples)} samples, {per} reference(s) per sample"
-              f" [{', '.join(r.id for r in refs)}]" + (f", {len(ds.skipped)} skipped" if ds.skipped else "")
-              + (f", {len(ds.filtered)} left out by size rules" if ds.filtered else ""))
+        print(
+            f"dataset {ds.config.id!r} ({ds.role}): {len(ds.samples)} samples, {per} reference(s) per sample"
+            f" [{', '.join(r.id for r in refs)}]"
+            + (f", {len(ds.skipped)} skipped" if ds.skipped else "")
+            + (f", {len(ds.filtered)} left out by size rules" if ds.filtered else "")
+        )
         if ds.filtered and args.verbose:
             for name, why in ds.filtered:
                 print(f"  left out: {name}: {why}")
@@ -119,8 +136,10 @@ def cmd_encode_in_process(args: argparse.Namespace) -> int:
     finally:
         bar.close()
         enc.release()
-    print(f"encoded {stats.encoded}, cached {stats.cached}, failed {stats.failed} "
-          f"in {time.perf_counter() - started:.1f}s; store {store.describe()}")
+    print(
+        f"encoded {stats.encoded}, cached {stats.cached}, failed {stats.failed} "
+        f"in {time.perf_counter() - started:.1f}s; store {store.describe()}"
+    )
     for f in stats.failures:
         print(f"failed: {f}", file=sys.stderr)
     return 0
@@ -156,8 +175,14 @@ def cmd_train_in_process(args: argparse.Namespace) -> int:
     bar = ProgressBars(args.quiet)
 
     def events(e: dict) -> None:
-        bar.show(e.get("phase", ""), e.get("step", 0), e.get("total", 0), e.get("loss", 0.0),
-                 e.get("seconds_per_step", 0.0), e.get("message", ""))
+        bar.show(
+            e.get("phase", ""),
+            e.get("step", 0),
+            e.get("total", 0),
+            e.get("loss", 0.0),
+            e.get("seconds_per_step", 0.0),
+            e.get("message", ""),
+        )
 
     stop = threading.Event()
 
@@ -170,19 +195,27 @@ def cmd_train_in_process(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         if is_distributed(run.train):
-            return _report_processes(*train_processes(args, run, store, args.store or os.environ.get(
-                "EDITTUNER_STORE") or DEFAULT_STORE, events, stop), store)
+            return _report_processes(
+                *train_processes(
+                    args, run, store, args.store or os.environ.get("EDITTUNER_STORE") or DEFAULT_STORE, events, stop
+                ),
+                store,
+            )
         result = train_run(run, store, events=events, validate=not args.no_validation, stop=stop)
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()
     s = result.summary
     if s.interrupted:
-        print(f"stopped run {s.run_id!r} at step {s.steps} with a checkpoint; continue it with the same command and "
-              "resume_from_checkpoint=latest")
+        print(
+            f"stopped run {s.run_id!r} at step {s.steps} with a checkpoint; continue it with the same command and "
+            "resume_from_checkpoint=latest"
+        )
         return 130
-    print(f"encoded {result.encode.encoded}, cached {result.encode.cached}; trained run {s.run_id!r} to step "
-          f"{s.steps} in {s.seconds:.1f}s (data wait {100 * s.data_wait_fraction:.1f}% of step time)")
+    print(
+        f"encoded {result.encode.encoded}, cached {result.encode.cached}; trained run {s.run_id!r} to step "
+        f"{s.steps} in {s.seconds:.1f}s (data wait {100 * s.data_wait_fraction:.1f}% of step time)"
+    )
     if s.losses:
         print(f"loss: first {s.losses[0]:.4f}, last {s.losses[-1]:.4f}")
     print(f"store {store.describe()}: runs/{s.run_id}/ (checkpoints {', '.join(map(str, s.checkpoints)) or 'none'})")
@@ -193,15 +226,21 @@ def cmd_train_in_process(args: argparse.Namespace) -> int:
 
 def _report_processes(stats: Any, result: dict, outputs: dict, store: Any) -> int:
     if result.get("interrupted"):
-        print(f"stopped run {result['run_id']!r} with a checkpoint; continue it with the same command and "
-              "resume_from_checkpoint=latest")
+        print(
+            f"stopped run {result['run_id']!r} with a checkpoint; continue it with the same command and "
+            "resume_from_checkpoint=latest"
+        )
         return 130
-    print(f"encoded {stats.encoded}, cached {stats.cached}; trained run {result['run_id']!r} to step "
-          f"{result['steps']} on {result.get('processes', 'several')} processes")
+    print(
+        f"encoded {stats.encoded}, cached {stats.cached}; trained run {result['run_id']!r} to step "
+        f"{result['steps']} on {result.get('processes', 'several')} processes"
+    )
     if result.get("final_loss") is not None:
         print(f"loss: last {result['final_loss']:.4f}")
-    print(f"store {store.describe()}: runs/{result['run_id']}/ (checkpoints "
-          f"{', '.join(map(str, result.get('checkpoints') or [])) or 'none'})")
+    print(
+        f"store {store.describe()}: runs/{result['run_id']}/ (checkpoints "
+        f"{', '.join(map(str, result.get('checkpoints') or [])) or 'none'})"
+    )
     for name, path in outputs.items():
         print(f"{name}: {path}")
     return 0
@@ -219,8 +258,11 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from shared.model.tiny_model import save_tiny_model
 
     if args.trained and args.flavour == "edit-v3":
-        print("make-tiny-model: --trained exists for edit-v1 and edit-v2 (edit-v3's zero_cond_t modulation is not "
-              "trained); drop --trained for a random-weight edit-v3 model", file=sys.stderr)
+        print(
+            "make-tiny-model: --trained exists for edit-v1 and edit-v2 (edit-v3's zero_cond_t modulation is not "
+            "trained); drop --trained for a random-weight edit-v3 model",
+            file=sys.stderr,
+        )
         return 2
     path = save_tiny_model(args.dir, args.flavour, seed=args.seed, trained=args.trained)
     print(f"tiny {'trained' if args.trained else 'random-weight'} {args.flavour} model written to {path}")
@@ -242,22 +284,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.add_argument("--verbose", action="store_true", help="name every image a size rule leaves out")
     p.set_defaults(func=cmd_check)
-    p = sub.add_parser("plan", help="predict GPU memory and step time per service; exit 0 if the trainer fits, "
-                                    "2 if not (with overrides that fit)")
+    p = sub.add_parser(
+        "plan",
+        help="predict GPU memory and step time per service; exit 0 if the trainer fits, "
+        "2 if not (with overrides that fit)",
+    )
     _add_run_args(p)
     p.add_argument("--gpu", default="H100", help="GPU for memory and timing: H100, H200, A100, L40S, RTX4090, RTX3090")
     p.add_argument("--gpu-memory", help="memory to fit, e.g. 24GiB or 80GB (default: the --gpu's)")
-    p.add_argument("--gpus", type=int, help="data parallel processes (default: num_processes x num_machines): "
-                                            "memory per GPU, the step time with the gradient all-reduce")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        help="data parallel processes (default: num_processes x num_machines): "
+        "memory per GPU, the step time with the gradient all-reduce",
+    )
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("encode", help="encode the datasets into the cache (VAE latents, caption embeddings)")
     _add_run_args(p)
     _add_server_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--shard", metavar="I/N", help="with --in-process: encode only replica I's share of N (its own "
-                                                  "manifests, no index); then run --finalize N once")
-    p.add_argument("--finalize", type=int, metavar="N", help="with --in-process: merge N replicas' manifests and "
-                                                             "write the index")
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="with --in-process: encode only replica I's share of N (its own "
+        "manifests, no index); then run --finalize N once",
+    )
+    p.add_argument(
+        "--finalize", type=int, metavar="N", help="with --in-process: merge N replicas' manifests and write the index"
+    )
     p.set_defaults(func=cmd_encode)
     p = sub.add_parser("train", help="encode what is missing, train the LoRA, render validation previews")
     _add_run_args(p)
@@ -302,8 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--flavour", choices=["edit-v1", "edit-v2", "edit-v3"], default="edit-v2")
     p.add_argument("--seed", type=int, default=0, help="the random weights' seed (the text side's, with --trained)")
-    p.add_argument("--trained", action="store_true", help="with the shipped trained VAE and transformer (the "
-                   "demo's model: python -m shared.train.tiny made them)")
+    p.add_argument(
+        "--trained",
+        action="store_true",
+        help="with the shipped trained VAE and transformer (the demo's model: python -m shared.train.tiny made them)",
+    )
     p.set_defaults(func=cmd_make_tiny_model)
     from shared.cli.doctor.command import add_parser as add_doctor
 

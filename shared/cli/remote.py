@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from shared.rpc import common_pb2
 from shared.rpc.client import DEFAULT_PORTS, Client
@@ -31,12 +31,16 @@ def resolve_address(service: str, server: str | None) -> str | None:
 
 
 def describe(job: common_pb2.Job) -> str:
-    lines = [f"job {job.job_id} ({job.kind}): {state_name(job)}" + (f", attempt {job.attempt}" if job.attempt > 1
-                                                                  else "")]
+    lines = [
+        f"job {job.job_id} ({job.kind}): {state_name(job)}" + (f", attempt {job.attempt}" if job.attempt > 1 else "")
+    ]
     p = job.progress
     if p.phase:
-        lines.append(f"  {p.phase} {p.step}/{p.total}" + (f" loss {p.loss:.4f}" if p.loss else "") +
-                     (f" — {p.message}" if p.message else ""))
+        lines.append(
+            f"  {p.phase} {p.step}/{p.total}"
+            + (f" loss {p.loss:.4f}" if p.loss else "")
+            + (f" — {p.message}" if p.message else "")
+        )
     if job.error:
         lines.append(f"  error ({job.error_code}): {job.error}")
     for k, v in sorted(job.outputs.items()):
@@ -55,8 +59,9 @@ def ask_cancel_or_detach() -> bool:
     return answer.startswith("c")
 
 
-def wait_for_validations(job: common_pb2.Job, eval_address: str | None,
-                         on_update: Callable[[common_pb2.Job], None] | None = None) -> list[common_pb2.Job]:
+def wait_for_validations(
+    job: common_pb2.Job, eval_address: str | None, on_update: Callable[[common_pb2.Job], None] | None = None
+) -> list[common_pb2.Job]:
     """Follow the Render jobs a finished run submitted (``validations``: "step:job_id,…") to their end."""
     pairs = [v.split(":", 1) for v in job.outputs.get("validations", "").split(",") if ":" in v]
     if not pairs or eval_address is None:

@@ -39,8 +39,13 @@ class PushResult:
 def dataset_files(folder: Path) -> list[Path]:
     """What a dataset folder contributes: its images and .txt captions (hidden files left out), sorted."""
     keep = (*IMAGE_EXTENSIONS, ".txt")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in keep
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in keep
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def upload_id_for(folder: Path) -> str:
@@ -58,12 +63,15 @@ def server_sees(client: Client, config_path: str, folder: Path) -> bool:
     picks = sorted({files[round(i * (len(files) - 1) / max(1, SAMPLE - 1))] for i in range(min(SAMPLE, len(files)))})
     paths = [os.path.join(config_path, p.relative_to(folder).as_posix()) for p in picks]
     reply = client.call("StatFiles", data_pb2.StatFilesRequest(paths=paths))
-    return all(f.readable and f.size == p.stat().st_size and f.sha256 == sha256_file(p)
-               for f, p in zip(reply.files, picks, strict=True))
+    return all(
+        f.readable and f.size == p.stat().st_size and f.sha256 == sha256_file(p)
+        for f, p in zip(reply.files, picks, strict=True)
+    )
 
 
-def push_folder(client: Client, folder: Path, upload_id: str | None = None,
-                progress: Callable[[int, int], None] | None = None) -> PushResult:
+def push_folder(
+    client: Client, folder: Path, upload_id: str | None = None, progress: Callable[[int, int], None] | None = None
+) -> PushResult:
     """Upload ``folder`` as a dataset: send what the store lacks, then commit the manifest. ``progress(done,
     total)`` in bytes. Interrupted, it resumes where it stopped: files already stored are not sent again."""
     folder = Path(folder)
@@ -72,8 +80,9 @@ def push_folder(client: Client, folder: Path, upload_id: str | None = None,
     upload_id = upload_id or upload_id_for(folder)
     entries, by_sha = [], {}
     for path in dataset_files(folder):
-        entry = data_pb2.UploadEntry(path=path.relative_to(folder).as_posix(), size=path.stat().st_size,
-                                     sha256=sha256_file(path))
+        entry = data_pb2.UploadEntry(
+            path=path.relative_to(folder).as_posix(), size=path.stat().st_size, sha256=sha256_file(path)
+        )
         entries.append(entry)
         by_sha.setdefault(entry.sha256, (path, entry))
     if not entries:
@@ -97,15 +106,20 @@ def _upload_messages(path: Path, entry: data_pb2.UploadEntry) -> Iterator[data_p
         yield data_pb2.UploadFileRequest(chunk=chunk)
 
 
-def datasets_for_server(client: Client, files: ConfigFiles, cwd: Path,
-                        report: Callable[[str], None] = print,
-                        progress: Callable[[str], Callable[[int, int], None]] | None = None) -> ConfigFiles:
+def datasets_for_server(
+    client: Client,
+    files: ConfigFiles,
+    cwd: Path,
+    report: Callable[[str], None] = print,
+    progress: Callable[[str], Callable[[int, int], None]] | None = None,
+) -> ConfigFiles:
     """``files`` with every local dataset the server cannot read uploaded and pointed at its upload."""
-    run = load_run_config_text(files.config_text, files.data_text, files.overrides, config_name=files.config_name,
-                               data_name=files.data_name)
+    run = load_run_config_text(
+        files.config_text, files.data_text, files.overrides, config_name=files.config_name, data_name=files.data_name
+    )
     entries: Any = jsonc.loads(files.data_text, files.data_name)
     changed = False
-    for i, ds in enumerate(run.data.datasets):
+    for ds in run.data.datasets:
         if ds.type != "local" or ds.dataset_type not in ("image", "conditioning") or not ds.instance_data_dir:
             continue
         folder = (cwd / ds.instance_data_dir).resolve()
@@ -113,10 +127,13 @@ def datasets_for_server(client: Client, files: ConfigFiles, cwd: Path,
             report(f"dataset {ds.id!r}: the server reads {ds.instance_data_dir} itself; nothing to upload")
             continue
         result = push_folder(client, folder, progress=progress(ds.id) if progress else None)
-        report(f"dataset {ds.id!r}: uploaded {result.sent} of {result.files} files ({result.sent_bytes} bytes) "
-               f"as {result.upload_id!r}")
-        index = next(j for j, e in enumerate(entries) if isinstance(e, dict) and
-                     (e.get("id") or e.get("--id")) == ds.id)
+        report(
+            f"dataset {ds.id!r}: uploaded {result.sent} of {result.files} files ({result.sent_bytes} bytes) "
+            f"as {result.upload_id!r}"
+        )
+        index = next(
+            j for j, e in enumerate(entries) if isinstance(e, dict) and (e.get("id") or e.get("--id")) == ds.id
+        )
         entry = {k: v for k, v in entries[index].items() if k.lstrip("-") != "instance_data_dir"}
         entries[index] = {**entry, "type": "store", "store_upload": result.upload_id}
         changed = True
@@ -125,18 +142,24 @@ def datasets_for_server(client: Client, files: ConfigFiles, cwd: Path,
     return dataclasses.replace(files, data_text=json.dumps(entries, indent=2) + "\n")
 
 
-def pull_run(client: Client, run_id: str, dest: Path, include_checkpoints: bool = False,
-             progress: Callable[[int, int], None] | None = None,
-             only: Callable[[str], bool] | None = None) -> list[Path]:
+def pull_run(
+    client: Client,
+    run_id: str,
+    dest: Path,
+    include_checkpoints: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    only: Callable[[str], bool] | None = None,
+) -> list[Path]:
     """A run's files from the services into ``dest`` (each written atomically, verified by sha256); ``only``: the
     files to fetch, by their name under ``runs/<run>/`` (default all)."""
-    listing = client.call("ListRunFiles", data_pb2.ListRunFilesRequest(run_id=run_id,
-                                                                       include_checkpoints=include_checkpoints))
+    listing = client.call(
+        "ListRunFiles", data_pb2.ListRunFilesRequest(run_id=run_id, include_checkpoints=include_checkpoints)
+    )
     prefix = f"runs/{run_id}/"
-    files = [f for f in listing.files if only is None or only(f.key[len(prefix):])]
+    files = [f for f in listing.files if only is None or only(f.key[len(prefix) :])]
     total, done, written = sum(f.size for f in files), 0, []
     for f in files:
-        target = Path(dest) / f.key[len(prefix):]
+        target = Path(dest) / f.key[len(prefix) :]
         stream = client.call_stream("DownloadFile", data_pb2.DownloadFileRequest(key=f.key), streaming_response=True)
         head = next(stream)
         write_file_verified(target, (m.chunk for m in stream), head.file.sha256, f.key, client.address)

@@ -50,12 +50,18 @@ def loads(text: str, source: str) -> Any:
     """Parse JSON-with-comments; a syntax error, an oversized file or one nested too deeply becomes a ConfigError
     naming ``source`` (with line and column for a syntax error)."""
     if len(text) > MAX_CHARS:
-        raise ConfigError([Problem(source, f"is {len(text)} characters; a config file is at most {MAX_CHARS} "
-                                           "(is this the right file?)")])
+        raise ConfigError(
+            [
+                Problem(
+                    source, f"is {len(text)} characters; a config file is at most {MAX_CHARS} (is this the right file?)"
+                )
+            ]
+        )
     stripped = strip_comments(text)
     if _depth(stripped) > MAX_DEPTH:
-        raise ConfigError([Problem(source, f"nests objects and lists more than {MAX_DEPTH} levels deep; a config "
-                                           "file needs 3")])
+        raise ConfigError(
+            [Problem(source, f"nests objects and lists more than {MAX_DEPTH} levels deep; a config file needs 3")]
+        )
     try:
         return json.loads(stripped)
     except json.JSONDecodeError as e:
@@ -72,8 +78,9 @@ def load(path: str | Path) -> Any:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError([Problem(str(p), "file not found; check the path (relative paths are read from the "
-                                   "current directory)")]) from None
+        raise ConfigError(
+            [Problem(str(p), "file not found; check the path (relative paths are read from the current directory)")]
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([Problem(str(p), f"cannot read the file: {e}")]) from None
     return loads(text, str(p))

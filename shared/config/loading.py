@@ -70,13 +70,30 @@ def preset_dir(name: str) -> Path:
     names = preset_names()
     if name not in names:
         hint = difflib.get_close_matches(name, names, n=1)
-        raise ConfigError([Problem(f"example={name}", "no such preset" + (f" (did you mean {hint[0]!r}?)" if hint
-                                   else "") + "; available: " + ", ".join(names))])
+        raise ConfigError(
+            [
+                Problem(
+                    f"example={name}",
+                    "no such preset"
+                    + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                    + "; available: "
+                    + ", ".join(names),
+                )
+            ]
+        )
     return Path(str(resources.files("shared.config") / "presets" / name))
 
 
-def _sorted_keys(raw: dict[str, Any], cls: type, rules: dict, where: str, problems: list[Problem],
-                 ignored: list[str], *, simpletuner_level: bool) -> dict[str, Any]:
+def _sorted_keys(
+    raw: dict[str, Any],
+    cls: type,
+    rules: dict,
+    where: str,
+    problems: list[Problem],
+    ignored: list[str],
+    *,
+    simpletuner_level: bool,
+) -> dict[str, Any]:
     """SimpleTuner's names → ours (``shared.config.simpletuner``); values EditTuner refuses are problems."""
     t = translate(raw, where, names(cls), rules, simpletuner_level=simpletuner_level)
     problems.extend(t.problems)
@@ -92,21 +109,32 @@ def _sorted_keys(raw: dict[str, Any], cls: type, rules: dict, where: str, proble
 
 def _steps_or_epochs(raw: dict[str, Any], where: str, problems: list[Problem]) -> None:
     """SimpleTuner's rule: num_train_epochs counts when max_train_steps is 0 or absent; both at once is an error."""
+
     def number(key: str) -> float:
         try:
             return float(raw.get(key) or 0)
         except (TypeError, ValueError):
             return 0.0  # the field's own check reports it
+
     steps, epochs = number("max_train_steps"), number("num_train_epochs")
     if epochs > 0 and steps > 0:
-        problems.append(Problem(f"{where}.max_train_steps", f"both max_train_steps ({raw['max_train_steps']}) and "
-                                "num_train_epochs ({}) are set; set num_train_epochs to 0 to train by steps, or "
-                                "max_train_steps to 0 to train by epochs".format(raw["num_train_epochs"])))
+        problems.append(
+            Problem(
+                f"{where}.max_train_steps",
+                f"both max_train_steps ({raw['max_train_steps']}) and "
+                "num_train_epochs ({}) are set; set num_train_epochs to 0 to train by steps, or "
+                "max_train_steps to 0 to train by epochs".format(raw["num_train_epochs"]),
+            )
+        )
     elif epochs > 0:
         raw["max_train_steps"] = 0
     elif "max_train_steps" in raw and steps == 0 and raw.get("max_train_steps") is not None:
-        problems.append(Problem(f"{where}.max_train_steps", "is 0 and num_train_epochs is not set: give the run a "
-                                "length with max_train_steps or num_train_epochs"))
+        problems.append(
+            Problem(
+                f"{where}.max_train_steps",
+                "is 0 and num_train_epochs is not set: give the run a length with max_train_steps or num_train_epochs",
+            )
+        )
     if raw.get("max_train_steps") is None and epochs == 0:
         raw.pop("max_train_steps", None)  # the default
 
@@ -123,13 +151,18 @@ def _parse_train(raw: Any, source: str, problems: list[Problem], ignored: list[s
     if isinstance(mk_raw, dict):
         mk = build(ModelKwargs, mk_raw, f"{source}: $.model_kwargs", problems, ignored)
     else:
-        problems.append(Problem(f"{source}: $.model_kwargs", "expected an object like {\"match_target_res\": true}"))
+        problems.append(Problem(f"{source}: $.model_kwargs", 'expected an object like {"match_target_res": true}'))
     cfg = build(TrainConfig, raw, f"{source}: $", problems, ignored)
     return dataclasses.replace(cfg, model_kwargs=mk)
 
 
-DATASET_DEFAULTS = ("resolution", "resolution_type", "minimum_image_size", "maximum_image_size",
-                    "target_downsample_size")
+DATASET_DEFAULTS = (
+    "resolution",
+    "resolution_type",
+    "minimum_image_size",
+    "maximum_image_size",
+    "target_downsample_size",
+)
 
 
 def _dataset_type(entry: dict[str, Any], referenced: set[str]) -> None:
@@ -149,20 +182,32 @@ def _placeholders(entry: dict[str, Any], train: TrainConfig) -> None:
     for key in ("instance_data_dir", "cache_dir_vae", "cache_dir", "aws_data_prefix"):
         v = entry.get(key)
         if isinstance(v, str) and "{" in v:
-            entry[key] = (v.replace("{model_family}", train.model_family).replace("{output_dir}", train.output_dir)
-                          .replace("{id}", str(entry.get("id", ""))))
+            entry[key] = (
+                v.replace("{model_family}", train.model_family)
+                .replace("{output_dir}", train.output_dir)
+                .replace("{id}", str(entry.get("id", "")))
+            )
 
 
-def _parse_data(raw: Any, source: str, problems: list[Problem], ignored: list[str],
-                train: TrainConfig | None = None) -> DataConfig:
+def _parse_data(
+    raw: Any, source: str, problems: list[Problem], ignored: list[str], train: TrainConfig | None = None
+) -> DataConfig:
     if not isinstance(raw, list):
         problems.append(Problem(source, "multidatabackend.json must be a JSON list of dataset objects"))
         return DataConfig(source, ())
     train = train or TrainConfig(model_flavour="edit-v2")
     entries = [_strip_dashes(e) if isinstance(e, dict) else e for e in raw]
-    referenced = {r for e in entries if isinstance(e, dict) for r in (
-        [e["conditioning_data"]] if isinstance(e.get("conditioning_data"), str) else e.get("conditioning_data") or [])
-        if isinstance(r, str)}
+    referenced = {
+        r
+        for e in entries
+        if isinstance(e, dict)
+        for r in (
+            [e["conditioning_data"]]
+            if isinstance(e.get("conditioning_data"), str)
+            else e.get("conditioning_data") or []
+        )
+        if isinstance(r, str)
+    }
     out = []
     for i, entry in enumerate(entries):
         where = f"{source}: $[{i}]"
@@ -201,8 +246,12 @@ def _locate_data_config(train_raw: dict[str, Any], config_path: Path | None) -> 
     return value
 
 
-def load_run_config(config: str | Path | None = None, data: str | Path | None = None,
-                    overrides: list[str] | tuple[str, ...] = (), example: str | None = None) -> RunConfig:
+def load_run_config(
+    config: str | Path | None = None,
+    data: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    example: str | None = None,
+) -> RunConfig:
     """Read, override and validate both files; raises one ConfigError listing every problem."""
     overrides = list(overrides)
     for o in overrides:
@@ -215,8 +264,15 @@ def load_run_config(config: str | Path | None = None, data: str | Path | None = 
         config = config or pdir / "config.json"
         data = data or pdir / "multidatabackend.json"
     if config is None:
-        raise ConfigError([Problem("--config", "give --config path/to/config.json (or example=NAME for a "
-                                   "bundled preset: " + ", ".join(preset_names()) + ")")])
+        raise ConfigError(
+            [
+                Problem(
+                    "--config",
+                    "give --config path/to/config.json (or example=NAME for a "
+                    "bundled preset: " + ", ".join(preset_names()) + ")",
+                )
+            ]
+        )
     config_path = Path(config)
     cfg_label = str(config_path)
     train_raw = jsonc.load(config_path)
@@ -226,11 +282,18 @@ def load_run_config(config: str | Path | None = None, data: str | Path | None = 
     ignored: list[str] = []
     train = _parse_train(train_raw, cfg_label, problems, ignored)
 
-    data_label = str(data) if data is not None else (
-        _locate_data_config(train_raw, config_path) if isinstance(train_raw, dict) else None)
+    data_label = (
+        str(data)
+        if data is not None
+        else (_locate_data_config(train_raw, config_path) if isinstance(train_raw, dict) else None)
+    )
     if data_label is None:
-        problems.append(Problem(f"{cfg_label}: $.data_backend_config", "no dataset file: pass --data "
-                                "multidatabackend.json or set data_backend_config"))
+        problems.append(
+            Problem(
+                f"{cfg_label}: $.data_backend_config",
+                "no dataset file: pass --data multidatabackend.json or set data_backend_config",
+            )
+        )
         raise ConfigError(problems)
     try:
         data_raw = jsonc.load(data_label)
@@ -239,8 +302,9 @@ def load_run_config(config: str | Path | None = None, data: str | Path | None = 
     return _finish(train, data_raw, cfg_label, data_label, problems, ignored)
 
 
-def _finish(train: TrainConfig, data_raw: Any, cfg_label: str, data_label: str, problems: list[Problem],
-            ignored: list[str]) -> RunConfig:
+def _finish(
+    train: TrainConfig, data_raw: Any, cfg_label: str, data_label: str, problems: list[Problem], ignored: list[str]
+) -> RunConfig:
     dcfg = _parse_data(data_raw, data_label, problems, ignored, train)
     cross, warnings = check_datasets(train, dcfg, cfg_label)
     problems.extend(cross)
@@ -251,8 +315,9 @@ def _finish(train: TrainConfig, data_raw: Any, cfg_label: str, data_label: str, 
     unknown = [k[: -len(" [unknown key]")] for k in ignored if k.endswith(" [unknown key]")]
     dropped = [k for k in ignored if not k.endswith(" [unknown key]")]
     if unknown:
-        warnings.insert(0, "ignoring unknown keys (neither EditTuner's nor SimpleTuner's options): "
-                        + _by_file(unknown, ", "))
+        warnings.insert(
+            0, "ignoring unknown keys (neither EditTuner's nor SimpleTuner's options): " + _by_file(unknown, ", ")
+        )
     if dropped:
         warnings.insert(0, "ignoring keys that change nothing here: " + _by_file(dropped, "; "))
     if train.data_backend_config != data_label:
@@ -284,18 +349,30 @@ class ConfigFiles:
     data_name: str
 
 
-def read_config_files(config: str | Path | None = None, data: str | Path | None = None,
-                      overrides: list[str] | tuple[str, ...] = ()) -> ConfigFiles:
+def read_config_files(
+    config: str | Path | None = None, data: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> ConfigFiles:
     """Find and read the files as ``load_run_config`` would (presets, data_backend_config), validating them
     here first so that a client reports bad input before anything is sent."""
     run = load_run_config(config, data, overrides)
     rest = tuple(o for o in overrides if not o.startswith("example="))
-    return ConfigFiles(Path(run.config_source).read_text(encoding="utf-8"),
-                       Path(run.data.source).read_text(encoding="utf-8"), rest, run.config_source, run.data.source)
+    return ConfigFiles(
+        Path(run.config_source).read_text(encoding="utf-8"),
+        Path(run.data.source).read_text(encoding="utf-8"),
+        rest,
+        run.config_source,
+        run.data.source,
+    )
 
 
-def load_run_config_text(config_text: str, data_text: str, overrides: list[str] | tuple[str, ...] = (), *,
-                         config_name: str = "config.json", data_name: str = "multidatabackend.json") -> RunConfig:
+def load_run_config_text(
+    config_text: str,
+    data_text: str,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    config_name: str = "config.json",
+    data_name: str = "multidatabackend.json",
+) -> RunConfig:
     """The same as ``load_run_config`` for files that arrived as text (a gRPC request): the names are only
     used in messages, so a user still reads 'config.json:3:7' for their own file."""
     overrides = [o for o in overrides if not o.startswith("example=")]

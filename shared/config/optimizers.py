@@ -24,13 +24,13 @@ WEIGHT_BYTES = {"fp32": 4, "bf16": 2}
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    target: str        # module.Class that implements it
-    library: str       # the package to install (pip name)
-    state_bytes: int   # optimizer state per trained parameter with the settings below (the planner's figure)
+    target: str  # module.Class that implements it
+    library: str  # the package to install (pip name)
+    state_bytes: int  # optimizer state per trained parameter with the settings below (the planner's figure)
     defaults: Mapping[str, Any] = field(default_factory=dict)  # SimpleTuner's settings that differ from the library's
     adam_args: bool = False  # betas, eps, weight_decay from adam_beta1/adam_beta2/adam_epsilon/adam_weight_decay
-    cuda_only: str = ""      # why it needs CUDA ("" when it also runs on the CPU)
-    cpu_instead: str = ""    # what to name on the CPU instead
+    cuda_only: str = ""  # why it needs CUDA ("" when it also runs on the CPU)
+    cpu_instead: str = ""  # what to name on the CPU instead
     min_cuda_capability: tuple[int, int] | None = None  # on CUDA; the reason is in the note
     cuda_defaults: Mapping[str, Any] = field(default_factory=dict)  # added on CUDA (torch's fused kernels)
     schedule_free: bool = False  # train()/eval() modes, its own warmup (lr_warmup_steps), a constant lr schedule
@@ -54,12 +54,18 @@ class OptimizerSpec:
 
 
 _ADAM = {"adam_args": True}
-_PAGED = {"cuda_only": "paged memory: bitsandbytes pages the state to host RAM under GPU memory pressure; on the CPU "
-                       "it would silently run the unpaged optimizer"}
-_AO = ("torch.compile per parameter shape (a C++ compiler on the CPU, Triton on CUDA); tensors under 4096 values "
-       "keep fp32 state")
-_FP8 = {"min_cuda_capability": (8, 9), "note": "fp8 state needs compute capability 8.9+ on CUDA (Ada, Hopper); "
-                                               "a storage format only on the CPU. " + _AO}
+_PAGED = {
+    "cuda_only": "paged memory: bitsandbytes pages the state to host RAM under GPU memory pressure; on the CPU "
+    "it would silently run the unpaged optimizer"
+}
+_AO = (
+    "torch.compile per parameter shape (a C++ compiler on the CPU, Triton on CUDA); tensors under 4096 values "
+    "keep fp32 state"
+)
+_FP8 = {
+    "min_cuda_capability": (8, 9),
+    "note": "fp8 state needs compute capability 8.9+ on CUDA (Ada, Hopper); a storage format only on the CPU. " + _AO,
+}
 _SF = "schedule-free: the exported LoRA is the averaged (eval-mode) weights; lr_warmup_steps is its own warmup"
 
 
@@ -80,20 +86,32 @@ def _ao(cls: str, state: int, **kw: Any) -> OptimizerSpec:
 
 
 def _sf(note: str = "", **defaults: Any) -> OptimizerSpec:
-    return OptimizerSpec("schedulefree.AdamWScheduleFree", "schedulefree", 8,
-                         {"betas": (0.9, 0.999), "eps": 1e-8} | defaults, schedule_free=True,
-                         note=_SF + (f"; {note}" if note else ""))
+    return OptimizerSpec(
+        "schedulefree.AdamWScheduleFree",
+        "schedulefree",
+        8,
+        {"betas": (0.9, 0.999), "eps": 1e-8} | defaults,
+        schedule_free=True,
+        note=_SF + (f"; {note}" if note else ""),
+    )
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adamw": _torch("AdamW", 8, cuda_defaults={"fused": True}, **_ADAM,
-                    note="EditTuner's default; fused kernel on CUDA"),
-    "adamw8bit": _bnb("AdamW8bit", 2, alias_of="bnb-adamw8bit", **_ADAM,
-                      note="SimpleTuner's deprecated name for bnb-adamw8bit"),
-    "adamw_bf16": _optimi("AdamW", 6, {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-6, "kahan_sum": True},
-                          weights="bf16", note="SimpleTuner's default, its AdamWBF16 (stochastic rounding); here "
-                                               "torch-optimi's AdamW with Kahan summation (why: shared.train."
-                                               "optimizers)"),
+    "adamw": _torch(
+        "AdamW", 8, cuda_defaults={"fused": True}, **_ADAM, note="EditTuner's default; fused kernel on CUDA"
+    ),
+    "adamw8bit": _bnb(
+        "AdamW8bit", 2, alias_of="bnb-adamw8bit", **_ADAM, note="SimpleTuner's deprecated name for bnb-adamw8bit"
+    ),
+    "adamw_bf16": _optimi(
+        "AdamW",
+        6,
+        {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-6, "kahan_sum": True},
+        weights="bf16",
+        note="SimpleTuner's default, its AdamWBF16 (stochastic rounding); here "
+        "torch-optimi's AdamW with Kahan summation (why: shared.train."
+        "optimizers)",
+    ),
     # torch.optim (SimpleTuner's torch-* names; torch-sparseadam is left out: LoRA gradients are dense)
     "torch-adam": _torch("Adam", 8, cuda_defaults={"fused": True}, **_ADAM),
     "torch-adamw": _torch("AdamW", 8, cuda_defaults={"fused": True}, **_ADAM),
@@ -118,13 +136,22 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     # schedule-free
     "adamw_schedulefree": _sf(weight_decay=1e-2),
     "adamw_schedulefree+aggressive": _sf(weight_decay=1e-3, eps=1e-6),
-    "adamw_schedulefree+no_kahan": _sf("the library's class has no Kahan summation, which fp32 LoRA weights do "
-                                       "not need: all three names are it, with SimpleTuner's settings",
-                                       weight_decay=1e-3, eps=1e-6),
-    "prodigy": OptimizerSpec("prodigyopt.Prodigy", "prodigyopt", 16, {"betas": (0.9, 0.99)}, lr_default=1.0,
-                             note="lr 1.0 (Prodigy's and SimpleTuner's) when learning_rate is left at EditTuner's "
-                                  "default 1e-4; another learning_rate is used as given, with a warning outside "
-                                  "0.1-10; optimizer_config lr=... sets it exactly"),
+    "adamw_schedulefree+no_kahan": _sf(
+        "the library's class has no Kahan summation, which fp32 LoRA weights do "
+        "not need: all three names are it, with SimpleTuner's settings",
+        weight_decay=1e-3,
+        eps=1e-6,
+    ),
+    "prodigy": OptimizerSpec(
+        "prodigyopt.Prodigy",
+        "prodigyopt",
+        16,
+        {"betas": (0.9, 0.99)},
+        lr_default=1.0,
+        note="lr 1.0 (Prodigy's and SimpleTuner's) when learning_rate is left at EditTuner's "
+        "default 1e-4; another learning_rate is used as given, with a warning outside "
+        "0.1-10; optimizer_config lr=... sets it exactly",
+    ),
     # bitsandbytes (min_8bit_size 4096: smaller tensors keep 32-bit state)
     "bnb-adagrad": _bnb("Adagrad", 4),
     "bnb-adagrad8bit": _bnb("Adagrad8bit", 1),
@@ -156,8 +183,12 @@ def check_optimizer(name: str) -> str | None:
     import difflib
 
     hint = difflib.get_close_matches(name, list(OPTIMIZERS), n=1)
-    return (f"{name!r} is not an optimizer EditTuner knows" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            + "; one of " + ", ".join(sorted(OPTIMIZERS)))
+    return (
+        f"{name!r} is not an optimizer EditTuner knows"
+        + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        + "; one of "
+        + ", ".join(sorted(OPTIMIZERS))
+    )
 
 
 # ------------------------------------------------------------------------------------------ optimizer_config

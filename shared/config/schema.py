@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from shared.config.flavours import FLAVOURS
 from shared.config.optimizers import check_optimizer
@@ -61,8 +61,10 @@ def _check_dataset_id(v: str) -> str | None:
     """An id names store folders (cache/vae/<id>/...): one key segment, no '/' or '..'."""
     if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
         return None
-    return (f"{v[:80]!r} is not a usable dataset id: use 1 to 100 letters, digits, '.', '_' or '-', starting with "
-            "a letter or digit (it names the dataset's cache folders)")
+    return (
+        f"{v[:80]!r} is not a usable dataset id: use 1 to 100 letters, digits, '.', '_' or '-', starting with "
+        "a letter or digit (it names the dataset's cache folders)"
+    )
 
 
 def _check_cache_dir(v: str) -> str | None:
@@ -84,8 +86,12 @@ def _check_resume(v: str) -> str | None:
 
 
 REPORT_TO = ("tensorboard", "wandb")
-_REFUSED_TRACKERS = {"comet_ml": "comet_ml needs its cloud service", "swanlab": "swanlab needs its cloud service",
-                     "simpletuner": "SimpleTuner's own HTML report", "custom-tracker": "SimpleTuner's plugin trackers"}
+_REFUSED_TRACKERS = {
+    "comet_ml": "comet_ml needs its cloud service",
+    "swanlab": "swanlab needs its cloud service",
+    "simpletuner": "SimpleTuner's own HTML report",
+    "custom-tracker": "SimpleTuner's plugin trackers",
+}
 
 
 def report_targets(value: str) -> list[str]:
@@ -101,8 +107,10 @@ def report_targets(value: str) -> list[str]:
 def _check_report_to(v: str) -> str | None:
     for name in report_targets(v):
         if name in _REFUSED_TRACKERS:
-            return (f"{name!r} is not supported ({_REFUSED_TRACKERS[name]}); use tensorboard or wandb (offline "
-                    "runs that `wandb sync` uploads later), or none")
+            return (
+                f"{name!r} is not supported ({_REFUSED_TRACKERS[name]}); use tensorboard or wandb (offline "
+                "runs that `wandb sync` uploads later), or none"
+            )
         if name not in REPORT_TO:
             return f"{name!r} is not a tracker; use none, tensorboard, wandb, all, or a comma-separated list"
     return None
@@ -125,20 +133,27 @@ def _check_solver_order(v: int) -> str | None:
 def _check_reflexflow(v: bool) -> str | None:
     if not v:
         return None
-    return ("ReflexFlow (its anti-drift regulariser and exposure-bias loss weights) is not built: set false for "
-            "plain rollout, or remove the key")
+    return (
+        "ReflexFlow (its anti-drift regulariser and exposure-bias loss weights) is not built: set false for "
+        "plain rollout, or remove the key"
+    )
 
 
 # --------------------------------------------------------------------------------------------- train config
 @dataclass(frozen=True)
 class ModelKwargs:
-    match_target_res: bool = field(False, doc="edit-v2/v3: references take the target's resolution instead of "
-                                              "being packed to ~1 MP")
-    reference_area: int = field(1024 * 1024, check=positive,
-                                doc="pixel area references are packed to for the VAE (edit-v2/v3 default 1 MP)")
-    vl_reference_area: Optional[int] = field(None, check=positive,
-                                             doc="pixel area the Qwen2.5-VL encoder sees references at "
-                                                 "(default: the pipeline's, 1 MP edit-v1, 384² edit-v2/v3)")
+    match_target_res: bool = field(
+        False, doc="edit-v2/v3: references take the target's resolution instead of being packed to ~1 MP"
+    )
+    reference_area: int = field(
+        1024 * 1024, check=positive, doc="pixel area references are packed to for the VAE (edit-v2/v3 default 1 MP)"
+    )
+    vl_reference_area: int | None = field(
+        None,
+        check=positive,
+        doc="pixel area the Qwen2.5-VL encoder sees references at "
+        "(default: the pipeline's, 1 MP edit-v1, 384² edit-v2/v3)",
+    )
 
 
 @dataclass(frozen=True)
@@ -146,147 +161,191 @@ class TrainConfig:
     model_flavour: Literal["edit-v1", "edit-v2", "edit-v3"] = field(doc="which Qwen-Image-Edit model")
     model_type: Literal["lora"] = field("lora", doc="only LoRA training is supported")
     model_family: Literal["qwen_image"] = field("qwen_image")
-    pretrained_model_name_or_path: Optional[str] = field(None, doc="local HF-layout dir or hub id; default per "
-                                                                   "flavour")
-    data_backend_config: Optional[str] = field(None, doc="path of multidatabackend.json")
+    pretrained_model_name_or_path: str | None = field(None, doc="local HF-layout dir or hub id; default per flavour")
+    data_backend_config: str | None = field(None, doc="path of multidatabackend.json")
     output_dir: str = field("output/models")
     # batch and schedule
     train_batch_size: int = field(1, check=positive)
     gradient_accumulation_steps: int = field(1, check=positive)
-    max_train_steps: int = field(1000, check=non_negative, doc="optimizer steps; 0: num_train_epochs decides "
-                                                                "(1000 when neither is set)")
+    max_train_steps: int = field(
+        1000, check=non_negative, doc="optimizer steps; 0: num_train_epochs decides (1000 when neither is set)"
+    )
     num_train_epochs: int = field(0, check=non_negative, doc="passes over the data, when max_train_steps is 0")
     learning_rate: float = field(1e-4, check=positive)
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-                          "sine"] = field("constant")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "sine"
+    ] = field("constant")
     lr_warmup_steps: int = field(0, check=non_negative)
     lr_end: float = field(4e-7, check=non_negative, doc="polynomial: the final learning rate")
     lr_power: float = field(0.8, check=positive, doc="polynomial: the decay's power")
     lr_num_cycles: int = field(1, check=positive, doc="cosine_with_restarts: hard restarts over the run")
     optimizer: str = field("adamw", check=check_optimizer, doc="SimpleTuner's optimizer names (see the table)")
-    optimizer_config: Optional[str] = field(None, doc="extra optimizer arguments as SimpleTuner writes them: "
-                                                      "'weight_decay=0.0,eps=1e-6'")
-    optimizer_beta1: Optional[float] = field(None, check=_check_beta, doc="with optimizer_beta2: the betas for "
-                                                                           "any optimizer that takes them")
-    optimizer_beta2: Optional[float] = field(None, check=_check_beta)
+    optimizer_config: str | None = field(
+        None, doc="extra optimizer arguments as SimpleTuner writes them: 'weight_decay=0.0,eps=1e-6'"
+    )
+    optimizer_beta1: float | None = field(
+        None, check=_check_beta, doc="with optimizer_beta2: the betas for any optimizer that takes them"
+    )
+    optimizer_beta2: float | None = field(None, check=_check_beta)
     adam_beta1: float = field(0.9, check=_check_beta)
     adam_beta2: float = field(0.999, check=_check_beta)
     adam_weight_decay: float = field(1e-2, check=non_negative)
     adam_epsilon: float = field(1e-8, check=positive)
     max_grad_norm: float = field(1.0, check=non_negative, doc="0: no clipping")
-    grad_clip_method: Literal["norm", "value"] = field("norm", doc="norm: scale the gradients' global norm down to "
-                                                                   "max_grad_norm; value: clamp each gradient "
-                                                                   "element to ±max_grad_norm (SimpleTuner's default)")
+    grad_clip_method: Literal["norm", "value"] = field(
+        "norm",
+        doc="norm: scale the gradients' global norm down to "
+        "max_grad_norm; value: clamp each gradient "
+        "element to ±max_grad_norm (SimpleTuner's default)",
+    )
     seed: int = field(42)
     # precision and memory
     mixed_precision: Literal["auto", "bf16", "fp16", "no", "fp32"] = field(
-        "auto", doc="auto: bf16 on CUDA, fp32 on CPU; an explicit bf16/fp16 is used on either")
+        "auto", doc="auto: bf16 on CUDA, fp32 on CPU; an explicit bf16/fp16 is used on either"
+    )
     gradient_checkpointing: bool = field(False)
-    compile_transformer: bool = field(False, doc="torch.compile the repeated transformer blocks (regional "
-                                                 "compilation; the first steps pay the compile time)")
-    base_model_precision: Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto",
-                                  "nf4-bnb", "int8-bnb"] = field("no_change")
+    compile_transformer: bool = field(
+        False,
+        doc="torch.compile the repeated transformer blocks (regional "
+        "compilation; the first steps pay the compile time)",
+    )
+    base_model_precision: Literal[
+        "no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "nf4-bnb", "int8-bnb"
+    ] = field("no_change")
     quantize_via: Literal["cpu", "accelerator"] = field("accelerator")
     quantize_activations: bool = field(False)
-    text_encoder_1_precision: Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto",
-                                      "nf4-bnb"] = field("no_change", doc="the text encoder's weights while "
-                                                                          "encoding (SimpleTuner's values that "
-                                                                          "quanto and bitsandbytes apply)")
+    text_encoder_1_precision: Literal[
+        "no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "nf4-bnb"
+    ] = field(
+        "no_change",
+        doc="the text encoder's weights while encoding (SimpleTuner's values that quanto and bitsandbytes apply)",
+    )
     device: str = field("auto", check=_check_device, doc="auto, cpu, cuda or cuda:N")
-    skip_fit_check: bool = field(False, doc="start even when the planner (edittuner plan) predicts the trainer will "
-                                            "not fit the GPU's memory")
+    skip_fit_check: bool = field(
+        False, doc="start even when the planner (edittuner plan) predicts the trainer will not fit the GPU's memory"
+    )
     # several processes (accelerate's names): torchrun data parallel over the LoRA, see shared.train.distributed
-    num_processes: str = field("1", check=_check_num_processes,
-                               doc="training processes per machine: one per GPU (auto: every GPU the trainer sees); "
-                                   "on a CPU, gloo processes")
+    num_processes: str = field(
+        "1",
+        check=_check_num_processes,
+        doc="training processes per machine: one per GPU (auto: every GPU the trainer sees); on a CPU, gloo processes",
+    )
     num_machines: int = field(1, check=positive, doc="machines in the run; each runs num_processes")
     machine_rank: int = field(0, check=non_negative, doc="this machine's place, 0 to num_machines - 1")
     main_process_ip: str = field("", doc="with num_machines > 1: the address of machine 0 (the c10d rendezvous)")
     main_process_port: int = field(29500, check=_check_port, doc="with num_machines > 1: machine 0's rendezvous port")
     # flow matching
     flow_schedule_shift: float = field(3.0, check=positive, doc="static sigma shift s' = shift*s / (1 + (shift-1)*s)")
-    flow_schedule_auto_shift: bool = field(False, doc="shift each batch's sigmas by its image sequence length, as "
-                                                      "the Qwen scheduler shifts inference (replaces the static shift)")
+    flow_schedule_auto_shift: bool = field(
+        False,
+        doc="shift each batch's sigmas by its image sequence length, as "
+        "the Qwen scheduler shifts inference (replaces the static shift)",
+    )
     caption_dropout_probability: float = field(0.0, check=probability)
     # scheduled sampling (rollout), SimpleTuner's names: see shared.model.rollout
-    scheduled_sampling_max_step_offset: int = field(0, check=non_negative,
-                                                    doc="a rolled-out sample starts up to this many inference "
-                                                        "steps before its training sigma (0: off)")
-    scheduled_sampling_probability: float = field(0.0, check=probability, doc="share of samples rolled out "
-                                                                               "(without a ramp)")
-    scheduled_sampling_ramp_steps: int = field(0, check=non_negative, doc="> 0: the share ramps from prob_start "
-                                                                          "to prob_end over this many steps")
+    scheduled_sampling_max_step_offset: int = field(
+        0,
+        check=non_negative,
+        doc="a rolled-out sample starts up to this many inference steps before its training sigma (0: off)",
+    )
+    scheduled_sampling_probability: float = field(
+        0.0, check=probability, doc="share of samples rolled out (without a ramp)"
+    )
+    scheduled_sampling_ramp_steps: int = field(
+        0, check=non_negative, doc="> 0: the share ramps from prob_start to prob_end over this many steps"
+    )
     scheduled_sampling_start_step: int = field(0, check=non_negative, doc="the step the ramp starts at")
     scheduled_sampling_prob_start: float = field(0.0, check=probability)
     scheduled_sampling_prob_end: float = field(0.5, check=probability)
     scheduled_sampling_ramp_shape: Literal["linear", "cosine"] = field("linear")
     scheduled_sampling_strategy: Literal["uniform", "biased_early", "biased_late"] = field(
-        "uniform", doc="how the rollout length is drawn: uniform, biased_early (shorter), biased_late (longer)")
+        "uniform", doc="how the rollout length is drawn: uniform, biased_early (shorter), biased_late (longer)"
+    )
     scheduled_sampling_sampler: Literal["unipc", "euler", "dpm"] = field(
-        "unipc", doc="the rollout's solver: diffusers' UniPC, flow-match Euler or DPM-Solver++ multistep")
+        "unipc", doc="the rollout's solver: diffusers' UniPC, flow-match Euler or DPM-Solver++ multistep"
+    )
     scheduled_sampling_order: int = field(2, check=_check_solver_order, doc="unipc/dpm solver order, 1-3 (euler: 1)")
-    scheduled_sampling_reflexflow: Optional[bool] = field(
-        None, check=_check_reflexflow, doc="false or unset only: ReflexFlow is not built (SimpleTuner turns it on "
-                                           "when unset; a warning says so)")
+    scheduled_sampling_reflexflow: bool | None = field(
+        None,
+        check=_check_reflexflow,
+        doc="false or unset only: ReflexFlow is not built (SimpleTuner turns it on when unset; a warning says so)",
+    )
     # dataset defaults (SimpleTuner's top-level options: each dataset without its own value takes these)
-    resolution: Optional[float] = field(None, check=positive, doc="default of each dataset's resolution (1024)")
-    resolution_type: Optional[Literal["pixel", "area", "pixel_area"]] = field(None, doc="default of each dataset's "
-                                                                                        "resolution_type")
-    minimum_image_size: Optional[float] = field(None, check=non_negative, doc="default of each dataset's")
-    maximum_image_size: Optional[float] = field(None, check=non_negative, doc="default of each dataset's")
-    target_downsample_size: Optional[float] = field(None, check=non_negative, doc="default of each dataset's")
-    caption_strategy: Optional[Literal["textfile", "filename", "instanceprompt"]] = field(
-        None, doc="default of each image dataset's caption_strategy (filename)")
+    resolution: float | None = field(None, check=positive, doc="default of each dataset's resolution (1024)")
+    resolution_type: Literal["pixel", "area", "pixel_area"] | None = field(
+        None, doc="default of each dataset's resolution_type"
+    )
+    minimum_image_size: float | None = field(None, check=non_negative, doc="default of each dataset's")
+    maximum_image_size: float | None = field(None, check=non_negative, doc="default of each dataset's")
+    target_downsample_size: float | None = field(None, check=non_negative, doc="default of each dataset's")
+    caption_strategy: Literal["textfile", "filename", "instanceprompt"] | None = field(
+        None, doc="default of each image dataset's caption_strategy (filename)"
+    )
     conditioning_multidataset_sampling: Literal["combined", "random"] = field("combined")
     model_kwargs: ModelKwargs = field(ModelKwargs())
     # LoRA
     lora_rank: int = field(16, check=positive)
-    lora_alpha: Optional[float] = field(None, check=positive, doc="default: lora_rank")
+    lora_alpha: float | None = field(None, check=positive, doc="default: lora_rank")
     lora_dropout: float = field(0.0, check=probability)
     lora_target_modules: list[str] = field(list(DEFAULT_TARGET_MODULES))
     lora_format: Literal["diffusers", "comfyui", "both"] = field("diffusers")
     use_ema: bool = field(False)
     ema_decay: float = field(0.995, check=probability)
-    ema_device: Literal["cpu", "accelerator"] = field("cpu", doc="where the EMA lives: cpu (no GPU memory, one "
-                                                                 "batched copy a step) or the training device")
+    ema_device: Literal["cpu", "accelerator"] = field(
+        "cpu", doc="where the EMA lives: cpu (no GPU memory, one batched copy a step) or the training device"
+    )
     # checkpoints
     checkpoint_step_interval: int = field(500, check=positive, aliases=("checkpointing_steps",))
-    checkpoints_total_limit: Optional[int] = field(None, check=non_negative, aliases=("save_total_limit",),
-                                                   doc="committed checkpoints kept (0 or unset: all)")
-    resume_from_checkpoint: Optional[str] = field(None, check=_check_resume)
+    checkpoints_total_limit: int | None = field(
+        None, check=non_negative, aliases=("save_total_limit",), doc="committed checkpoints kept (0 or unset: all)"
+    )
+    resume_from_checkpoint: str | None = field(None, check=_check_resume)
     # trackers
-    report_to: str = field("none", check=_check_report_to, doc="none, tensorboard, wandb (offline), all, or a "
-                                                               "comma-separated list")
+    report_to: str = field(
+        "none", check=_check_report_to, doc="none, tensorboard, wandb (offline), all, or a comma-separated list"
+    )
     tracker_project_name: str = field("edittuner")
-    tracker_run_name: Optional[str] = field(None, doc="default: the run id")
+    tracker_run_name: str | None = field(None, doc="default: the run id")
     logging_dir: str = field("logs", doc="tracker files, under output_dir unless absolute")
     # validation
     validation_step_interval: int = field(100, check=positive, aliases=("validation_steps",))
     validation_resolution: str = field("1024x1024", check=_check_wxh)
     validation_guidance: float = field(4.0, check=positive)
-    validation_guidance_rescale: float = field(0.0, check=probability, doc="blend of the guided prediction rescaled "
-                                                                          "to the conditional one's std (0: off)")
-    validation_num_inference_steps: int = field(30, check=lambda v: None if v >= 2 else
-                                                "must be at least 2 (one step gives NaN sigmas with the Qwen "
-                                                "scheduler)")
+    validation_guidance_rescale: float = field(
+        0.0, check=probability, doc="blend of the guided prediction rescaled to the conditional one's std (0: off)"
+    )
+    validation_num_inference_steps: int = field(
+        30, check=lambda v: None if v >= 2 else "must be at least 2 (one step gives NaN sigmas with the Qwen scheduler)"
+    )
     validation_negative_prompt: str = field(" ")
-    validation_seed: Optional[int] = field(None)
-    eval_dataset_id: Optional[str] = field(None)
+    validation_seed: int | None = field(None)
+    eval_dataset_id: str | None = field(None)
     num_eval_images: int = field(4, check=positive)
-    holdout_eval_images: bool = field(True, doc="without eval_dataset_id: keep the num_eval_images preview samples "
-                                                "out of training, so previews and held-out loss are honest (not on "
-                                                "datasets under twice that size: there the metrics say 'training "
-                                                "samples')")
-    vae_batch_size: int = field(4, check=positive, doc="images per VAE encode batch (same size only); lower it "
-                                                       "when the encoder runs out of memory")
-    vae_enable_tiling: bool = field(False, doc="encode images above 256 pixels in blended tiles (less memory; "
-                                               "latents close to, not equal to, untiled ones)")
+    holdout_eval_images: bool = field(
+        True,
+        doc="without eval_dataset_id: keep the num_eval_images preview samples "
+        "out of training, so previews and held-out loss are honest (not on "
+        "datasets under twice that size: there the metrics say 'training "
+        "samples')",
+    )
+    vae_batch_size: int = field(
+        4,
+        check=positive,
+        doc="images per VAE encode batch (same size only); lower it when the encoder runs out of memory",
+    )
+    vae_enable_tiling: bool = field(
+        False,
+        doc="encode images above 256 pixels in blended tiles (less memory; "
+        "latents close to, not equal to, untiled ones)",
+    )
     vae_enable_slicing: bool = field(False, doc="encode a batch one image at a time (less memory, same latents)")
     # dataset hygiene
-    bad_image_policy: Literal["fail", "skip"] = field("fail", doc="corrupt/oversized images: fail the run or "
-                                                                  "skip them with a warning")
-    max_image_pixels: int = field(89_478_485, check=positive, doc="images above this many pixels are refused "
-                                                                   "(decompression-bomb guard)")
+    bad_image_policy: Literal["fail", "skip"] = field(
+        "fail", doc="corrupt/oversized images: fail the run or skip them with a warning"
+    )
+    max_image_pixels: int = field(
+        89_478_485, check=positive, doc="images above this many pixels are refused (decompression-bomb guard)"
+    )
 
     @property
     def model_path(self) -> str:
@@ -307,52 +366,63 @@ class TrainConfig:
 @dataclass(frozen=True)
 class DatasetConfig:
     id: str = field(check=_check_dataset_id, doc="unique dataset id")
-    type: Literal["local", "aws", "store"] = field("local", doc="local folder, SimpleTuner's aws (S3) prefix, or "
-                                                          "store: a dataset uploaded with `edittuner data push`")
+    type: Literal["local", "aws", "store"] = field(
+        "local",
+        doc="local folder, SimpleTuner's aws (S3) prefix, or store: a dataset uploaded with `edittuner data push`",
+    )
     dataset_type: Literal["image", "conditioning", "conditioning_image_embeds", "text_embeds"] = field(
-        "image", doc="absent: conditioning when the entry has a conditioning_type or another entry's "
-                     "conditioning_data names it, else image")
-    instance_data_dir: Optional[str] = field(None)
-    caption_strategy: Optional[Literal["textfile", "filename", "instanceprompt"]] = field(
-        "filename", doc="null on reference datasets (their captions are not used)")
-    instance_prompt: Optional[str] = field(None)
-    resolution: Optional[float] = field(None, check=positive, doc="pixels, megapixels or pixel area per "
-                                                                  "resolution_type")
+        "image",
+        doc="absent: conditioning when the entry has a conditioning_type or another entry's "
+        "conditioning_data names it, else image",
+    )
+    instance_data_dir: str | None = field(None)
+    caption_strategy: Literal["textfile", "filename", "instanceprompt"] | None = field(
+        "filename", doc="null on reference datasets (their captions are not used)"
+    )
+    instance_prompt: str | None = field(None)
+    resolution: float | None = field(None, check=positive, doc="pixels, megapixels or pixel area per resolution_type")
     resolution_type: Literal["pixel", "area", "pixel_area"] = field("pixel_area")
-    minimum_image_size: Optional[float] = field(None, check=non_negative, doc="smaller images are left out (in "
-                                                                              "resolution_type's unit)")
-    maximum_image_size: Optional[float] = field(None, check=non_negative, doc="larger images are first "
-                                                                              "downsampled to target_downsample_size")
-    target_downsample_size: Optional[float] = field(None, check=non_negative)
-    minimum_aspect_ratio: Optional[float] = field(None, check=positive, doc="images of a smaller width/height are "
-                                                                             "left out")
-    maximum_aspect_ratio: Optional[float] = field(None, check=positive)
-    crop: bool = field(False, doc="false: each image keeps its aspect (a bucket of its own aspect); true: cropped "
-                                  "per crop_aspect and crop_style")
-    crop_style: Literal["center", "corner", "random"] = field("center", doc="where the crop box sits; "
-                                                                                     "random: drawn once per image")
+    minimum_image_size: float | None = field(
+        None, check=non_negative, doc="smaller images are left out (in resolution_type's unit)"
+    )
+    maximum_image_size: float | None = field(
+        None, check=non_negative, doc="larger images are first downsampled to target_downsample_size"
+    )
+    target_downsample_size: float | None = field(None, check=non_negative)
+    minimum_aspect_ratio: float | None = field(
+        None, check=positive, doc="images of a smaller width/height are left out"
+    )
+    maximum_aspect_ratio: float | None = field(None, check=positive)
+    crop: bool = field(
+        False,
+        doc="false: each image keeps its aspect (a bucket of its own aspect); true: cropped "
+        "per crop_aspect and crop_style",
+    )
+    crop_style: Literal["center", "corner", "random"] = field(
+        "center", doc="where the crop box sits; random: drawn once per image"
+    )
     crop_aspect: Literal["square", "preserve", "closest", "random"] = field("square")
-    crop_aspect_buckets: list[Any] = field([], doc="aspect ratios for crop_aspect closest/random: numbers, or "
-                                                   "{aspect_bucket, weight} objects")
+    crop_aspect_buckets: list[Any] = field(
+        [], doc="aspect ratios for crop_aspect closest/random: numbers, or {aspect_bucket, weight} objects"
+    )
     conditioning_data: list[str] = field([])
-    source_dataset_id: Optional[str] = field(None, doc="a conditioning dataset's image dataset")
-    text_embeds: Optional[str] = field(None, doc="an image dataset's text_embeds entry (default: the one marked "
-                                                 "default)")
+    source_dataset_id: str | None = field(None, doc="a conditioning dataset's image dataset")
+    text_embeds: str | None = field(None, doc="an image dataset's text_embeds entry (default: the one marked default)")
     default: bool = field(False, doc="text_embeds entries: the one caption embeddings go to")
-    conditioning_image_embeds: Optional[str] = field(None)
+    conditioning_image_embeds: str | None = field(None)
     conditioning_type: Literal["reference_strict", "reference_loose"] = field("reference_strict")
-    cache_dir_vae: Optional[str] = field(None, check=_check_cache_dir)
-    cache_dir: Optional[str] = field(None, check=_check_cache_dir)
+    cache_dir_vae: str | None = field(None, check=_check_cache_dir)
+    cache_dir: str | None = field(None, check=_check_cache_dir)
     disabled: bool = field(False, aliases=("disable",))
     repeats: int = field(0, check=non_negative)
-    store_upload: Optional[str] = field(None, doc="type store: the upload's name (`edittuner data push` prints it)")
+    store_upload: str | None = field(None, doc="type store: the upload's name (`edittuner data push` prints it)")
     # type=aws (SimpleTuner's names)
-    aws_bucket_name: Optional[str] = field(None)
+    aws_bucket_name: str | None = field(None)
     aws_data_prefix: str = field("")
-    aws_endpoint_url: Optional[str] = field(None)
-    aws_region_name: Optional[str] = field(None)
-    aws_access_key_id: Optional[str] = field(None)
-    aws_secret_access_key: Optional[str] = field(None)
+    aws_endpoint_url: str | None = field(None)
+    aws_region_name: str | None = field(None)
+    aws_access_key_id: str | None = field(None)
+    aws_secret_access_key: str | None = field(None)
 
     @property
     def target_area(self) -> int:
@@ -368,8 +438,16 @@ class DatasetConfig:
 
     @property
     def aws_fields(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("aws_bucket_name", "aws_endpoint_url", "aws_region_name",
-                                              "aws_access_key_id", "aws_secret_access_key")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "aws_bucket_name",
+                "aws_endpoint_url",
+                "aws_region_name",
+                "aws_access_key_id",
+                "aws_secret_access_key",
+            )
+        }
 
 
 def _prefix(path: str) -> str:

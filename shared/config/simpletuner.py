@@ -23,9 +23,10 @@ import dataclasses
 import difflib
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable
+from typing import Any
 
 from shared.errors import Problem
 
@@ -51,12 +52,15 @@ NO_REFLEXFLOW = "ReflexFlow is not built (scheduled_sampling_reflexflow: false o
 TRAIN_RULES: dict[str, Rule] = {
     # ------------------------------------------------------------------------------------------------ mapped
     "ema_cpu_only": Rule("mapped", "true → ema_device cpu", apply=_flag("ema_device", "cpu")),
-    "adam_bfloat16": Rule("mapped", "true → optimizer adamw_bf16 (SimpleTuner's old flag)",
-                          apply=_flag("optimizer", "adamw_bf16")),
-    "use_8bit_adam": Rule("mapped", "true → optimizer bnb-adamw8bit (SimpleTuner's old flag)",
-                          apply=_flag("optimizer", "bnb-adamw8bit")),
-    "use_prodigy_optimizer": Rule("mapped", "true → optimizer prodigy (SimpleTuner's old flag)",
-                                  apply=_flag("optimizer", "prodigy")),
+    "adam_bfloat16": Rule(
+        "mapped", "true → optimizer adamw_bf16 (SimpleTuner's old flag)", apply=_flag("optimizer", "adamw_bf16")
+    ),
+    "use_8bit_adam": Rule(
+        "mapped", "true → optimizer bnb-adamw8bit (SimpleTuner's old flag)", apply=_flag("optimizer", "bnb-adamw8bit")
+    ),
+    "use_prodigy_optimizer": Rule(
+        "mapped", "true → optimizer prodigy (SimpleTuner's old flag)", apply=_flag("optimizer", "prodigy")
+    ),
     "ignore_final_epochs": Rule("no effect", "the run's steps are computed exactly from num_train_epochs"),
     # ------------------------------------------------------------------------------------------- no effect
     "hub_model_id": Rule("no effect", NO_HUB),
@@ -72,44 +76,63 @@ TRAIN_RULES: dict[str, Rule] = {
     "skip_file_discovery": Rule("no effect", "datasets are scanned on every check; caches are reused by content"),
     "vae_cache_ondemand": Rule("no effect", "latents are encoded before training either way; same values"),
     "vae_cache_preprocess": Rule("no effect", "latents are encoded before training either way; same values"),
-    "fuse_qkv_projections": Rule("no effect", "a speed option (needs flash-attn); the projections stay unfused, "
-                                              "same result"),
-    "fused_qkv_projections": Rule("no effect", "a speed option (needs flash-attn); the projections stay unfused, "
-                                               "same result"),
-    "validation_prompt": Rule("no effect", "edit previews use each preview sample's own instruction and "
-                                           "references (num_eval_images, eval_dataset_id)"),
-    "validation_prompt_library": Rule("refused", "previews use the samples' own instructions and references",
-                                      neutral=(False, None, "")),
-    "user_prompt_library": Rule("refused", "previews use the samples' own instructions and references",
-                                neutral=(None, "")),
+    "fuse_qkv_projections": Rule(
+        "no effect", "a speed option (needs flash-attn); the projections stay unfused, same result"
+    ),
+    "fused_qkv_projections": Rule(
+        "no effect", "a speed option (needs flash-attn); the projections stay unfused, same result"
+    ),
+    "validation_prompt": Rule(
+        "no effect",
+        "edit previews use each preview sample's own instruction and references (num_eval_images, eval_dataset_id)",
+    ),
+    "validation_prompt_library": Rule(
+        "refused", "previews use the samples' own instructions and references", neutral=(False, None, "")
+    ),
+    "user_prompt_library": Rule(
+        "refused", "previews use the samples' own instructions and references", neutral=(None, "")
+    ),
     "validation_lycoris_strength": Rule("no effect", NO_LYCORIS),
     "lora_type": Rule("refused", NO_LYCORIS, neutral=("standard",)),
     "lycoris_config": Rule("no effect", NO_LYCORIS),
-    "base_model_default_dtype": Rule("refused", "unquantized base weights are held in the compute dtype",
-                                     neutral=("bf16",)),
-    "gradient_checkpointing_interval": Rule("refused", "gradient_checkpointing checkpoints every block",
-                                            neutral=(None, 1, 0)),
-    "data_backend_sampling": Rule("refused", "image datasets are sampled in proportion to their samples",
-                                  neutral=("auto-weighting",)),
+    "base_model_default_dtype": Rule(
+        "refused", "unquantized base weights are held in the compute dtype", neutral=("bf16",)
+    ),
+    "gradient_checkpointing_interval": Rule(
+        "refused", "gradient_checkpointing checkpoints every block", neutral=(None, 1, 0)
+    ),
+    "data_backend_sampling": Rule(
+        "refused", "image datasets are sampled in proportion to their samples", neutral=("auto-weighting",)
+    ),
     "num_validation_images": Rule("refused", "one preview per sample and step", neutral=(1,)),
-    "validation_disable": Rule("mapped", "true → no previews (validation_step_interval past the run's end)",
-                               apply=_flag("validation_step_interval", 10 ** 9)),
+    "validation_disable": Rule(
+        "mapped",
+        "true → no previews (validation_step_interval past the run's end)",
+        apply=_flag("validation_step_interval", 10**9),
+    ),
     "validation_torch_compile": Rule("no effect", "the preview pipeline runs eagerly; same images"),
-    "disable_tf32": Rule("refused", "CUDA runs compute the fp32 LoRA matmuls in TF32 (their bf16 inputs carry no more "
-                                    "precision than TF32 keeps)", neutral=(False,)),
+    "disable_tf32": Rule(
+        "refused",
+        "CUDA runs compute the fp32 LoRA matmuls in TF32 (their bf16 inputs carry no more precision than TF32 keeps)",
+        neutral=(False,),
+    ),
     "allow_tf32": Rule("no effect", "CUDA runs compute the fp32 LoRA matmuls in TF32 already"),
     "dataloader_prefetch": Rule("no effect", "the loader always prefetches"),
     "dataloader_prefetch_qlen": Rule("no effect", "the loader always prefetches"),
     "aws_config": Rule("no effect", "S3 datasets carry their own aws_* keys in multidatabackend.json"),
-    "webhook_config": Rule("refused", "progress goes to the gRPC Watch stream and Prometheus; no webhooks",
-                           neutral=(None, "")),
+    "webhook_config": Rule(
+        "refused", "progress goes to the gRPC Watch stream and Prometheus; no webhooks", neutral=(None, "")
+    ),
     "tracker_image_layout": Rule("no effect", "previews are logged as one grid per sample"),
-    "checkpoint_epoch_interval": Rule("refused", "checkpoints are taken by step: use checkpoint_step_interval",
-                                      neutral=(None, 0)),
-    "validation_epoch_interval": Rule("refused", "previews are taken by step: use validation_step_interval",
-                                      neutral=(None, 0)),
-    "checkpointing_rolling_steps": Rule("refused", "use checkpoint_step_interval with checkpoints_total_limit",
-                                        neutral=(None, 0)),
+    "checkpoint_epoch_interval": Rule(
+        "refused", "checkpoints are taken by step: use checkpoint_step_interval", neutral=(None, 0)
+    ),
+    "validation_epoch_interval": Rule(
+        "refused", "previews are taken by step: use validation_step_interval", neutral=(None, 0)
+    ),
+    "checkpointing_rolling_steps": Rule(
+        "refused", "use checkpoint_step_interval with checkpoints_total_limit", neutral=(None, 0)
+    ),
     "checkpoints_rolling_total_limit": Rule("no effect", "only with checkpointing_rolling_steps"),
     "scheduled_sampling_reflexflow_alpha": Rule("refused", NO_REFLEXFLOW, neutral=(1.0,)),
     "scheduled_sampling_reflexflow_beta1": Rule("refused", NO_REFLEXFLOW, neutral=(10.0,)),
@@ -119,10 +142,8 @@ TRAIN_RULES: dict[str, Rule] = {
 _DATA_TYPES = {"local", "aws", "store"}
 
 DATASET_RULES: dict[str, Rule] = {
-    "metadata_backend": Rule("refused", "image sizes are read from the files themselves", neutral=("discovery",
-                                                                                                   None)),
-    "vae_cache_clear_each_epoch": Rule("no effect", "latents are encoded once; a random crop is drawn once per "
-                                                    "image"),
+    "metadata_backend": Rule("refused", "image sizes are read from the files themselves", neutral=("discovery", None)),
+    "vae_cache_clear_each_epoch": Rule("no effect", "latents are encoded once; a random crop is drawn once per image"),
     "write_batch_size": Rule("no effect", "a write-speed option; same caches"),
     "text_encoder_batch_size": Rule("no effect", "a speed option; same embeddings"),
     "hash_filenames": Rule("no effect", "cache keys are content hashes"),
@@ -131,17 +152,27 @@ DATASET_RULES: dict[str, Rule] = {
     "cache_file_suffix": Rule("no effect", "cache keys are content hashes"),
     "vae_cache_ondemand": Rule("no effect", "latents are encoded before training either way; same values"),
     "text_cache_ondemand": Rule("no effect", "embeddings are encoded before training either way; same values"),
-    "probability": Rule("refused", "image datasets are sampled in proportion to their samples; set repeats to "
-                                   "weight a dataset", neutral=(1, 1.0, None, "")),
-    "is_regularisation_data": Rule("refused", "regularisation (prior preservation) data is not built",
-                                   neutral=(False, None)),
-    "is_regularization_data": Rule("refused", "regularisation (prior preservation) data is not built",
-                                   neutral=(False, None)),
-    "conditioning": Rule("refused", "SimpleTuner's generated conditioning pairs (superresolution, jpeg_artifacts, "
-                                    "…) are not built: generate the reference images into a folder and add it as a "
-                                    "conditioning dataset", neutral=(None, [])),
-    "max_num_samples": Rule("refused", "every sample trains; move the ones to leave out to another folder",
-                            neutral=(None, 0)),
+    "probability": Rule(
+        "refused",
+        "image datasets are sampled in proportion to their samples; set repeats to weight a dataset",
+        neutral=(1, 1.0, None, ""),
+    ),
+    "is_regularisation_data": Rule(
+        "refused", "regularisation (prior preservation) data is not built", neutral=(False, None)
+    ),
+    "is_regularization_data": Rule(
+        "refused", "regularisation (prior preservation) data is not built", neutral=(False, None)
+    ),
+    "conditioning": Rule(
+        "refused",
+        "SimpleTuner's generated conditioning pairs (superresolution, jpeg_artifacts, "
+        "…) are not built: generate the reference images into a folder and add it as a "
+        "conditioning dataset",
+        neutral=(None, []),
+    ),
+    "max_num_samples": Rule(
+        "refused", "every sample trains; move the ones to leave out to another folder", neutral=(None, 0)
+    ),
     "start_epoch": Rule("refused", "every dataset trains from the first step", neutral=(None, 0, 1)),
     "start_step": Rule("refused", "every dataset trains from the first step", neutral=(None, 0)),
     "end_epoch": Rule("refused", "every dataset trains to the last step", neutral=(None, 0)),
@@ -165,26 +196,26 @@ VALUE_ALIASES = {  # SimpleTuner's other spellings of a value
 
 ST_VALUE_NOTES = {  # values of honoured keys that SimpleTuner has and EditTuner refuses, with what to do
     ("type", "huggingface"): "Hugging Face datasets need the Hub; download the dataset into a folder and use type "
-                             "local (or `edittuner data push` it)",
+    "local (or `edittuner data push` it)",
     ("type", "csv"): "CSV datasets are not built; put the images and .txt captions in a folder (type local)",
     ("type", "webshart"): "webshart datasets are not built; use a folder (type local) or an S3 prefix (type aws)",
     ("crop_style", "face"): "face crops need a face detector, which is not built; use center, corner or random",
     ("dataset_type", "image_embeds"): "VAE latents go to each dataset's cache_dir_vae; remove this entry and set "
-                                      "cache_dir_vae on the image dataset",
+    "cache_dir_vae on the image dataset",
     ("conditioning_type", "mask"): "mask conditioning (inpainting) is not built; edit pairs are reference_strict "
-                                   "or reference_loose",
+    "or reference_loose",
     ("conditioning_type", "segmentation"): "segmentation conditioning is not built; edit pairs are reference_strict "
-                                           "or reference_loose",
+    "or reference_loose",
     ("conditioning_type", "controlnet"): "ControlNet training is not built; edit pairs are reference_strict or "
-                                         "reference_loose",
+    "reference_loose",
     ("model_flavour", "v1.0"): "v1.0 is the text-to-image Qwen-Image; EditTuner trains the edit models: edit-v1, "
-                               "edit-v2 or edit-v3",
+    "edit-v2 or edit-v3",
     ("model_flavour", "v2.0"): "v2.0 is the text-to-image Qwen-Image-2512; EditTuner trains the edit models: "
-                               "edit-v1, edit-v2 or edit-v3",
+    "edit-v1, edit-v2 or edit-v3",
     ("model_flavour", "edit-v2+"): "edit-v2+ (Qwen-Image-Edit-2509 with zero_cond_t) is not built; use edit-v2 "
-                                   "(2509 as its pipeline runs it) or edit-v3 (2511)",
+    "(2509 as its pipeline runs it) or edit-v3 (2511)",
     ("caption_strategy", "parquet"): "parquet captions are not built; write the captions as .txt files beside "
-                                     "the images (caption_strategy textfile)",
+    "the images (caption_strategy textfile)",
 }
 
 
@@ -239,8 +270,9 @@ class Translated:
     problems: list[Problem] = dataclasses.field(default_factory=list)
 
 
-def translate(raw: dict[str, Any], where: str, fields: set[str], rules: dict[str, Rule], *,
-              simpletuner_level: bool) -> Translated:
+def translate(
+    raw: dict[str, Any], where: str, fields: set[str], rules: dict[str, Rule], *, simpletuner_level: bool
+) -> Translated:
     """Sort each key of ``raw`` by the registry. ``fields``: EditTuner's names and aliases at this level;
     ``simpletuner_level``: whether SimpleTuner's parser options apply here (config.json, not dataset entries)."""
     out = Translated({})
@@ -255,11 +287,16 @@ def translate(raw: dict[str, Any], where: str, fields: set[str], rules: dict[str
             if rule.kind == "mapped":
                 mapped.update(rule.apply(value) if rule.apply else {})
             elif (rule.kind == "refused" and not rule.neutral) or (
-                    rule.neutral and not any(same_value(value, n) for n in rule.neutral)):
+                rule.neutral and not any(same_value(value, n) for n in rule.neutral)
+            ):
                 shown = ", ".join("null" if n is None else json.dumps(n) for n in rule.neutral)
-                out.problems.append(Problem(f"{where}.{key}", f"{json.dumps(value)[:60]} is not supported: "
-                                                              f"{rule.note} (" + (f"accepted: {shown}, or " if shown
-                                                                                  else "") + "remove the key)"))
+                out.problems.append(
+                    Problem(
+                        f"{where}.{key}",
+                        f"{json.dumps(value)[:60]} is not supported: "
+                        f"{rule.note} (" + (f"accepted: {shown}, or " if shown else "") + "remove the key)",
+                    )
+                )
             else:
                 out.ignored.append(f"{where}.{key}" + (f" ({rule.note})" if rule.note else ""))
             continue
@@ -269,11 +306,17 @@ def translate(raw: dict[str, Any], where: str, fields: set[str], rules: dict[str
             if same_value(value, default):
                 out.ignored.append(f"{where}.{key} (SimpleTuner's default; not an EditTuner option)")
             else:
-                out.problems.append(Problem(f"{where}.{key}", (
-                    f"{json.dumps(value)[:60]} would change a SimpleTuner run, but EditTuner does not implement "
-                    f"{key}; remove it (or set it to SimpleTuner's default, "
-                    f"{'null' if default is None else json.dumps(default)}) — the README's SimpleTuner option "
-                    "table lists what is supported")))
+                out.problems.append(
+                    Problem(
+                        f"{where}.{key}",
+                        (
+                            f"{json.dumps(value)[:60]} would change a SimpleTuner run, but EditTuner does not "
+                            f"implement {key}; remove it (or set it to SimpleTuner's default, "
+                            f"{'null' if default is None else json.dumps(default)}) — the README's SimpleTuner option "
+                            "table lists what is supported"
+                        ),
+                    )
+                )
             continue
         hint = difflib.get_close_matches(key, sorted(fields), n=1)
         out.unknown.append(f"{where}.{key}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
@@ -291,8 +334,10 @@ def value_problem(key: str, value: Any) -> str | None:
     if not isinstance(value, str):
         return None
     if key == "model_family" and value.strip().lower() != "qwen_image":
-        return ("EditTuner trains Qwen-Image-Edit LoRAs: set model_family to qwen_image and model_flavour to edit-v1, "
-                "edit-v2 or edit-v3 (the dataset pairing is the same as for other edit families)")
+        return (
+            "EditTuner trains Qwen-Image-Edit LoRAs: set model_family to qwen_image and model_flavour to edit-v1, "
+            "edit-v2 or edit-v3 (the dataset pairing is the same as for other edit families)"
+        )
     if key == "model_type" and value.strip().lower() == "full":
         return "EditTuner trains LoRA adapters only: set model_type to lora"
     return ST_VALUE_NOTES.get((key, value.strip().lower()))
@@ -313,10 +358,16 @@ def _rows(cls: type, rules: dict[str, Rule], st: dict[str, tuple[str, Any, tuple
         if not f.init or f.name == "model_kwargs":
             continue
         names = " / ".join(f"`{n}`" for n in (f.name, *f.metadata.get("aliases", ())))
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        ours = "required" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING \
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
+        ours = (
+            "required"
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             else _fmt(default)
+        )
         theirs = _fmt(st[f.name][1]) if f.name in st else "(EditTuner's)"
         rows.append(f"| {names} | honoured | {ours} | {theirs} | {f.metadata.get('doc', '')} |")
     for name, rule in sorted(rules.items()):
@@ -337,15 +388,26 @@ def option_table_markdown() -> str:
     covered = {n for f in dataclasses.fields(TrainConfig) for n in (f.name, *f.metadata.get("aliases", ()))}
     covered |= set(TRAIN_RULES)
     rest = len([n for n in st if n not in covered])
-    return "\n".join([
-        "**config.json**", "", head, *_rows(TrainConfig, TRAIN_RULES, st), "",
-        f"Every other SimpleTuner option ({rest} of the {len(st)} in its parser, {source.split(':')[0]}) changes "
-        "nothing at SimpleTuner's default value (reported as such) and is refused at any other value.", "",
-        "**multidatabackend.json entries**", "", head.replace("SimpleTuner default", "SimpleTuner"),
-        *_rows(DatasetConfig, DATASET_RULES, {}), "",
-        "Values SimpleTuner has and EditTuner refuses, with what to do instead: " + "; ".join(
-            f"`{k}: {v}` ({note})" for (k, v), note in sorted(ST_VALUE_NOTES.items())) + ".",
-    ])
+    return "\n".join(
+        [
+            "**config.json**",
+            "",
+            head,
+            *_rows(TrainConfig, TRAIN_RULES, st),
+            "",
+            f"Every other SimpleTuner option ({rest} of the {len(st)} in its parser, {source.split(':')[0]}) changes "
+            "nothing at SimpleTuner's default value (reported as such) and is refused at any other value.",
+            "",
+            "**multidatabackend.json entries**",
+            "",
+            head.replace("SimpleTuner default", "SimpleTuner"),
+            *_rows(DatasetConfig, DATASET_RULES, {}),
+            "",
+            "Values SimpleTuner has and EditTuner refuses, with what to do instead: "
+            + "; ".join(f"`{k}: {v}` ({note})" for (k, v), note in sorted(ST_VALUE_NOTES.items()))
+            + ".",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -10,15 +10,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from typing import Any, Callable, Literal, Union, get_args, get_origin
+from collections.abc import Callable
+from typing import Any, Literal, Union, get_args, get_origin
 
 from shared.errors import Problem
 
 Check = Callable[[Any], "str | None"]
 
 
-def field(default: Any = dataclasses.MISSING, *, check: Check | None = None, doc: str = "",
-          aliases: tuple[str, ...] = ()) -> Any:
+def field(
+    default: Any = dataclasses.MISSING, *, check: Check | None = None, doc: str = "", aliases: tuple[str, ...] = ()
+) -> Any:
     """A dataclass field with an optional value check (returns an error message or None) and a doc line."""
     meta = {"check": check, "doc": doc, "aliases": aliases}
     if isinstance(default, (list, dict)):
@@ -35,7 +37,8 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         return "a list of " + _type_name(get_args(tp)[0]) + "s"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "an object"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
@@ -116,8 +119,7 @@ def coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
     raise TypeError(f"unsupported annotation {tp!r}")
 
 
-def build(cls: type, raw: dict[str, Any], where: str, problems: list[Problem],
-          ignored: list[str] | None = None) -> Any:
+def build(cls: type, raw: dict[str, Any], where: str, problems: list[Problem], ignored: list[str] | None = None) -> Any:
     """Construct ``cls`` from ``raw``; bad values are appended to ``problems`` (the field keeps its default so
     that later cross-field checks can still run), unknown keys to ``ignored``. Returns the instance."""
     hints = typing.get_type_hints(cls)
@@ -143,8 +145,15 @@ def build(cls: type, raw: dict[str, Any], where: str, problems: list[Problem],
     for n in bad:
         if _required(fields[n]):
             values[n] = None
-    missing = [n for n, f in fields.items() if f.init and n not in values and n not in bad
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if f.init
+        and n not in values
+        and n not in bad
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     for n in missing:
         problems.append(Problem(f"{where}.{n}", "is required"))
         values[n] = None

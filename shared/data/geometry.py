@@ -58,8 +58,13 @@ class Placement:
         return {k: list(getattr(self, k)) for k in ("source", "resize", "crop", "size", "final")}
 
 
-def cover_crop(source: tuple[int, int], bucket: tuple[int, int], *, scale: float | None = None,
-               at: tuple[float, float] = (0.5, 0.5)) -> Placement:
+def cover_crop(
+    source: tuple[int, int],
+    bucket: tuple[int, int],
+    *,
+    scale: float | None = None,
+    at: tuple[float, float] = (0.5, 0.5),
+) -> Placement:
     """Resize so the image covers the bucket (by ``scale`` when that is larger: SimpleTuner's downsample before a
     crop), then crop the bucket out of it at ``at``: the fraction of the spare width and height left of and above
     the box ((0.5, 0.5) centre, (0, 0) the top-left corner)."""
@@ -86,8 +91,7 @@ def whole_image(source: tuple[int, int], final: tuple[int, int]) -> Placement:
     return Placement(source, source, (0, 0), source, final)
 
 
-def strict_reference(target: Placement, ref_source: tuple[int, int], final: tuple[int, int] | None = None
-                     ) -> Placement:
+def strict_reference(target: Placement, ref_source: tuple[int, int], final: tuple[int, int] | None = None) -> Placement:
     """reference_strict at the target's size (``match_target_res``): the reference takes exactly its target's
     resize and crop (a reference of another size is first stretched to the target's resize)."""
     return Placement(ref_source, target.resize, target.crop, target.size, final or target.size)

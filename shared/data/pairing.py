@@ -12,15 +12,25 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Iterable
+from typing import Any
 
 from PIL import Image
 
 from shared.config.schema import DataConfig, DatasetConfig, RunConfig, TrainConfig
-from shared.data.geometry import (Placement, aspect_mismatch, bucket_for_area, bucket_for_short_side, cover_crop,
-                                  pipeline_size, strict_reference, strict_reference_at_area, whole_image)
+from shared.data.geometry import (
+    Placement,
+    aspect_mismatch,
+    bucket_for_area,
+    bucket_for_short_side,
+    cover_crop,
+    pipeline_size,
+    strict_reference,
+    strict_reference_at_area,
+    whole_image,
+)
 from shared.data.sources import IMAGE_EXTENSIONS, ImageSource, open_image, open_source
 from shared.errors import DatasetError, InvalidInput, Problem
 
@@ -34,6 +44,7 @@ class ImageRecord:
     relpath: str
     size: tuple[int, int]
     sha256: str  # of the file's bytes, taken while scanning: cache keys need it, and S3 sources cost a read
+
     @property
     def key(self) -> str:
         return str(PurePosixPath(self.relpath).with_suffix(""))
@@ -100,8 +111,11 @@ def _scan(ds: DatasetConfig, src: ImageSource, where: str, max_pixels: int, prob
     bad: dict[str, str] = {}
     for key, rels in by_key.items():
         if len(rels) > 1:
-            problems.append(Problem(where, f"{', '.join(rels)} share the stem {key!r}; pairing is by name, so keep "
-                                           "only one of them"))
+            problems.append(
+                Problem(
+                    where, f"{', '.join(rels)} share the stem {key!r}; pairing is by name, so keep only one of them"
+                )
+            )
             continue
         data = src.read(rels[0])
         try:
@@ -112,8 +126,9 @@ def _scan(ds: DatasetConfig, src: ImageSource, where: str, max_pixels: int, prob
             continue
         records[key] = ImageRecord(ds.id, rels[0], size, hashlib.sha256(data).hexdigest())
     if not records and not bad:
-        problems.append(Problem(where, f"{src.label} contains no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                                       "check instance_data_dir"))
+        problems.append(
+            Problem(where, f"{src.label} contains no images ({', '.join(IMAGE_EXTENSIONS)}); check instance_data_dir")
+        )
     return _Scan(records, files, bad)
 
 
@@ -153,8 +168,10 @@ def _crop_aspect(ds: DatasetConfig, size: tuple[int, int], key: str) -> float:
     aspect = size[0] / size[1]
     if ds.crop_aspect == "square":
         return 1.0
-    buckets = [(float(b["aspect_bucket"]), float(b.get("weight", 1.0))) if isinstance(b, dict) else (float(b), 1.0)
-               for b in ds.crop_aspect_buckets]
+    buckets = [
+        (float(b["aspect_bucket"]), float(b.get("weight", 1.0))) if isinstance(b, dict) else (float(b), 1.0)
+        for b in ds.crop_aspect_buckets
+    ]
     if ds.crop_aspect == "closest":
         return min(buckets, key=lambda b: abs(math.log(b[0] / aspect)))[0]
     return _rng(ds, key + "#aspect").choices([b[0] for b in buckets], [b[1] for b in buckets])[0]
@@ -173,8 +190,11 @@ def target_placement(ds: DatasetConfig, size: tuple[int, int], key: str) -> Plac
     scale = None
     if ds.crop and ds.maximum_image_size and ds.target_downsample_size:
         w, h = size
-        scale = (ds.target_downsample_size / min(w, h) if ds.resolution_type == "pixel" else
-                 math.sqrt(_unit_area(ds, ds.target_downsample_size) / (w * h)))
+        scale = (
+            ds.target_downsample_size / min(w, h)
+            if ds.resolution_type == "pixel"
+            else math.sqrt(_unit_area(ds, ds.target_downsample_size) / (w * h))
+        )
     at = (0.5, 0.5)
     if ds.crop and ds.crop_style == "corner":
         at = (0.0, 0.0)
@@ -206,8 +226,9 @@ def size_rule(ds: DatasetConfig, size: tuple[int, int]) -> str | None:
     return None
 
 
-def reference_placement(train: TrainConfig, ref_ds: DatasetConfig, target: Placement,
-                        ref_size: tuple[int, int]) -> Placement:
+def reference_placement(
+    train: TrainConfig, ref_ds: DatasetConfig, target: Placement, ref_size: tuple[int, int]
+) -> Placement:
     """Where a reference goes: as the flavour's pipeline sizes it at inference, so the adapter trains on what it
     will see. Every flavour: ~``reference_area`` pixels (1 MP, the pipelines' VAE size) at the reference's own
     aspect — the whole image (``reference_loose``), or cropped like its target first (``reference_strict``: the
@@ -260,8 +281,14 @@ def _where(data: DataConfig, ds: DatasetConfig) -> str:
     return f"dataset {ds.id!r} ({data.source})"
 
 
-def _pair_one(run: RunConfig, ds: DatasetConfig, scans: dict[str, _Scan], sources: dict[str, ImageSource],
-              problems: list[Problem], warnings: list[str]) -> PairedDataset:
+def _pair_one(
+    run: RunConfig,
+    ds: DatasetConfig,
+    scans: dict[str, _Scan],
+    sources: dict[str, ImageSource],
+    problems: list[Problem],
+    warnings: list[str],
+) -> PairedDataset:
     train, data = run.train, run.data
     main = scans[ds.id]
     filtered = {k: (rec.relpath, why) for k, rec in main.records.items() if (why := size_rule(ds, rec.size))}
@@ -272,27 +299,40 @@ def _pair_one(run: RunConfig, ds: DatasetConfig, scans: dict[str, _Scan], source
         bad.update({k: m for k, m in scans[r.id].bad.items() if k in main.records or k in main.bad})
     for r in refs:
         rscan = scans[r.id]
-        missing = [main.records[k].relpath for k in main.records
-                   if k not in rscan.records and k not in rscan.bad and k not in filtered]
+        missing = [
+            main.records[k].relpath
+            for k in main.records
+            if k not in rscan.records and k not in rscan.bad and k not in filtered
+        ]
         if missing:
-            problems.append(Problem(
-                _where(data, r),
-                f"has no reference for {len(missing)} of {len(main.records)} images of {ds.id!r}: {_names(missing)}. "
-                f"Every reference dataset needs a file with the same name (relative path and stem; the extension "
-                f"may differ) for every edit image, or training fails with \"Control tensor list length does not "
-                f"match batch size\". Add the missing files to {sources[r.id].label} or remove those images."))
+            problems.append(
+                Problem(
+                    _where(data, r),
+                    f"has no reference for {len(missing)} of {len(main.records)} images of {ds.id!r}: "
+                    f"{_names(missing)}. Every reference dataset needs a file with the same name (relative path "
+                    "and stem; the extension may differ) for every edit image, or training fails with "
+                    '"Control tensor list length does not match batch size". '
+                    f"Add the missing files to {sources[r.id].label} or remove those images.",
+                )
+            )
         orphans = [rec.relpath for k, rec in rscan.records.items() if k not in main.records and k not in main.bad]
         if orphans:
-            warnings.append(f"{_where(data, r)}: {len(orphans)} reference(s) with no edit image in {ds.id!r} are "
-                            f"unused: {_names(orphans)}")
+            warnings.append(
+                f"{_where(data, r)}: {len(orphans)} reference(s) with no edit image in {ds.id!r} are "
+                f"unused: {_names(orphans)}"
+            )
     for key, msg in sorted(bad.items()):
         if skip:
             warnings.append(f"skipping sample {key!r} of {ds.id!r}: {msg}")
         else:
             problems.append(Problem(_where(data, ds) if key in main.bad else "reference image", msg))
     if bad and not skip:
-        problems.append(Problem(_where(data, ds), "unreadable images found; fix or remove them, or set "
-                                                  "bad_image_policy to 'skip' to train without them"))
+        problems.append(
+            Problem(
+                _where(data, ds),
+                "unreadable images found; fix or remove them, or set bad_image_policy to 'skip' to train without them",
+            )
+        )
     samples = []
     missing_captions = []
     unaligned: dict[str, list[str]] = {}
@@ -304,32 +344,44 @@ def _pair_one(run: RunConfig, ds: DatasetConfig, scans: dict[str, _Scan], source
             missing_captions.append(rec.relpath)
             continue
         tp = target_placement(ds, rec.size, key)
-        references = tuple(Reference(r.id, scans[r.id].records[key],
-                                     reference_placement(train, r, tp, scans[r.id].records[key].size))
-                           for r in refs)
+        references = tuple(
+            Reference(r.id, scans[r.id].records[key], reference_placement(train, r, tp, scans[r.id].records[key].size))
+            for r in refs
+        )
         for r in refs:
             ref_rec = scans[r.id].records[key]
             if r.conditioning_type == "reference_strict" and aspect_mismatch(rec.size, ref_rec.size) > ASPECT_TOLERANCE:
-                unaligned.setdefault(r.id, []).append(f"{rec.relpath} {rec.size[0]}x{rec.size[1]} / "
-                                                      f"{ref_rec.relpath} {ref_rec.size[0]}x{ref_rec.size[1]}")
+                unaligned.setdefault(r.id, []).append(
+                    f"{rec.relpath} {rec.size[0]}x{rec.size[1]} / {ref_rec.relpath} {ref_rec.size[0]}x{ref_rec.size[1]}"
+                )
         samples.append(Sample(ds.id, key, rec, caption, tp, references))
     for rid, pairs in unaligned.items():
-        warnings.append(f"{_where(data, data.get(rid))}: {len(pairs)} reference_strict pair(s) whose aspect ratios "
-                        f"differ by more than {ASPECT_TOLERANCE:.0%} from their target's: {_names(pairs)}. Each "
-                        "reference is cropped like its target and kept at its own aspect (not stretched); if these "
-                        "references are not pixel-aligned with their targets, use reference_loose")
+        warnings.append(
+            f"{_where(data, data.get(rid))}: {len(pairs)} reference_strict pair(s) whose aspect ratios "
+            f"differ by more than {ASPECT_TOLERANCE:.0%} from their target's: {_names(pairs)}. Each "
+            "reference is cropped like its target and kept at its own aspect (not stretched); if these "
+            "references are not pixel-aligned with their targets, use reference_loose"
+        )
     if missing_captions:
-        problems.append(Problem(_where(data, ds), f"caption_strategy 'textfile' but no .txt caption beside "
-                                                  f"{len(missing_captions)} image(s): {_names(missing_captions)}; "
-                                                  "add <name>.txt files or use caption_strategy 'filename' or "
-                                                  "'instanceprompt'"))
+        problems.append(
+            Problem(
+                _where(data, ds),
+                f"caption_strategy 'textfile' but no .txt caption beside "
+                f"{len(missing_captions)} image(s): {_names(missing_captions)}; "
+                "add <name>.txt files or use caption_strategy 'filename' or "
+                "'instanceprompt'",
+            )
+        )
     role = "eval" if train.eval_dataset_id == ds.id else "train"
     srcs = {ds.id: sources[ds.id], **{r.id: sources[r.id] for r in refs}}
     if filtered:
-        warnings.append(f"{_where(data, ds)}: {len(filtered)} image(s) left out by its size rules "
-                        "(minimum_image_size, minimum/maximum_aspect_ratio); `edittuner check --verbose` names them")
-    return PairedDataset(ds, role, samples, srcs, skipped=sorted(bad) if skip else [],
-                         filtered=sorted(filtered.values()))
+        warnings.append(
+            f"{_where(data, ds)}: {len(filtered)} image(s) left out by its size rules "
+            "(minimum_image_size, minimum/maximum_aspect_ratio); `edittuner check --verbose` names them"
+        )
+    return PairedDataset(
+        ds, role, samples, srcs, skipped=sorted(bad) if skip else [], filtered=sorted(filtered.values())
+    )
 
 
 def load_sample_images(ds: PairedDataset, sample: Sample, max_pixels: int) -> tuple[Image.Image, list[Image.Image]]:
@@ -338,15 +390,20 @@ def load_sample_images(ds: PairedDataset, sample: Sample, max_pixels: int) -> tu
     return target, refs
 
 
-def load_sample(ds: PairedDataset, sample: Sample, max_pixels: int
-                ) -> tuple[Image.Image, list[Image.Image], list[Image.Image]]:
+def load_sample(
+    ds: PairedDataset, sample: Sample, max_pixels: int
+) -> tuple[Image.Image, list[Image.Image], list[Image.Image]]:
     """(target, references at their VAE size, references before that final resize): the last are what a user
     would pass the pipeline, which sizes them for the VL encoder from their own aspect."""
+
     def decode(rec: ImageRecord) -> Image.Image:
         src = ds.sources[rec.dataset_id]
         return open_image(src.read(rec.relpath), f"{src.label}/{rec.relpath}", max_pixels)
 
     target = sample.placement.apply(decode(sample.target))
     images = [decode(r.image) for r in sample.references]
-    return (target, [r.placement.apply(img) for r, img in zip(sample.references, images)],
-            [r.placement.region(img) for r, img in zip(sample.references, images)])
+    return (
+        target,
+        [r.placement.apply(img) for r, img in zip(sample.references, images, strict=True)],
+        [r.placement.region(img) for r, img in zip(sample.references, images, strict=True)],
+    )

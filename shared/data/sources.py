@@ -1,13 +1,13 @@
-"""Where a dataset's files are (a local folder or an S3/MinIO prefix), and decoding one image safely.
-"""
+"""Where a dataset's files are (a local folder or an S3/MinIO prefix), and decoding one image safely."""
 
 from __future__ import annotations
 
 import io
 import warnings as _warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -68,7 +68,7 @@ class S3Source:
 
         def listing() -> list[str]:
             names = (o.object_name for o in self.client.list_objects(self.bucket, prefix=base, recursive=True))
-            return sorted(n[len(base):] for n in names if not n.endswith("/"))
+            return sorted(n[len(base) :] for n in names if not n.endswith("/"))
 
         return self._call(listing, f"listing {self.label}")
 
@@ -93,16 +93,32 @@ class S3Source:
         try:
             return retrying(budget_s, where, hard=bounded)(operation)
         except S3Error as err:
-            hint = {"NoSuchBucket": "check aws_bucket_name", "NoSuchKey": "the file is gone: encode again",
-                    "AccessDenied": "check aws_access_key_id / aws_secret_access_key"}.get(err.code, "")
-            raise DatasetError([Problem(self.label, f"{what}: {where} answered {err.code} ({err.message})"
-                                        + (f"; {hint}" if hint else ""))]) from None
-        except Exception as err:  # noqa: BLE001 - only transient faults reach here after the retries
+            hint = {
+                "NoSuchBucket": "check aws_bucket_name",
+                "NoSuchKey": "the file is gone: encode again",
+                "AccessDenied": "check aws_access_key_id / aws_secret_access_key",
+            }.get(err.code, "")
+            raise DatasetError(
+                [
+                    Problem(
+                        self.label,
+                        f"{what}: {where} answered {err.code} ({err.message})" + (f"; {hint}" if hint else ""),
+                    )
+                ]
+            ) from None
+        except Exception as err:
             if not is_transient(err):
                 raise
-            raise DatasetError([Problem(self.label, f"{what}: {where} is unreachable ({type(err).__name__}), "
-                                        f"retried for {self.retry_s:g} s; check aws_endpoint_url and that the "
-                                        "server is up")]) from None
+            raise DatasetError(
+                [
+                    Problem(
+                        self.label,
+                        f"{what}: {where} is unreachable ({type(err).__name__}), "
+                        f"retried for {self.retry_s:g} s; check aws_endpoint_url and that the "
+                        "server is up",
+                    )
+                ]
+            ) from None
 
 
 @dataclass
@@ -135,8 +151,15 @@ def open_source(ds: DatasetConfig, where: str, store: Any = None) -> ImageSource
     ``store``: where ``type: store`` datasets (uploads) are read from."""
     if ds.type == "store":
         if store is None:
-            raise DatasetError([Problem(where, "an uploaded dataset (type 'store') is read from the services' "
-                                               "store: run it through the services, or with --store")])
+            raise DatasetError(
+                [
+                    Problem(
+                        where,
+                        "an uploaded dataset (type 'store') is read from the services' "
+                        "store: run it through the services, or with --store",
+                    )
+                ]
+            )
         try:
             return StoreSource(store, ds.store_upload or "")
         except (errors.NotFound, errors.InvalidInput) as err:
@@ -148,8 +171,15 @@ def open_source(ds: DatasetConfig, where: str, store: Any = None) -> ImageSource
         return S3Source(client, bucket, ds.aws_data_prefix, ds.aws_endpoint_url or AWS_ENDPOINT, retry_budget())
     root = Path(ds.instance_data_dir or "")
     if not root.is_dir():
-        raise DatasetError([Problem(where, f"instance_data_dir {str(root)!r} is not a folder; check the path "
-                                    "(relative paths are read from the current directory)")])
+        raise DatasetError(
+            [
+                Problem(
+                    where,
+                    f"instance_data_dir {str(root)!r} is not a folder; check the path "
+                    "(relative paths are read from the current directory)",
+                )
+            ]
+        )
     return LocalSource(root)
 
 
@@ -175,13 +205,16 @@ def _open_header(data: bytes, where: str, max_pixels: int) -> Image.Image:
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise InvalidInput(f"{where}: not a readable image ({type(e).__name__}); remove it or replace it with a "
-                           "PNG/JPEG/WebP file") from None
+        raise InvalidInput(
+            f"{where}: not a readable image ({type(e).__name__}); remove it or replace it with a PNG/JPEG/WebP file"
+        ) from None
     w, h = img.size
     if w * h > max_pixels:
-        raise InvalidInput(f"{where}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels} "
-                           "(max_image_pixels; a guard against decompression bombs); downscale the image or raise "
-                           "max_image_pixels")
+        raise InvalidInput(
+            f"{where}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels} "
+            "(max_image_pixels; a guard against decompression bombs); downscale the image or raise "
+            "max_image_pixels"
+        )
     if w < 1 or h < 1:
         raise InvalidInput(f"{where}: image has no pixels")
     return img

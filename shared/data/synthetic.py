@@ -13,8 +13,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
-           "purple": (150, 60, 200), "orange": (240, 140, 30)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (230, 210, 40),
+    "purple": (150, 60, 200),
+    "orange": (240, 140, 30),
+}
 EDITS = ("recolor", "invert", "flip", "remove")
 
 
@@ -51,8 +57,13 @@ def make_pair(rng: np.random.Generator, size: tuple[int, int]) -> tuple[Image.Im
     return ref, tgt, caption
 
 
-def write_dataset(root: str | Path, n: int = 8, references: int = 1, seed: int = 0,
-                  sizes: tuple[tuple[int, int], ...] = ((64, 64), (96, 64))) -> Path:
+def write_dataset(
+    root: str | Path,
+    n: int = 8,
+    references: int = 1,
+    seed: int = 0,
+    sizes: tuple[tuple[int, int], ...] = ((64, 64), (96, 64)),
+) -> Path:
     """Write ``images/`` (targets + .txt captions) and ``reference_a/``, ``reference_b/`` … under ``root``."""
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -65,9 +76,12 @@ def write_dataset(root: str | Path, n: int = 8, references: int = 1, seed: int =
         name = f"{i:04d}"
         tgt.save(root / "images" / f"{name}.png")
         (root / "images" / f"{name}.txt").write_text(caption + "\n", encoding="utf-8")
-        extra = [ref, Image.new("RGB", size, tgt.resize((1, 1)).getpixel((0, 0))),
-                 ref.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
-        for d, img in zip(ref_dirs, extra):
+        extra = [
+            ref,
+            Image.new("RGB", size, tgt.resize((1, 1)).getpixel((0, 0))),
+            ref.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        ]
+        for d, img in zip(ref_dirs, extra, strict=False):
             img.save(d / f"{name}.png")
     return root
 
@@ -77,8 +91,9 @@ def write_dataset(root: str | Path, n: int = 8, references: int = 1, seed: int =
 DEMO_CAPTION = "make the shapes red"
 
 
-def recolor_scene(rng: np.random.Generator, size: tuple[int, int],
-                  extent: tuple[float, float] = (0.25, 0.5)) -> tuple[Image.Image, Image.Image]:
+def recolor_scene(
+    rng: np.random.Generator, size: tuple[int, int], extent: tuple[float, float] = (0.25, 0.5)
+) -> tuple[Image.Image, Image.Image]:
     """(reference, target) of the demo edit: a plain background with 1-3 shapes, then the same shapes in red.
     Each shape's sides are ``extent`` (min, max) of the image's."""
     w, h = size
@@ -96,8 +111,13 @@ def recolor_scene(rng: np.random.Generator, size: tuple[int, int],
     return ref, tgt
 
 
-def write_edit_dataset(root: str | Path, n: int = 24, seed: int = 0, size: tuple[int, int] = (64, 64),
-                       extent: tuple[float, float] = (0.25, 0.5)) -> Path:
+def write_edit_dataset(
+    root: str | Path,
+    n: int = 24,
+    seed: int = 0,
+    size: tuple[int, int] = (64, 64),
+    extent: tuple[float, float] = (0.25, 0.5),
+) -> Path:
     """The demo's dataset: ``images/`` (targets, every caption ``DEMO_CAPTION``) and ``reference_a/``."""
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -111,37 +131,76 @@ def write_edit_dataset(root: str | Path, n: int = 24, seed: int = 0, size: tuple
     return root
 
 
-def write_configs(out: str | Path, data_root: str | Path, model_dir: str | Path, flavour: str, references: int,
-                  resolution: int = 80, **train_overrides: object) -> tuple[Path, Path]:
+def write_configs(
+    out: str | Path,
+    data_root: str | Path,
+    model_dir: str | Path,
+    flavour: str,
+    references: int,
+    resolution: int = 80,
+    **train_overrides: object,
+) -> tuple[Path, Path]:
     """SimpleTuner-style config.json + multidatabackend.json for a generated dataset and a tiny model."""
     out, data_root = Path(out), Path(data_root)
     out.mkdir(parents=True, exist_ok=True)
     refs = [f"demo-reference-{chr(ord('a') + i)}" for i in range(references)]
-    datasets: list[dict[str, object]] = [{
-        "id": "demo-images", "type": "local", "instance_data_dir": str(data_root / "images"),
-        "caption_strategy": "textfile", "resolution": resolution, "conditioning_data": refs,
-        "cache_dir_vae": "cache/vae/demo-images"}]
+    datasets: list[dict[str, object]] = [
+        {
+            "id": "demo-images",
+            "type": "local",
+            "instance_data_dir": str(data_root / "images"),
+            "caption_strategy": "textfile",
+            "resolution": resolution,
+            "conditioning_data": refs,
+            "cache_dir_vae": "cache/vae/demo-images",
+        }
+    ]
     if flavour == "edit-v1":
         datasets[0]["conditioning_image_embeds"] = "demo-ref-embeds"
     for rid in refs:
-        datasets.append({"id": rid, "type": "local", "dataset_type": "conditioning",
-                         "instance_data_dir": str(data_root / rid.replace("demo-reference-", "reference_")),
-                         "conditioning_type": "reference_strict", "resolution": resolution,
-                         "cache_dir_vae": f"cache/vae/{rid}"})
+        datasets.append(
+            {
+                "id": rid,
+                "type": "local",
+                "dataset_type": "conditioning",
+                "instance_data_dir": str(data_root / rid.replace("demo-reference-", "reference_")),
+                "conditioning_type": "reference_strict",
+                "resolution": resolution,
+                "cache_dir_vae": f"cache/vae/{rid}",
+            }
+        )
     if flavour == "edit-v1":
-        datasets.append({"id": "demo-ref-embeds", "type": "local", "dataset_type": "conditioning_image_embeds",
-                         "cache_dir": "cache/conditioning_image_embeds/demo"})
+        datasets.append(
+            {
+                "id": "demo-ref-embeds",
+                "type": "local",
+                "dataset_type": "conditioning_image_embeds",
+                "cache_dir": "cache/conditioning_image_embeds/demo",
+            }
+        )
     data_path = out / "multidatabackend.json"
     data_path.write_text(json.dumps(datasets, indent=2) + "\n", encoding="utf-8")
-    config = {"model_type": "lora", "model_family": "qwen_image", "model_flavour": flavour,
-              "pretrained_model_name_or_path": str(model_dir), "train_batch_size": 1,
-              "mixed_precision": "no", "base_model_precision": "no_change", "device": "cpu",
-              "validation_resolution": "64x64", "validation_num_inference_steps": 2,
-              # references at the targets' size (edit-v2/v3) or area (edit-v1): tiny on a CPU, unlike the 1 MP
-              # the pipelines give them
-              "model_kwargs": {"match_target_res": True, "reference_area": resolution * resolution,
-                               "vl_reference_area": 64 * 64},
-              "data_backend_config": str(data_path), **train_overrides}
+    config = {
+        "model_type": "lora",
+        "model_family": "qwen_image",
+        "model_flavour": flavour,
+        "pretrained_model_name_or_path": str(model_dir),
+        "train_batch_size": 1,
+        "mixed_precision": "no",
+        "base_model_precision": "no_change",
+        "device": "cpu",
+        "validation_resolution": "64x64",
+        "validation_num_inference_steps": 2,
+        # references at the targets' size (edit-v2/v3) or area (edit-v1): tiny on a CPU, unlike the 1 MP
+        # the pipelines give them
+        "model_kwargs": {
+            "match_target_res": True,
+            "reference_area": resolution * resolution,
+            "vl_reference_area": 64 * 64,
+        },
+        "data_backend_config": str(data_path),
+        **train_overrides,
+    }
     config_path = out / "config.json"
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return config_path, data_path

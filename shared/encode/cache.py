@@ -90,12 +90,17 @@ def settings_for(run: RunConfig) -> EncodeSettings:
     t = run.train
     flav = get_flavour(t.model_flavour)
     return EncodeSettings(
-        flavour=flav.name, model=t.model_path,
+        flavour=flav.name,
+        model=t.model_path,
         model_fp=model_fingerprint(t.model_path, ("vae", "text_encoder", "tokenizer", "processor")),
-        dtype=t.mixed_precision, vl_area=t.model_kwargs.vl_reference_area or flav.vl_ref_area,
-        with_null=t.caption_dropout_probability > 0, random_refs=t.conditioning_multidataset_sampling == "random",
-        text_precision=t.text_encoder_1_precision, vae_tiling=t.vae_enable_tiling,
-        negative_prompt=t.validation_negative_prompt if t.validation_guidance > 1 else None)
+        dtype=t.mixed_precision,
+        vl_area=t.model_kwargs.vl_reference_area or flav.vl_ref_area,
+        with_null=t.caption_dropout_probability > 0,
+        random_refs=t.conditioning_multidataset_sampling == "random",
+        text_precision=t.text_encoder_1_precision,
+        vae_tiling=t.vae_enable_tiling,
+        negative_prompt=t.validation_negative_prompt if t.validation_guidance > 1 else None,
+    )
 
 
 # Settings whose default leaves the keys as they were before the setting existed: caches encoded then stay valid.
@@ -105,8 +110,11 @@ _KEYED_UNLESS_DEFAULT = {"text_precision": "no_change", "vae_tiling": False}
 def _keyed(settings: EncodeSettings) -> dict[str, Any]:
     """The settings that decide the text tensors: all but ``model``, the name the model goes by on this host,
     ``vae_tiling``, which only the latents depend on, and ``negative_prompt``, which only preview samples' do."""
-    return {k: v for k, v in dataclasses.asdict(settings).items()
-            if k not in ("model", "vae_tiling", "negative_prompt") and _KEYED_UNLESS_DEFAULT.get(k, object()) != v}
+    return {
+        k: v
+        for k, v in dataclasses.asdict(settings).items()
+        if k not in ("model", "vae_tiling", "negative_prompt") and _KEYED_UNLESS_DEFAULT.get(k, object()) != v
+    }
 
 
 def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) -> list[Item]:
@@ -127,18 +135,36 @@ def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) 
             vae_common = {"model_fp": settings.model_fp, "dtype": settings.dtype, "format": CACHE_FORMAT}
             if settings.vae_tiling:
                 vae_common["tiling"] = True
-            items.append(Item("vae", ds.config.vae_cache_prefix, s.key,
-                              _digest({**vae_common, "src": t_sha, "place": s.placement.to_json()}),
-                              ds, s, None, {s.target.relpath: t_sha}))
+            items.append(
+                Item(
+                    "vae",
+                    ds.config.vae_cache_prefix,
+                    s.key,
+                    _digest({**vae_common, "src": t_sha, "place": s.placement.to_json()}),
+                    ds,
+                    s,
+                    None,
+                    {s.target.relpath: t_sha},
+                )
+            )
             ref_shas = []
-            for i, (r, rcfg) in enumerate(zip(s.references, refs_cfg)):
+            for i, (r, rcfg) in enumerate(zip(s.references, refs_cfg, strict=True)):
                 r_sha = r.image.sha256
                 ref_shas.append((r_sha, r.placement.to_json()))
                 # a reference dataset shared by several image datasets is placed per image dataset
                 entry = s.key if users.get(rcfg.id, 0) <= 1 else f"{ds.config.id}/{s.key}"
-                items.append(Item("vae", rcfg.vae_cache_prefix, entry,
-                                  _digest({**vae_common, "src": r_sha, "place": r.placement.to_json()}),
-                                  ds, s, i, {r.image.relpath: r_sha}))
+                items.append(
+                    Item(
+                        "vae",
+                        rcfg.vae_cache_prefix,
+                        entry,
+                        _digest({**vae_common, "src": r_sha, "place": r.placement.to_json()}),
+                        ds,
+                        s,
+                        i,
+                        {r.image.relpath: r_sha},
+                    )
+                )
             choices = list(range(len(s.references))) if settings.random_refs else [None]
             negative = settings.negative_prompt if (ds.config.id, s.key) in previewed else None
             for choice in choices:
@@ -147,8 +173,9 @@ def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) 
                 keyed = {**base, "caption": s.caption, "refs": used, "format": CACHE_FORMAT}
                 if negative is not None:
                     keyed["negative"] = negative
-                items.append(Item("text", text_prefix, entry, _digest(keyed), ds, s, choice, {s.target.relpath: t_sha},
-                                  negative))
+                items.append(
+                    Item("text", text_prefix, entry, _digest(keyed), ds, s, choice, {s.target.relpath: t_sha}, negative)
+                )
     return items
 
 
@@ -196,8 +223,11 @@ class Manifests:
                 d = self.store.get_json(shard_manifest(prefix, self.shard))
             except NotFound:
                 d = None
-            self.own[prefix] = d if isinstance(d, dict) and d.get("format") == CACHE_FORMAT else {
-                "format": CACHE_FORMAT, "entries": {}}
+            self.own[prefix] = (
+                d
+                if isinstance(d, dict) and d.get("format") == CACHE_FORMAT
+                else {"format": CACHE_FORMAT, "entries": {}}
+            )
         return self.own[prefix]
 
     def entry(self, prefix: str, entry: str) -> dict[str, Any] | None:
@@ -222,8 +252,13 @@ class Manifests:
         removed, so a crash in between loses nothing); returns the number of entries merged."""
         merged = 0
         for prefix in sorted(prefixes):
-            keys = [k for k in self.store.list(prefix) if k.rsplit("/", 1)[0] == prefix
-                    and k.rsplit("/", 1)[1].startswith("manifest.shard-") and k.endswith(".json")]
+            keys = [
+                k
+                for k in self.store.list(prefix)
+                if k.rsplit("/", 1)[0] == prefix
+                and k.rsplit("/", 1)[1].startswith("manifest.shard-")
+                and k.endswith(".json")
+            ]
             for key in keys:
                 d = self.store.get_json(key)
                 if isinstance(d, dict) and d.get("format") == CACHE_FORMAT:
@@ -257,17 +292,32 @@ INDEX_FORMAT = "edittuner.index.v1"
 def index_key(run: RunConfig, dataset_id: str, settings: EncodeSettings) -> str:
     entry = dataclasses.asdict(run.data.get(dataset_id))
     entry.pop("aws_secret_access_key", None)
-    refs = [dataclasses.asdict(r) | {"aws_secret_access_key": None} for r in
-            run.data.references_of(run.data.get(dataset_id))]
+    refs = [
+        dataclasses.asdict(r) | {"aws_secret_access_key": None}
+        for r in run.data.references_of(run.data.get(dataset_id))
+    ]
     keyed = _keyed(settings) | ({"vae_tiling": True} if settings.vae_tiling else {})
-    digest = _digest({"settings": keyed, "dataset": entry, "refs": refs,
-                      "match_target_res": run.train.model_kwargs.match_target_res,
-                      "reference_area": run.train.model_kwargs.reference_area, "format": INDEX_FORMAT})
+    digest = _digest(
+        {
+            "settings": keyed,
+            "dataset": entry,
+            "refs": refs,
+            "match_target_res": run.train.model_kwargs.match_target_res,
+            "reference_area": run.train.model_kwargs.reference_area,
+            "format": INDEX_FORMAT,
+        }
+    )
     return f"cache/index/{dataset_id}/{digest[:32]}.json"
 
 
-def write_index(store: ObjectStore, run: RunConfig, ds: PairedDataset, items: list[Item], manifests: Manifests,
-                settings: EncodeSettings) -> str:
+def write_index(
+    store: ObjectStore,
+    run: RunConfig,
+    ds: PairedDataset,
+    items: list[Item],
+    manifests: Manifests,
+    settings: EncodeSettings,
+) -> str:
     """Record, for training, every sample whose entries are all cached (a failed one is left out)."""
     by_sample: dict[str, list[Item]] = {}
     for it in items:
@@ -278,17 +328,39 @@ def write_index(store: ObjectStore, run: RunConfig, ds: PairedDataset, items: li
         if not its or not all(is_cached(it, manifests) for it in its):
             continue
         vae = {it.ref_index: it.object_key for it in its if it.kind == "vae"}
-        text = {("" if it.ref_index is None else s.references[it.ref_index].dataset_id): it.object_key
-                for it in its if it.kind == "text"}
-        samples.append({"key": s.key, "caption": s.caption, "bucket": list(s.bucket),
-                        "reference_sizes": [list(r.placement.final) for r in s.references],
-                        "target": vae[None], "references": [vae[i] for i in range(len(s.references))],
-                        "reference_datasets": [r.dataset_id for r in s.references], "text": text})
+        text = {
+            ("" if it.ref_index is None else s.references[it.ref_index].dataset_id): it.object_key
+            for it in its
+            if it.kind == "text"
+        }
+        samples.append(
+            {
+                "key": s.key,
+                "caption": s.caption,
+                "bucket": list(s.bucket),
+                "reference_sizes": [list(r.placement.final) for r in s.references],
+                "target": vae[None],
+                "references": [vae[i] for i in range(len(s.references))],
+                "reference_datasets": [r.dataset_id for r in s.references],
+                "text": text,
+            }
+        )
     key = index_key(run, ds.config.id, settings)
-    store.put_json(key, {"format": INDEX_FORMAT, "dataset": ds.config.id, "role": ds.role,
-                         "flavour": settings.flavour, "model": settings.model, "model_fp": settings.model_fp,
-                         "null_embeds": settings.with_null, "random_references": settings.random_refs,
-                         "repeats": ds.config.repeats, "samples": samples})
+    store.put_json(
+        key,
+        {
+            "format": INDEX_FORMAT,
+            "dataset": ds.config.id,
+            "role": ds.role,
+            "flavour": settings.flavour,
+            "model": settings.model,
+            "model_fp": settings.model_fp,
+            "null_embeds": settings.with_null,
+            "random_references": settings.random_refs,
+            "repeats": ds.config.repeats,
+            "samples": samples,
+        },
+    )
     return key
 
 
@@ -296,8 +368,9 @@ def write_index(store: ObjectStore, run: RunConfig, ds: PairedDataset, items: li
 EVAL_DATASET, HELD_OUT, TRAINING_SAMPLES = "eval dataset", "held out of training", "training samples"
 
 
-def eval_candidates(run: RunConfig, paired: Sequence[PairedDataset], cached: set[tuple[str, str]] | None = None
-                    ) -> list[tuple[PairedDataset, Sample]]:
+def eval_candidates(
+    run: RunConfig, paired: Sequence[PairedDataset], cached: set[tuple[str, str]] | None = None
+) -> list[tuple[PairedDataset, Sample]]:
     """The samples previews are rendered for, the same at every step: the first ``num_eval_images`` of
     ``eval_dataset_id`` when the config names one; else the samples ``holdout`` keeps out of training, or (on a
     tiny dataset, or with ``holdout_eval_images`` off) the first training samples. ``cached``: the (dataset, key)

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from shared.config.schema import RunConfig
 from shared.data.pairing import PairedDataset, pair_datasets
@@ -37,8 +38,13 @@ def pipe_key(run: RunConfig) -> tuple[str, str, str, str, str]:
     them to the next job with the same key (a job at another ``text_encoder_1_precision`` needs another set)."""
     t = run.train
     device = resolve_device(t.device)
-    return (t.model_path, t.model_flavour, str(device), str(resolve_dtype(t.mixed_precision, device)),
-            t.text_encoder_1_precision)
+    return (
+        t.model_path,
+        t.model_flavour,
+        str(device),
+        str(resolve_dtype(t.mixed_precision, device)),
+        t.text_encoder_1_precision,
+    )
 
 
 class DatasetEncoder:
@@ -66,8 +72,15 @@ class DatasetEncoder:
             log.warning("vae_batch_size %d kept: the planner could not plan the encoder (%s)", want, err)
             return want
         if fits < want:
-            log.info("vae_batch_size %d → %d: the planner predicts %d images of the largest size do not fit the "
-                     "%.1f GiB of %s beside the text encoder", want, fits, want, total / 2 ** 30, self.device)
+            log.info(
+                "vae_batch_size %d → %d: the planner predicts %d images of the largest size do not fit the "
+                "%.1f GiB of %s beside the text encoder",
+                want,
+                fits,
+                want,
+                total / 2**30,
+                self.device,
+            )
         return fits
 
     @property
@@ -76,8 +89,13 @@ class DatasetEncoder:
 
         t = self.run.train
         if self._pipe is None:
-            self._pipe = load_encoder_pipeline(t.model_path, t.model_flavour, device=self.device, dtype=self.dtype,
-                                               text_encoder_precision=t.text_encoder_1_precision)
+            self._pipe = load_encoder_pipeline(
+                t.model_path,
+                t.model_flavour,
+                device=self.device,
+                dtype=self.dtype,
+                text_encoder_precision=t.text_encoder_1_precision,
+            )
         configure_vae(self._pipe.vae, tiling=t.vae_enable_tiling, slicing=t.vae_enable_slicing)
         return self._pipe
 
@@ -95,8 +113,9 @@ class DatasetEncoder:
         stats, _ = self.encode_with_index(progress)
         return stats
 
-    def encode_with_index(self, progress: Callable[[EncodeStats, int], None] | None = None,
-                          shard: tuple[int, int] | None = None) -> tuple[EncodeStats, list[str]]:
+    def encode_with_index(
+        self, progress: Callable[[EncodeStats, int], None] | None = None, shard: tuple[int, int] | None = None
+    ) -> tuple[EncodeStats, list[str]]:
         """Encode every missing entry. Per-image failures are counted and named; with bad_image_policy 'fail'
         they raise a DatasetError at the end — after everything that did encode is safely in the store.
 
@@ -122,8 +141,9 @@ class DatasetEncoder:
         by_size: dict[tuple[int, int], list[Item]] = {}
         for it in vae:
             by_size.setdefault(self._placement(it).final, []).append(it)
-        batches = [group[i:i + self.batch_size] for group in by_size.values()
-                   for i in range(0, len(group), self.batch_size)]
+        batches = [
+            group[i : i + self.batch_size] for group in by_size.values() for i in range(0, len(group), self.batch_size)
+        ]
         try:
             for batch in batches:
                 self._run(batch, self._encode_vae, manifests, stats)
@@ -140,8 +160,10 @@ class DatasetEncoder:
         if shard is not None:
             return stats, []
         settings = settings_for(self.run)
-        index_keys = [write_index(self.store, self.run, ds, [i for i in items if i.dataset is ds], manifests,
-                                  settings) for ds in paired]
+        index_keys = [
+            write_index(self.store, self.run, ds, [i for i in items if i.dataset is ds], manifests, settings)
+            for ds in paired
+        ]
         return stats, index_keys
 
     def finalize(self, shards: int) -> list[str]:
@@ -151,20 +173,34 @@ class DatasetEncoder:
         manifests.merge_shards({it.prefix for it in items})
         missing = [it for it in items if not is_cached(it, manifests)]
         if missing and self.run.train.bad_image_policy == "skip":  # the replicas skipped images they could not read
-            log.warning("%d of %d cache entries are missing after %d encoder replicas (skipped images); their "
-                        "samples are left out of the index", len(missing), len(items), shards)
+            log.warning(
+                "%d of %d cache entries are missing after %d encoder replicas (skipped images); their "
+                "samples are left out of the index",
+                len(missing),
+                len(items),
+                shards,
+            )
         elif missing:
             by = sorted({shard_of(it, shards) for it in missing})
-            raise FailedPrecondition(f"{len(missing)} of {len(items)} cache entries are missing after {shards} "
-                                     f"encoder replicas (those of shard(s) {', '.join(map(str, by))}, e.g. "
-                                     f"{missing[0].object_key}); run the encode again: what is cached is kept")
+            raise FailedPrecondition(
+                f"{len(missing)} of {len(items)} cache entries are missing after {shards} "
+                f"encoder replicas (those of shard(s) {', '.join(map(str, by))}, e.g. "
+                f"{missing[0].object_key}); run the encode again: what is cached is kept"
+            )
         settings = settings_for(self.run)
-        return [write_index(self.store, self.run, ds, [i for i in items if i.dataset is ds], manifests, settings)
-                for ds in paired]
+        return [
+            write_index(self.store, self.run, ds, [i for i in items if i.dataset is ds], manifests, settings)
+            for ds in paired
+        ]
 
     # ---- internals
-    def _run(self, batch: list[Item], fn: Callable[[list[Item]], list[tuple[dict, dict]]], manifests: Manifests,
-             stats: EncodeStats) -> None:
+    def _run(
+        self,
+        batch: list[Item],
+        fn: Callable[[list[Item]], list[tuple[dict, dict]]],
+        manifests: Manifests,
+        stats: EncodeStats,
+    ) -> None:
         try:
             results = fn(batch)
         except InvalidInput as e:  # an image that scanned fine but fails now (changed on disk meanwhile)
@@ -172,15 +208,24 @@ class DatasetEncoder:
             stats.failures.append(str(e))
             return
         before = stats.encoded
-        for it, (tensors, meta) in zip(batch, results):
+        for it, (tensors, meta) in zip(batch, results, strict=True):
             meta = {"cache_key": it.cache_key, "format": CACHE_FORMAT, **meta}
             self.store.put_tensors(it.object_key, tensors, {k: str(v) for k, v in meta.items()})
-            manifests.set(it.prefix, it.entry, {
-                "object": it.object_key, "cache_key": it.cache_key, "dataset": it.dataset.config.id,
-                "sample": it.sample.key, "bucket": list(it.sample.bucket),
-                "shapes": {k: list(v.shape) for k, v in tensors.items()},
-                "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()},
-                "sources": it.sources, "model": self.run.train.model_path})
+            manifests.set(
+                it.prefix,
+                it.entry,
+                {
+                    "object": it.object_key,
+                    "cache_key": it.cache_key,
+                    "dataset": it.dataset.config.id,
+                    "sample": it.sample.key,
+                    "bucket": list(it.sample.bucket),
+                    "shapes": {k: list(v.shape) for k, v in tensors.items()},
+                    "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()},
+                    "sources": it.sources,
+                    "model": self.run.train.model_path,
+                },
+            )
             stats.encoded += 1
         if manifests.dirty and stats.encoded // 64 != before // 64:  # bound what a killed worker re-encodes
             manifests.flush()
@@ -203,9 +248,13 @@ class DatasetEncoder:
         w, h = self._placement(batch[0]).final
         images = [self._image(it, it.ref_index) for it in batch]
         latents_BChw = encode_vae_latents(self.pipe.vae, self.pipe.image_processor, images, h, w).cpu()
-        return [({"latents": latents_BChw[i].contiguous()},
-                 {"width": w, "height": h, "placement": json.dumps(self._placement(it).to_json())})
-                for i, it in enumerate(batch)]
+        return [
+            (
+                {"latents": latents_BChw[i].contiguous()},
+                {"width": w, "height": h, "placement": json.dumps(self._placement(it).to_json())},
+            )
+            for i, it in enumerate(batch)
+        ]
 
     def _encode_text(self, batch: list[Item]) -> list[tuple[dict, dict]]:
         from shared.encode.ops import encode_null_prompt, encode_prompt

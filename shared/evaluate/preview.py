@@ -45,8 +45,9 @@ _LABEL_COLOUR = (235, 235, 235)
 
 
 # ----------------------------------------------------------------------------------------- eval samples
-def select_eval_samples(run: RunConfig, paired: Sequence[PairedDataset],
-                        cached: set[tuple[str, str]] | None = None) -> list[tuple[PairedDataset, Sample]]:
+def select_eval_samples(
+    run: RunConfig, paired: Sequence[PairedDataset], cached: set[tuple[str, str]] | None = None
+) -> list[tuple[PairedDataset, Sample]]:
     """The samples previews are rendered for, the same at every step: the first ``num_eval_images`` of
     ``eval_dataset_id`` when the config names one; else the samples ``shared.encode.cache.holdout`` keeps out of
     training, or (on a tiny dataset, or with ``holdout_eval_images`` off) the first training samples. ``cached``:
@@ -70,22 +71,30 @@ class EvalSet:
         return any((ds.config.id, s.key) not in self.conditioning for ds, s in self.samples)
 
 
-def eval_set(run: RunConfig, paired: Sequence[PairedDataset], store: ObjectStore, index_keys: Sequence[str]
-             ) -> EvalSet:
+def eval_set(run: RunConfig, paired: Sequence[PairedDataset], store: ObjectStore, index_keys: Sequence[str]) -> EvalSet:
     """The evaluation samples and their index entries, from the cache indexes ``index_keys`` (missing ones are
     skipped: that dataset has nothing cached to score)."""
     docs = [store.get_json(k) for k in index_keys if store.exists(k)]
     cached = {(doc["dataset"], e["key"]) for doc in docs for e in doc["samples"]}
     samples = select_eval_samples(run, paired, cached)
-    train_keys = [(ds.config.id, s.key) for ds in paired if ds.role == "train" for s in ds.samples
-                  if (ds.config.id, s.key) in cached]
+    train_keys = [
+        (ds.config.id, s.key)
+        for ds in paired
+        if ds.role == "train"
+        for s in ds.samples
+        if (ds.config.id, s.key) in cached
+    ]
     _, label = holdout(run, train_keys)
     entries = index_entries(store, [k for k in index_keys if store.exists(k)], samples)
     return EvalSet(samples, entries, label, cached_conditioning_keys(run, store, docs, samples))
 
 
-def cached_conditioning_keys(run: RunConfig, store: ObjectStore, index_docs: Sequence[dict[str, Any]],
-                             samples: Sequence[tuple[PairedDataset, Sample]]) -> dict[tuple[str, str], str]:
+def cached_conditioning_keys(
+    run: RunConfig,
+    store: ObjectStore,
+    index_docs: Sequence[dict[str, Any]],
+    samples: Sequence[tuple[PairedDataset, Sample]],
+) -> dict[tuple[str, str], str]:
     """The text cache objects that hold all a preview of each sample needs (the caption conditioned on all its
     references, and with true CFG the negative prompt): samples without one are left out."""
     wanted = {"prompt_embeds", "negative_embeds"} if run.train.validation_guidance > 1 else {"prompt_embeds"}
@@ -98,8 +107,9 @@ def cached_conditioning_keys(run: RunConfig, store: ObjectStore, index_docs: Seq
     return found
 
 
-def index_entries(store: ObjectStore, index_keys: Sequence[str],
-                  samples: Sequence[tuple[PairedDataset, Sample]]) -> list[dict[str, Any]]:
+def index_entries(
+    store: ObjectStore, index_keys: Sequence[str], samples: Sequence[tuple[PairedDataset, Sample]]
+) -> list[dict[str, Any]]:
     """The training-index entries (see ``shared.encode.cache.write_index``) of ``samples``, in their order; a sample
     the index lacks (failed to encode) is left out, since there is no cached tensor to score it on."""
     by_id: dict[tuple[str, str], dict[str, Any]] = {}
@@ -139,7 +149,7 @@ def adapters_disabled(transformer: torch.nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for layer, disabled in zip(layers, was_disabled):
+        for layer, disabled in zip(layers, was_disabled, strict=True):
             layer.enable_adapters(not disabled)
         for p, flag in grads.items():
             p.requires_grad_(flag)
@@ -164,7 +174,7 @@ def psnr(image: Image.Image, reference: Image.Image) -> float:
     if a.shape != b.shape:
         raise ValueError(f"PSNR of images of different sizes: {image.size} vs {reference.size}")
     mse = float(np.mean((a - b) ** 2))
-    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(255.0 ** 2 / mse))
+    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(255.0**2 / mse))
 
 
 def target_at(target: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -187,8 +197,9 @@ def _title_lines(title: str, width: int) -> list[str]:
     return lines
 
 
-def compose_grid(cells: Sequence[Image.Image], labels: Sequence[str], cell_size: tuple[int, int],
-                 title: str = "") -> Image.Image:
+def compose_grid(
+    cells: Sequence[Image.Image], labels: Sequence[str], cell_size: tuple[int, int], title: str = ""
+) -> Image.Image:
     """One row of cells of ``cell_size`` (W, H), each image fitted inside keeping its aspect ratio, with a label
     strip of ``LABEL_HEIGHT`` above, and ``title`` (step, sample, PSNRs) on strips above the row, wrapped to fit."""
     W, H = cell_size
@@ -232,15 +243,27 @@ def _entry_batch(store: ObjectStore, entry: dict[str, Any]) -> EditBatch:
         i = next(i for i, d in enumerate(entry["reference_datasets"]) if d in text_objects)
         text_key, refs = text_objects[entry["reference_datasets"][i]], [refs[i]]
     text = store.get_tensors(text_key)[0]
-    return EditBatch(latents_BChw=target[None].float(), refs_BChw=[r[None].float() for r in refs],
-                     prompt_embeds_BLD=text["prompt_embeds"][None], prompt_mask_BL=text["prompt_mask"][None],
-                     keys=[entry["key"]], text_all_valid=bool(text["prompt_mask"].all()))
+    return EditBatch(
+        latents_BChw=target[None].float(),
+        refs_BChw=[r[None].float() for r in refs],
+        prompt_embeds_BLD=text["prompt_embeds"][None],
+        prompt_mask_BL=text["prompt_mask"][None],
+        keys=[entry["key"]],
+        text_all_valid=bool(text["prompt_mask"].all()),
+    )
 
 
 @torch.no_grad()
-def heldout_loss(transformer: torch.nn.Module, store: ObjectStore, entries: Sequence[dict[str, Any]], *,
-                 seed: int, device: torch.device | str, dtype: torch.dtype,
-                 sigmas: Sequence[float] = HELDOUT_SIGMAS) -> HeldoutLoss:
+def heldout_loss(
+    transformer: torch.nn.Module,
+    store: ObjectStore,
+    entries: Sequence[dict[str, Any]],
+    *,
+    seed: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    sigmas: Sequence[float] = HELDOUT_SIGMAS,
+) -> HeldoutLoss:
     """Flow-matching loss of the transformer as it is (adapters as set) on cached samples, at fixed sigmas with
     noise drawn from ``seed`` + the sample's position: deterministic, so two calls on the same weights agree."""
     if not entries:
@@ -274,9 +297,17 @@ class SamplePreview:
     target: Image.Image = field(repr=False)  # at the validation size: what both PSNRs compare against
 
     def to_json(self) -> dict[str, Any]:
-        return {"dataset": self.dataset_id, "key": self.key, "caption": self.caption, "seed": self.seed,
-                "grid": self.grid_key, "psnr_lora": self.psnr_lora, "psnr_base": self.psnr_base,
-                "width": self.lora.width, "height": self.lora.height}
+        return {
+            "dataset": self.dataset_id,
+            "key": self.key,
+            "caption": self.caption,
+            "seed": self.seed,
+            "grid": self.grid_key,
+            "psnr_lora": self.psnr_lora,
+            "psnr_base": self.psnr_base,
+            "width": self.lora.width,
+            "height": self.lora.height,
+        }
 
 
 @dataclass
@@ -296,11 +327,16 @@ class ValidationResult:
         return [s.grid_key for s in self.samples] + [self.metrics_key]
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "psnr_lora": self.psnr_lora, "psnr_base": self.psnr_base,
-                "samples": [s.to_json() for s in self.samples],
-                "heldout_loss": self.heldout.per_sigma if self.heldout else None,
-                "heldout_loss_mean": self.heldout.mean if self.heldout else None,
-                "seconds": self.seconds, "settings": self.settings}
+        return {
+            "step": self.step,
+            "psnr_lora": self.psnr_lora,
+            "psnr_base": self.psnr_base,
+            "samples": [s.to_json() for s in self.samples],
+            "heldout_loss": self.heldout.per_sigma if self.heldout else None,
+            "heldout_loss_mean": self.heldout.mean if self.heldout else None,
+            "seconds": self.seconds,
+            "settings": self.settings,
+        }
 
 
 @dataclass(frozen=True)
@@ -315,16 +351,30 @@ class _RenderSettings:
     vl_ref_area: int | None
 
     @classmethod
-    def of(cls, run: RunConfig) -> "_RenderSettings":
+    def of(cls, run: RunConfig) -> _RenderSettings:
         t = run.train
-        return cls(t.model_flavour, t.validation_size, t.validation_num_inference_steps, t.validation_guidance,
-                   t.validation_guidance_rescale, t.validation_negative_prompt,
-                   t.validation_seed if t.validation_seed is not None else t.seed, t.model_kwargs.vl_reference_area)
+        return cls(
+            t.model_flavour,
+            t.validation_size,
+            t.validation_num_inference_steps,
+            t.validation_guidance,
+            t.validation_guidance_rescale,
+            t.validation_negative_prompt,
+            t.validation_seed if t.validation_seed is not None else t.seed,
+            t.model_kwargs.vl_reference_area,
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"width": self.size[0], "height": self.size[1], "steps": self.steps, "guidance": self.guidance,
-                "guidance_rescale": self.guidance_rescale, "negative_prompt": self.negative_prompt, "seed": self.seed,
-                "vl_reference_area": self.vl_ref_area}
+        return {
+            "width": self.size[0],
+            "height": self.size[1],
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "guidance_rescale": self.guidance_rescale,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "vl_reference_area": self.vl_ref_area,
+        }
 
 
 def _grid_name(ds: PairedDataset, sample: Sample, used: set[str]) -> str:
@@ -342,23 +392,44 @@ def output_size(validation_size: tuple[int, int], target: tuple[int, int]) -> tu
     return pipeline_size(validation_size[0] * validation_size[1], target[0] / target[1])
 
 
-def _render_pair(pipe: Any, cfg: _RenderSettings, caption: str, refs: list[Image.Image], seed: int,
-                 size: tuple[int, int], vl_refs: list[Image.Image] | None = None,
-                 text: dict[str, torch.Tensor] | None = None) -> tuple[Image.Image, Image.Image]:
+def _render_pair(
+    pipe: Any,
+    cfg: _RenderSettings,
+    caption: str,
+    refs: list[Image.Image],
+    seed: int,
+    size: tuple[int, int],
+    vl_refs: list[Image.Image] | None = None,
+    text: dict[str, torch.Tensor] | None = None,
+) -> tuple[Image.Image, Image.Image]:
     """(base, LoRA) edits of one sample from the same noise, ``size`` (W, H); inputs are encoded once for both,
     the caption from its cached embeddings ``text`` when given, else with the pipeline's text encoder."""
     if text is not None:
         cond = cached_conditioning(pipe, text, refs, true_cfg_scale=cfg.guidance)
     else:
-        cond = encode_conditioning(pipe, cfg.flavour, caption, refs, true_cfg_scale=cfg.guidance,
-                                   negative_prompt=cfg.negative_prompt, vl_ref_area=cfg.vl_ref_area,
-                                   vl_references=vl_refs)
+        cond = encode_conditioning(
+            pipe,
+            cfg.flavour,
+            caption,
+            refs,
+            true_cfg_scale=cfg.guidance,
+            negative_prompt=cfg.negative_prompt,
+            vl_ref_area=cfg.vl_ref_area,
+            vl_references=vl_refs,
+        )
     W, H = size
 
     def render() -> Image.Image:
-        latents_BLC = denoise(pipe, cond, height=H, width=W, num_inference_steps=cfg.steps,
-                              true_cfg_scale=cfg.guidance, generator=torch.Generator("cpu").manual_seed(seed),
-                              guidance_rescale=cfg.guidance_rescale)
+        latents_BLC = denoise(
+            pipe,
+            cond,
+            height=H,
+            width=W,
+            num_inference_steps=cfg.steps,
+            true_cfg_scale=cfg.guidance,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            guidance_rescale=cfg.guidance_rescale,
+        )
         return decode(pipe, latents_BLC, H, W, "pil")
 
     lora = render()
@@ -369,9 +440,19 @@ def _render_pair(pipe: Any, cfg: _RenderSettings, caption: str, refs: list[Image
     return base, lora
 
 
-def render_sample(pipe: Any, run: RunConfig, ds: PairedDataset, sample: Sample, *, index: int, store: ObjectStore,
-                  folder: str, used_names: set[str], step: int | None = None,
-                  text_key: str | None = None) -> SamplePreview:
+def render_sample(
+    pipe: Any,
+    run: RunConfig,
+    ds: PairedDataset,
+    sample: Sample,
+    *,
+    index: int,
+    store: ObjectStore,
+    folder: str,
+    used_names: set[str],
+    step: int | None = None,
+    text_key: str | None = None,
+) -> SamplePreview:
     """Render, grid, store and score one evaluation sample (the ``index``-th: its seed offset); ``text_key``: the
     cache object of its embeddings (``EvalSet.conditioning``), which spares the text encoder."""
     cfg = _RenderSettings.of(run)
@@ -380,19 +461,24 @@ def render_sample(pipe: Any, run: RunConfig, ds: PairedDataset, sample: Sample, 
     size = output_size(cfg.size, target.size)
     text = store.get_tensors(text_key)[0] if text_key is not None else None
     if text is None and getattr(pipe, "text_encoder", None) is None:
-        raise FailedPrecondition(f"preview sample {ds.config.id}/{sample.key}: its caption embeddings are not "
-                                 "cached and the pipeline has no text encoder; encode the run's datasets again")
+        raise FailedPrecondition(
+            f"preview sample {ds.config.id}/{sample.key}: its caption embeddings are not "
+            "cached and the pipeline has no text encoder; encode the run's datasets again"
+        )
     base, lora = _render_pair(pipe, cfg, sample.caption, refs, seed, size, vl_refs=regions, text=text)
     target_v = target_at(target, size)
     psnr_base, psnr_lora = psnr(base, target_v), psnr(lora, target_v)
     labels = [f"ref {i + 1}" for i in range(len(refs))] + ["base", "LoRA", "target"]
-    title = (f"{'step ' + str(step) + ' · ' if step is not None else ''}{ds.config.id}/{sample.key} · PSNR base "
-             f"{psnr_base:.2f} dB, LoRA {psnr_lora:.2f} dB")
+    title = (
+        f"{'step ' + str(step) + ' · ' if step is not None else ''}{ds.config.id}/{sample.key} · PSNR base "
+        f"{psnr_base:.2f} dB, LoRA {psnr_lora:.2f} dB"
+    )
     grid = compose_grid([*refs, base, lora, target_v], labels, size, title=title)
     grid_key = f"{folder}/{_grid_name(ds, sample, used_names)}"
     store.put_bytes(grid_key, png_bytes(grid), content_type="image/png")
-    return SamplePreview(ds.config.id, sample.key, sample.caption, seed, grid_key, psnr_lora, psnr_base, base,
-                         lora, target_v)
+    return SamplePreview(
+        ds.config.id, sample.key, sample.caption, seed, grid_key, psnr_lora, psnr_base, base, lora, target_v
+    )
 
 
 def _mean(values: list[float]) -> float | None:
@@ -411,8 +497,15 @@ def validation_settings(pipe: Any, run: RunConfig, failures: int) -> tuple[RunCo
     return vrun, changes
 
 
-def out_of_memory(err: torch.OutOfMemoryError, run: RunConfig, failures: int, changes: list[str], what: str,
-                  next_one: str, detail: str = "") -> ResourceExhausted:
+def out_of_memory(
+    err: torch.OutOfMemoryError,
+    run: RunConfig,
+    failures: int,
+    changes: list[str],
+    what: str,
+    next_one: str,
+    detail: str = "",
+) -> ResourceExhausted:
     """After rendering ``what`` with ``changes`` ran out of GPU memory (``err``; ``failures`` counts it): the
     memory freed, and the error saying what ``next_one`` renders with. The render's tensors live on in ``err``'s
     frames, so those are cleared first: freeing before that gives nothing back, and the error raised ``from err``
@@ -423,14 +516,24 @@ def out_of_memory(err: torch.OutOfMemoryError, run: RunConfig, failures: int, ch
     clear_frames(err)
     free_gpu_memory()
     _, smaller = smaller_validation(run, failures)
-    return ResourceExhausted(f"out of GPU memory rendering {what}{' with ' + ', '.join(changes) if changes else ''}; "
-                             f"{next_one} renders with {', '.join(smaller) or 'the same settings'}{detail}")
+    return ResourceExhausted(
+        f"out of GPU memory rendering {what}{' with ' + ', '.join(changes) if changes else ''}; "
+        f"{next_one} renders with {', '.join(smaller) or 'the same settings'}{detail}"
+    )
 
 
-def render_validation(pipe: Any, run: RunConfig, samples: Sequence[tuple[PairedDataset, Sample]], *, step: int,
-                      store: ObjectStore, prefix: str, loss_index: Sequence[dict[str, Any]] | None = None,
-                      eval_label: str = "", conditioning: dict[tuple[str, str], str] | None = None
-                      ) -> ValidationResult:
+def render_validation(
+    pipe: Any,
+    run: RunConfig,
+    samples: Sequence[tuple[PairedDataset, Sample]],
+    *,
+    step: int,
+    store: ObjectStore,
+    prefix: str,
+    loss_index: Sequence[dict[str, Any]] | None = None,
+    eval_label: str = "",
+    conditioning: dict[tuple[str, str], str] | None = None,
+) -> ValidationResult:
     """Previews, PSNRs and (given ``loss_index``, the samples' training-index entries) the held-out loss of the
     pipeline's transformer with its LoRA, written under ``<prefix>/step-<step>/``. ``conditioning``
     (``EvalSet.conditioning``): samples whose embeddings are cached are rendered without the text encoder."""
@@ -440,16 +543,35 @@ def render_validation(pipe: Any, run: RunConfig, samples: Sequence[tuple[PairedD
     cfg = _RenderSettings.of(run)
     used: set[str] = set()
     with eval_mode(transformer):
-        previews = [render_sample(pipe, run, ds, s, index=i, store=store, folder=folder, used_names=used, step=step,
-                                  text_key=(conditioning or {}).get((ds.config.id, s.key)))
-                    for i, (ds, s) in enumerate(samples)]
+        previews = [
+            render_sample(
+                pipe,
+                run,
+                ds,
+                s,
+                index=i,
+                store=store,
+                folder=folder,
+                used_names=used,
+                step=step,
+                text_key=(conditioning or {}).get((ds.config.id, s.key)),
+            )
+            for i, (ds, s) in enumerate(samples)
+        ]
         heldout = None
         if loss_index:
-            heldout = heldout_loss(transformer, store, loss_index, seed=cfg.seed, device=transformer.device,
-                                   dtype=transformer.dtype)
-    result = ValidationResult(step, previews, _mean([p.psnr_lora for p in previews]),
-                              _mean([p.psnr_base for p in previews]), heldout, time.perf_counter() - start,
-                              f"{folder}/metrics.json", {**cfg.to_json(), "eval_samples": eval_label})
+            heldout = heldout_loss(
+                transformer, store, loss_index, seed=cfg.seed, device=transformer.device, dtype=transformer.dtype
+            )
+    result = ValidationResult(
+        step,
+        previews,
+        _mean([p.psnr_lora for p in previews]),
+        _mean([p.psnr_base for p in previews]),
+        heldout,
+        time.perf_counter() - start,
+        f"{folder}/metrics.json",
+        {**cfg.to_json(), "eval_samples": eval_label},
+    )
     store.put_json(result.metrics_key, result.to_json())
     return result
-

@@ -37,10 +37,27 @@ MAX_POINTS = 4000  # more steps than this are plotted every k-th step: the page 
 _STEP_FOLDER = re.compile(r"validation/step-(\d+)/metrics\.json")
 _PLOT_LOCK = threading.Lock()  # matplotlib's rcParams are process-wide; eval_svc may write from several threads
 # The settings a reader of the config looks for first; the whole config follows below them.
-KEY_SETTINGS = ("model_flavour", "pretrained_model_name_or_path", "base_model_precision", "mixed_precision",
-                "lora_rank", "lora_alpha", "optimizer", "learning_rate", "lr_scheduler", "lr_warmup_steps",
-                "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
-                "max_grad_norm", "resolution", "use_ema", "seed", "validation_step_interval")
+KEY_SETTINGS = (
+    "model_flavour",
+    "pretrained_model_name_or_path",
+    "base_model_precision",
+    "mixed_precision",
+    "lora_rank",
+    "lora_alpha",
+    "optimizer",
+    "learning_rate",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "max_train_steps",
+    "num_train_epochs",
+    "max_grad_norm",
+    "resolution",
+    "use_ema",
+    "seed",
+    "validation_step_interval",
+)
 
 
 # ------------------------------------------------------------------------------------------- the run's files
@@ -68,7 +85,7 @@ class StoreRunFiles:
         return self.store.exists(f"{self.prefix}/{name}")
 
     def names(self, folder: str) -> list[str]:
-        return [k[len(self.prefix) + 1:] for k in self.store.list(f"{self.prefix}/{folder}")]
+        return [k[len(self.prefix) + 1 :] for k in self.store.list(f"{self.prefix}/{folder}")]
 
 
 class FolderRunFiles:
@@ -92,8 +109,10 @@ class FolderRunFiles:
 def report_input(name: str) -> bool:
     """Whether the report reads the run file ``name``: the two run-level files, and the validations' metrics and
     grids (not their LoRA files)."""
-    return name in ("metrics.jsonl", "run.json") or re.fullmatch(r"validation/step-\d+/[^/]+\.(png|json)", name) \
-        is not None
+    return (
+        name in ("metrics.jsonl", "run.json")
+        or re.fullmatch(r"validation/step-\d+/[^/]+\.(png|json)", name) is not None
+    )
 
 
 # ---------------------------------------------------------------------------------------------- what it shows
@@ -116,8 +135,10 @@ def _parse(run_id: str, name: str, text: bytes | str, line: int | None = None) -
     try:
         doc = json.loads(text)
     except (UnicodeDecodeError, ValueError) as e:
-        raise InvalidInput(f"{where} is not valid JSON ({e}); the run's files are damaged: rewrite or remove "
-                           "the file and make the report again") from None
+        raise InvalidInput(
+            f"{where} is not valid JSON ({e}); the run's files are damaged: rewrite or remove "
+            "the file and make the report again"
+        ) from None
     if not isinstance(doc, dict):
         raise InvalidInput(f"{where} is {type(doc).__name__}, not a JSON object; the run's files are damaged")
     return doc
@@ -134,8 +155,9 @@ def _steps_of(run_id: str, raw: bytes) -> tuple[dict[int, dict[str, Any]], list[
             elif isinstance(entry.get("validation"), dict) and "error" in entry["validation"]:
                 failed.append((int(entry["step"]), str(entry["validation"]["error"])))
         except (KeyError, TypeError, ValueError):
-            raise InvalidInput(f"run {run_id!r}: metrics.jsonl line {n} has no integer step; the run's files are "
-                               "damaged") from None
+            raise InvalidInput(
+                f"run {run_id!r}: metrics.jsonl line {n} has no integer step; the run's files are damaged"
+            ) from None
     return by_step, failed
 
 
@@ -152,8 +174,13 @@ def load_run(files: RunFiles, run_id: str) -> RunData:
             validations.append(doc)
     if not (run_doc or by_step or validations):
         raise NotFound(f"run {run_id!r} has no run.json, metrics.jsonl or validation metrics to report")
-    return RunData(run_id, run_doc, [by_step[s] for s in sorted(by_step)], failed,
-                   sorted(validations, key=lambda v: int(v["step"])))
+    return RunData(
+        run_id,
+        run_doc,
+        [by_step[s] for s in sorted(by_step)],
+        failed,
+        sorted(validations, key=lambda v: int(v["step"])),
+    )
 
 
 def smoothed(values: Sequence[float]) -> tuple[list[float], int]:
@@ -185,8 +212,13 @@ def svg_plot(name: str, title: str, series: Sequence[Series], xlim: tuple[float,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rc = {"svg.fonttype": "none", "svg.hashsalt": name, "path.simplify": False, "font.size": 9,
-          "axes.formatter.useoffset": False}
+    rc = {
+        "svg.fonttype": "none",
+        "svg.hashsalt": name,
+        "path.simplify": False,
+        "font.size": 9,
+        "axes.formatter.useoffset": False,
+    }
     with _PLOT_LOCK, matplotlib.rc_context(rc):
         fig = Figure(figsize=(8.4, 2.4))
         FigureCanvasAgg(fig)
@@ -194,8 +226,7 @@ def svg_plot(name: str, title: str, series: Sequence[Series], xlim: tuple[float,
         ax = fig.add_subplot()
         ax.patch.set_gid(f"{name}-axes")
         for s in series:
-            (line,) = ax.plot(s.x, s.y, label=s.label, linewidth=1.2, marker="o" if s.markers else None,
-                              markersize=3.5)
+            (line,) = ax.plot(s.x, s.y, label=s.label, linewidth=1.2, marker="o" if s.markers else None, markersize=3.5)
             line.set_gid(s.gid)
         ax.set_xlim(*xlim)
         ax.set_title(title, loc="left")
@@ -206,7 +237,7 @@ def svg_plot(name: str, title: str, series: Sequence[Series], xlim: tuple[float,
         buf = io.StringIO()
         fig.savefig(buf, format="svg", metadata={"Date": None})
     svg = buf.getvalue()
-    svg = svg[svg.index("<svg"):]  # the XML declaration and doctype do not belong inside HTML
+    svg = svg[svg.index("<svg") :]  # the XML declaration and doctype do not belong inside HTML
     return re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)
 
 
@@ -232,17 +263,38 @@ def training_plots(data: RunData) -> list[str]:
     every = f" (one step in {k})" if k > 1 else ""
     smooth, window = smoothed([r["loss"] for r in data.steps])
     smooth = [smooth[i] for i in picked]
-    plots = [svg_plot("loss", f"training loss{every}", [
-        Series("loss-raw", "loss", x, [r["loss"] for r in rows]),
-        Series("loss-smoothed", f"EMA over ~{window} steps", x, smooth)], xlim),
-        svg_plot("lr", f"learning rate{every}", [Series("lr", "learning rate", x, [r["lr"] for r in rows])],
-                 xlim)]
+    plots = [
+        svg_plot(
+            "loss",
+            f"training loss{every}",
+            [
+                Series("loss-raw", "loss", x, [r["loss"] for r in rows]),
+                Series("loss-smoothed", f"EMA over ~{window} steps", x, smooth),
+            ],
+            xlim,
+        ),
+        svg_plot("lr", f"learning rate{every}", [Series("lr", "learning rate", x, [r["lr"] for r in rows])], xlim),
+    ]
     if float(data.config.get("max_grad_norm", 1.0)) > 0:  # else the trainer does not compute it (zeros)
-        plots.append(svg_plot("grad-norm", f"gradient norm before clipping{every}",
-                              [Series("grad-norm", "grad norm", x, [r.get("grad_norm", 0.0) for r in rows])], xlim))
-    plots.append(svg_plot("seconds-per-step", f"seconds per step{every}", [
-        Series("seconds-per-step", "step", x, [r["seconds"] for r in rows]),
-        Series("data-wait", "of it waiting for data", x, [r.get("data_wait", 0.0) for r in rows])], xlim))
+        plots.append(
+            svg_plot(
+                "grad-norm",
+                f"gradient norm before clipping{every}",
+                [Series("grad-norm", "grad norm", x, [r.get("grad_norm", 0.0) for r in rows])],
+                xlim,
+            )
+        )
+    plots.append(
+        svg_plot(
+            "seconds-per-step",
+            f"seconds per step{every}",
+            [
+                Series("seconds-per-step", "step", x, [r["seconds"] for r in rows]),
+                Series("data-wait", "of it waiting for data", x, [r.get("data_wait", 0.0) for r in rows]),
+            ],
+            xlim,
+        )
+    )
     return plots
 
 
@@ -255,15 +307,36 @@ def validation_plots(data: RunData) -> list[str]:
     with_loss = [v for v in vals if v.get("heldout_loss_mean") is not None]
     if with_loss:
         on = (vals[-1].get("settings") or {}).get("eval_samples")  # "held out of training", "eval dataset", ...
-        plots.append(svg_plot("heldout-loss", f"held-out loss, mean over sigmas{f' ({on})' if on else ''}",
-                              [Series("heldout-loss", "held-out loss", [v["step"] for v in with_loss],
-                                      [v["heldout_loss_mean"] for v in with_loss], markers=True)], xlim))
+        plots.append(
+            svg_plot(
+                "heldout-loss",
+                f"held-out loss, mean over sigmas{f' ({on})' if on else ''}",
+                [
+                    Series(
+                        "heldout-loss",
+                        "held-out loss",
+                        [v["step"] for v in with_loss],
+                        [v["heldout_loss_mean"] for v in with_loss],
+                        markers=True,
+                    )
+                ],
+                xlim,
+            )
+        )
     with_psnr = [v for v in vals if v.get("psnr_lora") is not None]
     if with_psnr:
         steps = [v["step"] for v in with_psnr]
-        plots.append(svg_plot("psnr", "PSNR of the previews against their targets (dB)", [
-            Series("psnr-base", "base", steps, [v["psnr_base"] for v in with_psnr], markers=True),
-            Series("psnr-lora", "LoRA", steps, [v["psnr_lora"] for v in with_psnr], markers=True)], xlim))
+        plots.append(
+            svg_plot(
+                "psnr",
+                "PSNR of the previews against their targets (dB)",
+                [
+                    Series("psnr-base", "base", steps, [v["psnr_base"] for v in with_psnr], markers=True),
+                    Series("psnr-lora", "LoRA", steps, [v["psnr_lora"] for v in with_psnr], markers=True),
+                ],
+                xlim,
+            )
+        )
     return plots
 
 
@@ -301,13 +374,21 @@ def timing_rows(data: RunData) -> list[tuple[str, Any]]:
     if steps:
         seconds = [float(r["seconds"]) for r in steps]
         wait = sum(float(r.get("data_wait", 0.0)) for r in steps)
-        rows += [("steps", f"{steps[-1]['step']}" + (f" of {total}" if total else "")),
-                 ("training time (sum of step times)", _duration(sum(seconds))),
-                 ("seconds per step", f"mean {statistics.fmean(seconds):.3f}, median {statistics.median(seconds):.3f}, "
-                                      f"first step {seconds[0]:.3f}"),
-                 ("data wait", f"{100 * wait / sum(seconds):.1f}% of step time" if sum(seconds) > 0 else "-"),
-                 ("loss", f"first {steps[0]['loss']:.4f}, last {steps[-1]['loss']:.4f}, last smoothed "
-                          f"{smoothed([r['loss'] for r in steps])[0][-1]:.4f}")]
+        rows += [
+            ("steps", f"{steps[-1]['step']}" + (f" of {total}" if total else "")),
+            ("training time (sum of step times)", _duration(sum(seconds))),
+            (
+                "seconds per step",
+                f"mean {statistics.fmean(seconds):.3f}, median {statistics.median(seconds):.3f}, "
+                f"first step {seconds[0]:.3f}",
+            ),
+            ("data wait", f"{100 * wait / sum(seconds):.1f}% of step time" if sum(seconds) > 0 else "-"),
+            (
+                "loss",
+                f"first {steps[0]['loss']:.4f}, last {steps[-1]['loss']:.4f}, last smoothed "
+                f"{smoothed([r['loss'] for r in steps])[0][-1]:.4f}",
+            ),
+        ]
     else:
         rows.append(("steps", "no step recorded yet (metrics.jsonl is written at checkpoints and at the end)"))
     if data.validations:
@@ -315,8 +396,9 @@ def timing_rows(data: RunData) -> list[tuple[str, Any]]:
         render = sum(float(v.get("seconds", 0)) for v in data.validations)
         rows.append(("validations", f"{len(data.validations)}, {_duration(render)} rendering"))
         if last.get("psnr_lora") is not None:
-            rows.append((f"PSNR at step {last['step']}",
-                         f"base {last['psnr_base']:.2f} dB, LoRA {last['psnr_lora']:.2f} dB"))
+            rows.append(
+                (f"PSNR at step {last['step']}", f"base {last['psnr_base']:.2f} dB, LoRA {last['psnr_lora']:.2f} dB")
+            )
     return rows
 
 
@@ -332,9 +414,11 @@ def _previews(data: RunData, files: RunFiles, images: dict[str, str]) -> str:
         cells = []
         for s in v.get("samples", []):
             grid = str(s.get("grid", ""))
-            source = grid[len(prefix):] if grid.startswith(prefix) else ""
-            caption = (f"{s.get('dataset', '')}/{s.get('key', '')}: {s.get('caption', '')} · PSNR base "
-                       f"{s.get('psnr_base', 0):.2f} dB, LoRA {s.get('psnr_lora', 0):.2f} dB")
+            source = grid[len(prefix) :] if grid.startswith(prefix) else ""
+            caption = (
+                f"{s.get('dataset', '')}/{s.get('key', '')}: {s.get('caption', '')} · PSNR base "
+                f"{s.get('psnr_base', 0):.2f} dB, LoRA {s.get('psnr_lora', 0):.2f} dB"
+            )
             if source and files.exists(source):
                 name = f"previews/step-{int(v['step'])}/{source.rsplit('/', 1)[1]}"
                 images[name] = source
@@ -347,8 +431,12 @@ def _previews(data: RunData, files: RunFiles, images: dict[str, str]) -> str:
             cells.append(f"<figure>{img}<figcaption>{_e(caption)}</figcaption></figure>")
         settings = v.get("settings") or {}
         how = ", ".join(f"{k} {settings[k]}" for k in ("width", "height", "steps", "guidance", "seed") if k in settings)
-        parts.append(f'<section class="step" id="step-{int(v["step"])}"><h3>{_e(" · ".join(head))}</h3>'
-                     + (f'<p class="note">rendered with {_e(how)}</p>' if how else "") + "".join(cells) + "</section>")
+        parts.append(
+            f'<section class="step" id="step-{int(v["step"])}"><h3>{_e(" · ".join(head))}</h3>'
+            + (f'<p class="note">rendered with {_e(how)}</p>' if how else "")
+            + "".join(cells)
+            + "</section>"
+        )
     return "".join(parts) or "<p>no validation rendered yet</p>"
 
 
@@ -375,21 +463,29 @@ def build_report(files: RunFiles, run_id: str) -> Report:
     body = [
         f"<h1>run {_e(data.run_id)}</h1>",
         f'<p class="note">{_e(data.run_doc.get("config_source", ""))}</p>' if data.run_doc.get("config_source") else "",
-        "<h2>summary</h2>", _table(timing_rows(data), "summary"),
-        "<h2>training</h2>", "".join(f'<div class="plot">{p}</div>' for p in plots) or "<p>no training steps yet</p>",
-        "<h2>validation</h2>", failed,
+        "<h2>summary</h2>",
+        _table(timing_rows(data), "summary"),
+        "<h2>training</h2>",
+        "".join(f'<div class="plot">{p}</div>' for p in plots) or "<p>no training steps yet</p>",
+        "<h2>validation</h2>",
+        failed,
         "".join(f'<div class="plot">{p}</div>' for p in vplots) or "<p>no validation metrics yet</p>",
-        "<h2>previews</h2>", _previews(data, files, images),
-        "<h2>config</h2>", _table(settings, "settings") if settings else "<p>no run.json yet</p>",
+        "<h2>previews</h2>",
+        _previews(data, files, images),
+        "<h2>config</h2>",
+        _table(settings, "settings") if settings else "<p>no run.json yet</p>",
     ]
     if cfg:
         body.append(f"<details><summary>the whole config</summary><pre>{_e(json.dumps(cfg, indent=2))}</pre></details>")
     if data.run_doc.get("data"):
-        body.append(f"<details><summary>datasets</summary><pre>{_e(json.dumps(data.run_doc['data'], indent=2))}</pre>"
-                    "</details>")
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>run {_e(data.run_id)}</title>'
-            f"<style>{_CSS}</style></head><body>{''.join(body)}"
-            f'<p class="note">written {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}</p></body></html>\n')
+        body.append(
+            f"<details><summary>datasets</summary><pre>{_e(json.dumps(data.run_doc['data'], indent=2))}</pre></details>"
+        )
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>run {_e(data.run_id)}</title>'
+        f"<style>{_CSS}</style></head><body>{''.join(body)}"
+        f'<p class="note">written {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}</p></body></html>\n'
+    )
     return Report(page, images)
 
 
@@ -438,4 +534,3 @@ def write_report_folder(files: RunFiles, run_id: str, dest: Path) -> Path:
     page = dest / "index.html"
     page.write_text(report.html, encoding="utf-8")
     return page
-

@@ -79,31 +79,49 @@ def _mask_or_none(mask_BL: torch.Tensor) -> torch.Tensor | None:
     return None if bool(mask_BL.all()) else mask_BL
 
 
-def _prompt(pipe: Any, flavour: str, prompt: str, vl_refs: Sequence[Image.Image], vl_ref_area: int | None,
-            dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _prompt(
+    pipe: Any,
+    flavour: str,
+    prompt: str,
+    vl_refs: Sequence[Image.Image],
+    vl_ref_area: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     embeds_BLD, mask_BL = encode_prompt(pipe, flavour, [prompt], [list(vl_refs)], vl_ref_area)
     return embeds_BLD.to(device, dtype), _mask_or_none(mask_BL.to(device))
 
 
 @torch.no_grad()
-def encode_references(pipe: Any, references: Sequence[Image.Image], dtype: torch.dtype, device: torch.device
-                      ) -> tuple[torch.Tensor, list[ImgShape]]:
+def encode_references(
+    pipe: Any, references: Sequence[Image.Image], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, list[ImgShape]]:
     """Each reference's normalised latents at its own pixel size, packed and concatenated along L."""
     tokens: list[torch.Tensor] = []
     shapes: list[ImgShape] = []
     for ref in references:
         if ref.width % PIXEL_MULTIPLE or ref.height % PIXEL_MULTIPLE:
-            raise ValueError(f"reference of {ref.width}x{ref.height}: both sides must be multiples of "
-                             f"{PIXEL_MULTIPLE} (resize references to their VAE size first)")
+            raise ValueError(
+                f"reference of {ref.width}x{ref.height}: both sides must be multiples of "
+                f"{PIXEL_MULTIPLE} (resize references to their VAE size first)"
+            )
         latents_BChw = encode_vae_latents(pipe.vae, pipe.image_processor, [ref], ref.height, ref.width)
         tokens.append(pack_latents(latents_BChw).to(device, dtype))
         shapes.append(latent_img_shape(*latents_BChw.shape[-2:]))
     return torch.cat(tokens, dim=1), shapes
 
 
-def encode_conditioning(pipe: Any, flavour: str, prompt: str, references: Sequence[Image.Image], *,
-                        true_cfg_scale: float, negative_prompt: str | None = " ", vl_ref_area: int | None = None,
-                        vl_references: Sequence[Image.Image] | None = None) -> EditConditioning:
+def encode_conditioning(
+    pipe: Any,
+    flavour: str,
+    prompt: str,
+    references: Sequence[Image.Image],
+    *,
+    true_cfg_scale: float,
+    negative_prompt: str | None = " ",
+    vl_ref_area: int | None = None,
+    vl_references: Sequence[Image.Image] | None = None,
+) -> EditConditioning:
     """Prompt (and negative prompt) embeddings conditioned on the references, and the references' latents.
 
     ``references`` are at the pixel size the VAE encodes them at. The VL encoder sees ``vl_references`` (default:
@@ -125,8 +143,9 @@ def encode_conditioning(pipe: Any, flavour: str, prompt: str, references: Sequen
     return EditConditioning(embeds, mask, neg_embeds, neg_mask, ref_tokens, ref_shapes)
 
 
-def cached_conditioning(pipe: Any, text: dict[str, torch.Tensor], references: Sequence[Image.Image], *,
-                        true_cfg_scale: float) -> EditConditioning:
+def cached_conditioning(
+    pipe: Any, text: dict[str, torch.Tensor], references: Sequence[Image.Image], *, true_cfg_scale: float
+) -> EditConditioning:
     """``encode_conditioning`` with the caption embeddings taken from a cache entry (``shared.encode.cache``:
     ``prompt_embeds`` / ``prompt_mask`` and, for true CFG, ``negative_embeds`` / ``negative_mask``) instead of the
     text encoder, which the pipeline may then lack. The encoder computed those with the same template, references
@@ -148,8 +167,9 @@ def cached_conditioning(pipe: Any, text: dict[str, torch.Tensor], references: Se
     return EditConditioning(embeds, mask, neg_embeds, neg_mask, ref_tokens, ref_shapes)
 
 
-def initial_noise(pipe: Any, height: int, width: int, generator: torch.Generator | None, dtype: torch.dtype,
-                  device: torch.device) -> torch.Tensor:
+def initial_noise(
+    pipe: Any, height: int, width: int, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """``prepare_latents``' noise: one ``randn_tensor`` draw of shape (1, 1, C, h, w), packed (noise_BLC)."""
     C = pipe.transformer.config.in_channels // 4
     h, w = 2 * (height // PIXEL_MULTIPLE), 2 * (width // PIXEL_MULTIPLE)
@@ -157,8 +177,9 @@ def initial_noise(pipe: Any, height: int, width: int, generator: torch.Generator
     return pack_latents(noise_B1Chw[:, 0])
 
 
-def make_scheduler(pipe: Any, num_inference_steps: int, image_seq_len: int, device: torch.device
-                   ) -> tuple[Any, torch.Tensor]:
+def make_scheduler(
+    pipe: Any, num_inference_steps: int, image_seq_len: int, device: torch.device
+) -> tuple[Any, torch.Tensor]:
     """A fresh scheduler (the pipeline's config) with the pipelines' sigmas and resolution-dependent shift.
 
     A copy, not ``pipe.scheduler``: the scheduler carries a step index, and a preview running beside other users
@@ -172,12 +193,25 @@ def make_scheduler(pipe: Any, num_inference_steps: int, image_seq_len: int, devi
     return scheduler, timesteps
 
 
-def _velocity(transformer: Any, latents_BLC: torch.Tensor, cond: EditConditioning, embeds: torch.Tensor,
-              mask: torch.Tensor | None, timestep_B: torch.Tensor, img_shapes: list[list[ImgShape]]) -> torch.Tensor:
+def _velocity(
+    transformer: Any,
+    latents_BLC: torch.Tensor,
+    cond: EditConditioning,
+    embeds: torch.Tensor,
+    mask: torch.Tensor | None,
+    timestep_B: torch.Tensor,
+    img_shapes: list[list[ImgShape]],
+) -> torch.Tensor:
     hidden_BLC = torch.cat([latents_BLC, cond.ref_tokens_BLC], dim=1)
-    out_BLC = transformer(hidden_states=hidden_BLC, timestep=timestep_B / 1000, guidance=None,
-                          encoder_hidden_states_mask=mask, encoder_hidden_states=embeds, img_shapes=img_shapes,
-                          return_dict=False)[0]
+    out_BLC = transformer(
+        hidden_states=hidden_BLC,
+        timestep=timestep_B / 1000,
+        guidance=None,
+        encoder_hidden_states_mask=mask,
+        encoder_hidden_states=embeds,
+        img_shapes=img_shapes,
+        return_dict=False,
+    )[0]
     return out_BLC[:, : latents_BLC.shape[1]]
 
 
@@ -191,8 +225,17 @@ def guided_velocity(cond_BLC: torch.Tensor, uncond_BLC: torch.Tensor, scale: flo
 
 
 @torch.no_grad()
-def denoise(pipe: Any, cond: EditConditioning, *, height: int, width: int, num_inference_steps: int,
-            true_cfg_scale: float, generator: torch.Generator | None, guidance_rescale: float = 0.0) -> torch.Tensor:
+def denoise(
+    pipe: Any,
+    cond: EditConditioning,
+    *,
+    height: int,
+    width: int,
+    num_inference_steps: int,
+    true_cfg_scale: float,
+    generator: torch.Generator | None,
+    guidance_rescale: float = 0.0,
+) -> torch.Tensor:
     """Run the flow-matching Euler loop from fresh noise; returns the final latents_BLC (packed, normalised).
     ``guidance_rescale`` (SimpleTuner's ``validation_guidance_rescale``): blend the guided prediction with itself
     rescaled to the conditional prediction's standard deviation — diffusers' ``rescale_noise_cfg`` (Lin et al.,
@@ -202,17 +245,18 @@ def denoise(pipe: Any, cond: EditConditioning, *, height: int, width: int, num_i
         raise ValueError("num_inference_steps must be at least 2 (one step gives NaN sigmas with the Qwen scheduler)")
     device, dtype = execution_device(pipe), cond.prompt_embeds_BLD.dtype
     latents_BLC = initial_noise(pipe, height, width, generator, dtype, device)
-    img_shapes = [[latent_img_shape(2 * (height // PIXEL_MULTIPLE), 2 * (width // PIXEL_MULTIPLE)),
-                   *cond.ref_shapes]]
+    img_shapes = [[latent_img_shape(2 * (height // PIXEL_MULTIPLE), 2 * (width // PIXEL_MULTIPLE)), *cond.ref_shapes]]
     scheduler, timesteps = make_scheduler(pipe, num_inference_steps, latents_BLC.shape[1], device)
     transformer = pipe.transformer
     for t in timesteps:
         timestep_B = t.expand(latents_BLC.shape[0]).to(latents_BLC.dtype)
-        v_BLC = _velocity(transformer, latents_BLC, cond, cond.prompt_embeds_BLD, cond.prompt_mask_BL, timestep_B,
-                          img_shapes)
+        v_BLC = _velocity(
+            transformer, latents_BLC, cond, cond.prompt_embeds_BLD, cond.prompt_mask_BL, timestep_B, img_shapes
+        )
         if cond.do_true_cfg and true_cfg_scale > 1:
-            v_neg_BLC = _velocity(transformer, latents_BLC, cond, cond.negative_embeds_BLD, cond.negative_mask_BL,
-                                  timestep_B, img_shapes)
+            v_neg_BLC = _velocity(
+                transformer, latents_BLC, cond, cond.negative_embeds_BLD, cond.negative_mask_BL, timestep_B, img_shapes
+            )
             guided_BLC = guided_velocity(v_BLC, v_neg_BLC, true_cfg_scale)
             if guidance_rescale > 0:
                 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
@@ -224,8 +268,9 @@ def denoise(pipe: Any, cond: EditConditioning, *, height: int, width: int, num_i
 
 
 @torch.no_grad()
-def decode(pipe: Any, latents_BLC: torch.Tensor, height: int, width: int,
-           output: Literal["pil", "np"] = "pil") -> Image.Image | np.ndarray:
+def decode(
+    pipe: Any, latents_BLC: torch.Tensor, height: int, width: int, output: Literal["pil", "np"] = "pil"
+) -> Image.Image | np.ndarray:
     """Unnormalise with the VAE's latents_mean/std and decode the one frame; arithmetic as in the pipelines."""
     vae = pipe.vae
     latents_BC1hw = unpack_latents(latents_BLC, height // VAE_SCALE, width // VAE_SCALE)[:, :, None].to(vae.dtype)
@@ -236,19 +281,47 @@ def decode(pipe: Any, latents_BLC: torch.Tensor, height: int, width: int,
     return pipe.image_processor.postprocess(pixels_B3HW, output_type=output)[0]
 
 
-def sample_edit(pipe: Any, flavour: str, prompt: str, references: Sequence[Image.Image], *, height: int, width: int,
-                num_inference_steps: int, true_cfg_scale: float, negative_prompt: str | None = " ",
-                generator: torch.Generator | None, vl_ref_area: int | None = None,
-                vl_references: Sequence[Image.Image] | None = None,
-                output: Literal["pil", "np"] = "pil", guidance_rescale: float = 0.0) -> Image.Image | np.ndarray:
+def sample_edit(
+    pipe: Any,
+    flavour: str,
+    prompt: str,
+    references: Sequence[Image.Image],
+    *,
+    height: int,
+    width: int,
+    num_inference_steps: int,
+    true_cfg_scale: float,
+    negative_prompt: str | None = " ",
+    generator: torch.Generator | None,
+    vl_ref_area: int | None = None,
+    vl_references: Sequence[Image.Image] | None = None,
+    output: Literal["pil", "np"] = "pil",
+    guidance_rescale: float = 0.0,
+) -> Image.Image | np.ndarray:
     """Edit ``references`` per ``prompt`` into one width x height image (PIL, or an H x W x 3 float array in
     [0, 1] for ``output="np"``), as the flavour's pipeline would with the references at these sizes.
 
     ``references`` must already be at the pixel size the VAE should see (multiples of 16); see
     ``encode_conditioning`` for the VL encoder's view of them.
     """
-    cond = encode_conditioning(pipe, flavour, prompt, references, true_cfg_scale=true_cfg_scale,
-                               negative_prompt=negative_prompt, vl_ref_area=vl_ref_area, vl_references=vl_references)
-    latents_BLC = denoise(pipe, cond, height=height, width=width, num_inference_steps=num_inference_steps,
-                          true_cfg_scale=true_cfg_scale, generator=generator, guidance_rescale=guidance_rescale)
+    cond = encode_conditioning(
+        pipe,
+        flavour,
+        prompt,
+        references,
+        true_cfg_scale=true_cfg_scale,
+        negative_prompt=negative_prompt,
+        vl_ref_area=vl_ref_area,
+        vl_references=vl_references,
+    )
+    latents_BLC = denoise(
+        pipe,
+        cond,
+        height=height,
+        width=width,
+        num_inference_steps=num_inference_steps,
+        true_cfg_scale=true_cfg_scale,
+        generator=generator,
+        guidance_rescale=guidance_rescale,
+    )
     return decode(pipe, latents_BLC, height, width, output)

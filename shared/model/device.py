@@ -1,5 +1,4 @@
-"""Which device and dtype a run computes on, from the config's ``device`` and ``mixed_precision``.
-"""
+"""Which device and dtype a run computes on, from the config's ``device`` and ``mixed_precision``."""
 
 from __future__ import annotations
 
@@ -36,15 +35,16 @@ def resolve_dtype(name: str | None, device: str | torch.device) -> torch.dtype:
             return torch.float32
         if _computes_bf16(dev):
             return torch.bfloat16
-        log.warning("mixed_precision auto: %s has no native bf16 (compute capability below 8.0), so the run computes "
-                    "in fp32 (fp16 overflows with this model); set mixed_precision=bf16 to use emulated bf16", dev)
+        log.warning(
+            "mixed_precision auto: %s has no native bf16 (compute capability below 8.0), so the run computes "
+            "in fp32 (fp16 overflows with this model); set mixed_precision=bf16 to use emulated bf16",
+            dev,
+        )
         return torch.float32
     try:
         return _DTYPES[name.lower()]
     except (KeyError, AttributeError):
-        raise errors.InvalidInput(
-            f"unknown precision {name!r}: expected one of auto, bf16, fp16, fp32, no"
-        ) from None
+        raise errors.InvalidInput(f"unknown precision {name!r}: expected one of auto, bf16, fp16, fp32, no") from None
 
 
 def _computes_bf16(device: torch.device) -> bool:

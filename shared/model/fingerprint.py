@@ -1,11 +1,10 @@
-"""What identifies the weights a cache was made with.
-"""
+"""What identifies the weights a cache was made with."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from shared.model.location import locate_model
 

@@ -33,22 +33,39 @@ class EditBatch:
     # transformer then gets no mask and SDPA may use its fused kernels. None: not known, pass the mask.
     text_all_valid: bool | None = None
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "EditBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> EditBatch:
         mv = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return EditBatch(mv(self.latents_BChw), [mv(r) for r in self.refs_BChw], mv(self.prompt_embeds_BLD),
-                         mv(self.prompt_mask_BL), self.keys, self.text_all_valid)
+        return EditBatch(
+            mv(self.latents_BChw),
+            [mv(r) for r in self.refs_BChw],
+            mv(self.prompt_embeds_BLD),
+            mv(self.prompt_mask_BL),
+            self.keys,
+            self.text_all_valid,
+        )
 
-    def take(self, rows: list[int]) -> "EditBatch":
+    def take(self, rows: list[int]) -> EditBatch:
         """The samples ``rows`` of the batch, in that order."""
         idx = torch.tensor(rows, device=self.latents_BChw.device)
         pick = lambda t: t.index_select(0, idx)  # noqa: E731
-        return EditBatch(pick(self.latents_BChw), [pick(r) for r in self.refs_BChw], pick(self.prompt_embeds_BLD),
-                         pick(self.prompt_mask_BL), [self.keys[i] for i in rows], self.text_all_valid)
+        return EditBatch(
+            pick(self.latents_BChw),
+            [pick(r) for r in self.refs_BChw],
+            pick(self.prompt_embeds_BLD),
+            pick(self.prompt_mask_BL),
+            [self.keys[i] for i in rows],
+            self.text_all_valid,
+        )
 
-    def pin_memory(self) -> "EditBatch":
-        return EditBatch(self.latents_BChw.pin_memory(), [r.pin_memory() for r in self.refs_BChw],
-                         self.prompt_embeds_BLD.pin_memory(), self.prompt_mask_BL.pin_memory(), self.keys,
-                         self.text_all_valid)
+    def pin_memory(self) -> EditBatch:
+        return EditBatch(
+            self.latents_BChw.pin_memory(),
+            [r.pin_memory() for r in self.refs_BChw],
+            self.prompt_embeds_BLD.pin_memory(),
+            self.prompt_mask_BL.pin_memory(),
+            self.keys,
+            self.text_all_valid,
+        )
 
 
 def shift_sigmas(s: torch.Tensor, shift: float) -> torch.Tensor:
@@ -56,8 +73,14 @@ def shift_sigmas(s: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * s / (1 + (shift - 1) * s)
 
 
-def sample_sigmas(batch: int, shift: float, generator: torch.Generator, *, image_seq_len: int | None = None,
-                  scheduler: dict[str, Any] | None = None) -> torch.Tensor:
+def sample_sigmas(
+    batch: int,
+    shift: float,
+    generator: torch.Generator,
+    *,
+    image_seq_len: int | None = None,
+    scheduler: dict[str, Any] | None = None,
+) -> torch.Tensor:
     """Logit-normal sigmas (sigmoid of a standard normal), shifted by ``flow_schedule_shift``; or, given the
     scheduler's config and the batch's ``image_seq_len``, shifted by resolution (``flow_schedule_auto_shift``)."""
     s = torch.sigmoid(torch.randn(batch, generator=generator))
@@ -71,9 +94,13 @@ def resolution_mu(image_seq_len: int, scheduler: dict[str, Any]) -> float:
     ``calculate_shift`` with the scheduler config's base/max sequence lengths and shifts."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift
 
-    return calculate_shift(image_seq_len, scheduler.get("base_image_seq_len", 256),
-                           scheduler.get("max_image_seq_len", 4096), scheduler.get("base_shift", 0.5),
-                           scheduler.get("max_shift", 1.15))
+    return calculate_shift(
+        image_seq_len,
+        scheduler.get("base_image_seq_len", 256),
+        scheduler.get("max_image_seq_len", 4096),
+        scheduler.get("base_shift", 0.5),
+        scheduler.get("max_shift", 1.15),
+    )
 
 
 def auto_shift_sigmas(s: torch.Tensor, image_seq_len: int, scheduler: dict[str, Any]) -> torch.Tensor:
@@ -92,22 +119,32 @@ def img_shapes_for(batch: EditBatch) -> list[list[tuple[int, int, int]]]:
     return [shapes] * batch.latents_BChw.shape[0]
 
 
-def predict_velocity(transformer: torch.nn.Module, batch: EditBatch, noisy_BLC: torch.Tensor,
-                     sigmas_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def predict_velocity(
+    transformer: torch.nn.Module, batch: EditBatch, noisy_BLC: torch.Tensor, sigmas_B: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """Run the transformer on [noisy target | reference tokens…] and return the target tokens' prediction."""
     ref_tokens = [pack_latents(r) for r in batch.refs_BChw]
     hidden_BLC = torch.cat([noisy_BLC, *ref_tokens], dim=1).to(dtype)
-    out_BLC = transformer(hidden_states=hidden_BLC, timestep=sigmas_B.to(dtype),
-                          encoder_hidden_states=batch.prompt_embeds_BLD.to(dtype),
-                          encoder_hidden_states_mask=None if batch.text_all_valid else batch.prompt_mask_BL,
-                          img_shapes=img_shapes_for(batch),
-                          return_dict=False)[0]
+    out_BLC = transformer(
+        hidden_states=hidden_BLC,
+        timestep=sigmas_B.to(dtype),
+        encoder_hidden_states=batch.prompt_embeds_BLD.to(dtype),
+        encoder_hidden_states_mask=None if batch.text_all_valid else batch.prompt_mask_BL,
+        img_shapes=img_shapes_for(batch),
+        return_dict=False,
+    )[0]
     return out_BLC[:, : noisy_BLC.shape[1]]
 
 
-def flow_matching_loss(transformer: torch.nn.Module, batch: EditBatch, noise_BLC: torch.Tensor,
-                       sigmas_B: torch.Tensor, dtype: torch.dtype = torch.float32,
-                       reduce: bool = True, noisy_BLC: torch.Tensor | None = None) -> torch.Tensor:
+def flow_matching_loss(
+    transformer: torch.nn.Module,
+    batch: EditBatch,
+    noise_BLC: torch.Tensor,
+    sigmas_B: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    reduce: bool = True,
+    noisy_BLC: torch.Tensor | None = None,
+) -> torch.Tensor:
     """MSE (fp32) between the predicted and the true velocity at ``sigmas_B``; per-sample when not ``reduce``.
     ``noisy_BLC``: the transformer's input instead of the exact interpolation (scheduled sampling's rollout)."""
     x0_BLC = pack_latents(batch.latents_BChw).float()
@@ -122,4 +159,4 @@ def flow_matching_loss(transformer: torch.nn.Module, batch: EditBatch, noise_BLC
 def step_generator(seed: int, step: int, micro: int = 0, device: str = "cpu") -> torch.Generator:
     """The generator of one micro-step's noise and sigmas: a function of (seed, step, micro) alone, so a resumed
     run draws exactly what an uninterrupted one drew."""
-    return torch.Generator(device).manual_seed((seed * 1_000_003 + step * 1_009 + micro) % (2 ** 63))
+    return torch.Generator(device).manual_seed((seed * 1_000_003 + step * 1_009 + micro) % (2**63))

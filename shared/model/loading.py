@@ -7,7 +7,6 @@ and the workarounds it needs on a CPU-only host live here and nowhere else.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from collections.abc import Iterable
@@ -58,9 +57,11 @@ def pipeline_class(flavour: str) -> type:
 
 
 def _expected_layout() -> str:
-    return "a diffusers pipeline in the Hugging Face repo layout (model_index.json, " + ", ".join(
-        f"{c}/" for c in COMPONENTS
-    ) + ")"
+    return (
+        "a diffusers pipeline in the Hugging Face repo layout (model_index.json, "
+        + ", ".join(f"{c}/" for c in COMPONENTS)
+        + ")"
+    )
 
 
 def _check_local_dir(path: Path, flavour: str, wanted: Iterable[str]) -> None:
@@ -135,7 +136,11 @@ def load_pipeline(
 
 
 def load_encoder_pipeline(
-    source: str | Path, flavour: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    source: str | Path,
+    flavour: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
     text_encoder_precision: str = "no_change",
 ) -> Any:
     """The pipeline without transformer or scheduler: all that encoding latents and prompt embeddings needs.
@@ -159,8 +164,14 @@ RENDER_COMPONENTS: tuple[str, ...] = ("transformer", "vae", "scheduler")
 
 
 def load_render_pipeline(
-    source: str | Path, flavour: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-    precision: str = "no_change", quantize_via: str = "cpu", text_encoder: bool = False,
+    source: str | Path,
+    flavour: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    precision: str = "no_change",
+    quantize_via: str = "cpu",
+    text_encoder: bool = False,
 ) -> tuple[Any, tuple[str, ...]]:
     """The pipeline previews render with, and the components it holds: the transformer at ``precision``
     (``base_model_precision``, quantized by the code training uses, so a preview shows the weights training
@@ -172,11 +183,13 @@ def load_render_pipeline(
     from shared.model.quantize import check_precision, quantize_transformer
 
     check_precision(precision, device)  # before reading any weight
-    pipe = load_pipeline(source, flavour, device=device, dtype=dtype,
-                         components=[c for c in wanted if c != "transformer"])
+    pipe = load_pipeline(
+        source, flavour, device=device, dtype=dtype, components=[c for c in wanted if c != "transformer"]
+    )
     transformer = load_transformer(source, flavour, dtype=dtype)
-    pipe.transformer = quantize_transformer(transformer, precision, device=device, compute_dtype=dtype,
-                                            quantize_via=quantize_via)
+    pipe.transformer = quantize_transformer(
+        transformer, precision, device=device, compute_dtype=dtype, quantize_via=quantize_via
+    )
     return pipe, wanted
 
 
@@ -211,8 +224,12 @@ def apply_flavour(transformer: Any, flavour: str) -> Any:
     want = get_flavour(flavour).zero_cond_t
     has = bool(transformer.config.get("zero_cond_t", False))
     if has != want:
-        log.info("transformer config has zero_cond_t=%s; flavour %s runs with zero_cond_t=%s", has,
-                 get_flavour(flavour).name, want)
+        log.info(
+            "transformer config has zero_cond_t=%s; flavour %s runs with zero_cond_t=%s",
+            has,
+            get_flavour(flavour).name,
+            want,
+        )
     transformer.zero_cond_t = want
     for block in getattr(transformer, "transformer_blocks", []):
         block.zero_cond_t = want

@@ -39,7 +39,8 @@ class ModelLocation:
         return errors.InvalidInput(
             f"model {model!r} was not found: looked in {places}, and the hub did not answer ({cause}). Download it "
             f"where the services look: `huggingface-cli download {model} --local-dir {target}/{model}` (with "
-            "EDITTUNER_MODEL_DIR set to that folder), or give pretrained_model_name_or_path a local directory")
+            "EDITTUNER_MODEL_DIR set to that folder), or give pretrained_model_name_or_path a local directory"
+        )
 
 
 def looks_like_hub_id(source: str) -> bool:
@@ -76,8 +77,9 @@ def locate_model(source: str, model_dir: str | None = None) -> ModelLocation:
         searched.append(str(cache))
         snapshot = _snapshot(cache)
         if snapshot is not None:
-            return ModelLocation(str(snapshot), f"EDITTUNER_MODEL_DIR (Hugging Face cache layout): {snapshot}",
-                                 tuple(searched), True)
+            return ModelLocation(
+                str(snapshot), f"EDITTUNER_MODEL_DIR (Hugging Face cache layout): {snapshot}", tuple(searched), True
+            )
     try:
         from huggingface_hub import snapshot_download
 
@@ -87,5 +89,6 @@ def locate_model(source: str, model_dir: str | None = None) -> ModelLocation:
     except Exception:  # noqa: BLE001 - not in this host's cache
         pass
     searched.append(f"the Hugging Face cache ({os.environ.get('HF_HOME') or '~/.cache/huggingface'})")
-    return ModelLocation(source, f"the hub ({source}; not found on this host, downloaded on first use)",
-                         tuple(searched), False)
+    return ModelLocation(
+        source, f"the hub ({source}; not found on this host, downloaded on first use)", tuple(searched), False
+    )

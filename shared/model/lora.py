@@ -46,8 +46,11 @@ def _is_linear(module: torch.nn.Module) -> bool:
 
 def linear_names(transformer: torch.nn.Module) -> list[str]:
     """Full names of the Linear layers (unwrapping LoRA wrappers), in module order."""
-    return [n for n, m in transformer.named_modules()
-            if _is_linear(m) and not n.endswith(".base_layer") and ".lora_" not in n]
+    return [
+        n
+        for n, m in transformer.named_modules()
+        if _is_linear(m) and not n.endswith(".base_layer") and ".lora_" not in n
+    ]
 
 
 def target_choices(transformer: torch.nn.Module) -> list[str]:
@@ -75,20 +78,31 @@ def check_target_modules(transformer: torch.nn.Module, target_modules: Iterable[
     """Raise InvalidInput unless every target names at least one Linear; return the targets as a list."""
     targets = list(target_modules)
     if isinstance(target_modules, str) or not targets:
-        raise errors.InvalidInput("lora_target_modules must be a non-empty list of layer names, e.g. "
-                                  '["to_q", "to_k", "to_v", "to_out.0"]')
+        raise errors.InvalidInput(
+            'lora_target_modules must be a non-empty list of layer names, e.g. ["to_q", "to_k", "to_v", "to_out.0"]'
+        )
     names = linear_names(transformer)
     unknown = [t for t in targets if not any(_matches(n, t) for n in names)]
     if unknown:
         raise errors.InvalidInput(
             f"lora_target_modules: {', '.join(map(repr, unknown))} name{'s' if len(unknown) == 1 else ''} no Linear "
-            f"layer of the transformer; valid names: {', '.join(target_choices(transformer))}")
+            f"layer of the transformer; valid names: {', '.join(target_choices(transformer))}"
+        )
     return targets
 
 
-def attach_lora(transformer: Any, rank: int, alpha: float, dropout: float, target_modules: Iterable[str], *,
-                init: str = "gaussian", seed: int | None = None, dtype: torch.dtype | None = None,
-                adapter_name: str = "default") -> None:
+def attach_lora(
+    transformer: Any,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target_modules: Iterable[str],
+    *,
+    init: str = "gaussian",
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    adapter_name: str = "default",
+) -> None:
     """Freeze ``transformer`` and add a trainable LoRA adapter (diffusers' ``add_adapter``) on ``target_modules``.
 
     ``init="gaussian"`` draws A from a normal of std 1/rank and sets B = 0 (the adapter starts as a no-op);
@@ -99,23 +113,26 @@ def attach_lora(transformer: Any, rank: int, alpha: float, dropout: float, targe
     from peft import LoraConfig
 
     if rank < 1 or alpha <= 0 or not 0.0 <= dropout < 1.0:
-        raise errors.InvalidInput(f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1; got rank={rank}, "
-                                  f"alpha={alpha}, dropout={dropout}")
+        raise errors.InvalidInput(
+            f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1; got rank={rank}, alpha={alpha}, dropout={dropout}"
+        )
     if init not in _INITS:
         raise errors.InvalidInput(f"LoRA init {init!r} is unknown: expected one of {', '.join(_INITS)}")
     targets = check_target_modules(transformer, target_modules)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=_INITS[init],
-                        target_modules=targets)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=_INITS[init], target_modules=targets
+    )
     transformer.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
         transformer.add_adapter(config, adapter_name=adapter_name)
-    for name, p in transformer.named_parameters():
+    for p in transformer.parameters():
         if p.requires_grad and dtype is not None:
             p.data = p.data.to(dtype)
-    wrong = [n for n, p in transformer.named_parameters() if p.requires_grad != ("lora_" in n and
-                                                                                   f".{adapter_name}." in n)]
+    wrong = [
+        n for n, p in transformer.named_parameters() if p.requires_grad != ("lora_" in n and f".{adapter_name}." in n)
+    ]
     assert not wrong, f"after add_adapter exactly the LoRA parameters must train; mismatched: {wrong[:5]}"
 
 
@@ -138,12 +155,16 @@ def load_lora_state_dict(transformer: Any, sd: Mapping[str, torch.Tensor], adapt
 
     expected = _peft_state(transformer, adapter_name)
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or shapes:
-        raise errors.InvalidInput("LoRA state does not fit this transformer's adapter (different rank or "
-                                  "target modules?): " + _summary(missing=missing, unexpected=unexpected,
-                                                                  shape_mismatch=shapes))
+        raise errors.InvalidInput(
+            "LoRA state does not fit this transformer's adapter (different rank or "
+            "target modules?): " + _summary(missing=missing, unexpected=unexpected, shape_mismatch=shapes)
+        )
     set_peft_model_state_dict(transformer, dict(sd), adapter_name=adapter_name)
     after = _peft_state(transformer, adapter_name)
     differ = [k for k, v in sd.items() if not torch.equal(after[k], v.to(after[k].device, after[k].dtype))]
@@ -213,7 +234,7 @@ def check_comfyui_keys(comfy_sd: Mapping[str, torch.Tensor], transformer: torch.
         if not key.startswith(COMFYUI_PREFIX):
             problems.append(f"{key}: does not start with {COMFYUI_PREFIX!r}")
             continue
-        body = key[len(COMFYUI_PREFIX):]
+        body = key[len(COMFYUI_PREFIX) :]
         suffix = next((s for s in (LORA_A, LORA_B, ALPHA) if body.endswith(s)), None)
         if suffix is None:
             problems.append(f"{key}: ends in none of {LORA_A}, {LORA_B}, {ALPHA}")
@@ -229,8 +250,10 @@ def check_comfyui_keys(comfy_sd: Mapping[str, torch.Tensor], transformer: torch.
         if lacking:
             problems.append(f"{COMFYUI_PREFIX}{module_name}: no {', '.join(lacking)}")
         elif have[LORA_A].shape[0] != have[LORA_B].shape[1]:
-            problems.append(f"{COMFYUI_PREFIX}{module_name}: lora_A has rank {have[LORA_A].shape[0]}, lora_B "
-                            f"{have[LORA_B].shape[1]}")
+            problems.append(
+                f"{COMFYUI_PREFIX}{module_name}: lora_A has rank {have[LORA_A].shape[0]}, lora_B "
+                f"{have[LORA_B].shape[1]}"
+            )
     return problems
 
 
@@ -258,9 +281,16 @@ def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, 
     return safetensors_save(out, metadata=dict(metadata))
 
 
-def save_lora_files(sd: Mapping[str, torch.Tensor], *, alpha: float, rank: int, fmt: str,
-                    transformer: torch.nn.Module, metadata: Mapping[str, Any] | None = None,
-                    dtype: torch.dtype = torch.float32) -> dict[str, bytes]:
+def save_lora_files(
+    sd: Mapping[str, torch.Tensor],
+    *,
+    alpha: float,
+    rank: int,
+    fmt: str,
+    transformer: torch.nn.Module,
+    metadata: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, bytes]:
     """Export a peft LoRA state as safetensors files: file name → bytes, for the caller to put in the object store
     or on disk (``DIFFUSERS_FILE`` and/or ``COMFYUI_FILE`` by ``fmt``).
 
@@ -277,12 +307,18 @@ def save_lora_files(sd: Mapping[str, torch.Tensor], *, alpha: float, rank: int, 
     comfy = comfyui_lora_state(sd, alpha, rank)  # checks the peft state; its keys are checked against the model
     problems = check_comfyui_keys(comfy, transformer)
     if problems:
-        raise errors.InvalidInput(f"the LoRA does not fit the transformer, a {fmt} file would load partially: "
-                                  + "; ".join(problems[:10]) + (f" (+{len(problems) - 10} more)"
-                                                                if len(problems) > 10 else ""))
+        raise errors.InvalidInput(
+            f"the LoRA does not fit the transformer, a {fmt} file would load partially: "
+            + "; ".join(problems[:10])
+            + (f" (+{len(problems) - 10} more)" if len(problems) > 10 else "")
+        )
     config = peft_adapter_config(sd, alpha, rank)
-    meta = {"format": "pt", "edittuner.lora_rank": str(int(rank)), "edittuner.lora_alpha": str(float(alpha)),
-            "edittuner.target_modules": json.dumps(config["target_modules"])}
+    meta = {
+        "format": "pt",
+        "edittuner.lora_rank": str(int(rank)),
+        "edittuner.lora_alpha": str(float(alpha)),
+        "edittuner.target_modules": json.dumps(config["target_modules"]),
+    }
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
     files: dict[str, bytes] = {}
     if fmt in ("diffusers", "both"):

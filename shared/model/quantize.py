@@ -67,30 +67,36 @@ def keeps_high_precision(name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def check_precision(precision: str, device: torch.device | str, quantize_activations: bool = False,
-                    option: str = "base_model_precision") -> None:
+def check_precision(
+    precision: str, device: torch.device | str, quantize_activations: bool = False, option: str = "base_model_precision"
+) -> None:
     """Raise InvalidInput for a combination that cannot work here, before any weight is touched; ``option`` is the
     config key the precision comes from, named in the message."""
     known = PRECISIONS if option == "base_model_precision" else TEXT_ENCODER_PRECISIONS
     if precision not in known:
         raise errors.InvalidInput(f"{option} {precision!r} is unknown: expected one of " + ", ".join(known))
     if quantize_activations and precision not in QUANTO:
-        raise errors.InvalidInput(f"quantize_activations only applies to the quanto precisions ({', '.join(QUANTO)}); "
-                                  f"base_model_precision is {precision!r}: set quantize_activations to false")
+        raise errors.InvalidInput(
+            f"quantize_activations only applies to the quanto precisions ({', '.join(QUANTO)}); "
+            f"base_model_precision is {precision!r}: set quantize_activations to false"
+        )
     if precision == "no_change":
         return
     lib = "quanto" if precision in QUANTO else "bnb"
     module, package = _LIBRARY[lib]
     if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
-        raise errors.InvalidInput(f"{option} {precision!r} needs the {package} package, which is not "
-                                  f"installed: pip install {package}, or use {option} no_change")
+        raise errors.InvalidInput(
+            f"{option} {precision!r} needs the {package} package, which is not "
+            f"installed: pip install {package}, or use {option} no_change"
+        )
     dev = torch.device(device)
     if lib == "bnb" and dev.type not in ("cpu", "cuda", "xpu"):
-        raise errors.InvalidInput(f"{option} {precision!r}: bitsandbytes does not run on {dev.type}; "
-                                  "use a quanto precision (e.g. int8-quanto) there")
+        raise errors.InvalidInput(
+            f"{option} {precision!r}: bitsandbytes does not run on {dev.type}; "
+            "use a quanto precision (e.g. int8-quanto) there"
+        )
     if precision == "fp8-quanto" and not float8_supported(dev):
-        raise errors.InvalidInput(f"{option} fp8-quanto: {dev} cannot hold float8 tensors; use "
-                                  "int8-quanto instead")
+        raise errors.InvalidInput(f"{option} fp8-quanto: {dev} cannot hold float8 tensors; use int8-quanto instead")
 
 
 def float8_supported(device: torch.device | str) -> bool:
@@ -103,9 +109,15 @@ def float8_supported(device: torch.device | str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def quantize_transformer(transformer: Any, precision: str, *, device: torch.device | str,
-                         compute_dtype: torch.dtype, quantize_via: str = "accelerator",
-                         quantize_activations: bool = False) -> Any:
+def quantize_transformer(
+    transformer: Any,
+    precision: str,
+    *,
+    device: torch.device | str,
+    compute_dtype: torch.dtype,
+    quantize_via: str = "accelerator",
+    quantize_activations: bool = False,
+) -> Any:
     """Put ``transformer`` on ``device`` in ``compute_dtype`` with its base weights in ``precision``.
 
     ``quantize_via="cpu"`` quantizes on the CPU and moves the result: the device never holds the full-precision
@@ -118,8 +130,11 @@ def quantize_transformer(transformer: Any, precision: str, *, device: torch.devi
     if quantize_via not in ("cpu", "accelerator"):
         raise errors.InvalidInput(f"quantize_via {quantize_via!r} is unknown: expected 'cpu' or 'accelerator'")
     transformer.requires_grad_(False)
-    if quantize_via == "accelerator" and precision in QUANTO and not fits_to_quantize_on(transformer, device,
-                                                                                         compute_dtype):
+    if (
+        quantize_via == "accelerator"
+        and precision in QUANTO
+        and not fits_to_quantize_on(transformer, device, compute_dtype)
+    ):
         quantize_via = "cpu"
     where = torch.device("cpu") if quantize_via == "cpu" else device
     try:
@@ -137,16 +152,19 @@ def quantize_transformer(transformer: Any, precision: str, *, device: torch.devi
                 transformer.to(device)
     except torch.OutOfMemoryError as err:
         hint = " quantize_via=cpu avoids holding the full-precision weights there;" if quantize_via != "cpu" else ""
-        raise errors.ResourceExhausted(f"out of memory on {device} while quantizing the transformer to "
-                                       f"{precision}:{hint} or free memory on the device ({err})") from err
+        raise errors.ResourceExhausted(
+            f"out of memory on {device} while quantizing the transformer to "
+            f"{precision}:{hint} or free memory on the device ({err})"
+        ) from err
     transformer.requires_grad_(False)
     counts = quantized_modules(transformer)
     log.info("base model %s on %s: %d quantized layers", precision, device, len(counts))
     return transformer
 
 
-def quantize_text_encoder(text_encoder: Any, precision: str, *, device: torch.device | str,
-                          compute_dtype: torch.dtype) -> Any:
+def quantize_text_encoder(
+    text_encoder: Any, precision: str, *, device: torch.device | str, compute_dtype: torch.dtype
+) -> Any:
     """Put the Qwen2.5-VL text encoder on ``device`` with its ``nn.Linear`` weights in ``precision``
     (``text_encoder_1_precision``), quantized on the CPU first so the device never holds the full-precision
     weights. Every linear layer is quantized, the vision tower's included: the encoder only runs forward, its
@@ -169,8 +187,9 @@ def quantize_text_encoder(text_encoder: Any, precision: str, *, device: torch.de
     return text_encoder
 
 
-def fits_to_quantize_on(module: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype,
-                        free_bytes: int | None = None) -> bool:
+def fits_to_quantize_on(
+    module: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype, free_bytes: int | None = None
+) -> bool:
     """Whether ``device`` has room for ``module``'s full-precision weights, which quantize_via=accelerator moves
     there before quanto quantizes them (the 20B transformer: ~41 GB in bf16, more than a 24 or 40 GB card has).
     When it has not, the caller quantizes on the CPU instead and says so: the same weights, a slower load, and no
@@ -179,14 +198,21 @@ def fits_to_quantize_on(module: torch.nn.Module, device: torch.device, compute_d
         return True
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0]
-    needed = sum(p.numel() * (compute_dtype.itemsize if p.is_floating_point() else p.element_size())
-                 for p in module.parameters() if p.device.type != "cuda")  # what is there already is in free_bytes
-    margin = 2 * 2 ** 30  # the CUDA context, the quantized copies of the largest layers while freeze() runs
+    needed = sum(
+        p.numel() * (compute_dtype.itemsize if p.is_floating_point() else p.element_size())
+        for p in module.parameters()
+        if p.device.type != "cuda"
+    )  # what is there already is in free_bytes
+    margin = 2 * 2**30  # the CUDA context, the quantized copies of the largest layers while freeze() runs
     if needed + margin <= free_bytes:
         return True
-    log.warning("quantize_via=accelerator: the full-precision weights (%.1f GiB) do not fit the %.1f GiB free on %s; "
-                "quantizing on the CPU instead (set quantize_via=cpu to skip this check)", needed / 2 ** 30,
-                free_bytes / 2 ** 30, device)
+    log.warning(
+        "quantize_via=accelerator: the full-precision weights (%.1f GiB) do not fit the %.1f GiB free on %s; "
+        "quantizing on the CPU instead (set quantize_via=cpu to skip this check)",
+        needed / 2**30,
+        free_bytes / 2**30,
+        device,
+    )
     return False
 
 
@@ -246,13 +272,18 @@ def _quanto_types(precision: str) -> tuple[Any, Any]:
     """(weight qtype, activation qtype): quanto quantizes activations to int8 or float8 only."""
     from optimum import quanto
 
-    weights = {"int8-quanto": quanto.qint8, "int4-quanto": quanto.qint4, "int2-quanto": quanto.qint2,
-               "fp8-quanto": quanto.qfloat8}[precision]
+    weights = {
+        "int8-quanto": quanto.qint8,
+        "int4-quanto": quanto.qint4,
+        "int2-quanto": quanto.qint2,
+        "fp8-quanto": quanto.qfloat8,
+    }[precision]
     return weights, (quanto.qfloat8 if precision == "fp8-quanto" else quanto.qint8)
 
 
-def _quantize_quanto(transformer: Any, precision: str, quantize_activations: bool,
-                     keep: list[str] | None = None) -> None:
+def _quantize_quanto(
+    transformer: Any, precision: str, quantize_activations: bool, keep: list[str] | None = None
+) -> None:
     """quanto in place. Activations are quantized at quanto's default scale of 1 (there is no calibration data at
     load time; SimpleTuner does the same): fine for float8, coarse for int8, which rounds activations to integers
     (measured on the tiny model: velocity error 0.45% with fp8 activations, 7% with int8, 0.04% weights-only)."""
@@ -263,12 +294,18 @@ def _quantize_quanto(transformer: Any, precision: str, quantize_activations: boo
     keep = _keep_patterns() if keep is None else keep
     if quantize_activations:
         if activations.name == "qint8":
-            log.warning("quantize_activations with %s: int8 activations are not calibrated (scale 1) and lose "
-                        "precision; fp8-quanto quantizes activations to float8, which keeps it", precision)
+            log.warning(
+                "quantize_activations with %s: int8 activations are not calibrated (scale 1) and lose "
+                "precision; fp8-quanto quantizes activations to float8, which keeps it",
+                precision,
+            )
         quantize(transformer, weights=weights, activations=activations, exclude=keep + list(_FLOAT_ACTIVATIONS))
         already = set(quantized_modules(transformer))
-        rest = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)
-                and n not in already and not any(fnmatch(n, p) for p in keep)]
+        rest = [
+            n
+            for n, m in transformer.named_modules()
+            if isinstance(m, torch.nn.Linear) and n not in already and not any(fnmatch(n, p) for p in keep)
+        ]
         if rest:
             quantize(transformer, weights=weights, include=rest)
     else:
@@ -277,30 +314,46 @@ def _quantize_quanto(transformer: Any, precision: str, quantize_activations: boo
 
 
 # ------------------------------------------------------------------------------------------------ bitsandbytes
-def _swap_bnb_linears(transformer: Any, precision: str, compute_dtype: torch.dtype,
-                      keep: list[str] | None = None) -> None:
+def _swap_bnb_linears(
+    transformer: Any, precision: str, compute_dtype: torch.dtype, keep: list[str] | None = None
+) -> None:
     """Replace every quantizable ``nn.Linear`` (not matching ``keep``, default KEEP_HIGH_PRECISION) by its
     bitsandbytes twin holding the same (not yet quantized) weights; the next ``.to(device)`` quantizes them."""
     import bitsandbytes as bnb
 
     keep = _keep_patterns() if keep is None else keep
-    targets = [(n, m) for n, m in transformer.named_modules()  # exact type: never re-wrap a bnb layer
-               if type(m) is torch.nn.Linear and not any(fnmatch(n, p) for p in keep)]
+    targets = [
+        (n, m)
+        for n, m in transformer.named_modules()  # exact type: never re-wrap a bnb layer
+        if type(m) is torch.nn.Linear and not any(fnmatch(n, p) for p in keep)
+    ]
     for name, linear in targets:
         # Int8Params quantizes only when moved *from* the CPU; Params4bit from anywhere. Start both on the CPU.
         weight = linear.weight.data.to("cpu")
         bias = linear.bias.data.to("cpu") if linear.bias is not None else None
         if precision == "nf4-bnb":
-            new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias is not None,
-                                    compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+            new = bnb.nn.Linear4bit(
+                linear.in_features,
+                linear.out_features,
+                bias=bias is not None,
+                compute_dtype=compute_dtype,
+                quant_type="nf4",
+                device="meta",
+            )
             new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", module=new)
             # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks 4-bit weights into an inference-only layout on
             # the first eval-mode forward, and every training forward after it fails (measured: RuntimeError in
             # matmul_4bit). A validation pass mid-training is exactly that sequence: keep the trainable layout.
             new.support_avx512bf16_for_cpu = False
         else:
-            new = linear8bit_dequant()(linear.in_features, linear.out_features, bias=bias is not None,
-                                       has_fp16_weights=False, threshold=6.0, device="meta")
+            new = linear8bit_dequant()(
+                linear.in_features,
+                linear.out_features,
+                bias=bias is not None,
+                has_fp16_weights=False,
+                threshold=6.0,
+                device="meta",
+            )
             new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
         if bias is not None:
             new.bias = torch.nn.Parameter(bias, requires_grad=False)

@@ -47,19 +47,28 @@ class Rollout:
         if self.sampler not in SOLVERS:
             raise ValueError(f"scheduled_sampling_sampler {self.sampler!r}: expected one of {', '.join(SOLVERS)}")
         if self.strategy not in ("uniform", "biased_early", "biased_late"):
-            raise ValueError(f"scheduled_sampling_strategy {self.strategy!r}: expected uniform, biased_early or "
-                             "biased_late")
+            raise ValueError(
+                f"scheduled_sampling_strategy {self.strategy!r}: expected uniform, biased_early or biased_late"
+            )
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "Rollout | None":
+    def from_config(cls, cfg: Any) -> Rollout | None:
         """The settings of a TrainConfig; None when scheduled sampling is off (max_step_offset 0)."""
         if cfg.scheduled_sampling_max_step_offset <= 0:
             return None
-        return cls(cfg.scheduled_sampling_max_step_offset, cfg.scheduled_sampling_probability,
-                   cfg.scheduled_sampling_ramp_steps, cfg.scheduled_sampling_start_step,
-                   cfg.scheduled_sampling_prob_start, cfg.scheduled_sampling_prob_end,
-                   cfg.scheduled_sampling_ramp_shape, cfg.scheduled_sampling_strategy,
-                   cfg.scheduled_sampling_sampler, cfg.scheduled_sampling_order, cfg.validation_num_inference_steps)
+        return cls(
+            cfg.scheduled_sampling_max_step_offset,
+            cfg.scheduled_sampling_probability,
+            cfg.scheduled_sampling_ramp_steps,
+            cfg.scheduled_sampling_start_step,
+            cfg.scheduled_sampling_prob_start,
+            cfg.scheduled_sampling_prob_end,
+            cfg.scheduled_sampling_ramp_shape,
+            cfg.scheduled_sampling_strategy,
+            cfg.scheduled_sampling_sampler,
+            cfg.scheduled_sampling_order,
+            cfg.validation_num_inference_steps,
+        )
 
     def probability_at(self, done: int) -> float:
         """The share of samples rolled out in the step after ``done`` optimizer steps: ``probability``, or with
@@ -91,8 +100,7 @@ class Rollout:
         if self.strategy == "uniform":
             return share * K / 2
         # round(u² K) = j for u² in [(j - ½)/K, (j + ½)/K)
-        early = sum(j * (math.sqrt(min(1.0, (j + 0.5) / K)) - math.sqrt(max(0.0, (j - 0.5) / K)))
-                    for j in range(K + 1))
+        early = sum(j * (math.sqrt(min(1.0, (j + 0.5) / K)) - math.sqrt(max(0.0, (j - 0.5) / K))) for j in range(K + 1))
         return share * (early if self.strategy == "biased_early" else K - early)
 
 
@@ -103,8 +111,9 @@ def inference_sigmas(scheduler_config: dict[str, Any], num_steps: int, image_seq
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps),
-                            mu=resolution_mu(image_seq_len, scheduler_config))
+    scheduler.set_timesteps(
+        sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=resolution_mu(image_seq_len, scheduler_config)
+    )
     return scheduler.sigmas[:-1].float()
 
 
@@ -112,7 +121,7 @@ def rollout_sigmas(schedule_N: torch.Tensor, sigma: float, steps: int) -> list[f
     """One rollout's sigmas: the ``steps`` inference sigmas just above ``sigma`` (fewer near the schedule's
     start), then ``sigma`` itself. A single value: no step to take."""
     above = schedule_N[schedule_N > sigma].tolist()
-    return above[max(0, len(above) - steps):] + [sigma]
+    return above[max(0, len(above) - steps) :] + [sigma]
 
 
 def make_solver(name: str, order: int = 2) -> Any:
@@ -149,14 +158,23 @@ def set_sigmas(solver: Any, sigmas: list[float]) -> None:
 
 
 @torch.no_grad()
-def roll_out(transformer: torch.nn.Module, batch: EditBatch, noise_BLC: torch.Tensor, sigmas_B: torch.Tensor,
-             steps_B: torch.Tensor, schedule_N: torch.Tensor, *, sampler: str = "unipc", order: int = 2,
-             dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor | None, int]:
+def roll_out(
+    transformer: torch.nn.Module,
+    batch: EditBatch,
+    noise_BLC: torch.Tensor,
+    sigmas_B: torch.Tensor,
+    steps_B: torch.Tensor,
+    schedule_N: torch.Tensor,
+    *,
+    sampler: str = "unipc",
+    order: int = 2,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor | None, int]:
     """The noisy target tokens of ``batch`` with each sample's ``steps_B[i]`` rollout steps taken, and the number
     of transformer forwards that took; (None, 0) when no sample has a step to take (the caller keeps the exact
     interpolation). Every sample is denoised with its own references and caption; the samples still rolling out
     share one forward per step. The latents stay in fp32 between steps, as the training input is made."""
-    paths = [rollout_sigmas(schedule_N, s, k) for s, k in zip(sigmas_B.tolist(), steps_B.tolist())]
+    paths = [rollout_sigmas(schedule_N, s, k) for s, k in zip(sigmas_B.tolist(), steps_B.tolist(), strict=True)]
     rows = [i for i, p in enumerate(paths) if len(p) > 1]
     if not rows:
         return None, 0
@@ -169,7 +187,7 @@ def roll_out(transformer: torch.nn.Module, batch: EditBatch, noise_BLC: torch.Te
         solvers[i] = make_solver(sampler, order)
         set_sigmas(solvers[i], paths[i])
         start = solvers[i].sigmas[0].to(x0_BLC.device)
-        x_1LC[i] = (1 - start) * x0_BLC[i:i + 1] + start * noise_BLC[i:i + 1]
+        x_1LC[i] = (1 - start) * x0_BLC[i : i + 1] + start * noise_BLC[i : i + 1]
     was_training = transformer.training
     transformer.eval()  # as inference runs it: no LoRA dropout
     forwards = 0
@@ -181,8 +199,9 @@ def roll_out(transformer: torch.nn.Module, batch: EditBatch, noise_BLC: torch.Te
             v_ALC = predict_velocity(transformer, part, torch.cat([x_1LC[i] for i in active]), sig_A, dtype)
             forwards += 1
             for j, i in enumerate(active):
-                x_1LC[i] = solvers[i].step(v_ALC[j:j + 1].float(), solvers[i].timesteps[r], x_1LC[i],
-                                           return_dict=False)[0]
+                x_1LC[i] = solvers[i].step(
+                    v_ALC[j : j + 1].float(), solvers[i].timesteps[r], x_1LC[i], return_dict=False
+                )[0]
     finally:
         transformer.train(was_training)
     for i in rows:

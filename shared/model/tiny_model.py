@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from shared.config.flavours import get_flavour
-from shared.model.loading import processor_without_video, pipeline_class, quiet_progress_bars
+from shared.model.loading import pipeline_class, processor_without_video, quiet_progress_bars
 
 # The system prompt of both edit templates; the pipelines drop the hidden states of everything up to and including
 # "<|im_start|>user\n" (64 tokens with the real Qwen2.5 tokenizer), so the tiny tokenizer must agree.
@@ -172,7 +172,10 @@ def build_tiny_components(flavour: str, seed: int = 0, vae_base_dim: int = 16) -
     )
     torch.manual_seed(seed)
     vae = AutoencoderKLQwenImage(  # the default latents_mean/std are the real model's
-        base_dim=vae_base_dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+        base_dim=vae_base_dim,
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=1,
         temperal_downsample=[False, True, True],
     )
     scheduler = FlowMatchEulerDiscreteScheduler(  # Qwen/Qwen-Image* scheduler_config.json

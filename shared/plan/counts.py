@@ -20,14 +20,27 @@ from shared.model.quantize import keeps_high_precision
 # ----------------------------------------------------------------------------------------- the real model
 # Qwen/Qwen-Image-Edit(-2509, -2511) transformer/config.json: used when the model is a hub id (not on disk).
 REAL_TRANSFORMER_CONFIG: dict[str, Any] = {
-    "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
-    "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False,
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
     "axes_dims_rope": [16, 56, 56],
 }
 # Qwen2.5-VL-7B (Qwen2_5_VLForConditionalGeneration) counted on the meta device from its config: 8,292,166,656
 # parameters, 676,550,144 of them the vision tower; hidden 3584, 28 layers, MLP 18944, vocab 152064.
-REAL_TEXT_ENCODER = {"params": 8_292_166_656, "hidden": 3584, "layers": 28, "intermediate": 18944,
-                     "vocab": 152064, "vision_hidden": 1280, "vision_intermediate": 3420}
+REAL_TEXT_ENCODER = {
+    "params": 8_292_166_656,
+    "hidden": 3584,
+    "layers": 28,
+    "intermediate": 18944,
+    "vocab": 152064,
+    "vision_hidden": 1280,
+    "vision_intermediate": 3420,
+}
 # AutoencoderKLQwenImage with its default (= real) config, counted on meta: 126,892,531 parameters.
 REAL_VAE = {"params": 126_892_531, "base_dim": 96}
 
@@ -69,22 +82,29 @@ class TransformerCounts:
 
     @property
     def total(self) -> int:
-        return self.other_params + sum(li.in_features * li.out_features + li.out_features * li.bias
-                                       for li in self.linears)
+        return self.other_params + sum(
+            li.in_features * li.out_features + li.out_features * li.bias for li in self.linears
+        )
 
     def weights(self, stream: str | None = None, kept: bool | None = None) -> int:
         """Linear weight elements (no biases), optionally of one stream and/or kept status."""
-        return sum(li.in_features * li.out_features for li in self.linears
-                   if (stream is None or li.stream == stream) and (kept is None or li.kept == kept))
+        return sum(
+            li.in_features * li.out_features
+            for li in self.linears
+            if (stream is None or li.stream == stream) and (kept is None or li.kept == kept)
+        )
 
     def breakdown(self) -> dict[str, int]:
-        return {"image-stream Linear weights": self.weights("image", False),
-                "text-stream Linear weights": self.weights("text", False),
-                "modulation Linear weights": self.weights("sample", False),
-                "kept high-precision (all params)": sum(li.in_features * li.out_features + li.out_features * li.bias
-                                                        for li in self.linears if li.kept),
-                "biases of quantizable Linears": sum(li.out_features for li in self.linears if li.bias and not li.kept),
-                "other (norm weights)": self.other_params}
+        return {
+            "image-stream Linear weights": self.weights("image", False),
+            "text-stream Linear weights": self.weights("text", False),
+            "modulation Linear weights": self.weights("sample", False),
+            "kept high-precision (all params)": sum(
+                li.in_features * li.out_features + li.out_features * li.bias for li in self.linears if li.kept
+            ),
+            "biases of quantizable Linears": sum(li.out_features for li in self.linears if li.bias and not li.kept),
+            "other (norm weights)": self.other_params,
+        }
 
 
 def _stream(name: str) -> str:
@@ -103,9 +123,11 @@ def transformer_config(model_path: str) -> dict[str, Any]:
     root = Path(locate_model(model_path).source).expanduser()
     path = root / "transformer" / "config.json"
     if not root.is_dir() and not looks_like_hub_id(model_path):
-        raise errors.InvalidInput(f"model directory {root} does not exist: the planner reads transformer/config.json "
-                                  "from it (a hub id such as Qwen/Qwen-Image-Edit-2509 is planned with the real "
-                                  "model's figures)")
+        raise errors.InvalidInput(
+            f"model directory {root} does not exist: the planner reads transformer/config.json "
+            "from it (a hub id such as Qwen/Qwen-Image-Edit-2509 is planned with the real "
+            "model's figures)"
+        )
     if path.is_file():
         try:
             return json.loads(path.read_text(encoding="utf-8"))
@@ -120,8 +142,11 @@ def _counts(config_json: str) -> TransformerCounts:
     linears, in_linear = [], set()
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear):
-            linears.append(LinearInfo(name, m.in_features, m.out_features, m.bias is not None, _stream(name),
-                                      keeps_high_precision(name)))
+            linears.append(
+                LinearInfo(
+                    name, m.in_features, m.out_features, m.bias is not None, _stream(name), keeps_high_precision(name)
+                )
+            )
             in_linear.update(id(p) for p in m.parameters(recurse=False))
     other = sum(p.numel() for p in model.parameters() if id(p) not in in_linear)
     return TransformerCounts(json.loads(config_json), tuple(linears), other)

@@ -1,5 +1,4 @@
-"""FLOPs of a training step and the seconds it takes at an assumed model FLOPs utilisation.
-"""
+"""FLOPs of a training step and the seconds it takes at an assumed model FLOPs utilisation."""
 
 from __future__ import annotations
 
@@ -14,15 +13,23 @@ from shared.plan.tokens import Tokens
 # shared/plan/measured.json and docs/BENCHMARKS.md). Fewer tokens per step use the card less well: below that size
 # these are optimistic. int4-quanto recovers its weight through an identity matmul and an unpack in every backward
 # (quanto's TinyGemm layout): six times slower. int8-bnb and int2-quanto were not measured at full size: assumed.
-MFU: dict[str, float] = {"no_change": 0.38, "int8-quanto": 0.36, "fp8-quanto": 0.35, "nf4-bnb": 0.38,
-                         "int4-quanto": 0.062, "int8-bnb": 0.25, "int2-quanto": 0.25}
+MFU: dict[str, float] = {
+    "no_change": 0.38,
+    "int8-quanto": 0.36,
+    "fp8-quanto": 0.35,
+    "nf4-bnb": 0.38,
+    "int4-quanto": 0.062,
+    "int8-bnb": 0.25,
+    "int2-quanto": 0.25,
+}
 MEASURED_MFU = ("no_change", "int8-quanto", "fp8-quanto", "nf4-bnb", "int4-quanto")
 ATTENTION_BACKWARD = 2.0  # dQ, dK from dS and dV, dP from dO: 2x the forward (bench/gpu_step.py counts the same)
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
-def step_flops(counts: TransformerCounts, tokens: Tokens, targets: list[LinearInfo], rank: int, *,
-               checkpointing: bool) -> dict[str, float]:
+def step_flops(
+    counts: TransformerCounts, tokens: Tokens, targets: list[LinearInfo], rank: int, *, checkpointing: bool
+) -> dict[str, float]:
     """FLOPs of one sample's forward + backward. The base is frozen, so its Linears' backward computes input
     gradients only (1x forward); attention backward is ATTENTION_BACKWARD x forward; the LoRA trains (2x);
     checkpointing re-runs the forward."""

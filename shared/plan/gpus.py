@@ -1,5 +1,4 @@
-"""GPUs the planner knows (peak bf16 FLOP/s, memory) and memory sizes as users write them ('24GiB').
-"""
+"""GPUs the planner knows (peak bf16 FLOP/s, memory) and memory sizes as users write them ('24GiB')."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ class LiveBytes:
                 self.refs: dict[int, tuple[Any, int]] = {}
                 self.live = self.peak = 0
 
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
                 for k in [k for k, (r, _) in self.refs.items() if r.expired()]:
                     del self.refs[k]  # first: a new storage may reuse a freed one's address
@@ -72,14 +72,21 @@ def prepare_for_training(model: Any, targets: list[str], precision: str = "no_ch
     return model.train()
 
 
-def _probe_model(layers: int, targets: list[str], precision: str = "no_change", zero_cond: bool = False,
-                 heads: int = 2) -> Any:
+def _probe_model(
+    layers: int, targets: list[str], precision: str = "no_change", zero_cond: bool = False, heads: int = 2
+) -> Any:
     """The real transformer class, ``heads`` x 128 (d = 256 by default), joint_attention_dim 64, ``layers`` blocks."""
     from diffusers import QwenImageTransformer2DModel
 
     torch.manual_seed(0)
-    m = QwenImageTransformer2DModel(num_layers=layers, attention_head_dim=128, num_attention_heads=heads,
-                                    joint_attention_dim=64, axes_dims_rope=(16, 56, 56), zero_cond_t=zero_cond)
+    m = QwenImageTransformer2DModel(
+        num_layers=layers,
+        attention_head_dim=128,
+        num_attention_heads=heads,
+        joint_attention_dim=64,
+        axes_dims_rope=(16, 56, 56),
+        zero_cond_t=zero_cond,
+    )
     return prepare_for_training(m, targets, precision)
 
 
@@ -87,10 +94,14 @@ def _probe_inputs(m: Any, img: int, txt: int) -> dict[str, Any]:
     side = math.isqrt(img)
     assert side * side == img, "probe token counts are squares"
     g = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(1, img, m.config.in_channels, generator=g).bfloat16(),
-                encoder_hidden_states=torch.randn(1, txt, m.config.joint_attention_dim, generator=g).bfloat16(),
-                encoder_hidden_states_mask=torch.ones(1, txt, dtype=torch.bool),
-                timestep=torch.tensor([0.5]).bfloat16(), img_shapes=[[(1, side, side)]], return_dict=False)
+    return dict(
+        hidden_states=torch.randn(1, img, m.config.in_channels, generator=g).bfloat16(),
+        encoder_hidden_states=torch.randn(1, txt, m.config.joint_attention_dim, generator=g).bfloat16(),
+        encoder_hidden_states_mask=torch.ones(1, txt, dtype=torch.bool),
+        timestep=torch.tensor([0.5]).bfloat16(),
+        img_shapes=[[(1, side, side)]],
+        return_dict=False,
+    )
 
 
 def measure_saved_bytes(model: Any, img: int, txt: int, checkpointing: bool = False) -> int:
@@ -125,8 +136,9 @@ def measure_peak_bytes(model: Any, img: int, txt: int, checkpointing: bool = Fal
     return mode.peak
 
 
-def measure_activation_coefficients(mixes: tuple[tuple[int, int], ...] = ((1024, 32), (256, 256)),
-                                     vae_side: int = 256, heads: int = 2) -> dict[str, float]:
+def measure_activation_coefficients(
+    mixes: tuple[tuple[int, int], ...] = ((1024, 32), (256, 256)), vae_side: int = 256, heads: int = 2
+) -> dict[str, float]:
     """Re-measure the module's activation constants on this machine's CPU (the probes compute in bf16: about
     4 minutes on a 2-core CPU without bf16 matmul instructions). ``mixes`` are the (image, text) token counts probed,
     ``heads`` the probe's width in heads of 128;
@@ -135,8 +147,7 @@ def measure_activation_coefficients(mixes: tuple[tuple[int, int], ...] = ((1024,
     from diffusers import AutoencoderKLQwenImage
 
     default = list(DEFAULT_TARGET_MODULES)
-    extended = default + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "img_mlp.net.2",
-                          "txt_mlp.net.0.proj"]
+    extended = default + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "img_mlp.net.2", "txt_mlp.net.0.proj"]
     rank, d = 16, 128 * heads
     rows, ys, block, outside = [], [], {}, []
     for precision in ("no_change", "int8-quanto"):
@@ -148,8 +159,13 @@ def measure_activation_coefficients(mixes: tuple[tuple[int, int], ...] = ((1024,
                 s2, s4 = measure_saved_bytes(m2, img, txt), measure_saved_bytes(m4, img, txt)
                 per_block = (s4 - s2) / 2
                 n = {"image": img, "text": txt, "sample": 1}
-                rows.append([d * (img + txt), sum(n[li.stream] * li.in_features for li in tg),
-                             d * (img + txt) * (precision != "no_change")])
+                rows.append(
+                    [
+                        d * (img + txt),
+                        sum(n[li.stream] * li.in_features for li in tg),
+                        d * (img + txt) * (precision != "no_change"),
+                    ]
+                )
                 ys.append(per_block - sum(n[li.stream] * rank * 4 for li in tg))
                 if precision == "no_change" and targets is default:
                     block[img, txt] = per_block
@@ -165,29 +181,44 @@ def measure_activation_coefficients(mixes: tuple[tuple[int, int], ...] = ((1024,
         ckpt.append((c4 - c2) / 2 / (d * (img + txt)))
         outside_ckpt.append((c2 - (c4 - c2) - (img + txt) * 128 * 4) / ((img + txt) * d))
         for cp, out in ((False, peak), (True, peak_ckpt)):
-            out.append((measure_peak_bytes(m2, img, txt, cp) - measure_saved_bytes(m2, img, txt, cp))
-                       / block[img, txt])
+            out.append((measure_peak_bytes(m2, img, txt, cp) - measure_saved_bytes(m2, img, txt, cp)) / block[img, txt])
         infer.append(max(measure_peak_bytes(m, img, txt, train=False) for m in (m2, m4)) / (d * (img + txt)))
     b2, b4 = (_probe_model(n, default, "int8-bnb", heads=heads) for n in (2, 4))
     img, txt = mixes[0]
-    int8_bnb = ((measure_peak_bytes(b4, img, txt) - measure_peak_bytes(b2, img, txt))
-                - (measure_peak_bytes(m4, img, txt) - measure_peak_bytes(m2, img, txt))) / 2 / (d * (img + txt))
+    int8_bnb = (
+        (
+            (measure_peak_bytes(b4, img, txt) - measure_peak_bytes(b2, img, txt))
+            - (measure_peak_bytes(m4, img, txt) - measure_peak_bytes(m2, img, txt))
+        )
+        / 2
+        / (d * (img + txt))
+    )
     per_px = {}
-    for what, x in (("encode", torch.randn(1, 3, 1, vae_side, vae_side)),
-                    ("decode", torch.randn(1, 16, 1, vae_side // 8, vae_side // 8))):
+    for what, x in (
+        ("encode", torch.randn(1, 3, 1, vae_side, vae_side)),
+        ("decode", torch.randn(1, 16, 1, vae_side // 8, vae_side // 8)),
+    ):
         torch.manual_seed(0)
         vae = AutoencoderKLQwenImage(base_dim=16).to(torch.bfloat16).eval()  # a fresh one: no caches from before
         mode = LiveBytes([*vae.parameters(), *vae.buffers()])
         with mode, torch.no_grad():
             (vae.encode if what == "encode" else vae.decode)(x.bfloat16())
         per_px[what] = mode.peak / (16 * vae_side * vae_side)
-    return {"C_BLOCK": float(c_block), "C_LORA_INPUT": float(c_lora), "C_QUANTO": float(c_quanto),
-            "C_INT8_BNB": float(int8_bnb),
-            "C_ZERO_COND": float(np.mean(zero_cond)), "C_OUTSIDE": float(max(outside)),
-            "C_CKPT_INPUT": float(np.mean(ckpt)), "C_OUTSIDE_CKPT": float(max(outside_ckpt)),
-            "PEAK_EXTRA_BLOCKS": float(max(peak)), "PEAK_EXTRA_BLOCKS_CKPT": float(max(peak_ckpt)),
-            "C_INFERENCE": float(max(infer)),
-            "VAE_ENCODE_BYTES": per_px["encode"], "VAE_DECODE_BYTES": per_px["decode"]}
+    return {
+        "C_BLOCK": float(c_block),
+        "C_LORA_INPUT": float(c_lora),
+        "C_QUANTO": float(c_quanto),
+        "C_INT8_BNB": float(int8_bnb),
+        "C_ZERO_COND": float(np.mean(zero_cond)),
+        "C_OUTSIDE": float(max(outside)),
+        "C_CKPT_INPUT": float(np.mean(ckpt)),
+        "C_OUTSIDE_CKPT": float(max(outside_ckpt)),
+        "PEAK_EXTRA_BLOCKS": float(max(peak)),
+        "PEAK_EXTRA_BLOCKS_CKPT": float(max(peak_ckpt)),
+        "C_INFERENCE": float(max(infer)),
+        "VAE_ENCODE_BYTES": per_px["encode"],
+        "VAE_DECODE_BYTES": per_px["decode"],
+    }
 
 
 if __name__ == "__main__":

@@ -81,13 +81,18 @@ def linear_weight_bytes(precision: str, in_features: int, out_features: int, com
 
 
 def transformer_weight_bytes(counts: TransformerCounts, precision: str, compute_bytes: int = 2) -> dict[str, int]:
-    quantized = sum(linear_weight_bytes(precision, li.in_features, li.out_features, compute_bytes)
-                    for li in counts.linears if not li.kept)
-    kept = sum((li.in_features * li.out_features + li.out_features * li.bias) * compute_bytes
-               for li in counts.linears if li.kept)
-    rest = (sum(li.out_features for li in counts.linears if li.bias and not li.kept) + counts.other_params)
-    return {f"base weights ({precision})": int(quantized), "kept layers": kept,
-            "biases + norms": rest * compute_bytes}
+    quantized = sum(
+        linear_weight_bytes(precision, li.in_features, li.out_features, compute_bytes)
+        for li in counts.linears
+        if not li.kept
+    )
+    kept = sum(
+        (li.in_features * li.out_features + li.out_features * li.bias) * compute_bytes
+        for li in counts.linears
+        if li.kept
+    )
+    rest = sum(li.out_features for li in counts.linears if li.bias and not li.kept) + counts.other_params
+    return {f"base weights ({precision})": int(quantized), "kept layers": kept, "biases + norms": rest * compute_bytes}
 
 
 def text_encoder_weight_bytes(params: int, embedding: int, precision: str, compute_bytes: int = 2) -> int:
@@ -97,12 +102,14 @@ def text_encoder_weight_bytes(params: int, embedding: int, precision: str, compu
         return params * compute_bytes
     hidden = REAL_TEXT_ENCODER["hidden"]
     linear = max(0, params - embedding)
-    return int(linear_weight_bytes(precision, hidden, max(1, linear // hidden), compute_bytes)
-               + embedding * compute_bytes)
+    return int(
+        linear_weight_bytes(precision, hidden, max(1, linear // hidden), compute_bytes) + embedding * compute_bytes
+    )
 
 
-def vae_working_bytes(bytes_per_pixel: float, base_dim: int, images: int, pixels: int, *, tiling: bool,
-                      slicing: bool) -> int:
+def vae_working_bytes(
+    bytes_per_pixel: float, base_dim: int, images: int, pixels: int, *, tiling: bool, slicing: bool
+) -> int:
     """The VAE's encode or decode working set for a batch of ``images`` of ``pixels`` each: slicing runs one image
     at a time, tiling one tile of ``VAE_TILE_PIXELS`` at a time (the full-size input and output, a few MB, are
     not counted)."""
@@ -121,8 +128,15 @@ def _kept_input_bytes(precision: str) -> float:
     return C_QUANTO if precision in QUANTO else C_INT8_BNB if precision == "int8-bnb" else 0.0
 
 
-def block_saved_bytes(counts: TransformerCounts, tokens: Tokens, targets: list[LinearInfo], rank: int, *,
-                      precision: str = "no_change", zero_cond: bool = False) -> float:
+def block_saved_bytes(
+    counts: TransformerCounts,
+    tokens: Tokens,
+    targets: list[LinearInfo],
+    rank: int,
+    *,
+    precision: str = "no_change",
+    zero_cond: bool = False,
+) -> float:
     """Bytes one block saves for backward (one sample, bf16 compute, fp32 LoRA), from the measured constants."""
     d = counts.width
     per_token = C_BLOCK + _kept_input_bytes(precision)
@@ -133,17 +147,27 @@ def block_saved_bytes(counts: TransformerCounts, tokens: Tokens, targets: list[L
     return saved + lora / counts.layers
 
 
-def training_activation_bytes(counts: TransformerCounts, tokens: Tokens, targets: list[LinearInfo], rank: int, *,
-                              checkpointing: bool, precision: str = "no_change", zero_cond: bool = False,
-                              batch: int = 1) -> dict[str, int]:
+def training_activation_bytes(
+    counts: TransformerCounts,
+    tokens: Tokens,
+    targets: list[LinearInfo],
+    rank: int,
+    *,
+    checkpointing: bool,
+    precision: str = "no_change",
+    zero_cond: bool = False,
+    batch: int = 1,
+) -> dict[str, int]:
     """Saved-for-backward bytes and the backward working set of one micro-batch."""
     d, L = counts.width, counts.layers
     block = block_saved_bytes(counts, tokens, targets, rank, precision=precision, zero_cond=zero_cond)
     n = per_stream(tokens)
     top = [li for li in targets if not li.name.startswith("transformer_blocks.")]
-    outside = (tokens.total * d * (C_OUTSIDE_CKPT if checkpointing else C_OUTSIDE)
-               + tokens.total * counts.head_dim * 4  # RoPE frequencies, complex64
-               + sum(n[li.stream] * (li.in_features * C_LORA_INPUT + rank * 4) for li in top))
+    outside = (
+        tokens.total * d * (C_OUTSIDE_CKPT if checkpointing else C_OUTSIDE)
+        + tokens.total * counts.head_dim * 4  # RoPE frequencies, complex64
+        + sum(n[li.stream] * (li.in_features * C_LORA_INPUT + rank * 4) for li in top)
+    )
     if checkpointing:
         saved = L * C_CKPT_INPUT * d * tokens.total + outside
         extra = PEAK_EXTRA_BLOCKS_CKPT * block

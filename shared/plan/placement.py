@@ -16,8 +16,10 @@ SERVICES: tuple[str, ...] = ("encoder", "trainer", "eval")
 def gpu_placement(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """service → the GPU id(s) it reserves (``"0"``, ``"1,2"``), as written in its EDITTUNER_<SERVICE>_GPU."""
     env = os.environ if env is None else env
-    return {s: ",".join(p.strip() for p in env.get(f"EDITTUNER_{s.upper()}_GPU", "0").split(",") if p.strip()) or "0"
-            for s in SERVICES}
+    return {
+        s: ",".join(p.strip() for p in env.get(f"EDITTUNER_{s.upper()}_GPU", "0").split(",") if p.strip()) or "0"
+        for s in SERVICES
+    }
 
 
 def sharing(placement: Mapping[str, str], a: str, b: str) -> bool:

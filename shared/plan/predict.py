@@ -57,7 +57,7 @@ from shared.plan.placement import gpu_groups, gpu_placement, sharing
 from shared.plan.recommend import apply_recommendation, recommend_overrides, recommend_service_overrides
 from shared.plan.tokens import CAPTION_TOKENS, VL_PIXELS_PER_TOKEN, Tokens, eval_tokens, training_tokens
 
-NCCL_BUFFER_BYTES = 512 * 2 ** 20
+NCCL_BUFFER_BYTES = 512 * 2**20
 INTRA_NODE_BYTES_S = 150e9  # NCCL all-reduce bus bandwidth within an NVLink machine: assumed
 INTER_NODE_BYTES_S = 20e9  # between machines (200 Gb/s InfiniBand): assumed
 
@@ -113,7 +113,7 @@ class Plan:
     validation: str = "eval_svc"  # or "training worker": where validations render (see the module docstring)
     in_worker_validation_bytes: int = 0  # the trainer's GPU while a validation renders in the worker
     gpu_totals: dict[str, dict[str, int]] = field(default_factory=dict)  # GPU id → phase → bytes
-    applied: "Plan | None" = None  # the plan again with every recommended change applied
+    applied: Plan | None = None  # the plan again with every recommended change applied
 
     @property
     def all_recommendations(self) -> list[str]:
@@ -135,20 +135,24 @@ class Plan:
 
 
 def _dp_assumptions(machines: int) -> list[str]:
-    link = (f"the network at {INTER_NODE_BYTES_S / 1e9:g}" if machines > 1 else
-            f"NVLink at {INTRA_NODE_BYTES_S / 1e9:g}")
-    return [f"data parallel: NCCL buffers {fmt_gib(NCCL_BUFFER_BYTES)} per GPU, assumed; the all-reduce of the fp32 "
-            f"LoRA gradients over {link} GB/s bus bandwidth, assumed, not overlapped with the backward (it is in "
-            "part)",
-            "host RAM while loading: one copy of the base in the compute dtype, as the processes of a machine "
-            "load in turns (start-up takes that many loads)"]
+    link = f"the network at {INTER_NODE_BYTES_S / 1e9:g}" if machines > 1 else f"NVLink at {INTRA_NODE_BYTES_S / 1e9:g}"
+    return [
+        f"data parallel: NCCL buffers {fmt_gib(NCCL_BUFFER_BYTES)} per GPU, assumed; the all-reduce of the fp32 "
+        f"LoRA gradients over {link} GB/s bus bandwidth, assumed, not overlapped with the backward (it is in "
+        "part)",
+        "host RAM while loading: one copy of the base in the compute dtype, as the processes of a machine "
+        "load in turns (start-up takes that many loads)",
+    ]
 
 
 def _assumptions(gpu: str, mfu: float, compute_bytes: int, precision: str) -> list[str]:
     fp32 = ["mixed_precision fp32: activations taken as twice the bf16 measurement (approximate)"]
-    source = ("measured on an H200 at edit-v2, 1024 px, three references, checkpointing (17,012 tokens per "
-              "sample; optimistic for fewer tokens)" if precision in MEASURED_MFU else
-              "assumed: not measured at full size for this precision")
+    source = (
+        "measured on an H200 at edit-v2, 1024 px, three references, checkpointing (17,012 tokens per "
+        "sample; optimistic for fewer tokens)"
+        if precision in MEASURED_MFU
+        else "assumed: not measured at full size for this precision"
+    )
     return (fp32 if compute_bytes == 4 else []) + [
         f"fixed CUDA overhead {fmt_gib(CUDA_OVERHEAD)} per service (context, workspaces, allocator slack): measured "
         "1.1-2.1 GiB above the device's use on an H200",
@@ -168,11 +172,13 @@ def _assumptions(gpu: str, mfu: float, compute_bytes: int, precision: str) -> li
 
 
 def _rollout_assumptions(rollout: Rollout, forwards: float) -> list[str]:
-    return [f"scheduled sampling: {forwards:.2g} forwards without gradient per sample (share "
-            f"{rollout.prob_end if rollout.ramp_steps > 0 else rollout.probability:g} x mean rollout length, "
-            f"{rollout.strategy} up to {rollout.max_step_offset}; after any ramp), counted at the forward's FLOPs: "
-            "an upper bound, as a sigma near 1 has fewer inference steps above it; their memory (one forward "
-            "without saved activations, before the training forward) is taken to stay under the training step's"]
+    return [
+        f"scheduled sampling: {forwards:.2g} forwards without gradient per sample (share "
+        f"{rollout.prob_end if rollout.ramp_steps > 0 else rollout.probability:g} x mean rollout length, "
+        f"{rollout.strategy} up to {rollout.max_step_offset}; after any ramp), counted at the forward's FLOPs: "
+        "an upper bound, as a sigma near 1 has fewer inference steps above it; their memory (one forward "
+        "without saved activations, before the training forward) is taken to stay under the training step's"
+    ]
 
 
 def processes(run: RunConfig) -> int:
@@ -188,8 +194,15 @@ def allreduce_seconds(lora_params: int, gpus: int, machines: int = 1) -> float:
     return 2 * (gpus - 1) / gpus * lora_params * 4 / bandwidth
 
 
-def plan_run(run: RunConfig, gpu_memory_bytes: int | None = None, gpu: str = "H100", *,
-             recommend: bool = True, gpus: int | None = None, environ: dict[str, str] | None = None) -> Plan:
+def plan_run(
+    run: RunConfig,
+    gpu_memory_bytes: int | None = None,
+    gpu: str = "H100",
+    *,
+    recommend: bool = True,
+    gpus: int | None = None,
+    environ: dict[str, str] | None = None,
+) -> Plan:
     """Predict memory per service, tokens, FLOPs and seconds per step of ``run`` on ``gpu``; when the trainer does
     not fit ``gpu_memory_bytes`` (default: the GPU's memory), search for overrides that make it fit. ``gpus``
     (default: num_processes x num_machines) data parallel processes: the trainer's memory is per GPU, the step
@@ -207,38 +220,62 @@ def plan_run(run: RunConfig, gpu_memory_bytes: int | None = None, gpu: str = "H1
 
     weights = transformer_weight_bytes(counts, t.base_model_precision, cb)
     n_lora = lora_params(targets, t.lora_rank)
-    acts = training_activation_bytes(counts, tokens, targets, t.lora_rank, checkpointing=t.gradient_checkpointing,
-                                     precision=t.base_model_precision, zero_cond=zero_cond,
-                                     batch=t.train_batch_size)
+    acts = training_activation_bytes(
+        counts,
+        tokens,
+        targets,
+        t.lora_rank,
+        checkpointing=t.gradient_checkpointing,
+        precision=t.base_model_precision,
+        zero_cond=zero_cond,
+        batch=t.train_batch_size,
+    )
     acts = {k: v * cb // 2 for k, v in acts.items()}  # measured in bf16; fp32 compute: about twice
-    trainer = {**weights, f"LoRA {n_lora / 1e6:.1f}M params + grads + {t.optimizer}":
-               n_lora * LORA_STATE_BYTES[t.optimizer], **acts, "CUDA overhead": CUDA_OVERHEAD}
+    trainer = {
+        **weights,
+        f"LoRA {n_lora / 1e6:.1f}M params + grads + {t.optimizer}": n_lora * LORA_STATE_BYTES[t.optimizer],
+        **acts,
+        "CUDA overhead": CUDA_OVERHEAD,
+    }
     n_gpus = gpus or processes(run)
     if n_gpus > 1:  # DDP's buckets are the gradients themselves (gradient_as_bucket_view); NCCL's own buffers
         trainer["NCCL buffers"] = NCCL_BUFFER_BYTES
 
     te_params, vae_params, base_dim = component_params(t.model_path)
-    te_bytes = text_encoder_weight_bytes(te_params, text_encoder_embedding_params(t.model_path),
-                                         t.text_encoder_1_precision, cb)
+    te_bytes = text_encoder_weight_bytes(
+        te_params, text_encoder_embedding_params(t.model_path), t.text_encoder_1_precision, cb
+    )
     vl_area = t.model_kwargs.vl_reference_area or flav.vl_ref_area
     te_acts = text_encoder_activation_bytes(tokens, tokens.references, vl_area)
     image_px = 256 * max(tokens.target, tokens.per_reference)  # a batch of the largest images
-    vae_encode = vae_working_bytes(VAE_ENCODE_BYTES, base_dim, t.vae_batch_size, image_px,
-                                   tiling=t.vae_enable_tiling, slicing=t.vae_enable_slicing)
-    encoder = {f"text encoder ({t.text_encoder_1_precision})": te_bytes, "VAE": vae_params * cb,
-               "working set (max of VAE encode, text encoder)": int(max(vae_encode, te_acts)),
-               "CUDA overhead": CUDA_OVERHEAD}
+    vae_encode = vae_working_bytes(
+        VAE_ENCODE_BYTES, base_dim, t.vae_batch_size, image_px, tiling=t.vae_enable_tiling, slicing=t.vae_enable_slicing
+    )
+    encoder = {
+        f"text encoder ({t.text_encoder_1_precision})": te_bytes,
+        "VAE": vae_params * cb,
+        "working set (max of VAE encode, text encoder)": int(max(vae_encode, te_acts)),
+        "CUDA overhead": CUDA_OVERHEAD,
+    }
     ev_tokens = eval_tokens(run, tokens)
     vw, vh = t.validation_size
     cached_text = t.conditioning_multidataset_sampling != "random"
-    render = int(max(inference_activation_bytes(counts, ev_tokens), 0 if cached_text else te_acts,
-                     vae_working_bytes(VAE_DECODE_BYTES, base_dim, 1, vw * vh, tiling=t.vae_enable_tiling,
-                                       slicing=False)))
+    render = int(
+        max(
+            inference_activation_bytes(counts, ev_tokens),
+            0 if cached_text else te_acts,
+            vae_working_bytes(VAE_DECODE_BYTES, base_dim, 1, vw * vh, tiling=t.vae_enable_tiling, slicing=False),
+        )
+    )
     text_part = {} if cached_text else {"text encoder": te_bytes}
-    ev = {**{f"transformer {k}": v for k, v in weights.items()}, "LoRA (compute dtype)": n_lora * cb, **text_part,
-          "VAE": vae_params * cb,
-          "working set (max of denoise step, VAE decode" + ("" if cached_text else ", text encoder") + ")": render,
-          "CUDA overhead": CUDA_OVERHEAD}
+    ev = {
+        **{f"transformer {k}": v for k, v in weights.items()},
+        "LoRA (compute dtype)": n_lora * cb,
+        **text_part,
+        "VAE": vae_params * cb,
+        "working set (max of denoise step, VAE decode" + ("" if cached_text else ", text encoder") + ")": render,
+        "CUDA overhead": CUDA_OVERHEAD,
+    }
     resident = sum(v for k, v in trainer.items() if k not in acts)  # between steps: no activations
     in_worker = max(sum(trainer.values()), resident + sum(text_part.values()) + vae_params * cb + render)
 
@@ -249,31 +286,53 @@ def plan_run(run: RunConfig, gpu_memory_bytes: int | None = None, gpu: str = "H1
     samples = t.train_batch_size * t.gradient_accumulation_steps
     per_step = sum(flops.values()) * samples
     mfu = MFU[t.base_model_precision]
-    services = {"trainer": ServicePlan("trainer", trainer, memory), "encoder": ServicePlan("encoder", encoder, memory),
-                "eval": ServicePlan("eval", ev, memory)}
-    plan = Plan(model=t.model_path, flavour=t.model_flavour, precision=t.base_model_precision,
-                checkpointing=t.gradient_checkpointing, lora_rank=t.lora_rank, batch=t.train_batch_size,
-                micro_batches=t.gradient_accumulation_steps, gpu=name,
-                gpu_memory_bytes=memory, services=services, tokens=tokens, eval_tokens=ev_tokens,
-                parameters={"transformer": counts.total, "text encoder": te_params, "VAE": vae_params,
-                            "LoRA": n_lora},
-                flops_per_step=per_step, model_flops_per_step=(flops["forward"] + flops["backward"]) * samples,
-                seconds_per_step=per_step / n_gpus / (peak_flops * mfu) + allreduce_seconds(n_lora, n_gpus,
-                                                                                           t.num_machines), mfu=mfu,
-                fits=services["trainer"].fits, assumptions=_assumptions(name, mfu, cb, t.base_model_precision) + (
-                    _dp_assumptions(t.num_machines) if n_gpus > 1 else []) + (
-                    _rollout_assumptions(rollout, rollout_forwards) if rollout is not None else []),
-                gpus=n_gpus, allreduce_seconds=allreduce_seconds(n_lora, n_gpus, t.num_machines),
-                host_load_bytes=counts.total * cb, rollout_forwards=rollout_forwards,
-                in_worker_validation_bytes=in_worker)
+    services = {
+        "trainer": ServicePlan("trainer", trainer, memory),
+        "encoder": ServicePlan("encoder", encoder, memory),
+        "eval": ServicePlan("eval", ev, memory),
+    }
+    plan = Plan(
+        model=t.model_path,
+        flavour=t.model_flavour,
+        precision=t.base_model_precision,
+        checkpointing=t.gradient_checkpointing,
+        lora_rank=t.lora_rank,
+        batch=t.train_batch_size,
+        micro_batches=t.gradient_accumulation_steps,
+        gpu=name,
+        gpu_memory_bytes=memory,
+        services=services,
+        tokens=tokens,
+        eval_tokens=ev_tokens,
+        parameters={"transformer": counts.total, "text encoder": te_params, "VAE": vae_params, "LoRA": n_lora},
+        flops_per_step=per_step,
+        model_flops_per_step=(flops["forward"] + flops["backward"]) * samples,
+        seconds_per_step=per_step / n_gpus / (peak_flops * mfu) + allreduce_seconds(n_lora, n_gpus, t.num_machines),
+        mfu=mfu,
+        fits=services["trainer"].fits,
+        assumptions=_assumptions(name, mfu, cb, t.base_model_precision)
+        + (_dp_assumptions(t.num_machines) if n_gpus > 1 else [])
+        + (_rollout_assumptions(rollout, rollout_forwards) if rollout is not None else []),
+        gpus=n_gpus,
+        allreduce_seconds=allreduce_seconds(n_lora, n_gpus, t.num_machines),
+        host_load_bytes=counts.total * cb,
+        rollout_forwards=rollout_forwards,
+        in_worker_validation_bytes=in_worker,
+    )
     place(plan, gpu_placement(environ))
     if recommend and not plan.fits:
         plan.recommendation, plan.recommended_bytes = recommend_overrides(run, memory, name, plan_run)
     if recommend:
         plan.service_recommendations = recommend_service_overrides(run, plan.recommendation, memory, name, plan_run)
         if plan.all_recommendations:
-            plan.applied = plan_run(apply_recommendation(run, plan.all_recommendations), memory, gpu,
-                                    recommend=False, gpus=gpus, environ=environ)
+            plan.applied = plan_run(
+                apply_recommendation(run, plan.all_recommendations),
+                memory,
+                gpu,
+                recommend=False,
+                gpus=gpus,
+                environ=environ,
+            )
     return plan
 
 
@@ -284,8 +343,9 @@ def place(plan: Plan, placement: dict[str, str]) -> Plan:
     sv = {k: s.total for k, s in plan.services.items()}
     together = sharing(placement, "trainer", "eval")
     plan.placement = dict(placement)
-    plan.validation = ("training worker" if together and sv["trainer"] + sv["eval"] > plan.gpu_memory_bytes
-                       else "eval_svc")
+    plan.validation = (
+        "training worker" if together and sv["trainer"] + sv["eval"] > plan.gpu_memory_bytes else "eval_svc"
+    )
     totals: dict[str, dict[str, int]] = {}
     for gpu, names in gpu_groups(placement).items():
         phases: dict[str, int] = {}
@@ -322,8 +382,9 @@ def device_memory(device: torch.device | str) -> int | None:
     return torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else None
 
 
-def validation_site(run: RunConfig, device: torch.device | str, *, environ: dict[str, str] | None = None
-                    ) -> tuple[str, str]:
+def validation_site(
+    run: RunConfig, device: torch.device | str, *, environ: dict[str, str] | None = None
+) -> tuple[str, str]:
     """("eval_svc" or "training worker", the reason as a sentence): where a service-run's validations render.
     The training worker when the trainer and eval_svc share the trainer's GPU (EDITTUNER_*_GPU) and the planner
     predicts the two do not fit its memory together; eval_svc otherwise, and off a GPU."""
@@ -333,9 +394,11 @@ def validation_site(run: RunConfig, device: torch.device | str, *, environ: dict
     plan = plan_run(run, total, recommend=False, environ=environ)
     tr, ev = plan.trainer.total, plan.services["eval"].total
     if plan.validation == "training worker":
-        return plan.validation, (f"trainer {fmt_gib(tr)} + eval {fmt_gib(ev)} do not fit {fmt_gib(total)} of GPU "
-                                 f"{plan.placement['trainer']} together: validations render in the training worker "
-                                 f"on its transformer (predicted {fmt_gib(plan.in_worker_validation_bytes)})")
+        return plan.validation, (
+            f"trainer {fmt_gib(tr)} + eval {fmt_gib(ev)} do not fit {fmt_gib(total)} of GPU "
+            f"{plan.placement['trainer']} together: validations render in the training worker "
+            f"on its transformer (predicted {fmt_gib(plan.in_worker_validation_bytes)})"
+        )
     if sharing(plan.placement, "trainer", "eval"):
         return "eval_svc", f"trainer {fmt_gib(tr)} + eval {fmt_gib(ev)} fit {fmt_gib(total)} together: eval_svc renders"
     return "eval_svc", f"eval_svc has its own GPU ({plan.placement['eval']}): eval_svc renders"
@@ -360,9 +423,13 @@ def check_fits(run: RunConfig, device: torch.device | str, *, total_bytes: int |
         return
     tr = plan.trainer
     parts = ", ".join(f"{k} {fmt_gib(v)}" for k, v in tr.breakdown.items())
-    advice = ("try " + " ".join(plan.recommendation) + f" (predicted {fmt_gib(plan.recommended_bytes or 0)}); "
-              if plan.recommendation else "no searched setting fits this GPU; ")
+    advice = (
+        "try " + " ".join(plan.recommendation) + f" (predicted {fmt_gib(plan.recommended_bytes or 0)}); "
+        if plan.recommendation
+        else "no searched setting fits this GPU; "
+    )
     raise errors.ResourceExhausted(
         f"the run will not fit on {device}: the trainer needs about {fmt_gib(tr.total)} of GPU memory ({parts}) but "
         f"{device} has {fmt_gib(total_bytes)} in total. {advice}or pass skip_fit_check=true to try anyway "
-        "(see `edittuner plan` for the full prediction)")
+        "(see `edittuner plan` for the full prediction)"
+    )

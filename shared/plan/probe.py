@@ -15,26 +15,42 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from shared.model.device import free_gpu_memory, reset_peak
 
 GiB = 2**30
-REAL_BLOCK = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=128,
-                  num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
-SMALL_BLOCK = dict(REAL_BLOCK, attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
-                   axes_dims_rope=(8, 12, 12))
+REAL_BLOCK = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=1,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,
+    axes_dims_rope=(16, 56, 56),
+)
+SMALL_BLOCK = dict(
+    REAL_BLOCK, attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64, axes_dims_rope=(8, 12, 12)
+)
 # (target and one reference of side x side latent patches, text tokens): real width, a 512 px pair and a caption
 REAL_TOKENS, SMALL_TOKENS = (32, 256), (4, 16)
 BLOCK_PRECISIONS = ("int8-quanto", "fp8-quanto", "int4-quanto", "int2-quanto", "nf4-bnb", "int8-bnb")
 # Largest relative error of the block's update against bf16 that passes: about 2.5x what the CPU measures on the
 # small block (int8-quanto 0.038, int8-bnb 0.034, fp8 0.081, int4 0.142, nf4 0.180, int2 0.581), under the ~1.0 of
 # an update computed with wrong scales or layouts. int2's bound only catches garbage: it is that lossy.
-MAX_REL_ERROR = {"int8-quanto": 0.10, "fp8-quanto": 0.20, "int4-quanto": 0.35, "int2-quanto": 0.95,
-                 "nf4-bnb": 0.45, "int8-bnb": 0.10}
+MAX_REL_ERROR = {
+    "int8-quanto": 0.10,
+    "fp8-quanto": 0.20,
+    "int4-quanto": 0.35,
+    "int2-quanto": 0.95,
+    "nf4-bnb": 0.45,
+    "int8-bnb": 0.10,
+}
 # Weight classes that must not be in use: quanto's Marlin fp8 kernel never adds the Linear's bias.
 WRONG_CLASSES = ("MarlinF8QBytesTensor",)
 
@@ -62,12 +78,14 @@ def block_inputs(cfg: dict[str, Any], side: int, text: int, device: torch.device
     """A target and one reference of ``side`` x ``side`` patches and ``text`` caption tokens, from ``seed``."""
     g = torch.Generator().manual_seed(seed)
     img = 2 * side * side
-    return dict(hidden_states=torch.randn(1, img, cfg["in_channels"], generator=g).to(device, torch.bfloat16),
-                encoder_hidden_states=torch.randn(1, text, cfg["joint_attention_dim"], generator=g).to(
-                    device, torch.bfloat16),
-                encoder_hidden_states_mask=torch.ones(1, text, dtype=torch.bool, device=device),
-                timestep=torch.tensor([0.5], device=device, dtype=torch.bfloat16),
-                img_shapes=[[(1, side, side), (1, side, side)]], return_dict=False)
+    return dict(
+        hidden_states=torch.randn(1, img, cfg["in_channels"], generator=g).to(device, torch.bfloat16),
+        encoder_hidden_states=torch.randn(1, text, cfg["joint_attention_dim"], generator=g).to(device, torch.bfloat16),
+        encoder_hidden_states_mask=torch.ones(1, text, dtype=torch.bool, device=device),
+        timestep=torch.tensor([0.5], device=device, dtype=torch.bfloat16),
+        img_shapes=[[(1, side, side), (1, side, side)]],
+        return_dict=False,
+    )
 
 
 def sync(device: torch.device) -> None:
@@ -78,8 +96,10 @@ def sync(device: torch.device) -> None:
 def peaks(device: torch.device) -> dict[str, float]:
     if device.type != "cuda":
         return {}
-    return {"allocated_gib": round(torch.cuda.max_memory_allocated(device) / GiB, 3),
-            "reserved_gib": round(torch.cuda.max_memory_reserved(device) / GiB, 3)}
+    return {
+        "allocated_gib": round(torch.cuda.max_memory_allocated(device) / GiB, 3),
+        "reserved_gib": round(torch.cuda.max_memory_reserved(device) / GiB, 3),
+    }
 
 
 def weight_classes(model: torch.nn.Module) -> list[str]:
@@ -103,10 +123,14 @@ def block_update(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
 
     def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         names = ("hidden_states", "encoder_hidden_states")
-        given = dict(zip(names, args)) | {k: kwargs[k] for k in names if k in kwargs}
+        given = dict(zip(names, args, strict=False)) | {k: kwargs[k] for k in names if k in kwargs}
         txt_out, img_out = output
-        seen["delta"] = torch.cat([(img_out - given["hidden_states"]).float().flatten(),
-                                   (txt_out - given["encoder_hidden_states"]).float().flatten()])
+        seen["delta"] = torch.cat(
+            [
+                (img_out - given["hidden_states"]).float().flatten(),
+                (txt_out - given["encoder_hidden_states"]).float().flatten(),
+            ]
+        )
 
     handle = model.transformer_blocks[0].register_forward_hook(hook, with_kwargs=True)
     try:
@@ -160,12 +184,18 @@ def lora_backward(model: Any, inputs: dict[str, Any], device: torch.device, step
     grads_b = [p.grad for n, p in params.items() if "lora_B" in n]
     finite = all(g is not None and bool(torch.isfinite(g).all()) for g in grads_b)
     nonzero = sum(1 for g in grads_b if g is not None and bool(g.abs().sum() > 0))
-    return {"fwd_bwd_s": round(elapsed, 4), "lora_b_tensors": len(grads_b), "lora_b_nonzero": nonzero,
-            "finite": finite, **peaks(device)}
+    return {
+        "fwd_bwd_s": round(elapsed, 4),
+        "lora_b_tensors": len(grads_b),
+        "lora_b_nonzero": nonzero,
+        "finite": finite,
+        **peaks(device),
+    }
 
 
-def probe_precision(precision: str, reference: Any, inputs: dict[str, Any], device: torch.device,
-                    steps: int) -> tuple[dict[str, Any], list[str]]:
+def probe_precision(
+    precision: str, reference: Any, inputs: dict[str, Any], device: torch.device, steps: int
+) -> tuple[dict[str, Any], list[str]]:
     """(figures, problems) of one precision against ``reference`` (the bf16 model on ``device``); no problems
     means the precision computes the same function within its bound."""
     from shared.model.quantize import check_precision, quantize_transformer
@@ -183,8 +213,16 @@ def probe_precision(precision: str, reference: Any, inputs: dict[str, Any], devi
     train = lora_backward(model, inputs, device, steps)
     del model, ref_out
     free_gpu_memory()
-    data = {"precision": precision, "rel_error": round(rel, 5), "cosine": round(cos, 6), "weight_classes": classes,
-            "biases_honoured": bias_ok, "biased_linears": biased, "quantize_s": round(quantize_s, 3), **train}
+    data = {
+        "precision": precision,
+        "rel_error": round(rel, 5),
+        "cosine": round(cos, 6),
+        "weight_classes": classes,
+        "biases_honoured": bias_ok,
+        "biased_linears": biased,
+        "quantize_s": round(quantize_s, 3),
+        **train,
+    }
     problems = []
     if not math.isfinite(rel) or rel > MAX_REL_ERROR[precision]:
         problems.append(f"relative error {rel:.3g} above {MAX_REL_ERROR[precision]}")
@@ -194,16 +232,23 @@ def probe_precision(precision: str, reference: Any, inputs: dict[str, Any], devi
     if wrong:
         problems.append(f"weight class {', '.join(wrong)} in use (drops the Linear bias)")
     if not train["finite"] or train["lora_b_nonzero"] != train["lora_b_tensors"]:
-        problems.append(f"LoRA gradients: {train['lora_b_nonzero']}/{train['lora_b_tensors']} non-zero, "
-                        f"{'finite' if train['finite'] else 'NOT finite'}")
+        problems.append(
+            f"LoRA gradients: {train['lora_b_nonzero']}/{train['lora_b_tensors']} non-zero, "
+            f"{'finite' if train['finite'] else 'NOT finite'}"
+        )
     return data, problems
 
 
 def describe(data: dict[str, Any]) -> str:
     """One line of a probe's figures."""
-    mem = f", peak {data['allocated_gib']:.2f} GiB allocated / {data['reserved_gib']:.2f} reserved" \
-        if "allocated_gib" in data else ""
-    return (f"block update vs bf16: relative error {data['rel_error']:.4f}, cosine {data['cosine']:.5f}; biases "
-            f"{data['biases_honoured']}/{data['biased_linears']}; weights {', '.join(data['weight_classes']) or 'none'}"
-            f"; LoRA backward {data['lora_b_nonzero']}/{data['lora_b_tensors']} lora_B non-zero, "
-            f"{data['fwd_bwd_s'] * 1000:.1f} ms fwd+bwd{mem}")
+    mem = (
+        f", peak {data['allocated_gib']:.2f} GiB allocated / {data['reserved_gib']:.2f} reserved"
+        if "allocated_gib" in data
+        else ""
+    )
+    return (
+        f"block update vs bf16: relative error {data['rel_error']:.4f}, cosine {data['cosine']:.5f}; biases "
+        f"{data['biases_honoured']}/{data['biased_linears']}; weights {', '.join(data['weight_classes']) or 'none'}"
+        f"; LoRA backward {data['lora_b_nonzero']}/{data['lora_b_tensors']} lora_B non-zero, "
+        f"{data['fwd_bwd_s'] * 1000:.1f} ms fwd+bwd{mem}"
+    )

@@ -9,7 +9,8 @@ import dataclasses
 import json
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from shared.config.schema import RunConfig
 from shared.plan.memory import linear_weight_bytes
@@ -21,14 +22,21 @@ RESOLUTION_LADDER = (1024, 768, 512)
 # ------------------------------------------------------------------------------------------ recommendation
 def _with_resolution(run: RunConfig, side: int) -> RunConfig:
     """``run`` with every image and conditioning dataset at ``side``² pixels (and packed references too)."""
-    data = dataclasses.replace(run.data, datasets=tuple(
-        dataclasses.replace(d, resolution=float(side), resolution_type="pixel_area")
-        if d.dataset_type in ("image", "conditioning") else d for d in run.data.datasets))
+    data = dataclasses.replace(
+        run.data,
+        datasets=tuple(
+            dataclasses.replace(d, resolution=float(side), resolution_type="pixel_area")
+            if d.dataset_type in ("image", "conditioning")
+            else d
+            for d in run.data.datasets
+        ),
+    )
     train = run.train
     packed = train.model_flavour == "edit-v1" or not train.model_kwargs.match_target_res  # refs at reference_area
     if packed and train.model_kwargs.reference_area > side * side:
-        train = dataclasses.replace(train, model_kwargs=dataclasses.replace(train.model_kwargs,
-                                                                            reference_area=side * side))
+        train = dataclasses.replace(
+            train, model_kwargs=dataclasses.replace(train.model_kwargs, reference_area=side * side)
+        )
     return dataclasses.replace(run, train=train, data=data)
 
 
@@ -37,9 +45,9 @@ def _candidates(run: RunConfig) -> list[tuple[dict[str, Any], int | None]]:
     then a lower resolution; then rank 8."""
     t = run.train
     cur_bytes = linear_weight_bytes(t.base_model_precision, 3072, 3072)
-    precisions = [t.base_model_precision] + [p for p in PRECISION_LADDER
-                                             if p != t.base_model_precision
-                                             and linear_weight_bytes(p, 3072, 3072) < cur_bytes]
+    precisions = [t.base_model_precision] + [
+        p for p in PRECISION_LADDER if p != t.base_model_precision and linear_weight_bytes(p, 3072, 3072) < cur_bytes
+    ]
     side = max(math.isqrt(ds.target_area) for ds in run.data.image_datasets)
     sides = [None] + [s for s in RESOLUTION_LADDER if s < side]
     ranks = [t.lora_rank] + ([8] if t.lora_rank > 8 else [])
@@ -52,8 +60,9 @@ def _candidates(run: RunConfig) -> list[tuple[dict[str, Any], int | None]]:
     return out
 
 
-def recommend_overrides(run: RunConfig, memory: int, gpu: str, predict: Callable[..., Any]
-                        ) -> tuple[list[str], int | None]:
+def recommend_overrides(
+    run: RunConfig, memory: int, gpu: str, predict: Callable[..., Any]
+) -> tuple[list[str], int | None]:
     """The first candidate (see ``_candidates``) whose trainer fits ``memory``, as the changes to make: config
     ``key=value`` overrides, and the dataset resolution as a multidatabackend.json edit. ([], None) if none fits.
     ``predict`` is ``shared.plan.predict.plan_run`` (passed in, so that the two modules do not import each other)."""
@@ -69,7 +78,7 @@ def recommend_overrides(run: RunConfig, memory: int, gpu: str, predict: Callable
             if cand.train.model_kwargs.reference_area != t.model_kwargs.reference_area:
                 changes.append(f"model_kwargs.reference_area={cand.train.model_kwargs.reference_area}")
             ids = ", ".join(d.id for d in run.data.datasets if d.dataset_type in ("image", "conditioning"))
-            changes.append(f"multidatabackend.json: \"resolution\": {side} for {ids}")
+            changes.append(f'multidatabackend.json: "resolution": {side} for {ids}')
         return changes, p.trainer.total
     return [], None
 
@@ -78,13 +87,17 @@ def recommend_overrides(run: RunConfig, memory: int, gpu: str, predict: Callable
 # slicing gives the same latents, a quantized text encoder other embeddings, tiling close latents; for eval, tiled
 # decoding, then smaller previews (the quickstart's own advice for out-of-memory during validation).
 SERVICE_LADDERS: dict[str, tuple[dict[str, Any], ...]] = {
-    "encoder": ({"vae_enable_slicing": True},
-                {"vae_enable_slicing": True, "text_encoder_1_precision": "int8-quanto"},
-                {"vae_enable_slicing": True, "text_encoder_1_precision": "nf4-bnb"},
-                {"vae_enable_slicing": True, "text_encoder_1_precision": "nf4-bnb", "vae_enable_tiling": True}),
-    "eval": ({"vae_enable_tiling": True},
-             {"vae_enable_tiling": True, "validation_resolution": "768x768"},
-             {"vae_enable_tiling": True, "validation_resolution": "512x512"}),
+    "encoder": (
+        {"vae_enable_slicing": True},
+        {"vae_enable_slicing": True, "text_encoder_1_precision": "int8-quanto"},
+        {"vae_enable_slicing": True, "text_encoder_1_precision": "nf4-bnb"},
+        {"vae_enable_slicing": True, "text_encoder_1_precision": "nf4-bnb", "vae_enable_tiling": True},
+    ),
+    "eval": (
+        {"vae_enable_tiling": True},
+        {"vae_enable_tiling": True, "validation_resolution": "768x768"},
+        {"vae_enable_tiling": True, "validation_resolution": "512x512"},
+    ),
 }
 
 
@@ -92,8 +105,9 @@ def _override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value).strip(chr(34))}"
 
 
-def recommend_service_overrides(run: RunConfig, trainer_changes: list[str], memory: int, gpu: str,
-                                predict: Callable[..., Any]) -> dict[str, list[str]]:
+def recommend_service_overrides(
+    run: RunConfig, trainer_changes: list[str], memory: int, gpu: str, predict: Callable[..., Any]
+) -> dict[str, list[str]]:
     """For each of the encoder and eval that does not fit ``memory`` once ``trainer_changes`` are applied: the
     first set of ``SERVICE_LADDERS`` that makes it fit, as ``key=value`` changes ([] where none does). Each
     service's changes are applied before the next is searched, so together they are what the plan promises."""
@@ -119,8 +133,11 @@ def smaller_validation(run: RunConfig, failures: int) -> tuple[RunConfig, list[s
     if failures <= 0:
         return run, []
     w, h = run.train.validation_size
-    steps = [o for o in SERVICE_LADDERS["eval"] if "validation_resolution" not in o
-             or math.prod(int(x) for x in o["validation_resolution"].split("x")) < w * h]
+    steps = [
+        o
+        for o in SERVICE_LADDERS["eval"]
+        if "validation_resolution" not in o or math.prod(int(x) for x in o["validation_resolution"].split("x")) < w * h
+    ]
     over = steps[min(failures, len(steps)) - 1]
     changes = [_override(k, v) for k, v in over.items() if getattr(run.train, k) != v]
     return apply_recommendation(run, changes), changes
@@ -135,10 +152,12 @@ def apply_recommendation(run: RunConfig, recommendation: list[str]) -> RunConfig
             continue
         key, _, value = item.partition("=")
         if key == "model_kwargs.reference_area":
-            train = dataclasses.replace(train, model_kwargs=dataclasses.replace(train.model_kwargs,
-                                                                                reference_area=int(value)))
+            train = dataclasses.replace(
+                train, model_kwargs=dataclasses.replace(train.model_kwargs, reference_area=int(value))
+            )
         else:
-            train = dataclasses.replace(train, **{key: json.loads(value) if value in ("true", "false") or
-                                                  value.isdigit() else value})
+            train = dataclasses.replace(
+                train, **{key: json.loads(value) if value in ("true", "false") or value.isdigit() else value}
+            )
     run = dataclasses.replace(run, train=train)
     return _with_resolution(run, side) if side is not None else run

@@ -1,5 +1,4 @@
-"""The plan as text: ``edittuner plan``'s report and docs/PLANNER.md's table (``python -m shared.plan.report``).
-"""
+"""The plan as text: ``edittuner plan``'s report and docs/PLANNER.md's table (``python -m shared.plan.report``)."""
 
 from __future__ import annotations
 
@@ -21,8 +20,8 @@ def format_plan(plan: Plan) -> str:
         f"plan: {plan.flavour} ({plan.model}), base {plan.precision}, gradient_checkpointing "
         f"{'on' if plan.checkpointing else 'off'}, LoRA rank {plan.lora_rank}, batch {plan.batch}",
         f"GPU: {plan.gpu} (timing), {fmt_gib(plan.gpu_memory_bytes)} to fit",
-        "parameters: " + ", ".join(f"{k} {v / 1e9:.3f}B" if v >= 1e8 else f"{k} {v / 1e6:.2f}M"
-                                   for k, v in plan.parameters.items()),
+        "parameters: "
+        + ", ".join(f"{k} {v / 1e9:.3f}B" if v >= 1e8 else f"{k} {v / 1e6:.2f}M" for k, v in plan.parameters.items()),
         f"tokens per sample: {tk.target} target + {tk.references} x {tk.per_reference} reference + {tk.text} text "
         f"= {tk.total} (eval step: {plan.eval_tokens.total})",
         "",
@@ -31,31 +30,47 @@ def format_plan(plan: Plan) -> str:
     for s in plan.services.values():
         parts = ", ".join(f"{k} {fmt_gib(v)}" for k, v in s.breakdown.items())
         lines.append(f"{s.name:<8} {fmt_gib(s.total):>10}  {'yes' if s.fits else 'NO':<4}  {parts}")
-    lines += ["", f"step: {plan.flops_per_step:.3g} FLOPs ({plan.micro_batches} micro-batch(es) of {plan.batch}), "
-              f"about {plan.seconds_per_step:.3g} s per optimizer step on {plan.gpu} (MFU {plan.mfu:.3g})"]
+    lines += [
+        "",
+        f"step: {plan.flops_per_step:.3g} FLOPs ({plan.micro_batches} micro-batch(es) of {plan.batch}), "
+        f"about {plan.seconds_per_step:.3g} s per optimizer step on {plan.gpu} (MFU {plan.mfu:.3g})",
+    ]
     if plan.rollout_forwards:
-        lines.append(f"of it scheduled sampling: {plan.rollout_forwards:.2g} forwards without gradient per sample "
-                     "before its training forward")
+        lines.append(
+            f"of it scheduled sampling: {plan.rollout_forwards:.2g} forwards without gradient per sample "
+            "before its training forward"
+        )
     if plan.gpus > 1:
-        lines.append(f"on {plan.gpus} GPUs: the trainer figures are per GPU; each computes "
-                     f"{plan.micro_batches // plan.gpus if plan.micro_batches % plan.gpus == 0 else '?'} of the "
-                     f"{plan.micro_batches} micro-batches, the LoRA gradients' all-reduce adds "
-                     f"{plan.allreduce_seconds * 1000:.1f} ms; the processes of a machine load the base in "
-                     f"turns (about {fmt_gib(plan.host_load_bytes)} of host RAM at a time)")
+        lines.append(
+            f"on {plan.gpus} GPUs: the trainer figures are per GPU; each computes "
+            f"{plan.micro_batches // plan.gpus if plan.micro_batches % plan.gpus == 0 else '?'} of the "
+            f"{plan.micro_batches} micro-batches, the LoRA gradients' all-reduce adds "
+            f"{plan.allreduce_seconds * 1000:.1f} ms; the processes of a machine load the base in "
+            f"turns (about {fmt_gib(plan.host_load_bytes)} of host RAM at a time)"
+        )
     if plan.fits:
         lines.append(f"the trainer fits {fmt_gib(plan.gpu_memory_bytes)}")
     elif plan.recommendation:
-        lines.append(f"the trainer does NOT fit {fmt_gib(plan.gpu_memory_bytes)}; with these changes it needs about "
-                     f"{fmt_gib(plan.recommended_bytes or 0)}:")
+        lines.append(
+            f"the trainer does NOT fit {fmt_gib(plan.gpu_memory_bytes)}; with these changes it needs about "
+            f"{fmt_gib(plan.recommended_bytes or 0)}:"
+        )
         lines += [f"  {r}" for r in plan.recommendation]
     else:
-        lines.append(f"the trainer does NOT fit {fmt_gib(plan.gpu_memory_bytes)}, and no setting searched "
-                     "(checkpointing, int8-quanto/nf4-bnb/int4-quanto, 768/512, rank 8) makes it fit")
+        lines.append(
+            f"the trainer does NOT fit {fmt_gib(plan.gpu_memory_bytes)}, and no setting searched "
+            "(checkpointing, int8-quanto/nf4-bnb/int4-quanto, 768/512, rank 8) makes it fit"
+        )
     lines += _services_and_gpus(plan)
     if plan.applied is not None:
         a = plan.applied
-        lines += ["", "with every change above applied: " + ", ".join(
-            f"{s.name} {fmt_gib(s.total)} ({'fits' if s.fits else 'does NOT fit'})" for s in a.services.values())]
+        lines += [
+            "",
+            "with every change above applied: "
+            + ", ".join(
+                f"{s.name} {fmt_gib(s.total)} ({'fits' if s.fits else 'does NOT fit'})" for s in a.services.values()
+            ),
+        ]
         lines += [f"  {line}" for line in _services_and_gpus(a)]
     lines += ["assumptions:"] + [f"  - {a}" for a in plan.assumptions]
     return "\n".join(lines)
@@ -66,17 +81,25 @@ def _services_and_gpus(plan: Plan) -> list[str]:
     lines = []
     for name, changes in plan.service_recommendations.items():
         if changes:
-            lines.append(f"the {name} does NOT fit {fmt_gib(plan.gpu_memory_bytes)}; after the changes above, "
-                         "with these it fits:")
+            lines.append(
+                f"the {name} does NOT fit {fmt_gib(plan.gpu_memory_bytes)}; after the changes above, "
+                "with these it fits:"
+            )
             lines += [f"  {c}" for c in changes]
         else:
-            lines.append(f"the {name} does NOT fit {fmt_gib(plan.gpu_memory_bytes)}, and none of its memory options "
-                         "(vae_enable_slicing, text_encoder_1_precision, vae_enable_tiling, validation_resolution) "
-                         "makes it fit")
-    where = ("in the training worker, on its resident transformer (trainer and eval_svc do not fit one GPU "
-             "together)" if plan.validation == "training worker" else "in eval_svc")
-    lines.append(f"validations render {where}: trainer with an in-worker validation "
-                 f"{fmt_gib(plan.in_worker_validation_bytes)}")
+            lines.append(
+                f"the {name} does NOT fit {fmt_gib(plan.gpu_memory_bytes)}, and none of its memory options "
+                "(vae_enable_slicing, text_encoder_1_precision, vae_enable_tiling, validation_resolution) "
+                "makes it fit"
+            )
+    where = (
+        "in the training worker, on its resident transformer (trainer and eval_svc do not fit one GPU together)"
+        if plan.validation == "training worker"
+        else "in eval_svc"
+    )
+    lines.append(
+        f"validations render {where}: trainer with an in-worker validation {fmt_gib(plan.in_worker_validation_bytes)}"
+    )
     for gpu, phases in plan.gpu_totals.items():
         names = [s for s, ids in plan.placement.items() if gpu in ids.split(",")]
         parts = ", ".join(f"{phase} {fmt_gib(v)}" for phase, v in phases.items())
@@ -94,9 +117,17 @@ def measured_runs() -> dict[str, Any]:
 def _measured_cell(rows: list[dict[str, Any]], flavour: str, refs: int, res: int, precision: str, ckpt: bool) -> str:
     for r in rows:
         if (r["flavour"], r["references"], r["resolution"], r["precision"], r["checkpointing"]) == (
-                flavour, refs, res, precision, ckpt) and r["cap_gib"] is None:
-            mem = (f"{r['device_used_gib']:.1f} GiB used" if r["device_used_gib"] is not None
-                   else f"{r['reserved_gib']:.1f} GiB reserved")  # bench/gpu_step.py reads torch's peaks only
+            flavour,
+            refs,
+            res,
+            precision,
+            ckpt,
+        ) and r["cap_gib"] is None:
+            mem = (
+                f"{r['device_used_gib']:.1f} GiB used"
+                if r["device_used_gib"] is not None
+                else f"{r['reserved_gib']:.1f} GiB reserved"
+            )  # bench/gpu_step.py reads torch's peaks only
             return f"{mem}, {r['s_per_step']:.2f} s (H200)"
     return ""
 
@@ -106,8 +137,10 @@ def docs_table(gpu: str = "H100") -> str:
     references, bf16/int8-quanto/nf4-bnb, with and without gradient checkpointing."""
     from shared.config.loading import load_run_config_text
 
-    head = ("| flavour | refs | res | precision | ckpt | tokens | trainer GiB (weights + LoRA / activations) | "
-            "encoder GiB | eval GiB | s/step " + gpu + " (predicted) | measured |")
+    head = (
+        "| flavour | refs | res | precision | ckpt | tokens | trainer GiB (weights + LoRA / activations) | "
+        "encoder GiB | eval GiB | s/step " + gpu + " (predicted) | measured |"
+    )
     lines = [head, "|" + "---|" * 11]
     measured = measured_runs()["rows"]
     for flavour, refs in (("edit-v1", 1), ("edit-v2", 3)):
@@ -115,48 +148,64 @@ def docs_table(gpu: str = "H100") -> str:
             ids = [f"ref{i}" for i in range(refs)]
             data = [{"id": "img", "instance_data_dir": "/d/img", "resolution": res, "conditioning_data": ids}] + [
                 {"id": i, "dataset_type": "conditioning", "instance_data_dir": f"/d/{i}", "resolution": res}
-                for i in ids]
+                for i in ids
+            ]
             for precision in ("no_change", "int8-quanto", "nf4-bnb"):
                 for ckpt in (False, True):
-                    cfg = {"model_flavour": flavour, "base_model_precision": precision, "mixed_precision": "bf16",
-                           "gradient_checkpointing": ckpt, "train_batch_size": 1, "gradient_accumulation_steps": 1,
-                           "validation_resolution": f"{res}x{res}"}
+                    cfg = {
+                        "model_flavour": flavour,
+                        "base_model_precision": precision,
+                        "mixed_precision": "bf16",
+                        "gradient_checkpointing": ckpt,
+                        "train_batch_size": 1,
+                        "gradient_accumulation_steps": 1,
+                        "validation_resolution": f"{res}x{res}",
+                    }
                     run = load_run_config_text(json.dumps(cfg), json.dumps(data))
                     p = plan_run(run, gpu=gpu, recommend=False)
                     b = p.trainer.breakdown
                     acts = sum(v for k, v in b.items() if k in ("saved for backward", "backward working set"))
                     fixed = p.trainer.total - acts
-                    lines.append(f"| {flavour} | {refs} | {res} | {'bf16' if precision == 'no_change' else precision}"
-                                 f" | {'on' if ckpt else 'off'} | {p.tokens.total} | {p.trainer.total / GiB:.1f} "
-                                 f"({fixed / GiB:.1f} / {acts / GiB:.1f}) | {p.services['encoder'].total / GiB:.1f}"
-                                 f" | {p.services['eval'].total / GiB:.1f} | {p.seconds_per_step:.1f} | "
-                                 f"{_measured_cell(measured, flavour, refs, res, precision, ckpt)} |")
+                    lines.append(
+                        f"| {flavour} | {refs} | {res} | {'bf16' if precision == 'no_change' else precision}"
+                        f" | {'on' if ckpt else 'off'} | {p.tokens.total} | {p.trainer.total / GiB:.1f} "
+                        f"({fixed / GiB:.1f} / {acts / GiB:.1f}) | {p.services['encoder'].total / GiB:.1f}"
+                        f" | {p.services['eval'].total / GiB:.1f} | {p.seconds_per_step:.1f} | "
+                        f"{_measured_cell(measured, flavour, refs, res, precision, ckpt)} |"
+                    )
     return "\n".join(lines)
 
 
-def fit_table(runs: list[tuple[str, "RunConfig"]], memory: int, gpu: str) -> str:
+def fit_table(runs: list[tuple[str, RunConfig]], memory: int, gpu: str) -> str:
     """docs/PLANNER.md's table of whether each service and GPU fits ``memory`` for ``runs`` (label, config): as
     configured, and with every change the plan prints applied; then the changes and where validations render.
     Every service on one GPU, compose's default (no EDITTUNER_<SERVICE>_GPU set)."""
-    lines = [f"| config | service | GiB as configured | GiB with the changes | fits {fmt_gib(memory)} |",
-             "|" + "---|" * 5]
+    lines = [
+        f"| config | service | GiB as configured | GiB with the changes | fits {fmt_gib(memory)} |",
+        "|" + "---|" * 5,
+    ]
     notes = []
     for label, run in runs:
         plan = plan_run(run, memory, gpu, environ={})
         after = plan.applied or plan
         for name in plan.services:
-            lines.append(f"| {label} | {name} | {plan.services[name].total / GiB:.1f} | "
-                         f"{after.services[name].total / GiB:.1f} | {'yes' if after.services[name].fits else 'NO'} |")
+            lines.append(
+                f"| {label} | {name} | {plan.services[name].total / GiB:.1f} | "
+                f"{after.services[name].total / GiB:.1f} | {'yes' if after.services[name].fits else 'NO'} |"
+            )
         for gid, phases in after.gpu_totals.items():
             names = ", ".join(s for s, ids in after.placement.items() if gid in ids.split(","))
             before = " / ".join(f"{v / GiB:.1f}" for v in plan.gpu_totals[gid].values())
             now = " / ".join(f"{v / GiB:.1f}" for v in phases.values())
             ok = all(v <= memory for v in phases.values())
-            lines.append(f"| {label} | GPU {gid} ({names}): {' / '.join(phases)} | {before} | {now} | "
-                         f"{'yes' if ok else 'NO'} |")
+            lines.append(
+                f"| {label} | GPU {gid} ({names}): {' / '.join(phases)} | {before} | {now} | {'yes' if ok else 'NO'} |"
+            )
         changes = ", ".join(f"`{c}`" for c in plan.all_recommendations) or "none"
-        notes.append(f"- {label}: changes {changes}; validations render in "
-                     f"{'the training worker' if after.validation == 'training worker' else 'eval_svc'}")
+        notes.append(
+            f"- {label}: changes {changes}; validations render in "
+            f"{'the training worker' if after.validation == 'training worker' else 'eval_svc'}"
+        )
     return "\n".join(lines + [""] + notes)
 
 
@@ -165,20 +214,32 @@ def gpus_table(gpu: str = "H100") -> str:
     micro-batches per step, on 1, 2, 4 and 8 GPUs of one machine."""
     from shared.config.loading import load_run_config_text
 
-    lines = [f"| precision | GPUs | trainer GiB per GPU | s/step {gpu} (predicted) | of it all-reduce | samples/s | "
-             "measured |", "|" + "---|" * 7]
+    lines = [
+        f"| precision | GPUs | trainer GiB per GPU | s/step {gpu} (predicted) | of it all-reduce | samples/s | "
+        "measured |",
+        "|" + "---|" * 7,
+    ]
     ids = ["ref0", "ref1", "ref2"]
     data = [{"id": "img", "instance_data_dir": "/d/img", "resolution": 1024, "conditioning_data": ids}] + [
-        {"id": i, "dataset_type": "conditioning", "instance_data_dir": f"/d/{i}", "resolution": 1024} for i in ids]
+        {"id": i, "dataset_type": "conditioning", "instance_data_dir": f"/d/{i}", "resolution": 1024} for i in ids
+    ]
     for precision in ("no_change", "nf4-bnb"):
         for n in (1, 2, 4, 8):
-            cfg = {"model_flavour": "edit-v2", "base_model_precision": precision, "mixed_precision": "bf16",
-                   "gradient_checkpointing": True, "train_batch_size": 1, "gradient_accumulation_steps": 8,
-                   "num_processes": n}
+            cfg = {
+                "model_flavour": "edit-v2",
+                "base_model_precision": precision,
+                "mixed_precision": "bf16",
+                "gradient_checkpointing": True,
+                "train_batch_size": 1,
+                "gradient_accumulation_steps": 8,
+                "num_processes": n,
+            }
             p = plan_run(load_run_config_text(json.dumps(cfg), json.dumps(data)), gpu=gpu, recommend=False)
-            lines.append(f"| {'bf16' if precision == 'no_change' else precision} | {n} | {p.trainer.total / GiB:.1f} | "
-                         f"{p.seconds_per_step:.2f} | {p.allreduce_seconds * 1000:.1f} ms | "
-                         f"{8 / p.seconds_per_step:.2f} | |")
+            lines.append(
+                f"| {'bf16' if precision == 'no_change' else precision} | {n} | {p.trainer.total / GiB:.1f} | "
+                f"{p.seconds_per_step:.2f} | {p.allreduce_seconds * 1000:.1f} ms | "
+                f"{8 / p.seconds_per_step:.2f} | |"
+            )
     return "\n".join(lines)
 
 

@@ -22,19 +22,32 @@ from shared.plan.probe import build_transformer, peaks, sync
 GiB = 2**30
 
 
-def planned(precision: str, *, flavour: str = "edit-v2", resolution: int = 1024, references: int = 3,
-            checkpointing: bool = True, gpu: str = "H100") -> Any:
+def planned(
+    precision: str,
+    *,
+    flavour: str = "edit-v2",
+    resolution: int = 1024,
+    references: int = 3,
+    checkpointing: bool = True,
+    gpu: str = "H100",
+) -> Any:
     """The planner's Plan for the hub model of ``flavour`` (the real model's figures, no weights needed)."""
     from shared.config.loading import load_run_config_text
     from shared.plan.predict import plan_run
 
     ids = [f"ref{i}" for i in range(references)]
     data = [{"id": "img", "instance_data_dir": "/d/img", "resolution": resolution, "conditioning_data": ids}] + [
-        {"id": i, "dataset_type": "conditioning", "instance_data_dir": f"/d/{i}", "resolution": resolution}
-        for i in ids]
-    cfg = {"model_flavour": flavour, "base_model_precision": precision, "mixed_precision": "bf16",
-           "gradient_checkpointing": checkpointing, "train_batch_size": 1, "gradient_accumulation_steps": 1,
-           "validation_resolution": f"{resolution}x{resolution}"}
+        {"id": i, "dataset_type": "conditioning", "instance_data_dir": f"/d/{i}", "resolution": resolution} for i in ids
+    ]
+    cfg = {
+        "model_flavour": flavour,
+        "base_model_precision": precision,
+        "mixed_precision": "bf16",
+        "gradient_checkpointing": checkpointing,
+        "train_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "validation_resolution": f"{resolution}x{resolution}",
+    }
     return plan_run(load_run_config_text(json.dumps(cfg), json.dumps(data)), gpu=gpu, recommend=False)
 
 
@@ -74,16 +87,20 @@ def step_inputs(tokens: Any, text_dim: int, device: torch.device, seed: int = 0)
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device)
 
-    batch = EditBatch(latents_BChw=rand(1, 16, 2 * t_side, 2 * t_side),
-                      refs_BChw=[rand(1, 16, 2 * r_side, 2 * r_side) for _ in range(tokens.references)],
-                      prompt_embeds_BLD=rand(1, tokens.text, text_dim).to(torch.bfloat16),
-                      prompt_mask_BL=torch.ones(1, tokens.text, dtype=torch.long, device=device), keys=["doctor"],
-                      text_all_valid=True)
+    batch = EditBatch(
+        latents_BChw=rand(1, 16, 2 * t_side, 2 * t_side),
+        refs_BChw=[rand(1, 16, 2 * r_side, 2 * r_side) for _ in range(tokens.references)],
+        prompt_embeds_BLD=rand(1, tokens.text, text_dim).to(torch.bfloat16),
+        prompt_mask_BL=torch.ones(1, tokens.text, dtype=torch.long, device=device),
+        keys=["doctor"],
+        text_all_valid=True,
+    )
     return batch, rand(1, t_side * t_side, 64), sample_sigmas(1, 3.0, g).to(device)
 
 
-def time_steps(model: Any, opt: torch.optim.Optimizer, inputs: tuple[Any, Any, Any], steps: int,
-               device: torch.device) -> tuple[float, list[float]]:
+def time_steps(
+    model: Any, opt: torch.optim.Optimizer, inputs: tuple[Any, Any, Any], steps: int, device: torch.device
+) -> tuple[float, list[float]]:
     """(seconds per step over ``steps`` steps after one warm-up step, every step's loss): the warm-up takes the
     allocations, the kernel selection and the optimizer's state."""
     from shared.model.flow import flow_matching_loss
@@ -117,10 +134,10 @@ def measure_step(precision: str, device: torch.device, plan: Any, cfg: dict[str,
         where = device if fits_to_quantize_on(meta, device, torch.bfloat16) else torch.device("cpu")
         del meta
     model = build_transformer(cfg, where)
-    model = quantize_transformer(model, precision, device=device, compute_dtype=torch.bfloat16,
-                                 quantize_via="accelerator")
-    attach_lora(model, plan.lora_rank, float(plan.lora_rank), 0.0, DEFAULT_TARGET_MODULES, seed=0,
-                dtype=torch.float32)
+    model = quantize_transformer(
+        model, precision, device=device, compute_dtype=torch.bfloat16, quantize_via="accelerator"
+    )
+    attach_lora(model, plan.lora_rank, float(plan.lora_rank), 0.0, DEFAULT_TARGET_MODULES, seed=0, dtype=torch.float32)
     model.enable_gradient_checkpointing() if plan.checkpointing else model.disable_gradient_checkpointing()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

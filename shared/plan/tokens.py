@@ -1,5 +1,4 @@
-"""Sequence lengths per sample: target, references and text tokens as the transformer and the text encoder see them.
-"""
+"""Sequence lengths per sample: target, references and text tokens as the transformer and the text encoder see them."""
 
 from __future__ import annotations
 

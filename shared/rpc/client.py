@@ -26,8 +26,17 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared import errors
-from shared.rpc import (common_pb2, data_pb2, data_pb2_grpc, encoder_pb2, encoder_pb2_grpc, eval_pb2, eval_pb2_grpc,
-                        trainer_pb2, trainer_pb2_grpc)
+from shared.rpc import (
+    common_pb2,
+    data_pb2,
+    data_pb2_grpc,
+    encoder_pb2,
+    encoder_pb2_grpc,
+    eval_pb2,
+    eval_pb2_grpc,
+    trainer_pb2,
+    trainer_pb2_grpc,
+)
 from shared.rpc.guards import PEER_KEY
 from shared.rpc.patience import Patience
 
@@ -50,15 +59,20 @@ ERROR_FOR: dict[grpc.StatusCode, type[errors.EditTunerError]] = {
 
 
 class _CallDetails(
-    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
-                                            "compression")),
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
     grpc.ClientCallDetails,
 ):
     pass
 
 
-class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _Metadata(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds fixed metadata to every call: ``authorization: Bearer <token>`` (works on plaintext channels too,
     unlike call credentials, which grpc only sends over TLS), ``x-edittuner-peer`` on a service's channels."""
 
@@ -67,8 +81,9 @@ class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercep
 
     def _with_token(self, details: grpc.ClientCallDetails) -> _CallDetails:
         metadata = [*(details.metadata or ()), *self._pairs]
-        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
-                            details.wait_for_ready, details.compression)
+        return _CallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression
+        )
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
         return continuation(self._with_token(client_call_details), request)
@@ -83,15 +98,26 @@ class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercep
         return continuation(self._with_token(client_call_details), request_iterator)
 
 
-def make_channel(target: str, *, token: str | None = None, tls_ca: str | Path | None = None, tls: bool = False,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 options: Sequence[tuple[str, Any]] = (), peer: str | None = None) -> grpc.Channel:
+def make_channel(
+    target: str,
+    *,
+    token: str | None = None,
+    tls_ca: str | Path | None = None,
+    tls: bool = False,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    options: Sequence[tuple[str, Any]] = (),
+    peer: str | None = None,
+) -> grpc.Channel:
     """A channel to ``target`` (``host:port``). ``tls_ca``: PEM of the CA that signed the server's certificate
     (implies TLS); ``tls=True`` without it trusts the system roots. ``token``: sent as a bearer token. ``peer``:
     sent as ``x-edittuner-peer`` (a service calling another, see ``shared.rpc.guards.is_peer``)."""
-    opts = [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000), *options]
+    opts = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        *options,
+    ]
     if tls_ca is not None or tls:
         root = Path(tls_ca).read_bytes() if tls_ca is not None else None
         channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root), opts)
@@ -116,8 +142,14 @@ def domain_error(err: grpc.RpcError) -> errors.EditTunerError:
     return cls(details)
 
 
-def call(method: Callable[..., Response], request: Any, *, timeout: float = DEFAULT_DEADLINE_S,
-         metadata: Sequence[tuple[str, str]] | None = None, wait_for_ready: bool | None = None) -> Response:
+def call(
+    method: Callable[..., Response],
+    request: Any,
+    *,
+    timeout: float = DEFAULT_DEADLINE_S,
+    metadata: Sequence[tuple[str, str]] | None = None,
+    wait_for_ready: bool | None = None,
+) -> Response:
     """``method(request)`` with a deadline (seconds; required), raising ``domain_error`` on failure."""
     if timeout is None or timeout <= 0:
         raise ValueError(f"call() needs a positive deadline in seconds, got {timeout!r}")
@@ -127,8 +159,9 @@ def call(method: Callable[..., Response], request: Any, *, timeout: float = DEFA
         raise domain_error(err) from err
 
 
-def wait_for_serving(channel: grpc.Channel, service: str = "", timeout: float = DEFAULT_DEADLINE_S,
-                     poll_s: float = 0.1) -> None:
+def wait_for_serving(
+    channel: grpc.Channel, service: str = "", timeout: float = DEFAULT_DEADLINE_S, poll_s: float = 0.1
+) -> None:
     """Block until the health service reports ``service`` ("" = the whole server) SERVING; raise
     ``errors.Unavailable`` after ``timeout`` seconds, ``errors.NotFound`` if the server does not know it."""
     stub = health_pb2_grpc.HealthStub(channel)
@@ -139,8 +172,9 @@ def wait_for_serving(channel: grpc.Channel, service: str = "", timeout: float = 
         if remaining <= 0:
             raise errors.Unavailable(f"{service or 'the server'} is not SERVING after {timeout:g}s (last: {last})")
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=min(remaining, 5.0),
-                               wait_for_ready=True)
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=min(remaining, 5.0), wait_for_ready=True
+            )
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.NOT_FOUND:
                 raise errors.NotFound(f"the server's health service does not know {service!r}") from err
@@ -153,10 +187,12 @@ def wait_for_serving(channel: grpc.Channel, service: str = "", timeout: float = 
 
 
 # --------------------------------------------------------------------------------------- service clients
-STUBS = {"encoder": (encoder_pb2_grpc.EncoderServiceStub, encoder_pb2),
-         "trainer": (trainer_pb2_grpc.TrainerServiceStub, trainer_pb2),
-         "eval": (eval_pb2_grpc.EvalServiceStub, eval_pb2),
-         "data": (data_pb2_grpc.DataServiceStub, data_pb2)}  # DataService answers on every service's port
+STUBS = {
+    "encoder": (encoder_pb2_grpc.EncoderServiceStub, encoder_pb2),
+    "trainer": (trainer_pb2_grpc.TrainerServiceStub, trainer_pb2),
+    "eval": (eval_pb2_grpc.EvalServiceStub, eval_pb2),
+    "data": (data_pb2_grpc.DataServiceStub, data_pb2),
+}  # DataService answers on every service's port
 DEFAULT_PORTS = {"encoder": 50051, "trainer": 50052, "eval": 50053}
 TIMEOUT_S = 30.0
 RECONNECT_S = 120.0
@@ -188,15 +224,21 @@ class Client:
             raise errors.InvalidInput(f"unknown service {service!r}; one of {', '.join(STUBS)}")
         stub_cls, self.pb = STUBS[service]
         self.service, self.address = service, address
-        self.channel = make_channel(address, token=token if token is not None else os.environ.get("EDITTUNER_TOKEN"),
-                                    tls_ca=os.environ.get("EDITTUNER_TLS_CA") or None,
-                                    tls=os.environ.get("EDITTUNER_TLS", "") == "1")
+        self.channel = make_channel(
+            address,
+            token=token if token is not None else os.environ.get("EDITTUNER_TOKEN"),
+            tls_ca=os.environ.get("EDITTUNER_TLS_CA") or None,
+            tls=os.environ.get("EDITTUNER_TLS", "") == "1",
+        )
         self.stub = stub_cls(self.channel)
-        self.patience = Patience(f"{service}_svc at {address}", client_wait_s() if wait_s is None else wait_s,
-                                 on_wait=log.warning, codes=frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                                                       grpc.StatusCode.UNAVAILABLE}),
-                                 hinted_only=frozenset({grpc.StatusCode.UNAVAILABLE}),
-                                 budget_name="EDITTUNER_CLIENT_WAIT_S")
+        self.patience = Patience(
+            f"{service}_svc at {address}",
+            client_wait_s() if wait_s is None else wait_s,
+            on_wait=log.warning,
+            codes=frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}),
+            hinted_only=frozenset({grpc.StatusCode.UNAVAILABLE}),
+            budget_name="EDITTUNER_CLIENT_WAIT_S",
+        )
 
     def call(self, method: str, request: Any) -> Any:
         """A unary call (every submit carries a request_id, so asking again never makes a second job)."""
@@ -205,8 +247,9 @@ class Client:
         except grpc.RpcError as e:
             raise rpc_error(self.service, self.address, e) from None
 
-    def call_stream(self, method: str, request: Any, *, streaming_response: bool = False,
-                    timeout_s: float = TRANSFER_TIMEOUT_S) -> Any:
+    def call_stream(
+        self, method: str, request: Any, *, streaming_response: bool = False, timeout_s: float = TRANSFER_TIMEOUT_S
+    ) -> Any:
         """A streaming call: ``request`` is an iterator of messages for a client stream; with
         ``streaming_response`` the answer is an iterator. Failures become the server's domain errors."""
         try:
@@ -234,8 +277,9 @@ class Client:
             req.state = getattr(common_pb2, f"JOB_STATE_{state.upper()}")
         return list(self.call("ListJobs", req).jobs)
 
-    def watch(self, job_id: str, on_update: Callable[[common_pb2.Job], None], *,
-              reconnect_s: float = RECONNECT_S) -> common_pb2.Job:
+    def watch(
+        self, job_id: str, on_update: Callable[[common_pb2.Job], None], *, reconnect_s: float = RECONNECT_S
+    ) -> common_pb2.Job:
         """Stream the job's events until it ends; returns the last snapshot. Jobs outlive their service's
         restarts, so a stream that ends UNAVAILABLE (the service stopping, a dropped connection) is opened again,
         for up to ``reconnect_s`` seconds of trying; one refused RESOURCE_EXHAUSTED (the server's streams are all
@@ -252,6 +296,8 @@ class Client:
 
 def rpc_error(service: str, address: str, e: grpc.RpcError) -> errors.EditTunerError:
     if e.code() == grpc.StatusCode.UNAVAILABLE:
-        return errors.Unavailable(f"{service}_svc at {address} is not reachable ({e.details()}); is it running? "
-                           "Start it with `edittuner serve " + service + "` or leave --server unset")
+        return errors.Unavailable(
+            f"{service}_svc at {address} is not reachable ({e.details()}); is it running? "
+            "Start it with `edittuner serve " + service + "` or leave --server unset"
+        )
     return domain_error(e)

@@ -103,8 +103,7 @@ def buf_path() -> str:
 
 def buf(*args: str, proto_root: Path = PROTO_ROOT) -> subprocess.CompletedProcess[str]:
     """Run ``buf <args>`` in ``proto_root`` (where buf.yaml is), capturing its output."""
-    return subprocess.run([buf_path(), *args], cwd=proto_root, capture_output=True, text=True, timeout=120,
-                          check=False)
+    return subprocess.run([buf_path(), *args], cwd=proto_root, capture_output=True, text=True, timeout=120, check=False)
 
 
 def build_image(proto_root: Path = PROTO_ROOT) -> str:
@@ -127,15 +126,20 @@ def breaking_changes(baseline: Path = BASELINE, proto_root: Path = PROTO_ROOT) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shared.rpc.generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--allow-breaking", action="store_true",
-                        help="write the stubs and the baseline even when buf reports breaking changes")
+    parser.add_argument(
+        "--allow-breaking",
+        action="store_true",
+        help="write the stubs and the baseline even when buf reports breaking changes",
+    )
     args = parser.parse_args(argv)
     broken = breaking_changes()
     if broken and not args.allow_breaking:
-        print(f"these changes break clients of {BASELINE.relative_to(REPO_ROOT)} (fields are only ever added; "
-              f"reserve removed numbers and names):\n{broken}\n"
-              "nothing written; add a new field or a v2 package instead, or rerun with --allow-breaking",
-              file=sys.stderr)
+        print(
+            f"these changes break clients of {BASELINE.relative_to(REPO_ROOT)} (fields are only ever added; "
+            f"reserve removed numbers and names):\n{broken}\n"
+            "nothing written; add a new field or a v2 package instead, or rerun with --allow-breaking",
+            file=sys.stderr,
+        )
         return 1
     with tempfile.TemporaryDirectory(prefix="edittuner-stubs-") as tmp:
         fresh = generate(Path(tmp))
@@ -146,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in fresh:
             shutil.copyfile(Path(tmp) / name, STUB_DIR / name)
     BASELINE.write_text(build_image())
-    print(f"wrote {len(fresh)} stub files to {STUB_DIR.relative_to(REPO_ROOT)}/ from {len(proto_files())} protos, "
-          f"and {BASELINE.relative_to(REPO_ROOT)}")
+    print(
+        f"wrote {len(fresh)} stub files to {STUB_DIR.relative_to(REPO_ROOT)}/ from {len(proto_files())} protos, "
+        f"and {BASELINE.relative_to(REPO_ROOT)}"
+    )
     return 0
 
 

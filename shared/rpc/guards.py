@@ -57,8 +57,10 @@ class MalformedRequest:
 
     def message(self) -> str:
         detail = str(self.error).strip() or type(self.error).__name__
-        return (f"the request is not a valid {self.type_name} message ({detail[:200]}); the client must send the "
-                "message its method takes (see protos/)")
+        return (
+            f"the request is not a valid {self.type_name} message ({detail[:200]}); the client must send the "
+            "message its method takes (see protos/)"
+        )
 
 
 def _type_name(deserializer: Callable[[bytes], Any] | None) -> str:
@@ -127,7 +129,7 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
         self.open_peer = 0
 
     def _acquire(self, peer: bool) -> threading.BoundedSemaphore | None:
-        for pool in ((self._peer_slots, self._slots) if peer else (self._slots,)):
+        for pool in (self._peer_slots, self._slots) if peer else (self._slots,):
             if pool is not None and pool.acquire(blocking=False):
                 return pool
         return None
@@ -145,10 +147,14 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
                 context.set_trailing_metadata((("grpc-retry-pushback-ms", str(RETRY_AFTER_MS)),))
                 limit = f"{self.max_streams} open streams, its limit (EDITTUNER_MAX_STREAMS)"
                 if peer:
-                    limit = (f"{self.max_streams + self.peer_streams} open streams, its limit for services "
-                             "(EDITTUNER_MAX_STREAMS + EDITTUNER_PEER_STREAMS)")
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"this server already has {limit}; retry in "
-                                                                  f"{RETRY_AFTER_MS // 1000} s or close other watches")
+                    limit = (
+                        f"{self.max_streams + self.peer_streams} open streams, its limit for services "
+                        "(EDITTUNER_MAX_STREAMS + EDITTUNER_PEER_STREAMS)"
+                    )
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"this server already has {limit}; retry in {RETRY_AFTER_MS // 1000} s or close other watches",
+                )
             released = threading.Event()
             counts_peer = pool is self._peer_slots
 

@@ -33,8 +33,11 @@ log = logging.getLogger(__name__)
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
 
-INFRA_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
-                  "/grpc.reflection.v1.ServerReflection/")
+INFRA_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
 
 # The nearest class in an exception's MRO decides. A bare EditTunerError (or a subclass not listed, like
 # TrainingDiverged) still carries a complete user-facing message, so it is UNKNOWN with that message, not INTERNAL.
@@ -81,14 +84,22 @@ def is_infra(full_method: str) -> bool:
 
 def rpc_type(handler: grpc.RpcMethodHandler) -> str:
     """The ``grpc_type`` label: unary, client_stream, server_stream or bidi_stream."""
-    kind = {(False, False): "unary", (True, False): "client_stream", (False, True): "server_stream",
-            (True, True): "bidi_stream"}
+    kind = {
+        (False, False): "unary",
+        (True, False): "client_stream",
+        (False, True): "server_stream",
+        (True, True): "bidi_stream",
+    }
     return kind[(bool(handler.request_streaming), bool(handler.response_streaming))]
 
 
-def rewrap(handler: grpc.RpcMethodHandler, wrap_unary: Callable[[Behavior], Behavior],
-           wrap_streaming: Callable[[Behavior], Behavior], *,
-           deserializer: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
+def rewrap(
+    handler: grpc.RpcMethodHandler,
+    wrap_unary: Callable[[Behavior], Behavior],
+    wrap_streaming: Callable[[Behavior], Behavior],
+    *,
+    deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
     """The same handler with its behavior wrapped: ``wrap_unary`` for a single response, ``wrap_streaming``
     for a response stream (the wrapper then returns an iterator); ``deserializer`` replaces the request's."""
     de, se = deserializer or handler.request_deserializer, handler.response_serializer
@@ -212,8 +223,10 @@ class BearerAuthInterceptor(grpc.ServerInterceptor):
             return None
 
         def deny(_request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'")
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'",
+            )
 
         return rewrap(handler, lambda _: deny, lambda _: deny)
 
@@ -250,13 +263,20 @@ def server_metrics(registry: CollectorRegistry | None = None) -> ServerMetrics:
         if registry not in _METRICS:
             labels = ["grpc_service", "grpc_method", "grpc_type"]
             _METRICS[registry] = ServerMetrics(
-                started=Counter("grpc_server_started_total", "RPCs started on the server.", labels,
-                                registry=registry),
-                handled=Counter("grpc_server_handled_total", "RPCs completed on the server, by status code.",
-                                [*labels, "grpc_code"], registry=registry),
-                handling_seconds=Histogram("grpc_server_handling_seconds",
-                                           "Time from the start of an RPC to its status (whole stream for streams).",
-                                           labels, buckets=HANDLING_BUCKETS, registry=registry),
+                started=Counter("grpc_server_started_total", "RPCs started on the server.", labels, registry=registry),
+                handled=Counter(
+                    "grpc_server_handled_total",
+                    "RPCs completed on the server, by status code.",
+                    [*labels, "grpc_code"],
+                    registry=registry,
+                ),
+                handling_seconds=Histogram(
+                    "grpc_server_handling_seconds",
+                    "Time from the start of an RPC to its status (whole stream for streams).",
+                    labels,
+                    buckets=HANDLING_BUCKETS,
+                    registry=registry,
+                ),
             )
         return _METRICS[registry]
 

@@ -39,8 +39,9 @@ from shared.rpc.interceptors import PUSHBACK_KEY
 log = logging.getLogger(__name__)
 Response = TypeVar("Response")
 
-WAIT_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
-                        grpc.StatusCode.DEADLINE_EXCEEDED})
+WAIT_CODES = frozenset(
+    {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+)
 TERMINAL = frozenset({common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED})
 POLL_S = 2.0  # GetJob every this often while a Watch stream is refused (or the server's hint, when longer)
 
@@ -72,7 +73,8 @@ class Patience:
     ``codes``: the status codes waited out. ``hinted_only``: codes waited out only when the server sent a retry
     hint (the CLI's UNAVAILABLE: a server that says "retry in 5 s" is up, one that refuses the connection is
     not, and the user should hear that at once). ``sleep(seconds)``: how a wait is spent; a job passes one that
-    wakes and raises on cancellation. ``clock``: the monotonic clock the budget is counted on. ``budget_name``: the setting to raise ``budget_s`` with, for messages."""
+    wakes and raises on cancellation. ``clock``: the monotonic clock the budget is counted on.
+    ``budget_name``: the setting to raise ``budget_s`` with, for messages."""
 
     peer: str
     budget_s: float
@@ -106,24 +108,29 @@ class Patience:
         code, hint = err.code(), pushback_s(err)
         if code not in self.codes or (code in self.hinted_only and hint is None):
             raise err
-        pause = hint if hint is not None else min(self.max_wait_s, self.min_wait_s * 2 ** attempt)
+        pause = hint if hint is not None else min(self.max_wait_s, self.min_wait_s * 2**attempt)
         pause = max(0.05, pause * self.rng.uniform(0.8, 1.2))
         waited = self.clock() - started
         if waited >= self.budget_s:
             setting = f", {self.budget_name}" if self.budget_name else ""
             raise errors.Unavailable(
                 f"{self.peer} answered {code.name}: {(err.details() or 'no answer').strip()} (gave up after waiting "
-                f"{waited:.0f} s; the wait budget is {self.budget_s:g} s{setting})") from None
+                f"{waited:.0f} s; the wait budget is {self.budget_s:g} s{setting})"
+            ) from None
         pause = min(pause, self.budget_s - waited)  # the last wait ends with the budget: one more try then
         said = reason(err) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else f"{code.name}: {reason(err)}"
-        message = f"waiting for {self.name}: {said}; retry in {pause:.0f} s" if pause >= 1 else \
-            f"waiting for {self.name}: {said}; retry in {pause:.1f} s"
+        message = (
+            f"waiting for {self.name}: {said}; retry in {pause:.0f} s"
+            if pause >= 1
+            else f"waiting for {self.name}: {said}; retry in {pause:.1f} s"
+        )
         if self.on_wait is not None:
             self.on_wait(message)
         self.sleep(pause)
 
-    def watch_job(self, stub: Any, pb: Any, job_id: str, on_update: Callable[[common_pb2.Job], None], *,
-                  timeout_s: float = 30.0) -> common_pb2.Job:
+    def watch_job(
+        self, stub: Any, pb: Any, job_id: str, on_update: Callable[[common_pb2.Job], None], *, timeout_s: float = 30.0
+    ) -> common_pb2.Job:
         """Follow job ``job_id`` on ``stub`` (the service's stub, ``pb`` its messages) until it is terminal;
         ``on_update`` sees each state. Returns the last state."""
         started, attempt = self.clock(), 0
@@ -144,8 +151,16 @@ class Patience:
                 self.wait_after(err, started, attempt)
                 attempt += 1
 
-    def poll_job(self, stub: Any, pb: Any, job_id: str, on_update: Callable[[common_pb2.Job], None], *,
-                 hint: float | None = None, timeout_s: float = 30.0) -> common_pb2.Job:
+    def poll_job(
+        self,
+        stub: Any,
+        pb: Any,
+        job_id: str,
+        on_update: Callable[[common_pb2.Job], None],
+        *,
+        hint: float | None = None,
+        timeout_s: float = 30.0,
+    ) -> common_pb2.Job:
         """GetJob every ``POLL_S`` (or ``hint``, when longer) until the job is terminal."""
         every = max(POLL_S, hint or 0.0)
         while True:
@@ -154,4 +169,3 @@ class Patience:
             if job.state in TERMINAL:
                 return job
             self.sleep(every)
-

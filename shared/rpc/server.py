@@ -36,8 +36,15 @@ from shared.errors import ConfigError, Problem
 from shared.rpc.guards import DecodeGuardInterceptor, StreamLimitInterceptor
 from shared.rpc.interceptors import STATUS_FOR, BearerAuthInterceptor, ErrorInterceptor, MetricsInterceptor, status_for
 
-__all__ = ["STATUS_FOR", "status_for", "ServiceConfig", "RunningServer", "build_server", "install_sigterm",
-           "DEFAULT_MAX_MESSAGE_BYTES"]
+__all__ = [
+    "STATUS_FOR",
+    "status_for",
+    "ServiceConfig",
+    "RunningServer",
+    "build_server",
+    "install_sigterm",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+]
 
 log = logging.getLogger(__name__)
 
@@ -109,18 +116,28 @@ class ServiceConfig:
         if self.peer_streams < 0:
             found.append(("peer_streams", f"{self.peer_streams} must be 0 or more"))
         elif not 0 <= self.max_streams <= self.max_workers - UNARY_RESERVE - self.peer_streams:
-            found.append(("max_streams", f"{self.max_streams} must be between 0 and max_workers - peer_streams - "
-                                         f"{UNARY_RESERVE} ({self.max_workers - self.peer_streams - UNARY_RESERVE}): "
-                                         "streams must leave threads for unary calls"))
+            found.append(
+                (
+                    "max_streams",
+                    f"{self.max_streams} must be between 0 and max_workers - peer_streams - "
+                    f"{UNARY_RESERVE} ({self.max_workers - self.peer_streams - UNARY_RESERVE}): "
+                    "streams must leave threads for unary calls",
+                )
+            )
         if self.max_queued < 1:
             found.append(("max_queued", f"{self.max_queued} must be at least 1"))
         if self.keepalive_s <= 0:
             found.append(("keepalive_s", f"{self.keepalive_s} must be more than 0 seconds"))
         if not self.loopback and not self.token and not self.allow_insecure:
-            found.append(("host", f"listening on {self.host} without a token would let anyone who can reach this "
-                                  "host submit jobs and read what they produce: set EDITTUNER_TOKEN (clients send "
-                                  "it too), or bind to 127.0.0.1 (EDITTUNER_HOST), or set EDITTUNER_ALLOW_INSECURE=1 "
-                                  "to accept that risk on a network you trust"))
+            found.append(
+                (
+                    "host",
+                    f"listening on {self.host} without a token would let anyone who can reach this "
+                    "host submit jobs and read what they produce: set EDITTUNER_TOKEN (clients send "
+                    "it too), or bind to 127.0.0.1 (EDITTUNER_HOST), or set EDITTUNER_ALLOW_INSECURE=1 "
+                    "to accept that risk on a network you trust",
+                )
+            )
         return found
 
     @property
@@ -261,8 +278,12 @@ def server_options(config: ServiceConfig) -> list[tuple[str, int]]:
     ]
 
 
-def build_server(config: ServiceConfig, add_servicers: Callable[[grpc.Server], None], service_names: Sequence[str],
-                 registry: CollectorRegistry | None = None) -> RunningServer:
+def build_server(
+    config: ServiceConfig,
+    add_servicers: Callable[[grpc.Server], None],
+    service_names: Sequence[str],
+    registry: CollectorRegistry | None = None,
+) -> RunningServer:
     """Create, wire and start a server: interceptors (metrics, then auth when a token is set, then error
     mapping), ``add_servicers(server)``, grpc.health.v1 (NOT_SERVING until ``set_serving``), reflection for
     ``service_names`` + health, TLS when configured, /metrics when ``metrics_port`` is set."""
@@ -270,8 +291,11 @@ def build_server(config: ServiceConfig, add_servicers: Callable[[grpc.Server], N
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(registry)]
     if config.token:
         interceptors.append(BearerAuthInterceptor(config.token))
-    interceptors += [StreamLimitInterceptor(config.max_streams, config.peer_streams, config.peer_token),
-                     ErrorInterceptor(), DecodeGuardInterceptor()]
+    interceptors += [
+        StreamLimitInterceptor(config.max_streams, config.peer_streams, config.peer_token),
+        ErrorInterceptor(),
+        DecodeGuardInterceptor(),
+    ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
         interceptors=interceptors,
@@ -293,17 +317,24 @@ def build_server(config: ServiceConfig, add_servicers: Callable[[grpc.Server], N
     running = RunningServer(server=server, config=config, health=health_servicer, service_names=names, port=port)
     if config.metrics_port is not None:
         try:
-            httpd, _ = start_http_server(config.metrics_port, addr=config.host.strip("[]") or "0.0.0.0",
-                                         registry=registry)
+            httpd, _ = start_http_server(
+                config.metrics_port, addr=config.host.strip("[]") or "0.0.0.0", registry=registry
+            )
         except OSError as err:
             server.stop(0)
-            raise errors.Unavailable(f"cannot serve /metrics on {config.host}:{config.metrics_port}: "
-                                     f"{err.strerror or err}; is the port taken?") from err
+            raise errors.Unavailable(
+                f"cannot serve /metrics on {config.host}:{config.metrics_port}: "
+                f"{err.strerror or err}; is the port taken?"
+            ) from err
         running._metrics_httpd = httpd
         running.metrics_port = httpd.server_port
     server.start()
-    log.info("%s listening on %s%s", ", ".join(names) or "server", config.address.rsplit(":", 1)[0] + f":{port}",
-             f", metrics on :{running.metrics_port}" if running.metrics_port is not None else "")
+    log.info(
+        "%s listening on %s%s",
+        ", ".join(names) or "server",
+        config.address.rsplit(":", 1)[0] + f":{port}",
+        f", metrics on :{running.metrics_port}" if running.metrics_port is not None else "",
+    )
     return running
 
 
@@ -315,11 +346,13 @@ def _bind(server: grpc.Server, config: ServiceConfig) -> int:
         else:
             port = server.add_secure_port(config.address, credentials)
     except RuntimeError as err:  # grpc raises on a failed bind
-        raise errors.Unavailable(f"cannot listen on {config.address}: {err}; is the port taken or the "
-                                 "address not on this host?") from err
+        raise errors.Unavailable(
+            f"cannot listen on {config.address}: {err}; is the port taken or the address not on this host?"
+        ) from err
     if port == 0:
-        raise errors.Unavailable(f"cannot listen on {config.address}: is the port taken or the address not on "
-                                 "this host?")
+        raise errors.Unavailable(
+            f"cannot listen on {config.address}: is the port taken or the address not on this host?"
+        )
     return port
 
 
@@ -331,8 +364,9 @@ def _server_credentials(config: ServiceConfig) -> grpc.ServerCredentials | None:
         try:
             pems[what] = Path(str(path)).read_bytes()
         except OSError as err:
-            raise ConfigError([Problem(what, f"cannot read {path}: {err.strerror or err}")],
-                              "invalid service configuration") from err
+            raise ConfigError(
+                [Problem(what, f"cannot read {path}: {err.strerror or err}")], "invalid service configuration"
+            ) from err
     return grpc.ssl_server_credentials([(pems["tls_key"], pems["tls_cert"])])
 
 
@@ -340,15 +374,20 @@ def _warn_if_exposed(config: ServiceConfig) -> None:
     if config.loopback:
         return
     if not config.token:  # only with allow_insecure: ServiceConfig refuses it otherwise
-        log.warning("listening on %s without a token (EDITTUNER_ALLOW_INSECURE=1): anyone who can reach this "
-                    "address can submit jobs", config.address)
+        log.warning(
+            "listening on %s without a token (EDITTUNER_ALLOW_INSECURE=1): anyone who can reach this "
+            "address can submit jobs",
+            config.address,
+        )
     elif not config.tls_cert:
-        log.warning("listening on %s with a token but without TLS: the token crosses the network in clear",
-                    config.address)
+        log.warning(
+            "listening on %s with a token but without TLS: the token crosses the network in clear", config.address
+        )
 
 
-def install_sigterm(running: RunningServer, grace: float | None = None,
-                    on_stop: Callable[[], None] | None = None) -> None:
+def install_sigterm(
+    running: RunningServer, grace: float | None = None, on_stop: Callable[[], None] | None = None
+) -> None:
     """On SIGTERM or SIGINT: ``on_stop()`` (a service stops its jobs: a training worker starts its last
     checkpoint at once, open Watch streams end), then ``running.stop(grace)``, in a background thread (health
     NOT_SERVING, refuse new calls, wait the grace period), so ``running.wait_for_termination()`` in the main
@@ -360,7 +399,7 @@ def install_sigterm(running: RunningServer, grace: float | None = None,
         if on_stop is not None:
             try:
                 on_stop()
-            except Exception:  # noqa: BLE001 - the server must still stop
+            except Exception:
                 log.exception("stopping the service's work failed")
         running.stop(grace)
 

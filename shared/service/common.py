@@ -12,7 +12,8 @@ import os
 import re
 import stat
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -25,9 +26,13 @@ from shared.rpc import common_pb2
 from shared.service.jobs import JobManager
 from shared.service.records import ERROR_CODES, JobRecord
 
-_STATE_TO_PROTO = {"queued": common_pb2.JOB_STATE_QUEUED, "running": common_pb2.JOB_STATE_RUNNING,
-                   "succeeded": common_pb2.JOB_STATE_SUCCEEDED, "failed": common_pb2.JOB_STATE_FAILED,
-                   "cancelled": common_pb2.JOB_STATE_CANCELLED}
+_STATE_TO_PROTO = {
+    "queued": common_pb2.JOB_STATE_QUEUED,
+    "running": common_pb2.JOB_STATE_RUNNING,
+    "succeeded": common_pb2.JOB_STATE_SUCCEEDED,
+    "failed": common_pb2.JOB_STATE_FAILED,
+    "cancelled": common_pb2.JOB_STATE_CANCELLED,
+}
 _STATE_FROM_PROTO = {v: k for k, v in _STATE_TO_PROTO.items()}
 # the inverse of the job manager's error table: the first (most specific) class listed for a code
 ERROR_FOR_CODE: dict[str, type[errors.EditTunerError]] = {}
@@ -45,16 +50,29 @@ def _ts(seconds: float) -> Timestamp:
 def job_to_proto(rec: JobRecord) -> common_pb2.Job:
     p = rec.progress or {}
     progress = common_pb2.Progress(
-        phase=str(p.get("phase", "")), step=int(p.get("step", 0) or 0), total=int(p.get("total", 0) or 0),
-        loss=float(p.get("loss", 0.0) or 0.0), seconds_per_step=float(p.get("seconds_per_step", 0.0) or 0.0),
-        message=str(p.get("message", "")), learning_rate=float(p.get("learning_rate", 0.0) or 0.0),
-        data_wait_fraction=float(p.get("data_wait_fraction", 0.0) or 0.0))
+        phase=str(p.get("phase", "")),
+        step=int(p.get("step", 0) or 0),
+        total=int(p.get("total", 0) or 0),
+        loss=float(p.get("loss", 0.0) or 0.0),
+        seconds_per_step=float(p.get("seconds_per_step", 0.0) or 0.0),
+        message=str(p.get("message", "")),
+        learning_rate=float(p.get("learning_rate", 0.0) or 0.0),
+        data_wait_fraction=float(p.get("data_wait_fraction", 0.0) or 0.0),
+    )
     state = rec.state.value if hasattr(rec.state, "value") else str(rec.state)
-    return common_pb2.Job(job_id=rec.job_id, request_id=rec.request_id, kind=rec.kind,
-                          state=_STATE_TO_PROTO[state], progress=progress,
-                          outputs={k: str(v) for k, v in rec.outputs.items()}, error=rec.error,
-                          error_code=rec.error_code, create_time=_ts(rec.created), update_time=_ts(rec.updated),
-                          attempt=rec.attempt)
+    return common_pb2.Job(
+        job_id=rec.job_id,
+        request_id=rec.request_id,
+        kind=rec.kind,
+        state=_STATE_TO_PROTO[state],
+        progress=progress,
+        outputs={k: str(v) for k, v in rec.outputs.items()},
+        error=rec.error,
+        error_code=rec.error_code,
+        create_time=_ts(rec.created),
+        update_time=_ts(rec.updated),
+        attempt=rec.attempt,
+    )
 
 
 def state_name(job: common_pb2.Job) -> str:
@@ -71,14 +89,23 @@ def files_from_proto(files: common_pb2.RunConfigFiles) -> ConfigFiles:
         raise errors.InvalidInput("files.config_json is empty: send the text of config.json")
     if not files.data_json.strip():
         raise errors.InvalidInput("files.data_json is empty: send the text of multidatabackend.json")
-    return ConfigFiles(files.config_json, files.data_json, tuple(files.overrides),
-                       files.config_name or "config.json", files.data_name or "multidatabackend.json")
+    return ConfigFiles(
+        files.config_json,
+        files.data_json,
+        tuple(files.overrides),
+        files.config_name or "config.json",
+        files.data_name or "multidatabackend.json",
+    )
 
 
 def files_to_proto(cf: ConfigFiles) -> common_pb2.RunConfigFiles:
-    return common_pb2.RunConfigFiles(config_json=cf.config_text, data_json=cf.data_text,
-                                     overrides=list(cf.overrides), config_name=cf.config_name,
-                                     data_name=cf.data_name)
+    return common_pb2.RunConfigFiles(
+        config_json=cf.config_text,
+        data_json=cf.data_text,
+        overrides=list(cf.overrides),
+        config_name=cf.config_name,
+        data_name=cf.data_name,
+    )
 
 
 def files_to_params(cf: ConfigFiles) -> dict[str, Any]:
@@ -87,13 +114,19 @@ def files_to_params(cf: ConfigFiles) -> dict[str, Any]:
 
 def run_from_params(params: dict[str, Any]) -> RunConfig:
     f = params["files"]
-    return run_from_files(ConfigFiles(f["config_text"], f["data_text"], tuple(f["overrides"]), f["config_name"],
-                                      f["data_name"]))
+    return run_from_files(
+        ConfigFiles(f["config_text"], f["data_text"], tuple(f["overrides"]), f["config_name"], f["data_name"])
+    )
 
 
 def run_from_files(cf: ConfigFiles, extra_overrides: tuple[str, ...] = ()) -> RunConfig:
-    return load_run_config_text(cf.config_text, cf.data_text, [*cf.overrides, *extra_overrides],
-                                config_name=cf.config_name, data_name=cf.data_name)
+    return load_run_config_text(
+        cf.config_text,
+        cf.data_text,
+        [*cf.overrides, *extra_overrides],
+        config_name=cf.config_name,
+        data_name=cf.data_name,
+    )
 
 
 class IdleRelease:
@@ -131,13 +164,13 @@ class JobRpcMixin:
     def ListJobs(self, request: Any, context: grpc.ServicerContext) -> Any:
         if request.state and request.state not in _STATE_FROM_PROTO:
             known = ", ".join(common_pb2.JobState.Name(v) for v in _STATE_FROM_PROTO)
-            raise errors.InvalidInput(f"state: {request.state} is not a job state; use one of {known} (or leave it "
-                                      "unset for every state)")
+            raise errors.InvalidInput(
+                f"state: {request.state} is not a job state; use one of {known} (or leave it unset for every state)"
+            )
         if request.page_size < 0:
             raise errors.InvalidInput(f"page_size: {request.page_size} is negative; use 0 for the default (50)")
         state = _STATE_FROM_PROTO.get(request.state) if request.state else None
-        records, token = self.jobs.list(state=state, page_size=request.page_size or 50,
-                                        page_token=request.page_token)
+        records, token = self.jobs.list(state=state, page_size=request.page_size or 50, page_token=request.page_token)
         return self.pb.ListJobsResponse(jobs=[job_to_proto(r) for r in records], next_page_token=token)
 
     def CancelJob(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -150,8 +183,9 @@ class JobRpcMixin:
         for last in self.jobs.watch(request.job_id, is_active=context.is_active, heartbeat_s=self.keepalive_s):
             yield self.pb.WatchJobResponse(job=job_to_proto(last))
         if last is not None and not last.state.terminal and self.jobs.closed and context.is_active():
-            raise errors.Unavailable(f"{self.jobs.service}_svc is shutting down; job {last.job_id} goes on when it "
-                                     "is back: watch it again")
+            raise errors.Unavailable(
+                f"{self.jobs.service}_svc is shutting down; job {last.job_id} goes on when it is back: watch it again"
+            )
 
 
 # ------------------------------------------------------------------------------------------ request checks
@@ -161,8 +195,10 @@ RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 def check_run_id(run_id: str, field: str = "run_id") -> str:
     """A run id is one store-key segment: ``runs/<run_id>/`` can never reach into another run's folder."""
     if not RUN_ID.fullmatch(run_id) or run_id.endswith("."):
-        raise errors.InvalidInput(f"{field}: {run_id[:80]!r} is not a run id: use 1 to 100 letters, digits, '.', '_' "
-                                  "or '-', starting with a letter or digit (no '/')")
+        raise errors.InvalidInput(
+            f"{field}: {run_id[:80]!r} is not a run id: use 1 to 100 letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit (no '/')"
+        )
     return run_id
 
 
@@ -201,20 +237,30 @@ class ServerPaths:
         """ConfigError listing every dataset folder or model directory of ``run`` outside the roots."""
         problems = []
         for i, d in enumerate(run.data.datasets):
-            if d.type == "local" and d.dataset_type in ("image", "conditioning") and d.instance_data_dir \
-                    and not self._inside(d.instance_data_dir, self.dataset_roots):
-                problems.append(errors.Problem(
-                    f"{run.data.source}: $[{i}].instance_data_dir (id {d.id!r})",
-                    f"{d.instance_data_dir!r} is not in a folder this server reads datasets from "
-                    f"({', '.join(self.dataset_roots) or 'none: EDITTUNER_DATASET_ROOTS is not set'}); put the "
-                    "dataset there, or upload it into the store and use an aws-type entry"))
+            if (
+                d.type == "local"
+                and d.dataset_type in ("image", "conditioning")
+                and d.instance_data_dir
+                and not self._inside(d.instance_data_dir, self.dataset_roots)
+            ):
+                problems.append(
+                    errors.Problem(
+                        f"{run.data.source}: $[{i}].instance_data_dir (id {d.id!r})",
+                        f"{d.instance_data_dir!r} is not in a folder this server reads datasets from "
+                        f"({', '.join(self.dataset_roots) or 'none: EDITTUNER_DATASET_ROOTS is not set'}); put the "
+                        "dataset there, or upload it into the store and use an aws-type entry",
+                    )
+                )
         model = run.train.pretrained_model_name_or_path
         if model and not looks_like_hub_id(model) and not self._inside(model, self.model_roots):
-            problems.append(errors.Problem(
-                f"{run.config_source}: $.pretrained_model_name_or_path",
-                f"{model!r} is not in a folder this server loads models from "
-                f"({', '.join(self.model_roots) or 'none: EDITTUNER_MODEL_DIR is not set'}); use the hub id, or "
-                "place the weights under EDITTUNER_MODEL_DIR"))
+            problems.append(
+                errors.Problem(
+                    f"{run.config_source}: $.pretrained_model_name_or_path",
+                    f"{model!r} is not in a folder this server loads models from "
+                    f"({', '.join(self.model_roots) or 'none: EDITTUNER_MODEL_DIR is not set'}); use the hub id, or "
+                    "place the weights under EDITTUNER_MODEL_DIR",
+                )
+            )
         if problems:
             raise errors.ConfigError(problems, "the request names server paths it may not use")
 

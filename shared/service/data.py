@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 
@@ -21,8 +21,15 @@ from shared.service.common import ServerPaths, check_run_id
 from shared.store.base import ObjectStore
 from shared.store.files import file_chunks
 from shared.store.keys import validate_key
-from shared.store.uploads import (MAX_FILE_BYTES, Entry, check_entries, check_entry, commit_manifest, missing,
-                                  store_verified)
+from shared.store.uploads import (
+    MAX_FILE_BYTES,
+    Entry,
+    check_entries,
+    check_entry,
+    commit_manifest,
+    missing,
+    store_verified,
+)
 
 MAX_STAT_PATHS = 64
 
@@ -32,8 +39,9 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
         self.store, self.paths, self.max_file_bytes = store, paths, max_file_bytes
         self.tmp = Path(workdir) / "transfers"
 
-    def StatFiles(self, request: data_pb2.StatFilesRequest, context: grpc.ServicerContext
-                  ) -> data_pb2.StatFilesResponse:
+    def StatFiles(
+        self, request: data_pb2.StatFilesRequest, context: grpc.ServicerContext
+    ) -> data_pb2.StatFilesResponse:
         if len(request.paths) > MAX_STAT_PATHS:
             raise errors.InvalidInput(f"paths: {len(request.paths)} paths; at most {MAX_STAT_PATHS} per call")
         files = []
@@ -42,12 +50,14 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
             files.append(data_pb2.ServerFile(path=path, readable=readable, size=size, sha256=sha))
         return data_pb2.StatFilesResponse(files=files)
 
-    def PlanUpload(self, request: data_pb2.PlanUploadRequest, context: grpc.ServicerContext
-                   ) -> data_pb2.PlanUploadResponse:
+    def PlanUpload(
+        self, request: data_pb2.PlanUploadRequest, context: grpc.ServicerContext
+    ) -> data_pb2.PlanUploadResponse:
         return data_pb2.PlanUploadResponse(missing_sha256=missing(self.store, self._entries(request.files)))
 
-    def UploadFile(self, request_iterator: Iterator[data_pb2.UploadFileRequest], context: grpc.ServicerContext
-                   ) -> data_pb2.UploadFileResponse:
+    def UploadFile(
+        self, request_iterator: Iterator[data_pb2.UploadFileRequest], context: grpc.ServicerContext
+    ) -> data_pb2.UploadFileResponse:
         first = next(request_iterator, None)
         if first is None or not first.HasField("file"):
             raise errors.InvalidInput("file: the first message of an upload names the file (path, size, sha256)")
@@ -60,22 +70,26 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
                 for message in _chunks(first, request_iterator):
                     received += len(message)
                     if received > entry.size:
-                        raise errors.InvalidInput(f"file {entry.path!r}: more than the announced {entry.size} "
-                                                  "bytes arrived; nothing was stored")
+                        raise errors.InvalidInput(
+                            f"file {entry.path!r}: more than the announced {entry.size} "
+                            "bytes arrived; nothing was stored"
+                        )
                     f.write(message)
             key, written = store_verified(self.store, Path(name), entry)
         finally:
             Path(name).unlink(missing_ok=True)
         return data_pb2.UploadFileResponse(key=key, written=written)
 
-    def CommitUpload(self, request: data_pb2.CommitUploadRequest, context: grpc.ServicerContext
-                     ) -> data_pb2.CommitUploadResponse:
+    def CommitUpload(
+        self, request: data_pb2.CommitUploadRequest, context: grpc.ServicerContext
+    ) -> data_pb2.CommitUploadResponse:
         entries = self._entries(request.files)
         key = commit_manifest(self.store, request.upload_id, entries)
         return data_pb2.CommitUploadResponse(manifest_key=key, files=len(entries))
 
-    def ListRunFiles(self, request: data_pb2.ListRunFilesRequest, context: grpc.ServicerContext
-                     ) -> data_pb2.ListRunFilesResponse:
+    def ListRunFiles(
+        self, request: data_pb2.ListRunFilesRequest, context: grpc.ServicerContext
+    ) -> data_pb2.ListRunFilesResponse:
         prefix = f"runs/{check_run_id(request.run_id)}"
         keys = [k for k in self.store.list(prefix) if request.include_checkpoints or "/checkpoints/" not in k]
         if not keys:
@@ -86,8 +100,9 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
             files.append(data_pb2.RunFile(key=key, size=info.size, sha256=info.sha256))
         return data_pb2.ListRunFilesResponse(files=files)
 
-    def DownloadFile(self, request: data_pb2.DownloadFileRequest, context: grpc.ServicerContext
-                     ) -> Iterator[data_pb2.DownloadFileResponse]:
+    def DownloadFile(
+        self, request: data_pb2.DownloadFileRequest, context: grpc.ServicerContext
+    ) -> Iterator[data_pb2.DownloadFileResponse]:
         key = validate_key(request.key)
         parts = key.split("/")
         if len(parts) < 3 or parts[0] != "runs":

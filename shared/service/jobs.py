@@ -28,10 +28,24 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from shared import errors
-from shared.service.records import (INTERRUPTED_MESSAGE, MAX_PAGE_SIZE, MAX_REQUEST_ID_CHARS, PROGRESS_FIELDS,
-                                    RECOVERED_MESSAGE, SHUTDOWN, JobCancelled, JobRecord, JobState, decode_page_token,
-                                    encode_page_token, error_code, finished_copy, json_params, parse_state,
-                                    request_fingerprint)
+from shared.service.records import (
+    INTERRUPTED_MESSAGE,
+    MAX_PAGE_SIZE,
+    MAX_REQUEST_ID_CHARS,
+    PROGRESS_FIELDS,
+    RECOVERED_MESSAGE,
+    SHUTDOWN,
+    JobCancelled,
+    JobRecord,
+    JobState,
+    decode_page_token,
+    encode_page_token,
+    error_code,
+    finished_copy,
+    json_params,
+    parse_state,
+    request_fingerprint,
+)
 
 if TYPE_CHECKING:
     from shared.service.spool import RecordSpool
@@ -80,9 +94,19 @@ class JobManager:
     ``on_change(snapshot)`` is called (outside the lock, on the thread that made the change) after every change,
     progress included; it is meant for metrics and logs, and its exceptions are logged and swallowed."""
 
-    def __init__(self, store: ObjectStore, service: str, execute: Executor, *, max_queued: int = 16,
-                 workers: int = 1, on_change: Callable[[JobRecord], None] | None = None,
-                 persist_interval_s: float = 2.0, spool: RecordSpool | None = None, spool_retry_s: float = 10.0):
+    def __init__(
+        self,
+        store: ObjectStore,
+        service: str,
+        execute: Executor,
+        *,
+        max_queued: int = 16,
+        workers: int = 1,
+        on_change: Callable[[JobRecord], None] | None = None,
+        persist_interval_s: float = 2.0,
+        spool: RecordSpool | None = None,
+        spool_retry_s: float = 10.0,
+    ):
         if not _SERVICE_NAME.match(service):
             raise ValueError(f"service name {service!r} must be lowercase letters, digits, '_' or '-'")
         if max_queued < 1 or workers < 1:
@@ -134,11 +158,19 @@ class JobManager:
                 if waiting >= self.max_queued:
                     raise errors.ResourceExhausted(
                         f"queue full: {waiting} {self.service} jobs are waiting (max_queued={self.max_queued}); "
-                        f"retry in {QUEUE_FULL_RETRY_S:g} s or cancel queued jobs", retry_after_s=QUEUE_FULL_RETRY_S
+                        f"retry in {QUEUE_FULL_RETRY_S:g} s or cancel queued jobs",
+                        retry_after_s=QUEUE_FULL_RETRY_S,
                     )
                 now = self._last_created = max(time.time(), self._last_created + 1e-6)  # newest-first is total
-            record = JobRecord(job_id=uuid.uuid4().hex[:12], request_id=request_id, kind=kind,
-                               state=JobState.QUEUED, params=params, created=now, updated=now)
+            record = JobRecord(
+                job_id=uuid.uuid4().hex[:12],
+                request_id=request_id,
+                kind=kind,
+                state=JobState.QUEUED,
+                params=params,
+                created=now,
+                updated=now,
+            )
             self.store.put_json(self._record_key(record.job_id), record.to_json())
             index = {"request_id": request_id, "job_id": record.job_id, "fingerprint": fingerprint}
             self.store.put_json(self._request_key(request_id), index)
@@ -155,8 +187,9 @@ class JobManager:
         with self._cond:
             return self._get(job_id).snapshot()
 
-    def list(self, state: JobState | str | None = None, page_size: int = 50,
-             page_token: str = "") -> tuple[list[JobRecord], str]:
+    def list(
+        self, state: JobState | str | None = None, page_size: int = 50, page_token: str = ""
+    ) -> tuple[list[JobRecord], str]:
         """Records newest first, optionally of one state; ``next_token`` is "" on the last page. Tokens are
         cursors (not offsets), so jobs submitted between pages do not shift them."""
         wanted = parse_state(state) if state else None
@@ -164,8 +197,11 @@ class JobManager:
         after = decode_page_token(page_token) if page_token else None
         with self._cond:
             records = sorted(self._jobs.values(), key=lambda r: (r.created, r.job_id), reverse=True)
-            records = [r for r in records if (wanted is None or r.state == wanted)
-                       and (after is None or (r.created, r.job_id) < after)]
+            records = [
+                r
+                for r in records
+                if (wanted is None or r.state == wanted) and (after is None or (r.created, r.job_id) < after)
+            ]
             page = [r.snapshot() for r in records[:size]]
         more = len(records) > size
         return page, encode_page_token(page[-1]) if more else ""
@@ -187,8 +223,14 @@ class JobManager:
         self._publish(final)
         return final.snapshot()
 
-    def watch(self, job_id: str, timeout_s: float | None = None, *, is_active: Callable[[], bool] | None = None,
-              heartbeat_s: float | None = None) -> Iterator[JobRecord]:
+    def watch(
+        self,
+        job_id: str,
+        timeout_s: float | None = None,
+        *,
+        is_active: Callable[[], bool] | None = None,
+        heartbeat_s: float | None = None,
+    ) -> Iterator[JobRecord]:
         """Yield the record now and after every change until it is terminal, and the unchanged record again after
         ``heartbeat_s`` without a change (a keepalive through proxies, and proof the job is still known). Changes
         that happen while the consumer is busy are coalesced into the latest snapshot. Ends early when
@@ -206,13 +248,19 @@ class JobManager:
                 while self._versions[job_id] == seen:
                     now = time.monotonic()
                     remaining = None if deadline is None else deadline - now
-                    if (remaining is not None and remaining <= 0) or self._closed \
-                            or (is_active is not None and not is_active()):
+                    if (
+                        (remaining is not None and remaining <= 0)
+                        or self._closed
+                        or (is_active is not None and not is_active())
+                    ):
                         return
                     if heartbeat_s is not None and now - sent >= heartbeat_s:
                         break
-                    waits = [_WATCH_POLL_S] + ([remaining] if remaining is not None else []) + (
-                        [heartbeat_s - (now - sent)] if heartbeat_s is not None else [])
+                    waits = (
+                        [_WATCH_POLL_S]
+                        + ([remaining] if remaining is not None else [])
+                        + ([heartbeat_s - (now - sent)] if heartbeat_s is not None else [])
+                    )
                     self._cond.wait(max(0.0, min(waits)))
                 snapshot, seen = self._jobs[job_id].snapshot(), self._versions[job_id]
 
@@ -230,8 +278,10 @@ class JobManager:
         with self._cond:
             if self._threads or self._stopping:
                 raise RuntimeError("JobManager.start() may be called once")
-            unfinished = sorted((r for r in self._jobs.values() if r.state in (JobState.QUEUED, JobState.RUNNING)),
-                                key=lambda r: (r.created, r.job_id))
+            unfinished = sorted(
+                (r for r in self._jobs.values() if r.state in (JobState.QUEUED, JobState.RUNNING)),
+                key=lambda r: (r.created, r.job_id),
+            )
             recovered = [r for r in unfinished if r.state == JobState.RUNNING]
             for record in recovered:
                 record.state, record.updated = JobState.QUEUED, time.time()
@@ -244,8 +294,7 @@ class JobManager:
                 threading.Thread(target=self._flush_spool, name=f"jobs-{self.service}-spool", daemon=True).start()
             self._cond.notify_all()
         for record in recovered:
-            log.info("%s job %s was running when the service stopped; re-queued to resume", self.service,
-                     record.job_id)
+            log.info("%s job %s was running when the service stopped; re-queued to resume", self.service, record.job_id)
             self._commit(record.job_id)
         for thread in self._threads:
             thread.start()
@@ -372,13 +421,18 @@ class JobManager:
         write, the spool thread or the next start writes it), so the store never keeps a stale state."""
         try:
             self.store.put_json(self._record_key(record.job_id), record.to_json())
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             if self.spool is None:
-                log.exception("could not persist %s job %s to %s", self.service, record.job_id,
-                              self.store.describe())
+                log.exception("could not persist %s job %s to %s", self.service, record.job_id, self.store.describe())
                 return
-            log.error("could not persist %s job %s to %s (%s); kept in %s until the store answers", self.service,
-                      record.job_id, self.store.describe(), err, self.spool.directory)
+            log.error(
+                "could not persist %s job %s to %s (%s); kept in %s until the store answers",
+                self.service,
+                record.job_id,
+                self.store.describe(),
+                err,
+                self.spool.directory,
+            )
             self.spool.put(record.job_id, record.to_json())
             return
         if self.spool is not None and self.spool.has(record.job_id):
@@ -391,8 +445,9 @@ class JobManager:
                 self._cond.wait_for(lambda: self._closed, timeout=self.spool_retry_s)
                 if self._closed:
                     return
-                pending = [self._jobs[d["job_id"]].snapshot() for d in self.spool.pending()
-                           if d.get("job_id") in self._jobs]
+                pending = [
+                    self._jobs[d["job_id"]].snapshot() for d in self.spool.pending() if d.get("job_id") in self._jobs
+                ]
             for record in pending:
                 with self._persist_lock:
                     self._write(record)
@@ -402,7 +457,7 @@ class JobManager:
             return
         try:
             self.on_change(snapshot)
-        except Exception:  # noqa: BLE001 - a metrics hook must not break a job
+        except Exception:
             log.exception("on_change hook failed for %s job %s", self.service, snapshot.job_id)
 
     # ------------------------------------------------------------------------------------------- loading
@@ -429,7 +484,7 @@ class JobManager:
     def _load(self) -> None:
         prefix = f"jobs/{self.service}/"
         for key in self.store.list(prefix):
-            if "/" in key[len(prefix):] or not key.endswith(".json"):
+            if "/" in key[len(prefix) :] or not key.endswith(".json"):
                 continue
             try:
                 record = JobRecord.from_json(self.store.get_json(key))
@@ -447,8 +502,12 @@ class JobManager:
                 continue
             stored = self._jobs.get(record.job_id)
             if stored is None or record.updated >= stored.updated:  # the store missed this write: it wins
-                log.info("%s job %s: taking the record the store missed (%s)", self.service, record.job_id,
-                         record.state.value)
+                log.info(
+                    "%s job %s: taking the record the store missed (%s)",
+                    self.service,
+                    record.job_id,
+                    record.state.value,
+                )
                 self._jobs[record.job_id] = record
                 self._by_request[record.request_id] = record.job_id
                 self._write(record)

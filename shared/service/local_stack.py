@@ -36,8 +36,13 @@ class LocalStack:
 
     def launch(self, service: str) -> None:
         log = open(self.log_dir / f"{service}.log", "ab")
-        self.procs[service] = subprocess.Popen([sys.executable, "-m", f"{service}_svc"], env=self.env, stdout=log,
-                                               stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[service] = subprocess.Popen(
+            [sys.executable, "-m", f"{service}_svc"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_ready(self, service: str, timeout_s: float = 120.0) -> None:
         from shared.rpc.client import make_channel, wait_for_serving
@@ -49,19 +54,24 @@ class LocalStack:
                 try:
                     wait_for_serving(channel, "", min(2.0, max(0.1, deadline - time.monotonic())))
                     return
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - not serving yet, whatever the reason
                     code = self.procs[service].poll()
                     if code is None and time.monotonic() < deadline:
                         continue
-                    raise Unavailable(f"local {service}_svc did not become ready ({e}); exit code {code}; log "
-                                      f"{self.log_dir / f'{service}.log'}:\n{self.log_tail(service)}") from None
+                    raise Unavailable(
+                        f"local {service}_svc did not become ready ({e}); exit code {code}; log "
+                        f"{self.log_dir / f'{service}.log'}:\n{self.log_tail(service)}"
+                    ) from None
         finally:
             channel.close()
 
     def lost_a_port(self) -> bool:
         """A service exited because another process took its port between free_port() and its bind."""
-        return any(p.poll() is not None and ("cannot listen on" in (tail := self.log_tail(s, 5))
-                                            or "cannot serve /metrics" in tail) for s, p in self.procs.items())
+        return any(
+            p.poll() is not None
+            and ("cannot listen on" in (tail := self.log_tail(s, 5)) or "cannot serve /metrics" in tail)
+            for s, p in self.procs.items()
+        )
 
     def stop_one(self, service: str, grace_s: float = 15.0) -> int | None:
         p = self.procs[service]
@@ -95,15 +105,16 @@ class LocalStack:
                 p.kill()
                 p.wait()
 
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def stack_env(store: str, addresses: dict[str, str], metrics_ports: dict[str, int],
-              base: dict[str, str] | None = None) -> dict[str, str]:
+def stack_env(
+    store: str, addresses: dict[str, str], metrics_ports: dict[str, int], base: dict[str, str] | None = None
+) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env["EDITTUNER_STORE"] = store
     # The services run on the user's own machine for this user's command: any folder the user can read may hold
@@ -118,8 +129,14 @@ def stack_env(store: str, addresses: dict[str, str], metrics_ports: dict[str, in
     return env
 
 
-def start_local_stack(store: str, log_dir: Path, *, timeout_s: float = 120.0, env: dict[str, str] | None = None,
-                      services: tuple[str, ...] = SERVICES) -> LocalStack:
+def start_local_stack(
+    store: str,
+    log_dir: Path,
+    *,
+    timeout_s: float = 120.0,
+    env: dict[str, str] | None = None,
+    services: tuple[str, ...] = SERVICES,
+) -> LocalStack:
     """The services on free loopback ports. A free port can be taken by another process (an outgoing connection's
     ephemeral port) before the service binds it: the stack is then started again on new ports, up to 3 times."""
     log_dir.mkdir(parents=True, exist_ok=True)

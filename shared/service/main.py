@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from shared.errors import EditTunerError
 from shared.logs import quiet_call_noise, quiet_import_noise
@@ -27,9 +28,12 @@ log = logging.getLogger(__name__)
 DEFAULT_STORE = ".edittuner/store"
 
 
-def serve(name: str, default_port: int, make: Callable[[ServiceConfig, Any, Metrics], tuple[Any, Callable, str,
-                                                                                          Callable]],
-          env: dict[str, str] | None = None) -> int:
+def serve(
+    name: str,
+    default_port: int,
+    make: Callable[[ServiceConfig, Any, Metrics], tuple[Any, Callable, str, Callable]],
+    env: dict[str, str] | None = None,
+) -> int:
     """``make(config, store, metrics) -> (core, execute, service_full_name, add_servicer(jobs, server))``; every
     service also serves DataService (shared.service.data).
 
@@ -52,11 +56,13 @@ def serve(name: str, default_port: int, make: Callable[[ServiceConfig, Any, Metr
     except EditTunerError as err:
         print(f"{name}_svc cannot start: {err}", file=sys.stderr)
         return 2
-    jobs = JobManager(store, name, execute, max_queued=config.max_queued,
-                      spool=RecordSpool(workdir(env) / "job-spool" / name))
+    jobs = JobManager(
+        store, name, execute, max_queued=config.max_queued, spool=RecordSpool(workdir(env) / "job-spool" / name)
+    )
     metrics.collect_jobs(name, jobs.jobs_by_state)
-    data = DataServicer(store, server_paths(config), workdir(env),
-                        int(env.get("EDITTUNER_MAX_UPLOAD_BYTES") or MAX_FILE_BYTES))
+    data = DataServicer(
+        store, server_paths(config), workdir(env), int(env.get("EDITTUNER_MAX_UPLOAD_BYTES") or MAX_FILE_BYTES)
+    )
 
     def add_all(server: Any) -> None:
         add(jobs, server)
@@ -71,8 +77,9 @@ def serve(name: str, default_port: int, make: Callable[[ServiceConfig, Any, Metr
     install_sigterm(running, on_stop=lambda: jobs.shutdown(wait=False))
     jobs.start()
     running.set_serving(True)
-    log.info("%s_svc serving on %s (store %s, metrics port %s)", name, running.port, store.describe(),
-             running.metrics_port)
+    log.info(
+        "%s_svc serving on %s (store %s, metrics port %s)", name, running.port, store.describe(), running.metrics_port
+    )
     running.wait_for_termination()
     jobs.shutdown(wait=True, grace_s=config.grace_s)
     log.info("%s_svc stopped", name)
@@ -91,9 +98,13 @@ def peer_channel(env: dict[str, str], name: str, token: str | None, caller: str 
     address = env.get(f"EDITTUNER_{name.upper()}_ADDR")
     if not address:
         return None
-    return make_channel(address, token=token, tls_ca=env.get("EDITTUNER_TLS_CA") or None,
-                        tls=env.get("EDITTUNER_TLS", "") == "1",
-                        peer=env.get("EDITTUNER_PEER_TOKEN") or caller or "service")
+    return make_channel(
+        address,
+        token=token,
+        tls_ca=env.get("EDITTUNER_TLS_CA") or None,
+        tls=env.get("EDITTUNER_TLS", "") == "1",
+        peer=env.get("EDITTUNER_PEER_TOKEN") or caller or "service",
+    )
 
 
 def workdir(env: dict[str, str]) -> Path:

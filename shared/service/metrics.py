@@ -12,7 +12,8 @@ would leave one series per run behind in every gauge, for as long as the service
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -27,31 +28,50 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY):
         r = registry
         self.registry = r
-        self.encoder_images = Counter("edittuner_encoder_images", "Cache entries encoded (latents and caption "
-                                      "embeddings)", registry=r)
-        self.encoder_cache_hits = Counter("edittuner_encoder_cache_hits", "Cache entries found already encoded",
-                                          registry=r)
+        self.encoder_images = Counter(
+            "edittuner_encoder_images", "Cache entries encoded (latents and caption embeddings)", registry=r
+        )
+        self.encoder_cache_hits = Counter(
+            "edittuner_encoder_cache_hits", "Cache entries found already encoded", registry=r
+        )
         self.trainer_steps = Counter("edittuner_trainer_steps", "Optimizer steps taken", registry=r)
         self.trainer_loss = Gauge("edittuner_trainer_loss", "Training loss of the latest step", registry=r)
-        self.trainer_samples_per_second = Gauge("edittuner_trainer_samples_per_second", "Training throughput",
-                                                registry=r)
-        self.trainer_step_seconds = Histogram("edittuner_trainer_step_seconds", "Seconds per optimizer step",
-                                              buckets=STEP_BUCKETS, registry=r)
-        self.trainer_data_wait_seconds = Histogram("edittuner_trainer_data_wait_seconds", "Seconds of a step spent "
-                                                   "waiting for batches (part of the step's seconds)",
-                                                   buckets=DATA_WAIT_BUCKETS, registry=r)
-        self.trainer_learning_rate = Gauge("edittuner_trainer_learning_rate", "Learning rate of the latest step",
-                                           registry=r)
-        self.checkpoint_save_seconds = Histogram("edittuner_trainer_checkpoint_save_seconds",
-                                                 "Seconds to write a checkpoint", buckets=SAVE_BUCKETS, registry=r)
-        self.eval_render_seconds = Histogram("edittuner_eval_render_seconds", "Seconds to render one validation",
-                                             buckets=SAVE_BUCKETS, registry=r)
-        self.eval_psnr = Gauge("edittuner_eval_psnr_decibels", "Mean PSNR against the targets of the latest "
-                               "validation render, kind base (adapters off) or lora", ["kind"], registry=r)
-        self.eval_heldout_loss = Gauge("edittuner_eval_heldout_loss", "Held-out flow-matching loss of the latest "
-                                       "validation render", registry=r)
-        self.gpu_memory = Gauge("edittuner_gpu_memory_bytes", "GPU memory of this process", ["service", "kind"],
-                                registry=r)
+        self.trainer_samples_per_second = Gauge(
+            "edittuner_trainer_samples_per_second", "Training throughput", registry=r
+        )
+        self.trainer_step_seconds = Histogram(
+            "edittuner_trainer_step_seconds", "Seconds per optimizer step", buckets=STEP_BUCKETS, registry=r
+        )
+        self.trainer_data_wait_seconds = Histogram(
+            "edittuner_trainer_data_wait_seconds",
+            "Seconds of a step spent waiting for batches (part of the step's seconds)",
+            buckets=DATA_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.trainer_learning_rate = Gauge(
+            "edittuner_trainer_learning_rate", "Learning rate of the latest step", registry=r
+        )
+        self.checkpoint_save_seconds = Histogram(
+            "edittuner_trainer_checkpoint_save_seconds",
+            "Seconds to write a checkpoint",
+            buckets=SAVE_BUCKETS,
+            registry=r,
+        )
+        self.eval_render_seconds = Histogram(
+            "edittuner_eval_render_seconds", "Seconds to render one validation", buckets=SAVE_BUCKETS, registry=r
+        )
+        self.eval_psnr = Gauge(
+            "edittuner_eval_psnr_decibels",
+            "Mean PSNR against the targets of the latest validation render, kind base (adapters off) or lora",
+            ["kind"],
+            registry=r,
+        )
+        self.eval_heldout_loss = Gauge(
+            "edittuner_eval_heldout_loss", "Held-out flow-matching loss of the latest validation render", registry=r
+        )
+        self.gpu_memory = Gauge(
+            "edittuner_gpu_memory_bytes", "GPU memory of this process", ["service", "kind"], registry=r
+        )
 
     def record_train_event(self, e: dict[str, Any], batch_size: int = 1) -> None:
         """Feed a training worker's event into the trainer metrics."""

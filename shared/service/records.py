@@ -1,5 +1,4 @@
-"""Job records as they are stored (``jobs/<service>/<job_id>.json``), their states, and the error table.
-"""
+"""Job records as they are stored (``jobs/<service>/<job_id>.json``), their states, and the error table."""
 
 from __future__ import annotations
 
@@ -17,8 +16,14 @@ from typing import Any
 from shared import errors
 
 PROGRESS_FIELDS: dict[str, Any] = {  # field → value before the executor reports one
-    "phase": "", "step": 0, "total": 0, "loss": 0.0, "seconds_per_step": 0.0, "message": "",
-    "learning_rate": 0.0, "data_wait_fraction": 0.0,
+    "phase": "",
+    "step": 0,
+    "total": 0,
+    "loss": 0.0,
+    "seconds_per_step": 0.0,
+    "message": "",
+    "learning_rate": 0.0,
+    "data_wait_fraction": 0.0,
 }
 INTERRUPTED_MESSAGE = "interrupted by service shutdown; will resume"
 RECOVERED_MESSAGE = "interrupted by a service restart; will resume"
@@ -118,7 +123,8 @@ def parse_state(state: JobState | str) -> JobState:
         return JobState(state)
     except ValueError:
         raise errors.InvalidInput(
-            f"unknown job state {state!r}; use one of {', '.join(s.value for s in JobState)}") from None
+            f"unknown job state {state!r}; use one of {', '.join(s.value for s in JobState)}"
+        ) from None
 
 
 def encode_page_token(last: JobRecord) -> str:
@@ -130,5 +136,7 @@ def decode_page_token(token: str) -> tuple[float, str]:
         created, job_id = json.loads(base64.urlsafe_b64decode(token.encode()))
         return float(created), str(job_id)
     except (binascii.Error, UnicodeError, ValueError, TypeError):
-        raise errors.InvalidInput(f"invalid page_token {token!r}: pass the next_page_token of a previous "
-                                  "List response, or an empty string for the first page") from None
+        raise errors.InvalidInput(
+            f"invalid page_token {token!r}: pass the next_page_token of a previous "
+            "List response, or an empty string for the first page"
+        ) from None

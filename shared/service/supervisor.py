@@ -42,11 +42,16 @@ EXIT_DRAIN_S = 2.0  # after the worker exits, how long a process it left behind 
 # cuFFT's, cuRAND's, ...) and NCCL's "Cuda failure 'out of memory'". A bare SIGKILL is not such evidence (torchrun
 # prints "Signal 9 (SIGKILL) received" for any kill): an out-of-memory kill by the kernel is told by the cgroup's
 # memory.events (see oom_kill_count).
-OOM_MARKERS = re.compile(r"CUDA out of memory|torch\.OutOfMemoryError|OutOfMemoryError: |^MemoryError"
-                         r"|CUDA error: out of memory|Cuda failure (?:\d+ )?'out of memory'"
-                         r"|\bCU[A-Z]+_(?:STATUS_)?(?:INTERNAL_ERROR_(?:HOST|DEVICE)_)?ALLOC(?:ATION)?_FAILED\b", re.M)
-OOM_ADVICE = ("lower the resolution or train_batch_size, enable gradient_checkpointing, or quantize the base "
-              "model (base_model_precision)")
+OOM_MARKERS = re.compile(
+    r"CUDA out of memory|torch\.OutOfMemoryError|OutOfMemoryError: |^MemoryError"
+    r"|CUDA error: out of memory|Cuda failure (?:\d+ )?'out of memory'"
+    r"|\bCU[A-Z]+_(?:STATUS_)?(?:INTERNAL_ERROR_(?:HOST|DEVICE)_)?ALLOC(?:ATION)?_FAILED\b",
+    re.M,
+)
+OOM_ADVICE = (
+    "lower the resolution or train_batch_size, enable gradient_checkpointing, or quantize the base "
+    "model (base_model_precision)"
+)
 # The CUDA caching allocator of a worker: expandable segments, which grow in place, so that batches of another
 # bucket's shape reuse the memory the last ones freed instead of fragmenting it into blocks of the wrong size
 # (check_fits leaves only CUDA_OVERHEAD of slack). Unless the environment configures the allocator: torch reads
@@ -76,9 +81,16 @@ class WorkerFailed(errors.EditTunerError):
         self.kind, self.exit_code, self.log_tail = kind, exit_code, log_tail
 
 
-def run_worker(cmd: list[str], *, on_event: Callable[[dict[str, Any]], None], cancelled: threading.Event,
-               env: Mapping[str, str] | None = None, cwd: Path | str | None = None,
-               log_path: Path | None = None, kill_grace_s: float = 10.0) -> dict[str, Any]:
+def run_worker(
+    cmd: list[str],
+    *,
+    on_event: Callable[[dict[str, Any]], None],
+    cancelled: threading.Event,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | str | None = None,
+    log_path: Path | None = None,
+    kill_grace_s: float = 10.0,
+) -> dict[str, Any]:
     """Run ``cmd`` in a new process group; call ``on_event`` (on this thread) for each event; return the result.
 
     ``env`` replaces the environment as in ``subprocess`` (None inherits), with ``ALLOC_CONF`` added unless it
@@ -94,8 +106,15 @@ def run_worker(cmd: list[str], *, on_event: Callable[[dict[str, Any]], None], ca
         try:
             # No preexec_fn (Python code between fork and exec, beside the service's threads, can crash the
             # child): the worker itself asks to die with its parent, first thing (exit_with_parent).
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf,
-                                    env=child_env, cwd=cwd, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=logf,
+                env=child_env,
+                cwd=cwd,
+                start_new_session=True,
+            )
         except OSError as err:
             raise WorkerFailed(f"cannot start the worker {cmd[0]!r}: {err}") from err
         try:
@@ -109,8 +128,9 @@ def run_worker(cmd: list[str], *, on_event: Callable[[dict[str, Any]], None], ca
         return _outcome(proc.returncode, ended, _tail(logf, start), log_path, oom_before, oom_kill_count())
 
 
-def _relay(proc: subprocess.Popen, on_event: Callable[[dict[str, Any]], None], cancelled: threading.Event,
-           logf: IO[bytes]) -> dict[str, Any]:
+def _relay(
+    proc: subprocess.Popen, on_event: Callable[[dict[str, Any]], None], cancelled: threading.Event, logf: IO[bytes]
+) -> dict[str, Any]:
     """Read stdout until it closes and the worker exits; return its final ``result`` or ``error`` line."""
     lines: queue.Queue[str | None] = queue.Queue()
     reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), name="worker-stdout", daemon=True)
@@ -167,8 +187,14 @@ def _parse(line: str) -> dict[str, Any] | None:
     return None
 
 
-def _outcome(code: int, ended: dict[str, Any], tail: str, log_path: Path | None, oom_before: int | None = None,
-             oom_after: int | None = None) -> dict[str, Any]:
+def _outcome(
+    code: int,
+    ended: dict[str, Any],
+    tail: str,
+    log_path: Path | None,
+    oom_before: int | None = None,
+    oom_after: int | None = None,
+) -> dict[str, Any]:
     """The result, or the EditTunerError that says why there is none, stating the evidence for it."""
     if code == 0 and isinstance(ended.get("result"), dict):
         return ended["result"]
@@ -181,10 +207,14 @@ def _outcome(code: int, ended: dict[str, Any], tail: str, log_path: Path | None,
             raise errors.ResourceExhausted(
                 f"rank {rank} ran out of memory: the kernel's out-of-memory killer killed it (the cgroup's "
                 f"memory.events oom_kill went from {oom_before} to {oom_after}); {OOM_ADVICE}. Last log "
-                f"lines{where}:\n{quoted}")
-        raise WorkerFailed(f"the training failed: rank {rank} killed by {_signal_name(-code)} (torchrun's first "
-                           f"observed failure; the other ranks were stopped); last log lines{where}:\n{quoted}",
-                           exit_code=code, log_tail=quoted)
+                f"lines{where}:\n{quoted}"
+            )
+        raise WorkerFailed(
+            f"the training failed: rank {rank} killed by {_signal_name(-code)} (torchrun's first "
+            f"observed failure; the other ranks were stopped); last log lines{where}:\n{quoted}",
+            exit_code=code,
+            log_tail=quoted,
+        )
     if "error" in ended:
         message, kind = str(ended["error"]), str(ended.get("kind", ""))
         if kind in KINDS:
@@ -196,17 +226,22 @@ def _outcome(code: int, ended: dict[str, Any], tail: str, log_path: Path | None,
     if code == -signal.SIGKILL and oom_before is not None and oom_after is not None and oom_after > oom_before:
         raise errors.ResourceExhausted(
             "the worker ran out of memory: the kernel's out-of-memory killer killed it (the cgroup's memory.events "
-            f"oom_kill went from {oom_before} to {oom_after}); {OOM_ADVICE}. Last log lines{where}:\n{quoted}")
+            f"oom_kill went from {oom_before} to {oom_after}); {OOM_ADVICE}. Last log lines{where}:\n{quoted}"
+        )
     if OOM_MARKERS.search(tail):
         raise errors.ResourceExhausted(
-            f"the worker ran out of memory: {_oom_line(tail)}; {OOM_ADVICE}. Last log lines{where}:\n{quoted}")
+            f"the worker ran out of memory: {_oom_line(tail)}; {OOM_ADVICE}. Last log lines{where}:\n{quoted}"
+        )
     if code == 0:
         what = "exited with code 0 without printing a result line"
     elif code < 0:
         what = f"was killed by {_signal_name(-code)}"
         if code == -signal.SIGKILL:
-            what += (" (not by the kernel's out-of-memory killer: the cgroup recorded no oom_kill)"
-                     if oom_before is not None else "")
+            what += (
+                " (not by the kernel's out-of-memory killer: the cgroup recorded no oom_kill)"
+                if oom_before is not None
+                else ""
+            )
     else:
         what = f"exited with code {code}"
     raise WorkerFailed(f"the worker {what}; last log lines{where}:\n{quoted}", exit_code=code, log_tail=quoted)

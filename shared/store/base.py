@@ -202,8 +202,10 @@ class ObjectStore(ABC):
         except errors.IntegrityError as err:
             return str(err)
         if (info.sha256, info.size) != (expected.sha256, expected.size):
-            return (f"'{expected.key}' changed after the commit "
-                    f"(sha256 {info.sha256[:12]}…, expected {expected.sha256[:12]}…)")
+            return (
+                f"'{expected.key}' changed after the commit "
+                f"(sha256 {info.sha256[:12]}…, expected {expected.sha256[:12]}…)"
+            )
         return None
 
     def _marker(self, prefix: str) -> tuple[str, str]:

@@ -34,9 +34,13 @@ _STEP_DIR = re.compile(r"/checkpoints/step-(\d+)/")
 # ------------------------------------------------------------------------------------- structure ↔ tensors
 # Tensor subclasses an optimizer state may hold (torchao's low-bit states), by qualified name: they are stored as
 # their inner tensors (__tensor_flatten__), and loading imports only the classes listed here.
-TENSOR_SUBCLASSES = frozenset({"torchao.optim.subclass_8bit.OptimState8bit",
-                               "torchao.optim.subclass_4bit.OptimState4bit",
-                               "torchao.optim.subclass_fp8.OptimStateFp8"})
+TENSOR_SUBCLASSES = frozenset(
+    {
+        "torchao.optim.subclass_8bit.OptimState8bit",
+        "torchao.optim.subclass_4bit.OptimState4bit",
+        "torchao.optim.subclass_fp8.OptimStateFp8",
+    }
+)
 
 
 def _qualname(cls: type) -> str:
@@ -50,8 +54,13 @@ def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "s") -> Any:
         if name not in TENSOR_SUBCLASSES:
             raise TypeError(f"cannot store a {name} at {path} in a checkpoint (not in TENSOR_SUBCLASSES)")
         inner, ctx = obj.__tensor_flatten__()
-        return {"__subclass__": name, "inner": {n: flatten(getattr(obj, n), tensors, f"{path}.{n}") for n in inner},
-                "ctx": flatten(ctx, tensors, f"{path}.ctx"), "size": list(obj.size()), "stride": list(obj.stride())}
+        return {
+            "__subclass__": name,
+            "inner": {n: flatten(getattr(obj, n), tensors, f"{path}.{n}") for n in inner},
+            "ctx": flatten(ctx, tensors, f"{path}.ctx"),
+            "size": list(obj.size()),
+            "stride": list(obj.stride()),
+        }
     if isinstance(obj, torch.Tensor):
         tensors[path] = obj.detach().cpu().clone().contiguous()  # a snapshot, not a view of live state
         return {"__tensor__": path}
@@ -100,11 +109,14 @@ def _unflatten_subclass(skel: dict[str, Any], tensors: dict[str, torch.Tensor]) 
     try:
         cls = getattr(importlib.import_module(module), cls_name)
     except ImportError as err:
-        raise InvalidInput(f"this checkpoint's optimizer state needs {module.split('.')[0]} ({err}): pip install "
-                           f"{module.split('.')[0]}") from None
+        raise InvalidInput(
+            f"this checkpoint's optimizer state needs {module.split('.')[0]} ({err}): pip install "
+            f"{module.split('.')[0]}"
+        ) from None
     inner = {n: unflatten(v, tensors) for n, v in skel["inner"].items()}
-    return cls.__tensor_unflatten__(inner, unflatten(skel["ctx"], tensors), torch.Size(skel["size"]),
-                                    tuple(skel["stride"]))
+    return cls.__tensor_unflatten__(
+        inner, unflatten(skel["ctx"], tensors), torch.Size(skel["size"]), tuple(skel["stride"])
+    )
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -115,8 +127,10 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             tensors[f"torch_cuda_{i}"] = s
     np_state = np.random.get_state()
     py_state = random.getstate()
-    return tensors, {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-                     "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    return tensors, {
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
 
 
 def restore_rng(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -148,8 +162,9 @@ def checkpoint_prefix(run_prefix: str, step: int) -> str:
     return f"{run_prefix}/checkpoints/step-{step}"
 
 
-def save_checkpoint(store: ObjectStore, run_prefix: str, state: CheckpointState,
-                    files: dict[str, bytes] | None = None) -> str:
+def save_checkpoint(
+    store: ObjectStore, run_prefix: str, state: CheckpointState, files: dict[str, bytes] | None = None
+) -> str:
     """Write every object of the checkpoint, then its commit marker; returns the checkpoint prefix."""
     prefix = checkpoint_prefix(run_prefix, state.step)
     if store.is_committed(prefix):  # an overwrite must never leave a marker that vouches for mixed contents
@@ -157,15 +172,26 @@ def save_checkpoint(store: ObjectStore, run_prefix: str, state: CheckpointState,
     opt_tensors: dict[str, torch.Tensor] = {}
     opt_skel = flatten(state.optimizer, opt_tensors)
     scheduler = flatten(state.scheduler, opt_tensors, "scheduler")  # its tensors beside the optimizer's
-    keys = [store.put_tensors(f"{prefix}/lora.safetensors", state.lora).key,
-            store.put_tensors(f"{prefix}/optimizer.safetensors", opt_tensors).key,
-            store.put_json(f"{prefix}/optimizer.json", opt_skel).key,
-            store.put_tensors(f"{prefix}/rng.safetensors", state.rng_tensors).key]
+    keys = [
+        store.put_tensors(f"{prefix}/lora.safetensors", state.lora).key,
+        store.put_tensors(f"{prefix}/optimizer.safetensors", opt_tensors).key,
+        store.put_json(f"{prefix}/optimizer.json", opt_skel).key,
+        store.put_tensors(f"{prefix}/rng.safetensors", state.rng_tensors).key,
+    ]
     if state.ema is not None:
         keys.append(store.put_tensors(f"{prefix}/ema.safetensors", state.ema).key)
-    keys.append(store.put_json(f"{prefix}/state.json", {
-        "step": state.step, "scheduler": scheduler, "loader": state.loader, "rng": state.rng,
-        "extra": state.extra}).key)
+    keys.append(
+        store.put_json(
+            f"{prefix}/state.json",
+            {
+                "step": state.step,
+                "scheduler": scheduler,
+                "loader": state.loader,
+                "rng": state.rng,
+                "extra": state.extra,
+            },
+        ).key
+    )
     for name, data in (files or {}).items():
         keys.append(store.put_bytes(f"{prefix}/{name}", data).key)
     store.commit(prefix, keys)
@@ -190,8 +216,10 @@ def resolve_resume(store: ObjectStore, run_prefix: str, spec: str | None) -> int
         return steps[-1] if steps else None
     step = int(str(spec).removeprefix("step-"))
     if step not in steps:
-        raise InvalidInput(f"resume_from_checkpoint: no committed checkpoint step-{step} under {run_prefix}/checkpoints"
-                           f"; available: {', '.join(f'step-{s}' for s in steps) or 'none'}")
+        raise InvalidInput(
+            f"resume_from_checkpoint: no committed checkpoint step-{step} under {run_prefix}/checkpoints"
+            f"; available: {', '.join(f'step-{s}' for s in steps) or 'none'}"
+        )
     return step
 
 
@@ -206,10 +234,17 @@ def load_checkpoint(store: ObjectStore, run_prefix: str, step: int) -> Checkpoin
     ema = store.get_tensors(f"{prefix}/ema.safetensors")[0] if store.exists(f"{prefix}/ema.safetensors") else None
     if int(state["step"]) != step:
         raise IntegrityError(f"{prefix}/state.json says step {state['step']}, expected {step}")
-    return CheckpointState(step=step, lora=store.get_tensors(f"{prefix}/lora.safetensors")[0], optimizer=optimizer,
-                           scheduler=unflatten(state["scheduler"], opt_tensors), loader=state["loader"], ema=ema,
-                           rng_tensors=store.get_tensors(f"{prefix}/rng.safetensors")[0], rng=state["rng"],
-                           extra=state.get("extra", {}))
+    return CheckpointState(
+        step=step,
+        lora=store.get_tensors(f"{prefix}/lora.safetensors")[0],
+        optimizer=optimizer,
+        scheduler=unflatten(state["scheduler"], opt_tensors),
+        loader=state["loader"],
+        ema=ema,
+        rng_tensors=store.get_tensors(f"{prefix}/rng.safetensors")[0],
+        rng=state["rng"],
+        extra=state.get("extra", {}),
+    )
 
 
 def prune_checkpoints(store: ObjectStore, run_prefix: str, keep: int | None) -> list[int]:

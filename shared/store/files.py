@@ -1,5 +1,4 @@
-"""Atomic, durable file writes: stream into a fsynced temp file beside the destination, hash on the way, rename.
-"""
+"""Atomic, durable file writes: stream into a fsynced temp file beside the destination, hash on the way, rename."""
 
 from __future__ import annotations
 

@@ -48,8 +48,16 @@ CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0  # between two reads of one response, not for the whole object
 RETRY_S = 120.0
 # S3 error codes that say "try again" (the others — NoSuchKey, AccessDenied, ... — are answers, not faults).
-_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
-                    "OperationAborted", "XMinioServerNotInitialized", "XMinioStorageFull"}
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "OperationAborted",
+    "XMinioServerNotInitialized",
+    "XMinioStorageFull",
+}
 
 
 def retry_budget(env: Mapping[str, str] | None = None) -> float:
@@ -77,15 +85,25 @@ def retrying(budget_s: float, where: str, *, hard: bool = False) -> tenacity.Ret
     """The retry policy of every store and dataset-bucket operation: exponential backoff with jitter (0.2 s
     doubling up to 5 s) while ``is_transient``, for ``budget_s`` seconds in all, then the last error is raised.
     ``hard``: no attempt starts after ``budget_s`` (a client's deadline), rather than none after it ran out."""
+
     def note(state: tenacity.RetryCallState) -> None:
         err = state.outcome.exception() if state.outcome else None
-        log.warning("%s: %s; retrying (attempt %d, %.0f s of %.0f s)", where, type(err).__name__,
-                    state.attempt_number, state.seconds_since_start or 0.0, budget_s)
+        log.warning(
+            "%s: %s; retrying (attempt %d, %.0f s of %.0f s)",
+            where,
+            type(err).__name__,
+            state.attempt_number,
+            state.seconds_since_start or 0.0,
+            budget_s,
+        )
 
-    return tenacity.Retrying(retry=tenacity.retry_if_exception(is_transient),
-                             stop=tenacity.stop_before_delay(budget_s) if hard else tenacity.stop_after_delay(budget_s),
-                             wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0), reraise=True,
-                             before_sleep=note)
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_transient),
+        stop=tenacity.stop_before_delay(budget_s) if hard else tenacity.stop_after_delay(budget_s),
+        wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0),
+        reraise=True,
+        before_sleep=note,
+    )
 
 
 def _http_client(connect_timeout_s: float, read_timeout_s: float) -> urllib3.PoolManager:
@@ -137,6 +155,7 @@ class MinioStore(ObjectStore):
 
     def ensure_bucket(self) -> None:
         """Create the bucket unless it exists; another process creating it at the same time is fine."""
+
         def ensure() -> None:
             if self.client.bucket_exists(self.bucket):
                 return
@@ -150,8 +169,12 @@ class MinioStore(ObjectStore):
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> ObjectInfo:
         sha = hashlib.sha256(data).hexdigest()
-        self._do(lambda: self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type,
-                                                metadata={"sha256": sha}), validate_key(key))
+        self._do(
+            lambda: self.client.put_object(
+                self.bucket, key, io.BytesIO(data), len(data), content_type, metadata={"sha256": sha}
+            ),
+            validate_key(key),
+        )
         return ObjectInfo(key, len(data), sha, content_type)
 
     def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> ObjectInfo:
@@ -160,8 +183,9 @@ class MinioStore(ObjectStore):
         if not Path(path).is_file():
             raise errors.NotFound(f"cannot store '{key}': local file {path} does not exist")
         sha = sha256_file(Path(path))
-        self._do(lambda: self.client.fput_object(self.bucket, key, str(path), content_type,
-                                                 metadata={"sha256": sha}), key)
+        self._do(
+            lambda: self.client.fput_object(self.bucket, key, str(path), content_type, metadata={"sha256": sha}), key
+        )
         return ObjectInfo(key, Path(path).stat().st_size, sha, content_type)
 
     def get_bytes(self, key: str) -> bytes:
@@ -225,7 +249,9 @@ class MinioStore(ObjectStore):
                 raise
             raise errors.Unavailable(
                 f"{err}; this call gave up after {time.monotonic() - started:.1f} s to answer before its deadline: "
-                f"retry in {deadline.RETRY_HINT_S:g} s", retry_after_s=deadline.RETRY_HINT_S) from err.__cause__
+                f"retry in {deadline.RETRY_HINT_S:g} s",
+                retry_after_s=deadline.RETRY_HINT_S,
+            ) from err.__cause__
 
     def _recorded_sha(self, key: str, headers: Mapping[str, str]) -> str:
         sha = _header(headers, "x-amz-meta-sha256")
@@ -273,8 +299,10 @@ class MinioStore(ObjectStore):
             )
         subject = f"'{key}' in {where}" if key else where
         if err.code in _TRANSIENT_CODES:
-            return errors.Unavailable(f"{subject} kept failing ({err.code}: {err.message}) for {retried_s:.3g} s; "
-                                      "is the object store overloaded or restarting?")
+            return errors.Unavailable(
+                f"{subject} kept failing ({err.code}: {err.message}) for {retried_s:.3g} s; "
+                "is the object store overloaded or restarting?"
+            )
         return errors.EditTunerError(f"object store error on {subject}: {err.code}: {err.message}")
 
 
@@ -311,9 +339,16 @@ def minio_client_from_aws_fields(fields: Mapping[str, Any], env: Mapping[str, st
     if not bucket or not isinstance(bucket, str):
         raise errors.InvalidInput("an aws dataset needs aws_bucket_name (the bucket holding its images)")
     host, secure = parse_endpoint_url(fields.get("aws_endpoint_url") or AWS_ENDPOINT, "aws_endpoint_url")
-    creds = resolve_s3_credentials(fields.get("aws_access_key_id"), fields.get("aws_secret_access_key"),
-                                   os.environ if env is None else env)
+    creds = resolve_s3_credentials(
+        fields.get("aws_access_key_id"), fields.get("aws_secret_access_key"), os.environ if env is None else env
+    )
     access, secret = creds or (None, None)
-    client = Minio(host, access, secret, secure=secure, region=fields.get("aws_region_name") or None,
-                   http_client=_http_client(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
+    client = Minio(
+        host,
+        access,
+        secret,
+        secure=secure,
+        region=fields.get("aws_region_name") or None,
+        http_client=_http_client(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+    )
     return client, bucket

@@ -49,8 +49,10 @@ def manifest_key(upload_id: str) -> str:
 
 def check_upload_id(upload_id: str) -> str:
     if not UPLOAD_ID.fullmatch(upload_id or "") or upload_id.endswith("."):
-        raise errors.InvalidInput(f"upload_id: {str(upload_id)[:80]!r} is not an upload name: use 1 to 100 letters, "
-                                  "digits, '.', '_' or '-', starting with a letter or digit")
+        raise errors.InvalidInput(
+            f"upload_id: {str(upload_id)[:80]!r} is not an upload name: use 1 to 100 letters, "
+            "digits, '.', '_' or '-', starting with a letter or digit"
+        )
     return upload_id
 
 
@@ -60,11 +62,14 @@ def check_entry(path: str, size: int, sha256: str, max_file_bytes: int = MAX_FIL
     try:
         validate_key(path)
     except errors.InvalidInput as err:
-        raise errors.InvalidInput(f"file {str(path)[:120]!r}: not a relative path inside the dataset "
-                                  f"({str(err).split(': ', 1)[-1]})") from None
+        raise errors.InvalidInput(
+            f"file {str(path)[:120]!r}: not a relative path inside the dataset ({str(err).split(': ', 1)[-1]})"
+        ) from None
     if size < 0 or size > max_file_bytes:
-        raise errors.InvalidInput(f"file {path!r}: {size} bytes; a dataset file is at most {max_file_bytes} bytes "
-                                  "(EDITTUNER_MAX_UPLOAD_BYTES)")
+        raise errors.InvalidInput(
+            f"file {path!r}: {size} bytes; a dataset file is at most {max_file_bytes} bytes "
+            "(EDITTUNER_MAX_UPLOAD_BYTES)"
+        )
     if not _SHA256.fullmatch(sha256 or ""):
         raise errors.InvalidInput(f"file {path!r}: sha256 {str(sha256)[:80]!r} is not 64 lowercase hex digits")
     return Entry(path, int(size), sha256)
@@ -103,9 +108,11 @@ def store_verified(store: ObjectStore, tmp: Path, entry: Entry) -> tuple[str, bo
             h.update(chunk)
             size += len(chunk)
     if size != entry.size or h.hexdigest() != entry.sha256:
-        raise errors.InvalidInput(f"file {entry.path!r}: received {size} bytes with sha256 {h.hexdigest()[:12]}…, "
-                                  f"announced {entry.size} bytes, {entry.sha256[:12]}…; nothing was stored: send "
-                                  "it again")
+        raise errors.InvalidInput(
+            f"file {entry.path!r}: received {size} bytes with sha256 {h.hexdigest()[:12]}…, "
+            f"announced {entry.size} bytes, {entry.sha256[:12]}…; nothing was stored: send "
+            "it again"
+        )
     key = blob_key(entry.sha256)
     if not missing(store, [entry]):
         return key, False
@@ -119,12 +126,21 @@ def commit_manifest(store: ObjectStore, upload_id: str, entries: list[Entry]) ->
     absent = missing(store, entries)
     if absent:
         names = [e.path for e in entries if e.sha256 in set(absent)]
-        raise errors.FailedPrecondition(f"upload {upload_id!r}: {len(names)} file(s) are not in the store yet "
-                                        f"({', '.join(names[:5])}{' …' if len(names) > 5 else ''}); upload them "
-                                        "first")
+        raise errors.FailedPrecondition(
+            f"upload {upload_id!r}: {len(names)} file(s) are not in the store yet "
+            f"({', '.join(names[:5])}{' …' if len(names) > 5 else ''}); upload them "
+            "first"
+        )
     key = manifest_key(upload_id)
-    store.put_json(key, {"format": FORMAT, "upload_id": upload_id, "created": time.time(),
-                         "files": {e.path: {"sha256": e.sha256, "size": e.size} for e in entries}})
+    store.put_json(
+        key,
+        {
+            "format": FORMAT,
+            "upload_id": upload_id,
+            "created": time.time(),
+            "files": {e.path: {"sha256": e.sha256, "size": e.size} for e in entries},
+        },
+    )
     return key
 
 
@@ -134,8 +150,10 @@ def read_manifest(store: ObjectStore, upload_id: str) -> dict[str, Entry]:
     try:
         doc: Any = store.get_json(key)
     except errors.NotFound:
-        raise errors.NotFound(f"no uploaded dataset {upload_id!r} in {store.describe()} ({key} is missing): "
-                              "push it again with `edittuner data push`") from None
+        raise errors.NotFound(
+            f"no uploaded dataset {upload_id!r} in {store.describe()} ({key} is missing): "
+            "push it again with `edittuner data push`"
+        ) from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise errors.IntegrityError(f"{key} is not an upload manifest ({FORMAT})")
     return {p: Entry(p, int(v["size"]), str(v["sha256"])) for p, v in doc["files"].items()}

@@ -12,8 +12,14 @@ from urllib.parse import unquote, urlsplit
 from shared import errors
 from shared.store.base import DEFAULT_BUCKET, ObjectStore
 from shared.store.local import LocalStore
-from shared.store.s3 import (AWS_ENDPOINT, BUCKET_NAME, MinioStore, parse_endpoint_url, resolve_s3_credentials,
-                             retry_budget)
+from shared.store.s3 import (
+    AWS_ENDPOINT,
+    BUCKET_NAME,
+    MinioStore,
+    parse_endpoint_url,
+    resolve_s3_credentials,
+    retry_budget,
+)
 
 
 def default_local_root(env: Mapping[str, str] | None = None) -> Path:

@@ -22,8 +22,9 @@ import gc
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -69,9 +70,11 @@ def rank_device(device: torch.device, dist: Dist) -> torch.device:
         return device
     if dist.active:
         if dist.local_rank >= torch.cuda.device_count():
-            raise InvalidInput(f"num_processes: rank {dist.rank} has local rank {dist.local_rank}, but this host "
-                               f"has {torch.cuda.device_count()} GPU(s); use num_processes "
-                               f"{torch.cuda.device_count()} or fewer")
+            raise InvalidInput(
+                f"num_processes: rank {dist.rank} has local rank {dist.local_rank}, but this host "
+                f"has {torch.cuda.device_count()} GPU(s); use num_processes "
+                f"{torch.cuda.device_count()} or fewer"
+            )
         device = torch.device("cuda", dist.local_rank)
     elif device.index is None:  # resolve_device gives one; a bare "cuda" is the current GPU already
         return torch.device("cuda", torch.cuda.current_device())
@@ -140,8 +143,12 @@ def wrap(transformer: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     frozen = [n for n, p in transformer.named_parameters() if not p.requires_grad]
     frozen += [n for n, _ in transformer.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(transformer, frozen)
-    return DDP(transformer, device_ids=[device.index] if device.type == "cuda" else None,
-               find_unused_parameters=False, gradient_as_bucket_view=True)
+    return DDP(
+        transformer,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=False,
+        gradient_as_bucket_view=True,
+    )
 
 
 def _fingerprint(transformer: torch.nn.Module) -> tuple[str, str]:
@@ -171,8 +178,10 @@ def check_replicas(transformer: torch.nn.Module, dist: Dist) -> None:
     for what, i in (("base model weights", 0), ("LoRA initial weights", 1)):
         differ = [r for r, f in enumerate(every) if f[i] != every[0][i]]
         if differ:
-            raise FailedPrecondition(f"the {what} of rank(s) {differ} differ from rank 0's: every process must load "
-                                     "the same model files with the same base_model_precision and seed")
+            raise FailedPrecondition(
+                f"the {what} of rank(s) {differ} differ from rank 0's: every process must load "
+                "the same model files with the same base_model_precision and seed"
+            )
 
 
 def all_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
@@ -207,14 +216,17 @@ def launch_command(worker: list[str], cfg: Any) -> list[str]:
     if len(worker) < 3 or worker[1] != "-m":
         raise InvalidInput(f"cannot start {worker[:3]} under torchrun: expected python -m MODULE")
     python, module, rest = worker[0], worker[2], worker[3:]
-    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={processes_per_machine(cfg)}",
-           "--max-restarts=0"]
+    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={processes_per_machine(cfg)}", "--max-restarts=0"]
     if cfg.num_machines > 1:
-        cmd += [f"--nnodes={cfg.num_machines}", f"--node-rank={cfg.machine_rank}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={cfg.main_process_ip}:{cfg.main_process_port}",
-                f"--rdzv-id=edittuner-{cfg.main_process_port}",
-                # machine 0 hosts the rendezvous; the others wait there while it encodes (up to an hour)
-                f"--rdzv-conf=is_host={'true' if cfg.machine_rank == 0 else 'false'},join_timeout=3600"]
+        cmd += [
+            f"--nnodes={cfg.num_machines}",
+            f"--node-rank={cfg.machine_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={cfg.main_process_ip}:{cfg.main_process_port}",
+            f"--rdzv-id=edittuner-{cfg.main_process_port}",
+            # machine 0 hosts the rendezvous; the others wait there while it encodes (up to an hour)
+            f"--rdzv-conf=is_host={'true' if cfg.machine_rank == 0 else 'false'},join_timeout=3600",
+        ]
     else:
         cmd += ["--standalone"]
     return [*cmd, "-m", module, *rest]

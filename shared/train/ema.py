@@ -35,8 +35,10 @@ class LoraEMA:
         self._staging.copy_(flat, non_blocking=True)
         if flat.device.type == "cuda":
             torch.cuda.current_stream(flat.device).synchronize()  # the buffer is read next, on the host
-        return [v.view_as(s) for v, s in zip(torch.split(self._staging, [s.numel() for s in self.shadow]),
-                                               self.shadow)]
+        return [
+            v.view_as(s)
+            for v, s in zip(torch.split(self._staging, [s.numel() for s in self.shadow]), self.shadow, strict=True)
+        ]
 
     @torch.no_grad()
     def update(self) -> None:
@@ -46,7 +48,7 @@ class LoraEMA:
 
     def state(self) -> dict[str, torch.Tensor]:
         """name → average, on the CPU (checkpoints, export)."""
-        return {n: s.detach().cpu() for n, s in zip(self.names, self.shadow)}
+        return {n: s.detach().cpu() for n, s in zip(self.names, self.shadow, strict=True)}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         self.shadow = [state[n].float().to(self.device).clone() for n in self.names]
@@ -56,10 +58,10 @@ class LoraEMA:
     def swapped_in(self) -> Iterator[None]:
         """The parameters hold the average inside the block (previews render what the exported file holds)."""
         saved = [p.detach().clone() for p in self.params]
-        for p, s in zip(self.params, self.shadow):
+        for p, s in zip(self.params, self.shadow, strict=True):
             p.copy_(s.to(p.device, p.dtype))
         try:
             yield
         finally:
-            for p, s in zip(self.params, saved):
+            for p, s in zip(self.params, saved, strict=True):
                 p.copy_(s)

@@ -27,9 +27,18 @@ def memory(device: torch.device, dist: distributed.Dist) -> dict[str, int]:
     the figure to set beside the planner's prediction and the card's size."""
     if device.type != "cuda":
         return {}
-    values = [torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device),
-              torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)]
+    values = [
+        torch.cuda.memory_allocated(device),
+        torch.cuda.memory_reserved(device),
+        torch.cuda.max_memory_allocated(device),
+        torch.cuda.max_memory_reserved(device),
+    ]
     if dist.active:
         values = [int(v) for v in distributed.all_max(torch.tensor(values, device=device), dist).tolist()]
-    return dict(zip(("gpu_allocated_bytes", "gpu_reserved_bytes", "gpu_peak_bytes", "gpu_peak_reserved_bytes"),
-                    values))
+    return dict(
+        zip(
+            ("gpu_allocated_bytes", "gpu_reserved_bytes", "gpu_peak_bytes", "gpu_peak_reserved_bytes"),
+            values,
+            strict=True,
+        )
+    )

@@ -47,8 +47,13 @@ class TrainItem:
         raise KeyError(wanted)
 
 
-def load_items(store: ObjectStore, run: RunConfig, settings: EncodeSettings | None, role: str = "train",
-               index_keys: dict[str, str] | None = None) -> tuple[list[TrainItem], bool, str]:
+def load_items(
+    store: ObjectStore,
+    run: RunConfig,
+    settings: EncodeSettings | None,
+    role: str = "train",
+    index_keys: dict[str, str] | None = None,
+) -> tuple[list[TrainItem], bool, str]:
     """The index entries of every image dataset with ``role``; (items, null embeddings available, how previews
     are labelled: see ``holdout``, whose held-out samples are left out of training here).
     ``index_keys`` (dataset id → index key), as the encoder that wrote them reported, spare computing the keys
@@ -70,13 +75,17 @@ def load_items(store: ObjectStore, run: RunConfig, settings: EncodeSettings | No
         except NotFound:
             raise FailedPrecondition(
                 f"dataset {ds.id!r} has no cache for this configuration ({key} is missing in {store.describe()}); "
-                "run `edittuner encode` with the same config first") from None
+                "run `edittuner encode` with the same config first"
+            ) from None
         if doc.get("format") != INDEX_FORMAT:
             raise FailedPrecondition(f"{key}: unknown cache index format {doc.get('format')!r}; encode again")
         null_ok = null_ok and bool(doc.get("null_embeds"))
         docs.append((ds.id, doc))
-    held, label = holdout(run, [(d, s["key"]) for d, doc in docs for s in doc["samples"]]) if role == "train" \
+    held, label = (
+        holdout(run, [(d, s["key"]) for d, doc in docs for s in doc["samples"]])
+        if role == "train"
         else ([], EVAL_DATASET)
+    )
     items: list[TrainItem] = []
     for dataset_id, doc in docs:
         for _ in range(1 + int(doc.get("repeats", 0)) if role == "train" else 1):
@@ -84,8 +93,18 @@ def load_items(store: ObjectStore, run: RunConfig, settings: EncodeSettings | No
                 if (dataset_id, s["key"]) in held:
                     continue
                 sig = (tuple(s["bucket"]), tuple(tuple(r) for r in s["reference_sizes"]))
-                items.append(TrainItem(s["key"], dataset_id, s["caption"], s["target"], tuple(s["references"]),
-                                       tuple(s["reference_datasets"]), tuple(sorted(s["text"].items())), sig))
+                items.append(
+                    TrainItem(
+                        s["key"],
+                        dataset_id,
+                        s["caption"],
+                        s["target"],
+                        tuple(s["references"]),
+                        tuple(s["reference_datasets"]),
+                        tuple(sorted(s["text"].items())),
+                        sig,
+                    )
+                )
     if role == "train" and not items:
         raise FailedPrecondition("no training samples in the cache: every dataset is empty or failed to encode")
     return items, null_ok, label
@@ -101,7 +120,7 @@ def epoch_batches(items: list[TrainItem], batch_size: int, seed: int, epoch: int
     for sig in sorted(groups, key=repr):
         idx = groups[sig]
         order = [idx[j] for j in rng.permutation(len(idx))]
-        batches += [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+        batches += [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
     return [batches[j] for j in rng.permutation(len(batches))]
 
 
@@ -111,15 +130,27 @@ class TrainLoader:
     ``wait_seconds`` accumulates the time ``next_batch`` spent waiting for data (the stall).
     """
 
-    def __init__(self, items: list[TrainItem], store: ObjectStore, *, batch_size: int, seed: int,
-                 caption_dropout: float = 0.0, random_references: bool = False, null_available: bool = False,
-                 prefetch: int = 4, pin_memory: bool = False):
+    def __init__(
+        self,
+        items: list[TrainItem],
+        store: ObjectStore,
+        *,
+        batch_size: int,
+        seed: int,
+        caption_dropout: float = 0.0,
+        random_references: bool = False,
+        null_available: bool = False,
+        prefetch: int = 4,
+        pin_memory: bool = False,
+    ):
         self.items, self.store = items, store
         self.batch_size, self.seed = batch_size, seed
         self.caption_dropout, self.random_references = caption_dropout, random_references
         if caption_dropout > 0 and not null_available:
-            raise FailedPrecondition("caption_dropout_probability > 0 but the cache has no null embeddings; "
-                                     "encode again with the same config")
+            raise FailedPrecondition(
+                "caption_dropout_probability > 0 but the cache has no null embeddings; "
+                "encode again with the same config"
+            )
         self.prefetch, self.pin_memory = prefetch, pin_memory
         self.epoch, self.position = 0, 0
         self._order: dict[int, list[list[int]]] = {}
@@ -153,7 +184,8 @@ class TrainLoader:
             raise FailedPrecondition(
                 f"the checkpoint's data position (epoch {epoch}, batch {position}) is past the end of this dataset's "
                 f"{len(self.batches_of(epoch))} batches: the dataset or train_batch_size changed since the "
-                "checkpoint; resume with the data it was trained on, or start a new run")
+                "checkpoint; resume with the data it was trained on, or start a new run"
+            )
         self.epoch, self.position = epoch, position
 
     # ---- loading
@@ -166,24 +198,28 @@ class TrainLoader:
         choice = int(rng.integers(n_refs)) if self.random_references else None
         dropped = rng.random(len(batch_items)) < self.caption_dropout
         latents, refs, embeds, masks = [], [], [], []
-        for it, drop in zip(batch_items, dropped):
+        for it, drop in zip(batch_items, dropped, strict=True):
             latents.append(self.store.get_tensors(it.target)[0]["latents"])
             slots = range(n_refs) if choice is None else [choice]
             refs.append([self.store.get_tensors(it.references[j])[0]["latents"] for j in slots])
-            text = self.store.get_tensors(it.text_object(None if choice is None else
-                                                         it.reference_datasets[choice]))[0]
+            text = self.store.get_tensors(it.text_object(None if choice is None else it.reference_datasets[choice]))[0]
             e, m = (text["null_embeds"], text["null_mask"]) if drop else (text["prompt_embeds"], text["prompt_mask"])
             embeds.append(e)
             masks.append(m)
         L = max(e.shape[0] for e in embeds)
         embeds_BLD = torch.zeros(len(embeds), L, embeds[0].shape[1], dtype=embeds[0].dtype)
         mask_BL = torch.zeros(len(embeds), L, dtype=torch.long)
-        for b, (e, m) in enumerate(zip(embeds, masks)):
+        for b, (e, m) in enumerate(zip(embeds, masks, strict=True)):
             embeds_BLD[b, : e.shape[0]] = e
             mask_BL[b, : e.shape[0]] = m
-        batch = EditBatch(torch.stack(latents), [torch.stack([r[j] for r in refs]) for j in range(len(refs[0]))],
-                          embeds_BLD, mask_BL, [f"{it.dataset}/{it.key}" for it in batch_items],
-                          text_all_valid=bool(mask_BL.all()))
+        batch = EditBatch(
+            torch.stack(latents),
+            [torch.stack([r[j] for r in refs]) for j in range(len(refs[0]))],
+            embeds_BLD,
+            mask_BL,
+            [f"{it.dataset}/{it.key}" for it in batch_items],
+            text_all_valid=bool(mask_BL.all()),
+        )
         return batch.pin_memory() if self.pin_memory else batch
 
     def _producer(self, epoch: int, position: int, out: queue.Queue, stop: threading.Event) -> None:
@@ -199,7 +235,7 @@ class TrainLoader:
                     except queue.Full:
                         continue
                 epoch, position = self._advance(epoch, position)
-        except BaseException as e:  # surfaced to the consumer, not lost on the thread
+        except BaseException as e:  # noqa: BLE001 - surfaced to the consumer, not lost on the thread
             out.put(("error", e, None))
 
     def next_batch(self) -> EditBatch:
@@ -209,9 +245,12 @@ class TrainLoader:
             if self._thread is None:
                 self._stop = threading.Event()
                 self._queue = queue.Queue(maxsize=self.prefetch)
-                self._thread = threading.Thread(target=self._producer,
-                                                args=(self.epoch, self.position, self._queue, self._stop),
-                                                daemon=True, name="train-prefetch")
+                self._thread = threading.Thread(
+                    target=self._producer,
+                    args=(self.epoch, self.position, self._queue, self._stop),
+                    daemon=True,
+                    name="train-prefetch",
+                )
                 self._thread.start()
             t0 = time.perf_counter()
             got = self._queue.get()

@@ -56,8 +56,13 @@ def lr_scheduler_name(cfg: TrainConfig) -> str:
     if not OPTIMIZERS[cfg.optimizer].schedule_free:
         return cfg.lr_scheduler
     if cfg.lr_scheduler != "constant":
-        log.warning("lr_scheduler %s is not used with %s: schedule-free optimizers keep the lr constant (their "
-                    "warmup is lr_warmup_steps=%d)", cfg.lr_scheduler, cfg.optimizer, cfg.lr_warmup_steps)
+        log.warning(
+            "lr_scheduler %s is not used with %s: schedule-free optimizers keep the lr constant (their "
+            "warmup is lr_warmup_steps=%d)",
+            cfg.lr_scheduler,
+            cfg.optimizer,
+            cfg.lr_warmup_steps,
+        )
     return "constant"
 
 
@@ -93,25 +98,32 @@ def check_device(name: str, spec: OptimizerSpec, device: torch.device) -> None:
         have = torch.cuda.get_device_capability(device)
         if have < spec.min_cuda_capability:
             need = "{}.{}".format(*spec.min_cuda_capability)
-            raise InvalidInput(f"optimizer {name} needs CUDA compute capability {need} or newer for fp8 state; "
-                               f"{torch.cuda.get_device_name(device)} has {have[0]}.{have[1]}: use ao-adamw8bit or "
-                               "bnb-adamw8bit")
+            raise InvalidInput(
+                f"optimizer {name} needs CUDA compute capability {need} or newer for fp8 state; "
+                f"{torch.cuda.get_device_name(device)} has {have[0]}.{have[1]}: use ao-adamw8bit or "
+                "bnb-adamw8bit"
+            )
 
 
 def optimizer_class(name: str, spec: OptimizerSpec) -> type[torch.optim.Optimizer]:
     try:
         module = importlib.import_module(spec.module)
     except ImportError as err:
-        raise InvalidInput(f"optimizer {name} needs the {spec.library} package, which is not installed here "
-                           f"({err}): pip install {spec.library}") from None
+        raise InvalidInput(
+            f"optimizer {name} needs the {spec.library} package, which is not installed here "
+            f"({err}): pip install {spec.library}"
+        ) from None
     return getattr(module, spec.target.rsplit(".", 1)[1])
 
 
 def accepted_arguments(cls: type) -> dict[str, Any]:
     """Keyword argument → default of the optimizer class's constructor (what optimizer_config may set)."""
     sig = inspect.signature(cls.__init__)
-    return {n: p.default for n, p in sig.parameters.items()
-            if n not in _NOT_ARGUMENTS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return {
+        n: p.default
+        for n, p in sig.parameters.items()
+        if n not in _NOT_ARGUMENTS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
 
 
 def optimizer_kwargs(cfg: TrainConfig, spec: OptimizerSpec, cls: type, device: torch.device) -> dict[str, Any]:
@@ -124,15 +136,22 @@ def optimizer_kwargs(cfg: TrainConfig, spec: OptimizerSpec, cls: type, device: t
         raise InvalidInput(f"optimizer_config: {err}") from None
     unknown = sorted(set(extra) - set(accepted))
     if unknown:
-        raise InvalidInput(f"optimizer_config: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not an "
-                           f"argument of {name} ({spec.target}); it takes {', '.join(sorted(accepted))}")
+        raise InvalidInput(
+            f"optimizer_config: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not an "
+            f"argument of {name} ({spec.target}); it takes {', '.join(sorted(accepted))}"
+        )
     if "betas" in extra:
-        raise InvalidInput("optimizer_config: betas cannot be written there (',' separates the items); use "
-                           "optimizer_beta1 and optimizer_beta2")
+        raise InvalidInput(
+            "optimizer_config: betas cannot be written there (',' separates the items); use "
+            "optimizer_beta1 and optimizer_beta2"
+        )
     kw: dict[str, Any] = {"lr": _lr(cfg, spec)} | dict(spec.defaults)
     if spec.adam_args:
-        kw |= {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon,
-               "weight_decay": cfg.adam_weight_decay}
+        kw |= {
+            "betas": (cfg.adam_beta1, cfg.adam_beta2),
+            "eps": cfg.adam_epsilon,
+            "weight_decay": cfg.adam_weight_decay,
+        }
     if (cfg.optimizer_beta1 is None) != (cfg.optimizer_beta2 is None):
         raise InvalidInput("optimizer_beta1 and optimizer_beta2 go together: give both or neither")
     if cfg.optimizer_beta1 is not None:
@@ -157,11 +176,21 @@ def _log_lr(cfg: TrainConfig, spec: OptimizerSpec, lr: float) -> None:
     if spec.lr_default is None:
         return
     if cfg.learning_rate == _DEFAULT_LR and lr == spec.lr_default:
-        log.info("%s: lr %g, its own default (learning_rate was left at EditTuner's %g; optimizer_config lr=... "
-                 "sets another)", cfg.optimizer, lr, _DEFAULT_LR)
+        log.info(
+            "%s: lr %g, its own default (learning_rate was left at EditTuner's %g; optimizer_config lr=... "
+            "sets another)",
+            cfg.optimizer,
+            lr,
+            _DEFAULT_LR,
+        )
     elif not 0.1 <= lr / spec.lr_default <= 10:
-        log.warning("%s: lr %g is far from %g; its lr scales the step size it estimates, so values near 1.0 are "
-                    "the usual choice", cfg.optimizer, lr, spec.lr_default)
+        log.warning(
+            "%s: lr %g is far from %g; its lr scales the step size it estimates, so values near 1.0 are "
+            "the usual choice",
+            cfg.optimizer,
+            lr,
+            spec.lr_default,
+        )
 
 
 # ------------------------------------------------------------------------------------- schedule-free modes
@@ -185,5 +214,5 @@ def eval_weights(optimizer: Any) -> Iterator[None]:
         yield
     finally:
         optimizer.train()  # the library's own mode flags ...
-        for p, s in zip(params, saved):  # ... and the training weights exactly, not up to rounding
+        for p, s in zip(params, saved, strict=True):  # ... and the training weights exactly, not up to rounding
             p.copy_(s)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -34,10 +35,19 @@ class RunResult:
     outputs: dict[str, str]
 
 
-def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], None] | None = None,
-              validate: bool | str = True, until_step: int | None = None, encode: bool = True,
-              run_id: str | None = None, stop: threading.Event | None = None,
-              copy_to_output_dir: bool = True, index_keys: dict[str, str] | None = None) -> RunResult:
+def train_run(
+    run: RunConfig,
+    store: ObjectStore,
+    *,
+    events: Callable[[Event], None] | None = None,
+    validate: bool | str = True,
+    until_step: int | None = None,
+    encode: bool = True,
+    run_id: str | None = None,
+    stop: threading.Event | None = None,
+    copy_to_output_dir: bool = True,
+    index_keys: dict[str, str] | None = None,
+) -> RunResult:
     """``validate``: True renders previews here; "external" exports the LoRA at each validation step and emits a
     ``validation_ready`` event for a supervisor to hand to eval_svc; "auto" (trainer_svc's worker) is "external"
     unless the planner says the trainer and eval_svc do not fit their shared GPU together, and then True (see
@@ -51,8 +61,13 @@ def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], N
     run_id = run_id or run_id_for(run.train.output_dir)
     dist = distributed.current()  # with several processes rank 0 encodes, tracks and copies; all of them train
     on_this_machine = copy_to_output_dir and isinstance(store, LocalStore) and dist.main
-    tracker = open_tracker(run, store, run_id, logs_dir(run.train.output_dir, run.train.logging_dir)
-                           if on_this_machine else None) if dist.main else None  # a missing tracker fails first
+    tracker = (
+        open_tracker(
+            run, store, run_id, logs_dir(run.train.output_dir, run.train.logging_dir) if on_this_machine else None
+        )
+        if dist.main
+        else None
+    )  # a missing tracker fails first
     if tracker is not None:
         events = _tee(events, tracker)
     stats = encode_missing(run, store, events) if encode and dist.main else EncodeStats()
@@ -60,8 +75,9 @@ def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], N
         distributed.barrier(dist)
     if validate == "auto":
         validate = choose_validation(run)
-    validator = (external_validator(events) if validate == "external" else
-                 make_validator(run, store) if validate else None)
+    validator = (
+        external_validator(events) if validate == "external" else make_validator(run, store) if validate else None
+    )
     if tracker is not None and validator is not None and validate != "external":
         validator = tracker.wrap(validator)
     trainer = Trainer(run, store, run_id=run_id, events=events, validate=validator, index_keys=index_keys)
@@ -77,8 +93,13 @@ def train_run(run: RunConfig, store: ObjectStore, *, events: Callable[[Event], N
     if dist.main:  # also for a stopped run: its curves so far; eval_svc writes it again after each render
         refresh_run_report(store, run_id)
     copy = on_this_machine and not summary.interrupted
-    outputs = copy_outputs(store, trainer.prefix, Path(run.train.output_dir),
-                           logs_dir(run.train.output_dir, run.train.logging_dir)) if copy else {}
+    outputs = (
+        copy_outputs(
+            store, trainer.prefix, Path(run.train.output_dir), logs_dir(run.train.output_dir, run.train.logging_dir)
+        )
+        if copy
+        else {}
+    )
     return RunResult(stats, summary, outputs)
 
 
@@ -99,8 +120,16 @@ def encode_missing(run: RunConfig, store: ObjectStore, events: Callable[[Event],
     transformer needs the memory next)."""
     enc = DatasetEncoder(run, store)
     try:
-        return enc.encode(lambda s, total: events({"phase": "encode", "step": s.total, "total": total,
-                                                   "message": f"encoded {s.encoded}, cached {s.cached}"}))
+        return enc.encode(
+            lambda s, total: events(
+                {
+                    "phase": "encode",
+                    "step": s.total,
+                    "total": total,
+                    "message": f"encoded {s.encoded}, cached {s.cached}",
+                }
+            )
+        )
     finally:
         enc.release()
 
@@ -119,8 +148,16 @@ def external_validator(events: Callable[[Event], None]) -> Callable[[Trainer, in
     def validate(trainer: Trainer, step: int) -> dict[str, Any]:
         keys = trainer.export(f"{trainer.prefix}/validation/step-{step}/lora", fmt="diffusers")
         lora_key = next(k for k in keys if k.endswith("/pytorch_lora_weights.safetensors"))
-        events({"phase": "validation_ready", "step": step, "total": trainer.max_steps,
-                "lora_key": lora_key, "run_id": trainer.run_id, "message": f"LoRA for validation at step {step}"})
+        events(
+            {
+                "phase": "validation_ready",
+                "step": step,
+                "total": trainer.max_steps,
+                "lora_key": lora_key,
+                "run_id": trainer.run_id,
+                "message": f"LoRA for validation at step {step}",
+            }
+        )
         return {"step": step, "lora_key": lora_key, "external": True}
 
     return validate
@@ -140,24 +177,45 @@ def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int
             from shared.model.loading import load_pipeline
 
             paired, _ = pair_datasets(run, store)
-            keys = list((trainer.index_keys or {}).values()) or [index_key(run, ds.id, settings_for(run))
-                                                                  for ds in run.data.image_datasets]
+            keys = list((trainer.index_keys or {}).values()) or [
+                index_key(run, ds.id, settings_for(run)) for ds in run.data.image_datasets
+            ]
             state["eval"] = ev = eval_set(run, paired, store, keys)
             text = ("text_encoder", "tokenizer", "processor") if ev.needs_text_encoder else ()
-            state["pipe"] = load_pipeline(run.train.model_path, run.train.model_flavour, device=trainer.device,
-                                          dtype=trainer.dtype, components=("vae", *text, "scheduler"))
+            state["pipe"] = load_pipeline(
+                run.train.model_path,
+                run.train.model_flavour,
+                device=trainer.device,
+                dtype=trainer.dtype,
+                components=("vae", *text, "scheduler"),
+            )
         pipe, ev = state["pipe"], state["eval"]
         vrun, changes = validation_settings(pipe, run, state["out_of_memory"])
         pipe.transformer = trainer.transformer
         try:
             with trainer.exported_weights():  # the weights the LoRA file holds: the EMA when use_ema
-                result = render_validation(pipe, vrun, ev.samples, step=step, store=store,
-                                           prefix=f"{trainer.prefix}/validation", loss_index=ev.entries,
-                                           eval_label=ev.label, conditioning=ev.conditioning)
+                result = render_validation(
+                    pipe,
+                    vrun,
+                    ev.samples,
+                    step=step,
+                    store=store,
+                    prefix=f"{trainer.prefix}/validation",
+                    loss_index=ev.entries,
+                    eval_label=ev.label,
+                    conditioning=ev.conditioning,
+                )
         except torch.OutOfMemoryError as err:  # recorded by the trainer; the run goes on
             state["out_of_memory"] += 1
-            raise out_of_memory(err, run, state["out_of_memory"], changes, f"the validation at step {step}",
-                                "the next one", f" ({str(err).splitlines()[0][:200]})") from err
+            raise out_of_memory(
+                err,
+                run,
+                state["out_of_memory"],
+                changes,
+                f"the validation at step {step}",
+                "the next one",
+                f" ({str(err).splitlines()[0][:200]})",
+            ) from err
         finally:
             pipe.transformer = None
         refresh_run_report(store, trainer.run_id)  # readable while the run goes on: the metrics of its checkpoints
@@ -177,13 +235,13 @@ def copy_outputs(store: ObjectStore, run_prefix: str, output_dir: Path, logs: Pa
         store.get_file(key, dest)
         out[dest.name] = str(dest)
     for key in store.list(f"{run_prefix}/validation"):
-        dest = output_dir / "validation" / key[len(f"{run_prefix}/validation/"):]
+        dest = output_dir / "validation" / key[len(f"{run_prefix}/validation/") :]
         dest.parent.mkdir(parents=True, exist_ok=True)
         store.get_file(key, dest)
     if (output_dir / "validation").exists():
         out["validation"] = str(output_dir / "validation")
     for key in store.list(f"{run_prefix}/report"):
-        dest = output_dir / "report" / key[len(f"{run_prefix}/report/"):]
+        dest = output_dir / "report" / key[len(f"{run_prefix}/report/") :]
         dest.parent.mkdir(parents=True, exist_ok=True)
         store.get_file(key, dest)
     if (output_dir / "report" / "index.html").exists():
@@ -192,7 +250,7 @@ def copy_outputs(store: ObjectStore, run_prefix: str, output_dir: Path, logs: Pa
     if log_keys:
         logs = logs or logs_dir(output_dir, _recorded_logging_dir(store, run_prefix))
         for key in log_keys:
-            dest = logs / key[len(f"{run_prefix}/logs/"):]
+            dest = logs / key[len(f"{run_prefix}/logs/") :]
             dest.parent.mkdir(parents=True, exist_ok=True)
             store.get_file(key, dest)
         out["logs"] = str(logs)

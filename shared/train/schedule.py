@@ -21,8 +21,9 @@ from shared.config.checks import check_schedule
 from shared.errors import ConfigError
 
 
-def build_scheduler(cfg: Any, name: str, optimizer: torch.optim.Optimizer, total_steps: int
-                    ) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    cfg: Any, name: str, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """The schedule ``name`` (cfg.lr_scheduler, or constant for schedule-free optimizers) over total_steps."""
     from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, get_scheduler
 
@@ -31,8 +32,9 @@ def build_scheduler(cfg: Any, name: str, optimizer: torch.optim.Optimizer, total
         raise ConfigError(problems)
     warmup = cfg.lr_warmup_steps
     if name == "polynomial":
-        return get_polynomial_decay_schedule_with_warmup(optimizer, warmup, total_steps, lr_end=cfg.lr_end,
-                                                         power=cfg.lr_power)
+        return get_polynomial_decay_schedule_with_warmup(
+            optimizer, warmup, total_steps, lr_end=cfg.lr_end, power=cfg.lr_power
+        )
     if name == "sine":
         base = float(optimizer.param_groups[0]["lr"])  # the optimizer's (Prodigy's 1.0 when it sets it)
         floor = min(cfg.lr_end, base) / base if base > 0 else 0.0

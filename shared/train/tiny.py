@@ -39,8 +39,15 @@ from shared.model.tiny_model import TRAINED_VAE_BASE_DIM, build_tiny_components,
 log = logging.getLogger(__name__)
 
 IDENTITY_CAPTIONS = (
-    "make the shapes red", "make the sky blue", "add a red hat", "remove the dog", "invert the colors",
-    "turn it into a watercolor painting", "mirror the image horizontally", "", " ",
+    "make the shapes red",
+    "make the sky blue",
+    "add a red hat",
+    "remove the dog",
+    "invert the colors",
+    "turn it into a watercolor painting",
+    "mirror the image horizontally",
+    "",
+    " ",
 )
 
 
@@ -97,7 +104,9 @@ def train_vae(vae: Any, images: list[Any], r: Recipe) -> list[float]:
     for _ in range(r.vae_steps):
         idx = rng.integers(0, len(pixels), r.vae_batch)
         ys, xs = rng.integers(0, size - r.vae_crop + 1, (2, r.vae_batch))
-        x = torch.stack([pixels[i, :, y:y + r.vae_crop, x0:x0 + r.vae_crop] for i, y, x0 in zip(idx, ys, xs)])
+        x = torch.stack(
+            [pixels[i, :, y : y + r.vae_crop, x0 : x0 + r.vae_crop] for i, y, x0 in zip(idx, ys, xs, strict=True)]
+        )
         x = x.unsqueeze(2)  # a video VAE: one frame
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
         loss = torch.nn.functional.mse_loss(rec, x)
@@ -117,8 +126,9 @@ def set_latent_statistics(vae: Any, images: list[Any]) -> None:
     z = vae.encode(_pixels(images).unsqueeze(2)).latent_dist.mode()  # B C 1 h w
     mean = z.mean(dim=(0, 2, 3, 4))
     std = z.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
-    vae.register_to_config(latents_mean=[round(float(v), 5) for v in mean],
-                           latents_std=[round(float(v), 5) for v in std])
+    vae.register_to_config(
+        latents_mean=[round(float(v), 5) for v in mean], latents_std=[round(float(v), 5) for v in std]
+    )
 
 
 @torch.no_grad()
@@ -127,11 +137,12 @@ def reconstruction_psnr(vae: Any, images: list[Any]) -> float:
     x = _pixels(images).unsqueeze(2)
     rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
     mse = torch.mean(((rec - x) * 127.5) ** 2).item()
-    return float(10 * np.log10(255 ** 2 / max(mse, 1e-12)))
+    return float(10 * np.log10(255**2 / max(mse, 1e-12)))
 
 
-def identity_batches(pipe: Any, flavour: str, images: list[Any], seed: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                      torch.Tensor]:
+def identity_batches(
+    pipe: Any, flavour: str, images: list[Any], seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Latents of each image (target and reference alike) and a caption embedding conditioned on it."""
     from shared.encode.ops import encode_prompt, encode_vae_latents
 
@@ -143,8 +154,9 @@ def identity_batches(pipe: Any, flavour: str, images: list[Any], seed: int) -> t
     return latents, embeds, mask
 
 
-def train_identity(transformer: Any, latents: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor,
-                   r: Recipe) -> list[float]:
+def train_identity(
+    transformer: Any, latents: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, r: Recipe
+) -> list[float]:
     """Flow matching towards the reference itself: the target's latents are the reference's."""
     gen = torch.Generator().manual_seed(r.seed + 3)
     transformer.train()
@@ -156,8 +168,13 @@ def train_identity(transformer: Any, latents: torch.Tensor, embeds: torch.Tensor
     for _ in range(r.transformer_steps):
         idx = torch.randint(0, latents.shape[0], (r.transformer_batch,), generator=gen)
         lat = latents[idx]
-        batch = EditBatch(latents_BChw=lat, refs_BChw=[lat], prompt_embeds_BLD=embeds[idx], prompt_mask_BL=mask[idx],
-                          keys=[str(int(i)) for i in idx])
+        batch = EditBatch(
+            latents_BChw=lat,
+            refs_BChw=[lat],
+            prompt_embeds_BLD=embeds[idx],
+            prompt_mask_BL=mask[idx],
+            keys=[str(int(i)) for i in idx],
+        )
         noise = torch.randn(lat.shape[0], (lat.shape[2] // 2) * (lat.shape[3] // 2), lat.shape[1] * 4, generator=gen)
         sigmas = torch.rand(lat.shape[0], generator=gen).clamp(0.02, 0.98)
         loss = flow_matching_loss(transformer, batch, noise, sigmas)
@@ -173,8 +190,9 @@ def train_identity(transformer: Any, latents: torch.Tensor, embeds: torch.Tensor
     return losses
 
 
-def train_tiny_model(flavour: str = "edit-v2", recipe: Recipe = Recipe(), progress: bool = False) -> tuple[
-        dict[str, Any], dict[str, Any]]:
+def train_tiny_model(
+    flavour: str = "edit-v2", recipe: Recipe = Recipe(), progress: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The tiny model's components with the VAE and the transformer trained; and the figures of the training."""
     from shared.model.loading import pipeline_class
 
@@ -190,15 +208,19 @@ def train_tiny_model(flavour: str = "edit-v2", recipe: Recipe = Recipe(), progre
     if progress:
         print(f"[tiny] VAE: {recipe.vae_steps} steps in {vae_seconds:.0f}s, held-out reconstruction {psnr:.1f} dB")
     pipe = pipeline_class(flavour)(**comps)
-    latents, embeds, mask = identity_batches(pipe, flavour, images[:recipe.transformer_samples], recipe.seed)
+    latents, embeds, mask = identity_batches(pipe, flavour, images[: recipe.transformer_samples], recipe.seed)
     t_losses = train_identity(comps["transformer"], latents, embeds, mask, recipe)
-    figures = {"vae_reconstruction_psnr_db": round(psnr, 2),
-               "vae_final_loss": round(float(np.mean(vae_losses[-50:])), 5),
-               "transformer_final_loss": round(float(np.mean(t_losses[-50:])), 5),
-               "seconds": round(time.perf_counter() - started, 1)}
+    figures = {
+        "vae_reconstruction_psnr_db": round(psnr, 2),
+        "vae_final_loss": round(float(np.mean(vae_losses[-50:])), 5),
+        "transformer_final_loss": round(float(np.mean(t_losses[-50:])), 5),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     if progress:
-        print(f"[tiny] transformer: {recipe.transformer_steps} steps, loss {t_losses[0]:.3f} -> "
-              f"{figures['transformer_final_loss']:.3f}; {figures['seconds']:.0f}s in all")
+        print(
+            f"[tiny] transformer: {recipe.transformer_steps} steps, loss {t_losses[0]:.3f} -> "
+            f"{figures['transformer_final_loss']:.3f}; {figures['seconds']:.0f}s in all"
+        )
     return comps, figures
 
 
@@ -210,9 +232,16 @@ def write_weights(out: Path, comps: dict[str, Any], recipe: Recipe, figures: dic
     for name in ("vae", "transformer"):
         state = {k: v.detach().to(torch.float16).contiguous() for k, v in comps[name].state_dict().items()}
         save_file(state, str(out / f"{name}.safetensors"))
-    doc = {"recipe": asdict(recipe), "figures": figures, "vae_config": {
-        "latents_mean": list(comps["vae"].config.latents_mean), "latents_std": list(comps["vae"].config.latents_std)},
-        "torch": torch.__version__, "made_by": "python -m shared.train.tiny"}
+    doc = {
+        "recipe": asdict(recipe),
+        "figures": figures,
+        "vae_config": {
+            "latents_mean": list(comps["vae"].config.latents_mean),
+            "latents_std": list(comps["vae"].config.latents_std),
+        },
+        "torch": torch.__version__,
+        "made_by": "python -m shared.train.tiny",
+    }
     (out / "recipe.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
 
 

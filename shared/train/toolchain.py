@@ -30,9 +30,17 @@ def python_headers() -> bool:
 def require_compiler(option: str, instead: str) -> None:
     """InvalidInput naming ``option`` (and what to use ``instead``) when this host cannot compile what torch.compile
     generates."""
-    missing = [what for what, ok in (("a C compiler (cc, gcc, clang or $CC)", c_compiler()),
-                                     ("Python's headers (Python.h)", python_headers())) if not ok]
+    missing = [
+        what
+        for what, ok in (
+            ("a C compiler (cc, gcc, clang or $CC)", c_compiler()),
+            ("Python's headers (Python.h)", python_headers()),
+        )
+        if not ok
+    ]
     if missing:
-        raise InvalidInput(f"{option} needs torch.compile, which needs {' and '.join(missing)} on the host that "
-                           f"trains: install them (apt-get install gcc python3-dev; the Docker image has both) or "
-                           f"{instead}")
+        raise InvalidInput(
+            f"{option} needs torch.compile, which needs {' and '.join(missing)} on the host that "
+            f"trains: install them (apt-get install gcc python3-dev; the Docker image has both) or "
+            f"{instead}"
+        )

@@ -44,11 +44,11 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from shared.config.schema import RunConfig, TrainConfig, report_targets
 from shared.errors import InvalidInput
@@ -104,8 +104,9 @@ def train_scalars(e: Event) -> dict[str, float]:
 
 def validation_scalars(result: dict[str, Any]) -> dict[str, float]:
     """The tag values of a validation result (``ValidationResult.to_json``, as metrics.json holds it)."""
-    out = {f"validation/{k}": float(result[k]) for k in ("psnr_lora", "psnr_base", "seconds")
-           if result.get(k) is not None}
+    out = {
+        f"validation/{k}": float(result[k]) for k in ("psnr_lora", "psnr_base", "seconds") if result.get(k) is not None
+    }
     if result.get("heldout_loss_mean") is not None:
         out["validation/heldout_loss"] = float(result["heldout_loss_mean"])
     for sigma, value in (result.get("heldout_loss") or {}).items():
@@ -128,8 +129,14 @@ def previews(store: ObjectStore, result: dict[str, Any]) -> list[Preview]:
     for s in result.get("samples") or []:
         name = s["grid"].rsplit("/", 1)[-1].removesuffix(".png")
         image = Image.open(io.BytesIO(store.get_bytes(s["grid"]))).convert("RGB")
-        out.append(Preview(f"validation/{name}", image, f"{s['dataset']}/{s['key']}: {s['caption']} (PSNR base "
-                                                        f"{s['psnr_base']:.2f} dB, LoRA {s['psnr_lora']:.2f} dB)"))
+        out.append(
+            Preview(
+                f"validation/{name}",
+                image,
+                f"{s['dataset']}/{s['key']}: {s['caption']} (PSNR base "
+                f"{s['psnr_base']:.2f} dB, LoRA {s['psnr_lora']:.2f} dB)",
+            )
+        )
     return out
 
 
@@ -180,9 +187,11 @@ def _require(target: str, report_to: str) -> None:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (raises without tensorboard)
         else:
             import wandb  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install raising anything else on import
-        raise InvalidInput(f"report_to={report_to!r}: {target} cannot be imported ({type(e).__name__}: {e}); "
-                           f"install it (pip install {target}) or drop {target} from report_to") from None
+    except Exception as e:  # noqa: BLE001 - ImportError, or a broken install raising anything else on import
+        raise InvalidInput(
+            f"report_to={report_to!r}: {target} cannot be imported ({type(e).__name__}: {e}); "
+            f"install it (pip install {target}) or drop {target} from report_to"
+        ) from None
 
 
 class _TensorBoard:
@@ -217,9 +226,16 @@ def _wandb_env(root: Path, private: Path) -> Iterator[None]:
     """The environment wandb (and the wandb-core process it starts, which inherits it) runs in: offline, quiet,
     no error reporting to W&B's servers, no git probing, and its cache/config/data folders in ``private`` rather
     than the user's home. Restored afterwards, so nothing else in the process sees these values."""
-    values = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_DISABLE_GIT": "true",
-              "WANDB_DISABLE_CODE": "true", "WANDB_ERROR_REPORTING": "false", "WANDB_DIR": str(root),
-              **{f"WANDB_{k}_DIR": str(private / k.lower()) for k in ("CACHE", "CONFIG", "DATA", "ARTIFACT")}}
+    values = {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_ERROR_REPORTING": "false",
+        "WANDB_DIR": str(root),
+        **{f"WANDB_{k}_DIR": str(private / k.lower()) for k in ("CACHE", "CONFIG", "DATA", "ARTIFACT")},
+    }
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -240,13 +256,27 @@ class _Wandb:
         import wandb
 
         self.private = Path(tempfile.mkdtemp(prefix="edittuner-wandb-"))
-        settings = wandb.Settings(mode="offline", silent=True, console="off", disable_git=True, save_code=False,
-                                  x_disable_stats=True, x_disable_meta=True, x_disable_machine_info=True)
+        settings = wandb.Settings(
+            mode="offline",
+            silent=True,
+            console="off",
+            disable_git=True,
+            save_code=False,
+            x_disable_stats=True,
+            x_disable_meta=True,
+            x_disable_machine_info=True,
+        )
         try:  # x_disable_meta: wandb-metadata.json would record argv, the store URL with it
             with _wandb_env(root, self.private):
-                self.run = wandb.init(project=cfg.tracker_project_name, name=run_name(cfg, run_id), id=run_id,
-                                      resume="allow", dir=str(root), config=dataclasses.asdict(cfg),
-                                      settings=settings)
+                self.run = wandb.init(
+                    project=cfg.tracker_project_name,
+                    name=run_name(cfg, run_id),
+                    id=run_id,
+                    resume="allow",
+                    dir=str(root),
+                    config=dataclasses.asdict(cfg),
+                    settings=settings,
+                )
         except BaseException:
             shutil.rmtree(self.private, ignore_errors=True)
             raise
@@ -286,8 +316,14 @@ class RunTracker:
     and ``start`` opens them, both raising InvalidInput; afterwards a tracker failure is logged and training goes
     on. ``local_dir``: the folder to write in (None: a temporary one, removed once copied to the store)."""
 
-    def __init__(self, run: RunConfig, store: ObjectStore, run_id: str, local_dir: Path | None = None,
-                 poll_s: float | None = None):
+    def __init__(
+        self,
+        run: RunConfig,
+        store: ObjectStore,
+        run_id: str,
+        local_dir: Path | None = None,
+        poll_s: float | None = None,
+    ):
         self.targets = list(dict.fromkeys(report_targets(run.train.report_to)))
         for target in self.targets:
             _require(target, run.train.report_to)
@@ -314,32 +350,46 @@ class RunTracker:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise InvalidInput(f"logging_dir: cannot create {self.dir} for report_to={self.cfg.report_to!r}: "
-                                   f"{e}") from None
+                raise InvalidInput(
+                    f"logging_dir: cannot create {self.dir} for report_to={self.cfg.report_to!r}: {e}"
+                ) from None
             self._synced = {rel: sig for rel, sig in self._files()}  # a previous start's files are not ours
         for target in self.targets:
             try:
                 self.backends.append(_BACKENDS[target](self.dir, self.cfg, self.run_id, step))
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a tracker that cannot start is the config's error
                 self._abort()
-                raise InvalidInput(f"report_to={self.cfg.report_to!r}: could not start {target} in {self.dir} "
-                                   f"({type(e).__name__}: {e}); fix that or drop {target} from report_to") from None
+                raise InvalidInput(
+                    f"report_to={self.cfg.report_to!r}: could not start {target} in {self.dir} "
+                    f"({type(e).__name__}: {e}); fix that or drop {target} from report_to"
+                ) from None
         self._announce()
 
     def _announce(self) -> None:
         """Where the files are and how to use them, in words a user can paste."""
         here = self.local_dir is not None
-        log.info("report_to: tracker files %s, copied to %s in %s at each checkpoint and at the end%s",
-                 f"in {self.dir}" if here else "in a temporary folder", self.prefix, self.store.describe(),
-                 "" if here else f" (fetch them with: edittuner runs pull {self.run_id} DIR; they land in DIR/logs)")
+        log.info(
+            "report_to: tracker files %s, copied to %s in %s at each checkpoint and at the end%s",
+            f"in {self.dir}" if here else "in a temporary folder",
+            self.prefix,
+            self.store.describe(),
+            "" if here else f" (fetch them with: edittuner runs pull {self.run_id} DIR; they land in DIR/logs)",
+        )
         logs = self.dir if here else Path("DIR/logs")
         for b in self.backends:
             if b.name == "tensorboard":
-                log.info("report_to: TensorBoard run %s; view it with: tensorboard --logdir %s",
-                         tensorboard_folder(self.cfg, self.run_id), logs / "tensorboard")
+                log.info(
+                    "report_to: TensorBoard run %s; view it with: tensorboard --logdir %s",
+                    tensorboard_folder(self.cfg, self.run_id),
+                    logs / "tensorboard",
+                )
             else:
-                log.info("report_to: offline W&B run %s (nothing is uploaded from here); upload it later with: "
-                         "wandb sync %s", b.folder.name, logs / "wandb" / "offline-run-*")
+                log.info(
+                    "report_to: offline W&B run %s (nothing is uploaded from here); upload it later with: "
+                    "wandb sync %s",
+                    b.folder.name,
+                    logs / "wandb" / "offline-run-*",
+                )
 
     def __call__(self, event: Event) -> None:
         if not self.backends:
@@ -379,8 +429,7 @@ class RunTracker:
         scalars, images = validation_scalars(result), []
         self._safely("reading the preview grids", lambda: images.extend(previews(self.store, result)))
         for b in backends:
-            self._safely(f"{b.name}: logging a validation", b.validation, step, scalars, images,
-                         max(step, self.step))
+            self._safely(f"{b.name}: logging a validation", b.validation, step, scalars, images, max(step, self.step))
 
     def _poll(self) -> None:
         self._last_poll = time.monotonic()
@@ -419,7 +468,7 @@ class RunTracker:
                     shutil.copyfile(self.dir / rel, snapshot)
                     self.store.put_file(f"{self.prefix}/{rel}", snapshot)
                     self._synced[rel] = sig  # as it was before the copy: grown since, it goes again next time
-                except Exception:
+                except Exception:  # noqa: BLE001 - trackers must never stop training
                     ok = False
                     self._warn("copying tracker files to the store")
         return ok
@@ -432,16 +481,21 @@ class RunTracker:
         if self._pending:
             self._safely("reading finished validations", self._poll)
             if self._pending:
-                log.info("report_to: the validations of steps %s were still rendering when training ended: they are "
-                         "not in the W&B run%s", sorted(self._pending),
-                         " (eval_svc writes them to TensorBoard)" if "tensorboard" in self.targets else "")
+                log.info(
+                    "report_to: the validations of steps %s were still rendering when training ended: they are "
+                    "not in the W&B run%s",
+                    sorted(self._pending),
+                    " (eval_svc writes them to TensorBoard)" if "tensorboard" in self.targets else "",
+                )
         for b in self.backends:
             self._safely(f"{b.name}: closing", b.close)
         self.backends = []
         ok = self.sync()
         if self._failures:
-            log.warning("report_to: tracker operations failed during the run (%s); the first traceback of each is "
-                        "above", ", ".join(f"{what}: {n}x" for what, n in self._failures.items()))
+            log.warning(
+                "report_to: tracker operations failed during the run (%s); the first traceback of each is above",
+                ", ".join(f"{what}: {n}x" for what, n in self._failures.items()),
+            )
         if self.local_dir is None:
             if ok:
                 shutil.rmtree(self.dir, ignore_errors=True)
@@ -459,7 +513,7 @@ class RunTracker:
     def _safely(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
         try:
             fn(*args)
-        except Exception:
+        except Exception:  # noqa: BLE001 - trackers must never stop training
             self._warn(what)
 
     def _warn(self, what: str) -> None:
@@ -469,7 +523,6 @@ class RunTracker:
             log.warning("report_to: %s failed; training goes on", what, exc_info=True)
 
 
-def open_tracker(run: RunConfig, store: ObjectStore, run_id: str, local_dir: Path | None = None
-                 ) -> RunTracker | None:
+def open_tracker(run: RunConfig, store: ObjectStore, run_id: str, local_dir: Path | None = None) -> RunTracker | None:
     """The run's tracker, or None for report_to none."""
     return RunTracker(run, store, run_id, local_dir) if report_targets(run.train.report_to) else None

@@ -17,10 +17,10 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -31,8 +31,17 @@ from shared.model.device import resolve_device
 from shared.model.flow import EditBatch, flow_matching_loss, sample_sigmas, step_generator
 from shared.model.rollout import Rollout, inference_sigmas, roll_out
 from shared.store.base import ObjectStore
-from shared.store.checkpoint import (CheckpointState, capture_rng, checkpoint_prefix, committed_steps, load_checkpoint,
-                                     prune_checkpoints, resolve_resume, restore_rng, save_checkpoint)
+from shared.store.checkpoint import (
+    CheckpointState,
+    capture_rng,
+    checkpoint_prefix,
+    committed_steps,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_resume,
+    restore_rng,
+    save_checkpoint,
+)
 from shared.train import distributed, gpu
 from shared.train.ema import LoraEMA
 from shared.train.loader import TrainLoader, load_items
@@ -88,10 +97,16 @@ def total_steps(cfg: Any, batches_per_epoch: int) -> int:
 
 
 class Trainer:
-    def __init__(self, run: RunConfig, store: ObjectStore, *, run_id: str | None = None,
-                 events: Callable[[Event], None] | None = None,
-                 validate: Callable[["Trainer", int], dict[str, Any]] | None = None,
-                 index_keys: dict[str, str] | None = None):
+    def __init__(
+        self,
+        run: RunConfig,
+        store: ObjectStore,
+        *,
+        run_id: str | None = None,
+        events: Callable[[Event], None] | None = None,
+        validate: Callable[[Trainer, int], dict[str, Any]] | None = None,
+        index_keys: dict[str, str] | None = None,
+    ):
         from shared.model.device import resolve_dtype
 
         self.run, self.cfg, self.store = run, run.train, store
@@ -124,8 +139,10 @@ class Trainer:
 
         cfg = self.cfg
         if self.dtype == torch.float16:
-            raise InvalidInput("mixed_precision: fp16 training would need loss scaling and underflows with this "
-                               "model; use bf16 (or fp32)")
+            raise InvalidInput(
+                "mixed_precision: fp16 training would need loss scaling and underflows with this "
+                "model; use bf16 (or fp32)"
+            )
         check_optimizer_args(cfg, self.device)  # a wrong optimizer setting fails before the model loads
         if cfg.compile_transformer:
             require_compiler("compile_transformer=true", "set compile_transformer=false")
@@ -139,26 +156,46 @@ class Trainer:
             raise FailedPrecondition(
                 f"run {self.run_id!r} already has checkpoints in {self.store.describe()} (up to step-"
                 f"{committed_steps(self.store, self.prefix)[-1]}); pass resume_from_checkpoint=latest to continue it, "
-                "or use another output_dir for a new run")
+                "or use another output_dir for a new run"
+            )
         settings = None if self.index_keys is not None else settings_for(self.run)
         items, null_ok, self.eval_label = load_items(self.store, self.run, settings, index_keys=self.index_keys)
         if self.eval_label == TRAINING_SAMPLES and cfg.holdout_eval_images and cfg.eval_dataset_id is None:
-            log.warning("only %d training samples: the %d preview samples stay in training (hold them out on a "
-                        "dataset of at least %d), so previews and held-out loss are on training samples",
-                        len({(i.dataset, i.key) for i in items}), cfg.num_eval_images, 2 * cfg.num_eval_images)
-        self.loader = TrainLoader(items, self.store, batch_size=cfg.train_batch_size, seed=cfg.seed,
-                                  caption_dropout=cfg.caption_dropout_probability,
-                                  random_references=cfg.conditioning_multidataset_sampling == "random",
-                                  null_available=null_ok, pin_memory=self.device.type == "cuda")
+            log.warning(
+                "only %d training samples: the %d preview samples stay in training (hold them out on a "
+                "dataset of at least %d), so previews and held-out loss are on training samples",
+                len({(i.dataset, i.key) for i in items}),
+                cfg.num_eval_images,
+                2 * cfg.num_eval_images,
+            )
+        self.loader = TrainLoader(
+            items,
+            self.store,
+            batch_size=cfg.train_batch_size,
+            seed=cfg.seed,
+            caption_dropout=cfg.caption_dropout_probability,
+            random_references=cfg.conditioning_multidataset_sampling == "random",
+            null_available=null_ok,
+            pin_memory=self.device.type == "cuda",
+        )
         gpu.allow_tf32(self.device)  # the fp32 LoRA's matmuls; set once the run is known to start
         torch.manual_seed(cfg.seed)
 
         def load_base() -> Any:
-            model = transformer if transformer is not None else load_transformer(cfg.model_path, cfg.model_flavour,
-                                                                                 dtype=self.dtype)
+            model = (
+                transformer
+                if transformer is not None
+                else load_transformer(cfg.model_path, cfg.model_flavour, dtype=self.dtype)
+            )
             apply_flavour(model, cfg.model_flavour)
-            return quantize_transformer(model, cfg.base_model_precision, device=self.device, compute_dtype=self.dtype,
-                                        quantize_via=cfg.quantize_via, quantize_activations=cfg.quantize_activations)
+            return quantize_transformer(
+                model,
+                cfg.base_model_precision,
+                device=self.device,
+                compute_dtype=self.dtype,
+                quantize_via=cfg.quantize_via,
+                quantize_activations=cfg.quantize_activations,
+            )
 
         # several processes on one machine load the base in turns: one host copy at a time, not N at once
         self.transformer = distributed.in_turns(load_base, self.dist) if transformer is None else load_base()
@@ -166,8 +203,14 @@ class Trainer:
             self.shift_config = scheduler_config(cfg.model_path)
         if self.rollout is not None:
             self.inference_config = scheduler_config(cfg.model_path)
-        attach_lora(self.transformer, cfg.lora_rank, cfg.effective_lora_alpha, cfg.lora_dropout,
-                    cfg.lora_target_modules, seed=cfg.seed)
+        attach_lora(
+            self.transformer,
+            cfg.lora_rank,
+            cfg.effective_lora_alpha,
+            cfg.lora_dropout,
+            cfg.lora_target_modules,
+            seed=cfg.seed,
+        )
         self.params = [p for n, p in self.transformer.named_parameters() if p.requires_grad]
         for p in self.params:  # adapters train in fp32 whatever the base precision (bf16 for adamw_bf16)
             p.data = p.data.to(weight_dtype(cfg))
@@ -198,9 +241,15 @@ class Trainer:
         return build_optimizer(self.cfg, self.params, self.device)
 
     def _run_doc(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "config": dataclasses.asdict(self.cfg), "config_source": self.run.config_source,
-                "data": [dataclasses.asdict(d) | {"aws_secret_access_key": None} for d in self.run.data.datasets],
-                "device": str(self.device), "dtype": str(self.dtype), "created": time.time()}
+        return {
+            "run_id": self.run_id,
+            "config": dataclasses.asdict(self.cfg),
+            "config_source": self.run.config_source,
+            "data": [dataclasses.asdict(d) | {"aws_secret_access_key": None} for d in self.run.data.datasets],
+            "device": str(self.device),
+            "dtype": str(self.dtype),
+            "created": time.time(),
+        }
 
     # ------------------------------------------------------------------------------------------ resume
     def _resume(self, step: int) -> None:
@@ -245,12 +294,27 @@ class Trainer:
                 r = self.train_step()
                 losses.append(r.loss)
                 self.history.append(dataclasses.asdict(r))
-                self.events({"phase": "train", "step": r.step, "total": self.max_steps, "loss": r.loss,
-                             "lr": r.lr, "seconds_per_step": r.seconds, "data_wait": r.data_wait,
-                             **({"grad_norm": r.grad_norm} if cfg.max_grad_norm > 0 else {}),  # else not computed
-                             **({"rollout_forwards": r.rollout_forwards,  # the progress line shows the message
-                                 "message": f"rollout {r.rollout_forwards} fwd"} if self.rollout else {}),
-                             **gpu.memory(self.device, self.dist)})
+                self.events(
+                    {
+                        "phase": "train",
+                        "step": r.step,
+                        "total": self.max_steps,
+                        "loss": r.loss,
+                        "lr": r.lr,
+                        "seconds_per_step": r.seconds,
+                        "data_wait": r.data_wait,
+                        **({"grad_norm": r.grad_norm} if cfg.max_grad_norm > 0 else {}),  # else not computed
+                        **(
+                            {
+                                "rollout_forwards": r.rollout_forwards,  # the progress line shows the message
+                                "message": f"rollout {r.rollout_forwards} fwd",
+                            }
+                            if self.rollout
+                            else {}
+                        ),
+                        **gpu.memory(self.device, self.dist),
+                    }
+                )
                 if r.step % cfg.checkpoint_step_interval == 0:
                     checkpoints.append(self.save_checkpoint())
                 stopping = self._stopping(stop)
@@ -270,8 +334,17 @@ class Trainer:
             self.loader.close()
         elapsed = time.perf_counter() - started
         wait = self.loader.wait_seconds - wait0
-        return TrainSummary(self.run_id, self.step, losses, lora_keys, checkpoints, validations,
-                            wait / elapsed if elapsed > 0 else 0.0, elapsed, interrupted)
+        return TrainSummary(
+            self.run_id,
+            self.step,
+            losses,
+            lora_keys,
+            checkpoints,
+            validations,
+            wait / elapsed if elapsed > 0 else 0.0,
+            elapsed,
+            interrupted,
+        )
 
     def _stopping(self, stop: threading.Event | None) -> bool:
         """Whether to stop at this step boundary; with several processes, when any rank was asked (torchrun
@@ -329,7 +402,8 @@ class Trainer:
             raise TrainingDiverged(
                 f"loss is {values[bad]} at step {step} (micro-batch {bad}); batch samples: {', '.join(keys[bad])}. "
                 "Lower learning_rate, check these samples' images, or use mixed_precision fp32 to rule out "
-                "overflow")
+                "overflow"
+            )
         lr = float(self.scheduler.get_last_lr()[0])  # torchao's optimizers keep lr as a tensor
         self.optimizer.step()
         self.scheduler.step()
@@ -348,8 +422,9 @@ class Trainer:
         batch = batch.to(self.device, non_blocking=True)
         g = step_generator(self.cfg.seed, step, micro)
         if self.cfg.lora_dropout > 0:  # dropout masks from (seed, step, micro) too: any rank draws the same
-            torch.manual_seed(int(torch.randint(0, 2 ** 62, (), generator=step_generator(self.cfg.seed + 1, step,
-                                                                                          micro))))
+            torch.manual_seed(
+                int(torch.randint(0, 2**62, (), generator=step_generator(self.cfg.seed + 1, step, micro)))
+            )
         B, _, h, w = batch.latents_BChw.shape
         noise_BLC = torch.randn(B, (h // 2) * (w // 2), 64, generator=g).to(self.device)
         if self.shift_config is not None:  # flow_schedule_auto_shift: by this batch's image sequence length
@@ -357,22 +432,33 @@ class Trainer:
         else:
             sigmas_B = sample_sigmas(B, self.cfg.flow_schedule_shift, g)
         noisy_BLC = self._roll_out(batch, noise_BLC, sigmas_B, step, g) if self.rollout is not None else None
-        loss = flow_matching_loss(self.forward_module, batch, noise_BLC, sigmas_B.to(self.device), self.dtype,
-                                  noisy_BLC=noisy_BLC)
+        loss = flow_matching_loss(
+            self.forward_module, batch, noise_BLC, sigmas_B.to(self.device), self.dtype, noisy_BLC=noisy_BLC
+        )
         # DDP averages over the N ranks: N/A makes the sum over all micro-batches what one process computes
         (loss * (self.dist.world / self.cfg.gradient_accumulation_steps)).backward()
         return loss.detach()
 
-    def _roll_out(self, batch: EditBatch, noise_BLC: torch.Tensor, sigmas_B: torch.Tensor, step: int,
-                  g: torch.Generator) -> torch.Tensor | None:
+    def _roll_out(
+        self, batch: EditBatch, noise_BLC: torch.Tensor, sigmas_B: torch.Tensor, step: int, g: torch.Generator
+    ) -> torch.Tensor | None:
         """Scheduled sampling: the micro-batch's noisy input made by the current weights from a noisier point of
         the inference schedule (None: no sample rolled out). The transformer itself, not its DDP wrapper: no
         gradient, nothing to synchronise."""
         r = self.rollout
         steps_B = r.draw_steps(batch.latents_BChw.shape[0], step - 1, g)
         schedule_N = inference_sigmas(self.inference_config, r.inference_steps, noise_BLC.shape[1])
-        noisy_BLC, forwards = roll_out(self.transformer, batch, noise_BLC, sigmas_B, steps_B,
-                                       schedule_N, sampler=r.sampler, order=r.order, dtype=self.dtype)
+        noisy_BLC, forwards = roll_out(
+            self.transformer,
+            batch,
+            noise_BLC,
+            sigmas_B,
+            steps_B,
+            schedule_N,
+            sampler=r.sampler,
+            order=r.order,
+            dtype=self.dtype,
+        )
         self.rollout_forwards += forwards
         return noisy_BLC
 
@@ -406,40 +492,61 @@ class Trainer:
         use_ema = self.cfg.use_ema if ema is None else ema
         with eval_weights(self.optimizer):  # a schedule-free optimizer exports its averaged weights
             state = self.lora_state(ema=use_ema)
-        return save_lora_files(state, alpha=self.cfg.effective_lora_alpha,
-                               rank=self.cfg.lora_rank, fmt=fmt or self.cfg.lora_format,
-                               metadata={"edittuner.run": self.run_id, "edittuner.step": str(self.step),
-                                         "edittuner.flavour": self.cfg.model_flavour,
-                                         "edittuner.base_model": self.cfg.model_path,
-                                         "edittuner.ema": str(bool(use_ema))},
-                               transformer=self.transformer)
+        return save_lora_files(
+            state,
+            alpha=self.cfg.effective_lora_alpha,
+            rank=self.cfg.lora_rank,
+            fmt=fmt or self.cfg.lora_format,
+            metadata={
+                "edittuner.run": self.run_id,
+                "edittuner.step": str(self.step),
+                "edittuner.flavour": self.cfg.model_flavour,
+                "edittuner.base_model": self.cfg.model_path,
+                "edittuner.ema": str(bool(use_ema)),
+            },
+            transformer=self.transformer,
+        )
 
     def export(self, prefix: str, fmt: str | None = None) -> list[str]:
         """Rank 0 writes the files (the other ranks return no keys; the callers' barriers order the rest)."""
         if not self.dist.main:
             return []
-        return [self.store.put_bytes(f"{prefix}/{name}", data).key
-                for name, data in self.export_files(fmt=fmt).items()]
+        return [self.store.put_bytes(f"{prefix}/{name}", data).key for name, data in self.export_files(fmt=fmt).items()]
 
     def save_checkpoint(self) -> int:
         t0 = time.perf_counter()
         if self.dist.main:  # the state is the same on every rank; the commit marker is written last
             rng_tensors, rng = capture_rng()
-            state = CheckpointState(step=self.step, lora=self.lora_state(), optimizer=self.optimizer.state_dict(),
-                                    scheduler=self.scheduler.state_dict(), loader=self.loader.state_dict(),
-                                    ema=self.ema.state() if self.ema else None, rng_tensors=rng_tensors, rng=rng,
-                                    extra={"history": self.history})
+            state = CheckpointState(
+                step=self.step,
+                lora=self.lora_state(),
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                loader=self.loader.state_dict(),
+                ema=self.ema.state() if self.ema else None,
+                rng_tensors=rng_tensors,
+                rng=rng,
+                extra={"history": self.history},
+            )
             save_checkpoint(self.store, self.prefix, state, files=self.export_files())
             prune_checkpoints(self.store, self.prefix, self.cfg.checkpoints_total_limit)
             self.store.put_bytes(f"{self.prefix}/metrics.jsonl", self._metrics_jsonl())
         distributed.barrier(self.dist)
-        self.events({"phase": "checkpoint", "step": self.step, "total": self.max_steps,
-                     "seconds": time.perf_counter() - t0, "message": f"checkpoint step-{self.step}"})
+        self.events(
+            {
+                "phase": "checkpoint",
+                "step": self.step,
+                "total": self.max_steps,
+                "seconds": time.perf_counter() - t0,
+                "message": f"checkpoint step-{self.step}",
+            }
+        )
         return self.step
 
     def _validate(self, step: int) -> dict[str, Any]:
-        self.events({"phase": "validation", "step": step, "total": self.max_steps,
-                     "message": f"validation at step {step}"})
+        self.events(
+            {"phase": "validation", "step": step, "total": self.max_steps, "message": f"validation at step {step}"}
+        )
         was_training = self.transformer.training
         self.transformer.eval()
         try:

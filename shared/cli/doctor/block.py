@@ -25,8 +25,13 @@ from shared.plan.probe import (
 def precision_row(precision: str, reference: Any, inputs: dict[str, Any], device: torch.device, steps: int) -> Row:
     data, problems = probe_precision(precision, reference, inputs, device, steps)
     if problems:
-        return Row(f"block {precision}", "fail", describe(data) + "; " + "; ".join(problems),
-                   f"do not train with base_model_precision={precision} on this host; report the row", data=data)
+        return Row(
+            f"block {precision}",
+            "fail",
+            describe(data) + "; " + "; ".join(problems),
+            f"do not train with base_model_precision={precision} on this host; report the row",
+            data=data,
+        )
     return Row(f"block {precision}", "pass", describe(data), data=data)
 
 
@@ -42,16 +47,21 @@ def block_rows(device: torch.device, *, small: bool, precisions: tuple[str, ...]
         state["inputs"] = block_inputs(cfg, side, text, device)
         width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
         n = sum(p.numel() for p in state["model"].parameters())
-        return Row("block bf16 reference", "pass", f"one block of QwenImageTransformer2DModel, width {width}, text "
-                   f"{cfg['joint_attention_dim']}, {n / 1e6:.0f}M parameters, {2 * side * side} image + {text} text "
-                   f"tokens, on {device}", data={"width": width, "params": n, "image_tokens": 2 * side * side,
-                                                  "text_tokens": text})
+        return Row(
+            "block bf16 reference",
+            "pass",
+            f"one block of QwenImageTransformer2DModel, width {width}, text "
+            f"{cfg['joint_attention_dim']}, {n / 1e6:.0f}M parameters, {2 * side * side} image + {text} text "
+            f"tokens, on {device}",
+            data={"width": width, "params": n, "image_tokens": 2 * side * side, "text_tokens": text},
+        )
 
     def one(precision: str):
         def run() -> Row:
             if "model" not in state:
                 return Row(f"block {precision}", "skip", "the bf16 reference failed to build")
             return precision_row(precision, state["model"], state["inputs"], device, steps)
+
         return run
 
     def done() -> list[Row]:
@@ -59,5 +69,6 @@ def block_rows(device: torch.device, *, small: bool, precisions: tuple[str, ...]
         free_gpu_memory()
         return []
 
-    return [("block bf16 reference", reference)] + [(f"block {p}", one(p)) for p in precisions] + [
-        ("block cleanup", done)]
+    return (
+        [("block bf16 reference", reference)] + [(f"block {p}", one(p)) for p in precisions] + [("block cleanup", done)]
+    )

@@ -17,11 +17,18 @@ from shared.cli.doctor.tiny_run import tiny_run_rows
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("doctor", help="check this host before training: device, libraries per precision, the "
-                                      "process group, numerics per precision, a tiny run on the device")
+    p = sub.add_parser(
+        "doctor",
+        help="check this host before training: device, libraries per precision, the "
+        "process group, numerics per precision, a tiny run on the device",
+    )
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--full", action="store_true", help="also one real-size step per precision beside the "
-                   "planner's prediction (a GPU with 40+ GiB: the 20B transformer is built in bf16 first)")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="also one real-size step per precision beside the "
+        "planner's prediction (a GPU with 40+ GiB: the 20B transformer is built in bf16 first)",
+    )
     p.add_argument("--json", help="write every row here (rewritten after each row)")
     p.add_argument("--model", help="the model to look for (default: every flavour's hub id)")
     p.add_argument("--precisions", help=f"block rows, comma-separated (default {','.join(BLOCK_PRECISIONS)})")
@@ -54,8 +61,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     block_precisions = _precisions(args.precisions, BLOCK_PRECISIONS, PRECISIONS[1:])
     full_precisions = _precisions(args.full_precisions, FULL_PRECISIONS, PRECISIONS)
-    header = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "host": platform.node(), "device": str(device)}
+    header = {
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "device": str(device),
+    }
     report = Report(args.json, header=header)
     print(f"edittuner doctor on {platform.node()}, device {device}")
     checks: list = []
@@ -68,12 +78,22 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.full:
         checks += full_rows(device, full_precisions)
     elif device.type != "cuda":
-        checks.append(("full", lambda: Row("real-size steps", "skip", "need a GPU and --full: one real 20B step "
-                                           "per precision beside the planner's prediction")))
+        checks.append(
+            (
+                "full",
+                lambda: Row(
+                    "real-size steps",
+                    "skip",
+                    "need a GPU and --full: one real 20B step per precision beside the planner's prediction",
+                ),
+            )
+        )
     for name, fn in checks:
         report.run(name, fn)
     failed = report.failed
     counts = {s: sum(r.status == s for r in report.rows) for s in ("pass", "warn", "fail", "skip")}
-    print(f"{counts['pass']} passed, {counts['warn']} warnings, {counts['fail']} failed, {counts['skip']} skipped"
-          + (f"; failed: {', '.join(r.check for r in failed)}" if failed else ""))
+    print(
+        f"{counts['pass']} passed, {counts['warn']} warnings, {counts['fail']} failed, {counts['skip']} skipped"
+        + (f"; failed: {', '.join(r.check for r in failed)}" if failed else "")
+    )
     return 1 if failed else 0

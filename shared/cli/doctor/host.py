@@ -33,8 +33,9 @@ def driver_version() -> str | None:
     if smi is None:
         return None
     try:
-        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
+        out = subprocess.run(
+            [smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
@@ -43,11 +44,17 @@ def driver_version() -> str | None:
 # ------------------------------------------------------------------------------------------------ torch, device
 def torch_row() -> Row:
     cuda = torch.version.cuda
-    detail = (f"Python {platform.python_version()}, torch {torch.__version__}"
-              + (f" built for CUDA {cuda}" if cuda else " (a CPU build)")
-              + (f", cuDNN {torch.backends.cudnn.version()}" if cuda and torch.backends.cudnn.is_available() else ""))
-    data = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": cuda,
-            "machine": f"{platform.machine()} {os.cpu_count()} cpus"}
+    detail = (
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+        + (f" built for CUDA {cuda}" if cuda else " (a CPU build)")
+        + (f", cuDNN {torch.backends.cudnn.version()}" if cuda and torch.backends.cudnn.is_available() else "")
+    )
+    data = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": cuda,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+    }
     return Row("torch", "pass", detail, data=data)
 
 
@@ -55,33 +62,59 @@ def device_row(device: torch.device) -> Row:
     """The device the checks run on: name, memory, compute capability, bf16; a CUDA request without CUDA fails."""
     if device.type != "cuda":
         if torch.cuda.is_available():
-            return Row("device", "info", f"{device} requested; this host also has CUDA "
-                       f"({torch.cuda.get_device_name(0)}): run with --device cuda to check it")
+            return Row(
+                "device",
+                "info",
+                f"{device} requested; this host also has CUDA "
+                f"({torch.cuda.get_device_name(0)}): run with --device cuda to check it",
+            )
         why = "torch is a CPU build" if torch.version.cuda is None else "no CUDA device is visible"
-        return Row("device", "info", f"{device}: {why}; the rows that need a GPU say so",
-                   data={"device": device.type})
+        return Row("device", "info", f"{device}: {why}; the rows that need a GPU say so", data={"device": device.type})
     if not torch.cuda.is_available():
         why = "torch is a CPU build" if torch.version.cuda is None else "CUDA sees no device"
-        return Row("device", "fail", f"{device} requested but {why}",
-                   "install torch's CUDA build (pip install torch==<version> from PyPI on Linux), check "
-                   "`nvidia-smi`, and in Docker start the container with the NVIDIA runtime (--gpus all)")
+        return Row(
+            "device",
+            "fail",
+            f"{device} requested but {why}",
+            "install torch's CUDA build (pip install torch==<version> from PyPI on Linux), check "
+            "`nvidia-smi`, and in Docker start the container with the NVIDIA runtime (--gpus all)",
+        )
     props = torch.cuda.get_device_properties(device)
     cap = f"{props.major}.{props.minor}"
     bf16 = torch.cuda.is_bf16_supported()
     mem = props.total_memory / GiB
-    data = {"name": props.name, "memory_gib": round(mem, 1), "capability": cap, "bf16": bf16,
-            "driver": driver_version(), "count": torch.cuda.device_count(),
-            "multiprocessors": props.multi_processor_count}
-    detail = (f"{props.name}, {mem:.1f} GiB, compute capability {cap}, bf16 {'yes' if bf16 else 'NO'}, driver "
-              f"{data['driver'] or 'unknown'}, {data['count']} GPU(s) visible")
+    data = {
+        "name": props.name,
+        "memory_gib": round(mem, 1),
+        "capability": cap,
+        "bf16": bf16,
+        "driver": driver_version(),
+        "count": torch.cuda.device_count(),
+        "multiprocessors": props.multi_processor_count,
+    }
+    detail = (
+        f"{props.name}, {mem:.1f} GiB, compute capability {cap}, bf16 {'yes' if bf16 else 'NO'}, driver "
+        f"{data['driver'] or 'unknown'}, {data['count']} GPU(s) visible"
+    )
     if not bf16:
-        return Row("device", "warn", detail, "this card has no bf16: training computes in fp32 (twice the "
-                   "activation memory, slower); an Ampere or newer card (compute capability 8.0+) is what the "
-                   "planner's figures assume", data=data)
+        return Row(
+            "device",
+            "warn",
+            detail,
+            "this card has no bf16: training computes in fp32 (twice the "
+            "activation memory, slower); an Ampere or newer card (compute capability 8.0+) is what the "
+            "planner's figures assume",
+            data=data,
+        )
     if mem < MIN_MEMORY_GIB - 1:
-        return Row("device", "warn", detail, f"under {MIN_MEMORY_GIB} GiB: run `edittuner plan --gpu-memory "
-                   f"{mem:.0f}GiB` before training; the 20B transformer needs a 4-bit base and small images here",
-                   data=data)
+        return Row(
+            "device",
+            "warn",
+            detail,
+            f"under {MIN_MEMORY_GIB} GiB: run `edittuner plan --gpu-memory "
+            f"{mem:.0f}GiB` before training; the 20B transformer needs a 4-bit base and small images here",
+            data=data,
+        )
     return Row("device", "pass", detail, data=data)
 
 
@@ -90,8 +123,12 @@ def bitsandbytes_row(device: torch.device) -> Row:
     """Which native library bitsandbytes loaded, and one 4-bit round trip on the device through it."""
     version = _version("bitsandbytes")
     if version is None:
-        return Row("bitsandbytes", "warn", "not installed: nf4-bnb and int8-bnb are refused",
-                   "pip install bitsandbytes (or train with a quanto precision)")
+        return Row(
+            "bitsandbytes",
+            "warn",
+            "not installed: nf4-bnb and int8-bnb are refused",
+            "pip install bitsandbytes (or train with a quanto precision)",
+        )
     import bitsandbytes.functional as F
     from bitsandbytes import cextension
 
@@ -99,10 +136,15 @@ def bitsandbytes_row(device: torch.device) -> Row:
     name = Path(lib).name if isinstance(lib, str) else "no native library"
     data = {"version": version, "library": name, "backend": cextension.BNB_BACKEND}
     if device.type == "cuda" and "cuda" not in name:
-        return Row("bitsandbytes", "fail", f"{version} loaded {name} on a CUDA host (backend "
-                   f"{cextension.BNB_BACKEND})", "bitsandbytes ships one library per CUDA version; the one for "
-                   f"torch's CUDA {torch.version.cuda} is missing: reinstall bitsandbytes, or set "
-                   "BNB_CUDA_VERSION to a version it ships", data=data)
+        return Row(
+            "bitsandbytes",
+            "fail",
+            f"{version} loaded {name} on a CUDA host (backend {cextension.BNB_BACKEND})",
+            "bitsandbytes ships one library per CUDA version; the one for "
+            f"torch's CUDA {torch.version.cuda} is missing: reinstall bitsandbytes, or set "
+            "BNB_CUDA_VERSION to a version it ships",
+            data=data,
+        )
     g = torch.Generator().manual_seed(0)
     w = torch.randn(256, 256, generator=g).to(device, torch.bfloat16)
     q, state = F.quantize_4bit(w, quant_type="nf4")
@@ -110,22 +152,34 @@ def bitsandbytes_row(device: torch.device) -> Row:
     err = float((back.float() - w.float()).norm() / w.float().norm())
     data["nf4_roundtrip_rel_err"] = round(err, 4)
     ok = err < 0.15  # nf4 on a Gaussian: ~0.1
-    return Row("bitsandbytes", "pass" if ok else "fail", f"{version}, {name}; nf4 round trip on {device}: relative "
-               f"error {err:.3f}", "" if ok else "the 4-bit kernels return wrong values on this device: check "
-               "that the library matches the driver", data=data)
+    return Row(
+        "bitsandbytes",
+        "pass" if ok else "fail",
+        f"{version}, {name}; nf4 round trip on {device}: relative error {err:.3f}",
+        "" if ok else "the 4-bit kernels return wrong values on this device: check that the library matches the driver",
+        data=data,
+    )
 
 
 def quanto_row(device: torch.device) -> Row:
     """quanto runs on its pure-torch kernels here (shared.model.quantize.pure_torch_quanto): no compiler needed."""
     version = _version("optimum-quanto")
     if version is None:
-        return Row("optimum-quanto", "warn", "not installed: the *-quanto precisions are refused",
-                   "pip install optimum-quanto (or train with a bnb precision)")
+        return Row(
+            "optimum-quanto",
+            "warn",
+            "not installed: the *-quanto precisions are refused",
+            "pip install optimum-quanto (or train with a bnb precision)",
+        )
     from shared.model.quantize import pure_torch_quanto
 
     pure_torch_quanto()
-    return Row("optimum-quanto", "pass", f"{version}, pure-torch kernels (its compiled extensions are not used: no "
-               "compiler needed)", data={"version": version, "kernels": "pure torch"})
+    return Row(
+        "optimum-quanto",
+        "pass",
+        f"{version}, pure-torch kernels (its compiled extensions are not used: no compiler needed)",
+        data={"version": version, "kernels": "pure torch"},
+    )
 
 
 def compiler_row() -> Row:
@@ -136,12 +190,21 @@ def compiler_row() -> Row:
     found, headers = c_compiler(), python_headers()
     data = {"cc": found, "python_headers": headers, "nvcc": shutil.which("nvcc"), "ninja": shutil.which("ninja")}
     if found and headers:
-        return Row("C compiler", "pass", f"{found} and Python.h: compile_transformer and the ao-* optimizers can "
-                   "compile", data=data)
+        return Row(
+            "C compiler",
+            "pass",
+            f"{found} and Python.h: compile_transformer and the ao-* optimizers can compile",
+            data=data,
+        )
     missing = " and ".join(m for m, ok in (("a C compiler", found), ("Python.h", headers)) if not ok)
-    return Row("C compiler", "warn", f"no {missing}: compile_transformer=true and the ao-* optimizers are refused "
-               "before a run loads its model", "apt-get install gcc python3-dev (the Docker image has both), or "
-               "leave compile_transformer off and use a non-ao optimizer", data=data)
+    return Row(
+        "C compiler",
+        "warn",
+        f"no {missing}: compile_transformer=true and the ao-* optimizers are refused before a run loads its model",
+        "apt-get install gcc python3-dev (the Docker image has both), or "
+        "leave compile_transformer off and use a non-ao optimizer",
+        data=data,
+    )
 
 
 def model_rows(model: str | None) -> list[Row]:
@@ -157,10 +220,16 @@ def model_rows(model: str | None) -> list[Row]:
             rows.append(Row(f"model {mid}", "pass", f"found: {loc.where}", data={"source": loc.source}))
         else:
             target = os.environ.get("EDITTUNER_MODEL_DIR") or "./models"
-            rows.append(Row(f"model {mid}", "warn" if model else "info", "not on this host: looked in "
-                            + ("; ".join(loc.searched) or "EDITTUNER_MODEL_DIR (unset) and the Hugging Face cache"),
-                            f"huggingface-cli download {mid} --local-dir {target}/{mid}",
-                            data={"searched": list(loc.searched)}))
+            rows.append(
+                Row(
+                    f"model {mid}",
+                    "warn" if model else "info",
+                    "not on this host: looked in "
+                    + ("; ".join(loc.searched) or "EDITTUNER_MODEL_DIR (unset) and the Hugging Face cache"),
+                    f"huggingface-cli download {mid} --local-dir {target}/{mid}",
+                    data={"searched": list(loc.searched)},
+                )
+            )
     return rows
 
 
@@ -179,19 +248,31 @@ def process_group_row(device: torch.device) -> list[Row]:
         ok, detail = _one_rank_group(dist, backend, device)
         trainer = backend == backends[0]
         status = ("pass" if ok else "fail") if trainer else "info"
-        rows.append(Row(f"process group {backend!r}" + (" (the trainer's)" if trainer else ""), status, detail,
-                        "" if ok or not trainer else "data-parallel training cannot start here: check NCCL and "
-                        "the driver (NCCL_DEBUG=INFO says why)", data={"backend": backend, "ok": ok}))
+        rows.append(
+            Row(
+                f"process group {backend!r}" + (" (the trainer's)" if trainer else ""),
+                status,
+                detail,
+                ""
+                if ok or not trainer
+                else "data-parallel training cannot start here: check NCCL and the driver (NCCL_DEBUG=INFO says why)",
+                data={"backend": backend, "ok": ok},
+            )
+        )
     return rows
 
 
-def _one_rank_group(dist, backend: str, device: torch.device) -> tuple[bool, str]:  # noqa: ANN001
+def _one_rank_group(dist, backend: str, device: torch.device) -> tuple[bool, str]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group(backend, init_method=f"file://{tmp}/rendezvous", rank=0, world_size=1,
-                                timeout=timedelta(seconds=60),
-                                **({"device_id": device} if device.type == "cuda" and device.index is not None
-                                   else {}))
+        dist.init_process_group(
+            backend,
+            init_method=f"file://{tmp}/rendezvous",
+            rank=0,
+            world_size=1,
+            timeout=timedelta(seconds=60),
+            **({"device_id": device} if device.type == "cuda" and device.index is not None else {}),
+        )
         try:
             tensors = [("cpu float32", torch.ones(1)), ("cpu float64", torch.ones(1, dtype=torch.float64))]
             if device.type != "cpu":
@@ -206,17 +287,19 @@ def _one_rank_group(dist, backend: str, device: torch.device) -> tuple[bool, str
         finally:
             dist.destroy_process_group()
     ok = all(r for _, r in results)
-    return ok, "all-reduce " + ", ".join(f"{label} {'ok' if r else 'FAILED'}" if not label.startswith(" ")
-                                          else label.strip() for label, r in results)
+    return ok, "all-reduce " + ", ".join(
+        f"{label} {'ok' if r else 'FAILED'}" if not label.startswith(" ") else label.strip() for label, r in results
+    )
 
 
 def host_rows(device: torch.device, model: str | None) -> list:
     """The checks of this module, in order, as (name, function) pairs for ``Report.run``."""
-    return [("torch", torch_row), ("device", lambda: device_row(device)),
-            ("bitsandbytes", lambda: bitsandbytes_row(device)),
-            ("optimum-quanto", lambda: quanto_row(device)),
-            ("C compiler", compiler_row), ("model files", lambda: model_rows(model)),
-            ("process group", lambda: process_group_row(device))]
-
-
-
+    return [
+        ("torch", torch_row),
+        ("device", lambda: device_row(device)),
+        ("bitsandbytes", lambda: bitsandbytes_row(device)),
+        ("optimum-quanto", lambda: quanto_row(device)),
+        ("C compiler", compiler_row),
+        ("model files", lambda: model_rows(model)),
+        ("process group", lambda: process_group_row(device)),
+    ]

@@ -7,9 +7,10 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 STATUSES = ("pass", "warn", "fail", "skip", "info")
 
@@ -27,8 +28,9 @@ class Row:
 class Report:
     """Collects rows; prints each one as it comes and rewrites ``json_path`` after it."""
 
-    def __init__(self, json_path: str | Path | None = None, out: TextIO | None = None,
-                 header: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, json_path: str | Path | None = None, out: TextIO | None = None, header: dict[str, Any] | None = None
+    ) -> None:
         self.rows: list[Row] = []
         self.json_path = Path(json_path) if json_path else None
         self.out = out or sys.stdout
@@ -38,8 +40,11 @@ class Report:
         assert row.status in STATUSES, row.status
         self.rows.append(row)
         mark = {"pass": "ok", "warn": "WARN", "fail": "FAIL", "skip": "skip", "info": "info"}[row.status]
-        print(f"[{mark:>4}] {row.check}: {row.detail}" + (f"\n       -> {row.fix}" if row.fix else ""),
-              file=self.out, flush=True)
+        print(
+            f"[{mark:>4}] {row.check}: {row.detail}" + (f"\n       -> {row.fix}" if row.fix else ""),
+            file=self.out,
+            flush=True,
+        )
         self.save()
         return row
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -33,10 +34,22 @@ def _in_dir(path: Path) -> Iterator[None]:
 
 def _overrides(device: torch.device, precision: str, out: str, steps: int, *extra: str) -> list[str]:
     bf16 = device.type == "cuda"
-    return [f"example={PRESET}", f"output_dir={out}", f"device={device}",
-            f"mixed_precision={'bf16' if bf16 else 'no'}", f"base_model_precision={precision}", "use_ema=true",
-            "ema_decay=0.5", f"max_train_steps={steps}", "checkpoint_step_interval=2", "validation_step_interval=4",
-            "num_eval_images=1", "lora_format=both", "validation_num_inference_steps=2", *extra]
+    return [
+        f"example={PRESET}",
+        f"output_dir={out}",
+        f"device={device}",
+        f"mixed_precision={'bf16' if bf16 else 'no'}",
+        f"base_model_precision={precision}",
+        "use_ema=true",
+        "ema_decay=0.5",
+        f"max_train_steps={steps}",
+        "checkpoint_step_interval=2",
+        "validation_step_interval=4",
+        "num_eval_images=1",
+        "lora_format=both",
+        "validation_num_inference_steps=2",
+        *extra,
+    ]
 
 
 def _train(overrides: list[str], store: Any, validate: bool = True) -> Any:
@@ -62,20 +75,34 @@ def tiny_run_rows(device: torch.device, precision: str = "int8-quanto", work: Pa
         first = _train(_overrides(device, precision, "out/resumed", 4), store)
         s = first.summary
         out = root / "out" / "resumed"
-        files = {f: (out / f).is_file() for f in ("pytorch_lora_weights.safetensors",
-                                                  "pytorch_lora_weights_comfyui.safetensors")}
+        files = {
+            f: (out / f).is_file()
+            for f in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_comfyui.safetensors")
+        }
         previews = sorted(p.name for p in (out / "validation").glob("step-*")) if (out / "validation").is_dir() else []
         finite = all(math.isfinite(x) for x in s.losses)
         ok = s.steps == 4 and s.checkpoints == [2, 4] and all(files.values()) and previews and finite
-        rows.append(Row(f"tiny run ({precision}, EMA)", "pass" if ok else "fail",
-                        f"{s.steps} steps on {device} in {s.seconds:.1f} s, loss {s.losses[0]:.4f} -> "
-                        f"{s.losses[-1]:.4f}, checkpoints {s.checkpoints}, previews {previews}, LoRA files "
-                        + ", ".join(f"{k} {'ok' if v else 'MISSING'}" for k, v in files.items()),
-                        "" if ok else "the training code does not complete on this device: report this row",
-                        data={"steps": s.steps, "losses": s.losses, "checkpoints": s.checkpoints,
-                              "previews": previews, "files": files, "seconds": s.seconds}))
-        resumed = _train(_overrides(device, precision, "out/resumed", 6, "resume_from_checkpoint=latest"), store,
-                         validate=False).summary
+        rows.append(
+            Row(
+                f"tiny run ({precision}, EMA)",
+                "pass" if ok else "fail",
+                f"{s.steps} steps on {device} in {s.seconds:.1f} s, loss {s.losses[0]:.4f} -> "
+                f"{s.losses[-1]:.4f}, checkpoints {s.checkpoints}, previews {previews}, LoRA files "
+                + ", ".join(f"{k} {'ok' if v else 'MISSING'}" for k, v in files.items()),
+                "" if ok else "the training code does not complete on this device: report this row",
+                data={
+                    "steps": s.steps,
+                    "losses": s.losses,
+                    "checkpoints": s.checkpoints,
+                    "previews": previews,
+                    "files": files,
+                    "seconds": s.seconds,
+                },
+            )
+        )
+        resumed = _train(
+            _overrides(device, precision, "out/resumed", 6, "resume_from_checkpoint=latest"), store, validate=False
+        ).summary
         straight = _train(_overrides(device, precision, "out/straight", 6), store, validate=False).summary
         rows.append(_resume_row(resumed, straight, device))
         rows.append(_diffusers_row(root, device, out))
@@ -86,15 +113,23 @@ def _resume_row(resumed: Any, straight: Any, device: torch.device) -> Row:
     """The resumed run's last steps against the same steps of the run done in one go."""
     tail = resumed.losses[-2:]
     ref = straight.losses[-2:]
-    diff = max((abs(a - b) / max(abs(b), 1e-12) for a, b in zip(tail, ref)), default=math.inf)
+    diff = max((abs(a - b) / max(abs(b), 1e-12) for a, b in zip(tail, ref, strict=True)), default=math.inf)
     data = {"resumed_steps": resumed.steps, "resumed_losses": tail, "straight_losses": ref, "max_rel_diff": diff}
-    detail = (f"resumed from step 4 to {resumed.steps}: losses {[round(x, 6) for x in tail]}, in one go "
-              f"{[round(x, 6) for x in ref]} (largest relative difference {diff:.2e})")
+    detail = (
+        f"resumed from step 4 to {resumed.steps}: losses {[round(x, 6) for x in tail]}, in one go "
+        f"{[round(x, 6) for x in ref]} (largest relative difference {diff:.2e})"
+    )
     if resumed.steps != 6 or len(tail) != 2:
         return Row("tiny run resume", "fail", detail, "resume did not continue the run: report this row", data=data)
     if diff > 1e-3:
-        return Row("tiny run resume", "warn", detail, f"resume is not exact on {device.type} (kernels that are not "
-                   "deterministic give other last bits); the CPU suite holds it bit-exact", data=data)
+        return Row(
+            "tiny run resume",
+            "warn",
+            detail,
+            f"resume is not exact on {device.type} (kernels that are not "
+            "deterministic give other last bits); the CPU suite holds it bit-exact",
+            data=data,
+        )
     return Row("tiny run resume", "pass", detail, data=data)
 
 
@@ -107,14 +142,28 @@ def _diffusers_row(root: Path, device: torch.device, out: Path) -> Row:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe = load_pipeline(root / ".edittuner/tiny/edit-v2/model", "edit-v2", device=device, dtype=dtype)
     data_dir = root / ".edittuner/tiny/edit-v2/data"
-    refs = [Image.open(p).convert("RGB") for p in (sorted((data_dir / d).glob("*.png"))[0]
-                                                   for d in ("reference_a", "reference_b"))]
+    refs = [
+        Image.open(p).convert("RGB")
+        for p in (sorted((data_dir / d).glob("*.png"))[0] for d in ("reference_a", "reference_b"))
+    ]
     prompt = sorted((data_dir / "images").glob("*.txt"))[0].read_text().strip()
 
     def render() -> torch.Tensor:
         g = torch.Generator("cpu").manual_seed(0)
-        return pipe(image=refs, prompt=prompt, height=64, width=64, num_inference_steps=2, true_cfg_scale=1.0,
-                    generator=g, output_type="pt").images.float().cpu()
+        return (
+            pipe(
+                image=refs,
+                prompt=prompt,
+                height=64,
+                width=64,
+                num_inference_steps=2,
+                true_cfg_scale=1.0,
+                generator=g,
+                output_type="pt",
+            )
+            .images.float()
+            .cpu()
+        )
 
     base = render()
     pipe.load_lora_weights(str(out))
@@ -122,6 +171,10 @@ def _diffusers_row(root: Path, device: torch.device, out: Path) -> Row:
     diff = float((with_lora - base).abs().max())
     data = {"max_abs_diff": diff, "finite": bool(torch.isfinite(with_lora).all())}
     ok = diff > 0 and data["finite"]
-    return Row("diffusers loads the LoRA", "pass" if ok else "fail",
-               f"load_lora_weights on {device}: output changed by up to {diff:.4f} (images in [0, 1])",
-               "" if ok else "the LoRA file does not reach the model in diffusers: report this row", data=data)
+    return Row(
+        "diffusers loads the LoRA",
+        "pass" if ok else "fail",
+        f"load_lora_weights on {device}: output changed by up to {diff:.4f} (images in [0, 1])",
+        "" if ok else "the LoRA file does not reach the model in diffusers: report this row",
+        data=data,
+    )

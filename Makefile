@@ -30,6 +30,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# mypy, strict on shared/ (pyproject.toml).
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
 # Regenerate the gRPC stubs in shared/rpc/ from protos/ (commit the result; tests fail on stale stubs).
 protos: $(STAMP)
 	$(BIN)/python -m shared.rpc.generate

@@ -280,6 +280,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edittuner", description="LoRA training for Qwen-Image-Edit.")
     sub = parser.add_subparsers(dest="command", required=True)
+    from shared.cli.init import add_parser as add_init
+
+    add_init(sub)
     p = sub.add_parser("check", help="validate config + datasets, pair them, show buckets and cache status")
     _add_run_args(p)
     p.add_argument("--verbose", action="store_true", help="name every image a size rule leaves out")

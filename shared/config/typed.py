@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from collections.abc import Callable
 from typing import Any, Literal, Union, get_args, get_origin
@@ -32,7 +33,7 @@ def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin is Union:
+    if origin is Union or origin is types.UnionType:
         return " or ".join(_type_name(a) for a in get_args(tp) if a is not type(None))
     if origin is list:
         return "a list of " + _type_name(get_args(tp)[0]) + "s"
@@ -46,7 +47,7 @@ def coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
     origin = get_origin(tp)
     if tp is Any:
         return value, None
-    if origin is Union:
+    if origin is Union or origin is types.UnionType:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None, None

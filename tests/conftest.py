@@ -1,5 +1,13 @@
+import os
 import sys
 from pathlib import Path
+
+# Every process a test starts (the CLI, the services, the training worker, DDP ranks) computes on one intra-op
+# thread, as the tests' own process does (one_cpu_thread below): results a test compares across processes must not
+# depend on the machine's core count, whose thread split changes the last bits of a reduction. Set before torch is
+# imported anywhere, and inherited by every subprocess.
+for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "tests"):

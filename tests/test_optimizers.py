@@ -355,7 +355,7 @@ def test_the_table_the_planner_and_the_readme_read_the_same_specs():
         "| `bnb-lion-paged` | bitsandbytes: `bitsandbytes.optim.PagedLion` | no: needs CUDA (paged memory); "
         "use bnb-lion |" in table
     )
-    assert table in (ROOT / "README.md").read_text(encoding="utf-8")
+    assert table in (ROOT / "docs" / "CONFIGURATION.md").read_text(encoding="utf-8")
     assert LORA_STATE_BYTES.keys() == OPTIMIZERS.keys()
     assert (
         LORA_STATE_BYTES["adamw"],

@@ -17,7 +17,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2}
 
@@ -53,8 +56,38 @@ class OptimizerSpec:
         return 2 * WEIGHT_BYTES[self.weights] + self.state_bytes
 
 
-_ADAM = {"adam_args": True}
-_PAGED = {
+class _Options(TypedDict, total=False):
+    """OptimizerSpec's keyword fields, as the helpers below take them."""
+
+    adam_args: bool
+    cuda_only: str
+    cpu_instead: str
+    min_cuda_capability: tuple[int, int] | None
+    cuda_defaults: Mapping[str, Any]
+    schedule_free: bool
+    weights: Literal["fp32", "bf16"]
+    lr_default: float | None
+    alias_of: str | None
+    note: str
+
+
+# The option sets below are given with ** beside other keywords: each has exactly its keys, so that a type
+# checker sees that no keyword is given twice.
+class _Adam(TypedDict):
+    adam_args: bool
+
+
+class _Paged(TypedDict):
+    cuda_only: str
+
+
+class _Fp8(TypedDict):
+    min_cuda_capability: tuple[int, int]
+    note: str
+
+
+_ADAM: _Adam = {"adam_args": True}
+_PAGED: _Paged = {
     "cuda_only": "paged memory: bitsandbytes pages the state to host RAM under GPU memory pressure; on the CPU "
     "it would silently run the unpaged optimizer"
 }
@@ -62,26 +95,26 @@ _AO = (
     "torch.compile per parameter shape (a C++ compiler on the CPU, Triton on CUDA); tensors under 4096 values "
     "keep fp32 state"
 )
-_FP8 = {
+_FP8: _Fp8 = {
     "min_cuda_capability": (8, 9),
     "note": "fp8 state needs compute capability 8.9+ on CUDA (Ada, Hopper); a storage format only on the CPU. " + _AO,
 }
 _SF = "schedule-free: the exported LoRA is the averaged (eval-mode) weights; lr_warmup_steps is its own warmup"
 
 
-def _torch(cls: str, state: int, defaults: Mapping[str, Any] | None = None, **kw: Any) -> OptimizerSpec:
+def _torch(cls: str, state: int, defaults: Mapping[str, Any] | None = None, **kw: Unpack[_Options]) -> OptimizerSpec:
     return OptimizerSpec(f"torch.optim.{cls}", "torch", state, defaults or {}, **kw)
 
 
-def _bnb(cls: str, state: int, defaults: Mapping[str, Any] | None = None, **kw: Any) -> OptimizerSpec:
+def _bnb(cls: str, state: int, defaults: Mapping[str, Any] | None = None, **kw: Unpack[_Options]) -> OptimizerSpec:
     return OptimizerSpec(f"bitsandbytes.optim.{cls}", "bitsandbytes", state, defaults or {}, **kw)
 
 
-def _optimi(cls: str, state: int, defaults: Mapping[str, Any] | None = None, **kw: Any) -> OptimizerSpec:
+def _optimi(cls: str, state: int, defaults: Mapping[str, Any] | None = None, **kw: Unpack[_Options]) -> OptimizerSpec:
     return OptimizerSpec(f"optimi.{cls}", "torch-optimi", state, defaults or {}, **kw)
 
 
-def _ao(cls: str, state: int, **kw: Any) -> OptimizerSpec:
+def _ao(cls: str, state: int, **kw: Unpack[_Options]) -> OptimizerSpec:
     return OptimizerSpec(f"torchao.optim.{cls}", "torchao", state, **({"note": _AO} | kw | _ADAM))
 
 
@@ -229,7 +262,7 @@ def _value(raw: str) -> Any:
 
 # ------------------------------------------------------------------------------------------------ the table
 def optimizer_table_markdown() -> str:
-    """name | library.class | CPU? | notes, one row per name (the README includes it)."""
+    """name | library.class | CPU? | notes, one row per name (docs/CONFIGURATION.md includes it)."""
     rows = ["| name | library.class | CPU? | notes |", "|---|---|---|---|"]
     for name, s in OPTIMIZERS.items():
         if s.cuda_only:

@@ -1,5 +1,5 @@
 """SimpleTuner's option names, and what EditTuner does with each: the one registry the config reader, ``check``
-and the README's option table all read.
+and docs/SIMPLETUNER.md's option table all read.
 
 A key of ``config.json`` or of a ``multidatabackend.json`` entry is
 
@@ -236,7 +236,7 @@ def same_value(a: Any, b: Any) -> bool:
     """Equal as SimpleTuner would read them: 'false' == False == 0 == None for flags, '1e-4' == 0.0001."""
     if a == b:
         return True
-    norm = []
+    norm: list[object] = []
     for v in (a, b):
         if isinstance(v, str):
             t = v.strip().lower()
@@ -312,7 +312,7 @@ def translate(
                         (
                             f"{json.dumps(value)[:60]} would change a SimpleTuner run, but EditTuner does not "
                             f"implement {key}; remove it (or set it to SimpleTuner's default, "
-                            f"{'null' if default is None else json.dumps(default)}) — the README's SimpleTuner option "
+                            f"{'null' if default is None else json.dumps(default)}) — docs/SIMPLETUNER.md's option "
                             "table lists what is supported"
                         ),
                     )
@@ -343,7 +343,7 @@ def value_problem(key: str, value: Any) -> str | None:
     return ST_VALUE_NOTES.get((key, value.strip().lower()))
 
 
-# ------------------------------------------------------------------------------------------- the README table
+# ------------------------------------------------------------------------------------------- the docs/SIMPLETUNER.md table
 def _fmt(v: Any) -> str:
     if v is None:
         return "–"
@@ -380,7 +380,7 @@ def _rows(cls: type, rules: dict[str, Rule], st: dict[str, tuple[str, Any, tuple
 
 
 def option_table_markdown() -> str:
-    """The README's table of config.json and multidatabackend.json keys, from the registry above."""
+    """docs/SIMPLETUNER.md's table of config.json and multidatabackend.json keys, from the registry above."""
     source, st = simpletuner_options()
     from shared.config.schema import DatasetConfig, TrainConfig
 

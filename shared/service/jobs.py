@@ -1,4 +1,4 @@
-"""Jobs: how every service takes work (DESIGN.md §2, "Jobs, not long calls").
+"""Jobs: how every service takes work (docs/ARCHITECTURE.md, "trainer_svc takes the job").
 
 A client submits a job (idempotent on its ``request_id``) and gets an id at once; it can then get, list, cancel
 and watch it. Records live in the object store, so a restarted service still knows its jobs and resumes the
@@ -10,7 +10,7 @@ unfinished ones::
 ``JobManager`` runs jobs on worker threads by calling the service's executor, ``execute(record, ctx)``. The
 executor reports through ``ctx`` and ends in one of three ways, each a job state: it returns (succeeded, its dict
 becomes the outputs), raises ``JobCancelled`` (cancelled), or raises anything else (failed, with the gRPC status
-name from ``ERROR_CODES`` in ``error_code``). ``attempt`` counts executions: 1 on the first, 2 when a job
+name from ``errors.STATUS_CODES`` in ``error_code``). ``attempt`` counts executions: 1 on the first, 2 when a job
 interrupted by a shutdown or a crash runs again, so an executor resumes when ``attempt > 1``.
 """
 

@@ -1,4 +1,4 @@
-"""Run a worker process and relay it (DESIGN.md §2, "Supervisor and worker").
+"""Run a worker process and relay it (docs/ARCHITECTURE.md, "The training worker").
 
 The worker (``trainer_svc.worker``, or torchrun starting it) prints one JSON object per line on stdout:
 ``{"event": {...}}`` while it runs, then ``{"result": {...}}`` or ``{"error": "...", "kind": "<error class>"}``.

@@ -343,7 +343,7 @@ def value_problem(key: str, value: Any) -> str | None:
     return ST_VALUE_NOTES.get((key, value.strip().lower()))
 
 
-# ------------------------------------------------------------------------------------------- the docs/SIMPLETUNER.md table
+# ------------------------------------------------------------------------------ the docs/SIMPLETUNER.md table
 def _fmt(v: Any) -> str:
     if v is None:
         return "–"

@@ -5,17 +5,24 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from shared.config.schema import RunConfig
+    from shared.rpc.common_pb2 import Job
+    from shared.store.base import ObjectStore
 
 DEFAULT_STORE = ".edittuner/store"
 
 
-def store_from_args(args: argparse.Namespace):
+def store_from_args(args: argparse.Namespace) -> ObjectStore:
     from shared.store.url import open_store
 
     return open_store(args.store or os.environ.get("EDITTUNER_STORE") or DEFAULT_STORE)
 
 
-def load_from_args(args: argparse.Namespace):
+def load_from_args(args: argparse.Namespace) -> RunConfig:
     from shared.config.loading import load_run_config
 
     run = load_run_config(args.config, args.data, args.overrides)
@@ -24,15 +31,30 @@ def load_from_args(args: argparse.Namespace):
     return run
 
 
+class _Bar(Protocol):
+    """What ProgressBars uses of a tqdm bar (tqdm has no annotations)."""
+
+    total: float | None
+    n: float
+
+    def set_postfix_str(self, s: str) -> None: ...
+
+    def refresh(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class ProgressBars:
     """One tqdm bar per phase, fed by job snapshots from Watch or by in-process training events."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self, quiet: bool) -> None:
         from tqdm import tqdm
 
-        self.tqdm, self.quiet, self.bar, self.phase, self.note = tqdm, quiet, None, None, ""
+        self.tqdm, self.quiet, self.note = tqdm, quiet, ""
+        self.bar: _Bar | None = None
+        self.phase: str | None = None
 
-    def update(self, job) -> None:
+    def update(self, job: Job) -> None:
         p = job.progress
         self.show(p.phase, p.step, p.total, p.loss, p.seconds_per_step, p.message)
 
@@ -49,14 +71,16 @@ class ProgressBars:
             self.close()
             self.phase = phase
             self.bar = self.tqdm(desc=phase, total=total or None, unit="step" if phase == "train" else "item")
-        self.bar.total = total or None
-        self.bar.n = step
+        bar = self.bar
+        assert bar is not None  # made with self.phase
+        bar.total = total or None
+        bar.n = step
         if loss:  # a training step's message says what else it ran (scheduled sampling's forwards)
             note = f", {message}" if phase == "train" and message and message != "training" else ""
-            self.bar.set_postfix_str(f"loss={loss:.4f}, s_step={seconds_per_step:.2f}{note}")
-        self.bar.refresh()
+            bar.set_postfix_str(f"loss={loss:.4f}, s_step={seconds_per_step:.2f}{note}")
+        bar.refresh()
 
-    def bytes(self, label: str):
+    def bytes(self, label: str) -> Callable[[int, int], None]:
         """A ``progress(done, total)`` callback drawing a bar in bytes (uploads, downloads)."""
 
         def progress(done: int, total: int) -> None:
@@ -66,9 +90,11 @@ class ProgressBars:
                 self.close()
                 self.phase = f"upload {label}"
                 self.bar = self.tqdm(desc=f"upload {label}", total=total, unit="B", unit_scale=True)
-            self.bar.total = total
-            self.bar.n = done
-            self.bar.refresh()
+            bar = self.bar
+            assert bar is not None  # made with self.phase
+            bar.total = total
+            bar.n = done
+            bar.refresh()
 
         return progress
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.config.loading import load_run_config
 from shared.data.pairing import pair_datasets
 from shared.data.synthetic import DEMO_CAPTION, write_configs, write_dataset, write_edit_dataset
 from shared.model.tiny_model import save_tiny_model
 from shared.store.local import LocalStore
+
+if TYPE_CHECKING:
+    from shared.rpc.common_pb2 import Job
 
 
 def materialize_preset(name: str, cwd: Path | None = None) -> None:
@@ -108,7 +112,7 @@ def run_demo(out: Path, flavour: str = "edit-v2", samples: int = 24, steps: int 
         print(f"[demo] trainer_svc job {job.job_id}: watching")
         shown: set[tuple[str, int]] = set()
 
-        def progress(j) -> None:
+        def progress(j: Job) -> None:
             p = j.progress
             key = (p.phase, p.step)
             if key in shown:

@@ -78,7 +78,8 @@ def push_folder(
     if not folder.is_dir():
         raise InvalidInput(f"{folder} is not a folder")
     upload_id = upload_id or upload_id_for(folder)
-    entries, by_sha = [], {}
+    entries: list[data_pb2.UploadEntry] = []
+    by_sha: dict[str, tuple[Path, data_pb2.UploadEntry]] = {}
     for path in dataset_files(folder):
         entry = data_pb2.UploadEntry(
             path=path.relative_to(folder).as_posix(), size=path.stat().st_size, sha256=sha256_file(path)

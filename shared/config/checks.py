@@ -14,6 +14,12 @@ def _where(data: DataConfig, d: DatasetConfig, key: str = "") -> str:
     return f"{data.source}: $[{i}]{'.' + key if key else ''} (id {d.id!r})"
 
 
+def _refused(value: object) -> bool:
+    """Whether ``build`` refused a required field's value: it leaves the field None, whatever its type says, so
+    that the checks across entries still run (they skip it; its problem is reported already)."""
+    return value is None
+
+
 def check_datasets(train: TrainConfig, data: DataConfig, cfg_label: str) -> tuple[list[Problem], list[str]]:
     """Cross-entry checks: ids, references, flavour limits, paths a dataset needs."""
     problems: list[Problem] = []
@@ -32,7 +38,7 @@ def check_datasets(train: TrainConfig, data: DataConfig, cfg_label: str) -> tupl
     referenced: set[str] = set()
     limit = FLAVOURS[train.model_flavour].max_refs if train.model_flavour in FLAVOURS else 3
     for d in data.datasets:
-        if d.id is None:
+        if _refused(d.id):
             continue
         if d.dataset_type in ("image", "conditioning"):
             if d.type == "local" and not d.instance_data_dir:

@@ -22,7 +22,7 @@ from typing import Any
 from shared.config import jsonc
 from shared.config.checks import check_datasets, check_processes, check_rollout, check_schedule
 from shared.config.schema import DataConfig, DatasetConfig, ModelKwargs, RunConfig, TrainConfig
-from shared.config.simpletuner import DATASET_RULES, TRAIN_RULES, translate, value_alias, value_problem
+from shared.config.simpletuner import DATASET_RULES, TRAIN_RULES, Rule, translate, value_alias, value_problem
 from shared.config.typed import build, names
 from shared.errors import ConfigError, Problem
 
@@ -48,7 +48,7 @@ def parse_override(arg: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    out = json.loads(json.dumps(raw))
+    out: dict[str, Any] = json.loads(json.dumps(raw))
     for arg in overrides:
         path, value = parse_override(arg)
         node = out
@@ -87,7 +87,7 @@ def preset_dir(name: str) -> Path:
 def _sorted_keys(
     raw: dict[str, Any],
     cls: type,
-    rules: dict,
+    rules: dict[str, Rule],
     where: str,
     problems: list[Problem],
     ignored: list[str],

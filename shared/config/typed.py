@@ -12,11 +12,15 @@ import difflib
 import types
 import typing
 from collections.abc import Callable
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from shared.errors import Problem
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 Check = Callable[[Any], "str | None"]
+D = TypeVar("D", bound="DataclassInstance")
 
 
 def field(
@@ -25,7 +29,7 @@ def field(
     """A dataclass field with an optional value check (returns an error message or None) and a doc line."""
     meta = {"check": check, "doc": doc, "aliases": aliases}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -120,7 +124,9 @@ def coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
     raise TypeError(f"unsupported annotation {tp!r}")
 
 
-def build(cls: type, raw: dict[str, Any], where: str, problems: list[Problem], ignored: list[str] | None = None) -> Any:
+def build(
+    cls: type[D], raw: dict[str, Any], where: str, problems: list[Problem], ignored: list[str] | None = None
+) -> D:
     """Construct ``cls`` from ``raw``; bad values are appended to ``problems`` (the field keeps its default so
     that later cross-field checks can still run), unknown keys to ``ignored``. Returns the instance."""
     hints = typing.get_type_hints(cls)
@@ -171,7 +177,7 @@ def names(cls: type) -> set[str]:
     return out
 
 
-def _required(f: dataclasses.Field) -> bool:
+def _required(f: dataclasses.Field[Any]) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 

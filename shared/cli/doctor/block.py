@@ -3,11 +3,12 @@ function as bf16 within its bound, keeps every bias, uses no known-wrong weight 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from shared.cli.doctor.rows import Row
+from shared.cli.doctor.rows import Check, Row
 from shared.model.device import free_gpu_memory
 from shared.plan.probe import (
     BLOCK_PRECISIONS,
@@ -35,9 +36,9 @@ def precision_row(precision: str, reference: Any, inputs: dict[str, Any], device
     return Row(f"block {precision}", "pass", describe(data), data=data)
 
 
-def block_rows(device: torch.device, *, small: bool, precisions: tuple[str, ...] = BLOCK_PRECISIONS) -> list:
+def block_rows(device: torch.device, *, small: bool, precisions: tuple[str, ...] = BLOCK_PRECISIONS) -> list[Check]:
     """(name, function) pairs for ``Report.run``: the bf16 reference built once, then one row per precision."""
-    cfg = SMALL_BLOCK if small else REAL_BLOCK
+    cfg: dict[str, Any] = SMALL_BLOCK if small else REAL_BLOCK
     side, text = SMALL_TOKENS if small else REAL_TOKENS
     steps = 1 if device.type == "cpu" else 3
     state: dict[str, Any] = {}
@@ -56,7 +57,7 @@ def block_rows(device: torch.device, *, small: bool, precisions: tuple[str, ...]
             data={"width": width, "params": n, "image_tokens": 2 * side * side, "text_tokens": text},
         )
 
-    def one(precision: str):
+    def one(precision: str) -> Callable[[], Row]:
         def run() -> Row:
             if "model" not in state:
                 return Row(f"block {precision}", "skip", "the bf16 reference failed to build")

@@ -9,14 +9,15 @@ import platform
 
 import torch
 
-from shared.cli.doctor.block import BLOCK_PRECISIONS, block_rows
+from shared.cli.doctor.block import block_rows
 from shared.cli.doctor.full import FULL_PRECISIONS, full_rows
 from shared.cli.doctor.host import host_rows
-from shared.cli.doctor.rows import Report, Row
+from shared.cli.doctor.rows import Check, Report, Row
 from shared.cli.doctor.tiny_run import tiny_run_rows
+from shared.plan.probe import BLOCK_PRECISIONS
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "doctor",
         help="check this host before training: device, libraries per precision, the "
@@ -68,7 +69,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     }
     report = Report(args.json, header=header)
     print(f"edittuner doctor on {platform.node()}, device {device}")
-    checks: list = []
+    checks: list[Check] = []
     if "host" not in skip:
         checks += host_rows(device, args.model)
     if "block" not in skip:

@@ -4,11 +4,12 @@ the default LoRA."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from shared.cli.doctor.rows import Row
+from shared.cli.doctor.rows import Check, Row
 from shared.errors import clear_frames
 from shared.model.device import free_gpu_memory
 from shared.plan.step import gpu_name, measure_step, planned, real_config
@@ -88,5 +89,5 @@ def full_row(
     return Row(check, "pass", detail, data=data)
 
 
-def full_rows(device: torch.device, precisions: tuple[str, ...] = FULL_PRECISIONS, steps: int = 2) -> list:
-    return [(f"step {p}", (lambda p=p: full_row(p, device, steps))) for p in precisions]
+def full_rows(device: torch.device, precisions: tuple[str, ...] = FULL_PRECISIONS, steps: int = 2) -> list[Check]:
+    return [(f"step {p}", functools.partial(full_row, p, device, steps)) for p in precisions]

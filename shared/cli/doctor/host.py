@@ -9,12 +9,15 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from types import ModuleType
+from typing import Any, cast
 
 import torch
 
-from shared.cli.doctor.rows import Row
+from shared.cli.doctor.rows import Check, Row
 
 GiB = 2**30
 MIN_MEMORY_GIB = 24  # the smallest card a shipped preset plans to fit (docs/PLANNER.md)
@@ -44,10 +47,13 @@ def driver_version() -> str | None:
 # ------------------------------------------------------------------------------------------------ torch, device
 def torch_row() -> Row:
     cuda = torch.version.cuda
+    # torch.backends.cudnn's functions have no annotations
+    cudnn_version = cast("Callable[[], int | None]", torch.backends.cudnn.version)
+    cudnn_available = cast("Callable[[], bool]", torch.backends.cudnn.is_available)
     detail = (
         f"Python {platform.python_version()}, torch {torch.__version__}"
         + (f" built for CUDA {cuda}" if cuda else " (a CPU build)")
-        + (f", cuDNN {torch.backends.cudnn.version()}" if cuda and torch.backends.cudnn.is_available() else "")
+        + (f", cuDNN {cudnn_version()}" if cuda and cudnn_available() else "")
     )
     data = {
         "python": platform.python_version(),
@@ -134,7 +140,7 @@ def bitsandbytes_row(device: torch.device) -> Row:
 
     lib = getattr(getattr(cextension.lib, "_lib", None), "_name", None)
     name = Path(lib).name if isinstance(lib, str) else "no native library"
-    data = {"version": version, "library": name, "backend": cextension.BNB_BACKEND}
+    data: dict[str, Any] = {"version": version, "library": name, "backend": cextension.BNB_BACKEND}
     if device.type == "cuda" and "cuda" not in name:
         return Row(
             "bitsandbytes",
@@ -262,8 +268,8 @@ def process_group_row(device: torch.device) -> list[Row]:
     return rows
 
 
-def _one_rank_group(dist, backend: str, device: torch.device) -> tuple[bool, str]:
-    results = []
+def _one_rank_group(dist: ModuleType, backend: str, device: torch.device) -> tuple[bool, str]:
+    results: list[tuple[str, bool]] = []
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group(
             backend,
@@ -292,7 +298,7 @@ def _one_rank_group(dist, backend: str, device: torch.device) -> tuple[bool, str
     )
 
 
-def host_rows(device: torch.device, model: str | None) -> list:
+def host_rows(device: torch.device, model: str | None) -> list[Check]:
     """The checks of this module, in order, as (name, function) pairs for ``Report.run``."""
     return [
         ("torch", torch_row),

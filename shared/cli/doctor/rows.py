@@ -25,6 +25,10 @@ class Row:
     seconds: float = 0.0
 
 
+# A check for ``Report.run``: its name and the function that returns its row(s).
+Check = tuple[str, Callable[[], Row | list[Row]]]
+
+
 class Report:
     """Collects rows; prints each one as it comes and rewrites ``json_path`` after it."""
 

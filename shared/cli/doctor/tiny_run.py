@@ -150,20 +150,17 @@ def _diffusers_row(root: Path, device: torch.device, out: Path) -> Row:
 
     def render() -> torch.Tensor:
         g = torch.Generator("cpu").manual_seed(0)
-        return (
-            pipe(
-                image=refs,
-                prompt=prompt,
-                height=64,
-                width=64,
-                num_inference_steps=2,
-                true_cfg_scale=1.0,
-                generator=g,
-                output_type="pt",
-            )
-            .images.float()
-            .cpu()
-        )
+        images: torch.Tensor = pipe(
+            image=refs,
+            prompt=prompt,
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            true_cfg_scale=1.0,
+            generator=g,
+            output_type="pt",
+        ).images
+        return images.float().cpu()
 
     base = render()
     pipe.load_lora_weights(str(out))

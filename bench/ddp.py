@@ -4,7 +4,7 @@ global batch the same (train_batch_size x gradient_accumulation_steps).
     .venv/bin/python bench/ddp.py [--steps 30] [--resolution 256] [--accumulation 2] [--processes 1,2]
     .venv/bin/python bench/ddp.py --exits 20     # 20 short 2-process runs in a row: how many exit cleanly
 
-Each run is the real worker (``python -m trainer_svc.worker``, under torchrun for 2) on a tiny random-weight
+Each run is the real worker (``python -m shared.service.worker``, under torchrun for 2) on a tiny random-weight
 model and generated pairs (no download). Figures are medians of seconds_per_step after 5 warm-up steps; a CPU
 with fewer cores than processes x threads shares them, so the ratio is the machine's, printed with it.
 """
@@ -45,7 +45,7 @@ def run(cfg: Path, store: Path, processes: int, steps: int, name: str) -> list[f
         [
             sys.executable,
             "-m",
-            "trainer_svc.worker",
+            "shared.service.worker",
             "--config",
             str(cfg),
             "--store",
@@ -75,7 +75,7 @@ def exits(cfg: Path, store: Path, runs: int) -> None:
             [
                 sys.executable,
                 "-m",
-                "trainer_svc.worker",
+                "shared.service.worker",
                 "--config",
                 str(cfg),
                 "--store",

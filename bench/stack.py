@@ -4,7 +4,7 @@
 
 Both runs: tiny edit-v2 model, generated pairs, caches already encoded, no validation, local store. The stack
 figure is StartRun to the job's end (encode check through encoder_svc, worker process start, relayed progress);
-the worker figure is ``python -m trainer_svc.worker`` run directly with the same config.
+the worker figure is ``python -m shared.service.worker`` run directly with the same config.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-m",
-                "trainer_svc.worker",
+                "shared.service.worker",
                 "--config",
                 str(cfg_w),
                 "--data",

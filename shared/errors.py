@@ -1,7 +1,9 @@
 """The error hierarchy of EditTuner.
 
-Every error a user can cause or meet is one of these. The services map them to gRPC status codes in one place
-(later: the interceptor); the CLI prints ``str(err)`` and exits 1, never a traceback. Each message names the
+Every error a user can cause or meet is one of these. ``STATUS_CODES`` maps them to gRPC status names in one place,
+for every layer: a call's status (the servers' ErrorInterceptor), a failed job's ``error_code`` (the job manager),
+the class a client raises for a status (``error_class``) and the training worker's errors as its supervisor
+re-raises them. The CLI prints ``str(err)`` and exits 1, never a traceback. Each message names the
 file, field or object concerned and says what to do. Also ``clear_frames``: what a caught error holds on to.
 """
 
@@ -86,6 +88,37 @@ class ResourceExhausted(Retryable):
 
 class Unavailable(Retryable):
     """A dependency is not ready yet, e.g. models still loading or the store unreachable (gRPC UNAVAILABLE)."""
+
+
+class JobCancelled(EditTunerError):
+    """The job was cancelled (by a client, or by a service shutdown) and its work stopped (gRPC CANCELLED)."""
+
+
+# Error class → gRPC status name; the first row whose class the error is an instance of decides (subclasses before
+# their bases). A domain error no other row names (TrainingDiverged) still carries a complete message for the user:
+# UNKNOWN with that message. Anything outside this hierarchy is INTERNAL, and its text stays in the service log.
+STATUS_CODES: tuple[tuple[type[EditTunerError], str], ...] = (
+    (JobCancelled, "CANCELLED"),
+    (InvalidInput, "INVALID_ARGUMENT"),
+    (NotFound, "NOT_FOUND"),
+    (FailedPrecondition, "FAILED_PRECONDITION"),
+    (ResourceExhausted, "RESOURCE_EXHAUSTED"),
+    (Unavailable, "UNAVAILABLE"),
+    (IntegrityError, "DATA_LOSS"),
+    (EditTunerError, "UNKNOWN"),
+)
+INTERNAL = "INTERNAL"
+
+
+def status_name(err: BaseException) -> str:
+    """The gRPC status name ``err`` maps to (``STATUS_CODES``), INTERNAL for an error outside the hierarchy."""
+    return next((code for cls, code in STATUS_CODES if isinstance(err, cls)), INTERNAL)
+
+
+def error_class(code: str) -> type[EditTunerError]:
+    """The class a status name stands for: the first row listing it (``InvalidInput`` for INVALID_ARGUMENT);
+    ``EditTunerError`` for a name no row lists."""
+    return next((cls for cls, c in STATUS_CODES if c == code), EditTunerError)
 
 
 def clear_frames(err: BaseException) -> None:

@@ -25,7 +25,7 @@ TWO_PROBLEMS = [
 
 
 class Diverged(errors.EditTunerError):
-    """An EditTunerError subclass STATUS_FOR does not list (like training.TrainingDiverged)."""
+    """An EditTunerError subclass errors.STATUS_CODES does not list (like training.TrainingDiverged)."""
 
 
 class MissingRun(errors.NotFound):

@@ -20,6 +20,7 @@ from shared.service.metrics import Metrics
 from shared.train import gpu
 from shared.train.distributed import Dist, rank_device
 from shared.train.ema import LoraEMA
+from shared.train.events import TrainEvent
 from shared.train.trainer import Trainer
 
 GiB = 1 << 30
@@ -242,7 +243,9 @@ def test_the_services_export_the_reserved_peak_beside_the_allocated_one(cuda):
     cuda.allocate(1 * GiB)  # now 7 GiB allocated and reserved; peaks 7 GiB allocated, 10 GiB reserved
     m = Metrics(CollectorRegistry())
     m.record_gpu("eval")
-    m.record_train_event({"phase": "train", "loss": 0.1, "gpu_peak_bytes": 7 * GiB, "gpu_peak_reserved_bytes": 9 * GiB})
+    m.record_train_event(
+        TrainEvent("train", loss=0.1, gpu={"gpu_peak_bytes": 7 * GiB, "gpu_peak_reserved_bytes": 9 * GiB})
+    )
 
     def value(service: str, kind: str) -> float | None:
         return m.registry.get_sample_value("edittuner_gpu_memory_bytes", {"service": service, "kind": kind})

@@ -217,22 +217,13 @@ def test_the_allowed_names_are_what_the_services_export():
 
     from shared.rpc.interceptors import server_metrics
     from shared.service.metrics import Metrics
+    from shared.train.events import TrainEvent
 
     registry = CollectorRegistry()
     m = Metrics(registry)
-    m.record_train_event(
-        {
-            "phase": "train",
-            "loss": 0.5,
-            "lr": 1e-4,
-            "seconds_per_step": 2.0,
-            "data_wait": 0.1,
-            "gpu_allocated_bytes": 1,
-            "gpu_reserved_bytes": 2,
-            "gpu_peak_bytes": 3,
-        }
-    )
-    m.record_train_event({"phase": "checkpoint", "seconds": 1.0})
+    gpu = {"gpu_allocated_bytes": 1, "gpu_reserved_bytes": 2, "gpu_peak_bytes": 3}
+    m.record_train_event(TrainEvent("train", loss=0.5, lr=1e-4, seconds_per_step=2.0, data_wait=0.1, gpu=gpu))
+    m.record_train_event(TrainEvent("checkpoint", seconds=1.0))
     m.record_validation({"psnr_base": 20.0, "psnr_lora": 25.0, "heldout_loss_mean": 0.4})
     m.encoder_images.inc()
     m.encoder_cache_hits.inc()

@@ -28,10 +28,11 @@ from shared.service.supervisor import WorkerFailed, run_worker
 from shared.store.checkpoint import load_checkpoint
 from shared.store.local import LocalStore
 from shared.train.distributed import launch_command
+from shared.train.events import TrainEvent
 from shared.train.trainer import Trainer
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-WORKER = [sys.executable, "-m", "trainer_svc.worker"]
+WORKER = [sys.executable, "-m", "shared.service.worker"]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_the_launch_command(encoded):
     assert _command(cfg, store)[:3] == [*WORKER]  # one process: the worker itself
     two = _command(cfg, store, "num_processes=2")
     assert two[1:6] == ["-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=0", "--standalone"]
-    assert two[6:8] == ["-m", "trainer_svc.worker"]
+    assert two[6:8] == ["-m", "shared.service.worker"]
     nodes = _command(
         cfg,
         store,
@@ -266,8 +267,8 @@ def test_a_rank_killed_with_sigkill_fails_the_run_by_name_and_leaves_nothing_run
     started = threading.Event()
     pids: list[int] = []
 
-    def on_event(e: dict) -> None:
-        if e.get("phase") == "train" and e.get("step", 0) >= 1 and not started.is_set():
+    def on_event(e: TrainEvent) -> None:
+        if e.phase == "train" and e.step >= 1 and not started.is_set():
             started.set()
 
     def kill_rank_1() -> None:

@@ -234,7 +234,7 @@ def test_cancel_a_running_job_and_cancel_a_terminal_one(managers, store):
         (errors.ResourceExhausted("the worker ran out of memory"), "RESOURCE_EXHAUSTED"),
         (errors.Unavailable("models are still loading"), "UNAVAILABLE"),
         (errors.IntegrityError("object 'x' is corrupt"), "DATA_LOSS"),
-        (errors.EditTunerError("a domain error without its own code"), "INTERNAL"),
+        (errors.EditTunerError("a domain error without its own code"), "UNKNOWN"),
         (JobCancelled("stopped"), "CANCELLED"),
     ],
 )

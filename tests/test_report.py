@@ -77,7 +77,7 @@ def run(tmp_path_factory, tiny_models):
         run_id=RUN,
         encode=False,
         copy_to_output_dir=False,
-        events=lambda e: ready.append(e) if e.get("phase") == "validation_ready" else None,
+        events=lambda e: ready.append(e) if e.phase == "validation_ready" else None,
     )
     after_training = store.get_bytes(f"runs/{RUN}/report/index.html").decode()
     core = EvalCore(store, Metrics(CollectorRegistry()), idle_release_s=0)
@@ -86,7 +86,7 @@ def run(tmp_path_factory, tiny_models):
         core.execute(
             SimpleNamespace(
                 params=files_to_params(read_config_files(cfg, data))
-                | {"run_id": RUN, "step": e["step"], "lora_key": e["lora_key"]}
+                | {"run_id": RUN, "step": e.step, "lora_key": e.lora_key}
             ),
             ctx,
         )

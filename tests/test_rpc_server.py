@@ -12,10 +12,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from rpcfake import LIMIT, SERVICE, handled, make_error, rpc_error, start, wait_until
 
+from shared import errors
 from shared.rpc import common_pb2, encoder_pb2, encoder_pb2_grpc
 from shared.rpc.client import make_channel
 from shared.rpc.interceptors import clip_details, server_metrics
-from shared.rpc.server import STATUS_FOR
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +29,11 @@ def server():
 
 
 # ------------------------------------------------------------------------------------------ error mapping
-@pytest.mark.parametrize("cls", list(STATUS_FOR), ids=lambda c: c.__name__)
-def test_every_row_of_status_for(server, cls):
+@pytest.mark.parametrize("cls, code", errors.STATUS_CODES, ids=lambda c: getattr(c, "__name__", c))
+def test_every_row_of_the_status_table(server, cls, code):
     _, _, stub = server
     err = rpc_error(stub.SubmitEncode, encoder_pb2.SubmitEncodeRequest(request_id=cls.__name__))
-    assert err.code() == STATUS_FOR[cls]
+    assert err.code() == grpc.StatusCode[code]
     assert err.details() == str(make_error(cls.__name__))
 
 

@@ -5,6 +5,7 @@ evaluating the Run row's queries."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -26,6 +27,7 @@ from shared.service.common import files_to_params
 from shared.service.metrics import Metrics
 from shared.service.records import JobRecord, JobState
 from shared.store.local import LocalStore
+from shared.train.events import TrainEvent
 from shared.train.trainer import Trainer
 
 STEPS = 4
@@ -63,7 +65,7 @@ def run(tmp_path_factory, tiny_models):
     )
     store = LocalStore(tmp / "store")
     DatasetEncoder(load_run_config(cfg), store).encode()
-    events: list[dict] = []
+    events: list[TrainEvent] = []
     trainer = Trainer(load_run_config(cfg), store, events=events.append)
     trainer.setup()
     summary = trainer.train()
@@ -88,7 +90,7 @@ def run(tmp_path_factory, tiny_models):
     }
 
 
-def trainer_metrics(events: list[dict]) -> Metrics:
+def trainer_metrics(events: list[TrainEvent]) -> Metrics:
     m = Metrics(CollectorRegistry())
     for e in events:
         m.record_train_event(e, BATCH)
@@ -160,8 +162,8 @@ def test_prometheus_evaluates_the_run_rows_queries_to_the_runs_values(run):
     panels = {p["title"]: [t["expr"] for t in p["targets"]] for p in row}
     # a CPU trainer reports no GPU memory; these fixed values stand in for a CUDA trainer's, for that panel
     gpu = {"gpu_allocated_bytes": 3 << 30, "gpu_reserved_bytes": 4 << 30, "gpu_peak_bytes": 5 << 30}
-    events = [e | gpu if "loss" in e else e for e in run["events"]]
-    half = [i for i, e in enumerate(events) if "loss" in e][STEPS // 2]
+    events = [dataclasses.replace(e, gpu=gpu) if e.is_step else e for e in run["events"]]
+    half = [i for i, e in enumerate(events) if e.is_step][STEPS // 2]
     trainer = trainer_metrics(events[:half])
     steps = run["steps"]
     with (

@@ -175,7 +175,7 @@ def _worker_pid(stack, run_id):
                 cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
             except OSError:
                 continue
-            if b"trainer_svc.worker" in cmd and run_id.encode() in cmd:
+            if b"shared.service.worker" in cmd and run_id.encode() in cmd:
                 return int(pid)
     raise AssertionError("no worker process found")
 

@@ -24,6 +24,7 @@ from shared.service.jobs import JobManager
 from shared.service.records import JobState
 from shared.service.spool import RecordSpool
 from shared.store.s3 import MinioStore
+from shared.train.events import TrainEvent
 from shared.train.runner import train_run
 
 OUTAGE_S = 30.0
@@ -61,8 +62,10 @@ def test_a_run_rides_out_a_30_s_outage_with_the_losses_of_an_uninterrupted_run(t
 
     outage: list[threading.Thread] = []
 
-    def events(e: dict) -> None:  # the outage starts after step 2: checkpoints (step 3, 6, 9) and reads fall in it
-        if e.get("phase") == "train" and e.get("step") == 2 and not outage:
+    def events(
+        e: TrainEvent,
+    ) -> None:  # the outage starts after step 2: checkpoints (step 3, 6, 9) and reads fall in it
+        if e.is_step and e.step == 2 and not outage:
             outage.append(proxy.outage(OUTAGE_S))
 
     flaky = store_at(proxy.url, f"flaky-{uuid.uuid4().hex[:8]}", retry_s=120)

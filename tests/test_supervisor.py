@@ -15,8 +15,17 @@ from shared import errors
 from shared.service import supervisor
 from shared.service.records import JobCancelled
 from shared.service.supervisor import WorkerFailed, run_worker
+from shared.train.events import TrainEvent, WorkerResult
 
-PRELUDE = "import json, os, signal, subprocess, sys, time\ndef emit(obj):\n    print(json.dumps(obj), flush=True)\n"
+# The workers speak the real protocol (shared.train.events), as shared.service.worker does.
+PRELUDE = """import json, os, signal, subprocess, sys, time
+from shared.train.events import TrainEvent, WorkerError, WorkerResult, encode_line
+def emit(message):
+    print(encode_line(message), flush=True)
+def result(**kw):
+    return WorkerResult(**{"run_id": "r", "steps": 2, "processes": 1, "final_loss": None, "lora": [],
+                           "checkpoints": [], **kw})
+"""
 
 
 def worker(tmp_path: Path, body: str) -> list[str]:
@@ -26,7 +35,7 @@ def worker(tmp_path: Path, body: str) -> list[str]:
 
 
 def run(cmd: list[str], cancelled: threading.Event | None = None, **kwargs):
-    events: list[dict] = []
+    events: list[TrainEvent] = []
     result = run_worker(cmd, on_event=events.append, cancelled=cancelled or threading.Event(), **kwargs)
     return result, events
 
@@ -43,39 +52,56 @@ def test_events_then_result_and_stray_stdout_goes_to_the_log(tmp_path):
     cmd = worker(
         tmp_path,
         """
-        emit({"event": {"phase": "train", "step": 1}})
+        emit(TrainEvent("train", 1, 2, loss=0.5, gpu={"gpu_peak_bytes": 7}))
         print("a stray print")
-        emit({"event": {"phase": "train", "step": 2}})
+        print(json.dumps({"not": "a protocol message"}))
+        emit(TrainEvent("train", 2, 2, loss=0.25))
         print("warning on stderr", file=sys.stderr)
-        emit({"result": {"run_id": "r", "steps": 2}})
+        emit(result(lora=["runs/r/lora.safetensors"], final_loss=0.25))
     """,
     )
     result, events = run(cmd, log_path=tmp_path / "logs" / "w.log")
-    assert result == {"run_id": "r", "steps": 2}
-    assert events == [{"phase": "train", "step": 1}, {"phase": "train", "step": 2}]
+    assert result == WorkerResult("r", 2, 1, 0.25, ["runs/r/lora.safetensors"], [])
+    assert events == [
+        TrainEvent("train", 1, 2, loss=0.5, gpu={"gpu_peak_bytes": 7}),
+        TrainEvent("train", 2, 2, loss=0.25),
+    ]
     log_text = (tmp_path / "logs" / "w.log").read_text()
     assert "a stray print\n" in log_text and "warning on stderr\n" in log_text
+    assert '{"not": "a protocol message"}' in log_text
+
+
+def test_a_malformed_message_fails_the_run_naming_the_field(tmp_path):
+    cmd = worker(
+        tmp_path,
+        """
+        print(json.dumps({"event": {"phase": "train", "step": "three"}}), flush=True)
+        emit(result())
+    """,
+    )
+    with pytest.raises(WorkerFailed, match=r"malformed message \(field step: expected an integer, got 'three'\)"):
+        run(cmd)
 
 
 @pytest.mark.parametrize(
-    "kind, cls",
+    "kind, code, cls",
     [
-        ("InvalidInput", errors.InvalidInput),
-        ("ConfigError", errors.InvalidInput),
-        ("DatasetError", errors.InvalidInput),
-        ("NotFound", errors.NotFound),
-        ("FailedPrecondition", errors.FailedPrecondition),
-        ("ResourceExhausted", errors.ResourceExhausted),
-        ("Unavailable", errors.Unavailable),
-        ("IntegrityError", errors.IntegrityError),
-        ("TrainingDiverged", WorkerFailed),
+        ("InvalidInput", "INVALID_ARGUMENT", errors.InvalidInput),
+        ("ConfigError", "INVALID_ARGUMENT", errors.InvalidInput),
+        ("DatasetError", "INVALID_ARGUMENT", errors.InvalidInput),
+        ("NotFound", "NOT_FOUND", errors.NotFound),
+        ("FailedPrecondition", "FAILED_PRECONDITION", errors.FailedPrecondition),
+        ("ResourceExhausted", "RESOURCE_EXHAUSTED", errors.ResourceExhausted),
+        ("Unavailable", "UNAVAILABLE", errors.Unavailable),
+        ("IntegrityError", "DATA_LOSS", errors.IntegrityError),
+        ("TrainingDiverged", "UNKNOWN", WorkerFailed),
     ],
 )
-def test_error_line_is_reraised_as_its_kind(tmp_path, kind, cls):
+def test_error_line_is_reraised_as_its_status_class(tmp_path, kind, code, cls):
     cmd = worker(
         tmp_path,
         f"""
-        emit({{"error": "config.json: $.learning_rate: must be positive", "kind": "{kind}"}})
+        emit(WorkerError("config.json: $.learning_rate: must be positive", "{code}", "{kind}"))
         sys.exit(1)
     """,
     )
@@ -90,7 +116,8 @@ def test_internal_error_line_carries_the_log_tail(tmp_path):
         tmp_path,
         """
         print("Traceback (most recent call last):\\nZeroDivisionError: division by zero", file=sys.stderr)
-        emit({"error": "internal error in the training worker: ZeroDivisionError", "kind": "internal"})
+        message = "internal error in the training worker: ZeroDivisionError"
+        emit(WorkerError.of(ZeroDivisionError("division by zero"), message))
         sys.exit(2)
     """,
     )
@@ -98,7 +125,7 @@ def test_internal_error_line_carries_the_log_tail(tmp_path):
         run(cmd)
     assert str(info.value).startswith("internal error in the training worker: ZeroDivisionError; last log lines")
     assert "ZeroDivisionError: division by zero" in str(info.value)
-    assert info.value.kind == "internal" and info.value.exit_code == 2
+    assert info.value.kind == "ZeroDivisionError" and info.value.exit_code == 2
 
 
 def test_nonzero_exit_names_the_code_and_quotes_stderr(tmp_path):
@@ -120,7 +147,7 @@ def test_nonzero_exit_names_the_code_and_quotes_stderr(tmp_path):
 
 def test_exit_zero_without_result_is_a_failure(tmp_path):
     with pytest.raises(WorkerFailed, match="exited with code 0 without printing a result line"):
-        run(worker(tmp_path, "emit({'event': {'phase': 'x'}})\n"))
+        run(worker(tmp_path, "emit(TrainEvent('train'))\n"))
 
 
 def test_killed_by_a_signal_is_named(tmp_path):
@@ -179,7 +206,7 @@ def test_out_of_memory_in_stderr_is_resource_exhausted(tmp_path, marker):
         f"""
         print("Traceback (most recent call last):", file=sys.stderr)
         print({marker!r}, file=sys.stderr)
-        emit({{"error": "internal error in the training worker: OutOfMemoryError", "kind": "internal"}})
+        emit(WorkerError("internal error in the training worker: OutOfMemoryError", "INTERNAL", "OutOfMemoryError"))
         sys.exit(1)
     """,
     )
@@ -196,7 +223,8 @@ def test_nccls_out_of_memory_is_resource_exhausted_and_lookalikes_are_not(tmp_pa
               "(run with NCCL_DEBUG=INFO for details), NCCL version 2.27.3", file=sys.stderr)
         print("ncclUnhandledCudaError: Call to CUDA function failed.\\nLast error:", file=sys.stderr)
         print("Cuda failure 2 'out of memory'", file=sys.stderr)
-        emit({"error": "rank 1: internal error in the training worker: DistBackendError", "kind": "internal"})
+        message = "rank 1: internal error in the training worker: DistBackendError"
+        emit(WorkerError(message, "INTERNAL", "DistBackendError", 1))
         sys.exit(2)
     """,
     )
@@ -210,14 +238,14 @@ def test_cancel_stops_the_worker_with_sigterm(tmp_path):
     cmd = worker(
         tmp_path,
         """
-        emit({"event": {"pid": os.getpid()}})
+        emit(TrainEvent("train", message=str(os.getpid())))
         time.sleep(600)
     """,
     )
     cancelled, pids = threading.Event(), []
 
     def on_event(event):
-        pids.append(event["pid"])
+        pids.append(int(event.message))
         cancelled.set()
 
     t0 = time.monotonic()
@@ -234,7 +262,7 @@ def test_cancel_kills_a_worker_that_ignores_sigterm_and_its_children(tmp_path):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         child = subprocess.Popen([sys.executable, "-c", "import signal, time; "
                                   "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
-        emit({"event": {"pid": os.getpid(), "child": child.pid}})
+        emit(TrainEvent("train", message=f"{os.getpid()} {child.pid}"))
         time.sleep(600)
     """,
     )
@@ -248,25 +276,26 @@ def test_cancel_kills_a_worker_that_ignores_sigterm_and_its_children(tmp_path):
     with pytest.raises(JobCancelled):
         run_worker(cmd, on_event=on_event, cancelled=cancelled, kill_grace_s=0.5)
     assert 0.5 <= time.monotonic() - t0 < 5.0
-    assert gone(seen[0]["pid"])
+    pid, child = map(int, seen[0].message.split())
+    assert gone(pid)
     deadline = time.monotonic() + 3
-    while not gone(seen[0]["child"]) and time.monotonic() < deadline:  # init reaps the orphan
+    while not gone(child) and time.monotonic() < deadline:  # init reaps the orphan
         time.sleep(0.05)
-    assert gone(seen[0]["child"])
+    assert gone(child)
 
 
 def test_an_on_event_error_stops_the_worker_and_propagates(tmp_path):
     cmd = worker(
         tmp_path,
         """
-        emit({"event": {"pid": os.getpid()}})
+        emit(TrainEvent("train", message=str(os.getpid())))
         time.sleep(600)
     """,
     )
     pids = []
 
     def on_event(event):
-        pids.append(event["pid"])
+        pids.append(int(event.message))
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
@@ -283,13 +312,13 @@ def test_a_stderr_flood_does_not_deadlock(tmp_path):
             sys.stderr.write(chunk)
         for i in range(2000):
             print(f"stray stdout {i}")
-        emit({"event": {"phase": "done"}})
-        emit({"result": {"ok": True}})
+        emit(TrainEvent("checkpoint"))
+        emit(result())
     """,
     )
     t0 = time.monotonic()
     result, events = run(cmd, log_path=tmp_path / "w.log")
-    assert result == {"ok": True} and events == [{"phase": "done"}]
+    assert result.run_id == "r" and events == [TrainEvent("checkpoint")]
     assert time.monotonic() - t0 < 10
     assert (tmp_path / "w.log").stat().st_size >= 6 * 1024 * 1024
     assert "stray stdout 1999\n" in (tmp_path / "w.log").read_text()[-100:]
@@ -309,9 +338,9 @@ def test_a_missing_program_is_a_clear_failure(tmp_path):
 
 
 def test_environment_and_working_directory_are_passed(tmp_path):
-    cmd = worker(tmp_path, 'emit({"result": {"cwd": os.getcwd(), "x": os.environ.get("X", "")}})\n')
+    cmd = worker(tmp_path, 'emit(result(run_id=os.getcwd(), lora=[os.environ.get("X", "")]))\n')
     result, _ = run(cmd, env={**os.environ, "X": "42"}, cwd=tmp_path)
-    assert result == {"cwd": str(tmp_path), "x": "42"}
+    assert (result.run_id, result.lora) == (str(tmp_path), ["42"])
 
 
 @pytest.mark.parametrize(
@@ -326,9 +355,11 @@ def test_environment_and_working_directory_are_passed(tmp_path):
 def test_workers_get_expandable_segments_unless_the_allocator_is_configured(tmp_path, env, expected):
     cmd = worker(
         tmp_path,
-        """emit({"result": {"conf": [os.environ.get(v) for v in ("PYTORCH_CUDA_ALLOC_CONF",
-                                                                            "PYTORCH_ALLOC_CONF")]}})\n""",
+        """
+        names = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+        emit(result(lora=[os.environ.get(v, "unset") for v in names]))
+        """,
     )
     base = {k: v for k, v in os.environ.items() if k not in supervisor.ALLOC_CONF_VARS}
     result, _ = run(cmd, env={**base, **env})
-    assert tuple(result["conf"]) == expected
+    assert tuple(None if v == "unset" else v for v in result.lora) == expected

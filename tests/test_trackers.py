@@ -21,6 +21,7 @@ from shared.config.loading import load_run_config
 from shared.errors import InvalidInput
 from shared.evaluate.preview import png_bytes
 from shared.train import trackers
+from shared.train.events import TrainEvent
 from shared.train.runner import train_run
 from shared.train.trackers import publish_validation
 
@@ -180,10 +181,10 @@ def test_wandb_offline_and_eval_svc_files_of_a_service_run(tmp_path, tiny_models
         store.put_json(f"runs/out/validation/step-{step}/metrics.json", result)
         publish_validation(store, run, "out", result)
 
-    def events(e: dict) -> None:
-        if e["phase"] == "validation_ready":
-            ready.append(e["step"])
-            if e["step"] == 2:
+    def events(e: TrainEvent) -> None:
+        if e.phase == "validation_ready":
+            ready.append(e.step)
+            if e.step == 2:
                 render(2)
 
     train_run(run, store, events=events, validate="external", encode=False, copy_to_output_dir=False)

@@ -57,7 +57,7 @@ def test_worker_prints_json_lines_and_exit_codes(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "trainer_svc.worker",
+        "shared.service.worker",
         "--store",
         str(tmp_path / "store"),
         "example=qwen_image.edit-v1-lora-tiny",
@@ -159,7 +159,7 @@ def test_the_worker_reports_a_failed_allocation_as_out_of_memory(monkeypatch, ca
     quoting the line that says so (a MemoryError without a message is named by its class)."""
     from test_planner import seed_run
 
-    from trainer_svc import worker
+    from shared.service import worker
 
     def fail(*args, **kwargs):
         raise error
@@ -171,7 +171,7 @@ def test_the_worker_reports_a_failed_allocation_as_out_of_memory(monkeypatch, ca
     monkeypatch.setattr(worker, "train_run", fail)
     assert worker.main(["--store", "unused"]) == 1
     reported = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert reported["kind"] == "ResourceExhausted" and reported["error"].startswith(said)
+    assert reported["code"] == "RESOURCE_EXHAUSTED" and reported["error"].startswith(said)
 
 
 def test_the_worker_keeps_bitsandbytes_per_call_warning_out_of_its_log(monkeypatch, caplog):
@@ -181,7 +181,7 @@ def test_the_worker_keeps_bitsandbytes_per_call_warning_out_of_its_log(monkeypat
     import bitsandbytes as bnb_lib
     import torch
 
-    from trainer_svc import worker
+    from shared.service import worker
 
     stock = bnb_lib.nn.Linear8bitLt(64, 64, has_fp16_weights=False, threshold=0.0)
     stock.weight = bnb_lib.nn.Int8Params(

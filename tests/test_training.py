@@ -247,9 +247,9 @@ def test_fp16_training_is_refused_and_external_validation_exports_diffusers(tmp_
     t = trainer_for(cfg, store, "lora_format=comfyui", "max_train_steps=2", "validation_step_interval=2")
     t.validate = external_validator(events.append)
     s = t.train()
-    [ready] = [e for e in events if e["phase"] == "validation_ready"]
-    assert ready["lora_key"] == "runs/out/validation/step-2/lora/pytorch_lora_weights.safetensors"
-    assert store.exists(ready["lora_key"]) and s.lora_keys == ["runs/out/lora/pytorch_lora_weights_comfyui.safetensors"]
+    [ready] = [e for e in events if e.phase == "validation_ready"]
+    assert ready.lora_key == "runs/out/validation/step-2/lora/pytorch_lora_weights.safetensors"
+    assert store.exists(ready.lora_key) and s.lora_keys == ["runs/out/lora/pytorch_lora_weights_comfyui.safetensors"]
 
 
 def test_resuming_past_the_end_of_a_changed_dataset_is_a_clear_error(tmp_path, tiny_models):

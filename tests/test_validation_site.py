@@ -19,6 +19,7 @@ from shared.data.synthetic import write_configs, write_dataset
 from shared.plan import predict
 from shared.plan.gpus import GiB
 from shared.store.local import LocalStore
+from shared.train.events import TrainEvent
 from shared.train.runner import train_run
 
 ONE_GPU = {"EDITTUNER_ENCODER_GPU": "0", "EDITTUNER_TRAINER_GPU": "0", "EDITTUNER_EVAL_GPU": "0"}
@@ -59,11 +60,11 @@ def test_one_gpu_without_room_for_both_validates_in_the_worker(tiny_run, monkeyp
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(predict, "device_memory", lambda device: memory)
     assert predict.validation_site(run, "cpu")[0] == "training worker"
-    events: list[dict] = []
+    events: list[TrainEvent] = []
     with caplog.at_level(logging.INFO, logger="shared.train.runner"):
         result = train_run(run, store, events=events.append, validate="auto", copy_to_output_dir=False)
     assert "validations render in the training worker" in caplog.text
-    assert not [e for e in events if e.get("phase") == "validation_ready"]  # nothing handed to eval_svc
+    assert not [e for e in events if e.phase == "validation_ready"]  # nothing handed to eval_svc
     [validation] = result.summary.validations
     assert "external" not in validation and validation["step"] == 2 and validation["samples"]
     assert store.exists(f"runs/{result.summary.run_id}/validation/step-2/metrics.json")
@@ -79,12 +80,12 @@ def test_eval_svc_renders_when_it_has_its_own_gpu_or_room_beside_the_trainer(tin
     monkeypatch.setattr(predict, "device_memory", lambda device: 2 * memory)  # room for both
     for k, v in ONE_GPU.items():
         monkeypatch.setenv(k, v)
-    events: list[dict] = []
+    events: list[TrainEvent] = []
     with caplog.at_level(logging.INFO, logger="shared.train.runner"):
         result = train_run(run, store, events=events.append, validate="auto", copy_to_output_dir=False)
     assert "fit" in caplog.text and "eval_svc renders" in caplog.text
-    [ready] = [e for e in events if e.get("phase") == "validation_ready"]
-    assert ready["step"] == 2 and result.summary.validations[0]["external"] is True
+    [ready] = [e for e in events if e.phase == "validation_ready"]
+    assert ready.step == 2 and result.summary.validations[0]["external"] is True
 
 
 def test_off_a_gpu_eval_svc_renders(tiny_run):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +47,9 @@ from shared.service.jobs import JobContext
 from shared.service.metrics import Metrics
 from shared.service.records import JobCancelled, JobRecord
 from shared.service.supervisor import WorkerFailed, run_worker
+from shared.service.worker import COMMAND as WORKER_COMMAND
 from shared.train.distributed import launch_command
+from shared.train.events import TrainEvent
 from shared.train.trainer import run_id_for
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class TrainerCore:
     ):
         self.store_url, self.peers, self.metrics = store_url, peers, metrics
         self.workdir = workdir
-        self.worker_cmd = worker_cmd or [sys.executable, "-m", "trainer_svc.worker"]
+        self.worker_cmd = worker_cmd or list(WORKER_COMMAND)
         self.env = env
         self.paths = paths or ServerPaths()
         self.grace_s = grace_s  # a stopped worker has this long to finish its step and write its checkpoint
@@ -133,28 +134,26 @@ class TrainerCore:
         renders = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"renders-{job.job_id}")  # in step order
         trained = threading.Event()  # training is over: a validation eval_svc has not taken yet is missed
 
-        def render(e: dict[str, Any]) -> None:
+        def render(e: TrainEvent) -> None:
             self._submit_render(job, ctx, e, validations, missed, index, trained)
             ctx.set_output("validations", ",".join(validations))
             if missed:
                 ctx.set_output("missed_validations", "; ".join(missed))
 
-        def on_event(e: dict[str, Any]) -> None:
-            if e.get("phase") == "validation_ready":
+        def on_event(e: TrainEvent) -> None:
+            if e.phase == "validation_ready":
                 renders.submit(render, e)  # training goes on while eval_svc is waited for
                 return
             self.metrics.record_train_event(e, batch)
             ctx.progress(
-                phase=e.get("phase", ""),
-                step=e.get("step", 0),
-                total=e.get("total", 0),
-                loss=e.get("loss", 0.0),
-                seconds_per_step=e.get("seconds_per_step", 0.0),
-                learning_rate=e.get("lr", 0.0),
-                message=e.get("message", ""),
-                data_wait_fraction=(e.get("data_wait", 0.0) / e["seconds_per_step"])
-                if e.get("seconds_per_step")
-                else 0.0,
+                phase=e.phase,
+                step=e.step,
+                total=e.total,
+                loss=e.loss or 0.0,
+                seconds_per_step=e.seconds_per_step or 0.0,
+                learning_rate=e.lr or 0.0,
+                message=e.message,
+                data_wait_fraction=e.data_wait_fraction,
             )
 
         try:
@@ -169,20 +168,20 @@ class TrainerCore:
         finally:
             trained.set()  # wakes a submission waiting for eval_svc: one last try, then it is missed
             renders.shutdown(wait=True)
-        if result.get("interrupted"):  # stopped at a step boundary, with a checkpoint of that step
+        if result.interrupted:  # stopped at a step boundary, with a checkpoint of that step
             if ctx.cancelled.is_set():  # a shutdown (the job resumes after the restart) or a cancel
-                raise JobCancelled(f"the run stopped at step {result.get('steps')} ({ctx.cancel_reason})")
+                raise JobCancelled(f"the run stopped at step {result.steps} ({ctx.cancel_reason})")
             raise WorkerFailed(
-                f"the training worker was stopped by a signal at step {result.get('steps')}, after "
+                f"the training worker was stopped by a signal at step {result.steps}, after "
                 "writing a checkpoint; start the run again with resume_from_checkpoint=latest to "
                 "continue it"
             )
         outputs.update(
             {
-                "lora": ",".join(result.get("lora", [])),
-                "steps": str(result.get("steps", 0)),
-                "final_loss": str(result.get("final_loss")),
-                "checkpoints": ",".join(map(str, result.get("checkpoints", []))),
+                "lora": ",".join(result.lora),
+                "steps": str(result.steps),
+                "final_loss": str(result.final_loss),
+                "checkpoints": ",".join(map(str, result.checkpoints)),
                 "validations": ",".join(validations),
             }
         )
@@ -327,7 +326,7 @@ class TrainerCore:
         self,
         job: JobRecord,
         ctx: JobContext,
-        e: dict[str, Any],
+        e: TrainEvent,
         validations: list[str],
         missed: list[str],
         index: list[str],
@@ -335,7 +334,7 @@ class TrainerCore:
     ) -> None:
         """Hand a validation to eval_svc (not waiting for the render), waiting out a busy eval_svc while training
         runs (at most the peer budget); a validation it has not taken by then is recorded as missed, never fatal."""
-        step = int(e["step"])
+        step = e.step
         files = self._files(job)
         last: list[str] = []
 
@@ -364,9 +363,9 @@ class TrainerCore:
                 eval_pb2.SubmitRenderRequest(
                     request_id=f"{job.job_id}-render-{step}",
                     files=files,
-                    run_id=e["run_id"],
+                    run_id=e.run_id,
                     step=step,
-                    lora_key=e["lora_key"],
+                    lora_key=e.lora_key,
                     index_keys=index,
                 ),
                 timeout_s=RPC_TIMEOUT_S,

@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from shared.config.schema import RunConfig
 from shared.encode.encoder import EncodeStats
 from shared.service.records import JobCancelled
 from shared.service.supervisor import run_worker
+from shared.service.worker import COMMAND as WORKER_COMMAND
 from shared.store.base import ObjectStore
 from shared.store.local import LocalStore
 from shared.train.distributed import launch_command
+from shared.train.events import TrainEvent, WorkerResult
 from shared.train.runner import copy_outputs, encode_missing
 from shared.train.trackers import logs_dir
 from shared.train.trainer import run_id_for
@@ -29,16 +29,14 @@ def train_processes(
     run: RunConfig,
     store: ObjectStore,
     store_url: str,
-    events: Callable[[dict[str, Any]], None],
+    events: Callable[[TrainEvent], None],
     stop: threading.Event,
-) -> tuple[EncodeStats, dict, dict]:
+) -> tuple[EncodeStats, WorkerResult, dict[str, str]]:
     """Encode here, train under torchrun; returns the encode stats, the worker's result and the copied outputs.
     On several machines machine 0 encodes before it joins the rendezvous, where the others wait for it."""
     stats = encode_missing(run, store, events) if run.train.machine_rank == 0 else EncodeStats()
     worker = [
-        sys.executable,
-        "-m",
-        "trainer_svc.worker",
+        *WORKER_COMMAND,
         "--store",
         store_url,
         "--no-encode",
@@ -60,12 +58,12 @@ def train_processes(
             kill_grace_s=120,
         )
     except JobCancelled:
-        result = {"run_id": run_id_for(run.train.output_dir), "interrupted": True, "steps": None}
+        result = WorkerResult(run_id_for(run.train.output_dir), 0, 0, None, [], [], interrupted=True)
     outputs: dict[str, str] = {}
-    if isinstance(store, LocalStore) and not result.get("interrupted"):
+    if isinstance(store, LocalStore) and not result.interrupted:
         outputs = copy_outputs(
             store,
-            f"runs/{result['run_id']}",
+            f"runs/{result.run_id}",
             Path(run.train.output_dir),
             logs_dir(run.train.output_dir, run.train.logging_dir),
         )

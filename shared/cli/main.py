@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from shared.cli.common import DEFAULT_STORE, ProgressBars, load_from_args, store
 from shared.cli.jobs import cmd_data_push, cmd_jobs, cmd_runs_pull, cmd_runs_report, remote_job
 from shared.errors import EditTunerError, InvalidInput
 from shared.logs import quiet_call_noise, quiet_import_noise
+from shared.train.events import TrainEvent, WorkerResult
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -112,7 +113,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_encode_in_process(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from shared.encode.encoder import DatasetEncoder
+    from shared.encode.encoder import DatasetEncoder, EncodeStats
 
     run = load_from_args(args)
     store = store_from_args(args)
@@ -125,7 +126,7 @@ def cmd_encode_in_process(args: argparse.Namespace) -> int:
     bar = tqdm(desc="encode", unit="item", disable=args.quiet)
     started = time.perf_counter()
 
-    def progress(stats, total):
+    def progress(stats: EncodeStats, total: int) -> None:
         bar.total = total
         bar.n = stats.total
         bar.set_postfix(encoded=stats.encoded, cached=stats.cached, failed=stats.failed)
@@ -174,15 +175,8 @@ def cmd_train_in_process(args: argparse.Namespace) -> int:
     store = store_from_args(args)
     bar = ProgressBars(args.quiet)
 
-    def events(e: dict) -> None:
-        bar.show(
-            e.get("phase", ""),
-            e.get("step", 0),
-            e.get("total", 0),
-            e.get("loss", 0.0),
-            e.get("seconds_per_step", 0.0),
-            e.get("message", ""),
-        )
+    def events(e: TrainEvent) -> None:
+        bar.show(e.phase, e.step, e.total, e.loss or 0.0, e.seconds_per_step or 0.0, e.message)
 
     stop = threading.Event()
 
@@ -224,22 +218,22 @@ def cmd_train_in_process(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_processes(stats: Any, result: dict, outputs: dict, store: Any) -> int:
-    if result.get("interrupted"):
+def _report_processes(stats: Any, result: WorkerResult, outputs: dict[str, str], store: Any) -> int:
+    if result.interrupted:
         print(
-            f"stopped run {result['run_id']!r} with a checkpoint; continue it with the same command and "
+            f"stopped run {result.run_id!r} with a checkpoint; continue it with the same command and "
             "resume_from_checkpoint=latest"
         )
         return 130
     print(
-        f"encoded {stats.encoded}, cached {stats.cached}; trained run {result['run_id']!r} to step "
-        f"{result['steps']} on {result.get('processes', 'several')} processes"
+        f"encoded {stats.encoded}, cached {stats.cached}; trained run {result.run_id!r} to step "
+        f"{result.steps} on {result.processes} processes"
     )
-    if result.get("final_loss") is not None:
-        print(f"loss: last {result['final_loss']:.4f}")
+    if result.final_loss is not None:
+        print(f"loss: last {result.final_loss:.4f}")
     print(
-        f"store {store.describe()}: runs/{result['run_id']}/ (checkpoints "
-        f"{', '.join(map(str, result.get('checkpoints') or [])) or 'none'})"
+        f"store {store.describe()}: runs/{result.run_id}/ (checkpoints "
+        f"{', '.join(map(str, result.checkpoints)) or 'none'})"
     )
     for name, path in outputs.items():
         print(f"{name}: {path}")
@@ -392,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
-        return args.func(args)
+        func: Callable[[argparse.Namespace], int] = args.func  # set_defaults(func=cmd_...) on each subparser
+        return func(args)
     except EditTunerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -2,7 +2,7 @@
 
 - ``common_pb2``, ``encoder_pb2``/``_grpc``, ``trainer_pb2``/``_grpc``, ``eval_pb2``/``_grpc`` (+ ``.pyi``):
   generated from ``protos/`` by ``make protos`` (``generate.py``); never edit them by hand.
-- ``server``: ``ServiceConfig``, ``build_server``, ``install_sigterm``, ``STATUS_FOR``.
+- ``server``: ``ServiceConfig``, ``build_server``, ``install_sigterm``, ``status_for``.
 - ``interceptors``: error mapping, bearer auth, Prometheus metrics.
 - ``client``: ``make_channel``, ``call`` (deadline + domain errors), ``wait_for_serving``.
 

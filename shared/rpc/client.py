@@ -46,17 +46,6 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 Response = TypeVar("Response")
 log = logging.getLogger(__name__)
 
-# The inverse of server.STATUS_FOR, for the codes a domain error maps to.
-ERROR_FOR: dict[grpc.StatusCode, type[errors.EditTunerError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidInput,
-    grpc.StatusCode.NOT_FOUND: errors.NotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
-    grpc.StatusCode.DATA_LOSS: errors.IntegrityError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.Unavailable,
-}
-
 
 class _CallDetails(
     collections.namedtuple(
@@ -132,12 +121,12 @@ def make_channel(
 def domain_error(err: grpc.RpcError) -> errors.EditTunerError:
     """The ``shared.errors`` exception a failed call stands for; its message is the server's."""
     code, details = err.code(), err.details() or ""
-    cls = ERROR_FOR.get(code)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return errors.Unavailable(f"the service did not answer in time (DEADLINE_EXCEEDED): {details}")
     if code == grpc.StatusCode.UNAVAILABLE and not details.strip():
         details = "the service is unreachable"
-    if cls is None:
+    cls = errors.error_class(code.name)
+    if cls is errors.EditTunerError:  # UNKNOWN, INTERNAL, or a code no domain error maps to: say which
         return errors.EditTunerError(f"{code.name}: {details}")
     return cls(details)
 

@@ -1,7 +1,7 @@
 """The server interceptors every EditTuner service runs, outermost first: metrics, bearer auth, error mapping.
 
 - ``ErrorInterceptor`` is the one place domain exceptions (``shared.errors``) become gRPC status codes
-  (``STATUS_FOR``). Anything else is INTERNAL with a generic message and an incident id; the traceback goes to
+  (``errors.STATUS_CODES``). Anything else is INTERNAL with a generic message and an incident id; the traceback goes to
   the log under that id, never to the client. A retryable error's ``retry_after_s`` becomes the
   ``grpc-retry-pushback-ms`` trailer. It also runs each unary-response handler under the call's deadline
   (``shared.deadline``), so retry loops below it give up in time to answer.
@@ -39,21 +39,6 @@ INFRA_PREFIXES = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 
-# The nearest class in an exception's MRO decides. A bare EditTunerError (or a subclass not listed, like
-# TrainingDiverged) still carries a complete user-facing message, so it is UNKNOWN with that message, not INTERNAL.
-STATUS_FOR: dict[type[errors.EditTunerError], grpc.StatusCode] = {
-    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.ProblemsError: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.DatasetError: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.IntegrityError: grpc.StatusCode.DATA_LOSS,
-    errors.EditTunerError: grpc.StatusCode.UNKNOWN,
-}
-
 PUSHBACK_KEY = "grpc-retry-pushback-ms"  # the retry hint gRPC defines for a refused call
 NO_DEADLINE_S = 10 * 365 * 86400.0
 
@@ -64,11 +49,10 @@ MAX_DETAILS_WIRE_BYTES = 6000
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode | None:
-    """The status code a domain exception maps to, or None for an exception outside ``shared.errors``."""
-    for cls in type(exc).__mro__:
-        if cls in STATUS_FOR:
-            return STATUS_FOR[cls]
-    return None
+    """The status code a domain exception maps to (``errors.STATUS_CODES``), or None for an exception outside
+    ``shared.errors``."""
+    name = errors.status_name(exc)
+    return None if name == errors.INTERNAL else grpc.StatusCode[name]
 
 
 def split_method(full_method: str) -> tuple[str, str]:
@@ -152,7 +136,7 @@ def clip_details(details: str, budget: int = MAX_DETAILS_WIRE_BYTES) -> str:
 
 # ------------------------------------------------------------------------------------------------ errors
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps exceptions raised by servicer methods, unary or streaming, to status codes (see ``STATUS_FOR``)."""
+    """Maps exceptions raised by servicer methods, unary or streaming, to status codes (see ``errors.STATUS_CODES``)."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)

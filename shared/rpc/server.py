@@ -34,10 +34,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from shared import errors
 from shared.errors import ConfigError, Problem
 from shared.rpc.guards import DecodeGuardInterceptor, StreamLimitInterceptor
-from shared.rpc.interceptors import STATUS_FOR, BearerAuthInterceptor, ErrorInterceptor, MetricsInterceptor, status_for
+from shared.rpc.interceptors import BearerAuthInterceptor, ErrorInterceptor, MetricsInterceptor, status_for
 
 __all__ = [
-    "STATUS_FOR",
     "status_for",
     "ServiceConfig",
     "RunningServer",

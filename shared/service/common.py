@@ -24,7 +24,7 @@ from shared.config.schema import RunConfig
 from shared.model.location import looks_like_hub_id
 from shared.rpc import common_pb2
 from shared.service.jobs import JobManager
-from shared.service.records import ERROR_CODES, JobRecord
+from shared.service.records import JobRecord
 
 _STATE_TO_PROTO = {
     "queued": common_pb2.JOB_STATE_QUEUED,
@@ -34,11 +34,6 @@ _STATE_TO_PROTO = {
     "cancelled": common_pb2.JOB_STATE_CANCELLED,
 }
 _STATE_FROM_PROTO = {v: k for k, v in _STATE_TO_PROTO.items()}
-# the inverse of the job manager's error table: the first (most specific) class listed for a code
-ERROR_FOR_CODE: dict[str, type[errors.EditTunerError]] = {}
-for _cls, _code in ERROR_CODES:
-    if issubclass(_cls, errors.EditTunerError):
-        ERROR_FOR_CODE.setdefault(_code, _cls)
 
 
 def _ts(seconds: float) -> Timestamp:
@@ -81,7 +76,7 @@ def state_name(job: common_pb2.Job) -> str:
 
 def error_of(job: common_pb2.Job) -> errors.EditTunerError:
     """The domain error a failed job stands for (a trainer waiting on an encoder job re-raises it)."""
-    return ERROR_FOR_CODE.get(job.error_code, errors.EditTunerError)(job.error or "the job failed")
+    return errors.error_class(job.error_code)(job.error or "the job failed")
 
 
 def files_from_proto(files: common_pb2.RunConfigFiles) -> ConfigFiles:

@@ -19,6 +19,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from shared.train.events import TrainEvent
+
 STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120)
 SAVE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 DATA_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)
@@ -73,22 +75,22 @@ class Metrics:
             "edittuner_gpu_memory_bytes", "GPU memory of this process", ["service", "kind"], registry=r
         )
 
-    def record_train_event(self, e: dict[str, Any], batch_size: int = 1) -> None:
+    def record_train_event(self, e: TrainEvent, batch_size: int = 1) -> None:
         """Feed a training worker's event into the trainer metrics."""
-        if e.get("phase") == "train" and "loss" in e:
+        if e.is_step:
+            seconds = e.seconds_per_step or 0.0
             self.trainer_steps.inc()
-            self.trainer_loss.set(e["loss"])
-            self.trainer_learning_rate.set(e.get("lr", 0.0))
-            seconds = e.get("seconds_per_step") or 0.0
+            self.trainer_loss.set(e.loss or 0.0)
+            self.trainer_learning_rate.set(e.lr or 0.0)
             self.trainer_step_seconds.observe(seconds)
-            self.trainer_data_wait_seconds.observe(e.get("data_wait") or 0.0)
+            self.trainer_data_wait_seconds.observe(e.data_wait or 0.0)
             if seconds > 0:
                 self.trainer_samples_per_second.set(batch_size / seconds)
-        elif e.get("phase") == "checkpoint" and "seconds" in e:
-            self.checkpoint_save_seconds.observe(e["seconds"])
+        elif e.phase == "checkpoint" and e.seconds is not None:
+            self.checkpoint_save_seconds.observe(e.seconds)
         for kind in ("allocated", "reserved", "peak", "peak_reserved"):
-            if f"gpu_{kind}_bytes" in e:
-                self.gpu_memory.labels(service="trainer", kind=kind).set(e[f"gpu_{kind}_bytes"])
+            if f"gpu_{kind}_bytes" in e.gpu:
+                self.gpu_memory.labels(service="trainer", kind=kind).set(e.gpu[f"gpu_{kind}_bytes"])
 
     def record_validation(self, v: dict[str, Any]) -> None:
         """Feed a finished render (``ValidationResult.to_json``, what its metrics.json holds) into the eval gauges. A

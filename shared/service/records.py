@@ -32,25 +32,12 @@ MAX_REQUEST_ID_CHARS = 256
 MAX_PAGE_SIZE = 1000
 
 
-class JobCancelled(errors.EditTunerError):
-    """The job was cancelled (by a client, or by a service shutdown) and its work stopped (gRPC CANCELLED)."""
-
-
-# One table from domain errors to gRPC status names, first match wins (ConfigError is an InvalidInput).
-ERROR_CODES: tuple[tuple[type[BaseException], str], ...] = (
-    (JobCancelled, "CANCELLED"),
-    (errors.InvalidInput, "INVALID_ARGUMENT"),
-    (errors.NotFound, "NOT_FOUND"),
-    (errors.FailedPrecondition, "FAILED_PRECONDITION"),
-    (errors.ResourceExhausted, "RESOURCE_EXHAUSTED"),
-    (errors.Unavailable, "UNAVAILABLE"),
-    (errors.IntegrityError, "DATA_LOSS"),
-)
+JobCancelled = errors.JobCancelled  # where the job manager's callers have always found it
 
 
 def error_code(err: BaseException) -> str:
-    """The gRPC status name for ``err``: from ``ERROR_CODES``, else INTERNAL."""
-    return next((code for cls, code in ERROR_CODES if isinstance(err, cls)), "INTERNAL")
+    """A failed or cancelled job's ``error_code``: the status name of ``errors.STATUS_CODES``."""
+    return errors.status_name(err)
 
 
 class JobState(str, enum.Enum):

@@ -1,9 +1,10 @@
 """Run a worker process and relay it (docs/ARCHITECTURE.md, "The training worker").
 
-The worker (``trainer_svc.worker``, or torchrun starting it) prints one JSON object per line on stdout:
-``{"event": {...}}`` while it runs, then ``{"result": {...}}`` or ``{"error": "...", "kind": "<error class>"}``.
-``run_worker`` turns every way it can end into a return value or an ``EditTunerError`` with a clear reason, so a
-crash, an out-of-memory or a kill of the worker fails the job and never the service.
+The worker (``shared.service.worker``, or torchrun starting it) prints the protocol of ``shared.train.events`` on
+stdout: ``TrainEvent``s while it runs, then a ``WorkerResult`` or a ``WorkerError``; ``decode_line`` reads them here,
+the one place they are decoded. ``run_worker`` turns every way it can end into a return value or an
+``EditTunerError`` with a clear reason, so a crash, an out-of-memory or a kill of the worker fails the job and
+never the service.
 
 The worker's stderr goes straight to a file (never a pipe we might stop reading, which could fill and block it);
 stdout lines that are not protocol JSON are appended there too. A bounded tail of that file goes into errors.
@@ -11,7 +12,6 @@ stdout lines that are not protocol JSON are appended there too. A bounded tail o
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -28,6 +28,7 @@ from typing import IO, Any
 
 from shared import errors
 from shared.service.records import JobCancelled
+from shared.train.events import TrainEvent, WorkerError, WorkerMessage, WorkerResult, decode_line
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +59,6 @@ OOM_ADVICE = (
 # PYTORCH_ALLOC_CONF too (its newer name, preferred for the settings every device shares).
 ALLOC_CONF = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 ALLOC_CONF_VARS = {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"}
-# Worker error kinds re-raised as the same class in the supervisor; other kinds (TrainingDiverged, "internal")
-# become WorkerFailed.
-KINDS: dict[str, type[errors.EditTunerError]] = {
-    "InvalidInput": errors.InvalidInput,
-    "ProblemsError": errors.InvalidInput,
-    "ConfigError": errors.InvalidInput,
-    "DatasetError": errors.InvalidInput,
-    "NotFound": errors.NotFound,
-    "FailedPrecondition": errors.FailedPrecondition,
-    "ResourceExhausted": errors.ResourceExhausted,
-    "Unavailable": errors.Unavailable,
-    "IntegrityError": errors.IntegrityError,
-}
 
 
 class WorkerFailed(errors.EditTunerError):
@@ -84,13 +72,13 @@ class WorkerFailed(errors.EditTunerError):
 def run_worker(
     cmd: list[str],
     *,
-    on_event: Callable[[dict[str, Any]], None],
+    on_event: Callable[[TrainEvent], None],
     cancelled: threading.Event,
     env: Mapping[str, str] | None = None,
     cwd: Path | str | None = None,
     log_path: Path | None = None,
     kill_grace_s: float = 10.0,
-) -> dict[str, Any]:
+) -> WorkerResult:
     """Run ``cmd`` in a new process group; call ``on_event`` (on this thread) for each event; return the result.
 
     ``env`` replaces the environment as in ``subprocess`` (None inherits), with ``ALLOC_CONF`` added unless it
@@ -123,19 +111,19 @@ def run_worker(
             if proc.poll() is None:
                 _stop(proc, kill_grace_s)
             _signal_group(proc, signal.SIGKILL)  # anything the worker left behind in its group
-        if cancelled.is_set() and not (proc.returncode == 0 and "result" in ended):
+        if cancelled.is_set() and not (proc.returncode == 0 and isinstance(ended, WorkerResult)):
             raise JobCancelled("the job was cancelled; its worker was stopped")
         return _outcome(proc.returncode, ended, _tail(logf, start), log_path, oom_before, oom_kill_count())
 
 
 def _relay(
-    proc: subprocess.Popen, on_event: Callable[[dict[str, Any]], None], cancelled: threading.Event, logf: IO[bytes]
-) -> dict[str, Any]:
+    proc: subprocess.Popen[bytes], on_event: Callable[[TrainEvent], None], cancelled: threading.Event, logf: IO[bytes]
+) -> WorkerResult | WorkerError | None:
     """Read stdout until it closes and the worker exits; return its final ``result`` or ``error`` line."""
     lines: queue.Queue[str | None] = queue.Queue()
     reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), name="worker-stdout", daemon=True)
     reader.start()
-    ended: dict[str, Any] = {}
+    ended: WorkerResult | WorkerError | None = None
     exited_at: float | None = None
     while True:
         if cancelled.is_set():
@@ -154,9 +142,9 @@ def _relay(
         if message is None:
             logf.write(line.encode("utf-8", "replace"))
             logf.flush()
-        elif "event" in message:
-            on_event(message["event"])
-        elif "error" not in ended:  # with several ranks the first error is the cause, later ones its echoes
+        elif isinstance(message, TrainEvent):
+            on_event(message)
+        elif not isinstance(ended, WorkerError):  # with several ranks the first error is the cause, later ones echo
             ended = message
     while proc.poll() is None:  # stdout closed, the worker still running
         if cancelled.wait(0.1):
@@ -174,30 +162,26 @@ def _read_lines(stream: IO[bytes], lines: queue.Queue[str | None]) -> None:
         lines.put(None)
 
 
-def _parse(line: str) -> dict[str, Any] | None:
-    """A protocol message, or None for any other line (a stray print goes to the log)."""
+def _parse(line: str) -> WorkerMessage | None:
+    """A protocol message, or None for any other line (a stray print goes to the log). A malformed message is a
+    worker of another version, or a bug: a WorkerError that says so, never a silent drop."""
     try:
-        message = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(message, dict):
-        return None
-    if isinstance(message.get("event"), dict) or isinstance(message.get("result"), dict) or "error" in message:
-        return message
-    return None
+        return decode_line(line)
+    except ValueError as e:
+        return WorkerError(f"the worker sent a malformed message ({e}): {line.strip()[:200]}", errors.INTERNAL, "")
 
 
 def _outcome(
     code: int,
-    ended: dict[str, Any],
+    ended: WorkerResult | WorkerError | None,
     tail: str,
     log_path: Path | None,
     oom_before: int | None = None,
     oom_after: int | None = None,
-) -> dict[str, Any]:
+) -> WorkerResult:
     """The result, or the EditTunerError that says why there is none, stating the evidence for it."""
-    if code == 0 and isinstance(ended.get("result"), dict):
-        return ended["result"]
+    if code == 0 and isinstance(ended, WorkerResult):
+        return ended
     quoted = _quote(tail)
     where = f" (full log: {log_path})" if log_path else ""
     root = _torchrun_root_cause(tail)
@@ -215,12 +199,12 @@ def _outcome(
             exit_code=code,
             log_tail=quoted,
         )
-    if "error" in ended:
-        message, kind = str(ended["error"]), str(ended.get("kind", ""))
-        if kind in KINDS:
-            raise KINDS[kind](message)
+    if isinstance(ended, WorkerError):
+        message, kind = ended.message, ended.kind
+        if ended.code not in ("UNKNOWN", errors.INTERNAL):  # the worker's domain error, as errors.STATUS_CODES has it
+            raise errors.error_class(ended.code)(message)
         if not OOM_MARKERS.search(tail):
-            if kind == "internal":
+            if ended.code == errors.INTERNAL:
                 message = f"{message}; last log lines{where}:\n{quoted}"
             raise WorkerFailed(message, kind=kind, exit_code=code, log_tail=quoted)
     if code == -signal.SIGKILL and oom_before is not None and oom_after is not None and oom_after > oom_before:

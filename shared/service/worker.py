@@ -1,8 +1,9 @@
-"""The training worker: ``python -m trainer_svc.worker --config C [--data D] --store S [key=value ...]``.
+"""The training worker: ``python -m shared.service.worker --config C [--data D] --store S [key=value ...]``.
 
-trainer_svc starts this as a child process (torchrun starts the same entrypoint on several GPUs), so that a
-crash or an out-of-memory fails the run and not the service. It prints one JSON object per line on stdout:
-progress events while it runs, then ``{"result": ...}`` or ``{"error": ...}``. Exit status 0 on success (also
+trainer_svc and ``edittuner train --in-process`` on several GPUs start this as a child process (``COMMAND``;
+torchrun starts the same entrypoint on several GPUs), so that a crash or an out-of-memory fails the run and not
+the service. It prints the protocol of ``shared.train.events`` on stdout, one message per line: ``TrainEvent``s
+while it runs, then a ``WorkerResult`` or a ``WorkerError``. Exit status 0 on success (also
 when stopped by SIGTERM/SIGINT at a step boundary with a checkpoint: ``"interrupted": true``), 1 on a user error
 (bad config, missing cache, diverged loss, out of memory), 2 on anything unexpected.
 """
@@ -10,7 +11,6 @@ when stopped by SIGTERM/SIGINT at a step boundary with a checkpoint: ``"interrup
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -20,25 +20,32 @@ import traceback
 
 import torch
 
+from shared import errors
 from shared.config.loading import load_run_config
-from shared.errors import EditTunerError
 from shared.logs import quiet_call_noise, quiet_import_noise
 from shared.model.device import resolve_device
 from shared.service.supervisor import OOM_ADVICE, OOM_MARKERS, exit_with_parent
 from shared.store.url import open_store
 from shared.train import distributed
+from shared.train.events import WorkerError, WorkerMessage, WorkerResult, encode_line
 from shared.train.runner import train_run
 
 RANK = distributed.current()
+# How a supervisor starts the worker (``shared.service.supervisor.run_worker``), torchrun's ``-m`` included.
+COMMAND = [sys.executable, "-m", __name__]
 
 
-def _emit(obj: dict) -> None:
+def _emit(message: WorkerMessage) -> None:
     """Rank 0 reports events and the result; any rank its error (named, when there are several)."""
-    if not RANK.main and "error" not in obj:
+    if not RANK.main and not isinstance(message, WorkerError):
         return
-    if RANK.active and "error" in obj:
-        obj = {**obj, "error": f"rank {RANK.rank}: {obj['error']}", "rank": RANK.rank}
-    print(json.dumps(obj, default=str), flush=True)
+    if RANK.active and isinstance(message, WorkerError):
+        message = WorkerError(f"rank {RANK.rank}: {message.message}", message.code, message.kind, RANK.rank)
+    print(encode_line(message), flush=True)
+
+
+def _error(err: BaseException, message: str) -> None:
+    _emit(WorkerError.of(err, message))
 
 
 def _stop_on_signals() -> threading.Event:
@@ -71,19 +78,15 @@ def _out_of_memory(e: BaseException) -> int:
     lines = str(e).splitlines()
     said = next((line for line in lines if OOM_MARKERS.search(line)), lines[0] if lines else type(e).__name__)
     traceback.print_exc()
-    _emit(
-        {
-            "error": f"out of {where} memory in the training worker: {said.strip()[:300]}; {OOM_ADVICE}",
-            "kind": "ResourceExhausted",
-        }
-    )
+    message = f"out of {where} memory in the training worker: {said.strip()[:300]}; {OOM_ADVICE}"
+    _error(errors.ResourceExhausted(message), message)
     return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     exit_with_parent()  # a killed trainer_svc leaves no worker behind writing checkpoints
     stop = _stop_on_signals()
-    ap = argparse.ArgumentParser(prog="trainer_svc.worker")
+    ap = argparse.ArgumentParser(prog="shared.service.worker")
     ap.add_argument("--config")
     ap.add_argument("--data")
     ap.add_argument("--store", required=True)
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train_run(
             run,
             open_store(args.store),
-            events=lambda e: _emit({"event": e}),
+            events=_emit,
             validate=False if args.no_validation else "auto" if args.external_validation else True,
             until_step=args.until_step,
             encode=not args.no_encode,
@@ -123,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             copy_to_output_dir=False,
             index_keys=dict(i.split("=", 1) for i in args.index) if args.index else None,
         )
-    except EditTunerError as e:
-        _emit({"error": str(e), "kind": type(e).__name__})
+    except errors.EditTunerError as e:
+        _error(e, str(e))
         return 1
     except (torch.OutOfMemoryError, MemoryError) as e:
         return _out_of_memory(e)
@@ -132,23 +135,21 @@ def main(argv: list[str] | None = None) -> int:
         if OOM_MARKERS.search(str(e)):  # a CUDA library's failed allocation, raised as a RuntimeError
             return _out_of_memory(e)
         traceback.print_exc()
-        _emit({"error": f"internal error in the training worker: {type(e).__name__}", "kind": "internal"})
+        _error(e, f"internal error in the training worker: {type(e).__name__}")
         return 2
     finally:
         distributed.shutdown()  # after train_run dropped its DDP wrapper (a live one can abort the exit)
     s = result.summary
     _emit(
-        {
-            "result": {
-                "run_id": s.run_id,
-                "steps": s.steps,
-                "processes": RANK.world,
-                "final_loss": s.losses[-1] if s.losses else None,
-                "lora": s.lora_keys,
-                "checkpoints": s.checkpoints,
-                "interrupted": s.interrupted,
-            }
-        }
+        WorkerResult(
+            run_id=s.run_id,
+            steps=s.steps,
+            processes=RANK.world,
+            final_loss=s.losses[-1] if s.losses else None,
+            lora=list(s.lora_keys),
+            checkpoints=list(s.checkpoints),
+            interrupted=s.interrupted,
+        )
     )
     return 0
 

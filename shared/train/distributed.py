@@ -208,7 +208,7 @@ def is_distributed(cfg: Any) -> bool:
 
 
 def launch_command(worker: list[str], cfg: Any) -> list[str]:
-    """``worker`` (``[python, -m, trainer_svc.worker, ...]``) under torchrun: standalone on one machine, a c10d
+    """``worker`` (``[python, -m, shared.service.worker, ...]``) under torchrun: standalone on one machine, a c10d
     rendezvous at main_process_ip:main_process_port across machines; no restarts (a failed rank fails the run,
     which resumes from its checkpoint)."""
     if not is_distributed(cfg):

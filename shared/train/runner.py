@@ -1,6 +1,6 @@
 """One training run end to end, in this process: encode what is missing, train, validate, export.
 
-``edittuner train`` and the trainer worker (``python -m trainer_svc.worker``) both call ``train_run``; the
+``edittuner train`` and the trainer worker (``python -m shared.service.worker``) both call ``train_run``; the
 services later split the encode and validation parts out to encoder_svc and eval_svc.
 """
 
@@ -22,6 +22,7 @@ from shared.evaluate.report import refresh_run_report
 from shared.store.base import ObjectStore
 from shared.store.local import LocalStore
 from shared.train import distributed
+from shared.train.events import TrainEvent
 from shared.train.trackers import logs_dir, open_tracker
 from shared.train.trainer import Event, Trainer, TrainSummary, run_id_for
 
@@ -121,14 +122,7 @@ def encode_missing(run: RunConfig, store: ObjectStore, events: Callable[[Event],
     enc = DatasetEncoder(run, store)
     try:
         return enc.encode(
-            lambda s, total: events(
-                {
-                    "phase": "encode",
-                    "step": s.total,
-                    "total": total,
-                    "message": f"encoded {s.encoded}, cached {s.cached}",
-                }
-            )
+            lambda s, total: events(TrainEvent("encode", s.total, total, f"encoded {s.encoded}, cached {s.cached}"))
         )
     finally:
         enc.release()
@@ -149,14 +143,14 @@ def external_validator(events: Callable[[Event], None]) -> Callable[[Trainer, in
         keys = trainer.export(f"{trainer.prefix}/validation/step-{step}/lora", fmt="diffusers")
         lora_key = next(k for k in keys if k.endswith("/pytorch_lora_weights.safetensors"))
         events(
-            {
-                "phase": "validation_ready",
-                "step": step,
-                "total": trainer.max_steps,
-                "lora_key": lora_key,
-                "run_id": trainer.run_id,
-                "message": f"LoRA for validation at step {step}",
-            }
+            TrainEvent(
+                "validation_ready",
+                step,
+                trainer.max_steps,
+                f"LoRA for validation at step {step}",
+                lora_key=lora_key,
+                run_id=trainer.run_id,
+            )
         )
         return {"step": step, "lora_key": lora_key, "external": True}
 

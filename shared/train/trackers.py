@@ -53,9 +53,9 @@ from typing import Any
 from shared.config.schema import RunConfig, TrainConfig, report_targets
 from shared.errors import InvalidInput
 from shared.store.base import ObjectStore
+from shared.train.events import TrainEvent
 
 log = logging.getLogger(__name__)
-Event = dict[str, Any]
 Validator = Callable[[Any, int], dict[str, Any]]  # (trainer, step) → result, as Trainer.validate
 GIB = float(1 << 30)
 POLL_S = 30.0  # how often a service run's worker looks for renders eval_svc has finished (one HEAD each)
@@ -84,21 +84,24 @@ def tensorboard_folder(cfg: TrainConfig, run_id: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ events → tag values
-def train_scalars(e: Event) -> dict[str, float]:
+def train_scalars(e: TrainEvent) -> dict[str, float]:
     """The tag values of a Trainer event: a finished step or a checkpoint; {} for any other event."""
-    if e.get("phase") == "checkpoint" and "seconds" in e:
-        return {"checkpoint/save_seconds": float(e["seconds"])}
-    if e.get("phase") != "train" or "loss" not in e:
+    if e.phase == "checkpoint" and e.seconds is not None:
+        return {"checkpoint/save_seconds": e.seconds}
+    if not e.is_step:
         return {}
-    seconds = float(e.get("seconds_per_step") or 0.0)
-    out = {"train/loss": float(e["loss"]), "train/learning_rate": float(e["lr"]), "train/seconds_per_step": seconds}
-    if "grad_norm" in e:
-        out["train/grad_norm"] = float(e["grad_norm"])
-    if seconds > 0:
-        out["train/data_wait"] = float(e.get("data_wait", 0.0)) / seconds
+    out = {
+        "train/loss": float(e.loss or 0.0),
+        "train/learning_rate": float(e.lr or 0.0),
+        "train/seconds_per_step": float(e.seconds_per_step or 0.0),
+    }
+    if e.grad_norm is not None:
+        out["train/grad_norm"] = e.grad_norm
+    if e.seconds_per_step:
+        out["train/data_wait"] = e.data_wait_fraction
     for kind in ("allocated", "reserved", "peak"):
-        if f"gpu_{kind}_bytes" in e:
-            out[f"gpu/{kind}_gib"] = e[f"gpu_{kind}_bytes"] / GIB
+        if f"gpu_{kind}_bytes" in e.gpu:
+            out[f"gpu/{kind}_gib"] = e.gpu[f"gpu_{kind}_bytes"] / GIB
     return out
 
 
@@ -391,21 +394,20 @@ class RunTracker:
                     logs / "wandb" / "offline-run-*",
                 )
 
-    def __call__(self, event: Event) -> None:
+    def __call__(self, event: TrainEvent) -> None:
         if not self.backends:
             return
-        phase = event.get("phase")
-        if phase == "validation_ready":
+        if event.phase == "validation_ready":
             if any(b.external_validations for b in self.backends):
-                self._pending.add(int(event["step"]))
+                self._pending.add(event.step)
             return
         values = train_scalars(event)
-        if phase == "train" and "loss" in event:
-            self.step = int(event["step"])
+        if event.is_step:
+            self.step = event.step
         for b in self.backends:
             if values:
-                self._safely(f"{b.name}: logging scalars", b.scalars, values, int(event.get("step", self.step)))
-        if phase == "checkpoint":
+                self._safely(f"{b.name}: logging scalars", b.scalars, values, event.step)
+        if event.phase == "checkpoint":
             self.sync()
         if self._pending and time.monotonic() - self._last_poll >= self.poll_s:
             self._safely("reading finished validations", self._poll)

@@ -44,13 +44,14 @@ from shared.store.checkpoint import (
 )
 from shared.train import distributed, gpu
 from shared.train.ema import LoraEMA
+from shared.train.events import TrainEvent
 from shared.train.loader import TrainLoader, load_items
 from shared.train.optimizers import build_optimizer, check_optimizer_args, eval_weights, lr_scheduler_name, weight_dtype
 from shared.train.schedule import build_scheduler
 from shared.train.toolchain import require_compiler
 
 log = logging.getLogger(__name__)
-Event = dict[str, Any]
+Event = TrainEvent
 
 
 class TrainingDiverged(EditTunerError):
@@ -283,7 +284,7 @@ class Trainer:
         checkpoints: list[int] = []
         validations: list[dict[str, Any]] = []
         interrupted = False
-        self.events({"phase": "train", "step": self.step, "total": self.max_steps, "message": "training"})
+        self.events(TrainEvent("train", self.step, self.max_steps, "training"))
         try:
             while self.step < last:
                 if self._stopping(stop):
@@ -295,25 +296,19 @@ class Trainer:
                 losses.append(r.loss)
                 self.history.append(dataclasses.asdict(r))
                 self.events(
-                    {
-                        "phase": "train",
-                        "step": r.step,
-                        "total": self.max_steps,
-                        "loss": r.loss,
-                        "lr": r.lr,
-                        "seconds_per_step": r.seconds,
-                        "data_wait": r.data_wait,
-                        **({"grad_norm": r.grad_norm} if cfg.max_grad_norm > 0 else {}),  # else not computed
-                        **(
-                            {
-                                "rollout_forwards": r.rollout_forwards,  # the progress line shows the message
-                                "message": f"rollout {r.rollout_forwards} fwd",
-                            }
-                            if self.rollout
-                            else {}
-                        ),
-                        **gpu.memory(self.device, self.dist),
-                    }
+                    TrainEvent(
+                        "train",
+                        r.step,
+                        self.max_steps,
+                        f"rollout {r.rollout_forwards} fwd" if self.rollout else "",  # the progress line shows it
+                        loss=r.loss,
+                        lr=r.lr,
+                        seconds_per_step=r.seconds,
+                        data_wait=r.data_wait,
+                        grad_norm=r.grad_norm if cfg.max_grad_norm > 0 else None,  # else not computed
+                        rollout_forwards=r.rollout_forwards if self.rollout else None,
+                        gpu=gpu.memory(self.device, self.dist),
+                    )
                 )
                 if r.step % cfg.checkpoint_step_interval == 0:
                     checkpoints.append(self.save_checkpoint())
@@ -533,20 +528,18 @@ class Trainer:
             self.store.put_bytes(f"{self.prefix}/metrics.jsonl", self._metrics_jsonl())
         distributed.barrier(self.dist)
         self.events(
-            {
-                "phase": "checkpoint",
-                "step": self.step,
-                "total": self.max_steps,
-                "seconds": time.perf_counter() - t0,
-                "message": f"checkpoint step-{self.step}",
-            }
+            TrainEvent(
+                "checkpoint",
+                self.step,
+                self.max_steps,
+                f"checkpoint step-{self.step}",
+                seconds=time.perf_counter() - t0,
+            )
         )
         return self.step
 
     def _validate(self, step: int) -> dict[str, Any]:
-        self.events(
-            {"phase": "validation", "step": step, "total": self.max_steps, "message": f"validation at step {step}"}
-        )
+        self.events(TrainEvent("validation", step, self.max_steps, f"validation at step {step}"))
         was_training = self.transformer.training
         self.transformer.eval()
         try:

@@ -85,6 +85,14 @@ def test_whole_flow_through_the_three_services(stack):
         assert state_name(r) == "succeeded", r.error
         metrics = json.loads(store.get_bytes(f"runs/flow/validation/step-{step}/metrics.json"))
         assert metrics["step"] == int(step) and metrics["samples"][0]["grid"] in r.outputs["grids"]
+    # every process parsed the run's config once: each service's job and watchers, and eval_svc's two renders,
+    # used the RunConfig its request was validated with (docs/ARCHITECTURE.md, "One run, traced")
+    name = stack.tmp / "cfg" / "flow" / "config.json"
+    for service in ("trainer", "encoder", "eval"):
+        log_text = (stack.log_dir / f"{service}.log").read_text()
+        assert log_text.count(f"parsed the run config {name} (") == 1, (service, log_text[-3000:])
+    worker_log = (stack.tmp / "work" / job.job_id / "worker.log").read_text()
+    assert worker_log.count("parsed the run config ") == 1, worker_log[-3000:]
     # the LoRA file loads into the flavour's pipeline and changes the transformer's output
     from shared.model.loading import load_pipeline
 

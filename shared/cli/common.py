@@ -26,9 +26,14 @@ def load_from_args(args: argparse.Namespace) -> RunConfig:
     from shared.config.loading import load_run_config
 
     run = load_run_config(args.config, args.data, args.overrides)
+    warn(run)
+    return run
+
+
+def warn(run: RunConfig) -> None:
+    """The config's warnings (ignored keys, orphan references), once, before the work."""
     for w in run.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    return run
 
 
 class _Bar(Protocol):

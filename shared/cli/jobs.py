@@ -8,21 +8,21 @@ import os
 import sys
 from pathlib import Path
 
-from shared.cli.common import DEFAULT_STORE, ProgressBars, load_from_args, store_from_args
+from shared.cli.common import DEFAULT_STORE, ProgressBars, store_from_args, warn
 
 
 def remote_job(args: argparse.Namespace, service: str) -> int:
     """Submit a train or encode job to the services (--server, EDITTUNER_*) or to a local stack started here."""
     from shared.cli.remote import ask_cancel_or_detach, describe, new_request_id, resolve_address, wait_for_validations
     from shared.cli.transfer import datasets_for_server
-    from shared.config.loading import read_config_files
+    from shared.config.loading import read_run_files
     from shared.rpc import encoder_pb2, trainer_pb2
     from shared.rpc.client import Client
     from shared.service.common import files_to_proto, state_name
     from shared.service.local_stack import start_local_stack
 
-    files = read_config_files(args.config, args.data, args.overrides)
-    run = load_from_args(args)
+    files, run = read_run_files(args.config, args.data, args.overrides)  # the one parse of this process
+    warn(run)
     address = resolve_address(service, args.server)
     stack = None
     store_url = args.store or os.environ.get("EDITTUNER_STORE") or DEFAULT_STORE

@@ -1,9 +1,12 @@
 """SimpleTuner-style configuration: ``config.json`` + ``multidatabackend.json`` → typed, validated objects.
 
 Parsed once at the edge (CLI, gRPC request) into the frozen dataclasses of ``shared.config.schema``; nothing
-downstream sees a dict. All problems are collected and raised together as one ConfigError, each with its file and
-JSON path. Keys EditTuner does not use are returned as warnings (reported once by the caller), never dropped
-silently and never fatal.
+downstream sees a dict. A process parses a given pair of files once: ``load_run_config_text`` is a pure function of
+its arguments and remembers its last results, so a service's job, or the client's upload step, gets the
+``RunConfig`` its request was validated with (``config_parses`` counts the real parses, for the logs and tests).
+All problems are collected and raised together as one ConfigError, each with its file and JSON path. Keys
+EditTuner does not use are returned as warnings (reported once by the caller), never dropped silently and never
+fatal.
 
 Keys may be written with SimpleTuner's ``--`` prefix (``"--model_type": "lora"``). ``key=value`` overrides
 (``learning_rate=1e-4``, ``model_kwargs.match_target_res=true``) are applied to the config file before parsing.
@@ -11,9 +14,12 @@ Keys may be written with SimpleTuner's ``--`` prefix (``"--model_type": "lora"``
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
 import json
+import logging
+import threading
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,6 +31,26 @@ from shared.config.schema import DataConfig, DatasetConfig, ModelKwargs, RunConf
 from shared.config.simpletuner import DATASET_RULES, TRAIN_RULES, Rule, translate, value_alias, value_problem
 from shared.config.typed import build, names
 from shared.errors import ConfigError, Problem
+
+log = logging.getLogger(__name__)
+REMEMBERED = 16  # the distinct file sets a process keeps parsed (a service sees a few runs at a time)
+_parsed: collections.OrderedDict[tuple[object, ...], RunConfig] = collections.OrderedDict()
+_parsed_lock = threading.Lock()
+_parses = 0
+
+
+def config_parses() -> int:
+    """How many times this process has parsed a config (not counting the answers ``load_run_config_text`` gave
+    from what it remembered)."""
+    return _parses
+
+
+def _count_parse(config_name: str) -> None:
+    global _parses
+    with _parsed_lock:
+        _parses += 1
+        n = _parses
+    log.info("parsed the run config %s (parse %d of this process)", config_name, n)
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -305,6 +331,7 @@ def load_run_config(
 def _finish(
     train: TrainConfig, data_raw: Any, cfg_label: str, data_label: str, problems: list[Problem], ignored: list[str]
 ) -> RunConfig:
+    _count_parse(cfg_label)
     dcfg = _parse_data(data_raw, data_label, problems, ignored, train)
     cross, warnings = check_datasets(train, dcfg, cfg_label)
     problems.extend(cross)
@@ -349,20 +376,44 @@ class ConfigFiles:
     data_name: str
 
 
-def read_config_files(
+def read_run_files(
     config: str | Path | None = None, data: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
-) -> ConfigFiles:
-    """Find and read the files as ``load_run_config`` would (presets, data_backend_config), validating them
-    here first so that a client reports bad input before anything is sent."""
+) -> tuple[ConfigFiles, RunConfig]:
+    """Find and read the files as ``load_run_config`` would (presets, data_backend_config), validating them here
+    first so that a client reports bad input before anything is sent; the files as text and their RunConfig
+    (which ``load_run_config_text`` of the same text then returns without parsing again)."""
     run = load_run_config(config, data, overrides)
     rest = tuple(o for o in overrides if not o.startswith("example="))
-    return ConfigFiles(
+    files = ConfigFiles(
         Path(run.config_source).read_text(encoding="utf-8"),
         Path(run.data.source).read_text(encoding="utf-8"),
         rest,
         run.config_source,
         run.data.source,
     )
+    _remember(_key(files.config_text, files.data_text, rest, files.config_name, files.data_name), run)
+    return files, run
+
+
+def read_config_files(
+    config: str | Path | None = None, data: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> ConfigFiles:
+    """``read_run_files`` without the RunConfig."""
+    return read_run_files(config, data, overrides)[0]
+
+
+def _key(
+    config_text: str, data_text: str, overrides: tuple[str, ...], config_name: str, data_name: str
+) -> tuple[object, ...]:
+    return (config_text, data_text, tuple(o for o in overrides if not o.startswith("example=")), config_name, data_name)
+
+
+def _remember(key: tuple[object, ...], run: RunConfig) -> None:
+    with _parsed_lock:
+        _parsed[key] = run
+        _parsed.move_to_end(key)
+        while len(_parsed) > REMEMBERED:
+            _parsed.popitem(last=False)
 
 
 def load_run_config_text(
@@ -374,7 +425,23 @@ def load_run_config_text(
     data_name: str = "multidatabackend.json",
 ) -> RunConfig:
     """The same as ``load_run_config`` for files that arrived as text (a gRPC request): the names are only
-    used in messages, so a user still reads 'config.json:3:7' for their own file."""
+    used in messages, so a user still reads 'config.json:3:7' for their own file. The same arguments again give
+    the same (frozen) RunConfig without parsing; a config that fails is parsed again each time (its problems may
+    name server paths that have changed since)."""
+    key = _key(config_text, data_text, tuple(overrides), config_name, data_name)
+    with _parsed_lock:
+        known = _parsed.get(key)
+        if known is not None:
+            _parsed.move_to_end(key)
+            return known
+    run = _parse_text(config_text, data_text, overrides, config_name, data_name)
+    _remember(key, run)
+    return run
+
+
+def _parse_text(
+    config_text: str, data_text: str, overrides: list[str] | tuple[str, ...], config_name: str, data_name: str
+) -> RunConfig:
     overrides = [o for o in overrides if not o.startswith("example=")]
     for o in overrides:
         parse_override(o)

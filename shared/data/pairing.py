@@ -15,7 +15,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -33,6 +33,9 @@ from shared.data.geometry import (
 )
 from shared.data.sources import IMAGE_EXTENSIONS, ImageSource, open_image, open_source
 from shared.errors import DatasetError, InvalidInput, Problem
+
+if TYPE_CHECKING:
+    from shared.store.base import ObjectStore
 
 MAX_LISTED = 10  # files named per problem before "... and N more"
 
@@ -249,7 +252,7 @@ ASPECT_TOLERANCE = 0.02  # reference_strict pairs further apart than this (2%) a
 
 
 # --------------------------------------------------------------------------------------------------- pairing
-def pair_datasets(run: RunConfig, store: Any = None) -> tuple[list[PairedDataset], list[str]]:
+def pair_datasets(run: RunConfig, store: ObjectStore | None = None) -> tuple[list[PairedDataset], list[str]]:
     """Scan and pair every image dataset with its references. Returns the paired datasets (training and eval)
     and warnings; raises one DatasetError listing every problem found. ``store`` holds uploaded datasets."""
     train, data = run.train, run.data

@@ -7,13 +7,20 @@ import warnings as _warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shared import deadline, errors
 from shared.config.schema import DatasetConfig
 from shared.errors import DatasetError, InvalidInput, Problem
+
+if TYPE_CHECKING:
+    from urllib3 import BaseHTTPResponse
+
+    from shared.store.base import ObjectStore
+
+_T = TypeVar("_T")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -22,7 +29,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 class ImageSource(Protocol):
     """Where a dataset's files are: a local folder or an S3/MinIO prefix."""
 
-    label: str
+    @property
+    def label(self) -> str: ...
 
     def list_files(self) -> list[str]: ...
 
@@ -74,7 +82,7 @@ class S3Source:
 
     def read(self, relpath: str) -> bytes:
         def get() -> bytes:
-            resp = self.client.get_object(self.bucket, self._full(relpath))
+            resp: BaseHTTPResponse = self.client.get_object(self.bucket, self._full(relpath))
             try:
                 return resp.read()
             finally:
@@ -83,7 +91,7 @@ class S3Source:
 
         return self._call(get, f"reading {self.label}/{relpath}")
 
-    def _call(self, operation: Callable[[], Any], what: str) -> Any:
+    def _call(self, operation: Callable[[], _T], what: str) -> _T:
         from minio.error import S3Error
 
         from shared.store.s3 import is_transient, retrying
@@ -97,7 +105,7 @@ class S3Source:
                 "NoSuchBucket": "check aws_bucket_name",
                 "NoSuchKey": "the file is gone: encode again",
                 "AccessDenied": "check aws_access_key_id / aws_secret_access_key",
-            }.get(err.code, "")
+            }.get(err.code or "", "")
             raise DatasetError(
                 [
                     Problem(
@@ -125,7 +133,7 @@ class S3Source:
 class StoreSource:
     """A dataset a client uploaded into the store (``type: store``): its manifest maps names to stored files."""
 
-    store: Any  # shared.store.base.ObjectStore
+    store: ObjectStore
     upload_id: str
 
     def __post_init__(self) -> None:
@@ -146,7 +154,7 @@ class StoreSource:
         return self.store.get_bytes(blob_key(self.entries[relpath].sha256))
 
 
-def open_source(ds: DatasetConfig, where: str, store: Any = None) -> ImageSource:
+def open_source(ds: DatasetConfig, where: str, store: ObjectStore | None = None) -> ImageSource:
     """The source of a dataset entry; a missing folder, upload or unreachable bucket is a DatasetError naming it.
     ``store``: where ``type: store`` datasets (uploads) are read from."""
     if ds.type == "store":

@@ -26,12 +26,13 @@ exactly one text entry.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from shared.config.flavours import get_flavour
 from shared.config.schema import RunConfig
@@ -132,7 +133,11 @@ def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) 
         refs_cfg = run.data.references_of(ds.config)
         for s in ds.samples:
             t_sha = s.target.sha256
-            vae_common = {"model_fp": settings.model_fp, "dtype": settings.dtype, "format": CACHE_FORMAT}
+            vae_common: dict[str, str | bool] = {
+                "model_fp": settings.model_fp,
+                "dtype": settings.dtype,
+                "format": CACHE_FORMAT,
+            }
             if settings.vae_tiling:
                 vae_common["tiling"] = True
             items.append(
@@ -190,6 +195,13 @@ def shard_manifest(prefix: str, shard: str) -> str:
     return f"{prefix}/manifest.shard-{shard}.json"
 
 
+class ManifestDoc(TypedDict):
+    """A prefix's ``manifest.json`` (or a replica's shard file): sample key → its entry's record."""
+
+    format: str
+    entries: dict[str, dict[str, Any]]
+
+
 class Manifests:
     """The per-prefix manifest.json files, loaded lazily and written back as they change.
 
@@ -200,11 +212,11 @@ class Manifests:
     def __init__(self, store: ObjectStore, shard: str | None = None):
         self.store = store
         self.shard = shard
-        self.docs: dict[str, dict[str, Any]] = {}
-        self.own: dict[str, dict[str, Any]] = {}
+        self.docs: dict[str, ManifestDoc] = {}
+        self.own: dict[str, ManifestDoc] = {}
         self.dirty: set[str] = set()
 
-    def doc(self, prefix: str) -> dict[str, Any]:
+    def doc(self, prefix: str) -> ManifestDoc:
         if prefix not in self.docs:
             try:
                 d = self.store.get_json(f"{prefix}/{MANIFEST}")
@@ -212,10 +224,10 @@ class Manifests:
                 d = None
             if not isinstance(d, dict) or d.get("format") != CACHE_FORMAT:
                 d = {"format": CACHE_FORMAT, "entries": {}}
-            self.docs[prefix] = d
+            self.docs[prefix] = cast(ManifestDoc, d)  # JSON of the manifest format (checked), or a new one
         return self.docs[prefix]
 
-    def _own(self, prefix: str) -> dict[str, Any]:
+    def _own(self, prefix: str) -> ManifestDoc:
         if self.shard is None:
             return self.doc(prefix)
         if prefix not in self.own:
@@ -224,7 +236,7 @@ class Manifests:
             except NotFound:
                 d = None
             self.own[prefix] = (
-                d
+                cast(ManifestDoc, d)  # JSON of the manifest format (checked)
                 if isinstance(d, dict) and d.get("format") == CACHE_FORMAT
                 else {"format": CACHE_FORMAT, "entries": {}}
             )
@@ -247,7 +259,7 @@ class Manifests:
                 self.store.put_json(shard_manifest(prefix, self.shard), self.own[prefix])
         self.dirty.clear()
 
-    def merge_shards(self, prefixes: set[str]) -> int:
+    def merge_shards(self, prefixes: builtins.set[str]) -> int:  # builtins: ``set`` here is the method above
         """Fold the replicas' shard manifests into each prefix's manifest (written before the shard files are
         removed, so a crash in between loses nothing); returns the number of entries merged."""
         merged = 0

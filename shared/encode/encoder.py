@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.config.schema import RunConfig
 from shared.data.pairing import PairedDataset, pair_datasets
@@ -17,6 +17,15 @@ from shared.encode.cache import CACHE_FORMAT, Item, Manifests, is_cached, plan, 
 from shared.errors import DatasetError, EditTunerError, FailedPrecondition, InvalidInput, Problem
 from shared.model.device import free_gpu_memory, resolve_device, resolve_dtype
 from shared.store.base import ObjectStore
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from shared.data.geometry import Placement
+
+    # one encoded cache entry: its tensors, and the metadata written beside them (as strings)
+    Encoded = tuple[dict[str, torch.Tensor], dict[str, object]]
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +206,7 @@ class DatasetEncoder:
     def _run(
         self,
         batch: list[Item],
-        fn: Callable[[list[Item]], list[tuple[dict, dict]]],
+        fn: Callable[[list[Item]], list[Encoded]],
         manifests: Manifests,
         stats: EncodeStats,
     ) -> None:
@@ -230,10 +239,10 @@ class DatasetEncoder:
         if manifests.dirty and stats.encoded // 64 != before // 64:  # bound what a killed worker re-encodes
             manifests.flush()
 
-    def _placement(self, it: Item):
+    def _placement(self, it: Item) -> Placement:
         return it.sample.placement if it.ref_index is None else it.sample.references[it.ref_index].placement
 
-    def _image(self, it: Item, ref_index: int | None, region: bool = False):
+    def _image(self, it: Item, ref_index: int | None, region: bool = False) -> Image.Image:
         """The placed pixels; ``region``: a reference before its final resize, what the VL encoder is sized from
         (the pipelines size it from the image the user passes, at that image's aspect)."""
         rec = it.sample.target if ref_index is None else it.sample.references[ref_index].image
@@ -242,7 +251,7 @@ class DatasetEncoder:
         img = open_image(src.read(rec.relpath), f"{src.label}/{rec.relpath}", self.run.train.max_image_pixels)
         return place.region(img) if region else place.apply(img)
 
-    def _encode_vae(self, batch: list[Item]) -> list[tuple[dict, dict]]:
+    def _encode_vae(self, batch: list[Item]) -> list[Encoded]:
         from shared.encode.ops import encode_vae_latents
 
         w, h = self._placement(batch[0]).final
@@ -256,7 +265,7 @@ class DatasetEncoder:
             for i, it in enumerate(batch)
         ]
 
-    def _encode_text(self, batch: list[Item]) -> list[tuple[dict, dict]]:
+    def _encode_text(self, batch: list[Item]) -> list[Encoded]:
         from shared.encode.ops import encode_null_prompt, encode_prompt
 
         [it] = batch
@@ -275,7 +284,12 @@ class DatasetEncoder:
         return [(tensors, {"caption": it.sample.caption})]
 
 
-def encode_run(run: RunConfig, store: ObjectStore, progress=None, pipe: Any = None) -> EncodeStats:
+def encode_run(
+    run: RunConfig,
+    store: ObjectStore,
+    progress: Callable[[EncodeStats, int], None] | None = None,
+    pipe: Any = None,
+) -> EncodeStats:
     """Encode a run's datasets into ``store`` (the core of encoder_svc and ``edittuner encode``)."""
     enc = DatasetEncoder(run, store, pipe=pipe)
     try:

@@ -42,23 +42,25 @@ def encode_vae_latents(
     shape = (1, -1, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents_BC1hw.device, latents_BC1hw.dtype)
     std = torch.tensor(vae.config.latents_std).view(shape).to(latents_BC1hw.device, latents_BC1hw.dtype)
-    return ((latents_BC1hw - mean) / std).squeeze(2).float()
+    latents_BChw: torch.Tensor = ((latents_BC1hw - mean) / std).squeeze(2).float()  # the VAE is typed loosely
+    return latents_BChw
 
 
 def reference_size(width: int, height: int, area: int) -> tuple[int, int]:
     """(w, h) of a reference resized to about ``area`` pixels at its aspect ratio, multiples of 32: the rule
     (diffusers' ``calculate_dimensions``) both edit pipelines apply before the VL encoder and the VAE."""
-    w, h, _ = calculate_dimensions(area, width / height)
+    w, h, _ = calculate_dimensions(area, width / height)  # type: ignore[no-untyped-call]  # diffusers: unannotated
     return int(w), int(h)
 
 
 def resize_reference(image_processor: Any, image: Image.Image, area: int) -> Image.Image:
     """A reference resized as the pipelines resize it for the VL encoder (``VaeImageProcessor.resize``, Lanczos)."""
     w, h = reference_size(image.width, image.height, area)
-    return image_processor.resize(_rgb(image), h, w)
+    resized: Image.Image = image_processor.resize(_rgb(image), h, w)  # a PIL image in, a PIL image out
+    return resized
 
 
-def _prompt_images(pipe: Any, flavour: str, refs: Sequence[Image.Image], area: int) -> Image.Image | list:
+def _prompt_images(pipe: Any, flavour: str, refs: Sequence[Image.Image], area: int) -> Image.Image | list[Image.Image]:
     """The ``image`` argument the flavour's pipeline passes to ``_get_qwen_prompt_embeds``.
 
     edit-v1's template has one image slot and gets the image itself; the Plus pipeline writes one "Picture N:"

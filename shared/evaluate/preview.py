@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -120,18 +120,28 @@ def index_entries(
 
 
 # ------------------------------------------------------------------------------------------ adapter state
-def has_adapter(transformer: torch.nn.Module) -> bool:
+class AdapterModel(Protocol):
+    """A diffusers model that takes peft adapters (``ModelMixin`` with ``PeftAdapterMixin``)."""
+
+    def modules(self) -> Iterator[torch.nn.Module]: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
+
+    def disable_adapters(self) -> None: ...
+
+
+def has_adapter(transformer: object) -> bool:
     return bool(getattr(transformer, "_hf_peft_config_loaded", False))
 
 
-def _tuner_layers(transformer: torch.nn.Module) -> list[Any]:
+def _tuner_layers(transformer: AdapterModel) -> list[Any]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
 
 
 @contextmanager
-def adapters_disabled(transformer: torch.nn.Module) -> Iterator[None]:
+def adapters_disabled(transformer: AdapterModel) -> Iterator[None]:
     """Run the base model inside the block, then put every adapter layer back exactly as it was.
 
     diffusers' ``disable_adapters``/``enable_adapters`` also flip ``requires_grad`` of the LoRA weights (peft's

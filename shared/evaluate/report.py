@@ -26,11 +26,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 from shared.errors import InvalidInput, NotFound
 from shared.store.base import ObjectStore, validate_key
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
 
 log = logging.getLogger(__name__)
 MAX_POINTS = 4000  # more steps than this are plotted every k-th step: the page stays small and quick to draw
@@ -212,7 +215,7 @@ def svg_plot(name: str, title: str, series: Sequence[Series], xlim: tuple[float,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rc = {
+    rc: dict[RcKeyType, Any] = {
         "svg.fonttype": "none",
         "svg.hashsalt": name,
         "path.simplify": False,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -63,7 +63,8 @@ def compute_dtype(pipe: Any) -> torch.dtype:
     """The dtype of latents and embeddings in the loop: the pipelines use the prompt embeddings' dtype, which is
     the text encoder's; without a text encoder (precomputed embeddings) the transformer's."""
     encoder = getattr(pipe, "text_encoder", None)
-    return encoder.dtype if encoder is not None else pipe.transformer.dtype
+    dtype: torch.dtype = encoder.dtype if encoder is not None else pipe.transformer.dtype
+    return dtype
 
 
 def _check_size(height: int, width: int) -> None:
@@ -188,7 +189,14 @@ def make_scheduler(
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
     mu = resolution_mu(image_seq_len, scheduler.config)
-    timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+    # diffusers annotates sigmas as a list; it hands them to the scheduler's set_timesteps, which takes an array
+    timesteps, _ = retrieve_timesteps(
+        scheduler,
+        num_inference_steps,
+        device,
+        sigmas=sigmas,  # type: ignore[arg-type]
+        mu=mu,
+    )
     scheduler.set_begin_index(0)
     return scheduler, timesteps
 
@@ -203,7 +211,7 @@ def _velocity(
     img_shapes: list[list[ImgShape]],
 ) -> torch.Tensor:
     hidden_BLC = torch.cat([latents_BLC, cond.ref_tokens_BLC], dim=1)
-    out_BLC = transformer(
+    out_BLC: torch.Tensor = transformer(
         hidden_states=hidden_BLC,
         timestep=timestep_B / 1000,
         guidance=None,
@@ -219,8 +227,8 @@ def guided_velocity(cond_BLC: torch.Tensor, uncond_BLC: torch.Tensor, scale: flo
     """The pipelines' true CFG: extrapolate from the negative prediction, then rescale every token back to the
     conditional prediction's norm (keeps high guidance from blowing up the latents)."""
     comb_BLC = uncond_BLC + scale * (cond_BLC - uncond_BLC)
-    cond_norm = torch.norm(cond_BLC, dim=-1, keepdim=True)
-    comb_norm = torch.norm(comb_BLC, dim=-1, keepdim=True)
+    cond_norm: torch.Tensor = torch.norm(cond_BLC, dim=-1, keepdim=True)  # torch.norm is unannotated
+    comb_norm: torch.Tensor = torch.norm(comb_BLC, dim=-1, keepdim=True)
     return comb_BLC * (cond_norm / comb_norm)
 
 
@@ -254,6 +262,7 @@ def denoise(
             transformer, latents_BLC, cond, cond.prompt_embeds_BLD, cond.prompt_mask_BL, timestep_B, img_shapes
         )
         if cond.do_true_cfg and true_cfg_scale > 1:
+            assert cond.negative_embeds_BLD is not None  # what do_true_cfg says
             v_neg_BLC = _velocity(
                 transformer, latents_BLC, cond, cond.negative_embeds_BLD, cond.negative_mask_BL, timestep_B, img_shapes
             )
@@ -261,12 +270,23 @@ def denoise(
             if guidance_rescale > 0:
                 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-                guided_BLC = rescale_noise_cfg(guided_BLC, v_BLC, guidance_rescale)
+                # diffusers leaves rescale_noise_cfg unannotated
+                guided_BLC = rescale_noise_cfg(guided_BLC, v_BLC, guidance_rescale)  # type: ignore[no-untyped-call]
             v_BLC = guided_BLC
         latents_BLC = scheduler.step(v_BLC, t, latents_BLC, return_dict=False)[0]
     return latents_BLC
 
 
+@overload
+def decode(
+    pipe: Any, latents_BLC: torch.Tensor, height: int, width: int, output: Literal["pil"] = "pil"
+) -> Image.Image: ...
+@overload
+def decode(pipe: Any, latents_BLC: torch.Tensor, height: int, width: int, output: Literal["np"]) -> np.ndarray: ...
+@overload
+def decode(
+    pipe: Any, latents_BLC: torch.Tensor, height: int, width: int, output: Literal["pil", "np"]
+) -> Image.Image | np.ndarray: ...
 @torch.no_grad()
 def decode(
     pipe: Any, latents_BLC: torch.Tensor, height: int, width: int, output: Literal["pil", "np"] = "pil"
@@ -278,7 +298,8 @@ def decode(
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents_BC1hw.device, latents_BC1hw.dtype)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents_BC1hw.device, latents_BC1hw.dtype)
     pixels_B3HW = vae.decode(latents_BC1hw / inv_std + mean, return_dict=False)[0][:, :, 0]
-    return pipe.image_processor.postprocess(pixels_B3HW, output_type=output)[0]
+    image: Image.Image | np.ndarray = pipe.image_processor.postprocess(pixels_B3HW, output_type=output)[0]
+    return image
 
 
 def sample_edit(

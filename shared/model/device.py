@@ -51,7 +51,8 @@ def _computes_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bf16 natively; ``is_bf16_supported`` asks about the current GPU, so ``device`` is made
     current for the question. Emulated bf16 counts as no."""
     with torch.cuda.device(device):
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        supported: bool = torch.cuda.is_bf16_supported(including_emulation=False)
+    return supported
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,7 +67,8 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise errors.InvalidInput(f"device {name!r}: this host has {torch.cuda.device_count()} GPU(s), numbered from 0")
     if dev.type == "cuda" and dev.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
+        # torch's stub types device.index as int, but a device named without one ("cuda") has None
+        return torch.device("cuda", torch.cuda.current_device())  # type: ignore[unreachable]
     return dev
 
 

@@ -11,6 +11,7 @@ target's tokens and the loss is an MSE in fp32.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ class EditBatch:
     text_all_valid: bool | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> EditBatch:
-        mv = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        mv: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return EditBatch(
             mv(self.latents_BChw),
             [mv(r) for r in self.refs_BChw],
@@ -47,7 +48,7 @@ class EditBatch:
     def take(self, rows: list[int]) -> EditBatch:
         """The samples ``rows`` of the batch, in that order."""
         idx = torch.tensor(rows, device=self.latents_BChw.device)
-        pick = lambda t: t.index_select(0, idx)  # noqa: E731
+        pick: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.index_select(0, idx)  # noqa: E731
         return EditBatch(
             pick(self.latents_BChw),
             [pick(r) for r in self.refs_BChw],
@@ -94,13 +95,14 @@ def resolution_mu(image_seq_len: int, scheduler: dict[str, Any]) -> float:
     ``calculate_shift`` with the scheduler config's base/max sequence lengths and shifts."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift
 
-    return calculate_shift(
+    mu: float = calculate_shift(  # diffusers does not annotate its return
         image_seq_len,
         scheduler.get("base_image_seq_len", 256),
         scheduler.get("max_image_seq_len", 4096),
         scheduler.get("base_shift", 0.5),
         scheduler.get("max_shift", 1.15),
     )
+    return mu
 
 
 def auto_shift_sigmas(s: torch.Tensor, image_seq_len: int, scheduler: dict[str, Any]) -> torch.Tensor:
@@ -125,7 +127,7 @@ def predict_velocity(
     """Run the transformer on [noisy target | reference tokens…] and return the target tokens' prediction."""
     ref_tokens = [pack_latents(r) for r in batch.refs_BChw]
     hidden_BLC = torch.cat([noisy_BLC, *ref_tokens], dim=1).to(dtype)
-    out_BLC = transformer(
+    out_BLC: torch.Tensor = transformer(
         hidden_states=hidden_BLC,
         timestep=sigmas_B.to(dtype),
         encoder_hidden_states=batch.prompt_embeds_BLD.to(dtype),

@@ -44,16 +44,20 @@ def processor_without_video() -> None:
 
     if getattr(Qwen2VLProcessor, "_edittuner_without_video", False):
         return
-    base = ProcessorMixin.get_attributes.__func__
-    Qwen2VLProcessor.get_attributes = classmethod(lambda cls: [a for a in base(cls) if a != "video_processor"])
-    Qwen2VLProcessor._edittuner_without_video = True
+    base = ProcessorMixin.__dict__["get_attributes"].__func__  # the classmethod's function
+    # a monkeypatch, which mypy refuses: it types class attributes as fixed
+    Qwen2VLProcessor.get_attributes = classmethod(  # type: ignore[method-assign, assignment]
+        lambda cls: [a for a in base(cls) if a != "video_processor"]
+    )
+    Qwen2VLProcessor._edittuner_without_video = True  # type: ignore[attr-defined]  # a marker the class lacks
 
 
-def pipeline_class(flavour: str) -> type:
+def pipeline_class(flavour: str) -> type[Any]:
     """The diffusers pipeline class whose prompt template and reference handling the flavour was trained with."""
     import diffusers
 
-    return getattr(diffusers, get_flavour(flavour).pipeline_class_name)
+    cls: type[Any] = getattr(diffusers, get_flavour(flavour).pipeline_class_name)
+    return cls
 
 
 def _expected_layout() -> str:
@@ -214,7 +218,7 @@ def quiet_progress_bars() -> None:
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
 
 
 def apply_flavour(transformer: Any, flavour: str) -> Any:
@@ -240,7 +244,8 @@ def apply_flavour(transformer: Any, flavour: str) -> Any:
 def scheduler_config(source: str | Path) -> dict[str, Any]:
     """The model's scheduler config (``scheduler/scheduler_config.json``): base/max shift and sequence lengths
     for ``flow_schedule_auto_shift``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    # diffusers' classes from their modules: mypy reads ``from diffusers import`` as its dummy placeholders
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 
     loc = locate_model(str(source))
     try:
@@ -253,7 +258,8 @@ def scheduler_config(source: str | Path) -> dict[str, Any]:
 
 def load_transformer(source: str | Path, flavour: str, *, dtype: torch.dtype = torch.float32) -> Any:
     """Just the flavour's transformer (on CPU, in ``dtype``): what training needs, quantized afterwards."""
-    from diffusers import QwenImageTransformer2DModel
+    # diffusers' classes from their modules: mypy reads ``from diffusers import`` as its dummy placeholders
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
 
     loc = locate_model(str(source))
     log.info("model %s (transformer): loading from %s", source, loc.where)

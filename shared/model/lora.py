@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save as safetensors_save
@@ -30,7 +30,10 @@ DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FILE = "pytorch_lora_weights_comfyui.safetensors"
 FORMATS = ("diffusers", "comfyui", "both")
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY: LoraConfig kwargs as JSON
-_INITS: dict[str, bool | str] = {"default": True, "gaussian": "gaussian"}  # peft's init_lora_weights values
+_INITS: dict[str, bool | Literal["gaussian"]] = {
+    "default": True,
+    "gaussian": "gaussian",
+}  # peft's init_lora_weights values
 
 
 # ------------------------------------------------------------------------------------------------- attaching
@@ -120,7 +123,11 @@ def attach_lora(
         raise errors.InvalidInput(f"LoRA init {init!r} is unknown: expected one of {', '.join(_INITS)}")
     targets = check_target_modules(transformer, target_modules)
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=_INITS[init], target_modules=targets
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates an int, but scales by alpha / r: floats work
+        lora_dropout=dropout,
+        init_lora_weights=_INITS[init],
+        target_modules=targets,
     )
     transformer.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
@@ -140,7 +147,8 @@ def attach_lora(
 def _peft_state(transformer: Any, adapter_name: str) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    state: dict[str, torch.Tensor] = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    return state
 
 
 def lora_state_dict(transformer: Any, adapter_name: str = "default") -> dict[str, torch.Tensor]:

@@ -26,12 +26,16 @@ import functools
 import importlib.util
 import logging
 import types
+from collections.abc import Callable
 from fnmatch import fnmatch
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from shared import errors
+
+if TYPE_CHECKING:
+    from bitsandbytes.nn.modules import Params4bit
 
 log = logging.getLogger(__name__)
 
@@ -252,10 +256,10 @@ def pure_torch_quanto() -> None:
     if getattr(qbytes.is_extension_available, "_edittuner", False):
         return
 
-    def without_cuda_extension(name: str, _available=qbytes.is_extension_available) -> bool:
+    def without_cuda_extension(name: str, _available: Callable[[str], bool] = qbytes.is_extension_available) -> bool:
         return name != "quanto_cuda" and _available(name)
 
-    without_cuda_extension._edittuner = True
+    without_cuda_extension.__dict__["_edittuner"] = True  # a function attribute, which mypy does not model
     qbytes.is_extension_available = without_cuda_extension
     qbits.is_extension_available = without_cuda_extension
 
@@ -319,7 +323,8 @@ def _swap_bnb_linears(
 ) -> None:
     """Replace every quantizable ``nn.Linear`` (not matching ``keep``, default KEEP_HIGH_PRECISION) by its
     bitsandbytes twin holding the same (not yet quantized) weights; the next ``.to(device)`` quantizes them."""
-    import bitsandbytes as bnb
+    # bnb.nn re-exports these without declaring it (no __all__): imported from where they are defined
+    from bitsandbytes.nn.modules import Int8Params, Linear4bit, Params4bit
 
     keep = _keep_patterns() if keep is None else keep
     targets = [
@@ -332,7 +337,7 @@ def _swap_bnb_linears(
         weight = linear.weight.data.to("cpu")
         bias = linear.bias.data.to("cpu") if linear.bias is not None else None
         if precision == "nf4-bnb":
-            new = bnb.nn.Linear4bit(
+            new = Linear4bit(  # type: ignore[no-untyped-call]  # bitsandbytes leaves its __init__ unannotated
                 linear.in_features,
                 linear.out_features,
                 bias=bias is not None,
@@ -340,7 +345,7 @@ def _swap_bnb_linears(
                 quant_type="nf4",
                 device="meta",
             )
-            new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", module=new)
+            new.weight = Params4bit(weight, requires_grad=False, quant_type="nf4", module=new)
             # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks 4-bit weights into an inference-only layout on
             # the first eval-mode forward, and every training forward after it fails (measured: RuntimeError in
             # matmul_4bit). A validation pass mid-training is exactly that sequence: keep the trainable layout.
@@ -354,7 +359,7 @@ def _swap_bnb_linears(
                 threshold=6.0,
                 device="meta",
             )
-            new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            new.weight = Int8Params(weight, requires_grad=False, has_fp16_weights=False)
         if bias is not None:
             new.bias = torch.nn.Parameter(bias, requires_grad=False)
         new.train(linear.training)
@@ -377,17 +382,22 @@ def linear8bit_dequant() -> type:
     and preview through a third. This class keeps one function: the weights stay int8 in memory (the point of the
     precision); the dequantized copy of one Linear lives only for its matmul. ``threshold`` is still set to
     bitsandbytes' LLM.int8() default, 6.0, for any caller that reaches the stock kernel through ``state``."""
-    import bitsandbytes as bnb
     from bitsandbytes.autograd._functions import MatMul8bitFp
+    from bitsandbytes.nn.modules import Int8Params, Linear8bitLt
 
-    class Linear8bitDequant(bnb.nn.Linear8bitLt):
+    class Linear8bitDequant(Linear8bitLt):
+        weight: Int8Params  # as Linear8bitLt.__init__ sets it (nn.Linear declares a Tensor)
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             self.state.is_training = self.training
             if self.weight.CB is not None:
-                self.init_8bit_state()
+                self.init_8bit_state()  # type: ignore[no-untyped-call]  # bitsandbytes leaves it unannotated
             if self.bias is not None and self.bias.dtype != x.dtype:
                 self.bias.data = self.bias.data.to(x.dtype)
-            out = MatMul8bitFp.apply(x, self.weight, None, self.bias, self.state)
+            # torch leaves Function.apply unannotated; MatMul8bitFp.forward returns the product, a Tensor
+            out: torch.Tensor = MatMul8bitFp.apply(  # type: ignore[no-untyped-call]
+                x, self.weight, None, self.bias, self.state
+            )
             if not self.state.has_fp16_weights and self.state.CB is not None:
                 self.weight.data = self.state.CB
             return out
@@ -409,10 +419,10 @@ def quantized_modules(model: torch.nn.Module) -> dict[str, str]:
 
 def _kind(m: torch.nn.Module) -> str | None:
     cls = type(m)
-    if cls.__module__.startswith("optimum.quanto") and getattr(m, "weight_qtype", None) is not None:
-        return f"quanto:{m.weight_qtype.name}"
+    if cls.__module__.startswith("optimum.quanto") and (qtype := getattr(m, "weight_qtype", None)) is not None:
+        return f"quanto:{qtype.name}"
     if cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes"):
-        return f"bnb:{m.weight.quant_type}"
+        return f"bnb:{cast('Params4bit', m.weight).quant_type}"  # a Linear4bit's weight (Module.__getattr__)
     if any(c.__name__ == "Linear8bitLt" and c.__module__.startswith("bitsandbytes") for c in cls.__mro__):
         return "bnb:int8"
     return None

@@ -108,13 +108,15 @@ def inference_sigmas(scheduler_config: dict[str, Any], num_steps: int, image_seq
     """The N sigmas (float32, from 1 down, without the terminal 0) that a preview at ``image_seq_len`` target tokens
     denoises through: the pipelines' linspace through the model's scheduler and its resolution shift, as
     ``shared.evaluate.sampling.make_scheduler`` sets them."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    # diffusers' classes from their modules: mypy reads ``from diffusers import`` as its dummy placeholders
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(
         sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=resolution_mu(image_seq_len, scheduler_config)
     )
-    return scheduler.sigmas[:-1].float()
+    sigmas_N: torch.Tensor = scheduler.sigmas[:-1].float()  # diffusers types the scheduler loosely
+    return sigmas_N
 
 
 def rollout_sigmas(schedule_N: torch.Tensor, sigma: float, steps: int) -> list[float]:
@@ -127,7 +129,9 @@ def rollout_sigmas(schedule_N: torch.Tensor, sigma: float, steps: int) -> list[f
 def make_solver(name: str, order: int = 2) -> Any:
     """A fresh diffusers scheduler for one rollout, with flow-matching settings and no shift of its own (the
     sigmas it is given are the inference schedule's, already shifted)."""
-    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+    from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
+    from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 
     if name == "euler":
         return FlowMatchEulerDiscreteScheduler(shift=1.0)
@@ -144,7 +148,7 @@ def set_sigmas(solver: Any, sigmas: list[float]) -> None:
     sigma, which is never stepped from). Euler and UniPC take custom sigmas in ``set_timesteps``; diffusers' DPM
     multistep does not, so its schedule is set in the form its ``set_timesteps`` leaves one, with UniPC's nudge
     below sigma 1."""
-    from diffusers import DPMSolverMultistepScheduler
+    from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 
     sig = np.array(sigmas, dtype=np.float32)
     if not isinstance(solver, DPMSolverMultistepScheduler):

@@ -78,8 +78,9 @@ def build_tokenizer() -> Any:
     vocab.update({tok: len(bpe_model["vocab"]) + i for i, tok in enumerate(SPECIAL_TOKENS)})
     return Qwen2Tokenizer(
         vocab=vocab,
-        merges=[tuple(m) for m in bpe_model["merges"]],  # the slow-path constructor wants tuples, not lists
-        unk_token=None,
+        # the slow-path constructor wants tuples, not lists; transformers annotates list[str] and a str unk_token
+        merges=[tuple(m) for m in bpe_model["merges"]],  # type: ignore[misc]
+        unk_token=None,  # type: ignore[arg-type]
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=SPECIAL_TOKENS[1:],
@@ -105,7 +106,8 @@ def _build_processor(tokenizer: Any) -> Any:
         temporal_patch_size=2,
         merge_size=2,
     )
-    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    # transformers leaves Qwen2VLProcessor.__init__ unannotated
+    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)  # type: ignore[no-untyped-call]
 
 
 def _build_text_encoder(tokenizer: Any, seed: int) -> Any:
@@ -138,7 +140,8 @@ def _build_text_encoder(tokenizer: Any, seed: int) -> Any:
         vision_end_token_id=tid("<|vision_end|>"),
     )
     torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(config).eval()
+    # transformers leaves PreTrainedModel.eval unannotated
+    return Qwen2_5_VLForConditionalGeneration(config).eval()  # type: ignore[no-untyped-call]
 
 
 def build_tiny_components(flavour: str, seed: int = 0, vae_base_dim: int = 16) -> dict[str, Any]:
@@ -147,7 +150,10 @@ def build_tiny_components(flavour: str, seed: int = 0, vae_base_dim: int = 16) -
 
     Each model is seeded on its own so that changing one config does not shift the others' weights.
     """
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    # diffusers' classes from their modules: mypy reads ``from diffusers import`` as its dummy placeholders
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import AutoencoderKLQwenImage
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 
     flav = get_flavour(flavour)
     processor_without_video()

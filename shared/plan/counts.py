@@ -130,7 +130,8 @@ def transformer_config(model_path: str) -> dict[str, Any]:
         )
     if path.is_file():
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            return config
         except (OSError, ValueError) as e:
             raise errors.InvalidInput(f"{path}: cannot read the transformer config ({e})") from None
     return dict(REAL_TRANSFORMER_CONFIG)
@@ -139,7 +140,8 @@ def transformer_config(model_path: str) -> dict[str, Any]:
 @functools.lru_cache(maxsize=16)
 def _counts(config_json: str) -> TransformerCounts:
     model = build_meta_transformer(json.loads(config_json))
-    linears, in_linear = [], set()
+    linears: list[LinearInfo] = []
+    in_linear: set[int] = set()
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear):
             linears.append(
@@ -154,7 +156,8 @@ def _counts(config_json: str) -> TransformerCounts:
 
 def build_meta_transformer(config: dict[str, Any]) -> Any:
     """QwenImageTransformer2DModel from ``config`` on the meta device: shapes without memory."""
-    from diffusers import QwenImageTransformer2DModel
+    # diffusers' classes from their modules: mypy reads ``from diffusers import`` as its dummy placeholders
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
 
     keys = set(inspect.signature(QwenImageTransformer2DModel.__init__).parameters) - {"self"}
     with torch.device("meta"):

@@ -7,7 +7,9 @@ on the real diffusers classes at toy width; see the comment above ``shared.plan.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Protocol
 
 import torch
 
@@ -16,36 +18,53 @@ from shared.plan.counts import counts_for_config
 
 
 # ------------------------------------------------------------------------------------------- measurement
-class LiveBytes:
+class PeakMode(Protocol):
+    """What ``live_bytes`` returns: a mode to enter (``with``), then its ``peak`` live bytes."""
+
+    peak: int
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None, /
+    ) -> Any: ...
+
+
+def live_bytes(exclude: list[torch.Tensor]) -> PeakMode:
     """A TorchDispatchMode that tracks every storage an op creates until it is freed: ``peak`` live bytes.
     Storages of ``exclude`` (parameters, buffers) do not count."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
 
-    def __new__(cls, exclude: list[torch.Tensor]):
-        from torch.multiprocessing.reductions import StorageWeakRef
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
+    # torch leaves TorchDispatchMode's __init_subclass__ and __init__, and StorageWeakRef, unannotated
+    class _Mode(TorchDispatchMode):  # type: ignore[no-untyped-call]
+        def __init__(self) -> None:
+            super().__init__()  # type: ignore[no-untyped-call]
+            self.skip = {p for t in exclude for p in _storage_ptrs(t)}
+            self.refs: dict[int, tuple[Any, int]] = {}
+            self.live = self.peak = 0
 
-        class _Mode(TorchDispatchMode):
-            def __init__(self) -> None:
-                super().__init__()
-                self.skip = {p for t in exclude for p in _storage_ptrs(t)}
-                self.refs: dict[int, tuple[Any, int]] = {}
-                self.live = self.peak = 0
+        def __torch_dispatch__(
+            self,
+            func: Callable[..., Any],
+            types: tuple[type, ...],
+            args: tuple[Any, ...] = (),
+            kwargs: dict[str, Any] | None = None,
+        ) -> Any:
+            out = func(*args, **(kwargs or {}))
+            for k in [k for k, (r, _) in self.refs.items() if r.expired()]:
+                del self.refs[k]  # first: a new storage may reuse a freed one's address
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and type(t) is torch.Tensor:
+                    s = t.untyped_storage()
+                    if s.data_ptr() not in self.refs and s.data_ptr() not in self.skip:
+                        self.refs[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())  # type: ignore[no-untyped-call]
+            self.live = sum(nb for _, nb in self.refs.values())
+            self.peak = max(self.peak, self.live)
+            return out
 
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for k in [k for k, (r, _) in self.refs.items() if r.expired()]:
-                    del self.refs[k]  # first: a new storage may reuse a freed one's address
-                for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor) and type(t) is torch.Tensor:
-                        s = t.untyped_storage()
-                        if s.data_ptr() not in self.refs and s.data_ptr() not in self.skip:
-                            self.refs[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
-                self.live = sum(nb for _, nb in self.refs.values())
-                self.peak = max(self.peak, self.live)
-                return out
-
-        return _Mode()
+    return _Mode()
 
 
 def _storage_ptrs(t: torch.Tensor) -> list[int]:
@@ -76,7 +95,8 @@ def _probe_model(
     layers: int, targets: list[str], precision: str = "no_change", zero_cond: bool = False, heads: int = 2
 ) -> Any:
     """The real transformer class, ``heads`` x 128 (d = 256 by default), joint_attention_dim 64, ``layers`` blocks."""
-    from diffusers import QwenImageTransformer2DModel
+    # diffusers' classes from their modules: mypy reads ``from diffusers import`` as its dummy placeholders
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
 
     torch.manual_seed(0)
     m = QwenImageTransformer2DModel(
@@ -126,7 +146,7 @@ def measure_saved_bytes(model: Any, img: int, txt: int, checkpointing: bool = Fa
 def measure_peak_bytes(model: Any, img: int, txt: int, checkpointing: bool = False, train: bool = True) -> int:
     """Peak live bytes (parameters and buffers excluded) over one forward (+ backward when ``train``)."""
     (model.enable_gradient_checkpointing if checkpointing else model.disable_gradient_checkpointing)()
-    mode = LiveBytes([*model.parameters(), *model.buffers()])
+    mode = live_bytes([*model.parameters(), *model.buffers()])
     with mode, torch.set_grad_enabled(train):
         out = model(**_probe_inputs(model, img, txt))[0]
         if train:
@@ -144,7 +164,7 @@ def measure_activation_coefficients(
     ``heads`` the probe's width in heads of 128;
     see the comment above ``shared.plan.memory.C_BLOCK`` for the method. Returns {constant name: value}."""
     import numpy as np
-    from diffusers import AutoencoderKLQwenImage
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import AutoencoderKLQwenImage
 
     default = list(DEFAULT_TARGET_MODULES)
     extended = default + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "img_mlp.net.2", "txt_mlp.net.0.proj"]
@@ -173,7 +193,9 @@ def measure_activation_coefficients(
     c_block, c_lora, c_quanto = np.linalg.lstsq(np.array(rows, float), np.array(ys, float), rcond=None)[0]
     m2, m4 = (_probe_model(n, default, heads=heads) for n in (2, 4))
     z2, z4 = (_probe_model(n, default, zero_cond=True, heads=heads) for n in (2, 4))
-    zero_cond, ckpt, outside_ckpt, peak, peak_ckpt, infer = [], [], [], [], [], []
+    zero_cond, ckpt, outside_ckpt, infer = [], [], [], []
+    peak: list[float] = []
+    peak_ckpt: list[float] = []
     for img, txt in mixes:
         z_block = (measure_saved_bytes(z4, img, txt) - measure_saved_bytes(z2, img, txt)) / 2
         zero_cond.append((z_block - block[img, txt]) / (img * d))
@@ -200,7 +222,7 @@ def measure_activation_coefficients(
     ):
         torch.manual_seed(0)
         vae = AutoencoderKLQwenImage(base_dim=16).to(torch.bfloat16).eval()  # a fresh one: no caches from before
-        mode = LiveBytes([*vae.parameters(), *vae.buffers()])
+        mode = live_bytes([*vae.parameters(), *vae.buffers()])
         with mode, torch.no_grad():
             (vae.encode if what == "encode" else vae.decode)(x.bfloat16())
         per_px[what] = mode.peak / (16 * vae_side * vae_side)

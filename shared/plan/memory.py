@@ -26,7 +26,7 @@ from shared.plan.tokens import TEMPLATE_TOKENS, VL_PIXELS_PER_PATCH, Tokens
 #   copies the RMSNorms make, RoPE products, SDPA's q/k/v/output + fp32 logsumexp per token and head (4/128 bytes
 #   per unit width, inside C_BLOCK), GELU inputs (4d); per LoRA layer peft's fp32 copy of its bf16 input
 #   (C_LORA_INPUT = 4: q, k and v each pay their own copy of the same input).
-# - Peak: a TorchDispatchMode (LiveBytes) tracks every storage an op creates until it is freed, over forward and
+# - Peak: a TorchDispatchMode (live_bytes) tracks every storage an op creates until it is freed, over forward and
 #   backward; the peak minus the saved bytes is expressed in blocks (largest over the mixes). The same tracker
 #   finds what hooks cannot see: bnb's int8 matmul keeps its input as a ctx attribute.
 C_BLOCK = 32.2  # bytes per token per unit width per block, either stream
@@ -40,7 +40,7 @@ C_OUTSIDE_CKPT = 0.0  # ... and outside the blocks nothing but RoPE's frequencie
 PEAK_EXTRA_BLOCKS = 0.4  # no checkpointing: one block's backward working set (+ the loss's tensors)
 PEAK_EXTRA_BLOCKS_CKPT = 1.8  # checkpointing: the block being recomputed + its backward working set
 C_INFERENCE = 44.6  # no-grad forward (eval): peak live bytes per token per unit width, at 2 and 4 blocks alike
-# VAE (AutoencoderKLQwenImage, real layout at base_dim 16, bf16, 256x256, no grad, LiveBytes peak): bytes per pixel
+# VAE (AutoencoderKLQwenImage, real layout at base_dim 16, bf16, 256x256, no grad, live_bytes peak): bytes per pixel
 # per unit of base_dim; it scales with both (checked at base_dim 32 and at 128 px).
 VAE_ENCODE_BYTES = 20.8
 VAE_DECODE_BYTES = 36.2

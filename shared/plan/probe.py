@@ -67,7 +67,8 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def build_transformer(cfg: dict[str, Any], device: torch.device, seed: int = 0) -> Any:
     """The real diffusers class from ``cfg``, initialised in bf16 directly where it will run (no fp32 copy)."""
-    from diffusers import QwenImageTransformer2DModel
+    # diffusers' classes from their modules: mypy reads ``from diffusers import`` as its dummy placeholders
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
 
     torch.manual_seed(seed)
     with default_dtype(torch.bfloat16), device:
@@ -121,7 +122,7 @@ def block_update(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
     (at random init the modulation gates are small), which would hide the block's error."""
     seen: dict[str, torch.Tensor] = {}
 
-    def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         names = ("hidden_states", "encoder_hidden_states")
         given = dict(zip(names, args, strict=False)) | {k: kwargs[k] for k in names if k in kwargs}
         txt_out, img_out = output

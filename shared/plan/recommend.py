@@ -156,8 +156,9 @@ def apply_recommendation(run: RunConfig, recommendation: list[str]) -> RunConfig
                 train, model_kwargs=dataclasses.replace(train.model_kwargs, reference_area=int(value))
             )
         else:
-            train = dataclasses.replace(
-                train, **{key: json.loads(value) if value in ("true", "false") or value.isdigit() else value}
-            )
+            change: dict[str, Any] = {  # the value of whichever field ``key`` names
+                key: json.loads(value) if value in ("true", "false") or value.isdigit() else value
+            }
+            train = dataclasses.replace(train, **change)
     run = dataclasses.replace(run, train=train)
     return _with_resolution(run, side) if side is not None else run

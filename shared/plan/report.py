@@ -111,7 +111,8 @@ def _services_and_gpus(plan: Plan) -> list[str]:
 # ------------------------------------------------------------------------------------------ docs table
 def measured_runs() -> dict[str, Any]:
     """The GPU measurements the planner is checked against (``measured.json``: device, software, rows)."""
-    return json.loads((Path(__file__).with_name("measured.json")).read_text(encoding="utf-8"))
+    runs: dict[str, Any] = json.loads((Path(__file__).with_name("measured.json")).read_text(encoding="utf-8"))
+    return runs
 
 
 def _measured_cell(rows: list[dict[str, Any]], flavour: str, refs: int, res: int, precision: str, ckpt: bool) -> str:

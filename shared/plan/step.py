@@ -65,7 +65,8 @@ def gpu_name(device: torch.device) -> str:
 
 
 def real_config(flavour: str) -> dict[str, Any]:
-    from diffusers import QwenImageTransformer2DModel
+    # diffusers' classes from their modules: mypy reads ``from diffusers import`` as its dummy placeholders
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
 
     from shared.config.flavours import get_flavour
     from shared.plan.counts import REAL_TRANSFORMER_CONFIG
@@ -112,7 +113,7 @@ def time_steps(
             sync(device)
             t0 = time.perf_counter()
         loss = flow_matching_loss(model, batch, noise, sigmas, dtype=torch.bfloat16)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))

@@ -25,7 +25,10 @@ import safetensors.torch
 import torch
 
 from shared import errors
-from shared.store.keys import folder_prefix, validate_key
+
+# Re-exported: the key rules are part of the store's interface (``validate_key`` in the module docstring).
+from shared.store.keys import folder_prefix as folder_prefix
+from shared.store.keys import validate_key as validate_key
 
 DEFAULT_BUCKET = "edittuner"
 COMMIT_MARKER = "_COMMITTED"

@@ -20,7 +20,7 @@ import importlib
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -43,6 +43,12 @@ TENSOR_SUBCLASSES = frozenset(
 )
 
 
+class _WrapperSubclass(Protocol):
+    """A traceable tensor subclass (torchao's low-bit states): its inner tensors' attribute names and a context."""
+
+    def __tensor_flatten__(self) -> tuple[list[str], Any]: ...
+
+
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -53,7 +59,7 @@ def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "s") -> Any:
         name = _qualname(type(obj))
         if name not in TENSOR_SUBCLASSES:
             raise TypeError(f"cannot store a {name} at {path} in a checkpoint (not in TENSOR_SUBCLASSES)")
-        inner, ctx = obj.__tensor_flatten__()
+        inner, ctx = cast(_WrapperSubclass, obj).__tensor_flatten__()  # its class has it (checked above)
         return {
             "__subclass__": name,
             "inner": {n: flatten(getattr(obj, n), tensors, f"{path}.{n}") for n in inner},
@@ -114,9 +120,10 @@ def _unflatten_subclass(skel: dict[str, Any], tensors: dict[str, torch.Tensor]) 
             f"{module.split('.')[0]}"
         ) from None
     inner = {n: unflatten(v, tensors) for n, v in skel["inner"].items()}
-    return cls.__tensor_unflatten__(
+    tensor: torch.Tensor = cls.__tensor_unflatten__(
         inner, unflatten(skel["ctx"], tensors), torch.Size(skel["size"]), tuple(skel["stride"])
     )
+    return tensor
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -125,7 +132,8 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{i}"] = s
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)  # the default, named: numpy's stub types a bare call as a dict
+    assert isinstance(np_state, tuple)  # the legacy form: the global RandomState's generator is MT19937
     py_state = random.getstate()
     return tensors, {
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],

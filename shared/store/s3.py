@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import certifi
@@ -34,6 +34,7 @@ from shared.store.base import DEFAULT_BUCKET, ObjectInfo, ObjectStore, folder_pr
 from shared.store.files import CHUNK, sha256_file, write_file_verified
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _CREDENTIAL_ENV = (
@@ -236,7 +237,7 @@ class MinioStore(ObjectStore):
     def delete(self, key: str) -> None:
         self._do(lambda: self.client.remove_object(self.bucket, key), validate_key(key))
 
-    def _do(self, operation: Callable[[], Any], key: str | None = None) -> Any:
+    def _do(self, operation: Callable[[], _T], key: str | None = None) -> _T:
         """``operation()`` with the retry policy, its final failure translated to an EditTunerError. Serving a
         call with a deadline, the retries end before it (``shared.deadline.budget``)."""
         budget_s, bounded = deadline.budget(self.retry_s)

@@ -19,6 +19,7 @@ from typing import Any
 
 from shared.cli.common import DEFAULT_STORE, ProgressBars, load_from_args, store_from_args
 from shared.cli.jobs import cmd_data_push, cmd_jobs, cmd_runs_pull, cmd_runs_report, remote_job
+from shared.config.flavours import FLAVOURS
 from shared.errors import EditTunerError, InvalidInput
 from shared.logs import quiet_call_noise, quiet_import_noise
 from shared.train.events import TrainEvent, WorkerResult
@@ -251,10 +252,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from shared.model.tiny_model import save_tiny_model
 
-    if args.trained and args.flavour == "edit-v3":
+    if args.trained and not FLAVOURS[args.flavour].tiny_trained:
+        trained = " and ".join(name for name, f in FLAVOURS.items() if f.tiny_trained)
         print(
-            "make-tiny-model: --trained exists for edit-v1 and edit-v2 (edit-v3's zero_cond_t modulation is not "
-            "trained); drop --trained for a random-weight edit-v3 model",
+            f"make-tiny-model: --trained exists for {trained} ({args.flavour}'s model is not trained); drop "
+            f"--trained for a random-weight {args.flavour} model",
             file=sys.stderr,
         )
         return 2
@@ -351,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("make-tiny-model", help="write a tiny model in the real Hugging Face layout")
     p.add_argument("dir")
-    p.add_argument("--flavour", choices=["edit-v1", "edit-v2", "edit-v3"], default="edit-v2")
+    p.add_argument("--flavour", choices=sorted(FLAVOURS), default="edit-v2")
     p.add_argument("--seed", type=int, default=0, help="the random weights' seed (the text side's, with --trained)")
     p.add_argument(
         "--trained",
@@ -364,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_doctor(sub)
     p = sub.add_parser("demo", help="trained tiny model + generated pairs: a LoRA learns an edit, on a CPU")
     p.add_argument("--output", default="demo-out")
-    p.add_argument("--flavour", choices=["edit-v1", "edit-v2"], default="edit-v2")
+    p.add_argument("--flavour", choices=sorted(n for n, f in FLAVOURS.items() if f.tiny_trained), default="edit-v2")
     p.add_argument("--samples", type=int, default=24)
     p.add_argument("--steps", type=int, default=300)
     p.set_defaults(func=cmd_demo)

@@ -36,7 +36,9 @@ def check_datasets(train: TrainConfig, data: DataConfig, cfg_label: str) -> tupl
             Problem(data.source, "no dataset with dataset_type 'image' (the edited/target images); add one")
         )
     referenced: set[str] = set()
-    limit = FLAVOURS[train.model_flavour].max_refs if train.model_flavour in FLAVOURS else 3
+    flav = FLAVOURS.get(train.model_flavour) if train.model_flavour else None  # None: reported by the schema
+    limit = flav.max_refs if flav is not None else 3
+    one_reference = flav is not None and not flav.multi_reference  # edit-v1's pipeline takes one image
     for d in data.datasets:
         if _refused(d.id):
             continue
@@ -122,11 +124,11 @@ def check_datasets(train: TrainConfig, data: DataConfig, cfg_label: str) -> tupl
         elif (
             train.model_flavour
             and len(refs) > limit
-            and (train.model_flavour == "edit-v1" or train.conditioning_multidataset_sampling == "combined")
+            and (one_reference or train.conditioning_multidataset_sampling == "combined")
         ):
             why = (
-                "edit-v1 takes exactly one reference image per sample"
-                if train.model_flavour == "edit-v1"
+                f"{train.model_flavour} takes exactly one reference image per sample"
+                if one_reference
                 else f"{train.model_flavour} takes at most {limit} references per sample and with "
                 "conditioning_multidataset_sampling 'combined' every reference dataset feeds every sample"
             )
@@ -134,11 +136,7 @@ def check_datasets(train: TrainConfig, data: DataConfig, cfg_label: str) -> tupl
                 Problem(
                     _where(data, d, "conditioning_data"),
                     f"{len(refs)} reference datasets listed, but {why}; remove some"
-                    + (
-                        ""
-                        if train.model_flavour == "edit-v1"
-                        else " or set conditioning_multidataset_sampling to 'random'"
-                    ),
+                    + ("" if one_reference else " or set conditioning_multidataset_sampling to 'random'"),
                 )
             )
         if d.conditioning_image_embeds is not None:
@@ -154,10 +152,11 @@ def check_datasets(train: TrainConfig, data: DataConfig, cfg_label: str) -> tupl
                         "the key to use the default cache/conditioning_image_embeds/<dataset id>",
                     )
                 )
-            elif train.model_flavour not in ("edit-v1", None):
+            elif flav is not None and not flav.caption_embeds_in_conditioning_cache:
+                users = ", ".join(n for n, f in FLAVOURS.items() if f.caption_embeds_in_conditioning_cache)
                 warnings.append(
-                    f"{_where(data, d, 'conditioning_image_embeds')}: only edit-v1 uses conditioning "
-                    "image embeds; ignored for " + train.model_flavour
+                    f"{_where(data, d, 'conditioning_image_embeds')}: only {users} uses conditioning "
+                    "image embeds; ignored for " + flav.name
                 )
     for d in data.datasets:
         if d.id is not None and d.dataset_type == "conditioning" and d.id not in referenced:
@@ -180,12 +179,12 @@ def check_datasets(train: TrainConfig, data: DataConfig, cfg_label: str) -> tupl
                     "cache_dir_vae",
                 )
             )
-    if train.model_flavour == "edit-v1":
+    if flav is not None and flav.caption_embeds_in_conditioning_cache:
         text_owner: dict[str, str] = {}
         for d in images:
             if d.conditioning_image_embeds is not None and d.conditioning_image_embeds not in by_id:
                 continue  # reported above as "cache not found"
-            other = text_owner.setdefault(data.text_cache_prefix(d, "edit-v1"), d.id)
+            other = text_owner.setdefault(data.text_cache_prefix(d, flav.name), d.id)
             if other != d.id:
                 problems.append(
                     Problem(

@@ -1,7 +1,9 @@
 """The Qwen-Image-Edit model flavours EditTuner trains, and what differs between them.
 
 Everything flavour-specific (which pipeline class, how many references, at what size the text encoder sees them,
-whether reference tokens are modulated at t=0) is read from here, so a new flavour is one registry entry.
+whether reference tokens are modulated at t=0, whether ``match_target_res`` applies, where caption embeddings are
+cached) is read from here, so a new flavour is one registry entry. Code asks a ``Flavour`` (``get_flavour``), never
+compares a flavour's name.
 """
 
 from __future__ import annotations
@@ -28,11 +30,22 @@ class Flavour:
     zero_cond_t: bool
     vl_ref_area: int  # pixel area references are resized to before the Qwen2.5-VL text encoder sees them
     vae_ref_area: int  # pixel area references are resized to before the VAE encodes them
+    # SimpleTuner keeps this flavour's caption embeddings (conditioned on the reference) in a
+    # ``conditioning_image_embeds`` dataset's cache, not in a ``text_embeds`` one
+    caption_embeds_in_conditioning_cache: bool = False
+    # the tiny model with trained weights (``edittuner make-tiny-model --trained``, the demo) exists for it
+    tiny_trained: bool = False
 
     @property
     def multi_reference(self) -> bool:
         """True for the "Picture N:" template flavours, which accept a list of references."""
         return self.pipeline_class_name == "QwenImageEditPlusPipeline"
+
+    @property
+    def sizes_references_to_target(self) -> bool:
+        """Whether ``model_kwargs.match_target_res`` applies: the Plus pipeline can size each reference as its
+        target; the edit-v1 pipeline always sizes its one reference at ~1 MP."""
+        return self.multi_reference
 
     def check_ref_count(self, n_refs: int, where: str = "references") -> None:
         """Raise InvalidInput when ``n_refs`` references are outside what this flavour's model was trained with."""
@@ -55,6 +68,8 @@ FLAVOURS: dict[str, Flavour] = {
             zero_cond_t=False,
             vl_ref_area=1024 * 1024,  # v1 resizes its one reference to 1 MP for the VL encoder and the VAE alike
             vae_ref_area=VAE_IMAGE_SIZE,
+            caption_embeds_in_conditioning_cache=True,
+            tiny_trained=True,
         ),
         Flavour(
             name="edit-v2",
@@ -65,6 +80,7 @@ FLAVOURS: dict[str, Flavour] = {
             zero_cond_t=False,
             vl_ref_area=CONDITION_IMAGE_SIZE,
             vae_ref_area=VAE_IMAGE_SIZE,
+            tiny_trained=True,
         ),
         Flavour(
             name="edit-v3",

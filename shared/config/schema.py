@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from shared.config.flavours import FLAVOURS
+from shared.config.flavours import FLAVOURS, get_flavour
 from shared.config.optimizers import check_optimizer
 from shared.config.typed import field, non_negative, positive, probability
 from shared.errors import InvalidInput
@@ -477,9 +477,10 @@ class DataConfig:
         return [self.get(i) for i in d.conditioning_data]
 
     def text_cache_prefix(self, d: DatasetConfig, flavour: str) -> str:
-        """Where caption embeddings of image dataset ``d`` go: for edit-v1 the conditioning_image_embeds
-        entry's cache_dir (default cache/conditioning_image_embeds/<id>); else cache/text/<id>."""
-        if flavour == "edit-v1":
+        """Where caption embeddings of image dataset ``d`` go: for edit-v1 (whose flavour keeps them in a
+        conditioning cache) the conditioning_image_embeds entry's cache_dir (default
+        cache/conditioning_image_embeds/<id>); else cache/text/<id>."""
+        if get_flavour(flavour).caption_embeds_in_conditioning_cache:
             if d.conditioning_image_embeds:
                 e = self.get(d.conditioning_image_embeds)
                 return _prefix(e.cache_dir or f"cache/conditioning_image_embeds/{e.id}")

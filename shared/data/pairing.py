@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from shared.config.flavours import get_flavour
 from shared.config.schema import DataConfig, DatasetConfig, RunConfig, TrainConfig
 from shared.data.geometry import (
     Placement,
@@ -238,7 +239,7 @@ def reference_placement(
     same fraction of the image, so a pixel-aligned pair stays aligned). edit-v2/v3 with ``match_target_res``:
     the target's size instead (strict: its bucket and crop; loose: its area at the reference's aspect)."""
     area = train.model_kwargs.reference_area
-    if train.model_flavour != "edit-v1" and train.model_kwargs.match_target_res:
+    if get_flavour(train.model_flavour).sizes_references_to_target and train.model_kwargs.match_target_res:
         if ref_ds.conditioning_type == "reference_strict":
             return strict_reference(target, ref_size)
         tw, th = target.size

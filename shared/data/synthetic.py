@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from shared.config.flavours import get_flavour
+
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -155,7 +157,8 @@ def write_configs(
             "cache_dir_vae": "cache/vae/demo-images",
         }
     ]
-    if flavour == "edit-v1":
+    caption_cache = get_flavour(flavour).caption_embeds_in_conditioning_cache
+    if caption_cache:
         datasets[0]["conditioning_image_embeds"] = "demo-ref-embeds"
     for rid in refs:
         datasets.append(
@@ -169,7 +172,7 @@ def write_configs(
                 "cache_dir_vae": f"cache/vae/{rid}",
             }
         )
-    if flavour == "edit-v1":
+    if caption_cache:
         datasets.append(
             {
                 "id": "demo-ref-embeds",

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from shared.config.flavours import get_flavour
 from shared.config.schema import RunConfig
 from shared.plan.memory import linear_weight_bytes
 
@@ -32,7 +33,9 @@ def _with_resolution(run: RunConfig, side: int) -> RunConfig:
         ),
     )
     train = run.train
-    packed = train.model_flavour == "edit-v1" or not train.model_kwargs.match_target_res  # refs at reference_area
+    packed = (  # refs at reference_area
+        not get_flavour(train.model_flavour).sizes_references_to_target or not train.model_kwargs.match_target_res
+    )
     if packed and train.model_kwargs.reference_area > side * side:
         train = dataclasses.replace(
             train, model_kwargs=dataclasses.replace(train.model_kwargs, reference_area=side * side)

@@ -52,9 +52,9 @@ def training_tokens(run: RunConfig) -> Tokens:
     for ds in run.data.image_datasets:
         target = _square_tokens(ds.target_area)
         n_refs = len(ds.conditioning_data)
-        if t.conditioning_multidataset_sampling == "random" and t.model_flavour != "edit-v1":
+        if t.conditioning_multidataset_sampling == "random" and flav.multi_reference:
             n_refs = min(n_refs, 1)
-        if t.model_flavour != "edit-v1" and t.model_kwargs.match_target_res:
+        if flav.sizes_references_to_target and t.model_kwargs.match_target_res:
             per_ref = target
         else:  # every flavour: references at ~reference_area (1 MP) as the pipelines size them
             w, h = pipeline_size(t.model_kwargs.reference_area, 1.0)
@@ -72,7 +72,7 @@ def eval_tokens(run: RunConfig, train: Tokens) -> Tokens:
     t = run.train
     w, h = t.validation_size
     target = (w // 16) * (h // 16)
-    if t.model_flavour != "edit-v1" and t.model_kwargs.match_target_res:
+    if get_flavour(t.model_flavour).sizes_references_to_target and t.model_kwargs.match_target_res:
         per_ref = target
     else:
         pw, ph = pipeline_size(t.model_kwargs.reference_area, 1.0)

@@ -18,9 +18,10 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -46,6 +47,18 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 Response = TypeVar("Response")
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    # grpc-stubs makes these generic in (request, response); grpcio's runtime classes cannot be subscripted.
+    _UnaryUnary = grpc.UnaryUnaryClientInterceptor[Any, Any]
+    _UnaryStream = grpc.UnaryStreamClientInterceptor[Any, Any]
+    _StreamUnary = grpc.StreamUnaryClientInterceptor[Any, Any]
+    _StreamStream = grpc.StreamStreamClientInterceptor[Any, Any]
+else:
+    _UnaryUnary = grpc.UnaryUnaryClientInterceptor
+    _UnaryStream = grpc.UnaryStreamClientInterceptor
+    _StreamUnary = grpc.StreamUnaryClientInterceptor
+    _StreamStream = grpc.StreamStreamClientInterceptor
+
 
 class _CallDetails(
     collections.namedtuple(
@@ -56,12 +69,7 @@ class _CallDetails(
     pass
 
 
-class _Metadata(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
+class _Metadata(_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream):
     """Adds fixed metadata to every call: ``authorization: Bearer <token>`` (works on plaintext channels too,
     unlike call credentials, which grpc only sends over TLS), ``x-edittuner-peer`` on a service's channels."""
 
@@ -74,16 +82,36 @@ class _Metadata(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression
         )
 
-    def intercept_unary_unary(self, continuation, client_call_details, request):
+    def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Any], grpc.CallFuture[Any]],
+        client_call_details: grpc.ClientCallDetails,
+        request: Any,
+    ) -> grpc.CallFuture[Any]:
         return continuation(self._with_token(client_call_details), request)
 
-    def intercept_unary_stream(self, continuation, client_call_details, request):
+    def intercept_unary_stream(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Any], grpc.CallIterator[Any]],
+        client_call_details: grpc.ClientCallDetails,
+        request: Any,
+    ) -> grpc.CallIterator[Any]:
         return continuation(self._with_token(client_call_details), request)
 
-    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+    def intercept_stream_unary(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Any], grpc.CallFuture[Any]],
+        client_call_details: grpc.ClientCallDetails,
+        request_iterator: Iterator[Any],
+    ) -> grpc.CallFuture[Any]:
         return continuation(self._with_token(client_call_details), request_iterator)
 
-    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+    def intercept_stream_stream(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Any], grpc.CallIterator[Any]],
+        client_call_details: grpc.ClientCallDetails,
+        request_iterator: Iterator[Any],
+    ) -> grpc.CallIterator[Any]:
         return continuation(self._with_token(client_call_details), request_iterator)
 
 
@@ -176,7 +204,7 @@ def wait_for_serving(
 
 
 # --------------------------------------------------------------------------------------- service clients
-STUBS = {
+STUBS: dict[str, tuple[Callable[[grpc.Channel], Any], ModuleType]] = {
     "encoder": (encoder_pb2_grpc.EncoderServiceStub, encoder_pb2),
     "trainer": (trainer_pb2_grpc.TrainerServiceStub, trainer_pb2),
     "eval": (eval_pb2_grpc.EvalServiceStub, eval_pb2),
@@ -255,10 +283,12 @@ class Client:
             raise rpc_error(self.service, self.address, e) from None
 
     def get(self, job_id: str) -> common_pb2.Job:
-        return self.call("GetJob", self.pb.GetJobRequest(job_id=job_id)).job
+        job: common_pb2.Job = self.call("GetJob", self.pb.GetJobRequest(job_id=job_id)).job
+        return job
 
     def cancel(self, job_id: str) -> common_pb2.Job:
-        return self.call("CancelJob", self.pb.CancelJobRequest(job_id=job_id)).job
+        job: common_pb2.Job = self.call("CancelJob", self.pb.CancelJobRequest(job_id=job_id)).job
+        return job
 
     def list(self, state: str | None = None) -> list[common_pb2.Job]:
         req = self.pb.ListJobsRequest(page_size=100)

@@ -23,11 +23,14 @@ import hmac
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from shared.rpc.interceptors import Behavior, is_infra, rewrap
+from shared.rpc.interceptors import Behavior, ServerInterceptor, is_infra, rewrap
+
+if TYPE_CHECKING:
+    from shared.rpc.interceptors import Continuation, Handler
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ RETRY_AFTER_MS = 5000
 PEER_KEY = "x-edittuner-peer"  # metadata a service's calls to another service carry (shared.rpc.client)
 
 
-def is_peer(metadata: Any, peer_token: str | None) -> bool:
+def is_peer(metadata: grpc.Metadata | None, peer_token: str | None) -> bool:
     """Whether a call comes from another EditTuner service: it carries ``x-edittuner-peer``, whose value must be
     ``peer_token`` when the server has one (EDITTUNER_PEER_TOKEN); without one, any value does (the bearer token,
     when set, has already admitted the caller)."""
@@ -83,10 +86,12 @@ def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return decode
 
 
-class DecodeGuardInterceptor(grpc.ServerInterceptor):
+class DecodeGuardInterceptor(ServerInterceptor):
     """Undecodable requests → INVALID_ARGUMENT naming the message type (unary and streaming requests)."""
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         if handler is None or is_infra(handler_call_details.method):
             return handler
@@ -107,7 +112,7 @@ class DecodeGuardInterceptor(grpc.ServerInterceptor):
             return lambda request, context: behavior(screen(request, context), context)
 
         def streaming(behavior: Behavior) -> Behavior:
-            def call(request, context):
+            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 yield from behavior(screen(request, context), context)
 
             return call
@@ -115,7 +120,7 @@ class DecodeGuardInterceptor(grpc.ServerInterceptor):
         return rewrap(handler, unary, streaming, deserializer=tolerant(handler.request_deserializer))
 
 
-class StreamLimitInterceptor(grpc.ServerInterceptor):
+class StreamLimitInterceptor(ServerInterceptor):
     """At most ``max_streams`` response streams from clients and ``peer_streams`` more from peers (``is_peer``)
     open at once; beyond: RESOURCE_EXHAUSTED with a retry hint. A peer takes a client slot when its own are all
     open."""
@@ -134,14 +139,17 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
                 return pool
         return None
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         if handler is None or not handler.response_streaming or is_infra(handler_call_details.method):
             return handler
         behavior = handler.unary_stream or handler.stream_stream
+        assert behavior is not None  # a response-streaming handler has one of the two
         peer = is_peer(handler_call_details.invocation_metadata, self.peer_token)
 
-        def call(request, context):
+        def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             pool = self._acquire(peer)
             if pool is None:
                 context.set_trailing_metadata((("grpc-retry-pushback-ms", str(RETRY_AFTER_MS)),))

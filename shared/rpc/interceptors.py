@@ -22,7 +22,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
@@ -32,6 +32,14 @@ from shared import deadline, errors
 log = logging.getLogger(__name__)
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
+
+if TYPE_CHECKING:
+    # grpc-stubs makes these generic in (request, response); grpcio's runtime classes cannot be subscripted.
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Continuation = Callable[[grpc.HandlerCallDetails], Handler | None]
+    ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    ServerInterceptor = grpc.ServerInterceptor
 
 INFRA_PREFIXES = (
     "/grpc.health.v1.Health/",
@@ -66,7 +74,7 @@ def is_infra(full_method: str) -> bool:
     return full_method.startswith(INFRA_PREFIXES)
 
 
-def rpc_type(handler: grpc.RpcMethodHandler) -> str:
+def rpc_type(handler: Handler) -> str:
     """The ``grpc_type`` label: unary, client_stream, server_stream or bidi_stream."""
     kind = {
         (False, False): "unary",
@@ -78,12 +86,12 @@ def rpc_type(handler: grpc.RpcMethodHandler) -> str:
 
 
 def rewrap(
-    handler: grpc.RpcMethodHandler,
+    handler: Handler,
     wrap_unary: Callable[[Behavior], Behavior],
     wrap_streaming: Callable[[Behavior], Behavior],
     *,
     deserializer: Callable[[bytes], Any] | None = None,
-) -> grpc.RpcMethodHandler:
+) -> Handler:
     """The same handler with its behavior wrapped: ``wrap_unary`` for a single response, ``wrap_streaming``
     for a response stream (the wrapper then returns an iterator); ``deserializer`` replaces the request's."""
     de, se = deserializer or handler.request_deserializer, handler.response_serializer
@@ -93,6 +101,7 @@ def rewrap(
         return grpc.unary_stream_rpc_method_handler(wrap_streaming(handler.unary_stream), de, se)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), de, se)
+    assert handler.stream_stream is not None  # a handler has exactly one of the four behaviors
     return grpc.stream_stream_rpc_method_handler(wrap_streaming(handler.stream_stream), de, se)
 
 
@@ -109,9 +118,16 @@ def client_gone_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
     return grpc.StatusCode.DEADLINE_EXCEEDED if context.time_remaining() <= 0 else grpc.StatusCode.CANCELLED
 
 
+def context_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """The status code the handler set so far (``context.abort``, ``set_code``), or None."""
+    # grpc-stubs lacks ServicerContext.code(), which grpcio has had since 1.38
+    code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
+    return code
+
+
 def _is_grpc_abort(exc: BaseException, context: grpc.ServicerContext) -> bool:
     # context.abort() records the code, then raises a bare Exception() for grpc to catch.
-    return type(exc) is Exception and not exc.args and context.code() is not None
+    return type(exc) is Exception and not exc.args and context_code(context) is not None
 
 
 def _wire_len(text: str) -> int:
@@ -135,17 +151,19 @@ def clip_details(details: str, budget: int = MAX_DETAILS_WIRE_BYTES) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ errors
-class ErrorInterceptor(grpc.ServerInterceptor):
+class ErrorInterceptor(ServerInterceptor):
     """Maps exceptions raised by servicer methods, unary or streaming, to status codes (see ``errors.STATUS_CODES``)."""
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or is_infra(method):
             return handler
 
         def unary(behavior: Behavior) -> Behavior:
-            def call(request, context):
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
                 try:
                     with deadline.serving(call_time_remaining(context)):
                         return behavior(request, context)
@@ -155,7 +173,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             return call
 
         def streaming(behavior: Behavior) -> Behavior:
-            def call(request, context):
+            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 try:
                     yield from behavior(request, context)
                 except Exception as exc:  # noqa: BLE001
@@ -166,7 +184,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return rewrap(handler, unary, streaming)
 
     @staticmethod
-    def abort(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
+    def abort(exc: Exception, context: grpc.ServicerContext, method: str) -> NoReturn:
         """Ends the call with the status ``exc`` maps to; always raises (``context.abort`` does)."""
         if _is_grpc_abort(exc, context):
             raise exc
@@ -191,7 +209,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
 
 # -------------------------------------------------------------------------------------------------- auth
-class BearerAuthInterceptor(grpc.ServerInterceptor):
+class BearerAuthInterceptor(ServerInterceptor):
     """Rejects calls without ``authorization: Bearer <token>`` (UNAUTHENTICATED); health and reflection stay open."""
 
     def __init__(self, token: str):
@@ -199,14 +217,16 @@ class BearerAuthInterceptor(grpc.ServerInterceptor):
             raise ValueError("BearerAuthInterceptor needs a non-empty token; leave it out to disable auth")
         self._token = token.encode()
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         if is_infra(handler_call_details.method) or self._authorized(handler_call_details.invocation_metadata):
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
         if handler is None:
             return None
 
-        def deny(_request, context):
+        def deny(_request: Any, context: grpc.ServicerContext) -> NoReturn:
             context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'",
@@ -214,7 +234,7 @@ class BearerAuthInterceptor(grpc.ServerInterceptor):
 
         return rewrap(handler, lambda _: deny, lambda _: deny)
 
-    def _authorized(self, metadata) -> bool:
+    def _authorized(self, metadata: grpc.Metadata | None) -> bool:
         for key, value in metadata or ():
             if key != "authorization":
                 continue
@@ -282,21 +302,23 @@ class _Record:
             if self._done:
                 return
             self._done = True
-        code = client_gone_code(self._context) or self._context.code()
+        code = client_gone_code(self._context) or context_code(self._context)
         if code is None:
             code = grpc.StatusCode.UNKNOWN if raised else grpc.StatusCode.OK
         self._metrics.handled.labels(*self._labels, code.name).inc()
         self._metrics.handling_seconds.labels(*self._labels).observe(time.perf_counter() - self._start)
 
 
-class MetricsInterceptor(grpc.ServerInterceptor):
+class MetricsInterceptor(ServerInterceptor):
     """``grpc_server_started_total``, ``grpc_server_handled_total{..., grpc_code}`` (code names like
     ``INVALID_ARGUMENT``) and the ``grpc_server_handling_seconds`` histogram, per service, method and type."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.metrics = server_metrics(registry)
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         if handler is None or is_infra(handler_call_details.method):
             return handler
@@ -304,7 +326,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         metrics = self.metrics
 
         def unary(behavior: Behavior) -> Behavior:
-            def call(request, context):
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
                 record = _Record(metrics, labels, context)
                 try:
                     response = behavior(request, context)
@@ -317,7 +339,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             return call
 
         def streaming(behavior: Behavior) -> Behavior:
-            def call(request, context) -> Iterator[Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 record = _Record(metrics, labels, context)
                 try:
                     yield from behavior(request, context)

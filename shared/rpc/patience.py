@@ -49,7 +49,10 @@ POLL_S = 2.0  # GetJob every this often while a Watch stream is refused (or the 
 def pushback_s(err: grpc.RpcError) -> float | None:
     """The server's retry hint in seconds (``grpc-retry-pushback-ms``), or None. A negative value means "do not
     retry" in gRPC's retry design; it is read as no hint."""
-    trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    # grpc-stubs types the pairs as _Metadatum objects without __iter__; grpcio's are (key, value) tuples
+    trailing: grpc.Metadata | None = (
+        err.trailing_metadata() if hasattr(err, "trailing_metadata") else None  # type: ignore[assignment]
+    )
     for key, value in trailing or ():
         if key == PUSHBACK_KEY:
             try:
@@ -135,7 +138,7 @@ class Patience:
         ``on_update`` sees each state. Returns the last state."""
         started, attempt = self.clock(), 0
         while True:
-            last = None
+            last: common_pb2.Job | None = None
             try:
                 for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id)):
                     last = event.job
@@ -164,7 +167,7 @@ class Patience:
         """GetJob every ``POLL_S`` (or ``hint``, when longer) until the job is terminal."""
         every = max(POLL_S, hint or 0.0)
         while True:
-            job = self.call(stub.GetJob, pb.GetJobRequest(job_id=job_id), timeout_s=timeout_s).job
+            job: common_pb2.Job = self.call(stub.GetJob, pb.GetJobRequest(job_id=job_id), timeout_s=timeout_s).job
             on_update(job)
             if job.state in TERMINAL:
                 return job

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,6 +35,9 @@ from shared import errors
 from shared.errors import ConfigError, Problem
 from shared.rpc.guards import DecodeGuardInterceptor, StreamLimitInterceptor
 from shared.rpc.interceptors import BearerAuthInterceptor, ErrorInterceptor, MetricsInterceptor, status_for
+
+if TYPE_CHECKING:
+    from shared.rpc.interceptors import ServerInterceptor
 
 __all__ = [
     "status_for",
@@ -287,9 +290,10 @@ def build_server(
     mapping), ``add_servicers(server)``, grpc.health.v1 (NOT_SERVING until ``set_serving``), reflection for
     ``service_names`` + health, TLS when configured, /metrics when ``metrics_port`` is set."""
     registry = REGISTRY if registry is None else registry
-    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(registry)]
+    interceptors: list[ServerInterceptor] = [MetricsInterceptor(registry)]
     if config.token:
         interceptors.append(BearerAuthInterceptor(config.token))
+    assert config.peer_streams is not None  # ServiceConfig.__post_init__ sets it
     interceptors += [
         StreamLimitInterceptor(config.max_streams, config.peer_streams, config.peer_token),
         ErrorInterceptor(),

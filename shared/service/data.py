@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import grpc
@@ -117,7 +117,7 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
             for chunk in file_chunks(path):
                 yield data_pb2.DownloadFileResponse(chunk=chunk)
 
-    def _entries(self, files) -> list[Entry]:
+    def _entries(self, files: Iterable[data_pb2.UploadEntry]) -> list[Entry]:
         return check_entries([check_entry(f.path, f.size, f.sha256, self.max_file_bytes) for f in files])
 
 

@@ -23,7 +23,8 @@ SERVICES = ("encoder", "trainer", "eval")
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]  # (host, port) for an AF_INET socket
+        return port
 
 
 @dataclass
@@ -32,7 +33,7 @@ class LocalStack:
     metrics_ports: dict[str, int]
     log_dir: Path
     env: dict[str, str] = field(default_factory=dict)
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def launch(self, service: str) -> None:
         log = open(self.log_dir / f"{service}.log", "ab")

@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import EditTunerError
 from shared.logs import quiet_call_noise, quiet_import_noise
@@ -24,6 +24,12 @@ from shared.service.spool import RecordSpool
 from shared.store.uploads import MAX_FILE_BYTES
 from shared.store.url import open_store
 
+if TYPE_CHECKING:
+    import grpc
+
+    from shared.service.jobs import Executor
+    from shared.store.base import ObjectStore
+
 log = logging.getLogger(__name__)
 DEFAULT_STORE = ".edittuner/store"
 
@@ -31,7 +37,9 @@ DEFAULT_STORE = ".edittuner/store"
 def serve(
     name: str,
     default_port: int,
-    make: Callable[[ServiceConfig, Any, Metrics], tuple[Any, Callable, str, Callable]],
+    make: Callable[
+        [ServiceConfig, ObjectStore, Metrics], tuple[Any, Executor, str, Callable[[JobManager, grpc.Server], None]]
+    ],
     env: dict[str, str] | None = None,
 ) -> int:
     """``make(config, store, metrics) -> (core, execute, service_full_name, add_servicer(jobs, server))``; every
@@ -64,9 +72,10 @@ def serve(
         store, server_paths(config), workdir(env), int(env.get("EDITTUNER_MAX_UPLOAD_BYTES") or MAX_FILE_BYTES)
     )
 
-    def add_all(server: Any) -> None:
+    def add_all(server: grpc.Server) -> None:
         add(jobs, server)
-        data_pb2_grpc.add_DataServiceServicer_to_server(data, server)  # uploads and downloads on every port
+        # uploads and downloads on every port; grpcio-tools generates the *_pb2_grpc modules unannotated
+        data_pb2_grpc.add_DataServiceServicer_to_server(data, server)  # type: ignore[no-untyped-call]
 
     names = [full_name, data_pb2.DESCRIPTOR.services_by_name["DataService"].full_name]
     try:

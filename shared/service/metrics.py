@@ -12,7 +12,7 @@ would leave one series per run behind in every gauge, for as long as the service
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -123,7 +123,7 @@ class _JobsCollector(Collector):
     def __init__(self, service: str, counts: Callable[[], dict[str, int]]):
         self.service, self.counts = service, counts
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         g = GaugeMetricFamily("edittuner_jobs", "Jobs by state", labels=["service", "state"])
         counts = self.counts()
         for state in ("queued", "running", "succeeded", "failed", "cancelled"):

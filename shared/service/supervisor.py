@@ -264,14 +264,14 @@ def exit_with_parent() -> None:
 def oom_kill_count() -> int | None:
     """The ``oom_kill`` counter of this process's cgroup (v2 ``memory.events``, v1 ``memory.oom_control``), or
     None where there is none to read: the evidence that the kernel's out-of-memory killer struck."""
-    candidates = []
+    candidates: list[Path] = []
     try:
         for line in Path("/proc/self/cgroup").read_text().splitlines():
-            hierarchy, controllers, path = line.split(":", 2)
+            hierarchy, controllers, group = line.split(":", 2)
             if hierarchy == "0":
-                candidates.append(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.events")
+                candidates.append(Path("/sys/fs/cgroup") / group.lstrip("/") / "memory.events")
             elif "memory" in controllers.split(","):
-                candidates.append(Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.oom_control")
+                candidates.append(Path("/sys/fs/cgroup/memory") / group.lstrip("/") / "memory.oom_control")
     except (OSError, ValueError):
         return None
     for path in candidates:
@@ -311,7 +311,7 @@ def _signal_name(number: int) -> str:
         return str(number)
 
 
-def _stop(proc: subprocess.Popen, grace_s: float) -> None:
+def _stop(proc: subprocess.Popen[bytes], grace_s: float) -> None:
     """SIGTERM the group, SIGKILL it if the worker is still there after ``grace_s``."""
     _signal_group(proc, signal.SIGTERM)
     try:
@@ -322,7 +322,7 @@ def _stop(proc: subprocess.Popen, grace_s: float) -> None:
         proc.wait()
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)  # start_new_session: the worker leads its own group
     except (ProcessLookupError, PermissionError):

@@ -77,7 +77,8 @@ def rank_device(device: torch.device, dist: Dist) -> torch.device:
             )
         device = torch.device("cuda", dist.local_rank)
     elif device.index is None:  # resolve_device gives one; a bare "cuda" is the current GPU already
-        return torch.device("cuda", torch.cuda.current_device())
+        # torch's stub types device.index as int, but a device named without one ("cuda") has None
+        return torch.device("cuda", torch.cuda.current_device())  # type: ignore[unreachable]
     torch.cuda.set_device(device)
     return device
 
@@ -142,7 +143,8 @@ def wrap(transformer: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     frozen = [n for n, p in transformer.named_parameters() if not p.requires_grad]
     frozen += [n for n, _ in transformer.named_buffers()]
-    DDP._set_params_and_buffers_to_ignore_for_model(transformer, frozen)
+    # torch leaves this static method unannotated
+    DDP._set_params_and_buffers_to_ignore_for_model(transformer, frozen)  # type: ignore[no-untyped-call]
     return DDP(
         transformer,
         device_ids=[device.index] if device.type == "cuda" else None,

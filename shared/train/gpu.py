@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from shared.model.device import reset_peak  # noqa: F401  (the trainer's gpu.reset_peak, at the end of setup)
+from shared.model.device import reset_peak as reset_peak  # the trainer's gpu.reset_peak, at the end of setup
 from shared.train import distributed
 
 

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -26,6 +26,10 @@ from shared.encode.cache import EVAL_DATASET, INDEX_FORMAT, EncodeSettings, hold
 from shared.errors import FailedPrecondition, NotFound
 from shared.model.flow import EditBatch
 from shared.store.base import ObjectStore
+
+if TYPE_CHECKING:
+    # What the prefetch thread queues: a batch with its (epoch, position), or the error that stopped the thread.
+    Prefetched = tuple[int, int, EditBatch] | tuple[Literal["error"], BaseException, None]
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ class TrainLoader:
         self.epoch, self.position = 0, 0
         self._order: dict[int, list[list[int]]] = {}
         self.wait_seconds = 0.0
-        self._queue: queue.Queue | None = None
+        self._queue: queue.Queue[Prefetched] | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -222,7 +226,7 @@ class TrainLoader:
         )
         return batch.pin_memory() if self.pin_memory else batch
 
-    def _producer(self, epoch: int, position: int, out: queue.Queue, stop: threading.Event) -> None:
+    def _producer(self, epoch: int, position: int, out: queue.Queue[Prefetched], stop: threading.Event) -> None:
         """Each thread has its own queue and stop flag: a slow thread left over from close() can never feed
         batches of an old position into a new loader."""
         try:
@@ -252,6 +256,7 @@ class TrainLoader:
                     name="train-prefetch",
                 )
                 self._thread.start()
+            assert self._queue is not None  # made with the thread
             t0 = time.perf_counter()
             got = self._queue.get()
             self.wait_seconds += time.perf_counter() - t0

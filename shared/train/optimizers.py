@@ -30,7 +30,7 @@ import inspect
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -87,7 +87,8 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: 
     except (TypeError, ValueError) as err:  # a value of the wrong kind or out of range, from optimizer_config
         raise InvalidInput(f"optimizer {name} ({spec.target}) refused its arguments {kwargs}: {err}") from None
     if spec.schedule_free:
-        optimizer.train()  # it starts in eval mode and refuses to step there
+        # it starts in eval mode and refuses to step there; torch.optim.Optimizer has no train(), schedule-free ones do
+        optimizer.train()  # type: ignore[attr-defined]
     return optimizer
 
 
@@ -113,10 +114,10 @@ def optimizer_class(name: str, spec: OptimizerSpec) -> type[torch.optim.Optimize
             f"optimizer {name} needs the {spec.library} package, which is not installed here "
             f"({err}): pip install {spec.library}"
         ) from None
-    return getattr(module, spec.target.rsplit(".", 1)[1])
+    return cast("type[torch.optim.Optimizer]", getattr(module, spec.target.rsplit(".", 1)[1]))
 
 
-def accepted_arguments(cls: type) -> dict[str, Any]:
+def accepted_arguments(cls: type[torch.optim.Optimizer]) -> dict[str, Any]:
     """Keyword argument → default of the optimizer class's constructor (what optimizer_config may set)."""
     sig = inspect.signature(cls.__init__)
     return {
@@ -126,7 +127,9 @@ def accepted_arguments(cls: type) -> dict[str, Any]:
     }
 
 
-def optimizer_kwargs(cfg: TrainConfig, spec: OptimizerSpec, cls: type, device: torch.device) -> dict[str, Any]:
+def optimizer_kwargs(
+    cfg: TrainConfig, spec: OptimizerSpec, cls: type[torch.optim.Optimizer], device: torch.device
+) -> dict[str, Any]:
     """The constructor's keyword arguments, in the order of precedence the config module describes."""
     name = cfg.optimizer
     accepted = accepted_arguments(cls)

@@ -68,7 +68,7 @@ class Recipe:
 def scenes(seed: int, n: int, size: tuple[int, int] = (64, 64)) -> list[Any]:
     """``n`` generated images: references and red targets of the demo edit, and the other generated edits'."""
     rng = np.random.default_rng(seed)
-    out = []
+    out: list[Any] = []
     while len(out) < n:
         out += list(recolor_scene(rng, size))
         out += list(make_pair(rng, size)[:2])
@@ -111,7 +111,7 @@ def train_vae(vae: Any, images: list[Any], r: Recipe) -> list[float]:
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
         loss = torch.nn.functional.mse_loss(rec, x)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         opt.step()
         sched.step()
         losses.append(loss.item())
@@ -179,7 +179,7 @@ def train_identity(
         sigmas = torch.rand(lat.shape[0], generator=gen).clamp(0.02, 0.98)
         loss = flow_matching_loss(transformer, batch, noise, sigmas)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         opt.step()
         sched.step()

@@ -371,6 +371,7 @@ class RunTracker:
     def _announce(self) -> None:
         """Where the files are and how to use them, in words a user can paste."""
         here = self.local_dir is not None
+        assert self.dir is not None  # start() sets it before announcing
         log.info(
             "report_to: tracker files %s, copied to %s in %s at each checkpoint and at the end%s",
             f"in {self.dir}" if here else "in a temporary folder",

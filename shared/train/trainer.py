@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -49,6 +49,9 @@ from shared.train.loader import TrainLoader, load_items
 from shared.train.optimizers import build_optimizer, check_optimizer_args, eval_weights, lr_scheduler_name, weight_dtype
 from shared.train.schedule import build_scheduler
 from shared.train.toolchain import require_compiler
+
+if TYPE_CHECKING:
+    from shared.config.schema import TrainConfig
 
 log = logging.getLogger(__name__)
 Event = TrainEvent
@@ -89,7 +92,7 @@ class TrainSummary:
     interrupted: bool = False  # stopped at a step boundary on request, with a checkpoint of that step
 
 
-def total_steps(cfg: Any, batches_per_epoch: int) -> int:
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     """Optimizer steps of the run: ``max_train_steps``, or ``num_train_epochs`` passes over the data (SimpleTuner's
     rule: epochs count when max_train_steps is 0 or absent; the config refuses both at once)."""
     if cfg.max_train_steps:
@@ -430,8 +433,9 @@ class Trainer:
         loss = flow_matching_loss(
             self.forward_module, batch, noise_BLC, sigmas_B.to(self.device), self.dtype, noisy_BLC=noisy_BLC
         )
-        # DDP averages over the N ranks: N/A makes the sum over all micro-batches what one process computes
-        (loss * (self.dist.world / self.cfg.gradient_accumulation_steps)).backward()
+        # DDP averages over the N ranks: N/A makes the sum over all micro-batches what one process computes (torch
+        # leaves Tensor.backward unannotated)
+        (loss * (self.dist.world / self.cfg.gradient_accumulation_steps)).backward()  # type: ignore[no-untyped-call]
         return loss.detach()
 
     def _roll_out(
@@ -441,6 +445,7 @@ class Trainer:
         the inference schedule (None: no sample rolled out). The transformer itself, not its DDP wrapper: no
         gradient, nothing to synchronise."""
         r = self.rollout
+        assert r is not None and self.inference_config is not None  # called only with a rollout, set up in setup
         steps_B = r.draw_steps(batch.latents_BChw.shape[0], step - 1, g)
         schedule_N = inference_sigmas(self.inference_config, r.inference_steps, noise_BLC.shape[1])
         noisy_BLC, forwards = roll_out(

@@ -23,6 +23,7 @@ from shared.service.common import (
 )
 from shared.service.jobs import JobContext
 from shared.service.metrics import Metrics, start_gpu_job
+from shared.service.outputs import EncodeOutputs
 from shared.service.records import JobRecord
 from shared.store.base import ObjectStore
 
@@ -38,7 +39,7 @@ class EncoderCore:
         self._lock = threading.Lock()
         self._pipes: dict[tuple[str, ...], Any] = {}
 
-    def execute(self, job: JobRecord, ctx: JobContext) -> dict[str, str]:
+    def execute(self, job: JobRecord, ctx: JobContext) -> EncodeOutputs:
         run = run_from_params(job.params)
         with self._lock:
             start_gpu_job(run.train.device)
@@ -77,12 +78,9 @@ class EncoderCore:
                 self._pipes = {key: enc._pipe}  # one model set resident at a time
             self.metrics.record_gpu("encoder")
         self.idle.touch()
-        return {
-            "encoded": str(stats.encoded),
-            "cached": str(stats.cached),
-            "failed": str(stats.failed),
-            "index": ",".join(index_keys),
-        }
+        return EncodeOutputs(
+            encoded=stats.encoded, cached=stats.cached, failed=stats.failed, index_keys=list(index_keys)
+        )
 
     def release(self) -> bool:
         """Free GPU memory (the trainer asks before training starts on the same GPU)."""

@@ -33,6 +33,7 @@ from shared.service.common import (
 )
 from shared.service.jobs import JobContext
 from shared.service.metrics import Metrics, start_gpu_job
+from shared.service.outputs import RenderOutputs
 from shared.service.records import JobRecord
 from shared.store.base import ObjectStore, validate_key
 from shared.train.trackers import publish_validation
@@ -77,7 +78,7 @@ class EvalCore:
             self._pipe = (key, pipe)
         return self._pipe[1]
 
-    def execute(self, job: JobRecord, ctx: JobContext) -> dict[str, str]:
+    def execute(self, job: JobRecord, ctx: JobContext) -> RenderOutputs:
         p = job.params
         run = run_from_params(p)
         with self._lock:
@@ -118,17 +119,17 @@ class EvalCore:
             self.metrics.record_gpu("eval")
             report = refresh_run_report(self.store, p["run_id"])  # in the lock: of two renders, the later is last
         self.idle.touch()
-        outputs = {
-            "metrics": result.metrics_key,
-            "grids": ",".join(s.grid_key for s in result.samples),
-            "psnr_lora": f"{result.psnr_lora}",
-            "psnr_base": f"{result.psnr_base}",
-        }
-        if report:
-            outputs["report"] = report
+        outputs = RenderOutputs(
+            run_id=p["run_id"],
+            step=int(p["step"]),
+            psnr_lora=result.psnr_lora,
+            psnr_base=result.psnr_base,
+            metrics_key=result.metrics_key,
+            grid_keys=[s.grid_key for s in result.samples],
+            report_key=report or "",
+        )
         try:  # the worker has moved on: this render's TensorBoard file is written here, whenever it finishes
-            if key := publish_validation(self.store, run, p["run_id"], result.to_json()):
-                outputs["tensorboard"] = key
+            outputs.tensorboard_key = publish_validation(self.store, run, p["run_id"], result.to_json()) or ""
         except Exception:  # the logs are not worth the render
             log.warning("the TensorBoard file of %s step %s was not written", p["run_id"], p["step"], exc_info=True)
         ctx.progress(phase="render", step=1, total=1, message="done")

@@ -71,3 +71,62 @@ def test_make_tiny_model_writes_the_real_layout(tmp_path, capsys):
     index = json.loads((tmp_path / "m" / "model_index.json").read_text())
     assert index["_class_name"] == "QwenImageEditPlusPipeline"
     assert json.loads((tmp_path / "m" / "transformer" / "config.json").read_text())["zero_cond_t"] is True
+
+
+def _job(kind: str, state: str, outputs, error: str = ""):
+    """A Job as a service sends it for a record whose executor returned (or, running, set) ``outputs``, with the
+    deprecated ``outputs`` map cleared: what the CLI prints comes from the typed fields alone."""
+    from shared.service.common import job_to_proto
+    from shared.service.records import JobRecord, JobState
+
+    record = JobRecord("0123456789ab", "r", kind, JobState(state), {}, 1.0, 2.0, attempt=1, error=error)
+    record.result, record.outputs = outputs.to_json(), outputs.flat(complete=state == "succeeded")
+    job = job_to_proto(record)
+    job.ClearField("outputs")
+    return job
+
+
+def test_a_jobs_results_print_as_they_did_from_the_outputs_map():
+    """`edittuner jobs get|list|watch` and the end of `train`/`encode` print a job's results as the `key: value`
+    lines of the old comma-joined map, now from the typed fields."""
+    from shared.cli.remote import describe
+    from shared.service.outputs import EncodeOutputs, MissedValidation, RenderOutputs, TrainOutputs, Validation
+
+    validations = [Validation(2, "aaaaaaaaaaaa"), Validation(4, "bbbbbbbbbbbb")]
+    missed = [MissedValidation(6, "eval_svc unavailable (UNAVAILABLE: eval_svc is restarting)")]
+    train = TrainOutputs("r1", 6, 0.125, ["runs/r1/lora/pytorch_lora_weights.safetensors"], [3, 6], validations, missed)
+    assert describe(_job("train", "succeeded", train)) == (
+        "job 0123456789ab (train): succeeded\n"
+        "  checkpoints: 3,6\n"
+        "  final_loss: 0.125\n"
+        "  lora: runs/r1/lora/pytorch_lora_weights.safetensors\n"
+        "  missed_validations: step 6: eval_svc unavailable (UNAVAILABLE: eval_svc is restarting)\n"
+        "  run_id: r1\n"
+        "  steps: 6\n"
+        "  validations: 2:aaaaaaaaaaaa,4:bbbbbbbbbbbb"
+    )
+    failed = TrainOutputs("r1", validations=validations[:1])  # what a run had when it failed
+    assert describe(_job("train", "failed", failed, error="the worker died")) == (
+        "job 0123456789ab (train): failed\n  error (): the worker died\n  validations: 2:aaaaaaaaaaaa"
+    )
+    assert describe(_job("train", "running", TrainOutputs("r1"))) == "job 0123456789ab (train): running"
+    encode = EncodeOutputs(5, 7, 1, ["cache/index/ds/1.json", "cache/index/refs/2.json"])
+    assert describe(_job("encode", "succeeded", encode)) == (
+        "job 0123456789ab (encode): succeeded\n"
+        "  cached: 7\n"
+        "  encoded: 5\n"
+        "  failed: 1\n"
+        "  index: cache/index/ds/1.json,cache/index/refs/2.json"
+    )
+    render = RenderOutputs("r1", 2, 21.5, None, "runs/r1/validation/step-2/metrics.json", ["g/a.png", "g/b.png"])
+    assert describe(_job("render", "succeeded", render)) == (
+        "job 0123456789ab (render): succeeded\n"
+        "  grids: g/a.png,g/b.png\n"
+        "  metrics: runs/r1/validation/step-2/metrics.json\n"
+        "  psnr_base: None\n"
+        "  psnr_lora: 21.5"
+    )
+    render.report_key, render.tensorboard_key = "runs/r1/report/index.html", "runs/r1/logs/tb/events.out"
+    assert describe(_job("render", "succeeded", render)).endswith(
+        "  report: runs/r1/report/index.html\n  tensorboard: runs/r1/logs/tb/events.out"
+    )

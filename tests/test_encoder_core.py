@@ -58,14 +58,14 @@ def test_jobs_with_the_same_models_load_them_once_and_another_precision_replaces
 
     first = core.execute(_job(1, *configs[0]), _Ctx())
     second = core.execute(_job(2, *configs[1]), _Ctx())
-    assert int(first["encoded"]) > 0 and int(second["encoded"]) > 0 and second["cached"] == "0"
+    assert first.encoded > 0 and second.encoded > 0 and second.cached == 0
     assert [what for _, what in loads] == [("no_change", [])]  # the second job encoded with the first's models
     [resident] = core._pipes.values()
     assert resident is loads[0][0]()
 
     del resident
     third = core.execute(_job(3, *configs[1], ("text_encoder_1_precision=int8-quanto",)), _Ctx())
-    assert int(third["encoded"]) > 0  # the captions again, embedded by the quantized text encoder
+    assert third.encoded > 0  # the captions again, embedded by the quantized text encoder
     # loaded again, and the unquantized set was gone before the quantized one loaded
     assert [what for _, what in loads] == [("no_change", []), ("int8-quanto", [False])]
     [(key, resident)] = core._pipes.items()

@@ -114,10 +114,16 @@ def test_eval_renders_from_cached_embeddings_without_the_text_encoder_on_a_quant
     assert core.components == RENDER_COMPONENTS  # transformer, vae, scheduler: no text encoder was read
     assert pipe.text_encoder is None and pipe.tokenizer is None
     assert set(quantized_modules(pipe.transformer).values()) == {"quanto:qint8"}
-    [grid_key] = outputs["grids"].split(",")
+    [grid_key] = outputs.grid_keys
     ours, theirs = _grid(store, grid_key), _grid(store, worker.samples[0].grid_key)
     assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1
-    rendered = json.loads(store.get_bytes(outputs["metrics"]))
+    rendered = json.loads(store.get_bytes(outputs.metrics_key))
+    assert (outputs.run_id, outputs.step, outputs.psnr_lora, outputs.psnr_base) == (
+        "r",
+        1,
+        rendered["psnr_lora"],
+        rendered["psnr_base"],
+    )
     assert rendered["samples"][0]["psnr_lora"] == pytest.approx(worker.samples[0].psnr_lora, abs=0.05)
     assert worker.samples[0].psnr_lora != worker.samples[0].psnr_base  # the LoRA changes the image
 

@@ -375,3 +375,141 @@ def test_several_workers_run_jobs_at_once(managers, store):
     m = manager(managers, store, execute, workers=2)
     a, b = m.submit("train", {"n": 1}, "r1"), m.submit("train", {"n": 2}, "r2")
     assert wait_terminal(m, a.job_id).state == wait_terminal(m, b.job_id).state == JobState.SUCCEEDED
+
+
+def test_typed_results_are_stored_beside_their_strings_and_survive_a_restart(managers, store):
+    """An executor's typed results (shared.service.outputs) land in the record's ``result`` as JSON and, as the
+    strings of the deprecated ``outputs`` map, in ``outputs``; while it runs, ``set_result`` shows what it has."""
+    from shared.service.common import job_to_proto
+    from shared.service.outputs import MissedValidation, TrainOutputs, Validation
+
+    during: list[JobRecord] = []
+    validations = [Validation(2, "aaaaaaaaaaaa")]
+    missed = [MissedValidation(4, "eval_svc unavailable (UNAVAILABLE: down; step 9: not a step)")]
+
+    final = TrainOutputs("r1", 4, 0.25, ["runs/r1/lora/a.safetensors"], [2, 4], validations, missed)
+
+    def execute(job: JobRecord, ctx: JobContext) -> TrainOutputs:
+        ctx.set_result(TrainOutputs(run_id="r1", validations=validations, missed_validations=missed))
+        during.append(JobRecord.from_json(store.get_json(f"jobs/{SERVICE}/{job.job_id}.json")))
+        return final
+
+    m = manager(managers, store, execute)
+    done = wait_terminal(m, m.submit("train", {"run_id": "r1"}, "r").job_id)
+    [running] = during
+    assert running.state == JobState.RUNNING and running.result["train"]["validations"] == [
+        {"step": 2, "job_id": "aaaaaaaaaaaa"}
+    ]
+    assert running.outputs == {  # what the trainer's set_output calls wrote before
+        "validations": "2:aaaaaaaaaaaa",
+        "missed_validations": "step 4: eval_svc unavailable (UNAVAILABLE: down; step 9: not a step)",
+    }
+    assert done.state == JobState.SUCCEEDED
+    assert done.outputs == {
+        "run_id": "r1",
+        "lora": "runs/r1/lora/a.safetensors",
+        "steps": "4",
+        "final_loss": "0.25",
+        "checkpoints": "2,4",
+        "validations": "2:aaaaaaaaaaaa",
+        "missed_validations": "step 4: eval_svc unavailable (UNAVAILABLE: down; step 9: not a step)",
+    }
+    m.shutdown()
+    again = manager(managers, store, execute, start=False).get(done.job_id)
+    assert again == done and again.result == final.to_json()
+    job = job_to_proto(again)
+    assert job.WhichOneof("result") == "train" and dict(job.outputs) == done.outputs
+    t = job.train
+    assert (t.run_id, t.steps, t.final_loss, list(t.checkpoint_steps)) == ("r1", 4, 0.25, [2, 4])
+    assert list(t.lora_keys) == ["runs/r1/lora/a.safetensors"]
+    assert [(v.step, v.job_id) for v in t.validations] == [(2, "aaaaaaaaaaaa")]
+    assert [(v.step, v.reason) for v in t.missed_validations] == [(4, missed[0].reason)]
+
+
+# Records as the services stored them before Job had typed results: `outputs` strings only, no `result`.
+OLD_RECORDS = {
+    "train": (
+        JobState.SUCCEEDED,
+        {"run_id": "r1"},
+        {
+            "run_id": "r1",
+            "lora": "runs/r1/lora/pytorch_lora_weights.safetensors",
+            "steps": "40",
+            "final_loss": "None",
+            "checkpoints": "20,40",
+            "validations": "20:aaaaaaaaaaaa,40:bbbbbbbbbbbb",
+            "missed_validations": "step 20: eval_svc unavailable (a; b); step 40: eval_svc unavailable (c)",
+        },
+    ),
+    "encode": (
+        JobState.SUCCEEDED,
+        {},
+        {"encoded": "12", "cached": "3", "failed": "0", "index": "cache/index/ds/1.json,cache/index/ds2/2.json"},
+    ),
+    "render": (
+        JobState.SUCCEEDED,
+        {"run_id": "r1", "step": 20},
+        {
+            "metrics": "runs/r1/validation/step-20/metrics.json",
+            "grids": "runs/r1/validation/step-20/a.png,runs/r1/validation/step-20/b.png",
+            "psnr_lora": "21.5",
+            "psnr_base": "18.25",
+            "report": "runs/r1/report/index.html",
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OLD_RECORDS))
+def test_a_record_stored_before_typed_results_loads_and_gets_them_from_its_strings(managers, store, kind):
+    from shared.service.common import job_to_proto
+    from shared.service.outputs import flat_outputs
+
+    state, params, outputs = OLD_RECORDS[kind]
+    doc = JobRecord("0123456789ab", "req", kind, state, params, 1.0, 2.0, outputs=outputs, attempt=1).to_json()
+    del doc["result"]
+    store.put_json(f"jobs/{SERVICE}/0123456789ab.json", doc)
+    record = manager(managers, store, echo, start=False).get("0123456789ab")
+    assert (record.state, record.outputs, record.result) == (state, outputs, {})
+    job = job_to_proto(record)
+    assert job.WhichOneof("result") == kind and dict(job.outputs) == outputs
+    assert flat_outputs(job) == outputs  # what the CLI prints from the typed fields: the same strings
+    if kind == "train":
+        t = job.train
+        assert (t.run_id, t.steps, t.HasField("final_loss"), list(t.checkpoint_steps)) == ("r1", 40, False, [20, 40])
+        assert [(v.step, v.job_id) for v in t.validations] == [(20, "aaaaaaaaaaaa"), (40, "bbbbbbbbbbbb")]
+        assert [(m.step, m.reason) for m in t.missed_validations] == [
+            (20, "eval_svc unavailable (a; b)"),
+            (40, "eval_svc unavailable (c)"),
+        ]
+    elif kind == "encode":
+        assert (job.encode.encoded, job.encode.cached, list(job.encode.index_keys)) == (
+            12,
+            3,
+            ["cache/index/ds/1.json", "cache/index/ds2/2.json"],
+        )
+    else:
+        r = job.render
+        assert (r.run_id, r.step, r.psnr_lora, r.psnr_base, r.tensorboard_key) == ("r1", 20, 21.5, 18.25, "")
+        assert len(r.grid_keys) == 2 and r.report_key == "runs/r1/report/index.html"
+
+
+def test_an_old_failed_run_keeps_its_validations_and_unreadable_results_are_served_without_them(
+    managers, store, caplog
+):
+    from shared.service.common import job_to_proto
+    from shared.service.outputs import flat_outputs
+
+    old = {"validations": "2:aaaaaaaaaaaa"}  # a run that failed after its first validation
+    doc = JobRecord("0123456789ab", "r", "train", JobState.FAILED, {"run_id": "r1"}, 1.0, 2.0, outputs=old).to_json()
+    del doc["result"]
+    store.put_json(f"jobs/{SERVICE}/0123456789ab.json", doc)
+    bad = JobRecord("0123456789ac", "s", "train", JobState.SUCCEEDED, {}, 1.0, 2.0, result={"train": {"steps": "x"}})
+    store.put_json(f"jobs/{SERVICE}/0123456789ac.json", bad.to_json())
+    m = manager(managers, store, echo, start=False)
+    job = job_to_proto(m.get("0123456789ab"))
+    assert (job.train.run_id, [v.job_id for v in job.train.validations]) == ("r1", ["aaaaaaaaaaaa"])
+    assert flat_outputs(job) == old
+    with caplog.at_level(logging.WARNING, logger="shared.service.outputs"):
+        assert job_to_proto(m.get("0123456789ac")).WhichOneof("result") is None
+    assert "results are unreadable" in caplog.text

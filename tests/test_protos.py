@@ -58,7 +58,8 @@ def test_breaking_check_catches_a_renumbered_field(tmp_path):
     root = tmp_path / "protos"
     shutil.copytree(generate.PROTO_ROOT, root)
     common = root / "edittuner/common/v1/common.proto"
-    common.write_text(common.read_text().replace("string job_id = 1;", "string job_id = 12;"))
+    unused = max(f.number for f in common_pb2.Job.DESCRIPTOR.fields) + 1
+    common.write_text(common.read_text().replace("string job_id = 1;", f"string job_id = {unused};"))
     report = generate.breaking_changes(baseline=generate.BASELINE, proto_root=root)
     assert 'Previously present field "1" with name "job_id" on message "Job" was deleted' in report
 

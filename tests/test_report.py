@@ -148,7 +148,7 @@ def _without_time(page: str) -> str:
 def test_training_writes_the_report_and_each_later_render_adds_its_validation(run):
     assert [r["step"] for r in run.steps] == list(range(1, STEPS + 1))
     assert "no validation rendered yet" in run.after_training and 'id="loss-raw"' in run.after_training
-    assert all(r["report"] == f"runs/{RUN}/report/index.html" for r in run.renders)
+    assert all(r.report_key == f"runs/{RUN}/report/index.html" for r in run.renders)
     page = run.store.get_bytes(f"runs/{RUN}/report/index.html").decode()
     assert "step 6 · PSNR base" in page and "step 3 · PSNR base" in page
     for gid in LINES:

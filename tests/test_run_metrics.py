@@ -85,7 +85,7 @@ def run(tmp_path_factory, tiny_models):
     return {
         "events": events,
         "steps": [h for h in history if "loss" in h],
-        "render": json.loads(store.get_bytes(outputs["metrics"])),
+        "render": json.loads(store.get_bytes(outputs.metrics_key)),
         "eval_metrics": eval_metrics,
     }
 

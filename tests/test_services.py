@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
+from shared.cli.remote import wait_for_validations
 from shared.config.loading import read_config_files
 from shared.data.synthetic import write_configs, write_dataset
 from shared.rpc import encoder_pb2, trainer_pb2
@@ -73,18 +74,37 @@ def test_whole_flow_through_the_three_services(stack):
     train_steps = [step for phase, step, _ in seen if phase == "train"]
     assert train_steps == sorted(train_steps) and train_steps[-1] == 4
     assert any(phase == "encode" for phase, _, _ in seen)
-    assert final.outputs["run_id"] == "flow" and final.outputs["checkpoints"] == "2,4"
+    t = final.train  # the typed results
+    assert (final.WhichOneof("result"), t.run_id, t.steps, list(t.checkpoint_steps)) == ("train", "flow", 4, [2, 4])
+    assert t.HasField("final_loss") and t.final_loss > 0 and not t.missed_validations
+    assert [v.step for v in t.validations] == [2, 4]
+    assert final.outputs["run_id"] == "flow" and final.outputs["checkpoints"] == "2,4"  # the deprecated strings
+    assert final.outputs["validations"] == ",".join(f"{v.step}:{v.job_id}" for v in t.validations)
     store = LocalStore(stack.tmp / "store")
-    lora = load_safetensors(store.get_bytes(final.outputs["lora"]))
+    [lora_key] = t.lora_keys
+    assert final.outputs["lora"] == lora_key
+    lora = load_safetensors(store.get_bytes(lora_key))
     assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in lora
+    # the encode job the run made: its typed results name the index the worker and eval_svc read
+    [enc] = [
+        j for j in Client("encoder", stack.addresses["encoder"]).list() if j.request_id == f"{job.job_id}-encode-1"
+    ]
+    assert enc.WhichOneof("result") == "encode" and enc.encode.encoded + enc.encode.cached > 0 and not enc.encode.failed
+    assert enc.encode.index_keys and all(k.startswith("cache/index/") for k in enc.encode.index_keys)
     # the validations went to eval_svc as Render jobs; both finish with grids in the store
-    ev = Client("eval", stack.addresses["eval"])
-    for pair in final.outputs["validations"].split(","):
-        step, job_id = pair.split(":")
-        r = ev.watch(job_id, lambda j: None)
+    renders = wait_for_validations(final, stack.addresses["eval"])
+    assert [r.job_id for r in renders] == [v.job_id for v in t.validations]
+    for v, r in zip(t.validations, renders, strict=True):
         assert state_name(r) == "succeeded", r.error
-        metrics = json.loads(store.get_bytes(f"runs/flow/validation/step-{step}/metrics.json"))
-        assert metrics["step"] == int(step) and metrics["samples"][0]["grid"] in r.outputs["grids"]
+        metrics = json.loads(store.get_bytes(f"runs/flow/validation/step-{v.step}/metrics.json"))
+        assert (r.render.run_id, r.render.step, r.render.metrics_key) == (
+            "flow",
+            v.step,
+            f"runs/flow/validation/step-{v.step}/metrics.json",
+        )
+        assert (r.render.psnr_lora, r.render.psnr_base) == (metrics["psnr_lora"], metrics["psnr_base"])
+        assert metrics["step"] == v.step and metrics["samples"][0]["grid"] in r.render.grid_keys
+        assert r.outputs["grids"] == ",".join(r.render.grid_keys)
     # every process parsed the run's config once: each service's job and watchers, and eval_svc's two renders,
     # used the RunConfig its request was validated with (docs/ARCHITECTURE.md, "One run, traced")
     name = stack.tmp / "cfg" / "flow" / "config.json"
@@ -194,7 +214,10 @@ def test_eval_down_the_run_goes_on_and_the_miss_is_reported(stack):
         c, job = start(stack, "noeval")
         final = c.watch(job.job_id, lambda j: None)
         assert state_name(final) == "succeeded", final.error
-        assert "step 2: eval_svc unavailable" in final.outputs["missed_validations"]
+        missed = final.train.missed_validations
+        assert [m.step for m in missed] == [2, 4] and not final.train.validations
+        assert all(m.reason.startswith("eval_svc unavailable (") for m in missed)
+        assert "step 2: eval_svc unavailable" in final.outputs["missed_validations"]  # the deprecated strings
         assert "step 4" in final.outputs["missed_validations"]
     finally:
         stack.launch("eval")
@@ -214,7 +237,7 @@ def test_a_restarted_trainer_resumes_the_run_from_its_checkpoint(stack):
     c = Client("trainer", stack.addresses["trainer"])
     final = c.watch(job.job_id, lambda j: None)
     assert state_name(final) == "succeeded", final.error
-    assert final.attempt == 2 and final.outputs["steps"] == "40"
+    assert final.attempt == 2 and final.train.steps == 40
     log = (stack.tmp / "work" / job.job_id / "worker.log").read_text()
     assert "resumed run restart from step" in log
 
@@ -229,7 +252,7 @@ def test_a_run_id_is_one_key_segment_checked_before_a_job_exists(stack, run_id):
             timeout=10,
         )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("run_id: ")
-    assert not [j for j in c.list() if j.outputs.get("run_id") == run_id]
+    assert not [j for j in c.list() if j.train.run_id == run_id]
 
 
 def test_an_output_dir_from_a_client_names_the_run_and_is_never_written_on_the_server(stack, tmp_path):
@@ -275,7 +298,7 @@ def test_sigterm_to_the_trainer_checkpoints_the_step_it_is_on_and_the_restart_lo
     stack.wait_ready("trainer")
     c = Client("trainer", stack.addresses["trainer"])
     final = c.watch(job.job_id, lambda j: None)
-    assert state_name(final) == "succeeded" and final.attempt == 2 and final.outputs["steps"] == "40"
+    assert state_name(final) == "succeeded" and final.attempt == 2 and final.train.steps == 40
     log = (stack.tmp / "work" / job.job_id / "worker.log").read_text()
     assert f"resumed run graceful from step {step}" in log  # the second attempt started where the first stopped
 

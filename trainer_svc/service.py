@@ -45,6 +45,7 @@ from shared.service.common import (
 )
 from shared.service.jobs import JobContext
 from shared.service.metrics import Metrics
+from shared.service.outputs import MissedValidation, TrainOutputs, Validation
 from shared.service.records import JobCancelled, JobRecord
 from shared.service.supervisor import WorkerFailed, run_worker
 from shared.service.worker import COMMAND as WORKER_COMMAND
@@ -99,10 +100,9 @@ class TrainerCore:
         self.grace_s = grace_s  # a stopped worker has this long to finish its step and write its checkpoint
 
     # ------------------------------------------------------------------------------------------ the job
-    def execute(self, job: JobRecord, ctx: JobContext) -> dict[str, str]:
+    def execute(self, job: JobRecord, ctx: JobContext) -> TrainOutputs:
         run = run_from_params(job.params)
         run_id = job.params["run_id"]
-        outputs: dict[str, str] = {"run_id": run_id}
         index = self._encode(job, ctx)
         folder = self.workdir / job.job_id
         folder.mkdir(parents=True, exist_ok=True)
@@ -128,17 +128,15 @@ class TrainerCore:
             ],
             run.train,
         )  # torchrun for N > 1
-        validations: list[str] = []
-        missed: list[str] = []
+        validations: list[Validation] = []
+        missed: list[MissedValidation] = []
         batch = run.train.train_batch_size * run.train.gradient_accumulation_steps
         renders = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"renders-{job.job_id}")  # in step order
         trained = threading.Event()  # training is over: a validation eval_svc has not taken yet is missed
 
         def render(e: TrainEvent) -> None:
             self._submit_render(job, ctx, e, validations, missed, index, trained)
-            ctx.set_output("validations", ",".join(validations))
-            if missed:
-                ctx.set_output("missed_validations", "; ".join(missed))
+            ctx.set_result(TrainOutputs(run_id=run_id, validations=list(validations), missed_validations=list(missed)))
 
         def on_event(e: TrainEvent) -> None:
             if e.phase == "validation_ready":
@@ -176,18 +174,15 @@ class TrainerCore:
                 "writing a checkpoint; start the run again with resume_from_checkpoint=latest to "
                 "continue it"
             )
-        outputs.update(
-            {
-                "lora": ",".join(result.lora),
-                "steps": str(result.steps),
-                "final_loss": str(result.final_loss),
-                "checkpoints": ",".join(map(str, result.checkpoints)),
-                "validations": ",".join(validations),
-            }
+        return TrainOutputs(
+            run_id=run_id,
+            steps=result.steps,
+            final_loss=result.final_loss,
+            lora_keys=list(result.lora),
+            checkpoint_steps=list(result.checkpoints),
+            validations=validations,
+            missed_validations=missed,
         )
-        if missed:
-            outputs["missed_validations"] = "; ".join(missed)
-        return outputs
 
     @staticmethod
     def _files(job: JobRecord) -> common_pb2.RunConfigFiles:
@@ -255,7 +250,7 @@ class TrainerCore:
                 log.warning(
                     "encoder_svc did not release its models: %s", e.details() if isinstance(e, grpc.RpcError) else e
                 )
-        return [k for k in enc_job.outputs.get("index", "").split(",") if k.startswith("cache/index/")]
+        return [k for k in enc_job.encode.index_keys if k.startswith("cache/index/")]
 
     def _patience(self, ctx: JobContext, peer: str, budget_s: float | None = None, *, quiet: bool = False) -> Patience:
         """How this job waits for ``peer``: its waits end at once when the job is cancelled, and unless ``quiet``
@@ -327,8 +322,8 @@ class TrainerCore:
         job: JobRecord,
         ctx: JobContext,
         e: TrainEvent,
-        validations: list[str],
-        missed: list[str],
+        validations: list[Validation],
+        missed: list[MissedValidation],
         index: list[str],
         trained: threading.Event,
     ) -> None:
@@ -370,10 +365,10 @@ class TrainerCore:
                 ),
                 timeout_s=RPC_TIMEOUT_S,
             )
-            validations.append(f"{step}:{r.job.job_id}")
+            validations.append(Validation(step, r.job.job_id))
         except (grpc.RpcError, Unavailable, JobCancelled) as err:
             reason = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.RpcError) else str(err)
-            missed.append(f"step {step}: eval_svc unavailable ({reason})")
+            missed.append(MissedValidation(step, f"eval_svc unavailable ({reason})"))
             log.warning("validation at step %d missed: %s", step, reason)
 
 

@@ -40,6 +40,12 @@ def materialize_preset(name: str, cwd: Path | None = None) -> None:
         write_dataset(root / "data", n=spec["samples"], references=spec["references"])
 
 
+def _psnr(render: Job) -> tuple[float, float]:
+    """A Render job's held-out PSNR against the targets in dB, (base, LoRA); NaN where it has none."""
+    r, nan = render.render, float("nan")
+    return (r.psnr_base if r.HasField("psnr_base") else nan), (r.psnr_lora if r.HasField("psnr_lora") else nan)
+
+
 def run_demo(out: Path, flavour: str = "edit-v2", samples: int = 24, steps: int = 300) -> None:
     """The whole flow through the three gRPC services, started here on loopback with the local store: encode,
     train, validate on eval_svc, export, report. Prints where the LoRA, the previews and the report are."""
@@ -130,30 +136,30 @@ def run_demo(out: Path, flavour: str = "edit-v2", samples: int = 24, steps: int 
             raise RuntimeError(f"the demo run failed: {job.error_code}: {job.error}")
         renders = wait_for_validations(job, stack.addresses["eval"])
         for v in renders:
+            base, lora = _psnr(v)
             print(
                 f"[demo] eval_svc render {v.job_id}: {state_name(v)}, held-out PSNR vs target: base "
-                f"{float(v.outputs.get('psnr_base', 'nan')):.2f} dB, "
-                f"LoRA {float(v.outputs.get('psnr_lora', 'nan')):.2f}"
-                f" dB -> {v.outputs.get('metrics', v.error)}"
+                f"{base:.2f} dB, LoRA {lora:.2f} dB -> {v.render.metrics_key if v.HasField('render') else v.error}"
             )
         encoder = Client("encoder", stack.addresses["encoder"])
         again = encoder.call(
             "SubmitEncode", encoder_pb2.SubmitEncodeRequest(request_id=uuid.uuid4().hex, files=files)
         ).job
         again = encoder.watch(again.job_id, lambda j: None)
-        print(f"[demo] encoding again: {again.outputs.get('encoded')} encoded, {again.outputs.get('cached')} cached")
+        print(f"[demo] encoding again: {again.encode.encoded} encoded, {again.encode.cached} cached")
+    trained = job.train
+    final_loss = trained.final_loss if trained.HasField("final_loss") else float("nan")
     print(
-        f"[demo] run {job.outputs['run_id']}: {job.outputs['steps']} steps, final loss "
-        f"{float(job.outputs['final_loss']):.4f}, checkpoints at {job.outputs['checkpoints']}"
+        f"[demo] run {trained.run_id}: {trained.steps} steps, final loss {final_loss:.4f}, checkpoints at "
+        f"{','.join(map(str, trained.checkpoint_steps))}"
     )
-    write_run_report(store, job.outputs["run_id"])  # once more, now that every render is in
-    outputs = copy_outputs(store, f"runs/{job.outputs['run_id']}", Path(run.train.output_dir))
-    print(f"[demo] store: {store.describe()} (runs/{job.outputs['run_id']}/: checkpoints, lora, validation)")
+    write_run_report(store, trained.run_id)  # once more, now that every render is in
+    outputs = copy_outputs(store, f"runs/{trained.run_id}", Path(run.train.output_dir))
+    print(f"[demo] store: {store.describe()} (runs/{trained.run_id}/: checkpoints, lora, validation)")
     for name, path in outputs.items():
         print(f"[demo] {name}: {path}")
     if renders and state_name(renders[-1]) == "succeeded":
-        last = renders[-1].outputs
-        base, lora = float(last.get("psnr_base", "nan")), float(last.get("psnr_lora", "nan"))
+        base, lora = _psnr(renders[-1])
         print(
             f"[demo] on {eval_images} held-out pairs the base copies the reference ({base:.2f} dB against the "
             f"targets) and the LoRA applies the edit ({lora:.2f} dB): {lora - base:+.2f} dB"

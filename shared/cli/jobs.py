@@ -20,6 +20,7 @@ def remote_job(args: argparse.Namespace, service: str) -> int:
     from shared.rpc.client import Client
     from shared.service.common import files_to_proto, state_name
     from shared.service.local_stack import start_local_stack
+    from shared.service.outputs import RenderOutputs
 
     files, run = read_run_files(args.config, args.data, args.overrides)  # the one parse of this process
     warn(run)
@@ -88,13 +89,10 @@ def remote_job(args: argparse.Namespace, service: str) -> int:
         if service == "trainer" and state_name(job) == "succeeded":
             eval_address = stack.addresses["eval"] if stack is not None else resolve_address("eval", None)
             for v in wait_for_validations(job, eval_address):
+                r = RenderOutputs.from_proto(v.render) if v.HasField("render") else None  # None: the render failed
                 print(
                     f"validation {v.job_id}: {state_name(v)}"
-                    + (
-                        f", PSNR LoRA {v.outputs['psnr_lora']} dB, base {v.outputs['psnr_base']} dB"
-                        if "psnr_lora" in v.outputs
-                        else f" {v.error}"
-                    ),
+                    + (f", PSNR LoRA {r.psnr_lora} dB, base {r.psnr_base} dB" if r else f" {v.error}"),
                     file=sys.stderr,
                 )
     finally:
@@ -107,15 +105,15 @@ def remote_job(args: argparse.Namespace, service: str) -> int:
         return 1
     if service == "trainer" and stack is None:
         print(
-            f"the run's LoRA and previews are in the services' store under runs/{job.outputs['run_id']}/; fetch "
-            f"them with: edittuner runs pull {job.outputs['run_id']} DIR --server {address}",
+            f"the run's LoRA and previews are in the services' store under runs/{job.train.run_id}/; fetch "
+            f"them with: edittuner runs pull {job.train.run_id} DIR --server {address}",
             file=sys.stderr,
         )
     elif service == "trainer":  # a run started on this machine: its files go where the config says
         from shared.store.url import open_store
         from shared.train.runner import copy_outputs
 
-        outputs = copy_outputs(open_store(store_url), f"runs/{job.outputs['run_id']}", Path(run.train.output_dir))
+        outputs = copy_outputs(open_store(store_url), f"runs/{job.train.run_id}", Path(run.train.output_dir))
         for name, path in outputs.items():
             print(f"{name}: {path}")
     return 0

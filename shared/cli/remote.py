@@ -12,6 +12,7 @@ from collections.abc import Callable
 from shared.rpc import common_pb2
 from shared.rpc.client import DEFAULT_PORTS, Client
 from shared.service.common import state_name
+from shared.service.outputs import flat_outputs
 
 
 def new_request_id() -> str:
@@ -43,7 +44,7 @@ def describe(job: common_pb2.Job) -> str:
         )
     if job.error:
         lines.append(f"  error ({job.error_code}): {job.error}")
-    for k, v in sorted(job.outputs.items()):
+    for k, v in sorted(flat_outputs(job).items()):  # the typed results, printed as `key: value` strings
         lines.append(f"  {k}: {v}")
     return "\n".join(lines)
 
@@ -62,12 +63,12 @@ def ask_cancel_or_detach() -> bool:
 def wait_for_validations(
     job: common_pb2.Job, eval_address: str | None, on_update: Callable[[common_pb2.Job], None] | None = None
 ) -> list[common_pb2.Job]:
-    """Follow the Render jobs a finished run submitted (``validations``: "step:job_id,…") to their end."""
-    pairs = [v.split(":", 1) for v in job.outputs.get("validations", "").split(",") if ":" in v]
-    if not pairs or eval_address is None:
+    """Follow the Render jobs a finished run submitted (``job.train.validations``) to their end."""
+    validations = list(job.train.validations)
+    if not validations or eval_address is None:
         return []
     client = Client("eval", eval_address)
     try:
-        return [client.watch(job_id, on_update or (lambda j: None)) for _, job_id in pairs]
+        return [client.watch(v.job_id, on_update or (lambda j: None)) for v in validations]
     finally:
         client.close()

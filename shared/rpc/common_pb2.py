@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n edittuner/common/v1/common.proto\x12\x13\x65\x64ittuner.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x01\n\x08Progress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x18\n\x10seconds_per_step\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x15\n\rlearning_rate\x18\x07 \x01(\x01\x12\x1a\n\x12\x64\x61ta_wait_fraction\x18\x08 \x01(\x01\"\x94\x03\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12,\n\x05state\x18\x04 \x01(\x0e\x32\x1d.edittuner.common.v1.JobState\x12/\n\x08progress\x18\x05 \x01(\x0b\x32\x1d.edittuner.common.v1.Progress\x12\x36\n\x07outputs\x18\x06 \x03(\x0b\x32%.edittuner.common.v1.Job.OutputsEntry\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x0b \x01(\x05\x1a.\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"s\n\x0eRunConfigFiles\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t\x12\x11\n\tdata_json\x18\x02 \x01(\t\x12\x11\n\toverrides\x18\x03 \x03(\t\x12\x13\n\x0b\x63onfig_name\x18\x04 \x01(\t\x12\x11\n\tdata_name\x18\x05 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n edittuner/common/v1/common.proto\x12\x13\x65\x64ittuner.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x01\n\x08Progress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x18\n\x10seconds_per_step\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x15\n\rlearning_rate\x18\x07 \x01(\x01\x12\x1a\n\x12\x64\x61ta_wait_fraction\x18\x08 \x01(\x01\"\xc2\x04\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12,\n\x05state\x18\x04 \x01(\x0e\x32\x1d.edittuner.common.v1.JobState\x12/\n\x08progress\x18\x05 \x01(\x0b\x32\x1d.edittuner.common.v1.Progress\x12:\n\x07outputs\x18\x06 \x03(\x0b\x32%.edittuner.common.v1.Job.OutputsEntryB\x02\x18\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x0b \x01(\x05\x12\x34\n\x06\x65ncode\x18\x0c \x01(\x0b\x32\".edittuner.common.v1.EncodeOutputsH\x00\x12\x32\n\x05train\x18\r \x01(\x0b\x32!.edittuner.common.v1.TrainOutputsH\x00\x12\x34\n\x06render\x18\x0e \x01(\x0b\x32\".edittuner.common.v1.RenderOutputsH\x00\x1a.\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06result\"T\n\rEncodeOutputs\x12\x0f\n\x07\x65ncoded\x18\x01 \x01(\x03\x12\x0e\n\x06\x63\x61\x63hed\x18\x02 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x03\x12\x12\n\nindex_keys\x18\x04 \x03(\t\"\xf3\x02\n\x0cTrainOutputs\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x03\x12\x17\n\nfinal_loss\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tlora_keys\x18\x04 \x03(\t\x12\x18\n\x10\x63heckpoint_steps\x18\x05 \x03(\x03\x12\x41\n\x0bvalidations\x18\x06 \x03(\x0b\x32,.edittuner.common.v1.TrainOutputs.Validation\x12N\n\x12missed_validations\x18\x07 \x03(\x0b\x32\x32.edittuner.common.v1.TrainOutputs.MissedValidation\x1a*\n\nValidation\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x1a\x30\n\x10MissedValidation\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\tB\r\n\x0b_final_loss\"\xce\x01\n\rRenderOutputs\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x16\n\tpsnr_lora\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tpsnr_base\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x0bmetrics_key\x18\x05 \x01(\t\x12\x11\n\tgrid_keys\x18\x06 \x03(\t\x12\x12\n\nreport_key\x18\x07 \x01(\t\x12\x17\n\x0ftensorboard_key\x18\x08 \x01(\tB\x0c\n\n_psnr_loraB\x0c\n\n_psnr_base\"s\n\x0eRunConfigFiles\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t\x12\x11\n\tdata_json\x18\x02 \x01(\t\x12\x11\n\toverrides\x18\x03 \x03(\t\x12\x13\n\x0b\x63onfig_name\x18\x04 \x01(\t\x12\x11\n\tdata_name\x18\x05 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +34,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOB_OUTPUTSENTRY']._loaded_options = None
   _globals['_JOB_OUTPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=780
-  _globals['_JOBSTATE']._serialized_end=934
+  _globals['_JOB'].fields_by_name['outputs']._loaded_options = None
+  _globals['_JOB'].fields_by_name['outputs']._serialized_options = b'\030\001'
+  _globals['_JOBSTATE']._serialized_start=1623
+  _globals['_JOBSTATE']._serialized_end=1777
   _globals['_PROGRESS']._serialized_start=91
   _globals['_PROGRESS']._serialized_end=253
   _globals['_JOB']._serialized_start=256
-  _globals['_JOB']._serialized_end=660
-  _globals['_JOB_OUTPUTSENTRY']._serialized_start=614
-  _globals['_JOB_OUTPUTSENTRY']._serialized_end=660
-  _globals['_RUNCONFIGFILES']._serialized_start=662
-  _globals['_RUNCONFIGFILES']._serialized_end=777
+  _globals['_JOB']._serialized_end=834
+  _globals['_JOB_OUTPUTSENTRY']._serialized_start=778
+  _globals['_JOB_OUTPUTSENTRY']._serialized_end=824
+  _globals['_ENCODEOUTPUTS']._serialized_start=836
+  _globals['_ENCODEOUTPUTS']._serialized_end=920
+  _globals['_TRAINOUTPUTS']._serialized_start=923
+  _globals['_TRAINOUTPUTS']._serialized_end=1294
+  _globals['_TRAINOUTPUTS_VALIDATION']._serialized_start=1187
+  _globals['_TRAINOUTPUTS_VALIDATION']._serialized_end=1229
+  _globals['_TRAINOUTPUTS_MISSEDVALIDATION']._serialized_start=1231
+  _globals['_TRAINOUTPUTS_MISSEDVALIDATION']._serialized_end=1279
+  _globals['_RENDEROUTPUTS']._serialized_start=1297
+  _globals['_RENDEROUTPUTS']._serialized_end=1503
+  _globals['_RUNCONFIGFILES']._serialized_start=1505
+  _globals['_RUNCONFIGFILES']._serialized_end=1620
 # @@protoc_insertion_point(module_scope)

@@ -46,7 +46,7 @@ class Progress(_message.Message):
     def __init__(self, phase: _Optional[str] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., loss: _Optional[float] = ..., seconds_per_step: _Optional[float] = ..., message: _Optional[str] = ..., learning_rate: _Optional[float] = ..., data_wait_fraction: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "request_id", "kind", "state", "progress", "outputs", "error", "error_code", "create_time", "update_time", "attempt")
+    __slots__ = ("job_id", "request_id", "kind", "state", "progress", "outputs", "error", "error_code", "create_time", "update_time", "attempt", "encode", "train", "render")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,9 @@ class Job(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    RENDER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     request_id: str
     kind: str
@@ -76,7 +79,74 @@ class Job(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     attempt: int
-    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., outputs: _Optional[_Mapping[str, str]] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
+    encode: EncodeOutputs
+    train: TrainOutputs
+    render: RenderOutputs
+    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., outputs: _Optional[_Mapping[str, str]] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., encode: _Optional[_Union[EncodeOutputs, _Mapping]] = ..., train: _Optional[_Union[TrainOutputs, _Mapping]] = ..., render: _Optional[_Union[RenderOutputs, _Mapping]] = ...) -> None: ...
+
+class EncodeOutputs(_message.Message):
+    __slots__ = ("encoded", "cached", "failed", "index_keys")
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    INDEX_KEYS_FIELD_NUMBER: _ClassVar[int]
+    encoded: int
+    cached: int
+    failed: int
+    index_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, encoded: _Optional[int] = ..., cached: _Optional[int] = ..., failed: _Optional[int] = ..., index_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TrainOutputs(_message.Message):
+    __slots__ = ("run_id", "steps", "final_loss", "lora_keys", "checkpoint_steps", "validations", "missed_validations")
+    class Validation(_message.Message):
+        __slots__ = ("step", "job_id")
+        STEP_FIELD_NUMBER: _ClassVar[int]
+        JOB_ID_FIELD_NUMBER: _ClassVar[int]
+        step: int
+        job_id: str
+        def __init__(self, step: _Optional[int] = ..., job_id: _Optional[str] = ...) -> None: ...
+    class MissedValidation(_message.Message):
+        __slots__ = ("step", "reason")
+        STEP_FIELD_NUMBER: _ClassVar[int]
+        REASON_FIELD_NUMBER: _ClassVar[int]
+        step: int
+        reason: str
+        def __init__(self, step: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    LORA_KEYS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATIONS_FIELD_NUMBER: _ClassVar[int]
+    MISSED_VALIDATIONS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    steps: int
+    final_loss: float
+    lora_keys: _containers.RepeatedScalarFieldContainer[str]
+    checkpoint_steps: _containers.RepeatedScalarFieldContainer[int]
+    validations: _containers.RepeatedCompositeFieldContainer[TrainOutputs.Validation]
+    missed_validations: _containers.RepeatedCompositeFieldContainer[TrainOutputs.MissedValidation]
+    def __init__(self, run_id: _Optional[str] = ..., steps: _Optional[int] = ..., final_loss: _Optional[float] = ..., lora_keys: _Optional[_Iterable[str]] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ..., validations: _Optional[_Iterable[_Union[TrainOutputs.Validation, _Mapping]]] = ..., missed_validations: _Optional[_Iterable[_Union[TrainOutputs.MissedValidation, _Mapping]]] = ...) -> None: ...
+
+class RenderOutputs(_message.Message):
+    __slots__ = ("run_id", "step", "psnr_lora", "psnr_base", "metrics_key", "grid_keys", "report_key", "tensorboard_key")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PSNR_LORA_FIELD_NUMBER: _ClassVar[int]
+    PSNR_BASE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_KEY_FIELD_NUMBER: _ClassVar[int]
+    GRID_KEYS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_KEY_FIELD_NUMBER: _ClassVar[int]
+    TENSORBOARD_KEY_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    step: int
+    psnr_lora: float
+    psnr_base: float
+    metrics_key: str
+    grid_keys: _containers.RepeatedScalarFieldContainer[str]
+    report_key: str
+    tensorboard_key: str
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., psnr_lora: _Optional[float] = ..., psnr_base: _Optional[float] = ..., metrics_key: _Optional[str] = ..., grid_keys: _Optional[_Iterable[str]] = ..., report_key: _Optional[str] = ..., tensorboard_key: _Optional[str] = ...) -> None: ...
 
 class RunConfigFiles(_message.Message):
     __slots__ = ("config_json", "data_json", "overrides", "config_name", "data_name")

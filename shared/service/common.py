@@ -24,6 +24,7 @@ from shared.config.schema import RunConfig
 from shared.model.location import looks_like_hub_id
 from shared.rpc import common_pb2
 from shared.service.jobs import JobManager
+from shared.service.outputs import result_of, set_result
 from shared.service.records import JobRecord
 
 _STATE_TO_PROTO = {
@@ -55,7 +56,7 @@ def job_to_proto(rec: JobRecord) -> common_pb2.Job:
         data_wait_fraction=float(p.get("data_wait_fraction", 0.0) or 0.0),
     )
     state = rec.state.value if hasattr(rec.state, "value") else str(rec.state)
-    return common_pb2.Job(
+    job = common_pb2.Job(
         job_id=rec.job_id,
         request_id=rec.request_id,
         kind=rec.kind,
@@ -68,6 +69,7 @@ def job_to_proto(rec: JobRecord) -> common_pb2.Job:
         update_time=_ts(rec.updated),
         attempt=rec.attempt,
     )
+    return set_result(job, result_of(rec))  # the typed results; `outputs` above is their deprecated strings
 
 
 def state_name(job: common_pb2.Job) -> str:

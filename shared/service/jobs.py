@@ -8,8 +8,9 @@ unfinished ones::
     jobs/<service>/requests/<sha256(request_id)[:32]>.json {"request_id", "job_id", "fingerprint"}
 
 ``JobManager`` runs jobs on worker threads by calling the service's executor, ``execute(record, ctx)``. The
-executor reports through ``ctx`` and ends in one of three ways, each a job state: it returns (succeeded, its dict
-becomes the outputs), raises ``JobCancelled`` (cancelled), or raises anything else (failed, with the gRPC status
+executor reports through ``ctx`` and ends in one of three ways, each a job state: it returns (succeeded: typed
+results, ``JobResult``, become the record's ``result`` and their strings its ``outputs``; a dict of strings, the
+``outputs`` alone), raises ``JobCancelled`` (cancelled), or raises anything else (failed, with the gRPC status
 name from ``errors.STATUS_CODES`` in ``error_code``). ``attempt`` counts executions: 1 on the first, 2 when a job
 interrupted by a shutdown or a crash runs again, so an executor resumes when ``attempt > 1``.
 """
@@ -25,7 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shared import errors
 from shared.service.records import (
@@ -80,12 +81,26 @@ class JobContext:
     def set_output(self, key: str, value: str) -> None:
         self._manager._set_output(self.job.job_id, key, value)
 
+    def set_result(self, result: JobResult) -> None:
+        """The typed results so far (a train job's validations while it runs), replacing earlier ones; what the
+        executor returns replaces them at the end."""
+        self._manager._set_result(self.job.job_id, result.to_json(), result.flat(complete=False))
+
     def check_cancelled(self) -> None:
         if self.cancelled.is_set():
             raise JobCancelled(f"job {self.job.job_id} was cancelled ({self.cancel_reason or 'requested'})")
 
 
-Executor = Callable[[JobRecord, JobContext], "dict[str, str] | None"]
+class JobResult(Protocol):
+    """A job's typed results (``shared.service.outputs``): stored as JSON in ``JobRecord.result``, and as strings
+    in its ``outputs`` (the deprecated ``Job.outputs`` map)."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+    def flat(self, complete: bool = True) -> dict[str, str]: ...
+
+
+Executor = Callable[[JobRecord, JobContext], "JobResult | dict[str, str] | None"]
 
 
 class JobManager:
@@ -345,6 +360,8 @@ class JobManager:
         state, message, code, outputs = outcome
         with self._cond:
             final = finished_copy(self._jobs[job_id], state, message, code)
+        if not isinstance(outputs, dict):  # typed results
+            final.result, outputs = outputs.to_json(), outputs.flat()
         final.outputs.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in outputs.items()})
         if state == JobState.QUEUED:
             final.progress["message"] = INTERRUPTED_MESSAGE
@@ -381,6 +398,13 @@ class JobManager:
     def _set_output(self, job_id: str, key: str, value: str) -> None:
         with self._cond:
             self._jobs[job_id].outputs[str(key)] = str(value)
+        self._commit(job_id)
+
+    def _set_result(self, job_id: str, result: dict[str, Any], flat: dict[str, str]) -> None:
+        with self._cond:
+            record = self._jobs[job_id]
+            record.result = result
+            record.outputs.update(flat)
         self._commit(job_id)
 
     def _publish(self, final: JobRecord) -> None:
@@ -440,6 +464,7 @@ class JobManager:
 
     def _flush_spool(self) -> None:
         """Runs on its own thread while the manager is open: write spooled records back to the store."""
+        assert self.spool is not None  # the thread is started only with a spool
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._closed, timeout=self.spool_retry_s)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from shared import errors
 
@@ -62,10 +62,13 @@ class JobRecord:
     created: float
     updated: float
     progress: dict[str, Any] = field(default_factory=lambda: dict(PROGRESS_FIELDS))
-    outputs: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)  # the results as strings: the deprecated Job.outputs
     error: str = ""
     error_code: str = ""
     attempt: int = 0
+    # The typed results as JSON under the job's kind, {"train": {...}} (shared.service.outputs); {} before any, and
+    # in a record stored before it existed, whose ``outputs`` alone hold them
+    result: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
@@ -95,7 +98,7 @@ def finished_copy(record: JobRecord, state: JobState, error: str, code: str) -> 
 
 def json_params(params: dict[str, Any]) -> dict[str, Any]:
     try:
-        return json.loads(json.dumps(params))
+        return cast("dict[str, Any]", json.loads(json.dumps(params)))  # a dict, dumped and read back
     except (TypeError, ValueError) as err:
         raise errors.InvalidInput(f"job parameters must be JSON values: {err}") from err
 

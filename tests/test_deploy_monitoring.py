@@ -319,7 +319,7 @@ def test_k8s_services_and_shared_config_match_compose(compose):
 
 def test_ci_installs_the_debian_tools_before_the_tests():
     lines = [s.strip() for s in (ROOT / ".ci" / "run").read_text().splitlines() if s.strip()]
-    assert lines[-2:] == ["make lint", "make test"]
+    assert lines[-3:] == ["make lint", "make typecheck", "make test"]
     install = next(i for i, s in enumerate(lines) if "apt-get install" in s)
     assert "docker-compose" in lines[install] and "prometheus" in lines[install]
 

@@ -82,7 +82,7 @@ def pipeline_size(area: int, aspect: float) -> tuple[int, int]:
     output by default. Taken from diffusers itself so that training and inference cannot drift apart."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
 
-    w, h = calculate_dimensions(area, aspect)  # type: ignore[no-untyped-call]  # diffusers leaves it unannotated
+    w, h = calculate_dimensions(area, aspect)
     return max(MULTIPLE, int(w)), max(MULTIPLE, int(h))
 
 

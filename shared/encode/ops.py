@@ -49,7 +49,7 @@ def encode_vae_latents(
 def reference_size(width: int, height: int, area: int) -> tuple[int, int]:
     """(w, h) of a reference resized to about ``area`` pixels at its aspect ratio, multiples of 32: the rule
     (diffusers' ``calculate_dimensions``) both edit pipelines apply before the VL encoder and the VAE."""
-    w, h, _ = calculate_dimensions(area, width / height)  # type: ignore[no-untyped-call]  # diffusers: unannotated
+    w, h, _ = calculate_dimensions(area, width / height)
     return int(w), int(h)
 
 

@@ -270,8 +270,7 @@ def denoise(
             if guidance_rescale > 0:
                 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-                # diffusers leaves rescale_noise_cfg unannotated
-                guided_BLC = rescale_noise_cfg(guided_BLC, v_BLC, guidance_rescale)  # type: ignore[no-untyped-call]
+                guided_BLC = rescale_noise_cfg(guided_BLC, v_BLC, guidance_rescale)
             v_BLC = guided_BLC
         latents_BLC = scheduler.step(v_BLC, t, latents_BLC, return_dict=False)[0]
     return latents_BLC

@@ -218,7 +218,7 @@ def quiet_progress_bars() -> None:
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
+    transformers_logging.disable_progress_bar()
 
 
 def apply_flavour(transformer: Any, flavour: str) -> Any:

@@ -337,7 +337,7 @@ def _swap_bnb_linears(
         weight = linear.weight.data.to("cpu")
         bias = linear.bias.data.to("cpu") if linear.bias is not None else None
         if precision == "nf4-bnb":
-            new = Linear4bit(  # type: ignore[no-untyped-call]  # bitsandbytes leaves its __init__ unannotated
+            new = Linear4bit(
                 linear.in_features,
                 linear.out_features,
                 bias=bias is not None,
@@ -394,10 +394,8 @@ def linear8bit_dequant() -> type:
                 self.init_8bit_state()  # type: ignore[no-untyped-call]  # bitsandbytes leaves it unannotated
             if self.bias is not None and self.bias.dtype != x.dtype:
                 self.bias.data = self.bias.data.to(x.dtype)
-            # torch leaves Function.apply unannotated; MatMul8bitFp.forward returns the product, a Tensor
-            out: torch.Tensor = MatMul8bitFp.apply(  # type: ignore[no-untyped-call]
-                x, self.weight, None, self.bias, self.state
-            )
+            # MatMul8bitFp.forward returns the product, a Tensor
+            out: torch.Tensor = MatMul8bitFp.apply(x, self.weight, None, self.bias, self.state)
             if not self.state.has_fp16_weights and self.state.CB is not None:
                 self.weight.data = self.state.CB
             return out

@@ -106,8 +106,7 @@ def _build_processor(tokenizer: Any) -> Any:
         temporal_patch_size=2,
         merge_size=2,
     )
-    # transformers leaves Qwen2VLProcessor.__init__ unannotated
-    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)  # type: ignore[no-untyped-call]
+    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 def _build_text_encoder(tokenizer: Any, seed: int) -> Any:
@@ -140,8 +139,7 @@ def _build_text_encoder(tokenizer: Any, seed: int) -> Any:
         vision_end_token_id=tid("<|vision_end|>"),
     )
     torch.manual_seed(seed)
-    # transformers leaves PreTrainedModel.eval unannotated
-    return Qwen2_5_VLForConditionalGeneration(config).eval()  # type: ignore[no-untyped-call]
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
 def build_tiny_components(flavour: str, seed: int = 0, vae_base_dim: int = 16) -> dict[str, Any]:

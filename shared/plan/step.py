@@ -113,7 +113,7 @@ def time_steps(
             sync(device)
             t0 = time.perf_counter()
         loss = flow_matching_loss(model, batch, noise, sigmas, dtype=torch.bfloat16)
-        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))

@@ -143,8 +143,7 @@ def wrap(transformer: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     frozen = [n for n, p in transformer.named_parameters() if not p.requires_grad]
     frozen += [n for n, _ in transformer.named_buffers()]
-    # torch leaves this static method unannotated
-    DDP._set_params_and_buffers_to_ignore_for_model(transformer, frozen)  # type: ignore[no-untyped-call]
+    DDP._set_params_and_buffers_to_ignore_for_model(transformer, frozen)
     return DDP(
         transformer,
         device_ids=[device.index] if device.type == "cuda" else None,

@@ -111,7 +111,7 @@ def train_vae(vae: Any, images: list[Any], r: Recipe) -> list[float]:
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
         loss = torch.nn.functional.mse_loss(rec, x)
         opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+        loss.backward()
         opt.step()
         sched.step()
         losses.append(loss.item())
@@ -179,7 +179,7 @@ def train_identity(
         sigmas = torch.rand(lat.shape[0], generator=gen).clamp(0.02, 0.98)
         loss = flow_matching_loss(transformer, batch, noise, sigmas)
         opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         opt.step()
         sched.step()

@@ -435,7 +435,7 @@ class Trainer:
         )
         # DDP averages over the N ranks: N/A makes the sum over all micro-batches what one process computes (torch
         # leaves Tensor.backward unannotated)
-        (loss * (self.dist.world / self.cfg.gradient_accumulation_steps)).backward()  # type: ignore[no-untyped-call]
+        (loss * (self.dist.world / self.cfg.gradient_accumulation_steps)).backward()
         return loss.detach()
 
     def _roll_out(

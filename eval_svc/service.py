@@ -6,17 +6,15 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
-import torch
 
-from shared.data.pairing import pair_datasets
-from shared.encode.cache import index_key, settings_for
 from shared.errors import InvalidInput
-from shared.evaluate.preview import eval_set, out_of_memory, render_validation, validation_settings
-from shared.evaluate.report import refresh_run_report
+from shared.evaluate.validation import RunValidation
 from shared.model.device import free_gpu_memory, resolve_device, resolve_dtype
 from shared.model.loading import load_render_pipeline
 from shared.rpc import eval_pb2, eval_pb2_grpc
@@ -84,40 +82,24 @@ class EvalCore:
         with self._lock:
             ctx.progress(phase="render", step=0, total=1, message=f"validation of {p['run_id']} step {p['step']}")
             start_gpu_job(run.train.device)
-            paired, _ = pair_datasets(run, self.store)
-            keys = p.get("index_keys") or [index_key(run, ds.id, settings_for(run)) for ds in run.data.image_datasets]
-            ev = eval_set(run, paired, self.store, keys)
-            pipe = self._pipeline(run, text_encoder=ev.needs_text_encoder)
-            failures = self._out_of_memory.get(p["run_id"], 0)
-            vrun, changes = validation_settings(pipe, run, failures)  # after an out-of-memory: smaller ones
-            oom: torch.OutOfMemoryError | None = None
+            previews = RunValidation(
+                run, self.store, p["run_id"], p.get("index_keys") or (), self._out_of_memory.get(p["run_id"], 0)
+            )
+            pipe = self._pipeline(run, text_encoder=previews.eval_set().needs_text_encoder)
             try:
-                self._load_lora(pipe, p["lora_key"])
-                result = render_validation(
+                result = previews.render(
                     pipe,
-                    vrun,
-                    ev.samples,
-                    step=int(p["step"]),
-                    store=self.store,
-                    prefix=f"runs/{p['run_id']}/validation",
-                    loss_index=ev.entries,
-                    eval_label=ev.label,
-                    conditioning=ev.conditioning,
+                    int(p["step"]),
+                    self._lora_file(pipe, p["lora_key"]),
+                    what=f"{p['run_id']} step {p['step']}",
+                    next_one="its next validation",
                 )
-            except torch.OutOfMemoryError as err:  # recorded here, freed below: after the LoRA is gone too
-                self._out_of_memory[p["run_id"]] = failures + 1
-                oom = err
-            finally:
-                if ADAPTER in getattr(pipe.transformer, "peft_config", {}):
-                    pipe.delete_adapters(ADAPTER)
-            if oom is not None:  # the job fails RESOURCE_EXHAUSTED; the run's next one is smaller
-                raise out_of_memory(
-                    oom, run, failures + 1, changes, f"{p['run_id']} step {p['step']}", "its next validation"
-                ) from oom
+            finally:  # after an out-of-memory, the run's next render is smaller
+                self._out_of_memory[p["run_id"]] = previews.out_of_memory
             self.metrics.eval_render_seconds.observe(result.seconds)
             self.metrics.record_validation(result.to_json())
             self.metrics.record_gpu("eval")
-            report = refresh_run_report(self.store, p["run_id"])  # in the lock: of two renders, the later is last
+            report = previews.report_key  # refreshed in the lock: of two renders, the later is last
         self.idle.touch()
         outputs = RenderOutputs(
             run_id=p["run_id"],
@@ -135,13 +117,19 @@ class EvalCore:
         ctx.progress(phase="render", step=1, total=1, message="done")
         return outputs
 
-    def _load_lora(self, pipe: Any, key: str) -> None:
-        """From the file itself, not a state dict: diffusers reads the LoRA's alpha from the file's metadata
-        (a dict would silently apply it at alpha = rank)."""
-        with tempfile.TemporaryDirectory() as tmp:
-            name = key.rsplit("/", 1)[-1]
-            self.store.get_file(key, Path(tmp) / name)
-            pipe.load_lora_weights(tmp, weight_name=name, adapter_name=ADAPTER)
+    @contextmanager
+    def _lora_file(self, pipe: Any, key: str) -> Iterator[None]:
+        """The LoRA in the pipeline for one render, loaded from the file itself, not a state dict: diffusers reads
+        the LoRA's alpha from the file's metadata (a dict would silently apply it at alpha = rank)."""
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                name = key.rsplit("/", 1)[-1]
+                self.store.get_file(key, Path(tmp) / name)
+                pipe.load_lora_weights(tmp, weight_name=name, adapter_name=ADAPTER)
+            yield
+        finally:
+            if ADAPTER in getattr(pipe.transformer, "peft_config", {}):
+                pipe.delete_adapters(ADAPTER)
 
     def release(self) -> None:
         with self._lock:

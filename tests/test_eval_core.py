@@ -39,11 +39,12 @@ def test_lora_alpha_from_the_file_reaches_the_pipeline(tmp_path, tiny_models):
     store.put_bytes("runs/r/lora/pytorch_lora_weights.safetensors", files["pytorch_lora_weights.safetensors"])
     core = EvalCore(store, Metrics(CollectorRegistry()), idle_release_s=0)
     pipe = load_pipeline(model, "edit-v2")
-    core._load_lora(pipe, "runs/r/lora/pytorch_lora_weights.safetensors")
-    cfg = pipe.transformer.peft_config[ADAPTER]
-    assert cfg.r == 4 and cfg.lora_alpha == 2.0
-    layer = pipe.transformer.transformer_blocks[0].attn.to_q
-    assert layer.scaling[ADAPTER] == torch.tensor(0.5).item()
+    with core._lora_file(pipe, "runs/r/lora/pytorch_lora_weights.safetensors"):
+        cfg = pipe.transformer.peft_config[ADAPTER]
+        assert cfg.r == 4 and cfg.lora_alpha == 2.0
+        layer = pipe.transformer.transformer_blocks[0].attn.to_q
+        assert layer.scaling[ADAPTER] == torch.tensor(0.5).item()
+    assert ADAPTER not in getattr(pipe.transformer, "peft_config", {})  # for this render only
 
 
 # ------------------------------------------------------------------ previews from cached embeddings
@@ -164,7 +165,7 @@ def _job(n: int, params: dict) -> JobRecord:
 def test_a_render_out_of_gpu_memory_fails_its_job_and_the_runs_next_render_is_smaller(
     tmp_path, tiny_models, monkeypatch
 ):
-    import eval_svc.service as service
+    import shared.evaluate.validation as service  # the routine eval_svc renders with
     from shared import errors
 
     core, params = _render_job(tmp_path, tiny_models)
@@ -192,7 +193,7 @@ def test_the_tensors_of_a_render_out_of_gpu_memory_are_freed_before_the_memory_i
     """The render's tensors live on in the error's traceback frames: freeing memory while they do gives nothing
     back. When eval_svc frees it after an out-of-memory render, they are gone, and so is the job's LoRA; the error
     still carries the render's traceback."""
-    import eval_svc.service as service
+    import shared.evaluate.validation as service  # the routine eval_svc renders with
     from shared import errors
     from shared.model import device
 

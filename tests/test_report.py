@@ -31,6 +31,7 @@ from shared.evaluate.report import (
     write_run_report,
 )
 from shared.store.local import LocalStore
+from shared.train import previews
 
 RUN = "report-run"
 STEPS = 6
@@ -73,7 +74,7 @@ def run(tmp_path_factory, tiny_models):
     train_run(
         load_run_config(cfg),
         store,
-        validate="external",
+        previews=previews.ON_EVAL_SVC,
         run_id=RUN,
         encode=False,
         copy_to_output_dir=False,

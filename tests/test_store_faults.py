@@ -24,6 +24,7 @@ from shared.service.jobs import JobManager
 from shared.service.records import JobState
 from shared.service.spool import RecordSpool
 from shared.store.s3 import MinioStore
+from shared.train import previews
 from shared.train.events import TrainEvent
 from shared.train.runner import train_run
 
@@ -58,7 +59,7 @@ def tiny_run(tmp_path, tiny_models, name: str, **overrides):
 def test_a_run_rides_out_a_30_s_outage_with_the_losses_of_an_uninterrupted_run(tmp_path, tiny_models, s3_server, proxy):
     run = tiny_run(tmp_path, tiny_models, "outage")
     direct = store_at(s3_server, f"direct-{uuid.uuid4().hex[:8]}", retry_s=10)
-    reference = train_run(run, direct, validate=False, copy_to_output_dir=False).summary.losses
+    reference = train_run(run, direct, previews=previews.NONE, copy_to_output_dir=False).summary.losses
 
     outage: list[threading.Thread] = []
 
@@ -70,7 +71,7 @@ def test_a_run_rides_out_a_30_s_outage_with_the_losses_of_an_uninterrupted_run(t
 
     flaky = store_at(proxy.url, f"flaky-{uuid.uuid4().hex[:8]}", retry_s=120)
     started = time.monotonic()
-    result = train_run(run, flaky, events=events, validate=False, copy_to_output_dir=False)
+    result = train_run(run, flaky, events=events, previews=previews.NONE, copy_to_output_dir=False)
     assert outage and proxy.refused_or_reset > 0, "the outage must have hit the run"
     assert time.monotonic() - started >= OUTAGE_S / 2  # it really waited the store out
     assert result.summary.losses == reference  # bit for bit: nothing was lost or redone differently

@@ -20,7 +20,7 @@ from test_training import make_run
 from shared.config.loading import load_run_config
 from shared.errors import InvalidInput
 from shared.evaluate.preview import png_bytes
-from shared.train import trackers
+from shared.train import previews, trackers
 from shared.train.events import TrainEvent
 from shared.train.runner import train_run
 from shared.train.trackers import publish_validation
@@ -124,13 +124,17 @@ def test_tensorboard_logs_each_step_and_the_in_process_validation(tmp_path, tiny
 def test_a_resumed_run_shows_each_step_once_with_the_values_it_kept(tmp_path, tiny_models):
     cfg, store = make_run(tmp_path, tiny_models, n=2, max_train_steps=4, checkpoint_step_interval=2)
     train_run(
-        load_run_config(cfg, overrides=["report_to=tensorboard"]), store, encode=False, validate=False, until_step=3
+        load_run_config(cfg, overrides=["report_to=tensorboard"]),
+        store,
+        encode=False,
+        previews=previews.NONE,
+        until_step=3,
     )
     train_run(
         load_run_config(cfg, overrides=["report_to=tensorboard", "resume_from_checkpoint=latest"]),
         store,
         encode=False,
-        validate=False,
+        previews=previews.NONE,
     )
     folder = pull(store, LOGS, tmp_path / "pulled") / "tensorboard" / "out"
     assert len(list(folder.glob("events.out.tfevents.*"))) == 2  # one per start; step 3 is in both
@@ -187,7 +191,7 @@ def test_wandb_offline_and_eval_svc_files_of_a_service_run(tmp_path, tiny_models
             if e.step == 2:
                 render(2)
 
-    train_run(run, store, events=events, validate="external", encode=False, copy_to_output_dir=False)
+    train_run(run, store, events=events, previews=previews.ON_EVAL_SVC, encode=False, copy_to_output_dir=False)
     render(4)
     assert ready == [2, 4]
     assert not (tmp_path / "out").exists() and not (tmp_path / "home").exists()
@@ -220,7 +224,7 @@ def test_wandb_offline_and_eval_svc_files_of_a_service_run(tmp_path, tiny_models
 
 def test_none_writes_nothing(tmp_path, tiny_models):
     cfg, store = make_run(tmp_path, tiny_models, n=2, max_train_steps=2, checkpoint_step_interval=2)
-    train_run(load_run_config(cfg), store, encode=False, validate=False)
+    train_run(load_run_config(cfg), store, encode=False, previews=previews.NONE)
     assert store.list(LOGS) == [] and not (tmp_path / "out" / "logs").exists()
     assert store.list("runs/out/lora")  # the run itself did happen
 
@@ -241,7 +245,9 @@ def test_a_tracker_failing_mid_run_costs_logs_not_the_run(tmp_path, tiny_models,
         raise OSError("disk full")
 
     monkeypatch.setattr(trackers._TensorBoard, "scalars", broken)
-    result = train_run(load_run_config(cfg, overrides=["report_to=tensorboard"]), store, encode=False, validate=False)
+    result = train_run(
+        load_run_config(cfg, overrides=["report_to=tensorboard"]), store, encode=False, previews=previews.NONE
+    )
     assert result.summary.steps == 3 and store.list("runs/out/lora")
     failures = [r for r in caplog.records if "tensorboard: logging scalars failed" in r.getMessage()]
     assert len(failures) == 1 and "disk full" in caplog.text  # warned once, with the reason
@@ -255,7 +261,7 @@ def test_absolute_logging_dir_receives_the_files(tmp_path, tiny_models):
         load_run_config(cfg, overrides=["report_to=tensorboard", f"logging_dir={logs}"]),
         store,
         encode=False,
-        validate=False,
+        previews=previews.NONE,
     )
     assert scalars(logs / "tensorboard" / "out")["train/loss"].keys() == {1, 2}
     assert not (tmp_path / "out" / "logs").exists()

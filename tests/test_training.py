@@ -237,7 +237,7 @@ def test_compiled_transformer_blocks_train_like_eager(tmp_path, tiny_models):
 
 def test_fp16_training_is_refused_and_external_validation_exports_diffusers(tmp_path, tiny_models):
     from shared.errors import InvalidInput
-    from shared.train.runner import external_validator
+    from shared.train.previews import external_validator
 
     cfg, store = make_run(tmp_path, tiny_models, n=2)
     with pytest.raises(InvalidInput) as e:

@@ -1,4 +1,4 @@
-"""Where a service-run's validations render: trainer_svc's worker (validate="auto") hands them to eval_svc, unless
+"""Where a service-run's validations render: trainer_svc's worker (previews.AUTO) hands them to eval_svc, unless
 the planner says the trainer and eval_svc share a GPU (the environment compose sets) without room for both; then
 the worker renders them itself, on its resident transformer, and says so in its log.
 
@@ -19,6 +19,7 @@ from shared.data.synthetic import write_configs, write_dataset
 from shared.plan import predict
 from shared.plan.gpus import GiB
 from shared.store.local import LocalStore
+from shared.train import previews
 from shared.train.events import TrainEvent
 from shared.train.runner import train_run
 
@@ -61,8 +62,8 @@ def test_one_gpu_without_room_for_both_validates_in_the_worker(tiny_run, monkeyp
     monkeypatch.setattr(predict, "device_memory", lambda device: memory)
     assert predict.validation_site(run, "cpu")[0] == "training worker"
     events: list[TrainEvent] = []
-    with caplog.at_level(logging.INFO, logger="shared.train.runner"):
-        result = train_run(run, store, events=events.append, validate="auto", copy_to_output_dir=False)
+    with caplog.at_level(logging.INFO, logger="shared.train.previews"):
+        result = train_run(run, store, events=events.append, previews=previews.AUTO, copy_to_output_dir=False)
     assert "validations render in the training worker" in caplog.text
     assert not [e for e in events if e.phase == "validation_ready"]  # nothing handed to eval_svc
     [validation] = result.summary.validations
@@ -81,8 +82,8 @@ def test_eval_svc_renders_when_it_has_its_own_gpu_or_room_beside_the_trainer(tin
     for k, v in ONE_GPU.items():
         monkeypatch.setenv(k, v)
     events: list[TrainEvent] = []
-    with caplog.at_level(logging.INFO, logger="shared.train.runner"):
-        result = train_run(run, store, events=events.append, validate="auto", copy_to_output_dir=False)
+    with caplog.at_level(logging.INFO, logger="shared.train.previews"):
+        result = train_run(run, store, events=events.append, previews=previews.AUTO, copy_to_output_dir=False)
     assert "fit" in caplog.text and "eval_svc renders" in caplog.text
     [ready] = [e for e in events if e.phase == "validation_ready"]
     assert ready.step == 2 and result.summary.validations[0]["external"] is True
@@ -121,6 +122,7 @@ def test_an_out_of_memory_validation_is_recorded_and_the_next_renders_smaller(ti
     import torch
 
     from shared.evaluate import preview
+    from shared.evaluate import validation as routine
     from shared.model import device
 
     run, store = tiny_run
@@ -135,9 +137,9 @@ def test_an_out_of_memory_validation_is_recorded_and_the_next_renders_smaller(ti
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.40 GiB")
         return real(pipe, vrun, *args, **kwargs)
 
-    monkeypatch.setattr(preview, "render_validation", render)
+    monkeypatch.setattr(routine, "render_validation", render)  # the routine the worker and eval_svc render with
     monkeypatch.setattr(device, "free_gpu_memory", lambda: frees.append([ref() is None for ref in held]))
-    result = train_run(run, store, validate=True, copy_to_output_dir=False)
+    result = train_run(run, store, previews=previews.IN_THIS_PROCESS, copy_to_output_dir=False)
     assert frees == [[True]]  # one free, after the out-of-memory render: its tensor already gone
     assert result.summary.steps == 4
     first, second = result.summary.validations

@@ -169,6 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_train_in_process(args: argparse.Namespace) -> int:
     from shared.cli.launch import train_processes
+    from shared.train import previews
     from shared.train.distributed import is_distributed
     from shared.train.runner import train_run
 
@@ -196,7 +197,13 @@ def cmd_train_in_process(args: argparse.Namespace) -> int:
                 ),
                 store,
             )
-        result = train_run(run, store, events=events, validate=not args.no_validation, stop=stop)
+        result = train_run(
+            run,
+            store,
+            events=events,
+            previews=previews.NONE if args.no_validation else previews.IN_THIS_PROCESS,
+            stop=stop,
+        )
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()

@@ -26,7 +26,7 @@ from shared.logs import quiet_call_noise, quiet_import_noise
 from shared.model.device import resolve_device
 from shared.service.supervisor import OOM_ADVICE, OOM_MARKERS, exit_with_parent
 from shared.store.url import open_store
-from shared.train import distributed
+from shared.train import distributed, previews
 from shared.train.events import WorkerError, WorkerMessage, WorkerResult, encode_line
 from shared.train.runner import train_run
 
@@ -118,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             run,
             open_store(args.store),
             events=_emit,
-            validate=False if args.no_validation else "auto" if args.external_validation else True,
+            previews=previews.NONE
+            if args.no_validation
+            else previews.AUTO
+            if args.external_validation
+            else previews.IN_THIS_PROCESS,
             until_step=args.until_step,
             encode=not args.no_encode,
             run_id=args.run_id,

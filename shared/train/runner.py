@@ -11,9 +11,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from shared.config.schema import RunConfig
 from shared.encode.encoder import DatasetEncoder, EncodeStats
@@ -23,6 +20,7 @@ from shared.store.base import ObjectStore
 from shared.store.local import LocalStore
 from shared.train import distributed
 from shared.train.events import TrainEvent
+from shared.train.previews import IN_THIS_PROCESS, Previews, resolve
 from shared.train.trackers import logs_dir, open_tracker
 from shared.train.trainer import Event, Trainer, TrainSummary, run_id_for
 
@@ -41,7 +39,7 @@ def train_run(
     store: ObjectStore,
     *,
     events: Callable[[Event], None] | None = None,
-    validate: bool | str = True,
+    previews: Previews = IN_THIS_PROCESS,
     until_step: int | None = None,
     encode: bool = True,
     run_id: str | None = None,
@@ -49,10 +47,9 @@ def train_run(
     copy_to_output_dir: bool = True,
     index_keys: dict[str, str] | None = None,
 ) -> RunResult:
-    """``validate``: True renders previews here; "external" exports the LoRA at each validation step and emits a
-    ``validation_ready`` event for a supervisor to hand to eval_svc; "auto" (trainer_svc's worker) is "external"
-    unless the planner says the trainer and eval_svc do not fit their shared GPU together, and then True (see
-    ``shared.plan.predict.validation_site``; the choice is logged); False skips validation. ``stop``: see
+    """``previews``: where the validation previews are made (``shared.train.previews``: in this process, on
+    eval_svc through ``validation_ready`` events, where the planner says for trainer_svc's worker, or none).
+    ``stop``: see
     ``Trainer.train``. ``copy_to_output_dir``: with the local store, copy the LoRA and previews to the config's
     output_dir — only for a run the user started on their own machine; a service's worker never writes outside
     the store (output_dir then only names the run). With report_to, the trackers hear the events and the
@@ -74,12 +71,9 @@ def train_run(
     stats = encode_missing(run, store, events) if encode and dist.main else EncodeStats()
     if encode:
         distributed.barrier(dist)
-    if validate == "auto":
-        validate = choose_validation(run)
-    validator = (
-        external_validator(events) if validate == "external" else make_validator(run, store) if validate else None
-    )
-    if tracker is not None and validator is not None and validate != "external":
+    previews = resolve(previews, run)
+    validator = previews.validator(run, store, events)
+    if tracker is not None and validator is not None and previews.in_process:
         validator = tracker.wrap(validator)
     trainer = Trainer(run, store, run_id=run_id, events=events, validate=validator, index_keys=index_keys)
     trainer.setup()
@@ -104,18 +98,6 @@ def train_run(
     return RunResult(stats, summary, outputs)
 
 
-def choose_validation(run: RunConfig) -> bool | str:
-    """True (in this worker) or "external" (eval_svc), as ``shared.plan.predict.validation_site`` decides for this
-    process's device; logged, so the run's log says where its previews come from."""
-    from shared.model.device import resolve_device
-    from shared.plan.predict import validation_site
-
-    device = distributed.rank_device(resolve_device(run.train.device), distributed.current())
-    site, why = validation_site(run, device)
-    log.info("validation: %s", why)
-    return True if site == "training worker" else "external"
-
-
 def encode_missing(run: RunConfig, store: ObjectStore, events: Callable[[Event], None]) -> EncodeStats:
     """Encode what the cache lacks, reporting progress as encode events, then free the encoders (the
     transformer needs the memory next)."""
@@ -134,88 +116,6 @@ def _tee(first: Callable[[Event], None], second: Callable[[Event], None]) -> Cal
         second(e)
 
     return both
-
-
-def external_validator(events: Callable[[Event], None]) -> Callable[[Trainer, int], dict[str, Any]]:
-    """Validation by another service: write this step's LoRA to the store and say where it is."""
-
-    def validate(trainer: Trainer, step: int) -> dict[str, Any]:
-        keys = trainer.export(f"{trainer.prefix}/validation/step-{step}/lora", fmt="diffusers")
-        lora_key = next(k for k in keys if k.endswith("/pytorch_lora_weights.safetensors"))
-        events(
-            TrainEvent(
-                "validation_ready",
-                step,
-                trainer.max_steps,
-                f"LoRA for validation at step {step}",
-                lora_key=lora_key,
-                run_id=trainer.run_id,
-            )
-        )
-        return {"step": step, "lora_key": lora_key, "external": True}
-
-    return validate
-
-
-def make_validator(run: RunConfig, store: ObjectStore) -> Callable[[Trainer, int], dict[str, Any]]:
-    """Previews with the training transformer itself (no second copy of the weights): the VAE, and the text
-    encoder only where a preview sample's embeddings are not cached, are loaded on first use beside it."""
-    from shared.data.pairing import pair_datasets
-    from shared.encode.cache import index_key, settings_for
-    from shared.evaluate.preview import eval_set, out_of_memory, render_validation, validation_settings
-
-    state: dict[str, Any] = {"out_of_memory": 0}
-
-    def validate(trainer: Trainer, step: int) -> dict[str, Any]:
-        if "pipe" not in state:
-            from shared.model.loading import load_pipeline
-
-            paired, _ = pair_datasets(run, store)
-            keys = list((trainer.index_keys or {}).values()) or [
-                index_key(run, ds.id, settings_for(run)) for ds in run.data.image_datasets
-            ]
-            state["eval"] = ev = eval_set(run, paired, store, keys)
-            text = ("text_encoder", "tokenizer", "processor") if ev.needs_text_encoder else ()
-            state["pipe"] = load_pipeline(
-                run.train.model_path,
-                run.train.model_flavour,
-                device=trainer.device,
-                dtype=trainer.dtype,
-                components=("vae", *text, "scheduler"),
-            )
-        pipe, ev = state["pipe"], state["eval"]
-        vrun, changes = validation_settings(pipe, run, state["out_of_memory"])
-        pipe.transformer = trainer.transformer
-        try:
-            with trainer.exported_weights():  # the weights the LoRA file holds: the EMA when use_ema
-                result = render_validation(
-                    pipe,
-                    vrun,
-                    ev.samples,
-                    step=step,
-                    store=store,
-                    prefix=f"{trainer.prefix}/validation",
-                    loss_index=ev.entries,
-                    eval_label=ev.label,
-                    conditioning=ev.conditioning,
-                )
-        except torch.OutOfMemoryError as err:  # recorded by the trainer; the run goes on
-            state["out_of_memory"] += 1
-            raise out_of_memory(
-                err,
-                run,
-                state["out_of_memory"],
-                changes,
-                f"the validation at step {step}",
-                "the next one",
-                f" ({str(err).splitlines()[0][:200]})",
-            ) from err
-        finally:
-            pipe.transformer = None
-        refresh_run_report(store, trainer.run_id)  # readable while the run goes on: the metrics of its checkpoints
-        return result.to_json()
-
-    return validate
 
 
 def copy_outputs(store: ObjectStore, run_prefix: str, output_dir: Path, logs: Path | None = None) -> dict[str, str]:

@@ -54,9 +54,11 @@ def _overrides(device: torch.device, precision: str, out: str, steps: int, *extr
 
 def _train(overrides: list[str], store: Any, validate: bool = True) -> Any:
     from shared.config.loading import load_run_config
+    from shared.train import previews
     from shared.train.runner import train_run
 
-    return train_run(load_run_config(overrides=overrides), store, validate=validate)
+    where = previews.IN_THIS_PROCESS if validate else previews.NONE
+    return train_run(load_run_config(overrides=overrides), store, previews=where)
 
 
 def tiny_run_rows(device: torch.device, precision: str = "int8-quanto", work: Path | None = None) -> list[Row]:

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean protos lint format typecheck
+.PHONY: demo test test-fast venv clean protos lint format typecheck
 
 venv: $(STAMP)
 
@@ -20,6 +20,10 @@ demo: $(STAMP)
 # One pytest worker per core, a test file's tests on one worker (module fixtures are built once).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
+
+# The unit tests: everything but the tests marked slow (services, workers, torchrun, end-to-end pipelines).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
 # ruff: the lint rules and the format (pyproject.toml), checked; `make format` rewrites.
 lint: $(STAMP)

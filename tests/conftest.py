@@ -10,7 +10,9 @@ for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "tests"):
+# The tests mirror the packages (tests/config/ for shared.config, ...); the helpers beside this file (rpcfake,
+# s3server, ...) and the test modules other tests build on (test_training's make_run, ...) import by name.
+for p in (ROOT, ROOT / "tests", *sorted(d for d in (ROOT / "tests").iterdir() if d.is_dir() and d.name.isidentifier())):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 

@@ -167,3 +167,11 @@ def test_no_module_is_over_the_line_limit():
     }
     over = {k: v for k, v in sizes.items() if v > MAX_LINES}
     assert not over, f"modules over {MAX_LINES} lines (split them along responsibilities): {over}"
+
+
+def test_the_tests_mirror_the_packages():
+    """tests/<name>/ holds the tests of shared/<name>/ (tests/deploy/ those of deploy/ and compose.yaml); only the
+    layering's own test and the shared helpers sit at the top."""
+    folders = {d.name for d in (ROOT / "tests").iterdir() if d.is_dir() and d.name not in ("fixtures", "__pycache__")}
+    assert folders <= set(LAYERS) | {"deploy"}, folders - set(LAYERS)
+    assert [p.name for p in (ROOT / "tests").glob("test_*.py")] == ["test_layout.py"]

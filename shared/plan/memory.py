@@ -63,7 +63,7 @@ def dtype_bytes(mixed_precision: str) -> int:
 
 def linear_weight_bytes(precision: str, in_features: int, out_features: int, compute_bytes: int = 2) -> float:
     """Bytes a Linear's weight takes stored in ``precision`` (bias excluded; it stays in the compute dtype).
-    Checked against real quantized layers in tests/test_planner.py."""
+    Checked against real quantized layers in tests/plan/test_planner.py."""
     n = in_features * out_features
     if precision == "no_change":
         return n * compute_bytes

@@ -6,7 +6,7 @@ every file is moved to ``shared/rpc/<name>`` and its ``edittuner.*`` imports bec
 the proto file names to be unique across packages, which ``generate`` checks.
 
 The output depends on the grpcio-tools version (it stamps it into ``*_pb2_grpc.py``), so pyproject.toml pins it;
-tests/test_protos.py regenerates into a temp folder and fails when the committed stubs differ.
+tests/rpc/test_protos.py regenerates into a temp folder and fails when the committed stubs differ.
 
 Fields are only ever added: ``protos/baseline.json`` is the last accepted contract (a ``buf build`` image).
 ``make protos`` first runs ``buf breaking`` against it and refuses to go on if a change would break a client;

@@ -15,6 +15,8 @@ from shared.rpc.client import Client
 from shared.service.common import files_to_proto, state_name
 from shared.service.local_stack import start_local_stack
 
+pytestmark = pytest.mark.slow  # starts the services with tokens and TLS
+
 
 def test_token_is_required_and_propagated(tmp_path, tiny_models, monkeypatch):
     token = uuid.uuid4().hex

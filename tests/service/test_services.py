@@ -27,7 +27,9 @@ from shared.service.local_stack import start_local_stack
 from shared.store.checkpoint import committed_steps
 from shared.store.local import LocalStore
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # starts the three services and their training workers
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """A process parses a run's config once: ``load_run_config_text`` answers the same files from what it parsed, the
 client's submit path (read, validate, decide uploads) parses once, and a config that fails is parsed each time.
-The services' side, in real processes, is held by tests/test_services.py (one parse per service and worker)."""
+The services' side, in real processes, is held by tests/service/test_services.py (one parse per service and worker)."""
 
 from __future__ import annotations
 

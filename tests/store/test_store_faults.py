@@ -28,6 +28,8 @@ from shared.train import previews
 from shared.train.events import TrainEvent
 from shared.train.runner import train_run
 
+pytestmark = pytest.mark.slow  # trains through a store that goes away and comes back
+
 OUTAGE_S = 30.0
 
 

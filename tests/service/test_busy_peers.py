@@ -35,6 +35,8 @@ from shared.service.metrics import Metrics
 from shared.store.local import LocalStore
 from shared.store.s3 import MinioStore
 
+pytestmark = pytest.mark.slow  # starts the services and holds them busy
+
 HELD = "held-by-another-client"
 
 

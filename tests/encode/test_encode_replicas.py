@@ -8,11 +8,15 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from shared.config.loading import load_run_config
 from shared.data.synthetic import write_configs, write_dataset
 from shared.encode.cache import Manifests, shard_of
 from shared.encode.encoder import DatasetEncoder
 from shared.store.local import LocalStore
+
+pytestmark = pytest.mark.slow  # runs two encoders as processes
 
 CLI = [sys.executable, "-c", "import sys; from shared.cli.main import main; sys.exit(main(sys.argv[1:]))"]
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # runs the GPU-step bench as a process
+
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_step.py"
 
 # 1 block, 1 head of 8 (d = 8), text width 8; rope axes sum to the head dim.

@@ -330,7 +330,7 @@ def test_model_flops_agree_with_the_gpu_benchmark():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_step.py"
+    script = Path(__file__).resolve().parents[2] / "bench" / "gpu_step.py"
     spec = importlib.util.spec_from_file_location("bench_gpu_step_for_planner", script)
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench
@@ -360,7 +360,7 @@ def test_data_parallel_plan_is_per_gpu_with_the_all_reduce():
     assert two.host_load_bytes == one.host_load_bytes  # the processes of a machine load in turns
     assert allreduce_seconds(n_lora, 8, machines=2) > allreduce_seconds(n_lora, 8)  # slower links between machines
     assert "on 2 GPUs: the trainer figures are per GPU" in format_plan(two)
-    doc = (Path(__file__).parents[1] / "docs" / "PLANNER.md").read_text(encoding="utf-8")
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "PLANNER.md").read_text(encoding="utf-8")
     assert gpus_table() in doc, "regenerate: python -m shared.plan.report --gpus"
 
 
@@ -445,7 +445,7 @@ def test_compose_passes_every_services_gpu_to_every_service():
 
     import yaml
 
-    compose = yaml.safe_load((Path(__file__).parents[1] / "compose.yaml").read_text(encoding="utf-8"))
+    compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "compose.yaml").read_text(encoding="utf-8"))
     for name in ("encoder", "trainer", "eval"):
         env = compose["services"][name]["environment"]
         for other in ("ENCODER", "TRAINER", "EVAL"):
@@ -461,7 +461,7 @@ def test_planner_doc_holds_the_generated_tables():
 
     from shared.plan.report import docs_table
 
-    doc = (Path(__file__).parents[1] / "docs" / "PLANNER.md").read_text(encoding="utf-8")
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "PLANNER.md").read_text(encoding="utf-8")
     assert docs_table() in doc, "regenerate: python -m shared.plan.report"
     assert planner_fit_table() in doc, "regenerate: python tests/seed_files.py"
 

@@ -24,6 +24,8 @@ from shared.encode.ops import reference_size
 from shared.evaluate.sampling import sample_edit
 from shared.model.loading import load_pipeline
 
+pytestmark = pytest.mark.slow  # renders with the real pipelines for each sampler
+
 PROMPT = "make the red shape blue"
 # Measured: 0.0 on CPU fp32 for all three flavours, with and without true CFG. The tolerance only leaves room for
 # a BLAS that orders reductions differently.

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from safetensors.torch import load_file
 
 from shared.cli.demo import run_demo
+
+pytestmark = pytest.mark.slow  # runs the demo through the three services
 
 
 def test_the_demo_trains_a_lora_that_beats_the_base_on_held_out_pairs(tmp_path, capsys):

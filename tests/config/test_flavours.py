@@ -10,7 +10,7 @@ from pathlib import Path
 from shared.config.flavours import FLAVOURS, get_flavour
 from shared.config.schema import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _name_comparisons(path: Path) -> list[str]:

@@ -25,7 +25,7 @@ from shared.service.common import ServerPaths
 from shared.service.jobs import JobManager
 from shared.store.local import LocalStore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
 
 

@@ -17,7 +17,9 @@ from shared.cli.doctor import block, host
 from shared.cli.doctor.rows import Report, Row
 from shared.plan import probe
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # runs the doctor's tiny trainings
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

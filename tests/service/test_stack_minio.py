@@ -8,6 +8,7 @@ import time
 import uuid
 from urllib.parse import urlsplit
 
+import pytest
 from prom import require_tool, start_prometheus
 from s3server import ACCESS_KEY, SECRET_KEY
 from safetensors.torch import load as load_safetensors
@@ -20,6 +21,8 @@ from shared.rpc.client import Client
 from shared.service.common import files_to_proto, state_name
 from shared.service.local_stack import start_local_stack
 from shared.store.s3 import MinioStore
+
+pytestmark = pytest.mark.slow  # starts the services on an S3 server
 
 
 def settled(prom, expr: str, want: float, timeout: float = 30.0) -> float:

@@ -153,7 +153,8 @@ def test_dashboard_uses_only_the_exported_metric_names(dashboard):
     assert base == METRICS | HISTOGRAMS, f"metrics without a panel: {(METRICS | HISTOGRAMS) - base}"
 
 
-# The Run row, first on the dashboard: what a user watches during a run (tests/test_run_metrics.py evaluates it).
+# The Run row, first on the dashboard: what a user watches during a run (tests/service/test_run_metrics.py
+# evaluates it).
 # Every service exports every unlabelled gauge (0 where unused): the job label (compose's and k8s' job names) picks
 # the one service that sets it.
 RUN_PANELS = {

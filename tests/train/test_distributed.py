@@ -31,6 +31,8 @@ from shared.train.distributed import launch_command
 from shared.train.events import TrainEvent
 from shared.train.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # runs torchrun with two ranks
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 WORKER = [sys.executable, "-m", "shared.service.worker"]
 

@@ -1,4 +1,4 @@
-"""SimpleTuner's own files (tests/data/simpletuner/, copied at the commit its README names) run unchanged except for
+"""SimpleTuner's own files (tests/fixtures/simpletuner/, copied at the commit its README names) run unchanged except for
 what a user changes: the model family and flavour, and paths. ``edittuner check`` accepts every config and
 dataloader block of its QWEN_EDIT, QWEN_IMAGE and FLUX_KONTEXT quickstarts and its qwen_image and kontext
 examples; the blocks that use features EditTuner does not have get errors naming them; a tiny ``edittuner train``
@@ -18,7 +18,7 @@ from shared.errors import ConfigError
 from shared.store.checkpoint import committed_steps
 from shared.store.local import LocalStore
 
-DATA = Path(__file__).parent / "data" / "simpletuner"
+DATA = Path(__file__).resolve().parents[1] / "fixtures" / "simpletuner"
 
 
 @pytest.fixture
@@ -235,7 +235,7 @@ def test_tiny_train_on_simpletuner_files_with_lion_checkpoints_at_3_and_6(capsys
 def test_the_option_table_in_the_docs_is_the_registry():
     from shared.config.simpletuner import option_table_markdown, simpletuner_options
 
-    doc = (Path(__file__).parents[1] / "docs" / "SIMPLETUNER.md").read_text(encoding="utf-8")
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "SIMPLETUNER.md").read_text(encoding="utf-8")
     table = doc.split("<!-- simpletuner-options:start -->\n", 1)[1].split("<!-- simpletuner-options:end -->", 1)[0]
     assert table.strip() == option_table_markdown().strip(), "regenerate: python -m shared.config.simpletuner"
     _, options = simpletuner_options()

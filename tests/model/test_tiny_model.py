@@ -26,6 +26,8 @@ from shared.model.tiny_model import (
     system_prefix_length,
 )
 
+pytestmark = pytest.mark.slow  # builds and runs every flavour's pipeline
+
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler")
 EXPECTED_CLASS = {
     "edit-v1": "QwenImageEditPipeline",

@@ -22,6 +22,8 @@ from shared.rpc import encoder_pb2, encoder_pb2_grpc
 from shared.rpc.client import call, make_channel, wait_for_serving
 from shared.rpc.server import ServiceConfig, build_server
 
+pytestmark = pytest.mark.slow  # starts and stops service processes
+
 
 @pytest.fixture(scope="module")
 def server():

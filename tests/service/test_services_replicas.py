@@ -9,6 +9,8 @@ import subprocess
 import sys
 import uuid
 
+import pytest
+
 from shared.config.loading import load_run_config, read_config_files
 from shared.data.synthetic import write_configs, write_dataset
 from shared.encode.encoder import DatasetEncoder
@@ -17,6 +19,8 @@ from shared.rpc.client import Client
 from shared.service.common import files_to_proto, state_name
 from shared.service.local_stack import free_port, start_local_stack
 from shared.store.local import LocalStore
+
+pytestmark = pytest.mark.slow  # starts encoder replicas and the trainer
 
 
 def test_two_encoder_replicas_split_the_encode_of_a_run(tmp_path, tiny_models):

@@ -31,7 +31,9 @@ from shared.config import jsonc
 from shared.data.synthetic import write_dataset
 from shared.rpc.client import make_channel, wait_for_serving
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # starts the services as compose configures them, with an S3 server
+
+ROOT = Path(__file__).resolve().parents[2]
 SERVICES = {"encoder": "encoder:50051", "trainer": "trainer:50052", "eval": "eval:50053"}
 EDITTUNER = str(Path(sys.executable).parent / "edittuner")
 TINY = [

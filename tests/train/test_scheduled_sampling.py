@@ -21,6 +21,8 @@ from shared.model.flow import predict_velocity, sample_sigmas, step_generator
 from shared.model.latents import pack_latents
 from shared.model.rollout import Rollout, rollout_sigmas
 
+pytestmark = pytest.mark.slow  # trains with rollouts, on one process and two
+
 ON = [
     "scheduled_sampling_max_step_offset=3",
     "scheduled_sampling_probability=1.0",

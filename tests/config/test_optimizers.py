@@ -26,7 +26,7 @@ from shared.train.optimizers import (
     optimizer_class,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU_NAMES = [n for n, s in OPTIMIZERS.items() if not s.cuda_only]
 CUDA_ONLY = [n for n, s in OPTIMIZERS.items() if s.cuda_only]
 CPU = torch.device("cpu")

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from shared.cli.main import main
 
+pytestmark = pytest.mark.slow  # starts training workers and the CLI as processes
+
 SHORT = ["max_train_steps=4", "checkpoint_step_interval=2", "validation_step_interval=2", "num_eval_images=1"]
 
 

@@ -175,3 +175,18 @@ def test_the_tests_mirror_the_packages():
     folders = {d.name for d in (ROOT / "tests").iterdir() if d.is_dir() and d.name not in ("fixtures", "__pycache__")}
     assert folders <= set(LAYERS) | {"deploy"}, folders - set(LAYERS)
     assert [p.name for p in (ROOT / "tests").glob("test_*.py")] == ["test_layout.py"]
+
+
+def test_processes_are_started_through_an_import():
+    """A module run as ``python -m NAME`` is named by importing it (``shared.service.worker.COMMAND``), never by a
+    string the import graph above cannot see: ``[..., "-m", "some.module", ...]`` in the code is an error."""
+    wrong = []
+    for top in ("shared", *SERVICES):
+        for path in modules(top):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.List | ast.Tuple):
+                    values = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+                    for flag, name in zip(values, values[1:], strict=False):
+                        if flag == "-m" and isinstance(name, str) and name.split(".")[0] in ("shared", *SERVICES):
+                            wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} starts {name} by name")
+    assert not wrong, "\n".join(wrong)

@@ -119,3 +119,37 @@ def strict_reference_at_area(target: Placement, ref_source: tuple[int, int], are
 def aspect_mismatch(a: tuple[int, int], b: tuple[int, int]) -> float:
     """How far two sizes' aspect ratios are apart, as a fraction (0.1 = 10%)."""
     return abs(math.log((a[0] / a[1]) / (b[0] / b[1])))
+
+
+# ------------------------------------------------------------------------------------------ Qwen-Image-2.1
+QWEN21_MAX_REFERENCES = 10  # ordered reference images a Qwen-Image-2.1 edit takes
+
+
+def qwen21_sizes(
+    references: list[tuple[int, int]], output_resolution: int = 1024, where: str = "references"
+) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """Where ``QwenImage21Pipeline`` puts an edit's references and its output, from the references' (width, height)
+    in order: each reference at ~``output_resolution``² pixels of its own aspect (its sides rounded to multiples of
+    32: one vision slot per 32x32 pixels, 2x2 tokens of the 16x VAE; the vision encoder sees the same size as the
+    VAE), and the output at that area and the last reference's aspect, floored to multiples of 32. InvalidInput
+    naming ``where`` for no references, more than ten, or one so narrow that a side rounds to nothing."""
+    from shared.errors import InvalidInput
+
+    if not 1 <= len(references) <= QWEN21_MAX_REFERENCES:
+        raise InvalidInput(
+            f"{where}: Qwen-Image-2.1 takes 1 to {QWEN21_MAX_REFERENCES} reference images per edit, got "
+            f"{len(references)}"
+        )
+    area = output_resolution * output_resolution
+    placed = []
+    for i, (w, h) in enumerate(references):
+        width = math.sqrt(area * w / h)
+        size = (int(round(width / MULTIPLE)) * MULTIPLE, int(round(width / (w / h) / MULTIPLE)) * MULTIPLE)
+        if min(size) == 0:
+            raise InvalidInput(
+                f"{where}[{i}]: a {w}x{h} reference at ~{output_resolution}x{output_resolution} pixels has a side "
+                f"under 16 pixels ({size[0]}x{size[1]} after rounding to 32); crop it or raise the resolution"
+            )
+        placed.append(size)
+    last_w, last_h = placed[-1]
+    return placed, (last_w // MULTIPLE * MULTIPLE, last_h // MULTIPLE * MULTIPLE)

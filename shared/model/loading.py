@@ -29,27 +29,29 @@ ENCODER_COMPONENTS: tuple[str, ...] = ("vae", "text_encoder", "tokenizer", "proc
 
 
 def processor_without_video() -> None:
-    """Build and load ``Qwen2VLProcessor`` without its video processor, on every host.
+    """Build and load ``Qwen2VLProcessor`` (the edit models') and ``Qwen3VLProcessor`` (Qwen-Image-2.1's) without
+    their video processor, on every host.
 
-    The processor's attribute list includes a ``Qwen2VLVideoProcessor``, which needs torchvision, and its
-    ``from_pretrained`` then insists on a ``video_preprocessor_config.json``. The edit pipelines never pass video.
+    The processors' attribute lists include a video processor, which needs torchvision, and their
+    ``from_pretrained`` then insists on a ``video_preprocessor_config.json``. The image pipelines never pass video.
     Dropping ``video_processor`` from the attribute list (``__init__``/``from_pretrained`` then skip it) makes
     loading the same on a host where torchvision imports (GPU hosts with a CUDA torch usually have it) as on one
     where it does not: the real model's folder loads either way, and so does the tiny model, which has no video
     processor to write. Deciding by whether torchvision imports would load the tiny model on a CPU and fail it on a
     GPU host. Idempotent.
     """
-    from transformers import Qwen2VLProcessor
+    from transformers import Qwen2VLProcessor, Qwen3VLProcessor
     from transformers.processing_utils import ProcessorMixin
 
-    if getattr(Qwen2VLProcessor, "_edittuner_without_video", False):
-        return
     base = ProcessorMixin.__dict__["get_attributes"].__func__  # the classmethod's function
-    # a monkeypatch, which mypy refuses: it types class attributes as fixed
-    Qwen2VLProcessor.get_attributes = classmethod(  # type: ignore[method-assign, assignment]
-        lambda cls: [a for a in base(cls) if a != "video_processor"]
-    )
-    Qwen2VLProcessor._edittuner_without_video = True  # type: ignore[attr-defined]  # a marker the class lacks
+    for cls in (Qwen2VLProcessor, Qwen3VLProcessor):
+        if getattr(cls, "_edittuner_without_video", False):
+            continue
+        # a monkeypatch, which mypy refuses: it types class attributes as fixed
+        cls.get_attributes = classmethod(  # type: ignore[method-assign, assignment]
+            lambda c: [a for a in base(c) if a != "video_processor"]
+        )
+        cls._edittuner_without_video = True  # type: ignore[union-attr]  # a marker the classes lack
 
 
 def pipeline_class(flavour: str) -> type[Any]:

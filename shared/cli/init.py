@@ -184,7 +184,7 @@ def _template(entries: list[dict[str, Any]], dataset_type: str) -> dict[str, Any
 
 def starter(project: Path, flavour: Flavour, layout: Layout, model: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """config.json and multidatabackend.json as JSON values: the flavour's preset, made to describe ``layout``."""
-    pdir = preset_dir(f"qwen_image.{flavour.name}-lora")
+    pdir = preset_dir(flavour.preset)
     preset: dict[str, Any] = jsonc.load(pdir / "config.json")
     entries: list[dict[str, Any]] = jsonc.load(pdir / "multidatabackend.json")
     image_t, ref_t = _template(entries, "image"), _template(entries, "conditioning")
@@ -321,7 +321,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--flavour",
         choices=sorted(FLAVOURS),
         default=DEFAULT_FLAVOUR,
-        help=f"the model flavour; its bundled preset qwen_image.<flavour>-lora is the start ({DEFAULT_FLAVOUR})",
+        help=f"the model flavour; its bundled preset (qwen_image.<flavour>-lora) is the start ({DEFAULT_FLAVOUR})",
     )
     p.add_argument(
         "--data",

@@ -114,7 +114,7 @@ def check_datasets(train: TrainConfig, data: DataConfig, cfg_label: str) -> tupl
                         '"dataset_type": "conditioning"',
                     )
                 )
-        if not refs:
+        if not refs and not (flav is not None and flav.text_to_image):
             problems.append(
                 Problem(
                     _where(data, d, "conditioning_data"),

@@ -1,9 +1,15 @@
-"""The Qwen-Image-Edit model flavours EditTuner trains, and what differs between them.
+"""The Qwen image-editing model flavours EditTuner trains, and what differs between them.
 
-Everything flavour-specific (which pipeline class, how many references, at what size the text encoder sees them,
-whether reference tokens are modulated at t=0, whether ``match_target_res`` applies, where caption embeddings are
-cached) is read from here, so a new flavour is one registry entry. Code asks a ``Flavour`` (``get_flavour``), never
-compares a flavour's name.
+Everything flavour-specific (which pipeline and transformer classes, which components the model folder has, how
+many references, at what size the text encoder sees them, whether reference tokens are modulated at t=0, whether
+``match_target_res`` applies, where caption embeddings are cached, how the transformer's sequence is laid out) is
+read from here, so a new flavour is one registry entry. Code asks a ``Flavour`` (``get_flavour``), never compares a
+flavour's name.
+
+Two transformer layouts exist. The Qwen-Image-Edit models (edit-v1..v3) are dual-stream: the noisy target's 2x2
+patchified tokens come first and the references' after, the text is a separate stream. Qwen-Image-2.1 (``v2.1``) is
+one joint sequence: the prompt's tokens with each reference's latent tokens in its ``<|image_pad|>`` slots, the
+noisy target's tokens last, latents flattened without patchify (``joint_sequence``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,11 @@ from shared import errors
 # VAE_IMAGE_SIZE). The edit-v1 pipeline uses 1024*1024 for both the VL encoder and the VAE.
 CONDITION_IMAGE_SIZE = 384 * 384
 VAE_IMAGE_SIZE = 1024 * 1024
+# Qwen-Image-2.1's ``output_resolution`` default (1024): references and the output at 1024² pixels of their aspect
+QWEN21_AREA = 1024 * 1024
+EDIT_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler")
+# QwenImage21Pipeline's: the Qwen3-VL processor holds the tokenizer, there is no tokenizer/ folder
+QWEN21_COMPONENTS = ("transformer", "vae", "text_encoder", "processor", "scheduler")
 
 
 @dataclass(frozen=True)
@@ -35,17 +46,40 @@ class Flavour:
     caption_embeds_in_conditioning_cache: bool = False
     # the tiny model with trained weights (``edittuner make-tiny-model --trained``, the demo) exists for it
     tiny_trained: bool = False
+    # Qwen-Image-2.1's layout: references inside the prompt's sequence, the target last, RGBA latents of a 16x VAE
+    # flattened without patchify, the vision encoder seeing the VAE's image (see the module's docstring)
+    joint_sequence: bool = False
+    transformer_class_name: str = "QwenImageTransformer2DModel"
+    # the pipeline's components, as save_pretrained lays them out (one subfolder each)
+    components: tuple[str, ...] = EDIT_COMPONENTS
+    preset_name: str = ""  # the bundled preset ``edittuner init`` starts from (default qwen_image.<name>-lora)
+
+    @property
+    def preset(self) -> str:
+        """The bundled preset of this flavour's settings; ``<preset>-tiny`` is its CPU-sized twin."""
+        return self.preset_name or f"qwen_image.{self.name}-lora"
+
+    @property
+    def encoder_components(self) -> tuple[str, ...]:
+        """What encoding reads: the VAE and the vision-language text encoder with its tokenizer/processor."""
+        return tuple(c for c in self.components if c not in ("transformer", "scheduler"))
+
+    @property
+    def text_to_image(self) -> bool:
+        """Whether a dataset without references trains (text-to-image, as the pipeline renders without images)."""
+        return self.min_refs == 0
 
     @property
     def multi_reference(self) -> bool:
-        """True for the "Picture N:" template flavours, which accept a list of references."""
-        return self.pipeline_class_name == "QwenImageEditPlusPipeline"
+        """True for the flavours whose pipeline takes a list of references (one template slot per image)."""
+        return self.max_refs > 1
 
     @property
     def sizes_references_to_target(self) -> bool:
         """Whether ``model_kwargs.match_target_res`` applies: the Plus pipeline can size each reference as its
-        target; the edit-v1 pipeline always sizes its one reference at ~1 MP."""
-        return self.multi_reference
+        target; the edit-v1 pipeline always sizes its one reference at ~1 MP, and Qwen-Image-2.1's puts every
+        reference at the output area of its own aspect."""
+        return self.multi_reference and not self.joint_sequence
 
     def check_ref_count(self, n_refs: int, where: str = "references") -> None:
         """Raise InvalidInput when ``n_refs`` references are outside what this flavour's model was trained with."""
@@ -91,6 +125,20 @@ FLAVOURS: dict[str, Flavour] = {
             zero_cond_t=True,
             vl_ref_area=CONDITION_IMAGE_SIZE,
             vae_ref_area=VAE_IMAGE_SIZE,
+        ),
+        Flavour(
+            name="v2.1",
+            default_model_id="Qwen/Qwen-Image-2.1",
+            pipeline_class_name="QwenImage21Pipeline",
+            min_refs=0,  # a dataset without references trains text-to-image
+            max_refs=10,
+            zero_cond_t=False,  # causal_condition (the model's own config) modulates text and references at t=0
+            vl_ref_area=QWEN21_AREA,  # the vision encoder sees the VAE's image: the placed reference itself
+            vae_ref_area=QWEN21_AREA,
+            joint_sequence=True,
+            transformer_class_name="QwenImage21Transformer2DModel",
+            components=QWEN21_COMPONENTS,
+            preset_name="qwen_image.v2.1-edit-lora",
         ),
     )
 }

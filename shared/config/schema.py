@@ -152,13 +152,15 @@ class ModelKwargs:
         None,
         check=positive,
         doc="pixel area the Qwen2.5-VL encoder sees references at "
-        "(default: the pipeline's, 1 MP edit-v1, 384² edit-v2/v3)",
+        "(default: the pipeline's, 1 MP edit-v1, 384² edit-v2/v3; v2.1's sees the VAE's image, this does not apply)",
     )
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model_flavour: Literal["edit-v1", "edit-v2", "edit-v3"] = field(doc="which Qwen-Image-Edit model")
+    model_flavour: Literal["edit-v1", "edit-v2", "edit-v3", "v2.1"] = field(
+        doc="which model: Qwen-Image-Edit (edit-v1, edit-v2 2509, edit-v3 2511) or Qwen-Image-2.1 (v2.1)"
+    )
     model_type: Literal["lora"] = field("lora", doc="only LoRA training is supported")
     model_family: Literal["qwen_image"] = field("qwen_image")
     pretrained_model_name_or_path: str | None = field(None, doc="local HF-layout dir or hub id; default per flavour")

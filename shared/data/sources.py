@@ -192,13 +192,14 @@ def open_source(ds: DatasetConfig, where: str, store: ObjectStore | None = None)
 
 
 # ------------------------------------------------------------------------------------------------- images
-def open_image(data: bytes, where: str, max_pixels: int) -> Image.Image:
-    """Decode an image fully (RGB, EXIF orientation applied); raises InvalidInput naming ``where`` for a
-    corrupt, truncated or non-image file, or one above ``max_pixels`` (checked before decoding)."""
+def open_image(data: bytes, where: str, max_pixels: int, mode: str = "RGB") -> Image.Image:
+    """Decode an image fully (in ``mode``: RGB, or RGBA for Qwen-Image-2.1's RGBA VAE; EXIF orientation applied);
+    raises InvalidInput naming ``where`` for a corrupt, truncated or non-image file, or one above ``max_pixels``
+    (checked before decoding)."""
     img = _open_header(data, where, max_pixels)
     try:
         img.load()
-        return ImageOps.exif_transpose(img).convert("RGB")
+        return ImageOps.exif_transpose(img).convert(mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise InvalidInput(f"{where}: image is corrupt or truncated ({e}); re-export or remove it") from None
 

@@ -59,6 +59,13 @@ def make_pair(rng: np.random.Generator, size: tuple[int, int]) -> tuple[Image.Im
     return ref, tgt, caption
 
 
+_MORE_REFERENCES = (
+    Image.Transpose.FLIP_TOP_BOTTOM,
+    Image.Transpose.ROTATE_180,
+    Image.Transpose.TRANSPOSE,
+)
+
+
 def write_dataset(
     root: str | Path,
     n: int = 8,
@@ -82,6 +89,10 @@ def write_dataset(
             ref,
             Image.new("RGB", size, tgt.resize((1, 1)).getpixel((0, 0))),
             ref.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+            *(ref.transpose(t) for t in _MORE_REFERENCES),  # up to ten, for Qwen-Image-2.1
+            ref.convert("L").convert("RGB"),
+            tgt.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+            tgt.transpose(Image.Transpose.ROTATE_180),
         ]
         for d, img in zip(ref_dirs, extra, strict=False):
             img.save(d / f"{name}.png")

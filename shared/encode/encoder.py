@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from shared.config.flavours import get_flavour
 from shared.config.schema import RunConfig
 from shared.data.pairing import PairedDataset, pair_datasets
 from shared.data.sources import open_image
@@ -66,6 +67,7 @@ class DatasetEncoder:
         self.dtype = resolve_dtype(run.train.mixed_precision, self.device)
         self.batch_size = batch_size or self._fitting_batch()
         self._pipe = pipe
+        self.flavour = get_flavour(run.train.model_flavour)
 
     def _fitting_batch(self) -> int:
         """vae_batch_size, lowered on a GPU to what the planner predicts fits its memory."""
@@ -244,11 +246,13 @@ class DatasetEncoder:
 
     def _image(self, it: Item, ref_index: int | None, region: bool = False) -> Image.Image:
         """The placed pixels; ``region``: a reference before its final resize, what the VL encoder is sized from
-        (the pipelines size it from the image the user passes, at that image's aspect)."""
+        (the pipelines size it from the image the user passes, at that image's aspect). Qwen-Image-2.1's are RGBA
+        (an RGB image gets alpha 255, as its pipeline converts it)."""
         rec = it.sample.target if ref_index is None else it.sample.references[ref_index].image
         place = it.sample.placement if ref_index is None else it.sample.references[ref_index].placement
         src = it.dataset.sources[rec.dataset_id]
-        img = open_image(src.read(rec.relpath), f"{src.label}/{rec.relpath}", self.run.train.max_image_pixels)
+        mode = "RGBA" if self.flavour.joint_sequence else "RGB"
+        img = open_image(src.read(rec.relpath), f"{src.label}/{rec.relpath}", self.run.train.max_image_pixels, mode)
         return place.region(img) if region else place.apply(img)
 
     def _encode_vae(self, batch: list[Item]) -> list[Encoded]:
@@ -256,7 +260,14 @@ class DatasetEncoder:
 
         w, h = self._placement(batch[0]).final
         images = [self._image(it, it.ref_index) for it in batch]
-        latents_BChw = encode_vae_latents(self.pipe.vae, self.pipe.image_processor, images, h, w).cpu()
+        if self.flavour.joint_sequence:  # the RGBA 16x VAE, one image per encode as QwenImage21Pipeline encodes
+            import torch
+
+            from shared.encode.qwen21 import vae_latents
+
+            latents_BChw = torch.stack(vae_latents(self.pipe.vae, images, [(w, h)] * len(images))).cpu()
+        else:
+            latents_BChw = encode_vae_latents(self.pipe.vae, self.pipe.image_processor, images, h, w).cpu()
         return [
             (
                 {"latents": latents_BChw[i].contiguous()},
@@ -270,6 +281,8 @@ class DatasetEncoder:
 
         [it] = batch
         idx = range(len(it.sample.references)) if it.ref_index is None else [it.ref_index]
+        if self.flavour.joint_sequence:
+            return [(self._qwen21_text(it, idx), {"caption": it.sample.caption})]
         refs = [[self._image(it, i, region=True) for i in idx]]
         vl_area = self.run.train.model_kwargs.vl_reference_area
         flavour = self.run.train.model_flavour
@@ -282,6 +295,20 @@ class DatasetEncoder:
             g_embeds, g_mask = encode_null_prompt(self.pipe, flavour, refs, vl_area, null_caption=it.negative)
             tensors |= {"negative_embeds": g_embeds[0].to(self.dtype).cpu(), "negative_mask": g_mask[0].cpu()}
         return [(tensors, {"caption": it.sample.caption})]
+
+    def _qwen21_text(self, it: Item, idx: Iterable[int]) -> dict[str, torch.Tensor]:
+        """Qwen-Image-2.1's entry: the vision encoder sees each reference as placed for the VAE (its pipeline feeds
+        both the same resized image), and each prompt's image-pad mask is kept beside its embeddings."""
+        from shared.encode.qwen21 import prompt_tensors
+
+        refs = [self._image(it, i) for i in idx]
+        te, processor = self.pipe.text_encoder, self.pipe.processor
+        tensors = prompt_tensors(te, processor, "prompt", it.sample.caption, refs, self.dtype)
+        if self.run.train.caption_dropout_probability > 0:
+            tensors |= prompt_tensors(te, processor, "null", "", refs, self.dtype)
+        if it.negative is not None:
+            tensors |= prompt_tensors(te, processor, "negative", it.negative, refs, self.dtype)
+        return tensors
 
 
 def encode_run(

@@ -172,3 +172,21 @@ def prompt_embeddings(
     embeds_LD = hidden_1LD[0][valid_L][drop:].float()
     image_pad_mask_L = (inputs["input_ids"][0][valid_L] == pad_id)[drop:]
     return embeds_LD, image_pad_mask_L
+
+
+def prompt_tensors(
+    text_encoder: Qwen3VLForConditionalGeneration,
+    processor: Qwen3VLProcessor,
+    name: str,
+    prompt: str,
+    references_rgba: list[Image.Image],
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """A cache entry's tensors of one prompt: ``<name>_embeds`` (L, D) in ``dtype``, ``<name>_mask`` (L,) int64
+    ones (one prompt is never padded) and ``<name>_image_pad_mask`` (L,) bool, on the CPU."""
+    embeds_LD, pad_L = prompt_embeddings(text_encoder, processor, prompt, references_rgba)
+    return {
+        f"{name}_embeds": embeds_LD.to(dtype).cpu(),
+        f"{name}_mask": torch.ones(embeds_LD.shape[0], dtype=torch.long),
+        f"{name}_image_pad_mask": pad_L.cpu(),
+    }

@@ -6,6 +6,10 @@ x_t = (1 - s)·x0 + s·noise, the transformer predicts the velocity noise - x0. 
 target's tokens followed by every reference's clean tokens; ``img_shapes`` lists the target then each reference,
 so RoPE positions and (edit-v3) the zero_cond_t modulation see every image. The prediction is sliced back to the
 target's tokens and the loss is an MSE in fp32.
+
+A batch with an ``image_pad_mask_BL`` is Qwen-Image-2.1's joint sequence (``shared.model.flow_qwen21``): latents
+flattened without patchify, the references inside the prompt's sequence and the target last. ``pack_for`` and
+``predict_velocity`` follow the batch, so the trainer, scheduled sampling and previews run either layout.
 """
 
 from __future__ import annotations
@@ -33,40 +37,41 @@ class EditBatch:
     # Every caption token of the batch is real (decided on the host, where the loader built the mask): the
     # transformer then gets no mask and SDPA may use its fused kernels. None: not known, pass the mask.
     text_all_valid: bool | None = None
+    # Qwen-Image-2.1 (joint sequence): bool, True at the prompt rows of the references' <|image_pad|> slots
+    image_pad_mask_BL: torch.Tensor | None = None
+
+    @property
+    def joint(self) -> bool:
+        """Qwen-Image-2.1's layout (references inside the prompt's sequence), not the edit models'."""
+        return self.image_pad_mask_BL is not None
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], keys: list[str] | None = None) -> EditBatch:
+        return EditBatch(
+            fn(self.latents_BChw),
+            [fn(r) for r in self.refs_BChw],
+            fn(self.prompt_embeds_BLD),
+            fn(self.prompt_mask_BL),
+            self.keys if keys is None else keys,
+            self.text_all_valid,
+            None if self.image_pad_mask_BL is None else fn(self.image_pad_mask_BL),
+        )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> EditBatch:
-        mv: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return EditBatch(
-            mv(self.latents_BChw),
-            [mv(r) for r in self.refs_BChw],
-            mv(self.prompt_embeds_BLD),
-            mv(self.prompt_mask_BL),
-            self.keys,
-            self.text_all_valid,
-        )
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def take(self, rows: list[int]) -> EditBatch:
         """The samples ``rows`` of the batch, in that order."""
         idx = torch.tensor(rows, device=self.latents_BChw.device)
-        pick: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.index_select(0, idx)  # noqa: E731
-        return EditBatch(
-            pick(self.latents_BChw),
-            [pick(r) for r in self.refs_BChw],
-            pick(self.prompt_embeds_BLD),
-            pick(self.prompt_mask_BL),
-            [self.keys[i] for i in rows],
-            self.text_all_valid,
-        )
+        return self._map(lambda t: t.index_select(0, idx), [self.keys[i] for i in rows])
 
     def pin_memory(self) -> EditBatch:
-        return EditBatch(
-            self.latents_BChw.pin_memory(),
-            [r.pin_memory() for r in self.refs_BChw],
-            self.prompt_embeds_BLD.pin_memory(),
-            self.prompt_mask_BL.pin_memory(),
-            self.keys,
-            self.text_all_valid,
-        )
+        return self._map(lambda t: t.pin_memory())
+
+    def token_shape(self) -> tuple[int, int]:
+        """(tokens, channels) of the target as the transformer reads it: 2x2-packed for the edit models, flattened
+        for Qwen-Image-2.1."""
+        _, C, h, w = self.latents_BChw.shape
+        return (h * w, C) if self.joint else ((h // 2) * (w // 2), C * 4)
 
 
 def shift_sigmas(s: torch.Tensor, shift: float) -> torch.Tensor:
@@ -121,10 +126,24 @@ def img_shapes_for(batch: EditBatch) -> list[list[tuple[int, int, int]]]:
     return [shapes] * batch.latents_BChw.shape[0]
 
 
+def pack_for(batch: EditBatch, latents_BChw: torch.Tensor) -> torch.Tensor:
+    """Latents as the batch's transformer reads them: (B, tokens, channels)."""
+    if batch.joint:
+        from shared.model.flow_qwen21 import pack_qwen21
+
+        return pack_qwen21(latents_BChw)
+    return pack_latents(latents_BChw)
+
+
 def predict_velocity(
     transformer: torch.nn.Module, batch: EditBatch, noisy_BLC: torch.Tensor, sigmas_B: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Run the transformer on [noisy target | reference tokens…] and return the target tokens' prediction."""
+    """Run the transformer on [noisy target | reference tokens…] and return the target tokens' prediction (Qwen-Image
+    2.1: on [prompt with the references' tokens | noisy target])."""
+    if batch.joint:
+        from shared.model.flow_qwen21 import predict_velocity_qwen21
+
+        return predict_velocity_qwen21(transformer, batch, noisy_BLC, sigmas_B, dtype)
     ref_tokens = [pack_latents(r) for r in batch.refs_BChw]
     hidden_BLC = torch.cat([noisy_BLC, *ref_tokens], dim=1).to(dtype)
     out_BLC: torch.Tensor = transformer(
@@ -149,7 +168,7 @@ def flow_matching_loss(
 ) -> torch.Tensor:
     """MSE (fp32) between the predicted and the true velocity at ``sigmas_B``; per-sample when not ``reduce``.
     ``noisy_BLC``: the transformer's input instead of the exact interpolation (scheduled sampling's rollout)."""
-    x0_BLC = pack_latents(batch.latents_BChw).float()
+    x0_BLC = pack_for(batch, batch.latents_BChw).float()
     if noisy_BLC is None:
         s = sigmas_B.view(-1, 1, 1).float()
         noisy_BLC = (1 - s) * x0_BLC + s * noise_BLC.float()

@@ -18,13 +18,13 @@ drifts slightly (~1e-3) from the same sample run alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from shared.errors import InvalidInput
+from shared.model.flow import EditBatch
 
 SLOT_TOKENS = 4  # one VLM image slot stands for 2x2 latent tokens
 
@@ -41,38 +41,18 @@ class Qwen21Sample:
     key: str = ""
 
 
-@dataclass
-class Qwen21Batch:
-    """A batch sharing one layout: the target size and the references' count and sizes."""
-
-    latents_BChw: torch.Tensor
-    refs_BChw: list[torch.Tensor]  # one tensor per reference, in order
-    prompt_embeds_BLD: torch.Tensor  # right-padded with zeros to the longest prompt
-    prompt_mask_BL: torch.Tensor  # int64 1 on real text tokens, 0 on padding (the pipeline's prompt_embeds_mask)
-    image_pad_mask_BL: torch.Tensor  # bool, False on padding
-    keys: list[str]
-    # Every prompt token of the batch is real (known on the host): the transformer then gets no mask, as the
-    # pipeline passes None when nothing is padded. None: not known, pass the mask.
-    text_all_valid: bool | None = None
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Qwen21Batch:
-        mv: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return Qwen21Batch(
-            mv(self.latents_BChw),
-            [mv(r) for r in self.refs_BChw],
-            mv(self.prompt_embeds_BLD),
-            mv(self.prompt_mask_BL),
-            mv(self.image_pad_mask_BL),
-            self.keys,
-            self.text_all_valid,
-        )
+# A Qwen-Image-2.1 batch is an ``EditBatch`` with its ``image_pad_mask_BL`` (bool, False on padding), sharing one
+# layout: the target size and the references' count and sizes. Prompts are right-padded with zeros
+# (``prompt_mask_BL`` 0 there, the pipeline's prompt_embeds_mask); ``text_all_valid``: no padding, so the
+# transformer gets no mask, as the pipeline passes None when nothing is padded.
+Qwen21Batch = EditBatch
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def collate_qwen21(samples: list[Qwen21Sample]) -> Qwen21Batch:
+def collate_qwen21(samples: list[Qwen21Sample]) -> EditBatch:
     """Stack samples into a batch, padding prompts as the pipeline pads them (zeros on the right, mask 0, no image
     slot). InvalidInput when the samples do not share one layout, or a sample's slots do not fit its references."""
     if not samples:
@@ -130,7 +110,7 @@ def collate_qwen21(samples: list[Qwen21Sample]) -> Qwen21Batch:
     prompt_mask_BL = torch.stack([(torch.arange(longest) < n).to(torch.int64) for n in lengths]).to(
         first.prompt_embeds_LD.device
     )
-    return Qwen21Batch(
+    return EditBatch(
         latents_BChw=torch.stack([s.latents_Chw for s in samples]),
         refs_BChw=[torch.stack([s.refs_Chw[k] for s in samples]) for k in range(len(first.refs_Chw))],
         prompt_embeds_BLD=torch.stack([pad(s.prompt_embeds_LD, 0.0) for s in samples]),
@@ -154,24 +134,26 @@ def unpack_qwen21(tokens_BNC: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return tokens_BNC.transpose(1, 2).reshape(B, C, h, w)
 
 
-def img_shapes_qwen21(batch: Qwen21Batch) -> list[list[tuple[int, int, int]]]:
+def img_shapes_qwen21(batch: EditBatch) -> list[list[tuple[int, int, int]]]:
     """The references' (1, h, w) in order, then the target's; the same list for every sample."""
     shapes = [(1, int(r.shape[-2]), int(r.shape[-1])) for r in batch.refs_BChw]
     h, w = batch.latents_BChw.shape[-2:]
     return [[*shapes, (1, int(h), int(w))]] * batch.latents_BChw.shape[0]
 
 
-def img_mask_qwen21(batch: Qwen21Batch) -> torch.Tensor:
+def img_mask_qwen21(batch: EditBatch) -> torch.Tensor:
     """The prompt's image_pad_mask with one slot per 2x2 target tokens appended (the pipeline's
     ``append_target_slots``)."""
     h, w = batch.latents_BChw.shape[-2:]
+    if batch.image_pad_mask_BL is None:
+        raise ValueError("not a Qwen-Image-2.1 batch: it has no image_pad_mask")
     mask_BL = batch.image_pad_mask_BL.bool()
     return torch.cat([mask_BL, mask_BL.new_ones(mask_BL.shape[0], h * w // SLOT_TOKENS)], dim=1)
 
 
 def predict_velocity_qwen21(
     transformer: torch.nn.Module,
-    batch: Qwen21Batch,
+    batch: EditBatch,
     noisy_target_BNC: torch.Tensor,
     sigma_B: torch.Tensor,
     dtype: torch.dtype | None = None,
@@ -200,7 +182,7 @@ def predict_velocity_qwen21(
 
 def flow_matching_loss_qwen21(
     transformer: torch.nn.Module,
-    batch: Qwen21Batch,
+    batch: EditBatch,
     sigma_B: torch.Tensor,
     noise: torch.Tensor,
     dtype: torch.dtype = torch.float32,

@@ -22,10 +22,9 @@ from shared.model.location import locate_model
 log = logging.getLogger(__name__)
 
 
-# A diffusers edit pipeline's components, as save_pretrained lays them out (one subfolder each).
+# Every component any flavour's pipeline has, as save_pretrained lays them out (one subfolder each); a flavour's
+# own list is ``Flavour.components`` (Qwen-Image-2.1's has no tokenizer/: its processor holds the tokenizer).
 COMPONENTS: tuple[str, ...] = ("transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler")
-# What encoding needs: the VAE for latents, the VL text encoder (+ its tokenizer/processor) for prompt embeddings.
-ENCODER_COMPONENTS: tuple[str, ...] = ("vae", "text_encoder", "tokenizer", "processor")
 
 
 def processor_without_video() -> None:
@@ -62,10 +61,11 @@ def pipeline_class(flavour: str) -> type[Any]:
     return cls
 
 
-def _expected_layout() -> str:
+def _expected_layout(flavour: str) -> str:
+    flav = get_flavour(flavour)
     return (
-        "a diffusers pipeline in the Hugging Face repo layout (model_index.json, "
-        + ", ".join(f"{c}/" for c in COMPONENTS)
+        f"a {flav.pipeline_class_name} pipeline in the Hugging Face repo layout (model_index.json, "
+        + ", ".join(f"{c}/" for c in flav.components)
         + ")"
     )
 
@@ -75,10 +75,12 @@ def _check_local_dir(path: Path, flavour: str, wanted: Iterable[str]) -> None:
     index = path / "model_index.json"
     if not path.is_dir():
         raise errors.InvalidInput(
-            f"model directory {path} does not exist or is not a directory: expected {_expected_layout()}"
+            f"model directory {path} does not exist or is not a directory: expected {_expected_layout(flavour)}"
         )
     if not index.is_file():
-        raise errors.InvalidInput(f"model directory {path} has no model_index.json: expected {_expected_layout()}")
+        raise errors.InvalidInput(
+            f"model directory {path} has no model_index.json: expected {_expected_layout(flavour)}"
+        )
     try:
         class_name = json.loads(index.read_text()).get("_class_name")
     except (OSError, ValueError) as err:
@@ -92,18 +94,21 @@ def _check_local_dir(path: Path, flavour: str, wanted: Iterable[str]) -> None:
     missing = [c for c in wanted if not (path / c).is_dir()]
     if missing:
         raise errors.InvalidInput(
-            f"model directory {path} lacks {', '.join(f'{c}/' for c in missing)}: expected {_expected_layout()}"
+            f"model directory {path} lacks {', '.join(f'{c}/' for c in missing)}: expected {_expected_layout(flavour)}"
         )
 
 
-def _wanted_components(components: Literal["all"] | Iterable[str]) -> tuple[str, ...]:
+def _wanted_components(components: Literal["all"] | Iterable[str], flavour: str) -> tuple[str, ...]:
+    """The flavour's components among ``components`` (a name the flavour's pipeline lacks, such as Qwen-Image-2.1's
+    tokenizer, is left out)."""
+    own = get_flavour(flavour).components
     if components == "all":
-        return COMPONENTS
+        return own
     wanted = tuple(components)
     unknown = sorted(set(wanted) - set(COMPONENTS))
     if unknown:
         raise ValueError(f"unknown pipeline components {unknown}; known: {COMPONENTS}")
-    return wanted
+    return tuple(c for c in wanted if c in own)
 
 
 def load_pipeline(
@@ -119,7 +124,7 @@ def load_pipeline(
     Components left out of ``components`` are passed as ``None``: they are neither read nor allocated, which is
     how the encoder avoids holding the 20B-parameter transformer it never calls.
     """
-    wanted = _wanted_components(components)
+    wanted = _wanted_components(components, flavour)
     processor_without_video()
     quiet_progress_bars()
     cls = pipeline_class(flavour)
@@ -127,7 +132,7 @@ def load_pipeline(
     log.info("model %s (%s): loading from %s", source, ", ".join(wanted), loc.where)
     if loc.local:
         _check_local_dir(Path(loc.source), flavour, wanted)
-    skipped = {c: None for c in COMPONENTS if c not in wanted}
+    skipped = {c: None for c in get_flavour(flavour).components if c not in wanted}
     try:
         pipe = cls.from_pretrained(loc.source, dtype=dtype, **skipped)
     except (OSError, ValueError) as err:  # unreadable weights, unreachable or unknown hub repo
@@ -155,11 +160,13 @@ def load_encoder_pipeline(
     there (``shared.model.quantize``) and only then moved to ``device``, so the device never holds it in ``dtype``.
     """
     if text_encoder_precision == "no_change":
-        return load_pipeline(source, flavour, device=device, dtype=dtype, components=ENCODER_COMPONENTS)
+        return load_pipeline(
+            source, flavour, device=device, dtype=dtype, components=get_flavour(flavour).encoder_components
+        )
     from shared.model.quantize import check_precision, quantize_text_encoder
 
     check_precision(text_encoder_precision, device, option="text_encoder_1_precision")  # before reading weights
-    pipe = load_pipeline(source, flavour, device="cpu", dtype=dtype, components=ENCODER_COMPONENTS)
+    pipe = load_pipeline(source, flavour, device="cpu", dtype=dtype, components=get_flavour(flavour).encoder_components)
     quantize_text_encoder(pipe.text_encoder, text_encoder_precision, device=device, compute_dtype=dtype)
     pipe.vae.to(device)
     return pipe
@@ -183,7 +190,7 @@ def load_render_pipeline(
     (``base_model_precision``, quantized by the code training uses, so a preview shows the weights training
     trained against), the VAE and scheduler, and the text encoder only when ``text_encoder`` (embeddings not
     cached). Returns (pipe, components loaded)."""
-    wanted = COMPONENTS if text_encoder else RENDER_COMPONENTS
+    wanted = get_flavour(flavour).components if text_encoder else RENDER_COMPONENTS
     if precision == "no_change":
         return load_pipeline(source, flavour, device=device, dtype=dtype, components=wanted), wanted
     from shared.model.quantize import check_precision, quantize_transformer
@@ -227,7 +234,12 @@ def apply_flavour(transformer: Any, flavour: str) -> Any:
     """The flavour's conditioning on the transformer, whatever its config says: edit-v3 always runs with
     ``zero_cond_t`` (reference tokens modulated at t=0), edit-v1/v2 never. A config that disagrees is logged and
     overridden (the flag changes the forward only, not the weights)."""
-    want = get_flavour(flavour).zero_cond_t
+    flav = get_flavour(flavour)
+    if flav.joint_sequence:  # Qwen-Image-2.1 conditions by its own config (causal_condition), read as shipped
+        if not transformer.config.get("causal_condition", True):
+            log.warning("transformer config has causal_condition=false; %s was released with true", flav.name)
+        return transformer
+    want = flav.zero_cond_t
     has = bool(transformer.config.get("zero_cond_t", False))
     if has != want:
         log.info(
@@ -262,13 +274,19 @@ def load_transformer(source: str | Path, flavour: str, *, dtype: torch.dtype = t
     """Just the flavour's transformer (on CPU, in ``dtype``): what training needs, quantized afterwards."""
     # diffusers' classes from their modules: mypy reads ``from diffusers import`` as its dummy placeholders
     from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21Transformer2DModel
 
+    classes: dict[str, Any] = {
+        "QwenImageTransformer2DModel": QwenImageTransformer2DModel,
+        "QwenImage21Transformer2DModel": QwenImage21Transformer2DModel,
+    }
+    cls = classes[get_flavour(flavour).transformer_class_name]
     loc = locate_model(str(source))
     log.info("model %s (transformer): loading from %s", source, loc.where)
     if loc.local:
         _check_local_dir(Path(loc.source), flavour, ("transformer",))
     try:
-        transformer = QwenImageTransformer2DModel.from_pretrained(loc.source, subfolder="transformer", dtype=dtype)
+        transformer = cls.from_pretrained(loc.source, subfolder="transformer", dtype=dtype)
     except (OSError, ValueError) as err:
         if not loc.local:
             raise loc.missing_error(str(source), err) from err

@@ -229,6 +229,12 @@ def save_tiny_model(out_dir: str | Path, flavour: str, seed: int = 0, trained: b
     """
     out = Path(out_dir)
     quiet_progress_bars()
+    if get_flavour(flavour).joint_sequence:
+        if trained:
+            raise ValueError(f"the trained tiny model exists for edit-v1 and edit-v2, not {flavour}")
+        from shared.model.tiny_qwen21 import save_tiny_qwen21  # it builds on this module's tokenizer
+
+        return save_tiny_qwen21(out, seed)
     if trained and get_flavour(flavour).zero_cond_t:
         raise ValueError(f"the trained tiny model exists for edit-v1 and edit-v2, not {flavour}")
     comps = build_tiny_components(flavour, seed, vae_base_dim=TRAINED_VAE_BASE_DIM if trained else 16)

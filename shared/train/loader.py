@@ -201,21 +201,25 @@ class TrainLoader:
         n_refs = len(batch_items[0].references)
         choice = int(rng.integers(n_refs)) if self.random_references else None
         dropped = rng.random(len(batch_items)) < self.caption_dropout
-        latents, refs, embeds, masks = [], [], [], []
+        latents, refs, embeds, masks, pads = [], [], [], [], []
         for it, drop in zip(batch_items, dropped, strict=True):
             latents.append(self.store.get_tensors(it.target)[0]["latents"])
             slots = range(n_refs) if choice is None else [choice]
             refs.append([self.store.get_tensors(it.references[j])[0]["latents"] for j in slots])
             text = self.store.get_tensors(it.text_object(None if choice is None else it.reference_datasets[choice]))[0]
-            e, m = (text["null_embeds"], text["null_mask"]) if drop else (text["prompt_embeds"], text["prompt_mask"])
-            embeds.append(e)
-            masks.append(m)
+            which = "null" if drop else "prompt"
+            embeds.append(text[f"{which}_embeds"])
+            masks.append(text[f"{which}_mask"])
+            pads.append(text.get(f"{which}_image_pad_mask"))  # Qwen-Image-2.1's entries have it
         L = max(e.shape[0] for e in embeds)
         embeds_BLD = torch.zeros(len(embeds), L, embeds[0].shape[1], dtype=embeds[0].dtype)
         mask_BL = torch.zeros(len(embeds), L, dtype=torch.long)
-        for b, (e, m) in enumerate(zip(embeds, masks, strict=True)):
+        pad_BL = torch.zeros(len(embeds), L, dtype=torch.bool)
+        for b, (e, m, p) in enumerate(zip(embeds, masks, pads, strict=True)):
             embeds_BLD[b, : e.shape[0]] = e
             mask_BL[b, : e.shape[0]] = m
+            if p is not None:
+                pad_BL[b, : e.shape[0]] = p.bool()
         batch = EditBatch(
             torch.stack(latents),
             [torch.stack([r[j] for r in refs]) for j in range(len(refs[0]))],
@@ -223,6 +227,7 @@ class TrainLoader:
             mask_BL,
             [f"{it.dataset}/{it.key}" for it in batch_items],
             text_all_valid=bool(mask_BL.all()),
+            image_pad_mask_BL=pad_BL if pads[0] is not None else None,
         )
         return batch.pin_memory() if self.pin_memory else batch
 

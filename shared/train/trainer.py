@@ -423,10 +423,11 @@ class Trainer:
             torch.manual_seed(
                 int(torch.randint(0, 2**62, (), generator=step_generator(self.cfg.seed + 1, step, micro)))
             )
-        B, _, h, w = batch.latents_BChw.shape
-        noise_BLC = torch.randn(B, (h // 2) * (w // 2), 64, generator=g).to(self.device)
+        B = batch.latents_BChw.shape[0]
+        tokens, channels = batch.token_shape()
+        noise_BLC = torch.randn(B, tokens, channels, generator=g).to(self.device)
         if self.shift_config is not None:  # flow_schedule_auto_shift: by this batch's image sequence length
-            sigmas_B = sample_sigmas(B, 1.0, g, image_seq_len=(h // 2) * (w // 2), scheduler=self.shift_config)
+            sigmas_B = sample_sigmas(B, 1.0, g, image_seq_len=tokens, scheduler=self.shift_config)
         else:
             sigmas_B = sample_sigmas(B, self.cfg.flow_schedule_shift, g)
         noisy_BLC = self._roll_out(batch, noise_BLC, sigmas_B, step, g) if self.rollout is not None else None

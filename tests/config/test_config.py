@@ -287,14 +287,17 @@ def test_parse_wxh():
 
 def test_presets_are_bundled_and_real_ones_use_real_model_ids():
     names = preset_names()
-    for flavour, model in (
-        ("edit-v1", "Qwen/Qwen-Image-Edit"),
-        ("edit-v2", "Qwen/Qwen-Image-Edit-2509"),
-        ("edit-v3", "Qwen/Qwen-Image-Edit-2511"),
+    for flavour, preset, model in (
+        ("edit-v1", "qwen_image.edit-v1-lora", "Qwen/Qwen-Image-Edit"),
+        ("edit-v2", "qwen_image.edit-v2-lora", "Qwen/Qwen-Image-Edit-2509"),
+        ("edit-v3", "qwen_image.edit-v3-lora", "Qwen/Qwen-Image-Edit-2511"),
+        ("v2.1", "qwen_image.v2.1-edit-lora", "Qwen/Qwen-Image-2.1"),
     ):
-        assert f"qwen_image.{flavour}-lora" in names and f"qwen_image.{flavour}-lora-tiny" in names
-        run = load_run_config(overrides=[f"example=qwen_image.{flavour}-lora"])
+        assert preset in names and f"{preset}-tiny" in names
+        run = load_run_config(overrides=[f"example={preset}"])
         assert run.train.model_flavour == flavour and run.train.model_path == model
+        tiny = load_run_config(overrides=[f"example={preset}-tiny"])
+        assert tiny.train.model_flavour == flavour
     with pytest.raises(ConfigError) as e:
         load_run_config(overrides=["example=qwen_image.edit-v2-lroa"])
     assert "did you mean 'qwen_image.edit-v2-lora'" in str(e.value)

@@ -16,7 +16,6 @@ Legend: B batch, C latent channels, h/w latent size, L tokens, D text width; W/H
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -26,22 +25,21 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image
 
+from shared.config.flavours import get_flavour
 from shared.config.schema import RunConfig
 from shared.data.geometry import cover_crop, pipeline_size
 from shared.data.pairing import PairedDataset, Sample, load_sample
 from shared.encode.cache import eval_candidates, holdout
 from shared.errors import FailedPrecondition, ResourceExhausted, clear_frames
+from shared.evaluate.grid import compose_grid, png_bytes
 from shared.evaluate.sampling import cached_conditioning, decode, denoise, encode_conditioning
 from shared.model.flow import EditBatch, flow_matching_loss
 from shared.store.base import ObjectStore
 
 HELDOUT_SIGMAS: tuple[float, ...] = (0.25, 0.5, 0.75)
-LABEL_HEIGHT = 14  # pixels of the caption strip above each grid cell
 PSNR_CAP_DB = 100.0  # identical images: report a finite number (JSON has no infinity)
-_BACKGROUND = (32, 32, 32)
-_LABEL_COLOUR = (235, 235, 235)
 
 
 # ----------------------------------------------------------------------------------------- eval samples
@@ -193,45 +191,6 @@ def target_at(target: Image.Image, size: tuple[int, int]) -> Image.Image:
     return target if target.size == size else cover_crop(target.size, size).apply(target)
 
 
-def _title_lines(title: str, width: int) -> list[str]:
-    """``title`` broken at its " · " separators into lines that fit ``width`` pixels (a narrow grid's title wraps
-    instead of being cut off)."""
-    font = ImageFont.load_default()
-    lines: list[str] = []
-    for part in title.split(" · "):
-        joined = f"{lines[-1]} · {part}" if lines else part
-        if lines and font.getlength(joined) <= width:
-            lines[-1] = joined
-        else:
-            lines.append(part)
-    return lines
-
-
-def compose_grid(
-    cells: Sequence[Image.Image], labels: Sequence[str], cell_size: tuple[int, int], title: str = ""
-) -> Image.Image:
-    """One row of cells of ``cell_size`` (W, H), each image fitted inside keeping its aspect ratio, with a label
-    strip of ``LABEL_HEIGHT`` above, and ``title`` (step, sample, PSNRs) on strips above the row, wrapped to fit."""
-    W, H = cell_size
-    lines = _title_lines(title, W * len(cells) - 4) if title else []
-    top = LABEL_HEIGHT * len(lines)
-    grid = Image.new("RGB", (W * len(cells), top + H + LABEL_HEIGHT), _BACKGROUND)
-    draw = ImageDraw.Draw(grid)
-    for n, line in enumerate(lines):
-        draw.text((2, 1 + n * LABEL_HEIGHT), line, fill=_LABEL_COLOUR)
-    for i, (img, label) in enumerate(zip(cells, labels, strict=True)):
-        fitted = ImageOps.contain(img.convert("RGB"), (W, H), Image.Resampling.LANCZOS)
-        grid.paste(fitted, (i * W + (W - fitted.width) // 2, top + LABEL_HEIGHT + (H - fitted.height) // 2))
-        draw.text((i * W + 2, top + 1), label, fill=_LABEL_COLOUR)
-    return grid
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 # ------------------------------------------------------------------------------------------ held-out loss
 @dataclass(frozen=True)
 class HeldoutLoss:
@@ -253,6 +212,7 @@ def _entry_batch(store: ObjectStore, entry: dict[str, Any]) -> EditBatch:
         i = next(i for i, d in enumerate(entry["reference_datasets"]) if d in text_objects)
         text_key, refs = text_objects[entry["reference_datasets"][i]], [refs[i]]
     text = store.get_tensors(text_key)[0]
+    pad = text.get("prompt_image_pad_mask")  # Qwen-Image-2.1's entries have it
     return EditBatch(
         latents_BChw=target[None].float(),
         refs_BChw=[r[None].float() for r in refs],
@@ -260,6 +220,7 @@ def _entry_batch(store: ObjectStore, entry: dict[str, Any]) -> EditBatch:
         prompt_mask_BL=text["prompt_mask"][None],
         keys=[entry["key"]],
         text_all_valid=bool(text["prompt_mask"].all()),
+        image_pad_mask_BL=None if pad is None else pad[None].bool(),
     )
 
 
@@ -282,9 +243,8 @@ def heldout_loss(
     with eval_mode(transformer):
         for j, entry in enumerate(entries):
             batch = _entry_batch(store, entry).to(device)
-            h, w = batch.latents_BChw.shape[-2:]
             g = torch.Generator("cpu").manual_seed(seed + j)
-            noise_BLC = torch.randn(1, (h // 2) * (w // 2), 4 * batch.latents_BChw.shape[1], generator=g)
+            noise_BLC = torch.randn(1, *batch.token_shape(), generator=g)
             for s in sigmas:
                 sigma_B = torch.tensor([s], device=device)
                 totals[s] += float(flow_matching_loss(transformer, batch, noise_BLC.to(device), sigma_B, dtype))
@@ -414,6 +374,8 @@ def _render_pair(
 ) -> tuple[Image.Image, Image.Image]:
     """(base, LoRA) edits of one sample from the same noise, ``size`` (W, H); inputs are encoded once for both,
     the caption from its cached embeddings ``text`` when given, else with the pipeline's text encoder."""
+    if get_flavour(cfg.flavour).joint_sequence:
+        return _render_pair_qwen21(pipe, cfg, caption, refs, seed, size, text)
     if text is not None:
         cond = cached_conditioning(pipe, text, refs, true_cfg_scale=cfg.guidance)
     else:
@@ -444,6 +406,48 @@ def _render_pair(
 
     lora = render()
     if not has_adapter(pipe.transformer):  # nothing to switch off: the base render is the same computation
+        return lora, lora
+    with adapters_disabled(pipe.transformer):
+        base = render()
+    return base, lora
+
+
+def _render_pair_qwen21(
+    pipe: Any,
+    cfg: _RenderSettings,
+    caption: str,
+    refs: list[Image.Image],
+    seed: int,
+    size: tuple[int, int],
+    text: dict[str, torch.Tensor] | None,
+) -> tuple[Image.Image, Image.Image]:
+    """``_render_pair`` for Qwen-Image-2.1: its pipeline's loop (prefix KV cache, plain true CFG), the vision
+    encoder seeing the references as placed for the VAE."""
+    from shared.evaluate import sampling_qwen21 as s21
+
+    if text is not None:
+        cond = s21.cached_conditioning(pipe, text, refs, true_cfg_scale=cfg.guidance)
+    else:
+        cond = s21.encode_conditioning(
+            pipe, caption, refs, true_cfg_scale=cfg.guidance, negative_prompt=cfg.negative_prompt
+        )
+    W, H = size
+
+    def render() -> Image.Image:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        latents_BNC = s21.denoise(
+            pipe,
+            cond,
+            height=H,
+            width=W,
+            num_inference_steps=cfg.steps,
+            true_cfg_scale=cfg.guidance,
+            generator=generator,
+        )
+        return s21.decode(pipe, latents_BNC, H, W)
+
+    lora = render()
+    if not has_adapter(pipe.transformer):
         return lora, lora
     with adapters_disabled(pipe.transformer):
         base = render()
@@ -483,7 +487,7 @@ def render_sample(
         f"{'step ' + str(step) + ' · ' if step is not None else ''}{ds.config.id}/{sample.key} · PSNR base "
         f"{psnr_base:.2f} dB, LoRA {psnr_lora:.2f} dB"
     )
-    grid = compose_grid([*refs, base, lora, target_v], labels, size, title=title)
+    grid = compose_grid([*refs, base, lora, target_v], labels, size, title=title, thumbnails=len(refs))
     grid_key = f"{folder}/{_grid_name(ds, sample, used_names)}"
     store.put_bytes(grid_key, png_bytes(grid), content_type="image/png")
     return SamplePreview(

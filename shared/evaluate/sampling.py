@@ -179,15 +179,21 @@ def initial_noise(
 
 
 def make_scheduler(
-    pipe: Any, num_inference_steps: int, image_seq_len: int, device: torch.device
+    pipe: Any,
+    num_inference_steps: int,
+    image_seq_len: int,
+    device: torch.device,
+    sigmas: Sequence[float] | np.ndarray | None = None,
 ) -> tuple[Any, torch.Tensor]:
-    """A fresh scheduler (the pipeline's config) with the pipelines' sigmas and resolution-dependent shift.
+    """A fresh scheduler (the pipeline's config) with the pipelines' sigmas (default a linear grid from 1 to 1/N)
+    and resolution-dependent shift.
 
     A copy, not ``pipe.scheduler``: the scheduler carries a step index, and a preview running beside other users
     of the pipeline must not move theirs.
     """
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    if sigmas is None:
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
     mu = resolution_mu(image_seq_len, scheduler.config)
     # diffusers annotates sigmas as a list; it hands them to the scheduler's set_timesteps, which takes an array
     timesteps, _ = retrieve_timesteps(

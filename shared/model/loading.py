@@ -190,7 +190,11 @@ def load_render_pipeline(
     (``base_model_precision``, quantized by the code training uses, so a preview shows the weights training
     trained against), the VAE and scheduler, and the text encoder only when ``text_encoder`` (embeddings not
     cached). Returns (pipe, components loaded)."""
-    wanted = get_flavour(flavour).components if text_encoder else RENDER_COMPONENTS
+    flav = get_flavour(flavour)
+    # QwenImage21Pipeline's __init__ reads its processor (its chat template counts the system prompt's tokens):
+    # the tokenizer's few MB, not the text encoder
+    cached = RENDER_COMPONENTS + (("processor",) if flav.joint_sequence else ())
+    wanted = flav.components if text_encoder else cached
     if precision == "no_change":
         return load_pipeline(source, flavour, device=device, dtype=dtype, components=wanted), wanted
     from shared.model.quantize import check_precision, quantize_transformer

@@ -20,8 +20,8 @@ from shared.data.geometry import cover_crop
 from shared.data.pairing import load_sample_images, pair_datasets
 from shared.data.synthetic import write_configs, write_dataset
 from shared.encode.encoder import DatasetEncoder
+from shared.evaluate.grid import LABEL_HEIGHT
 from shared.evaluate.preview import (
-    LABEL_HEIGHT,
     adapters_disabled,
     eval_set,
     heldout_loss,
@@ -252,7 +252,7 @@ def test_edit_v1_with_a_lora_loaded_from_an_exported_file(tmp_path, tiny_models)
 def test_a_title_wider_than_its_grid_wraps_at_its_separators_and_loses_nothing():
     from PIL import ImageFont
 
-    from shared.evaluate.preview import _title_lines, compose_grid
+    from shared.evaluate.grid import _title_lines, compose_grid
 
     title = "step 150 · demo-images/0000 · PSNR base 16.31 dB, LoRA 20.59 dB"
     font = ImageFont.load_default()
@@ -265,3 +265,22 @@ def test_a_title_wider_than_its_grid_wraps_at_its_separators_and_loses_nothing()
     assert grid.size == (4 * 64, 64 + (len(lines) + 1) * LABEL_HEIGHT)
     assert np.array_equal(np.asarray(grid.crop((2 * 64, grid.height - 64, 3 * 64, grid.height))), np.asarray(cells[2]))
     assert _title_lines(title, 2000) == [title]  # a wide grid keeps it on one line
+
+
+def test_ten_references_go_in_a_strip_of_thumbnails_as_wide_as_the_renders():
+    from shared.evaluate.grid import compose_grid
+
+    colours = [(25 * i, 255 - 25 * i, 100) for i in range(10)]
+    refs = [Image.new("RGB", (64, 64), c) for c in colours]
+    outputs = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue")]
+    labels = [f"ref {i + 1}" for i in range(10)] + ["base", "LoRA", "target"]
+    grid = compose_grid([*refs, *outputs], labels, (64, 64), thumbnails=10)
+    tw = 3 * 64 // 10  # ten equal thumbnails across the three renders' width
+    assert grid.size == (3 * 64, LABEL_HEIGHT + tw + LABEL_HEIGHT + 64)
+    pixels = np.asarray(grid)
+    for i, c in enumerate(colours):  # each reference in its own thumbnail, in order
+        assert tuple(pixels[LABEL_HEIGHT + tw // 2, i * tw + tw // 2]) == c
+    row = grid.crop((64, grid.height - 64, 2 * 64, grid.height))
+    assert np.array_equal(np.asarray(row), np.asarray(outputs[1]))
+    three = compose_grid([*refs[:3], *outputs], labels[:3] + labels[10:], (64, 64), thumbnails=3)
+    assert three.size == (6 * 64, LABEL_HEIGHT + 64)  # up to three references stay beside the renders

@@ -52,6 +52,11 @@ class Flavour:
     transformer_class_name: str = "QwenImageTransformer2DModel"
     # the pipeline's components, as save_pretrained lays them out (one subfolder each)
     components: tuple[str, ...] = EDIT_COMPONENTS
+    # what ComfyUI's LoRA loader (comfy/lora.py) maps for the model: the edit models' ``diffusion_model.<module>``;
+    # Qwen-Image-2.1's bare module names, the one form it maps for every weight, img_mlp.gate_layer / img_mlp.proj
+    # included (it fuses them into img_mlp.gate_up and patches each half; a ``diffusion_model.`` name for them
+    # is not loaded)
+    comfyui_lora_prefix: str = "diffusion_model."
     preset_name: str = ""  # the bundled preset ``edittuner init`` starts from (default qwen_image.<name>-lora)
 
     @property
@@ -138,6 +143,7 @@ FLAVOURS: dict[str, Flavour] = {
             joint_sequence=True,
             transformer_class_name="QwenImage21Transformer2DModel",
             components=QWEN21_COMPONENTS,
+            comfyui_lora_prefix="",
             preset_name="qwen_image.v2.1-edit-lora",
         ),
     )

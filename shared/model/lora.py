@@ -214,13 +214,16 @@ def diffusers_lora_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return {DIFFUSERS_PREFIX + k: v for k, v in sd.items()}
 
 
-def comfyui_lora_state(sd: Mapping[str, torch.Tensor], alpha: float, rank: int) -> dict[str, torch.Tensor]:
-    """peft state → ComfyUI's ``diffusion_model.`` keys, A/B unchanged plus one ``alpha`` scalar per module, so the
-    loader's ``alpha / rank`` scale equals the trainer's ``lora_alpha / r``."""
+def comfyui_lora_state(
+    sd: Mapping[str, torch.Tensor], alpha: float, rank: int, prefix: str = COMFYUI_PREFIX
+) -> dict[str, torch.Tensor]:
+    """peft state → ComfyUI's keys (``prefix`` + the module name: ``diffusion_model.`` for the edit models, none for
+    Qwen-Image-2.1, see ``Flavour.comfyui_lora_prefix``), A/B unchanged plus one ``alpha`` scalar per module, so
+    the loader's ``alpha / rank`` scale equals the trainer's ``lora_alpha / r``."""
     _check_peft_state(sd, rank)
-    out = {COMFYUI_PREFIX + k: v for k, v in sd.items()}
+    out = {prefix + k: v for k, v in sd.items()}
     for module in lora_modules(sd):
-        out[COMFYUI_PREFIX + module + ALPHA] = torch.tensor(float(alpha), dtype=torch.float32)
+        out[prefix + module + ALPHA] = torch.tensor(float(alpha), dtype=torch.float32)
     return out
 
 
@@ -233,16 +236,18 @@ def peft_adapter_config(sd: Mapping[str, torch.Tensor], alpha: float, rank: int)
     return {"r": int(rank), "lora_alpha": float(alpha), "target_modules": lora_modules(sd)}
 
 
-def check_comfyui_keys(comfy_sd: Mapping[str, torch.Tensor], transformer: torch.nn.Module) -> list[str]:
+def check_comfyui_keys(
+    comfy_sd: Mapping[str, torch.Tensor], transformer: torch.nn.Module, prefix: str = COMFYUI_PREFIX
+) -> list[str]:
     """Problems that would make ComfyUI load ``comfy_sd`` partially or not at all; empty when every key maps to a
     Linear of ``transformer`` with a matching shape and every adapted module has lora_A, lora_B and alpha."""
     problems: list[str] = []
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in comfy_sd.items():
-        if not key.startswith(COMFYUI_PREFIX):
-            problems.append(f"{key}: does not start with {COMFYUI_PREFIX!r}")
+        if not key.startswith(prefix):
+            problems.append(f"{key}: does not start with {prefix!r}")
             continue
-        body = key[len(COMFYUI_PREFIX) :]
+        body = key[len(prefix) :]
         suffix = next((s for s in (LORA_A, LORA_B, ALPHA) if body.endswith(s)), None)
         if suffix is None:
             problems.append(f"{key}: ends in none of {LORA_A}, {LORA_B}, {ALPHA}")
@@ -256,11 +261,10 @@ def check_comfyui_keys(comfy_sd: Mapping[str, torch.Tensor], transformer: torch.
     for module_name, have in sorted(parts.items()):
         lacking = [s.lstrip(".") for s in (LORA_A, LORA_B, ALPHA) if s not in have]
         if lacking:
-            problems.append(f"{COMFYUI_PREFIX}{module_name}: no {', '.join(lacking)}")
+            problems.append(f"{prefix}{module_name}: no {', '.join(lacking)}")
         elif have[LORA_A].shape[0] != have[LORA_B].shape[1]:
             problems.append(
-                f"{COMFYUI_PREFIX}{module_name}: lora_A has rank {have[LORA_A].shape[0]}, lora_B "
-                f"{have[LORA_B].shape[1]}"
+                f"{prefix}{module_name}: lora_A has rank {have[LORA_A].shape[0]}, lora_B {have[LORA_B].shape[1]}"
             )
     return problems
 
@@ -298,6 +302,7 @@ def save_lora_files(
     transformer: torch.nn.Module,
     metadata: Mapping[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
+    comfyui_prefix: str = COMFYUI_PREFIX,
 ) -> dict[str, bytes]:
     """Export a peft LoRA state as safetensors files: file name → bytes, for the caller to put in the object store
     or on disk (``DIFFUSERS_FILE`` and/or ``COMFYUI_FILE`` by ``fmt``).
@@ -312,8 +317,8 @@ def save_lora_files(
         raise errors.InvalidInput(f"lora_format {fmt!r} is unknown: expected one of {', '.join(FORMATS)}")
     if metadata and ADAPTER_METADATA_KEY in metadata:
         raise ValueError(f"{ADAPTER_METADATA_KEY!r} is written by save_lora_files itself")
-    comfy = comfyui_lora_state(sd, alpha, rank)  # checks the peft state; its keys are checked against the model
-    problems = check_comfyui_keys(comfy, transformer)
+    comfy = comfyui_lora_state(sd, alpha, rank, comfyui_prefix)  # checks the peft state, then against the model
+    problems = check_comfyui_keys(comfy, transformer, comfyui_prefix)
     if problems:
         raise errors.InvalidInput(
             f"the LoRA does not fit the transformer, a {fmt} file would load partially: "

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from shared.config.flavours import get_flavour
 from shared.config.schema import RunConfig
 from shared.encode.cache import TRAINING_SAMPLES, settings_for
 from shared.errors import EditTunerError, FailedPrecondition, InvalidInput
@@ -506,6 +507,7 @@ class Trainer:
                 "edittuner.ema": str(bool(use_ema)),
             },
             transformer=self.transformer,
+            comfyui_prefix=get_flavour(self.cfg.model_flavour).comfyui_lora_prefix,
         )
 
     def export(self, prefix: str, fmt: str | None = None) -> list[str]:

@@ -63,6 +63,7 @@ _MORE_REFERENCES = (
     Image.Transpose.FLIP_TOP_BOTTOM,
     Image.Transpose.ROTATE_180,
     Image.Transpose.TRANSPOSE,
+    Image.Transpose.ROTATE_90,
 )
 
 

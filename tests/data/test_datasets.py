@@ -13,7 +13,7 @@ from shared.config.loading import load_run_config
 from shared.data.geometry import bucket_for_area, bucket_for_short_side, cover_crop, pipeline_size
 from shared.data.pairing import load_sample_images, pair_datasets
 from shared.data.synthetic import write_configs, write_dataset
-from shared.errors import DatasetError
+from shared.errors import ConfigError, DatasetError
 
 
 def make_run(tmp_path: Path, flavour: str = "edit-v2", refs: int = 2, n: int = 6, data_edit=None, **overrides):
@@ -283,3 +283,42 @@ def test_eval_dataset_is_not_a_training_dataset(tmp_path):
         ("demo-images", "train", 6),
         ("demo-val", "eval", 2),
     ]
+
+
+def test_qwen21_ten_references_are_placed_where_its_pipeline_puts_them_an_eleventh_is_refused(tmp_path):
+    """Qwen-Image-2.1: each reference at the output area (reference_area = output_resolution²) of its own aspect,
+    as QwenImage21Pipeline sizes it (qwen21_sizes), whatever match_target_res says; eleven reference datasets are
+    refused by name before any work; a missing reference file is the "Control tensor list length" problem."""
+    from shared.data.geometry import qwen21_sizes
+
+    root, run = make_run(tmp_path / "ten", flavour="v2.1", refs=10, n=2)
+    [ds], _ = pair_datasets(run())
+    for s in ds.samples:
+        sources = [Image.open(root / f"reference_{chr(ord('a') + i)}" / f"{s.key}.png").size for i in range(10)]
+        expected, _ = qwen21_sizes(sources, 80)  # write_configs sets reference_area to 80²
+        assert [r.placement.final for r in s.references] == expected
+    assert len({r.placement.final for s in ds.samples for r in s.references}) > 1  # each at its own aspect
+    (root / "reference_j" / "0001.png").unlink()
+    with pytest.raises(DatasetError) as e:
+        pair_datasets(run())
+    [p] = e.value.problems
+    assert "'demo-reference-j'" in p.where and "Control tensor list length does not match batch size" in p.message
+
+    def eleven(entries):
+        entries.append(dict(entries[1], id="demo-reference-k", cache_dir_vae="cache/vae/demo-reference-k"))
+        entries[0]["conditioning_data"].append("demo-reference-k")
+
+    _, run11 = make_run(tmp_path / "eleven", flavour="v2.1", refs=10, n=2, data_edit=eleven)
+    with pytest.raises(ConfigError) as c:
+        run11()
+    assert (
+        "conditioning_data" in str(c.value) and "at most 10" in str(c.value) and "11 reference datasets" in str(c.value)
+    )
+
+
+def test_qwen21_without_references_is_text_to_image(tmp_path):
+    root, run = make_run(tmp_path, flavour="v2.1", refs=0, n=3)
+    [ds], warnings = pair_datasets(run())
+    assert [len(s.references) for s in ds.samples] == [0, 0, 0] and warnings == []
+    with pytest.raises(ConfigError, match="trains on pairs"):
+        make_run(tmp_path / "v2", flavour="edit-v2", refs=0, n=1)[1]()

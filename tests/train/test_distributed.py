@@ -355,3 +355,24 @@ def test_sigterm_stops_both_ranks_at_one_step_with_a_checkpoint_and_the_run_resu
     assert len(_losses(store, "stopped")) == k + 2
     assert _losses(store, "stopped") == _losses(store, "through")
     assert _equal(_lora(store, "stopped"), _lora(store, "through"))
+
+
+def test_qwen21_two_processes_compute_what_one_does(tmp_path, tiny_models):
+    """Qwen-Image-2.1's joint-sequence forward under DDP: two ranks with four references per sample (captions
+    dropped to the empty prompt's embeddings half the time) give the losses and the LoRA one process gives, bit
+    for bit."""
+    cfg, store = make_run(
+        tmp_path,
+        tiny_models,
+        flavour="v2.1",
+        refs=4,
+        n=4,
+        max_train_steps=2,
+        checkpoint_step_interval=2,
+        gradient_accumulation_steps=2,
+        caption_dropout_probability=0.5,
+    )
+    _train_here(cfg, store, "one")
+    assert _train(cfg, store, "two", "num_processes=2")["processes"] == 2
+    assert len(_losses(store, "one")) == 2 and _losses(store, "two") == _losses(store, "one")
+    assert _equal(_lora(store, "two"), _lora(store, "one"))

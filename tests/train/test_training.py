@@ -102,6 +102,8 @@ def test_all_three_references_reach_the_transformer(tmp_path, tiny_models):
         ("edit-v2", 2, ["use_ema=true", "lora_dropout=0.1"]),
         ("edit-v3", 1, ["train_batch_size=2", "gradient_accumulation_steps=2"]),
         ("edit-v1", 1, ["optimizer=adamw8bit", "lr_scheduler=cosine", "lr_warmup_steps=2"]),
+        ("v2.1", 3, ["train_batch_size=2", "lora_dropout=0.1", "gradient_checkpointing=true"]),
+        ("v2.1", 0, ["train_batch_size=2"]),  # no references: text-to-image
     ],
 )
 def test_resume_gives_bitwise_the_losses_of_an_uninterrupted_run(tmp_path, tiny_models, flavour, refs, extra):

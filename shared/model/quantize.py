@@ -51,7 +51,8 @@ TEXT_ENCODER_PRECISIONS: tuple[str, ...] = ("no_change", *QUANTO, "nf4-bnb")
 # write the predicted velocity itself: an error there reaches the loss undiluted. Together they are ~0.1% of the
 # 20B parameters. This is the Qwen-Image counterpart of what SimpleTuner and most Flux quantization code exclude
 # (x_embedder, context_embedder, norm_out, proj_out).
-KEEP_HIGH_PRECISION: tuple[str, ...] = ("img_in", "txt_in", "time_text_embed", "norm_out", "proj_out")
+# Qwen-Image-2.1's one ``modulation`` (shared by all 32 blocks, ~1% of its 7B) is kept for the same reason.
+KEEP_HIGH_PRECISION: tuple[str, ...] = ("img_in", "txt_in", "time_text_embed", "norm_out", "proj_out", "modulation")
 
 # With quantize_activations a quanto module returns a quantized tensor, which the modulation code cannot split
 # (``mod_params.chunk(3)`` on a QTensor fails) and the LayerNorms' outputs feed; those keep float activations and

@@ -193,6 +193,18 @@ def check_datasets(train: TrainConfig, data: DataConfig, cfg_label: str) -> tupl
                         "give each image dataset its own conditioning_image_embeds entry",
                     )
                 )
+    if flav is not None and flav.joint_sequence:
+        kwargs = train.model_kwargs
+        for key, on in (
+            ("vl_reference_area", kwargs.vl_reference_area is not None),
+            ("match_target_res", kwargs.match_target_res),
+        ):
+            if on:
+                warnings.append(
+                    f"{cfg_label}: $.model_kwargs.{key}: ignored for {flav.name}, whose pipeline puts every reference "
+                    "at the output area of its own aspect (model_kwargs.reference_area) and shows the vision encoder "
+                    "the image the VAE encodes"
+                )
     if train.lora_format == "diffusers" and train.lora_alpha is not None and train.lora_alpha != train.lora_rank:
         warnings.append(
             f"{cfg_label}: $.lora_format: lora_alpha {train.lora_alpha:g} != lora_rank {train.lora_rank}: "

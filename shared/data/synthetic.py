@@ -208,7 +208,9 @@ def write_configs(
         "validation_num_inference_steps": 2,
         # references at the targets' size (edit-v2/v3) or area (edit-v1): tiny on a CPU, unlike the 1 MP
         # the pipelines give them
-        "model_kwargs": {
+        "model_kwargs": {"reference_area": resolution * resolution}
+        if get_flavour(flavour).joint_sequence  # Qwen-Image-2.1 sizes references by reference_area alone
+        else {
             "match_target_res": True,
             "reference_area": resolution * resolution,
             "vl_reference_area": 64 * 64,

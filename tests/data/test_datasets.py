@@ -322,3 +322,11 @@ def test_qwen21_without_references_is_text_to_image(tmp_path):
     assert [len(s.references) for s in ds.samples] == [0, 0, 0] and warnings == []
     with pytest.raises(ConfigError, match="trains on pairs"):
         make_run(tmp_path / "v2", flavour="edit-v2", refs=0, n=1)[1]()
+
+
+def test_qwen21_says_which_edit_model_options_it_ignores(tmp_path):
+    _, run = make_run(tmp_path, flavour="v2.1", refs=2, n=1)
+    assert run().warnings == ()
+    warned = run("model_kwargs.match_target_res=true", "model_kwargs.vl_reference_area=4096").warnings
+    assert [w.split(": ")[1] for w in warned] == ["$.model_kwargs.vl_reference_area", "$.model_kwargs.match_target_res"]
+    assert all("ignored for v2.1" in w and "reference_area" in w for w in warned)

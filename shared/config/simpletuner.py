@@ -209,9 +209,9 @@ ST_VALUE_NOTES = {  # values of honoured keys that SimpleTuner has and EditTuner
     ("conditioning_type", "controlnet"): "ControlNet training is not built; edit pairs are reference_strict or "
     "reference_loose",
     ("model_flavour", "v1.0"): "v1.0 is the text-to-image Qwen-Image; EditTuner trains the edit models: edit-v1, "
-    "edit-v2 or edit-v3",
+    "edit-v2, edit-v3 or v2.1 (Qwen-Image-2.1, which also trains text-to-image)",
     ("model_flavour", "v2.0"): "v2.0 is the text-to-image Qwen-Image-2512; EditTuner trains the edit models: "
-    "edit-v1, edit-v2 or edit-v3",
+    "edit-v1, edit-v2, edit-v3 or v2.1 (Qwen-Image-2.1, which also trains text-to-image)",
     ("model_flavour", "edit-v2+"): "edit-v2+ (Qwen-Image-Edit-2509 with zero_cond_t) is not built; use edit-v2 "
     "(2509 as its pipeline runs it) or edit-v3 (2511)",
     ("caption_strategy", "parquet"): "parquet captions are not built; write the captions as .txt files beside "

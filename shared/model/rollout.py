@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.model.flow import EditBatch, predict_velocity, resolution_mu
-from shared.model.latents import pack_latents
+from shared.model.flow import EditBatch, pack_for, predict_velocity, resolution_mu
 
 SOLVERS = ("unipc", "euler", "dpm")
 NUDGE = 1e-6  # a multistep solver's log(alpha) is -inf at sigma 1: UniPC moves its first sigma this far below 1
@@ -182,7 +181,7 @@ def roll_out(
     rows = [i for i, p in enumerate(paths) if len(p) > 1]
     if not rows:
         return None, 0
-    x0_BLC = pack_latents(batch.latents_BChw).float()
+    x0_BLC = pack_for(batch, batch.latents_BChw).float()
     noise_BLC = noise_BLC.float()
     s_B11 = sigmas_B.to(x0_BLC.device).view(-1, 1, 1).float()
     noisy_BLC = (1 - s_B11) * x0_BLC + s_B11 * noise_BLC  # the exact interpolation, kept where nothing rolls out

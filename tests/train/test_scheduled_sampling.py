@@ -178,6 +178,7 @@ def test_samples_of_a_batch_roll_out_their_own_lengths_in_shared_forwards(tmp_pa
     "flavour,refs,extra",
     [
         ("edit-v2", 2, ["gradient_accumulation_steps=2", "lora_dropout=0.1", "scheduled_sampling_sampler=unipc"]),
+        ("v2.1", 3, ["train_batch_size=2", "scheduled_sampling_sampler=euler"]),  # the joint-sequence forward
         (
             "edit-v1",
             1,

@@ -1,5 +1,6 @@
-"""Exact parameter counts: the transformer built on the meta device from its config.json (the bundled real
-Qwen-Image-Edit config for a hub id) and walked Linear by Linear; the text encoder and VAE from safetensors headers.
+"""Exact parameter counts: the transformer built on the meta device from its config.json (for a hub id the bundled
+real Qwen-Image-Edit config, or QwenImage21Transformer2DModel's defaults, which are the released Qwen-Image-2.1) and
+walked Linear by Linear; the text encoder and VAE from safetensors headers, or the real models' counts.
 """
 
 from __future__ import annotations
@@ -44,6 +45,43 @@ REAL_TEXT_ENCODER = {
 # AutoencoderKLQwenImage with its default (= real) config, counted on meta: 126,892,531 parameters.
 REAL_VAE = {"params": 126_892_531, "base_dim": 96}
 
+# Qwen-Image-2.1 (flavour v2.1). Its transformer is QwenImage21Transformer2DModel with the class's defaults (diffusers
+# 0.42.1 documents them as the released model's; counted on meta: 7,115,124,736). Its text encoder is Qwen3-VL-8B
+# (Qwen3VLForConditionalGeneration). transformers' Qwen3VLConfig defaults are not that model (intermediate 22016,
+# 32 layers, 32 KV heads, vision out_hidden_size 3584); Qwen/Qwen3-VL-8B-Instruct's config.json changes these
+# fields of them, the rest (vision depth 27, width 1152, MLP 4304, 16 heads, 16-px patches merged 2x2, deepstack
+# layers 8/16/24; text head_dim 128, vocab 151936) being the defaults of transformers 5.24's configuration_qwen3_vl:
+QWEN3_VL_8B_CONFIG: dict[str, Any] = {
+    "text_config": {
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+    },
+    "vision_config": {"out_hidden_size": 4096},  # the merger projects into the 4096-wide text model
+    "tie_word_embeddings": False,  # its lm_head is its own matrix
+}
+# QWEN3_VL_8B_CONFIG counted on meta (tests/plan/test_plan_qwen21.py): 8,767,123,696 parameters (the published
+# "8.77B"), 576,388,336 of them the vision tower; lm_head and the token embedding 622,329,856 each.
+REAL_QWEN21_TEXT_ENCODER = {
+    "params": 8_767_123_696,
+    "hidden": 4096,
+    "layers": 36,
+    "kv_width": 8 * 128,  # num_key_value_heads x head_dim: what a KV cache holds per token, K and V each
+    "intermediate": 12288,
+    "vocab": 151936,
+    "vision_params": 576_388_336,
+    "vision_hidden": 1152,
+    "vision_intermediate": 4304,
+    "deepstack": 3,  # deepstack_visual_indexes (8, 16, 24): three more merged feature maps beside the image slots
+}
+# AutoencoderKLQwenImage21 with its default (= released, RGBA, z_dim 64, 16x) config, counted on meta: 337,740,404
+# parameters (encoder 78,675,680 at base_dim 96, decoder 259,044,052 at decoder_base_dim 144).
+REAL_QWEN21_VAE = {"params": 337_740_404, "base_dim": 96, "decoder_base_dim": 144}
+
 
 # ------------------------------------------------------------------------------------------- the model
 @dataclass(frozen=True)
@@ -52,17 +90,26 @@ class LinearInfo:
     in_features: int
     out_features: int
     bias: bool
-    stream: str  # "image" (per image token), "text" (per text token) or "sample" (per sample: modulation, time)
+    # "image" (per image token), "text" (per text token), "sample" (per sample: modulation, time) or "joint" (every
+    # token of Qwen-Image-2.1's single sequence)
+    stream: str
     kept: bool  # in KEEP_HIGH_PRECISION: never quantized
 
 
 @dataclass(frozen=True)
 class TransformerCounts:
-    """Exact parameter counts of a QwenImageTransformer2DModel config, Linear by Linear."""
+    """Exact parameter counts of a transformer config (QwenImageTransformer2DModel or, ``joint``, the single-stream
+    QwenImage21Transformer2DModel), Linear by Linear. ``config``: as read (2.1's on top of its class's defaults)."""
 
     config: dict[str, Any]
     linears: tuple[LinearInfo, ...]
     other_params: int  # parameters outside Linears (RMSNorm weights)
+    class_name: str = "QwenImageTransformer2DModel"
+
+    @property
+    def joint(self) -> bool:
+        """One joint sequence (Qwen-Image-2.1): every block Linear runs on every token."""
+        return self.class_name == QWEN21_CLASS
 
     @property
     def layers(self) -> int:
@@ -107,7 +154,18 @@ class TransformerCounts:
         }
 
 
-def _stream(name: str) -> str:
+QWEN21_CLASS = "QwenImage21Transformer2DModel"
+
+
+def _stream(name: str, joint: bool = False) -> str:
+    """Which tokens a Linear runs on: "image", "text", "sample" (once per sample: modulation, time) or, in the
+    single-stream model, "joint" (every token of the sequence: the blocks and proj_out)."""
+    if joint:
+        if name.startswith(("modulation", "time_text_embed", "norm_out")):
+            return "sample"
+        if name.startswith("txt_in"):  # the VLM's rows: text and the references' image slots
+            return "text"
+        return "image" if name.startswith("img_in") else "joint"
     if "_mod." in name or name.startswith(("time_text_embed", "norm_out")):
         return "sample"
     if "txt_" in name or "add_" in name:  # txt_in, txt_mlp, add_q/k/v_proj, to_add_out
@@ -115,9 +173,37 @@ def _stream(name: str) -> str:
     return "image"
 
 
-def transformer_config(model_path: str) -> dict[str, Any]:
+def _transformer_class(class_name: str) -> Any:
+    # diffusers' classes from their modules: mypy reads ``from diffusers import`` as its dummy placeholders
+    if class_name == QWEN21_CLASS:
+        from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21Transformer2DModel
+
+        return QwenImage21Transformer2DModel
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel
+
+
+def class_defaults(class_name: str) -> dict[str, Any]:
+    """The constructor's default arguments of a transformer class (QwenImage21Transformer2DModel's are the released
+    model's config)."""
+    params = inspect.signature(_transformer_class(class_name).__init__).parameters
+    return {
+        k: list(p.default) if isinstance(p.default, tuple) else p.default
+        for k, p in params.items()
+        if k != "self" and p.default is not inspect.Parameter.empty
+    }
+
+
+def transformer_class_name(flavour: str | None) -> str:
+    from shared.config.flavours import get_flavour
+
+    return get_flavour(flavour).transformer_class_name if flavour else "QwenImageTransformer2DModel"
+
+
+def transformer_config(model_path: str, flavour: str | None = None) -> dict[str, Any]:
     """The transformer's config.json of the model (found as the loader finds it, EDITTUNER_MODEL_DIR included),
-    or the bundled real one for a hub id with no local copy."""
+    or for a hub id with no local copy the bundled real one (``flavour`` v2.1: its class's defaults)."""
     from shared.model.location import locate_model, looks_like_hub_id
 
     root = Path(locate_model(model_path).source).expanduser()
@@ -134,42 +220,53 @@ def transformer_config(model_path: str) -> dict[str, Any]:
             return config
         except (OSError, ValueError) as e:
             raise errors.InvalidInput(f"{path}: cannot read the transformer config ({e})") from None
+    if transformer_class_name(flavour) == QWEN21_CLASS:
+        return {"_class_name": QWEN21_CLASS}
     return dict(REAL_TRANSFORMER_CONFIG)
 
 
 @functools.lru_cache(maxsize=16)
-def _counts(config_json: str) -> TransformerCounts:
-    model = build_meta_transformer(json.loads(config_json))
+def _counts(config_json: str, class_name: str) -> TransformerCounts:
+    joint = class_name == QWEN21_CLASS
+    config = json.loads(config_json)
+    if joint:  # the class's defaults are the released model's: a config names only what differs
+        config = class_defaults(class_name) | config
+    model = build_meta_transformer(config, class_name)
     linears: list[LinearInfo] = []
     in_linear: set[int] = set()
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear):
+            stream = _stream(name, joint)
             linears.append(
-                LinearInfo(
-                    name, m.in_features, m.out_features, m.bias is not None, _stream(name), keeps_high_precision(name)
-                )
+                LinearInfo(name, m.in_features, m.out_features, m.bias is not None, stream, keeps_high_precision(name))
             )
             in_linear.update(id(p) for p in m.parameters(recurse=False))
     other = sum(p.numel() for p in model.parameters() if id(p) not in in_linear)
-    return TransformerCounts(json.loads(config_json), tuple(linears), other)
+    return TransformerCounts(config, tuple(linears), other, class_name)
 
 
-def build_meta_transformer(config: dict[str, Any]) -> Any:
-    """QwenImageTransformer2DModel from ``config`` on the meta device: shapes without memory."""
-    # diffusers' classes from their modules: mypy reads ``from diffusers import`` as its dummy placeholders
-    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
+def _known(config: dict[str, Any], class_name: str) -> dict[str, Any]:
+    keys = set(inspect.signature(_transformer_class(class_name).__init__).parameters) - {"self"}
+    return {k: v for k, v in config.items() if k in keys}
 
-    keys = set(inspect.signature(QwenImageTransformer2DModel.__init__).parameters) - {"self"}
+
+def build_meta_transformer(config: dict[str, Any], class_name: str = "QwenImageTransformer2DModel") -> Any:
+    """The transformer class ``class_name`` from ``config`` on the meta device: shapes without memory."""
     with torch.device("meta"):
-        return QwenImageTransformer2DModel(**{k: v for k, v in config.items() if k in keys})
+        return _transformer_class(class_name)(**_known(config, class_name))
 
 
-def counts_for_config(config: dict[str, Any]) -> TransformerCounts:
-    return _counts(json.dumps(dict(config), sort_keys=True, default=list))
+def counts_for_config(config: dict[str, Any], class_name: str | None = None) -> TransformerCounts:
+    """Counts of ``config``; the class is ``class_name``, else the config's ``_class_name`` (diffusers writes it into
+    config.json), else QwenImageTransformer2DModel."""
+    name = class_name or str(config.get("_class_name") or "QwenImageTransformer2DModel")
+    return _counts(json.dumps(dict(config), sort_keys=True, default=list), name)
 
 
-def transformer_counts(model_path: str) -> TransformerCounts:
-    return counts_for_config(transformer_config(model_path))
+def transformer_counts(model_path: str, flavour: str | None = None) -> TransformerCounts:
+    """Counts of the model's transformer; ``flavour`` names the class when the config does not."""
+    config = transformer_config(model_path, flavour)
+    return counts_for_config(config, config.get("_class_name") or transformer_class_name(flavour))
 
 
 def _safetensors_params(folder: Path) -> int | None:
@@ -186,21 +283,37 @@ def _safetensors_params(folder: Path) -> int | None:
     return total
 
 
-def component_params(model_path: str) -> tuple[int, int, int]:
-    """(text encoder params, VAE params, VAE base_dim): counted from a local copy's files, else the real ones."""
+def _joint(flavour: str | None) -> bool:
+    return transformer_class_name(flavour) == QWEN21_CLASS
+
+
+def component_params(model_path: str, flavour: str | None = None) -> tuple[int, int, int]:
+    """(text encoder params, VAE params, VAE base_dim): counted from a local copy's files, else the real ones of
+    ``flavour``'s model (Qwen-Image-Edit's by default)."""
     from shared.model.location import locate_model
 
+    te_real, vae_real = (
+        (REAL_QWEN21_TEXT_ENCODER, REAL_QWEN21_VAE) if _joint(flavour) else (REAL_TEXT_ENCODER, REAL_VAE)
+    )
     root = Path(locate_model(model_path).source).expanduser()
     te = _safetensors_params(root / "text_encoder") if root.is_dir() else None
     vae = _safetensors_params(root / "vae") if root.is_dir() else None
-    base_dim = REAL_VAE["base_dim"]
-    cfg = root / "vae" / "config.json"
-    if cfg.is_file():
-        base_dim = int(json.loads(cfg.read_text(encoding="utf-8")).get("base_dim", base_dim))
-    return te or REAL_TEXT_ENCODER["params"], vae or REAL_VAE["params"], base_dim
+    base_dim = vae_config(model_path).get("base_dim", vae_real["base_dim"])
+    return te or te_real["params"], vae or vae_real["params"], int(base_dim)
 
 
-def text_encoder_embedding_params(model_path: str) -> int:
+def vae_config(model_path: str) -> dict[str, Any]:
+    """vae/config.json of a local copy ({} without one)."""
+    from shared.model.location import locate_model
+
+    cfg = Path(locate_model(model_path).source).expanduser() / "vae" / "config.json"
+    if not cfg.is_file():
+        return {}
+    config: dict[str, Any] = json.loads(cfg.read_text(encoding="utf-8"))
+    return config
+
+
+def text_encoder_embedding_params(model_path: str, flavour: str | None = None) -> int:
     """The token embedding table's elements (vocab x hidden, from text_encoder/config.json): the part of the text
     encoder ``text_encoder_1_precision`` leaves in the compute dtype (an ``nn.Embedding``, not a Linear)."""
     from shared.model.location import locate_model
@@ -211,22 +324,23 @@ def text_encoder_embedding_params(model_path: str) -> int:
         text = d.get("text_config") or d
         if "vocab_size" in text and "hidden_size" in text:
             return int(text["vocab_size"]) * int(text["hidden_size"])
-    return REAL_TEXT_ENCODER["vocab"] * REAL_TEXT_ENCODER["hidden"]
+    te = REAL_QWEN21_TEXT_ENCODER if _joint(flavour) else REAL_TEXT_ENCODER
+    return te["vocab"] * te["hidden"]
 
 
 # -------------------------------------------------------------------------------------------- LoRA
 def lora_targets(counts: TransformerCounts, target_modules: list[str]) -> list[LinearInfo]:
     """The Linears peft wraps for ``target_modules`` (a name matches itself or any ``.``-suffix); InvalidInput
     naming the valid choices when a target matches nothing, as the trainer would say later."""
-    _check_targets(json.dumps(counts.config, sort_keys=True, default=list), tuple(target_modules))
+    _check_targets(json.dumps(counts.config, sort_keys=True, default=list), counts.class_name, tuple(target_modules))
     return [li for li in counts.linears if any(li.name == t or li.name.endswith("." + t) for t in target_modules)]
 
 
 @functools.lru_cache(maxsize=64)
-def _check_targets(config_json: str, target_modules: tuple[str, ...]) -> None:
+def _check_targets(config_json: str, class_name: str, target_modules: tuple[str, ...]) -> None:
     from shared.model.lora import check_target_modules
 
-    check_target_modules(build_meta_transformer(json.loads(config_json)), target_modules)
+    check_target_modules(build_meta_transformer(json.loads(config_json), class_name), target_modules)
 
 
 def lora_params(targets: list[LinearInfo], rank: int) -> int:

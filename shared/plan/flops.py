@@ -32,10 +32,11 @@ def step_flops(
 ) -> dict[str, float]:
     """FLOPs of one sample's forward + backward. The base is frozen, so its Linears' backward computes input
     gradients only (1x forward); attention backward is ATTENTION_BACKWARD x forward; the LoRA trains (2x);
-    checkpointing re-runs the forward."""
+    checkpointing re-runs the forward. Attention spans ``tokens.attention_pairs()``: every pair of the edit models'
+    full attention; for Qwen-Image-2.1 the (query run, keys up to its end) rectangles its processor computes."""
     n = per_stream(tokens)
     linear = 2.0 * sum(li.in_features * li.out_features * n[li.stream] for li in counts.linears)
-    attention = 4.0 * tokens.total**2 * counts.width * counts.layers
+    attention = 4.0 * tokens.attention_pairs() * counts.width * counts.layers  # QK^T and PV
     lora = 2.0 * sum(rank * (li.in_features + li.out_features) * n[li.stream] for li in targets)
     forward = linear + attention + lora
     backward = linear + ATTENTION_BACKWARD * attention + 2 * lora

@@ -95,12 +95,13 @@ def transformer_weight_bytes(counts: TransformerCounts, precision: str, compute_
     return {f"base weights ({precision})": int(quantized), "kept layers": kept, "biases + norms": rest * compute_bytes}
 
 
-def text_encoder_weight_bytes(params: int, embedding: int, precision: str, compute_bytes: int = 2) -> int:
+def text_encoder_weight_bytes(
+    params: int, embedding: int, precision: str, compute_bytes: int = 2, hidden: int = REAL_TEXT_ENCODER["hidden"]
+) -> int:
     """The text encoder at ``text_encoder_1_precision``: every parameter but the token embedding is taken as a
-    Linear weight of width ``REAL_TEXT_ENCODER["hidden"]`` (biases and norms, <0.1%, are counted with them)."""
+    Linear weight of width ``hidden`` (biases and norms, <0.1%, are counted with them)."""
     if precision == "no_change":
         return params * compute_bytes
-    hidden = REAL_TEXT_ENCODER["hidden"]
     linear = max(0, params - embedding)
     return int(
         linear_weight_bytes(precision, hidden, max(1, linear // hidden), compute_bytes) + embedding * compute_bytes
@@ -120,7 +121,9 @@ def vae_working_bytes(
 
 # -------------------------------------------------------------------------------------- activations
 def per_stream(tokens: Tokens) -> dict[str, int]:
-    return {"image": tokens.image, "text": tokens.text, "sample": 1}
+    """Tokens each stream of Linears runs on: image, text (the VL encoder's rows), once per sample, and the whole
+    sequence (Qwen-Image-2.1's single-stream blocks)."""
+    return {"image": tokens.image, "text": tokens.vlm, "sample": 1, "joint": tokens.total}
 
 
 def _kept_input_bytes(precision: str) -> float:

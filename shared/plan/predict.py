@@ -31,12 +31,17 @@ from shared import errors
 from shared.config.flavours import get_flavour
 from shared.config.schema import RunConfig
 from shared.model.rollout import Rollout
+from shared.plan import qwen21
 from shared.plan.counts import (
+    REAL_QWEN21_TEXT_ENCODER,
+    REAL_QWEN21_VAE,
+    REAL_TEXT_ENCODER,
     component_params,
     lora_params,
     lora_targets,
     text_encoder_embedding_params,
     transformer_counts,
+    vae_config,
 )
 from shared.plan.flops import MEASURED_MFU, MFU, step_flops
 from shared.plan.gpus import fmt_gib, gpu_spec
@@ -145,7 +150,7 @@ def _dp_assumptions(machines: int) -> list[str]:
     ]
 
 
-def _assumptions(gpu: str, mfu: float, compute_bytes: int, precision: str) -> list[str]:
+def _assumptions(gpu: str, mfu: float, compute_bytes: int, precision: str, joint: bool, caches: int) -> list[str]:
     fp32 = ["mixed_precision fp32: activations taken as twice the bf16 measurement (approximate)"]
     source = (
         "measured on an H200 at edit-v2, 1024 px, three references, checkpointing (17,012 tokens per "
@@ -153,21 +158,51 @@ def _assumptions(gpu: str, mfu: float, compute_bytes: int, precision: str) -> li
         if precision in MEASURED_MFU
         else "assumed: not measured at full size for this precision"
     )
-    return (fp32 if compute_bytes == 4 else []) + [
+    common = [
         f"fixed CUDA overhead {fmt_gib(CUDA_OVERHEAD)} per service (context, workspaces, allocator slack): measured "
         "1.1-2.1 GiB above the device's use on an H200",
         f"seconds/step = hardware FLOPs (with checkpointing's recompute) / ({gpu} peak bf16 x MFU {mfu:.3g}); the "
         f"MFU for {precision} is {source}",
+    ]
+    model = _qwen21_assumptions(caches) if joint else _edit_assumptions()
+    return (
+        (fp32 if compute_bytes == 4 else [])
+        + common
+        + model
+        + [
+            "a quantized text encoder: every parameter but the token embedding counted as a Linear weight at "
+            "text_encoder_1_precision; VAE tiling: one 256x256 tile's working set (the full-size input and output, a "
+            "few MB, not counted)",
+            "eval_svc releases its models when idle (EDITTUNER_IDLE_RELEASE_S) before the next run's encoding: the "
+            "encoding phase counts the encoder alone",
+        ]
+    )
+
+
+def _edit_assumptions() -> list[str]:
+    return [
         "activation constants measured on CPU kernels (saved tensors + peak live bytes); on an H200 the trainer's "
         "predicted total was 2-10% above the device memory used, for every precision measured",
         f"tokens per sample: caption ~{CAPTION_TOKENS} text tokens + {VL_PIXELS_PER_TOKEN} px per VL image token; "
         "square buckets at each dataset's area (other aspect ratios have about as many tokens)",
         "text encoder activations are an estimate (hidden states of every layer + all-position logits), not measured",
-        "a quantized text encoder: every parameter but the token embedding counted as a Linear weight at "
-        "text_encoder_1_precision; VAE tiling: one 256x256 tile's working set (the full-size input and output, a "
-        "few MB, not counted)",
-        "eval_svc releases its models when idle (EDITTUNER_IDLE_RELEASE_S) before the next run's encoding: the "
-        "encoding phase counts the encoder alone",
+    ]
+
+
+def _qwen21_assumptions(caches: int) -> list[str]:
+    return [
+        "v2.1 activation constants measured on CPU kernels like the edit models' (shared.plan.measure_qwen21); no "
+        "GPU measurement of v2.1 has been taken, and its MFU is edit-v2's",
+        f"v2.1 tokens: ~{CAPTION_TOKENS} caption tokens + the template's 8 + ~6 per reference around its image "
+        "slots (estimated: no Qwen3 tokenizer is bundled); a reference of W x H px fills (W/32)(H/32) slots of 4 "
+        "latent tokens, the target (W/16)(H/16) tokens; square buckets at each dataset's area",
+        "v2.1 attention: the (query run, keys up to its end) rectangles QwenImage21AttnProcessor, the default the "
+        "training forward uses, hands SDPA for the block-causal mask; masked text triangles are computed, not "
+        "skipped",
+        f"v2.1 previews keep a prefix KV cache: one K and V per block per text/reference token in the compute "
+        f"dtype, for {caches} prompt(s) ({'true CFG: validation_guidance > 1' if caches > 1 else 'no CFG'})",
+        "v2.1 text encoder (Qwen3-VL-8B) activations are an estimate (its input and captured rows, its KV cache, "
+        "deepstack features, one layer's or the vision tower's working set), not measured",
     ]
 
 
@@ -213,23 +248,39 @@ def plan_run(
     t = run.train
     flav = get_flavour(t.model_flavour)
     cb = dtype_bytes(t.mixed_precision)
-    counts = transformer_counts(t.model_path)
+    counts = transformer_counts(t.model_path, t.model_flavour)
+    if counts.class_name != flav.transformer_class_name:
+        raise errors.InvalidInput(
+            f"model_flavour {flav.name} takes a {flav.transformer_class_name}, but {t.model_path}'s transformer is a "
+            f"{counts.class_name}: set the flavour of that model"
+        )
     targets = lora_targets(counts, list(t.lora_target_modules))
     tokens = training_tokens(run)
     zero_cond = bool(counts.config.get("zero_cond_t", flav.zero_cond_t))
 
     weights = transformer_weight_bytes(counts, t.base_model_precision, cb)
     n_lora = lora_params(targets, t.lora_rank)
-    acts = training_activation_bytes(
-        counts,
-        tokens,
-        targets,
-        t.lora_rank,
-        checkpointing=t.gradient_checkpointing,
-        precision=t.base_model_precision,
-        zero_cond=zero_cond,
-        batch=t.train_batch_size,
-    )
+    if counts.joint:
+        acts = qwen21.training_activation_bytes(
+            counts,
+            tokens,
+            targets,
+            t.lora_rank,
+            checkpointing=t.gradient_checkpointing,
+            precision=t.base_model_precision,
+            batch=t.train_batch_size,
+        )
+    else:
+        acts = training_activation_bytes(
+            counts,
+            tokens,
+            targets,
+            t.lora_rank,
+            checkpointing=t.gradient_checkpointing,
+            precision=t.base_model_precision,
+            zero_cond=zero_cond,
+            batch=t.train_batch_size,
+        )
     acts = {k: v * cb // 2 for k, v in acts.items()}  # measured in bf16; fp32 compute: about twice
     trainer = {
         **weights,
@@ -241,16 +292,31 @@ def plan_run(
     if n_gpus > 1:  # DDP's buckets are the gradients themselves (gradient_as_bucket_view); NCCL's own buffers
         trainer["NCCL buffers"] = NCCL_BUFFER_BYTES
 
-    te_params, vae_params, base_dim = component_params(t.model_path)
+    te_params, vae_params, base_dim = component_params(t.model_path, t.model_flavour)
     te_bytes = text_encoder_weight_bytes(
-        te_params, text_encoder_embedding_params(t.model_path), t.text_encoder_1_precision, cb
+        te_params,
+        text_encoder_embedding_params(t.model_path, t.model_flavour),
+        t.text_encoder_1_precision,
+        cb,
+        (REAL_QWEN21_TEXT_ENCODER if counts.joint else REAL_TEXT_ENCODER)["hidden"],
     )
     vl_area = t.model_kwargs.vl_reference_area or flav.vl_ref_area
-    te_acts = text_encoder_activation_bytes(tokens, tokens.references, vl_area)
     image_px = 256 * max(tokens.target, tokens.per_reference)  # a batch of the largest images
-    vae_encode = vae_working_bytes(
-        VAE_ENCODE_BYTES, base_dim, t.vae_batch_size, image_px, tiling=t.vae_enable_tiling, slicing=t.vae_enable_slicing
-    )
+    if counts.joint:  # Qwen3-VL; the RGBA VAE encodes one image per call, as QwenImage21Pipeline does
+        te_acts = qwen21.text_encoder_activation_bytes(tokens)
+        vae_encode = vae_working_bytes(
+            qwen21.VAE21_ENCODE_BYTES, base_dim, 1, image_px, tiling=t.vae_enable_tiling, slicing=True
+        )
+    else:
+        te_acts = text_encoder_activation_bytes(tokens, tokens.references, vl_area)
+        vae_encode = vae_working_bytes(
+            VAE_ENCODE_BYTES,
+            base_dim,
+            t.vae_batch_size,
+            image_px,
+            tiling=t.vae_enable_tiling,
+            slicing=t.vae_enable_slicing,
+        )
     encoder = {
         f"text encoder ({t.text_encoder_1_precision})": te_bytes,
         "VAE": vae_params * cb,
@@ -260,24 +326,31 @@ def plan_run(
     ev_tokens = eval_tokens(run, tokens)
     vw, vh = t.validation_size
     cached_text = t.conditioning_multidataset_sampling != "random"
-    render = int(
-        max(
-            inference_activation_bytes(counts, ev_tokens),
-            0 if cached_text else te_acts,
-            vae_working_bytes(VAE_DECODE_BYTES, base_dim, 1, vw * vh, tiling=t.vae_enable_tiling, slicing=False),
+    caches = 2 if t.validation_guidance > 1 else 1  # true CFG: the prompt's and the negative prompt's
+    kv_cache = qwen21.kv_cache_bytes(counts, ev_tokens, cb, caches) if counts.joint else 0
+    if counts.joint:  # the cache's own bytes are their own line
+        denoise = qwen21.render_step_bytes(counts, ev_tokens, cb, caches) - kv_cache
+        dec_dim = int(vae_config(t.model_path).get("decoder_base_dim", REAL_QWEN21_VAE["decoder_base_dim"]))
+        decode = vae_working_bytes(
+            qwen21.VAE21_DECODE_BYTES, dec_dim, 1, vw * vh, tiling=t.vae_enable_tiling, slicing=False
         )
-    )
+    else:
+        denoise = inference_activation_bytes(counts, ev_tokens)
+        decode = vae_working_bytes(VAE_DECODE_BYTES, base_dim, 1, vw * vh, tiling=t.vae_enable_tiling, slicing=False)
+    render = int(max(denoise, 0 if cached_text else te_acts, decode))
     text_part = {} if cached_text else {"text encoder": te_bytes}
+    cache_part = {f"prefix KV cache ({caches} prompt{'s' if caches > 1 else ''})": kv_cache} if counts.joint else {}
     ev = {
         **{f"transformer {k}": v for k, v in weights.items()},
         "LoRA (compute dtype)": n_lora * cb,
         **text_part,
         "VAE": vae_params * cb,
+        **cache_part,
         "working set (max of denoise step, VAE decode" + ("" if cached_text else ", text encoder") + ")": render,
         "CUDA overhead": CUDA_OVERHEAD,
     }
     resident = sum(v for k, v in trainer.items() if k not in acts)  # between steps: no activations
-    in_worker = max(sum(trainer.values()), resident + sum(text_part.values()) + vae_params * cb + render)
+    in_worker = max(sum(trainer.values()), resident + sum(text_part.values()) + vae_params * cb + kv_cache + render)
 
     flops = step_flops(counts, tokens, targets, t.lora_rank, checkpointing=t.gradient_checkpointing)
     rollout = Rollout.from_config(t)
@@ -310,7 +383,7 @@ def plan_run(
         seconds_per_step=per_step / n_gpus / (peak_flops * mfu) + allreduce_seconds(n_lora, n_gpus, t.num_machines),
         mfu=mfu,
         fits=services["trainer"].fits,
-        assumptions=_assumptions(name, mfu, cb, t.base_model_precision)
+        assumptions=_assumptions(name, mfu, cb, t.base_model_precision, counts.joint, caches)
         + (_dp_assumptions(t.num_machines) if n_gpus > 1 else [])
         + (_rollout_assumptions(rollout, rollout_forwards) if rollout is not None else []),
         gpus=n_gpus,

@@ -104,6 +104,21 @@ SERVICE_LADDERS: dict[str, tuple[dict[str, Any], ...]] = {
 }
 
 
+# Qwen-Image-2.1's previews keep a prefix KV cache per prompt, which grows with the references and not with the
+# preview's size: after tiled decoding, one prompt instead of two (no true CFG, as QwenImage21Pipeline samples by
+# default), then smaller previews with both.
+QWEN21_EVAL_LADDER: tuple[dict[str, Any], ...] = SERVICE_LADDERS["eval"][:1] + tuple(
+    {**o, "validation_guidance": 1} for o in SERVICE_LADDERS["eval"]
+)
+
+
+def service_ladders(run: RunConfig) -> dict[str, tuple[dict[str, Any], ...]]:
+    """``SERVICE_LADDERS`` for ``run``'s flavour (v2.1: eval's starts without true CFG)."""
+    if get_flavour(run.train.model_flavour).joint_sequence:
+        return SERVICE_LADDERS | {"eval": QWEN21_EVAL_LADDER}
+    return SERVICE_LADDERS
+
+
 def _override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value).strip(chr(34))}"
 
@@ -112,11 +127,11 @@ def recommend_service_overrides(
     run: RunConfig, trainer_changes: list[str], memory: int, gpu: str, predict: Callable[..., Any]
 ) -> dict[str, list[str]]:
     """For each of the encoder and eval that does not fit ``memory`` once ``trainer_changes`` are applied: the
-    first set of ``SERVICE_LADDERS`` that makes it fit, as ``key=value`` changes ([] where none does). Each
+    first set of ``service_ladders`` that makes it fit, as ``key=value`` changes ([] where none does). Each
     service's changes are applied before the next is searched, so together they are what the plan promises."""
     out: dict[str, list[str]] = {}
     current = apply_recommendation(run, trainer_changes)
-    for service, ladder in SERVICE_LADDERS.items():
+    for service, ladder in service_ladders(run).items():
         if predict(current, memory, gpu, recommend=False).services[service].fits:
             continue
         out[service] = []

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shared.config.flavours import get_flavour
 from shared.plan.gpus import GiB, fmt_gib
 from shared.plan.predict import Plan, plan_run
 
@@ -23,7 +24,13 @@ def format_plan(plan: Plan) -> str:
         "parameters: "
         + ", ".join(f"{k} {v / 1e9:.3f}B" if v >= 1e8 else f"{k} {v / 1e6:.2f}M" for k, v in plan.parameters.items()),
         f"tokens per sample: {tk.target} target + {tk.references} x {tk.per_reference} reference + {tk.text} text "
-        f"= {tk.total} (eval step: {plan.eval_tokens.total})",
+        f"= {tk.total} (eval step: {plan.eval_tokens.total})"
+        + (
+            f"; one joint sequence, the references' tokens in {tk.vl_image_tokens} image slots of the prompt "
+            f"({tk.vlm} rows from the text encoder)"
+            if tk.joint
+            else ""
+        ),
         "",
         f"{'service':<8} {'predicted':>10}  {'fits':<4}  breakdown",
     ]
@@ -87,9 +94,10 @@ def _services_and_gpus(plan: Plan) -> list[str]:
             )
             lines += [f"  {c}" for c in changes]
         else:
+            guidance = ", validation_guidance" if get_flavour(plan.flavour).joint_sequence else ""
             lines.append(
                 f"the {name} does NOT fit {fmt_gib(plan.gpu_memory_bytes)}, and none of its memory options "
-                "(vae_enable_slicing, text_encoder_1_precision, vae_enable_tiling, validation_resolution) "
+                f"(vae_enable_slicing, text_encoder_1_precision, vae_enable_tiling, validation_resolution{guidance}) "
                 "makes it fit"
             )
     where = (
@@ -244,10 +252,69 @@ def gpus_table(gpu: str = "H100") -> str:
     return "\n".join(lines)
 
 
+# -------------------------------------------------------------------------------------------- Qwen-Image-2.1
+def qwen21_run(references: int, resolution: int = 1024, overrides: tuple[str, ...] = ()) -> RunConfig:
+    """A v2.1 run of the hub model (the released model's figures): one image dataset at ``resolution`` with
+    ``references`` reference datasets, bf16 compute, batch 1, validation at the training resolution; the flavour's
+    defaults otherwise (bf16 base, no gradient checkpointing), ``overrides`` on top."""
+    from shared.config.loading import load_run_config_text
+
+    ids = [f"ref{i}" for i in range(references)]
+    data = [{"id": "img", "instance_data_dir": "/d/img", "resolution": resolution, "conditioning_data": ids}] + [
+        {"id": i, "dataset_type": "conditioning", "instance_data_dir": f"/d/{i}", "resolution": resolution} for i in ids
+    ]
+    cfg = {
+        "model_flavour": "v2.1",
+        "mixed_precision": "bf16",
+        "train_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "validation_resolution": f"{resolution}x{resolution}",
+    }
+    return load_run_config_text(json.dumps(cfg), json.dumps(data), list(overrides))
+
+
+def qwen21_table(gpu: str = "H100") -> str:
+    """docs/PLANNER.md's v2.1 table: 1024 px with 3 and 10 references, bf16/int8-quanto/nf4-bnb, gradient
+    checkpointing off and on, and whether the trainer fits 24 GiB and 80 GiB."""
+    lines = [
+        "| refs | precision | ckpt | tokens | trainer GiB (weights + LoRA / activations) | encoder GiB | "
+        f"eval GiB (of it KV cache) | s/step {gpu} (predicted) | trainer fits 24 GiB | fits 80 GiB | measured |",
+        "|" + "---|" * 11,
+    ]
+    for refs in (3, 10):
+        for precision in ("no_change", "int8-quanto", "nf4-bnb"):
+            for ckpt in (False, True):
+                run = qwen21_run(refs, 1024, (f"base_model_precision={precision}", f"gradient_checkpointing={ckpt}"))
+                p = plan_run(run, gpu=gpu, recommend=False, environ={})
+                acts = sum(
+                    v for k, v in p.trainer.breakdown.items() if k in ("saved for backward", "backward working set")
+                )
+                cache = sum(v for k, v in p.services["eval"].breakdown.items() if k.startswith("prefix KV cache"))
+                total = p.trainer.total
+                lines.append(
+                    f"| {refs} | {'bf16' if precision == 'no_change' else precision} | {'on' if ckpt else 'off'} "
+                    f"| {p.tokens.total} | {total / GiB:.1f} ({(total - acts) / GiB:.1f} / {acts / GiB:.1f}) | "
+                    f"{p.services['encoder'].total / GiB:.1f} | {p.services['eval'].total / GiB:.1f} "
+                    f"({cache / GiB:.1f}) | {p.seconds_per_step:.1f} | {'yes' if total <= 24 * GiB else 'no'} | "
+                    f"{'yes' if total <= 80 * GiB else 'no'} | |"
+                )
+    return "\n".join(lines)
+
+
+def qwen21_fit_table(memory: int, gpu: str) -> str:
+    """docs/PLANNER.md's v2.1 fit tables: the flavour's defaults with 3 and 10 references at 1024 on ``memory``,
+    as configured and with the plan's changes (``fit_table``)."""
+    return fit_table([(f"v2.1, {n} refs", qwen21_run(n)) for n in (3, 10)], memory, gpu)
+
+
 if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] == ["--gpus"]:
         print(gpus_table(*(sys.argv[2:3] or ["H100"])))
+    elif sys.argv[1:2] == ["--qwen21"]:
+        print(qwen21_table(*(sys.argv[2:3] or ["H100"])))
+        for memory, card in ((24 * GiB, "RTX4090"), (80 * GiB, "H100")):
+            print(f"\n{qwen21_fit_table(memory, card)}")
     else:
         print(docs_table(*(sys.argv[1:2] or ["H100"])))

@@ -64,12 +64,30 @@ def gpu_name(device: torch.device) -> str:
         return "H100"
 
 
+def edit_flavour_only(flavour: str) -> None:
+    """InvalidInput for a flavour this module cannot build a step of: it builds the edit models' dual-stream
+    QwenImageTransformer2DModel and their EditBatch layout, not Qwen-Image-2.1's joint sequence."""
+    from shared import errors
+    from shared.config.flavours import get_flavour
+
+    flav = get_flavour(flavour)
+    if flav.joint_sequence:
+        raise errors.InvalidInput(
+            f"the real-size step measurement (shared.plan.step, doctor --full) builds the edit models' "
+            f"QwenImageTransformer2DModel; flavour {flav.name} ({flav.transformer_class_name}) is not supported by it: "
+            "`edittuner plan` predicts it, and shared.plan.measure_qwen21 measures its constants on the CPU"
+        )
+
+
 def real_config(flavour: str) -> dict[str, Any]:
+    """The edit flavour's real transformer config for ``build_transformer`` (InvalidInput for v2.1)."""
     # diffusers' classes from their modules: mypy reads ``from diffusers import`` as its dummy placeholders
     from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
 
     from shared.config.flavours import get_flavour
     from shared.plan.counts import REAL_TRANSFORMER_CONFIG
+
+    edit_flavour_only(flavour)
 
     keys = set(inspect.signature(QwenImageTransformer2DModel.__init__).parameters)
     cfg = {k: v for k, v in REAL_TRANSFORMER_CONFIG.items() if k in keys}
@@ -122,11 +140,13 @@ def time_steps(
 
 
 def measure_step(precision: str, device: torch.device, plan: Any, cfg: dict[str, Any], steps: int) -> dict[str, Any]:
-    """Build, quantize and LoRA-attach the model as the trainer does, then time ``steps`` steps after a warm-up."""
+    """Build, quantize and LoRA-attach the model as the trainer does, then time ``steps`` steps after a warm-up
+    (the edit flavours: InvalidInput for v2.1's plan)."""
     from shared.config.schema import DEFAULT_TARGET_MODULES
     from shared.model.lora import attach_lora
     from shared.model.quantize import fits_to_quantize_on, quantize_transformer
 
+    edit_flavour_only(plan.flavour)
     free_gpu_memory()
     t0 = time.perf_counter()
     where = device

@@ -33,7 +33,9 @@ EXPECTED_CLASS = {
     "edit-v1": "QwenImageEditPipeline",
     "edit-v2": "QwenImageEditPlusPipeline",
     "edit-v3": "QwenImageEditPlusPipeline",
+    "v2.1": "QwenImage21Pipeline",
 }
+EDIT_FLAVOURS = sorted(n for n, f in FLAVOURS.items() if not f.joint_sequence)
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +54,9 @@ def test_saved_in_the_hub_layout(tiny_root: Path, flavour: str) -> None:
     model_dir = get_tiny_model(flavour, tiny_root)
     index = json.loads((model_dir / "model_index.json").read_text())
     assert index["_class_name"] == EXPECTED_CLASS[flavour]
-    for sub in SUBFOLDERS:
+    wanted = SUBFOLDERS if flavour != "v2.1" else tuple(s for s in SUBFOLDERS if s != "tokenizer")
+    assert get_flavour(flavour).components == wanted
+    for sub in wanted:
         assert (model_dir / sub).is_dir(), sub
         assert sub in index, sub
     assert (model_dir / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
@@ -88,11 +92,18 @@ def test_plain_diffusers_loads_and_edits(tiny_root: Path, flavour: str, n_refs: 
     assert np.isfinite(out).all()
 
 
-@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+@pytest.mark.parametrize("flavour", EDIT_FLAVOURS)
 def test_zero_cond_t_follows_the_flavour(tiny_root: Path, flavour: str) -> None:
     pipe = load_pipeline(get_tiny_model(flavour, tiny_root), flavour)
     assert pipe.transformer.config.zero_cond_t is (flavour == "edit-v3")
     assert pipe.transformer.zero_cond_t is get_flavour(flavour).zero_cond_t
+
+
+def test_qwen21_keeps_its_own_conditioning(tiny_root: Path) -> None:
+    """Qwen-Image-2.1 modulates text and references at t=0 by its config's causal_condition; loading leaves it so."""
+    pipe = load_pipeline(get_tiny_model("v2.1", tiny_root), "v2.1")
+    assert type(pipe.transformer).__name__ == "QwenImage21Transformer2DModel"
+    assert pipe.transformer.config.causal_condition is True and "zero_cond_t" not in pipe.transformer.config
 
 
 def test_same_seed_gives_byte_identical_files(tmp_path: Path) -> None:

@@ -13,8 +13,10 @@ from typing import Any
 
 import grpc
 
+from shared.config.schema import RunConfig
 from shared.errors import InvalidInput
 from shared.evaluate.validation import RunValidation
+from shared.model.adapters import ASSISTANT, TRAINED, attach_frozen_adapter, detach_adapter, preview_adapters
 from shared.model.device import free_gpu_memory, resolve_device, resolve_dtype
 from shared.model.loading import load_render_pipeline
 from shared.rpc import eval_pb2, eval_pb2_grpc
@@ -36,7 +38,7 @@ from shared.service.records import JobRecord
 from shared.store.base import ObjectStore, validate_key
 from shared.train.trackers import publish_validation
 
-ADAPTER = "validation"
+ADAPTER = TRAINED  # the trained LoRA, loaded from its file for one render
 log = logging.getLogger(__name__)
 
 
@@ -90,7 +92,7 @@ class EvalCore:
                 result = previews.render(
                     pipe,
                     int(p["step"]),
-                    self._lora_file(pipe, p["lora_key"]),
+                    self._lora_file(pipe, p["lora_key"], run),
                     what=f"{p['run_id']} step {p['step']}",
                     next_one="its next validation",
                 )
@@ -118,16 +120,21 @@ class EvalCore:
         return outputs
 
     @contextmanager
-    def _lora_file(self, pipe: Any, key: str) -> Iterator[None]:
+    def _lora_file(self, pipe: Any, key: str, run: RunConfig | None = None) -> Iterator[None]:
         """The LoRA in the pipeline for one render, loaded from the file itself, not a state dict: diffusers reads
-        the LoRA's alpha from the file's metadata (a dict would silently apply it at alpha = rank)."""
+        the LoRA's alpha from the file's metadata (a dict would silently apply it at alpha = rank); beside it, the
+        frozen adapters the run's previews use (the assistant LoRA at its inference strength)."""
+        extra = preview_adapters(run.train) if run is not None else {}
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 name = key.rsplit("/", 1)[-1]
                 self.store.get_file(key, Path(tmp) / name)
                 pipe.load_lora_weights(tmp, weight_name=name, adapter_name=ADAPTER)
+            if run is not None and ASSISTANT in extra and run.train.assistant_lora is not None:
+                attach_frozen_adapter(pipe.transformer, ASSISTANT, run.train.assistant_lora, "assistant_lora_path")
             yield
         finally:
+            detach_adapter(pipe.transformer, ASSISTANT)
             if ADAPTER in getattr(pipe.transformer, "peft_config", {}):
                 pipe.delete_adapters(ADAPTER)
 

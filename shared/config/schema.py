@@ -291,6 +291,18 @@ class TrainConfig:
     lora_dropout: float = field(0.0, check=probability)
     lora_target_modules: list[str] = field(list(DEFAULT_TARGET_MODULES))
     lora_format: Literal["diffusers", "comfyui", "both"] = field("diffusers")
+    init_lora: str | None = field(
+        None, doc="a LoRA file or folder the trained adapter starts from (same rank and target modules)"
+    )
+    init_lora_step: int | None = field(
+        None, check=non_negative, doc="the step the run counts from (default: the file's global_step metadata, else 0)"
+    )
+    assistant_lora_path: str | None = field(
+        None, doc="a frozen LoRA active in training (a distilled or adapter-carrying base), never in the export"
+    )
+    assistant_lora_strength: float = field(1.0, check=non_negative, doc="its strength in training")
+    assistant_lora_inference_strength: float = field(0.0, check=non_negative, doc="its strength in previews (0: off)")
+    disable_assistant_lora: bool = field(False, doc="leave assistant_lora_path out")
     use_ema: bool = field(False)
     ema_decay: float = field(0.995, check=probability)
     ema_device: Literal["cpu", "accelerator"] = field(
@@ -352,6 +364,11 @@ class TrainConfig:
     @property
     def model_path(self) -> str:
         return self.pretrained_model_name_or_path or FLAVOURS[self.model_flavour].default_model_id
+
+    @property
+    def assistant_lora(self) -> str | None:
+        """The assistant LoRA's path, unless disable_assistant_lora."""
+        return None if self.disable_assistant_lora else self.assistant_lora_path
 
     @property
     def effective_lora_alpha(self) -> float:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from shared.encode.cache import eval_candidates, holdout
 from shared.errors import FailedPrecondition, ResourceExhausted, clear_frames
 from shared.evaluate.grid import compose_grid, png_bytes
 from shared.evaluate.sampling import cached_conditioning, decode, denoise, encode_conditioning
+from shared.model.adapters import has_adapter, preview_adapters, trained_adapters, using_adapters
 from shared.model.flow import EditBatch, flow_matching_loss
 from shared.store.base import ObjectStore
 
@@ -115,52 +116,6 @@ def index_entries(
         doc = store.get_json(key)
         by_id.update({(doc["dataset"], e["key"]): e for e in doc["samples"]})
     return [by_id[(ds.config.id, s.key)] for ds, s in samples if (ds.config.id, s.key) in by_id]
-
-
-# ------------------------------------------------------------------------------------------ adapter state
-class AdapterModel(Protocol):
-    """A diffusers model that takes peft adapters (``ModelMixin`` with ``PeftAdapterMixin``)."""
-
-    def modules(self) -> Iterator[torch.nn.Module]: ...
-
-    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
-
-    def disable_adapters(self) -> None: ...
-
-
-def has_adapter(transformer: object) -> bool:
-    return bool(getattr(transformer, "_hf_peft_config_loaded", False))
-
-
-def _tuner_layers(transformer: AdapterModel) -> list[Any]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
-
-
-@contextmanager
-def adapters_disabled(transformer: AdapterModel) -> Iterator[None]:
-    """Run the base model inside the block, then put every adapter layer back exactly as it was.
-
-    diffusers' ``disable_adapters``/``enable_adapters`` also flip ``requires_grad`` of the LoRA weights (peft's
-    ``set_adapter`` makes active adapters trainable), and a layer may have been disabled before we came: so the
-    previous per-layer state and every parameter's ``requires_grad`` are restored rather than blindly enabled —
-    a training transformer keeps training the same parameters, an inference one stays frozen.
-    """
-    if not has_adapter(transformer):
-        yield
-        return
-    layers = _tuner_layers(transformer)
-    was_disabled = [layer.disable_adapters for layer in layers]
-    grads = {p: p.requires_grad for p in transformer.parameters()}
-    transformer.disable_adapters()
-    try:
-        yield
-    finally:
-        for layer, disabled in zip(layers, was_disabled, strict=True):
-            layer.enable_adapters(not disabled)
-        for p, flag in grads.items():
-            p.requires_grad_(flag)
 
 
 @contextmanager
@@ -319,6 +274,7 @@ class _RenderSettings:
     negative_prompt: str
     seed: int
     vl_ref_area: int | None
+    extra_adapters: dict[str, float] = field(default_factory=dict)  # frozen adapters in every cell, base included
 
     @classmethod
     def of(cls, run: RunConfig) -> _RenderSettings:
@@ -332,6 +288,7 @@ class _RenderSettings:
             t.validation_negative_prompt,
             t.validation_seed if t.validation_seed is not None else t.seed,
             t.model_kwargs.vl_reference_area,
+            preview_adapters(t),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -404,10 +361,12 @@ def _render_pair(
         )
         return decode(pipe, latents_BLC, H, W, "pil")
 
-    lora = render()
     if not has_adapter(pipe.transformer):  # nothing to switch off: the base render is the same computation
+        lora = render()
         return lora, lora
-    with adapters_disabled(pipe.transformer):
+    with using_adapters(pipe.transformer, {**trained_adapters(pipe.transformer), **cfg.extra_adapters}):
+        lora = render()
+    with using_adapters(pipe.transformer, cfg.extra_adapters):
         base = render()
     return base, lora
 
@@ -446,10 +405,12 @@ def _render_pair_qwen21(
         )
         return s21.decode(pipe, latents_BNC, H, W)
 
-    lora = render()
-    if not has_adapter(pipe.transformer):
+    if not has_adapter(pipe.transformer):  # nothing to switch off: the base render is the same computation
+        lora = render()
         return lora, lora
-    with adapters_disabled(pipe.transformer):
+    with using_adapters(pipe.transformer, {**trained_adapters(pipe.transformer), **cfg.extra_adapters}):
+        lora = render()
+    with using_adapters(pipe.transformer, cfg.extra_adapters):
         base = render()
     return base, lora
 

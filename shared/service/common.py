@@ -258,8 +258,25 @@ class ServerPaths:
                     "place the weights under EDITTUNER_MODEL_DIR",
                 )
             )
+        for option, path in adapter_files(run):
+            if not self._inside(path, self.model_roots):
+                problems.append(
+                    errors.Problem(
+                        f"{run.config_source}: $.{option}",
+                        f"{path!r} is not in a folder this server loads models from "
+                        f"({', '.join(self.model_roots) or 'none: EDITTUNER_MODEL_DIR is not set'}); place the LoRA "
+                        "file under EDITTUNER_MODEL_DIR",
+                    )
+                )
         if problems:
             raise errors.ConfigError(problems, "the request names server paths it may not use")
+
+
+def adapter_files(run: RunConfig) -> list[tuple[str, str]]:
+    """(option, path) of every LoRA file the run loads beside its base: server paths, like the base's folder."""
+    t = run.train
+    named = [("init_lora", t.init_lora), ("assistant_lora_path", t.assistant_lora)]
+    return [(option, path) for option, path in named if path]
 
 
 def validated_run(files: ConfigFiles, paths: ServerPaths) -> RunConfig:

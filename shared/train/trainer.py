@@ -17,6 +17,7 @@ import math
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from shared.store.checkpoint import (
     save_checkpoint,
 )
 from shared.train import distributed, gpu
+from shared.train.adapters import start_adapters
 from shared.train.ema import LoraEMA
 from shared.train.events import TrainEvent
 from shared.train.loader import TrainLoader, load_items
@@ -216,6 +218,7 @@ class Trainer:
             cfg.lora_target_modules,
             seed=cfg.seed,
         )
+        init_step = start_adapters(self.transformer, cfg, resume_step)
         self.params = [p for n, p in self.transformer.named_parameters() if p.requires_grad]
         for p in self.params:  # adapters train in fp32 whatever the base precision (bf16 for adamw_bf16)
             p.data = p.data.to(weight_dtype(cfg))
@@ -233,11 +236,25 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, lr_scheduler_name(cfg), self.optimizer, self.max_steps)
         if resume_step is not None:
             self._resume(resume_step)
-        elif self.dist.main:
-            self.store.put_json(f"{self.prefix}/run.json", self._run_doc())
+        else:
+            self._start_at(init_step)
+            if self.dist.main:
+                self.store.put_json(f"{self.prefix}/run.json", self._run_doc())
         if cfg.use_ema and self.ema is None:  # also when EMA is switched on at a resume: start from the weights
             self.ema = LoraEMA(self._named_params(), cfg.ema_decay, self._ema_device())
         gpu.reset_peak(self.device)  # the steps' peak, not the load's: last, after everything setup allocates
+
+    def _start_at(self, step: int) -> None:
+        """A new run counting from ``step`` (init_lora_step): the learning-rate schedule moved there; the
+        optimizer, the data order and the noise start fresh."""
+        if not step:
+            return
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": deliberate here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):
+                self.scheduler.step()
+        self.step = step
+        log.info("run %s counts from step %d (init_lora_step)", self.run_id, step)
 
     def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]

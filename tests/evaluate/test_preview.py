@@ -22,7 +22,6 @@ from shared.data.synthetic import write_configs, write_dataset
 from shared.encode.encoder import DatasetEncoder
 from shared.evaluate.grid import LABEL_HEIGHT
 from shared.evaluate.preview import (
-    adapters_disabled,
     eval_set,
     heldout_loss,
     index_entries,
@@ -30,6 +29,7 @@ from shared.evaluate.preview import (
     render_validation,
     select_eval_samples,
 )
+from shared.model.adapters import adapters_disabled
 from shared.model.loading import load_pipeline
 from shared.store.local import LocalStore
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from shared.config.flavours import FLAVOURS
 from shared.config.schema import DataConfig, DatasetConfig, TrainConfig
-from shared.errors import Problem
+from shared.config.validation_adapters import adapter_runs
+from shared.errors import InvalidInput, Problem
 
 
 def _where(data: DataConfig, d: DatasetConfig, key: str = "") -> str:
@@ -193,6 +194,10 @@ def check_datasets(train: TrainConfig, data: DataConfig, cfg_label: str) -> tupl
                         "give each image dataset its own conditioning_image_embeds entry",
                     )
                 )
+    try:
+        adapter_runs(train)  # the files are read where the renders run (a server's, under its model folders)
+    except InvalidInput as err:
+        problems.append(Problem(f"{cfg_label}: $.validation_adapter_config", str(err)))
     if flav is not None and flav.joint_sequence:
         kwargs = train.model_kwargs
         for key, on in (

@@ -332,6 +332,24 @@ class TrainConfig:
         30, check=lambda v: None if v >= 2 else "must be at least 2 (one step gives NaN sigmas with the Qwen scheduler)"
     )
     validation_negative_prompt: str = field(" ")
+    validation_adapter_path: str | None = field(
+        None, doc="a LoRA file or folder the previews also render with (frozen beside the trained one, never fused)"
+    )
+    validation_adapter_name: str | None = field(None, doc="its label in previews (default: the file's name)")
+    validation_adapter_strength: float = field(1.0, check=positive)
+    validation_adapter_mode: Literal["adapter_only", "comparison", "none"] = field(
+        "adapter_only",
+        doc="adapter_only: previews with the adapter; comparison: beside the normal ones, with effect retention",
+    )
+    validation_adapter_config: Any = field(
+        None, doc="several adapter runs: a list of {label, path or paths, strength, steps, guidance, scheduler}"
+    )
+    validation_adapter_steps: int | None = field(
+        None, check=positive, doc="the adapter runs' steps (a few-step LoRA's 4 or 8; default the previews')"
+    )
+    validation_adapter_guidance: float | None = field(
+        None, check=positive, doc="the adapter runs' guidance (a few-step LoRA's 1; default validation_guidance)"
+    )
     validation_seed: int | None = field(None)
     eval_dataset_id: str | None = field(None)
     num_eval_images: int = field(4, check=positive)

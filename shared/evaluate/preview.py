@@ -27,15 +27,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shared.config.flavours import get_flavour
 from shared.config.schema import RunConfig
 from shared.data.geometry import cover_crop, pipeline_size
 from shared.data.pairing import PairedDataset, Sample, load_sample
 from shared.encode.cache import eval_candidates, holdout
 from shared.errors import FailedPrecondition, ResourceExhausted, clear_frames
+from shared.evaluate.adapter_runs import adapter_runs, attached, effect_retention, profile, run_means
 from shared.evaluate.grid import compose_grid, png_bytes
-from shared.evaluate.sampling import cached_conditioning, decode, denoise, encode_conditioning
-from shared.model.adapters import has_adapter, preview_adapters, trained_adapters, using_adapters
+from shared.evaluate.render_pair import RenderSettings, render_pair
 from shared.model.flow import EditBatch, flow_matching_loss
 from shared.store.base import ObjectStore
 
@@ -220,6 +219,8 @@ class SamplePreview:
     base: Image.Image = field(repr=False)
     lora: Image.Image = field(repr=False)
     target: Image.Image = field(repr=False)  # at the validation size: what both PSNRs compare against
+    # per adapter run: label, psnr_base (the adapters alone), psnr_lora (with the LoRA), retention (comparison)
+    adapters: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -232,6 +233,7 @@ class SamplePreview:
             "psnr_base": self.psnr_base,
             "width": self.lora.width,
             "height": self.lora.height,
+            "adapters": self.adapters,
         }
 
 
@@ -245,6 +247,7 @@ class ValidationResult:
     seconds: float
     metrics_key: str
     settings: dict[str, Any]  # how the previews were rendered: a reader of metrics.json needs no config
+    adapters: list[dict[str, Any]] = field(default_factory=list)  # per adapter run: its profile and means
 
     @property
     def keys(self) -> list[str]:
@@ -261,46 +264,7 @@ class ValidationResult:
             "heldout_loss_mean": self.heldout.mean if self.heldout else None,
             "seconds": self.seconds,
             "settings": self.settings,
-        }
-
-
-@dataclass(frozen=True)
-class _RenderSettings:
-    flavour: str
-    size: tuple[int, int]  # (W, H)
-    steps: int
-    guidance: float
-    guidance_rescale: float
-    negative_prompt: str
-    seed: int
-    vl_ref_area: int | None
-    extra_adapters: dict[str, float] = field(default_factory=dict)  # frozen adapters in every cell, base included
-
-    @classmethod
-    def of(cls, run: RunConfig) -> _RenderSettings:
-        t = run.train
-        return cls(
-            t.model_flavour,
-            t.validation_size,
-            t.validation_num_inference_steps,
-            t.validation_guidance,
-            t.validation_guidance_rescale,
-            t.validation_negative_prompt,
-            t.validation_seed if t.validation_seed is not None else t.seed,
-            t.model_kwargs.vl_reference_area,
-            preview_adapters(t),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "width": self.size[0],
-            "height": self.size[1],
-            "steps": self.steps,
-            "guidance": self.guidance,
-            "guidance_rescale": self.guidance_rescale,
-            "negative_prompt": self.negative_prompt,
-            "seed": self.seed,
-            "vl_reference_area": self.vl_ref_area,
+            "adapters": self.adapters,
         }
 
 
@@ -319,102 +283,6 @@ def output_size(validation_size: tuple[int, int], target: tuple[int, int]) -> tu
     return pipeline_size(validation_size[0] * validation_size[1], target[0] / target[1])
 
 
-def _render_pair(
-    pipe: Any,
-    cfg: _RenderSettings,
-    caption: str,
-    refs: list[Image.Image],
-    seed: int,
-    size: tuple[int, int],
-    vl_refs: list[Image.Image] | None = None,
-    text: dict[str, torch.Tensor] | None = None,
-) -> tuple[Image.Image, Image.Image]:
-    """(base, LoRA) edits of one sample from the same noise, ``size`` (W, H); inputs are encoded once for both,
-    the caption from its cached embeddings ``text`` when given, else with the pipeline's text encoder."""
-    if get_flavour(cfg.flavour).joint_sequence:
-        return _render_pair_qwen21(pipe, cfg, caption, refs, seed, size, text)
-    if text is not None:
-        cond = cached_conditioning(pipe, text, refs, true_cfg_scale=cfg.guidance)
-    else:
-        cond = encode_conditioning(
-            pipe,
-            cfg.flavour,
-            caption,
-            refs,
-            true_cfg_scale=cfg.guidance,
-            negative_prompt=cfg.negative_prompt,
-            vl_ref_area=cfg.vl_ref_area,
-            vl_references=vl_refs,
-        )
-    W, H = size
-
-    def render() -> Image.Image:
-        latents_BLC = denoise(
-            pipe,
-            cond,
-            height=H,
-            width=W,
-            num_inference_steps=cfg.steps,
-            true_cfg_scale=cfg.guidance,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            guidance_rescale=cfg.guidance_rescale,
-        )
-        return decode(pipe, latents_BLC, H, W, "pil")
-
-    if not has_adapter(pipe.transformer):  # nothing to switch off: the base render is the same computation
-        lora = render()
-        return lora, lora
-    with using_adapters(pipe.transformer, {**trained_adapters(pipe.transformer), **cfg.extra_adapters}):
-        lora = render()
-    with using_adapters(pipe.transformer, cfg.extra_adapters):
-        base = render()
-    return base, lora
-
-
-def _render_pair_qwen21(
-    pipe: Any,
-    cfg: _RenderSettings,
-    caption: str,
-    refs: list[Image.Image],
-    seed: int,
-    size: tuple[int, int],
-    text: dict[str, torch.Tensor] | None,
-) -> tuple[Image.Image, Image.Image]:
-    """``_render_pair`` for Qwen-Image-2.1: its pipeline's loop (prefix KV cache, plain true CFG), the vision
-    encoder seeing the references as placed for the VAE."""
-    from shared.evaluate import sampling_qwen21 as s21
-
-    if text is not None:
-        cond = s21.cached_conditioning(pipe, text, refs, true_cfg_scale=cfg.guidance)
-    else:
-        cond = s21.encode_conditioning(
-            pipe, caption, refs, true_cfg_scale=cfg.guidance, negative_prompt=cfg.negative_prompt
-        )
-    W, H = size
-
-    def render() -> Image.Image:
-        generator = torch.Generator("cpu").manual_seed(seed)
-        latents_BNC = s21.denoise(
-            pipe,
-            cond,
-            height=H,
-            width=W,
-            num_inference_steps=cfg.steps,
-            true_cfg_scale=cfg.guidance,
-            generator=generator,
-        )
-        return s21.decode(pipe, latents_BNC, H, W)
-
-    if not has_adapter(pipe.transformer):  # nothing to switch off: the base render is the same computation
-        lora = render()
-        return lora, lora
-    with using_adapters(pipe.transformer, {**trained_adapters(pipe.transformer), **cfg.extra_adapters}):
-        lora = render()
-    with using_adapters(pipe.transformer, cfg.extra_adapters):
-        base = render()
-    return base, lora
-
-
 def render_sample(
     pipe: Any,
     run: RunConfig,
@@ -430,7 +298,7 @@ def render_sample(
 ) -> SamplePreview:
     """Render, grid, store and score one evaluation sample (the ``index``-th: its seed offset); ``text_key``: the
     cache object of its embeddings (``EvalSet.conditioning``), which spares the text encoder."""
-    cfg = _RenderSettings.of(run)
+    cfg = RenderSettings.of(run)
     target, refs, regions = load_sample(ds, sample, run.train.max_image_pixels)  # the pixels training saw
     seed = cfg.seed + index
     size = output_size(cfg.size, target.size)
@@ -440,19 +308,38 @@ def render_sample(
             f"preview sample {ds.config.id}/{sample.key}: its caption embeddings are not "
             "cached and the pipeline has no text encoder; encode the run's datasets again"
         )
-    base, lora = _render_pair(pipe, cfg, sample.caption, refs, seed, size, vl_refs=regions, text=text)
     target_v = target_at(target, size)
+    runs = adapter_runs(run.train)
+    comparison = not runs or run.train.validation_adapter_mode == "comparison"
+    cells, labels, scores = [], [], []
+    base = lora = None
+    if comparison:
+        base, lora = render_pair(pipe, cfg, sample.caption, refs, seed, size, vl_refs=regions, text=text)
+        cells, labels = [base, lora], ["base", "LoRA"]
+    for r in runs:  # each adapter run from the same seed and references, with its own profile
+        rb, rl = render_pair(pipe, profile(cfg, r), sample.caption, refs, seed, size, vl_refs=regions, text=text)
+        cells += [rb, rl]
+        labels += [r.label, f"{r.label} + LoRA"]
+        kept = effect_retention(base, lora, rb, rl) if base is not None and lora is not None else None
+        scores.append(
+            {"label": r.label, "psnr_base": psnr(rb, target_v), "psnr_lora": psnr(rl, target_v), "retention": kept}
+        )
+        if base is None:  # adapter_only: the first run is the preview's base and LoRA
+            base, lora = rb, rl
+    assert base is not None and lora is not None
     psnr_base, psnr_lora = psnr(base, target_v), psnr(lora, target_v)
-    labels = [f"ref {i + 1}" for i in range(len(refs))] + ["base", "LoRA", "target"]
     title = (
         f"{'step ' + str(step) + ' · ' if step is not None else ''}{ds.config.id}/{sample.key} · PSNR base "
         f"{psnr_base:.2f} dB, LoRA {psnr_lora:.2f} dB"
+    ) + "".join(f" · {a['label']} kept {a['retention']:.2f}" for a in scores if a["retention"] is not None)
+    ref_labels = [f"ref {i + 1}" for i in range(len(refs))]
+    grid = compose_grid(
+        [*refs, *cells, target_v], [*ref_labels, *labels, "target"], size, title=title, thumbnails=len(refs)
     )
-    grid = compose_grid([*refs, base, lora, target_v], labels, size, title=title, thumbnails=len(refs))
     grid_key = f"{folder}/{_grid_name(ds, sample, used_names)}"
     store.put_bytes(grid_key, png_bytes(grid), content_type="image/png")
     return SamplePreview(
-        ds.config.id, sample.key, sample.caption, seed, grid_key, psnr_lora, psnr_base, base, lora, target_v
+        ds.config.id, sample.key, sample.caption, seed, grid_key, psnr_lora, psnr_base, base, lora, target_v, scores
     )
 
 
@@ -515,9 +402,10 @@ def render_validation(
     start = time.perf_counter()
     folder = f"{prefix.rstrip('/')}/step-{step}"
     transformer = pipe.transformer
-    cfg = _RenderSettings.of(run)
+    cfg = RenderSettings.of(run)
     used: set[str] = set()
-    with eval_mode(transformer):
+    runs = adapter_runs(run.train)
+    with eval_mode(transformer), attached(transformer, runs):
         previews = [
             render_sample(
                 pipe,
@@ -546,7 +434,8 @@ def render_validation(
         heldout,
         time.perf_counter() - start,
         f"{folder}/metrics.json",
-        {**cfg.to_json(), "eval_samples": eval_label},
+        {**cfg.to_json(), "eval_samples": eval_label, "adapter_mode": run.train.validation_adapter_mode},
+        [run_means(r, [p.adapters[i] for p in previews], profile(cfg, r).scheduler) for i, r in enumerate(runs)],
     )
     store.put_json(result.metrics_key, result.to_json())
     return result

@@ -340,6 +340,19 @@ def validation_plots(data: RunData) -> list[str]:
                 xlim,
             )
         )
+    labels = sorted({a["label"] for v in vals for a in v.get("adapters") or [] if a.get("retention") is not None})
+    if labels:  # validation_adapter_mode comparison: how much of the LoRA's change survives each adapter run
+        series = []
+        for i, label in enumerate(labels):
+            kept = [
+                (v["step"], a["retention"])
+                for v in vals
+                for a in v.get("adapters") or []
+                if a["label"] == label and a.get("retention") is not None
+            ]
+            series.append(Series(f"retention-{i}", label, [x for x, _ in kept], [y for _, y in kept], markers=True))
+        title = "effect retention under the adapter runs (1: all of the LoRA's change survives)"
+        plots.append(svg_plot("retention", title, series, xlim))
     return plots
 
 
@@ -414,6 +427,9 @@ def _previews(data: RunData, files: RunFiles, images: dict[str, str]) -> str:
             head.append(f"PSNR base {v['psnr_base']:.2f} dB, LoRA {v['psnr_lora']:.2f} dB")
         if v.get("heldout_loss_mean") is not None:
             head.append(f"held-out loss {v['heldout_loss_mean']:.4f}")
+        for a in v.get("adapters") or []:
+            kept = f", retention {a['retention']:.2f}" if a.get("retention") is not None else ""
+            head.append(f"{_e(a['label'])}: {a.get('steps') or 'same'} steps{kept}")
         cells = []
         for s in v.get("samples", []):
             grid = str(s.get("grid", ""))

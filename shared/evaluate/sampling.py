@@ -16,7 +16,7 @@ Legend: B batch (always 1 here: the Plus pipeline supports no more), C latent ch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
@@ -184,14 +184,16 @@ def make_scheduler(
     image_seq_len: int,
     device: torch.device,
     sigmas: Sequence[float] | np.ndarray | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> tuple[Any, torch.Tensor]:
     """A fresh scheduler (the pipeline's config) with the pipelines' sigmas (default a linear grid from 1 to 1/N)
     and resolution-dependent shift.
 
     A copy, not ``pipe.scheduler``: the scheduler carries a step index, and a preview running beside other users
-    of the pipeline must not move theirs.
+    of the pipeline must not move theirs. ``overrides``: scheduler config values a preview profile sets (a
+    few-step LoRA's shift).
     """
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, **(overrides or {})})
     if sigmas is None:
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
     mu = resolution_mu(image_seq_len, scheduler.config)
@@ -249,6 +251,7 @@ def denoise(
     true_cfg_scale: float,
     generator: torch.Generator | None,
     guidance_rescale: float = 0.0,
+    scheduler_overrides: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     """Run the flow-matching Euler loop from fresh noise; returns the final latents_BLC (packed, normalised).
     ``guidance_rescale`` (SimpleTuner's ``validation_guidance_rescale``): blend the guided prediction with itself
@@ -260,7 +263,9 @@ def denoise(
     device, dtype = execution_device(pipe), cond.prompt_embeds_BLD.dtype
     latents_BLC = initial_noise(pipe, height, width, generator, dtype, device)
     img_shapes = [[latent_img_shape(2 * (height // PIXEL_MULTIPLE), 2 * (width // PIXEL_MULTIPLE)), *cond.ref_shapes]]
-    scheduler, timesteps = make_scheduler(pipe, num_inference_steps, latents_BLC.shape[1], device)
+    scheduler, timesteps = make_scheduler(
+        pipe, num_inference_steps, latents_BLC.shape[1], device, overrides=scheduler_overrides
+    )
     transformer = pipe.transformer
     for t in timesteps:
         timestep_B = t.expand(latents_BLC.shape[0]).to(latents_BLC.dtype)

@@ -18,7 +18,7 @@ width.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,6 +146,7 @@ def denoise(
     true_cfg_scale: float,
     generator: torch.Generator | None,
     use_kv_cache: bool = True,
+    scheduler_overrides: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     """The pipeline's denoising loop from fresh noise; returns the final latents (B, N, C), normalised."""
     from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
@@ -163,7 +164,9 @@ def denoise(
     sigmas = pipe.config.get("sample_sigmas") if hasattr(pipe, "config") else None
     if sigmas is None:
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-    scheduler, timesteps = make_scheduler(pipe, len(sigmas), latents_BNC.shape[1], device, sigmas=sigmas)
+    scheduler, timesteps = make_scheduler(
+        pipe, len(sigmas), latents_BNC.shape[1], device, sigmas=sigmas, overrides=scheduler_overrides
+    )
 
     def with_target(mask_BL: torch.Tensor) -> torch.Tensor:  # the pipeline's append_target_slots
         return torch.cat([mask_BL, mask_BL.new_ones(mask_BL.shape[0], latents_BNC.shape[1] // SLOT_TOKENS)], dim=1)

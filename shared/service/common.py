@@ -274,8 +274,15 @@ class ServerPaths:
 
 def adapter_files(run: RunConfig) -> list[tuple[str, str]]:
     """(option, path) of every LoRA file the run loads beside its base: server paths, like the base's folder."""
+    from shared.config.validation_adapters import adapter_runs
+
     t = run.train
     named = [("init_lora", t.init_lora), ("assistant_lora_path", t.assistant_lora)]
+    named += [
+        ("validation_adapter_path" if t.validation_adapter_path else "validation_adapter_config", path)
+        for r in adapter_runs(t)
+        for _, path, _ in r.adapters
+    ]
     return [(option, path) for option, path in named if path]
 
 

@@ -126,3 +126,17 @@ def test_bad_adapter_files_are_named(base: Any, tmp_path: Path) -> None:
     save_file(wrong, str(tmp_path / "wrong.safetensors"))
     with pytest.raises(errors.InvalidInput, match="not layers of this transformer"):
         attach_frozen_adapter(copy.deepcopy(base), "w", str(tmp_path / "wrong.safetensors"), "validation_adapter_path")
+
+
+@pytest.mark.parametrize("precision", ["int8-quanto", "nf4-bnb"])
+def test_a_frozen_adapter_on_a_quantized_base(base: Any, lora_files: dict[str, Path], precision: str) -> None:
+    """Attached beside the trained adapter, never fused: it works on quantized bases as on the bf16 one."""
+    from shared.model.quantize import quantize_transformer
+
+    tr = quantize_transformer(copy.deepcopy(base), precision, device="cpu", compute_dtype=torch.float32)
+    attach_lora(tr, 4, 4.0, 0.0, TARGETS, seed=0)
+    before = _velocity(tr)
+    attach_frozen_adapter(tr, "lightning", str(lora_files["comfyui"]), "validation_adapter_path")
+    with active_adapters(tr, {TRAINED: 1.0, "lightning": 1.0}):
+        assert (_velocity(tr) - before).abs().max() > 1e-3
+    assert all(f".{TRAINED}." in n for n, p in tr.named_parameters() if p.requires_grad)

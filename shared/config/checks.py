@@ -115,6 +115,15 @@ def check_datasets(train: TrainConfig, data: DataConfig, cfg_label: str) -> tupl
                         '"dataset_type": "conditioning"',
                     )
                 )
+        masks = [r for r in refs if r in by_id and by_id[r].conditioning_type == "mask"]
+        if len(masks) > 1:
+            problems.append(
+                Problem(
+                    _where(data, d, "conditioning_data"),
+                    f"{len(masks)} loss-mask datasets listed ({', '.join(map(repr, masks))}); masked loss takes one",
+                )
+            )
+        refs = [r for r in refs if r not in masks]
         if not refs and not (flav is not None and flav.text_to_image):
             problems.append(
                 Problem(

@@ -70,6 +70,11 @@ class Flavour:
         return tuple(c for c in self.components if c not in ("transformer", "scheduler"))
 
     @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell on each side: the edit models' VAE 8, Qwen-Image-2.1's 16."""
+        return 16 if self.joint_sequence else 8
+
+    @property
     def text_to_image(self) -> bool:
         """Whether a dataset without references trains (text-to-image, as the pipeline renders without images)."""
         return self.min_refs == 0

@@ -244,6 +244,9 @@ class TrainConfig:
         "the Qwen scheduler shifts inference (replaces the static shift)",
     )
     caption_dropout_probability: float = field(0.0, check=probability)
+    masked_loss_probability: float = field(
+        1.0, check=probability, doc="share of micro-batches whose loss is weighted by their conditioning_type mask"
+    )
     # scheduled sampling (rollout), SimpleTuner's names: see shared.model.rollout
     scheduled_sampling_max_step_offset: int = field(
         0,
@@ -447,7 +450,9 @@ class DatasetConfig:
     text_embeds: str | None = field(None, doc="an image dataset's text_embeds entry (default: the one marked default)")
     default: bool = field(False, doc="text_embeds entries: the one caption embeddings go to")
     conditioning_image_embeds: str | None = field(None)
-    conditioning_type: Literal["reference_strict", "reference_loose"] = field("reference_strict")
+    conditioning_type: Literal["reference_strict", "reference_loose", "mask"] = field(
+        "reference_strict", doc="mask: a loss mask of the edit region for masked loss (not a reference)"
+    )
     cache_dir_vae: str | None = field(None, check=_check_cache_dir)
     cache_dir: str | None = field(None, check=_check_cache_dir)
     disabled: bool = field(False, aliases=("disable",))
@@ -511,7 +516,13 @@ class DataConfig:
         return [d for d in self.datasets if d.dataset_type == "image"]
 
     def references_of(self, d: DatasetConfig) -> list[DatasetConfig]:
-        return [self.get(i) for i in d.conditioning_data]
+        """The reference datasets of image dataset ``d``, in order (its conditioning_data but the loss mask)."""
+        return [r for r in (self.get(i) for i in d.conditioning_data) if r.conditioning_type != "mask"]
+
+    def mask_of(self, d: DatasetConfig) -> DatasetConfig | None:
+        """The ``conditioning_type: mask`` dataset of image dataset ``d`` (masked loss), if it lists one."""
+        masks = [r for r in (self.get(i) for i in d.conditioning_data) if r.conditioning_type == "mask"]
+        return masks[0] if masks else None
 
     def text_cache_prefix(self, d: DatasetConfig, flavour: str) -> str:
         """Where caption embeddings of image dataset ``d`` go: for edit-v1 (whose flavour keeps them in a

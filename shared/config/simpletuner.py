@@ -202,8 +202,6 @@ ST_VALUE_NOTES = {  # values of honoured keys that SimpleTuner has and EditTuner
     ("crop_style", "face"): "face crops need a face detector, which is not built; use center, corner or random",
     ("dataset_type", "image_embeds"): "VAE latents go to each dataset's cache_dir_vae; remove this entry and set "
     "cache_dir_vae on the image dataset",
-    ("conditioning_type", "mask"): "mask conditioning (inpainting) is not built; edit pairs are reference_strict "
-    "or reference_loose",
     ("conditioning_type", "segmentation"): "segmentation conditioning is not built; edit pairs are reference_strict "
     "or reference_loose",
     ("conditioning_type", "controlnet"): "ControlNet training is not built; edit pairs are reference_strict or "

@@ -69,6 +69,7 @@ class Sample:
     caption: str
     placement: Placement
     references: tuple[Reference, ...]
+    mask: Reference | None = None  # the loss mask (conditioning_type mask), placed exactly as the target
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -297,12 +298,15 @@ def _pair_one(
     main = scans[ds.id]
     filtered = {k: (rec.relpath, why) for k, rec in main.records.items() if (why := size_rule(ds, rec.size))}
     refs = data.references_of(ds)
+    mask = data.mask_of(ds)
+    paired = [*refs, *([mask] if mask is not None else [])]  # every dataset paired by name with the targets
     skip = train.bad_image_policy == "skip"
     bad = dict(main.bad)
-    for r in refs:
+    for r in paired:
         bad.update({k: m for k, m in scans[r.id].bad.items() if k in main.records or k in main.bad})
-    for r in refs:
+    for r in paired:
         rscan = scans[r.id]
+        what = "loss mask" if r is mask else "reference"
         missing = [
             main.records[k].relpath
             for k in main.records
@@ -312,8 +316,8 @@ def _pair_one(
             problems.append(
                 Problem(
                     _where(data, r),
-                    f"has no reference for {len(missing)} of {len(main.records)} images of {ds.id!r}: "
-                    f"{_names(missing)}. Every reference dataset needs a file with the same name (relative path "
+                    f"has no {what} for {len(missing)} of {len(main.records)} images of {ds.id!r}: "
+                    f"{_names(missing)}. Every {what} dataset needs a file with the same name (relative path "
                     "and stem; the extension may differ) for every edit image, or training fails with "
                     '"Control tensor list length does not match batch size". '
                     f"Add the missing files to {sources[r.id].label} or remove those images.",
@@ -322,7 +326,7 @@ def _pair_one(
         orphans = [rec.relpath for k, rec in rscan.records.items() if k not in main.records and k not in main.bad]
         if orphans:
             warnings.append(
-                f"{_where(data, r)}: {len(orphans)} reference(s) with no edit image in {ds.id!r} are "
+                f"{_where(data, r)}: {len(orphans)} {what}(s) with no edit image in {ds.id!r} are "
                 f"unused: {_names(orphans)}"
             )
     for key, msg in sorted(bad.items()):
@@ -341,7 +345,7 @@ def _pair_one(
     missing_captions = []
     unaligned: dict[str, list[str]] = {}
     for key, rec in sorted(main.records.items()):
-        if key in bad or key in filtered or any(key not in scans[r.id].records for r in refs):
+        if key in bad or key in filtered or any(key not in scans[r.id].records for r in paired):
             continue
         caption = read_caption(ds, sources[ds.id], rec, main.files)
         if caption is None:
@@ -358,7 +362,11 @@ def _pair_one(
                 unaligned.setdefault(r.id, []).append(
                     f"{rec.relpath} {rec.size[0]}x{rec.size[1]} / {ref_rec.relpath} {ref_rec.size[0]}x{ref_rec.size[1]}"
                 )
-        samples.append(Sample(ds.id, key, rec, caption, tp, references))
+        loss_mask = None
+        if mask is not None:  # the target's resize and crop: the mask covers the pixels the target's latents do
+            mask_rec = scans[mask.id].records[key]
+            loss_mask = Reference(mask.id, mask_rec, strict_reference(tp, mask_rec.size))
+        samples.append(Sample(ds.id, key, rec, caption, tp, references, loss_mask))
     for rid, pairs in unaligned.items():
         warnings.append(
             f"{_where(data, data.get(rid))}: {len(pairs)} reference_strict pair(s) whose aspect ratios "
@@ -377,7 +385,7 @@ def _pair_one(
             )
         )
     role = "eval" if train.eval_dataset_id == ds.id else "train"
-    srcs = {ds.id: sources[ds.id], **{r.id: sources[r.id] for r in refs}}
+    srcs = {ds.id: sources[ds.id], **{r.id: sources[r.id] for r in paired}}
     if filtered:
         warnings.append(
             f"{_where(data, ds)}: {len(filtered)} image(s) left out by its size rules "

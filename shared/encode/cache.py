@@ -54,7 +54,7 @@ def _digest(obj: Any) -> str:
 class Item:
     """One cache entry to produce: a VAE latent of one image, or the caption embedding of one sample."""
 
-    kind: str  # "vae" or "text"
+    kind: str  # "vae", "text" or "mask" (a loss mask at the latent grid)
     prefix: str
     entry: str  # the manifest key: sample key, or "<sample key>/<reference dataset id>" (random sampling)
     cache_key: str
@@ -122,6 +122,7 @@ def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) 
     """Every cache entry the datasets need, with its cache key (source hashes come from the scan)."""
     items: list[Item] = []
     base = _keyed(settings)
+    flav = get_flavour(settings.flavour)
     users: dict[str, int] = {}
     for d in run.data.image_datasets:
         for rid in d.conditioning_data:
@@ -168,6 +169,28 @@ def plan(run: RunConfig, paired: list[PairedDataset], settings: EncodeSettings) 
                         s,
                         i,
                         {r.image.relpath: r_sha},
+                    )
+                )
+            if s.mask is not None:  # the loss mask, averaged over each latent cell of the target
+                m_sha = s.mask.image.sha256
+                mcfg = run.data.get(s.mask.dataset_id)
+                m_entry = s.key if users.get(mcfg.id, 0) <= 1 else f"{ds.config.id}/{s.key}"
+                m_key = {
+                    "src": m_sha,
+                    "place": s.mask.placement.to_json(),
+                    "scale": flav.vae_scale,
+                    "format": CACHE_FORMAT,
+                }
+                items.append(
+                    Item(
+                        "mask",
+                        mcfg.vae_cache_prefix,
+                        m_entry,
+                        _digest(m_key),
+                        ds,
+                        s,
+                        None,
+                        {s.mask.image.relpath: m_sha},
                     )
                 )
             choices = list(range(len(s.references))) if settings.random_refs else [None]
@@ -345,8 +368,10 @@ def write_index(
             for it in its
             if it.kind == "text"
         }
+        masks = [it.object_key for it in its if it.kind == "mask"]
         samples.append(
             {
+                "mask": masks[0] if masks else None,
                 "key": s.key,
                 "caption": s.caption,
                 "bucket": list(s.bucket),

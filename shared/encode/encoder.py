@@ -149,6 +149,7 @@ class DatasetEncoder:
             progress(stats, len(items))
         vae = [it for it in todo if it.kind == "vae"]
         text = [it for it in todo if it.kind == "text"]
+        masks = [it for it in todo if it.kind == "mask"]
         by_size: dict[tuple[int, int], list[Item]] = {}
         for it in vae:
             by_size.setdefault(self._placement(it).final, []).append(it)
@@ -164,6 +165,8 @@ class DatasetEncoder:
                 self._run([it], self._encode_text, manifests, stats)
                 if progress:
                     progress(stats, len(items))
+            for it in masks:  # pixels only: no model
+                self._run([it], self._encode_mask, manifests, stats)
         finally:
             manifests.flush()
         if stats.failures and self.run.train.bad_image_policy == "fail":
@@ -243,6 +246,28 @@ class DatasetEncoder:
 
     def _placement(self, it: Item) -> Placement:
         return it.sample.placement if it.ref_index is None else it.sample.references[it.ref_index].placement
+
+    def _encode_mask(self, batch: list[Item]) -> list[Encoded]:
+        """A loss mask as SimpleTuner reads it (its first channel, 0 to 1), placed as its target and averaged over
+        each latent cell: (h, w) float32, the weight of the loss at each latent position."""
+        import torch
+        import torch.nn.functional as F
+
+        [it] = batch
+        mask = it.sample.mask
+        assert mask is not None  # mask items exist only for samples with a mask
+        src = it.dataset.sources[mask.image.dataset_id]
+        img = open_image(
+            src.read(mask.image.relpath), f"{src.label}/{mask.image.relpath}", self.run.train.max_image_pixels
+        )
+        placed = mask.placement.apply(img)
+        w, h = placed.size
+        scale = self.flavour.vae_scale
+        pixels = torch.frombuffer(bytearray(placed.getchannel(0).tobytes()), dtype=torch.uint8).view(1, 1, h, w)
+        grid = F.interpolate(pixels.float() / 255.0, size=(h // scale, w // scale), mode="area")[0, 0]
+        return [
+            ({"mask": grid.contiguous()}, {"width": w, "height": h, "placement": json.dumps(mask.placement.to_json())})
+        ]
 
     def _image(self, it: Item, ref_index: int | None, region: bool = False) -> Image.Image:
         """The placed pixels; ``region``: a reference before its final resize, what the VL encoder is sized from

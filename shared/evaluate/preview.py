@@ -434,7 +434,11 @@ def render_validation(
         heldout,
         time.perf_counter() - start,
         f"{folder}/metrics.json",
-        {**cfg.to_json(), "eval_samples": eval_label, "adapter_mode": run.train.validation_adapter_mode},
+        {
+            **cfg.to_json(),
+            "eval_samples": eval_label,
+            **({"adapter_mode": run.train.validation_adapter_mode} if runs else {}),
+        },
         [run_means(r, [p.adapters[i] for p in previews], profile(cfg, r).scheduler) for i, r in enumerate(runs)],
     )
     store.put_json(result.metrics_key, result.to_json())

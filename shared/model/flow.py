@@ -39,6 +39,8 @@ class EditBatch:
     text_all_valid: bool | None = None
     # Qwen-Image-2.1 (joint sequence): bool, True at the prompt rows of the references' <|image_pad|> slots
     image_pad_mask_BL: torch.Tensor | None = None
+    # masked loss: the loss's weight at each latent position of the target (conditioning_type mask), in [0, 1]
+    loss_mask_Bhw: torch.Tensor | None = None
 
     @property
     def joint(self) -> bool:
@@ -54,6 +56,7 @@ class EditBatch:
             self.keys if keys is None else keys,
             self.text_all_valid,
             None if self.image_pad_mask_BL is None else fn(self.image_pad_mask_BL),
+            None if self.loss_mask_Bhw is None else fn(self.loss_mask_Bhw),
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> EditBatch:
@@ -165,16 +168,30 @@ def flow_matching_loss(
     dtype: torch.dtype = torch.float32,
     reduce: bool = True,
     noisy_BLC: torch.Tensor | None = None,
+    masked: bool = False,
 ) -> torch.Tensor:
     """MSE (fp32) between the predicted and the true velocity at ``sigmas_B``; per-sample when not ``reduce``.
-    ``noisy_BLC``: the transformer's input instead of the exact interpolation (scheduled sampling's rollout)."""
+    ``noisy_BLC``: the transformer's input instead of the exact interpolation (scheduled sampling's rollout).
+    ``masked``: each element weighted by the batch's loss mask at its latent position, then the plain mean, as
+    SimpleTuner weights it (the untouched pixels count 0, the mean still over every element)."""
     x0_BLC = pack_for(batch, batch.latents_BChw).float()
     if noisy_BLC is None:
         s = sigmas_B.view(-1, 1, 1).float()
         noisy_BLC = (1 - s) * x0_BLC + s * noise_BLC.float()
     pred_BLC = predict_velocity(transformer, batch, noisy_BLC, sigmas_B, dtype)
     err = F.mse_loss(pred_BLC.float(), noise_BLC.float() - x0_BLC, reduction="none")
+    if masked and batch.loss_mask_Bhw is not None:
+        err = err * loss_weights(batch, batch.loss_mask_Bhw.to(err.device))
     return err.mean() if reduce else err.mean(dim=(1, 2))
+
+
+def loss_weights(batch: EditBatch, mask_Bhw: torch.Tensor) -> torch.Tensor:
+    """The mask as the loss's elements are laid out: every latent channel of a position gets its weight, packed
+    as the batch's latents are (B, tokens, channels)."""
+    B, C, h, w = batch.latents_BChw.shape
+    if tuple(mask_Bhw.shape) != (B, h, w):
+        raise ValueError(f"loss mask {tuple(mask_Bhw.shape)} does not match the target's latent grid {(B, h, w)}")
+    return pack_for(batch, mask_Bhw.float()[:, None].expand(B, C, h, w))
 
 
 def step_generator(seed: int, step: int, micro: int = 0, device: str = "cpu") -> torch.Generator:

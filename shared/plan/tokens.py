@@ -96,7 +96,7 @@ def training_tokens(run: RunConfig) -> Tokens:
     best: Tokens | None = None
     for ds in run.data.image_datasets:
         target = _square_tokens(ds.target_area)
-        n_refs = len(ds.conditioning_data)
+        n_refs = len(run.data.references_of(ds))  # the loss mask (masked loss) is no reference
         if t.conditioning_multidataset_sampling == "random" and flav.multi_reference:
             n_refs = min(n_refs, 1)
         if flav.sizes_references_to_target and t.model_kwargs.match_target_res:
@@ -133,7 +133,7 @@ def _ref_counts(run: RunConfig) -> list[tuple[DatasetConfig, int]]:
     t = run.train
     out = []
     for ds in run.data.image_datasets:
-        n = len(ds.conditioning_data)
+        n = len(run.data.references_of(ds))
         if t.conditioning_multidataset_sampling == "random" and get_flavour(t.model_flavour).multi_reference:
             n = min(n, 1)
         out.append((ds, n))

@@ -42,6 +42,7 @@ class TrainItem:
     reference_datasets: tuple[str, ...]
     text: tuple[tuple[str, str], ...]  # ("" | reference dataset id, object key)
     signature: tuple[Any, ...]
+    mask: str | None = None  # the loss mask's object (masked loss)
 
     def text_object(self, reference_dataset: str | None) -> str:
         wanted = reference_dataset or ""
@@ -107,6 +108,7 @@ def load_items(
                         tuple(s["reference_datasets"]),
                         tuple(sorted(s["text"].items())),
                         sig,
+                        s.get("mask"),
                     )
                 )
     if role == "train" and not items:
@@ -228,8 +230,20 @@ class TrainLoader:
             [f"{it.dataset}/{it.key}" for it in batch_items],
             text_all_valid=bool(mask_BL.all()),
             image_pad_mask_BL=pad_BL if pads[0] is not None else None,
+            loss_mask_Bhw=self._masks(batch_items, tuple(latents[0].shape[-2:])),
         )
         return batch.pin_memory() if self.pin_memory else batch
+
+    def _masks(self, batch_items: list[TrainItem], hw: tuple[int, ...]) -> torch.Tensor | None:
+        """The batch's loss masks (B, h, w); a sample without one weighs every position 1; None: no masks."""
+        if all(it.mask is None for it in batch_items):
+            return None
+        return torch.stack(
+            [
+                torch.ones(hw) if it.mask is None else self.store.get_tensors(it.mask)[0]["mask"].float()
+                for it in batch_items
+            ]
+        )
 
     def _producer(self, epoch: int, position: int, out: queue.Queue[Prefetched], stop: threading.Event) -> None:
         """Each thread has its own queue and stop flag: a slow thread left over from close() can never feed

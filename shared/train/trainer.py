@@ -449,8 +449,18 @@ class Trainer:
         else:
             sigmas_B = sample_sigmas(B, self.cfg.flow_schedule_shift, g)
         noisy_BLC = self._roll_out(batch, noise_BLC, sigmas_B, step, g) if self.rollout is not None else None
+        # masked_loss_probability: drawn from the step's generator, only for batches with masks (others draw nothing)
+        masked = batch.loss_mask_Bhw is not None and bool(
+            torch.rand((), generator=g) < self.cfg.masked_loss_probability
+        )
         loss = flow_matching_loss(
-            self.forward_module, batch, noise_BLC, sigmas_B.to(self.device), self.dtype, noisy_BLC=noisy_BLC
+            self.forward_module,
+            batch,
+            noise_BLC,
+            sigmas_B.to(self.device),
+            self.dtype,
+            noisy_BLC=noisy_BLC,
+            masked=masked,
         )
         # DDP averages over the N ranks: N/A makes the sum over all micro-batches what one process computes (torch
         # leaves Tensor.backward unannotated)

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.cli.common import DEFAULT_STORE, ProgressBars, load_from_args, store_from_args
 from shared.cli.jobs import cmd_data_push, cmd_jobs, cmd_runs_pull, cmd_runs_report, remote_job
@@ -23,6 +23,9 @@ from shared.config.flavours import FLAVOURS
 from shared.errors import EditTunerError, InvalidInput
 from shared.logs import quiet_call_noise, quiet_import_noise
 from shared.train.events import TrainEvent, WorkerResult
+
+if TYPE_CHECKING:
+    from shared.config.schema import RunConfig
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -52,6 +55,31 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ commands
+def adapter_lines(run: RunConfig) -> list[str]:
+    """``edittuner check``'s lines on the LoRA files a run loads beside its base."""
+    from shared.config.validation_adapters import adapter_runs
+
+    t = run.train
+    lines = []
+    if t.init_lora:
+        start = t.init_lora_step if t.init_lora_step is not None else "its global_step metadata, else 0"
+        lines.append(f"init    {t.init_lora} (the run counts from step {start})")
+    if t.assistant_lora:
+        lines.append(
+            f"assist  {t.assistant_lora}: strength {t.assistant_lora_strength:g} in training, "
+            f"{t.assistant_lora_inference_strength:g} in previews"
+        )
+    for r in adapter_runs(t):
+        files = ", ".join(f"{f} ×{s:g}" for _, f, s in r.adapters)
+        steps = r.steps or t.validation_num_inference_steps
+        guidance = r.guidance if r.guidance is not None else t.validation_guidance
+        lines.append(
+            f"preview {r.label!r} ({t.validation_adapter_mode}): {files}; {steps} steps, guidance {guidance:g}"
+            + (f", scheduler {dict(r.scheduler)}" if r.scheduler else "")
+        )
+    return lines
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from shared.data.pairing import pair_datasets
     from shared.encode.cache import Manifests, cache_status, plan, settings_for
@@ -83,12 +111,17 @@ def cmd_check(args: argparse.Namespace) -> int:
             + (f", {len(ds.skipped)} skipped" if ds.skipped else "")
             + (f", {len(ds.filtered)} left out by size rules" if ds.filtered else "")
         )
+        mask = run.data.mask_of(ds.config)
+        if mask is not None:
+            print(f"  loss mask: {mask.id!r}, masked_loss_probability {t.masked_loss_probability:g}")
         if ds.filtered and args.verbose:
             for name, why in ds.filtered:
                 print(f"  left out: {name}: {why}")
         print(f"  buckets: {buckets}")
         status = cache_status([i for i in items if i.dataset is ds], manifests)
         print("  cached:  " + ", ".join(f"{k} {c}/{n}" for k, (c, n) in sorted(status.items())))
+    for line in adapter_lines(run):
+        print(line)
     print(f"store   {store.describe()}")
     print("ok: configuration and datasets are valid")
     return 0

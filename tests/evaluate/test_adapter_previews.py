@@ -115,3 +115,24 @@ def test_the_scheduler_beside_the_adapter_is_its_profile(tmp_path, tiny_models, 
         load_run_config(cfg, overrides=['validation_adapter_config=[{"path": "x", "scheduler": {"warp": 1}}]'])
     with pytest.raises(ConfigError, match="give one of them"):
         load_run_config(cfg, overrides=["validation_adapter_path=x", 'validation_adapter_config=["y"]'])
+
+
+def test_check_reports_the_adapter_files_and_profiles(tmp_path, tiny_models, few_step, capsys):
+    from shared.cli.main import main
+
+    cfg, _ = make_run(tmp_path, tiny_models, refs=1, n=2)
+    data = json.loads(cfg.read_text())["data_backend_config"]
+    argv = ["check", "--config", str(cfg), "--data", data, "--store", str(tmp_path / "store")]
+    overrides = [
+        f"validation_adapter_path={few_step}",
+        "validation_adapter_name=lightning",
+        "validation_adapter_steps=4",
+        "validation_adapter_guidance=1",
+        "validation_adapter_mode=comparison",
+        f"assistant_lora_path={few_step}",
+        "assistant_lora_inference_strength=0.5",
+    ]
+    assert main([*argv, *overrides]) == 0
+    out = capsys.readouterr().out
+    assert f"preview 'lightning' (comparison): {few_step} ×1; 4 steps, guidance 1" in out
+    assert f"assist  {few_step}: strength 1 in training, 0.5 in previews" in out

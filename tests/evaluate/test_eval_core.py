@@ -220,3 +220,72 @@ def test_the_tensors_of_a_render_out_of_gpu_memory_are_freed_before_the_memory_i
     cause = err.value.__cause__
     assert isinstance(cause, torch.OutOfMemoryError)
     assert ", in render\n    raise torch.OutOfMemoryError(" in "".join(traceback.format_exception(cause))
+
+
+def test_eval_renders_stacked_adapters_as_the_worker_does_and_lets_them_go(tmp_path, tiny_models):
+    """A preview adapter run (comparison mode) and an assistant at its inference strength, on eval_svc: the same
+    grid as the in-worker render, the adapters' runs in metrics.json, and no adapter left in the resident pipeline."""
+    from shared.model.adapters import ASSISTANT, TRAINED, attach_frozen_adapter, set_active_adapters
+
+    model = tiny_models("edit-v2")
+    root = write_dataset(tmp_path / "data", n=3, references=1)
+    donor = load_transformer(model, "edit-v2")
+    attach_lora(donor, 4, 4.0, 0.0, ["to_q", "to_k", "to_v", "to_out.0"], seed=7)
+    with torch.no_grad():
+        for name, p in donor.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    extra = tmp_path / "extra.safetensors"
+    extra.write_bytes(
+        save_lora_files(lora_state_dict(donor), alpha=4.0, rank=4, fmt="comfyui", transformer=donor)[
+            "pytorch_lora_weights_comfyui.safetensors"
+        ]
+    )
+    cfg, data = write_configs(
+        tmp_path / "cfg",
+        root,
+        model,
+        "edit-v2",
+        1,
+        num_eval_images=1,
+        validation_guidance=1.0,
+        validation_adapter_path=str(extra),
+        validation_adapter_name="fast",
+        validation_adapter_mode="comparison",
+        validation_adapter_steps=3,
+        assistant_lora_path=str(extra),
+        assistant_lora_inference_strength=0.5,
+    )
+    run = load_run_config(cfg)
+    store = LocalStore(tmp_path / "store")
+    DatasetEncoder(run, store).encode()
+    [(ds, sample)] = eval_candidates(run, pair_datasets(run)[0])
+    tr = load_transformer(model, "edit-v2")
+    attach_lora(tr, 4, 4.0, 0.0, ["to_q", "to_k"], seed=0)
+    with torch.no_grad():
+        for name, p in tr.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(name) + 1))
+    attach_frozen_adapter(tr, ASSISTANT, str(extra), "assistant_lora_path")  # as training attached it
+    set_active_adapters(tr, {TRAINED: 1.0, ASSISTANT: 1.0})
+    lora_key = "runs/r/validation/step-1/lora/pytorch_lora_weights.safetensors"
+    store.put_bytes(
+        lora_key,
+        save_lora_files(lora_state_dict(tr), alpha=4.0, rank=4, fmt="diffusers", transformer=tr)[
+            "pytorch_lora_weights.safetensors"
+        ],
+    )
+    full = load_pipeline(model, "edit-v2", components=("vae", "text_encoder", "tokenizer", "processor", "scheduler"))
+    full.transformer = tr
+    worker = render_validation(full, run, [(ds, sample)], step=1, store=store, prefix="runs/worker/validation")
+    core = EvalCore(store, Metrics(CollectorRegistry()), idle_release_s=0)
+    params = files_to_params(read_config_files(cfg, data)) | {"run_id": "r", "step": 1, "lora_key": lora_key}
+    now = time.time()
+    outputs = core.execute(JobRecord("job-2", "req-2", "render", JobState.RUNNING, params, now, now), _Ctx())
+    [grid_key] = outputs.grid_keys
+    ours, theirs = _grid(store, grid_key), _grid(store, worker.samples[0].grid_key)
+    assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1
+    rendered = json.loads(store.get_bytes(outputs.metrics_key))
+    [fast] = rendered["adapters"]
+    assert fast["label"] == "fast" and fast["steps"] == 3 and fast["retention"] is not None
+    assert not getattr(core._pipe[1].transformer, "peft_config", {})  # everything loaded for the render is gone

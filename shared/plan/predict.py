@@ -32,6 +32,7 @@ from shared.config.flavours import get_flavour
 from shared.config.schema import RunConfig
 from shared.model.rollout import Rollout
 from shared.plan import qwen21
+from shared.plan.adapters import stacked_bytes
 from shared.plan.counts import (
     REAL_QWEN21_TEXT_ENCODER,
     REAL_QWEN21_VAE,
@@ -282,9 +283,11 @@ def plan_run(
             batch=t.train_batch_size,
         )
     acts = {k: v * cb // 2 for k, v in acts.items()}  # measured in bf16; fp32 compute: about twice
+    stacked_train, stacked_eval, stacked_notes = stacked_bytes(t, n_lora, cb)
     trainer = {
         **weights,
         f"LoRA {n_lora / 1e6:.1f}M params + grads + {t.optimizer}": n_lora * LORA_STATE_BYTES[t.optimizer],
+        **({"assistant LoRA (frozen)": stacked_train} if stacked_train else {}),
         **acts,
         "CUDA overhead": CUDA_OVERHEAD,
     }
@@ -343,6 +346,7 @@ def plan_run(
     ev = {
         **{f"transformer {k}": v for k, v in weights.items()},
         "LoRA (compute dtype)": n_lora * cb,
+        **({"stacked LoRAs (frozen)": stacked_eval} if stacked_eval else {}),
         **text_part,
         "VAE": vae_params * cb,
         **cache_part,
@@ -350,7 +354,9 @@ def plan_run(
         "CUDA overhead": CUDA_OVERHEAD,
     }
     resident = sum(v for k, v in trainer.items() if k not in acts)  # between steps: no activations
-    in_worker = max(sum(trainer.values()), resident + sum(text_part.values()) + vae_params * cb + kv_cache + render)
+    in_worker = max(
+        sum(trainer.values()), resident + sum(text_part.values()) + vae_params * cb + kv_cache + render + stacked_eval
+    )
 
     flops = step_flops(counts, tokens, targets, t.lora_rank, checkpointing=t.gradient_checkpointing)
     rollout = Rollout.from_config(t)
@@ -385,7 +391,8 @@ def plan_run(
         fits=services["trainer"].fits,
         assumptions=_assumptions(name, mfu, cb, t.base_model_precision, counts.joint, caches)
         + (_dp_assumptions(t.num_machines) if n_gpus > 1 else [])
-        + (_rollout_assumptions(rollout, rollout_forwards) if rollout is not None else []),
+        + (_rollout_assumptions(rollout, rollout_forwards) if rollout is not None else [])
+        + stacked_notes,
         gpus=n_gpus,
         allreduce_seconds=allreduce_seconds(n_lora, n_gpus, t.num_machines),
         host_load_bytes=counts.total * cb,

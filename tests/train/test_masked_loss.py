@@ -14,6 +14,7 @@ from test_training import make_run, trainer_for
 
 from shared.config.loading import load_run_config
 from shared.data.pairing import pair_datasets
+from shared.encode.cache import index_key, settings_for
 from shared.encode.encoder import DatasetEncoder
 from shared.model.flow import EditBatch, flow_matching_loss, pack_for, predict_velocity
 from shared.model.flow_qwen21 import Qwen21Sample, collate_qwen21
@@ -113,7 +114,7 @@ def test_masks_pair_by_name_with_the_targets_placement_and_weigh_the_training_lo
         s.placement.crop,
         s.placement.size,
     )
-    index = store.get_json(next(k for k in store.list("cache/index/")))
+    index = store.get_json(index_key(run, "demo-images", settings_for(run)))  # not the index before the masks
     entry = index["samples"][1]
     grid = store.get_tensors(entry["mask"])[0]["mask"]
     W, H = s.placement.size

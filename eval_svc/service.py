@@ -61,7 +61,16 @@ class EvalCore:
         t = run.train
         device = resolve_device(t.device)
         dtype = resolve_dtype(t.mixed_precision, device)
-        key = (t.model_path, t.model_flavour, str(device), str(dtype), t.base_model_precision, str(text_encoder))
+        key = (
+            t.model_path,
+            t.pretrained_transformer_model_name_or_path,
+            t.pretrained_transformer_subfolder,
+            t.model_flavour,
+            str(device),
+            str(dtype),
+            t.base_model_precision,
+            str(text_encoder),
+        )
         if self._pipe is None or self._pipe[0] != key:
             self._pipe = None
             free_gpu_memory()
@@ -73,6 +82,8 @@ class EvalCore:
                 precision=t.base_model_precision,
                 quantize_via=t.quantize_via,
                 text_encoder=text_encoder,
+                transformer_file=t.pretrained_transformer_model_name_or_path,
+                transformer_subfolder=t.pretrained_transformer_subfolder,
             )
             log.info("render pipeline: %s, transformer %s", ", ".join(self.components), t.base_model_precision)
             self._pipe = (key, pipe)

@@ -80,6 +80,35 @@ def adapter_lines(run: RunConfig) -> list[str]:
     return lines
 
 
+def transformer_line(run: RunConfig) -> str:
+    """``edittuner check``'s line on ``pretrained_transformer_model_name_or_path``: a file's types and bytes (read
+    from its header, checked against the flavour's transformer), or the folder it loads from."""
+    from shared.model.loading import inspect_transformer_source
+    from shared.model.location import locate_model
+    from shared.model.single_file import is_single_file
+
+    t = run.train
+    value = t.pretrained_transformer_model_name_or_path
+    assert value
+    if not is_single_file(value):
+        sub = t.pretrained_transformer_subfolder or "the folder itself"
+        return f"transformer {value} ({sub}): {locate_model(value).where}"
+    tf = inspect_transformer_source(t.model_path, t.model_flavour, value)
+    kept = (
+        ""
+        if not tf.quantized
+        else (
+            "; its Linears keep the file's types"
+            + (
+                f" (base_model_precision {t.base_model_precision} is not applied)"
+                if t.base_model_precision != "no_change"
+                else ""
+            )
+        )
+    )
+    return f"transformer {tf.path}: {tf.describe()}{kept}"
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from shared.data.pairing import pair_datasets
     from shared.encode.cache import Manifests, cache_status, plan, settings_for
@@ -96,6 +125,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     print(f"config  {run.config_source}: {t.model_flavour}, model {t.model_path}, {t.base_model_precision}")
     print(f"model   {t.model_path}: {locate_model(t.model_path).where}")
+    if t.pretrained_transformer_model_name_or_path:
+        print(transformer_line(run))
     print(f"data    {run.data.source}")
     for ds in paired:
         refs = run.data.references_of(ds.config)

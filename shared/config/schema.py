@@ -164,6 +164,14 @@ class TrainConfig:
     model_type: Literal["lora"] = field("lora", doc="only LoRA training is supported")
     model_family: Literal["qwen_image"] = field("qwen_image")
     pretrained_model_name_or_path: str | None = field(None, doc="local HF-layout dir or hub id; default per flavour")
+    pretrained_transformer_model_name_or_path: str | None = field(
+        None,
+        doc="the transformer from a .gguf, a ComfyUI single-file .safetensors (bf16, fp8, fp8_scaled) or another "
+        "folder; the VAE, text encoder and the transformer's config.json from pretrained_model_name_or_path",
+    )
+    pretrained_transformer_subfolder: str | None = field(
+        "transformer", doc="with a folder in pretrained_transformer_model_name_or_path: its subfolder (none: itself)"
+    )
     data_backend_config: str | None = field(None, doc="path of multidatabackend.json")
     output_dir: str = field("output/models")
     # batch and schedule

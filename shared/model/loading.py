@@ -185,6 +185,8 @@ def load_render_pipeline(
     precision: str = "no_change",
     quantize_via: str = "cpu",
     text_encoder: bool = False,
+    transformer_file: str | None = None,
+    transformer_subfolder: str | None = "transformer",
 ) -> tuple[Any, tuple[str, ...]]:
     """The pipeline previews render with, and the components it holds: the transformer at ``precision``
     (``base_model_precision``, quantized by the code training uses, so a preview shows the weights training
@@ -195,7 +197,7 @@ def load_render_pipeline(
     # the tokenizer's few MB, not the text encoder
     cached = RENDER_COMPONENTS + (("processor",) if flav.joint_sequence else ())
     wanted = flav.components if text_encoder else cached
-    if precision == "no_change":
+    if precision == "no_change" and not transformer_file:
         return load_pipeline(source, flavour, device=device, dtype=dtype, components=wanted), wanted
     from shared.model.quantize import check_precision, quantize_transformer
 
@@ -203,7 +205,9 @@ def load_render_pipeline(
     pipe = load_pipeline(
         source, flavour, device=device, dtype=dtype, components=[c for c in wanted if c != "transformer"]
     )
-    transformer = load_transformer(source, flavour, dtype=dtype)
+    transformer = load_transformer(
+        source, flavour, dtype=dtype, transformer=transformer_file, subfolder=transformer_subfolder
+    )
     pipe.transformer = quantize_transformer(
         transformer, precision, device=device, compute_dtype=dtype, quantize_via=quantize_via
     )
@@ -274,25 +278,63 @@ def scheduler_config(source: str | Path) -> dict[str, Any]:
         raise errors.InvalidInput(f"cannot read the scheduler config of {loc.source}: {err}") from err
 
 
-def load_transformer(source: str | Path, flavour: str, *, dtype: torch.dtype = torch.float32) -> Any:
-    """Just the flavour's transformer (on CPU, in ``dtype``): what training needs, quantized afterwards."""
-    # diffusers' classes from their modules: mypy reads ``from diffusers import`` as its dummy placeholders
-    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
-    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21Transformer2DModel
+def transformer_config(source: str | Path, flavour: str) -> dict[str, Any]:
+    """The flavour's transformer config (``transformer/config.json`` of the model folder): what a single transformer
+    file is built with and checked against. The folder needs no transformer weights for it."""
+    from shared.model.single_file import transformer_class
 
-    classes: dict[str, Any] = {
-        "QwenImageTransformer2DModel": QwenImageTransformer2DModel,
-        "QwenImage21Transformer2DModel": QwenImage21Transformer2DModel,
-    }
-    cls = classes[get_flavour(flavour).transformer_class_name]
     loc = locate_model(str(source))
-    log.info("model %s (transformer): loading from %s", source, loc.where)
-    if loc.local:
-        _check_local_dir(Path(loc.source), flavour, ("transformer",))
     try:
-        transformer = cls.from_pretrained(loc.source, subfolder="transformer", dtype=dtype)
+        return dict(transformer_class(flavour).load_config(loc.source, subfolder="transformer"))
     except (OSError, ValueError) as err:
         if not loc.local:
             raise loc.missing_error(str(source), err) from err
-        raise errors.InvalidInput(f"cannot load the transformer of model directory {loc.source}: {err}") from err
-    return apply_flavour(transformer, flavour)
+        raise errors.InvalidInput(
+            f"cannot read {Path(loc.source) / 'transformer' / 'config.json'} ({err}): a transformer file is built "
+            "with the model folder's transformer config"
+        ) from err
+
+
+def inspect_transformer_source(source: str | Path, flavour: str, transformer: str) -> Any:
+    """The ``TransformerFile`` (types, bytes, checked names and shapes) of ``pretrained_transformer_model_name_or_path``
+    when it is a single file, found as its loading finds it."""
+    from shared.model.single_file import find_transformer_file, inspect_transformer_file
+
+    path = find_transformer_file(transformer)
+    return inspect_transformer_file(path, flavour, transformer_config(source, flavour))
+
+
+def load_transformer(
+    source: str | Path,
+    flavour: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    transformer: str | None = None,
+    subfolder: str | None = "transformer",
+) -> Any:
+    """Just the flavour's transformer (on CPU, in ``dtype``): what training needs, quantized afterwards.
+
+    ``transformer`` (``pretrained_transformer_model_name_or_path``): a single file (``shared.model.single_file``:
+    GGUF, ComfyUI bf16/fp8/fp8_scaled safetensors; quantized Linears keep the file's types) or another folder
+    holding the transformer under ``subfolder`` (``pretrained_transformer_subfolder``; none: the folder itself)."""
+    from shared.model.single_file import is_single_file, load_transformer_file, transformer_class
+
+    cls = transformer_class(flavour)
+    if transformer and is_single_file(transformer):
+        tf = inspect_transformer_source(source, flavour, transformer)
+        model = load_transformer_file(tf, flavour, transformer_config(source, flavour), dtype=dtype)
+        return apply_flavour(model, flavour)
+    where = transformer or source
+    sub = subfolder if transformer else "transformer"
+    sub = None if sub in (None, "", "none", ".") else sub
+    loc = locate_model(str(where))
+    log.info("model %s (transformer): loading from %s", where, loc.where)
+    if loc.local and not transformer:
+        _check_local_dir(Path(loc.source), flavour, ("transformer",))
+    try:
+        model = cls.from_pretrained(loc.source, subfolder=sub, dtype=dtype)
+    except (OSError, ValueError) as err:
+        if not loc.local:
+            raise loc.missing_error(str(where), err) from err
+        raise errors.InvalidInput(f"cannot load the transformer of {loc.source}: {err}") from err
+    return apply_flavour(model, flavour)

@@ -132,6 +132,13 @@ def quantize_transformer(
     """
     device = torch.device(device)
     check_precision(precision, device, quantize_activations)
+    if _from_quantized_file(transformer) and precision != "no_change":
+        log.info(
+            "the transformer file's Linears keep its own quantization; base_model_precision %s applies to a "
+            "full-precision base only and is not applied",
+            precision,
+        )
+        precision, quantize_activations = "no_change", False
     if quantize_via not in ("cpu", "accelerator"):
         raise errors.InvalidInput(f"quantize_via {quantize_via!r} is unknown: expected 'cpu' or 'accelerator'")
     transformer.requires_grad_(False)
@@ -406,7 +413,8 @@ def linear8bit_dequant() -> type:
 
 # ---------------------------------------------------------------------------------------------------- reports
 def quantized_modules(model: torch.nn.Module) -> dict[str, str]:
-    """Module name → how its weight is stored (``quanto:qint4``, ``bnb:nf4``, ``bnb:int8``), for quantized layers
+    """Module name → how its weight is stored (``quanto:qint4``, ``bnb:nf4``, ``bnb:int8``, ``file:Q8_0`` for a
+    layer kept in a transformer file's own type), for quantized layers
     only: what the trainer logs and the tests assert on."""
     out: dict[str, str] = {}
     for name, m in model.named_modules():
@@ -416,8 +424,16 @@ def quantized_modules(model: torch.nn.Module) -> dict[str, str]:
     return out
 
 
+def _from_quantized_file(model: torch.nn.Module) -> bool:
+    return any(str(_kind(m)).startswith("file:") for m in model.modules())
+
+
 def _kind(m: torch.nn.Module) -> str | None:
     cls = type(m)
+    if cls.__module__ == "shared.model.frozen_linear":  # Fp8Linear, FrozenGGUFLinear: a file's own types
+        from shared.model.frozen_linear import file_type
+
+        return f"file:{file_type(m)}"
     if cls.__module__.startswith("optimum.quanto") and (qtype := getattr(m, "weight_qtype", None)) is not None:
         return f"quanto:{qtype.name}"
     if cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes"):

@@ -22,6 +22,7 @@ from shared import errors
 from shared.config.loading import ConfigFiles, load_run_config_text
 from shared.config.schema import RunConfig
 from shared.model.location import looks_like_hub_id
+from shared.model.single_file import is_single_file
 from shared.rpc import common_pb2
 from shared.service.jobs import JobManager
 from shared.service.outputs import result_of, set_result
@@ -258,6 +259,18 @@ class ServerPaths:
                     "place the weights under EDITTUNER_MODEL_DIR",
                 )
             )
+        transformer = run.train.pretrained_transformer_model_name_or_path
+        if transformer and (is_single_file(transformer) or not looks_like_hub_id(transformer)):
+            where = _transformer_path(transformer)
+            if not self._inside(where, self.model_roots):
+                problems.append(
+                    errors.Problem(
+                        f"{run.config_source}: $.pretrained_transformer_model_name_or_path",
+                        f"{transformer!r} is not in a folder this server loads models from "
+                        f"({', '.join(self.model_roots) or 'none: EDITTUNER_MODEL_DIR is not set'}); place the "
+                        "transformer file under EDITTUNER_MODEL_DIR",
+                    )
+                )
         for option, path in adapter_files(run):
             if not self._inside(path, self.model_roots):
                 problems.append(
@@ -270,6 +283,14 @@ class ServerPaths:
                 )
         if problems:
             raise errors.ConfigError(problems, "the request names server paths it may not use")
+
+
+def _transformer_path(value: str) -> str:
+    """Where the loader finds a transformer file or folder (as given, else under EDITTUNER_MODEL_DIR)."""
+    root = os.environ.get("EDITTUNER_MODEL_DIR")
+    if not os.path.exists(value) and root and not os.path.isabs(value) and os.path.exists(os.path.join(root, value)):
+        return os.path.join(root, value)
+    return value
 
 
 def adapter_files(run: RunConfig) -> list[tuple[str, str]]:

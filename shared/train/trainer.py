@@ -192,7 +192,13 @@ class Trainer:
             model = (
                 transformer
                 if transformer is not None
-                else load_transformer(cfg.model_path, cfg.model_flavour, dtype=self.dtype)
+                else load_transformer(
+                    cfg.model_path,
+                    cfg.model_flavour,
+                    dtype=self.dtype,
+                    transformer=cfg.pretrained_transformer_model_name_or_path,
+                    subfolder=cfg.pretrained_transformer_subfolder,
+                )
             )
             apply_flavour(model, cfg.model_flavour)
             return quantize_transformer(

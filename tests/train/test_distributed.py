@@ -217,14 +217,25 @@ def test_two_machines_on_loopback_compute_what_one_process_does(encoded, baselin
     assert _losses(store, "nodes") == _losses(store, "one") and _equal(_lora(store, "nodes"), _lora(store, "one"))
 
 
-@pytest.mark.parametrize("precision", ["int8-quanto", "nf4-bnb"])
-def test_quantized_bases_with_four_micro_batches_over_two_processes(encoded, precision):
+@pytest.mark.parametrize("precision", ["int8-quanto", "nf4-bnb", "gguf-Q8_0"])
+def test_quantized_bases_with_four_micro_batches_over_two_processes(encoded, precision, tmp_path):
     """Each rank quantizes its own base (DDP's broadcast would not sync quantized weights; the fingerprints are
-    compared across ranks instead), with gradient checkpointing. Four micro-batches over two ranks add in another
-    order: rtol 1e-5."""
+    compared across ranks instead), with gradient checkpointing; gguf-Q8_0: each rank loads the GGUF file, whose
+    packed weights DDP leaves alone as it does every frozen tensor. Four micro-batches over two ranks add in
+    another order: rtol 1e-5."""
     cfg, store = encoded
+    base = [f"base_model_precision={precision}"]
+    if precision.startswith("gguf-"):
+        from safetensors.torch import load_file
+
+        from shared.model.tiny_files import write_gguf
+
+        folder = Path(load_run_config(cfg).train.model_path)
+        sd = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+        write_gguf(sd, tmp_path / "t.gguf", precision.removeprefix("gguf-"))
+        base = [f"pretrained_transformer_model_name_or_path={tmp_path / 't.gguf'}"]
     args = [
-        f"base_model_precision={precision}",
+        *base,
         "gradient_accumulation_steps=4",
         "max_train_steps=1",
         "gradient_checkpointing=true",

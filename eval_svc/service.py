@@ -7,7 +7,7 @@ import logging
 import tempfile
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import grpc
 
 from shared.config.schema import RunConfig
 from shared.errors import InvalidInput
+from shared.evaluate.full_precision import lora_in
 from shared.evaluate.validation import RunValidation
 from shared.model.adapters import ASSISTANT, TRAINED, attach_frozen_adapter, detach_adapter, preview_adapters
 from shared.model.device import free_gpu_memory, resolve_device, resolve_dtype
@@ -52,6 +53,7 @@ class EvalCore:
         self.idle = IdleRelease(self.release, idle_release_s)
         self._lock = threading.Lock()
         self._pipe: tuple[tuple[str, ...], Any] | None = None
+        self._full: tuple[tuple[str, ...], Any] | None = None  # validation_on_full_precision's transformer
         self.components: tuple[str, ...] = ()  # what the resident render pipeline holds
         self._out_of_memory: dict[str, int] = {}  # run id → renders that ran out of GPU memory
 
@@ -99,13 +101,15 @@ class EvalCore:
                 run, self.store, p["run_id"], p.get("index_keys") or (), self._out_of_memory.get(p["run_id"], 0)
             )
             pipe = self._pipeline(run, text_encoder=previews.eval_set().needs_text_encoder)
+            full = self._full_transformer(run)
             try:
                 result = previews.render(
                     pipe,
                     int(p["step"]),
-                    self._lora_file(pipe, p["lora_key"], run),
+                    self._lora_file(pipe, p["lora_key"], run, full),
                     what=f"{p['run_id']} step {p['step']}",
                     next_one="its next validation",
+                    full=full,
                 )
             finally:  # after an out-of-memory, the run's next render is smaller
                 self._out_of_memory[p["run_id"]] = previews.out_of_memory
@@ -130,8 +134,26 @@ class EvalCore:
         ctx.progress(phase="render", step=1, total=1, message="done")
         return outputs
 
+    def _full_transformer(self, run: RunConfig) -> Any:
+        """The model folder's unquantized transformer, for validation_on_full_precision (kept between jobs like the
+        pipeline; None when the run does not ask for it)."""
+        from shared.evaluate.full_precision import load_full_transformer, wanted
+
+        if not wanted(run):
+            return None
+        t = run.train
+        device = resolve_device(t.device)
+        dtype = resolve_dtype(t.mixed_precision, device)
+        key = (t.model_path, t.model_flavour, str(device), str(dtype))
+        if self._full is None or self._full[0] != key:
+            self._full = None
+            free_gpu_memory()
+            self._full = (key, load_full_transformer(run, device, dtype))
+            log.info("full-precision transformer of %s loaded for validation_on_full_precision", t.model_path)
+        return self._full[1]
+
     @contextmanager
-    def _lora_file(self, pipe: Any, key: str, run: RunConfig | None = None) -> Iterator[None]:
+    def _lora_file(self, pipe: Any, key: str, run: RunConfig | None = None, full: Any = None) -> Iterator[None]:
         """The LoRA in the pipeline for one render, loaded from the file itself, not a state dict: diffusers reads
         the LoRA's alpha from the file's metadata (a dict would silently apply it at alpha = rank); beside it, the
         frozen adapters the run's previews use (the assistant LoRA at its inference strength)."""
@@ -141,9 +163,10 @@ class EvalCore:
                 name = key.rsplit("/", 1)[-1]
                 self.store.get_file(key, Path(tmp) / name)
                 pipe.load_lora_weights(tmp, weight_name=name, adapter_name=ADAPTER)
-            if run is not None and ASSISTANT in extra and run.train.assistant_lora is not None:
-                attach_frozen_adapter(pipe.transformer, ASSISTANT, run.train.assistant_lora, "assistant_lora_path")
-            yield
+                if run is not None and ASSISTANT in extra and run.train.assistant_lora is not None:
+                    attach_frozen_adapter(pipe.transformer, ASSISTANT, run.train.assistant_lora, "assistant_lora_path")
+                with lora_in(pipe, full, Path(tmp) / name, run) if full is not None and run else nullcontext():
+                    yield
         finally:
             detach_adapter(pipe.transformer, ASSISTANT)
             if ADAPTER in getattr(pipe.transformer, "peft_config", {}):
@@ -151,7 +174,7 @@ class EvalCore:
 
     def release(self) -> None:
         with self._lock:
-            self._pipe = None
+            self._pipe = self._full = None
         free_gpu_memory()
 
 

@@ -361,6 +361,11 @@ class TrainConfig:
     validation_adapter_guidance: float | None = field(
         None, check=positive, doc="the adapter runs' guidance (a few-step LoRA's 1; default validation_guidance)"
     )
+    validation_on_full_precision: bool = field(
+        False,
+        doc="with a quantized base (a GGUF or fp8 transformer file, or base_model_precision): previews also render "
+        "on the model folder's unquantized transformer, held beside it, with the LoRA and its effect retention",
+    )
     validation_seed: int | None = field(None)
     eval_dataset_id: str | None = field(None)
     num_eval_images: int = field(4, check=positive)

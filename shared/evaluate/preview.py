@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from shared.data.pairing import PairedDataset, Sample, load_sample
 from shared.encode.cache import eval_candidates, holdout
 from shared.errors import FailedPrecondition, ResourceExhausted, clear_frames
 from shared.evaluate.adapter_runs import adapter_runs, attached, effect_retention, profile, run_means
+from shared.evaluate.full_precision import FULL_LABEL, full_means, rendering_on
 from shared.evaluate.grid import compose_grid, png_bytes
 from shared.evaluate.render_pair import RenderSettings, render_pair
 from shared.model.flow import EditBatch, flow_matching_loss
@@ -295,9 +296,11 @@ def render_sample(
     used_names: set[str],
     step: int | None = None,
     text_key: str | None = None,
+    full: Any = None,
 ) -> SamplePreview:
     """Render, grid, store and score one evaluation sample (the ``index``-th: its seed offset); ``text_key``: the
-    cache object of its embeddings (``EvalSet.conditioning``), which spares the text encoder."""
+    cache object of its embeddings (``EvalSet.conditioning``), which spares the text encoder; ``full``: the
+    full-precision transformer (``shared.evaluate.full_precision``) the pair is rendered on as well."""
     cfg = RenderSettings.of(run)
     target, refs, regions = load_sample(ds, sample, run.train.max_image_pixels)  # the pixels training saw
     seed = cfg.seed + index
@@ -327,6 +330,19 @@ def render_sample(
         if base is None:  # adapter_only: the first run is the preview's base and LoRA
             base, lora = rb, rl
     assert base is not None and lora is not None
+    if full is not None:  # the same pair on the unquantized transformer, holding the same LoRA
+        with rendering_on(pipe, full):
+            fb, fl = render_pair(pipe, cfg, sample.caption, refs, seed, size, vl_refs=regions, text=text)
+        cells += [fb, fl]
+        labels += ["full base", "full + LoRA"]
+        scores.append(
+            {
+                "label": FULL_LABEL,
+                "psnr_base": psnr(fb, target_v),
+                "psnr_lora": psnr(fl, target_v),
+                "retention": effect_retention(base, lora, fb, fl),
+            }
+        )
     psnr_base, psnr_lora = psnr(base, target_v), psnr(lora, target_v)
     title = (
         f"{'step ' + str(step) + ' · ' if step is not None else ''}{ds.config.id}/{sample.key} · PSNR base "
@@ -395,6 +411,7 @@ def render_validation(
     loss_index: Sequence[dict[str, Any]] | None = None,
     eval_label: str = "",
     conditioning: dict[tuple[str, str], str] | None = None,
+    full: Any = None,
 ) -> ValidationResult:
     """Previews, PSNRs and (given ``loss_index``, the samples' training-index entries) the held-out loss of the
     pipeline's transformer with its LoRA, written under ``<prefix>/step-<step>/``. ``conditioning``
@@ -405,7 +422,7 @@ def render_validation(
     cfg = RenderSettings.of(run)
     used: set[str] = set()
     runs = adapter_runs(run.train)
-    with eval_mode(transformer), attached(transformer, runs):
+    with eval_mode(transformer), attached(transformer, runs), eval_mode(full) if full is not None else nullcontext():
         previews = [
             render_sample(
                 pipe,
@@ -418,6 +435,7 @@ def render_validation(
                 used_names=used,
                 step=step,
                 text_key=(conditioning or {}).get((ds.config.id, s.key)),
+                full=full,
             )
             for i, (ds, s) in enumerate(samples)
         ]
@@ -439,7 +457,8 @@ def render_validation(
             "eval_samples": eval_label,
             **({"adapter_mode": run.train.validation_adapter_mode} if runs else {}),
         },
-        [run_means(r, [p.adapters[i] for p in previews], profile(cfg, r).scheduler) for i, r in enumerate(runs)],
+        [run_means(r, [p.adapters[i] for p in previews], profile(cfg, r).scheduler) for i, r in enumerate(runs)]
+        + ([full_means([p.adapters[len(runs)] for p in previews])] if full is not None else []),
     )
     store.put_json(result.metrics_key, result.to_json())
     return result

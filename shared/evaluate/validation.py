@@ -68,11 +68,14 @@ class RunValidation:
         what: str,
         next_one: str,
         detail_on_oom: bool = False,
+        full: Any = None,
     ) -> ValidationResult:
         """Render step ``step``'s previews with ``pipe`` while ``weights`` holds the LoRA's weights in it, write
         them under ``runs/<run>/validation/step-N/`` and refresh the run's report. Out of GPU memory: the weights
         are taken out again (``weights`` exits), the memory is freed, and ResourceExhausted says what ``next_one``
-        (the run's next render) renders with; ``what`` names this one, ``detail_on_oom`` adds torch's message."""
+        (the run's next render) renders with; ``what`` names this one, ``detail_on_oom`` adds torch's message.
+        ``full``: the full-precision transformer the previews also render on (``validation_on_full_precision``),
+        holding the LoRA while ``weights`` is entered."""
         ev = self.eval_set()
         vrun, changes = validation_settings(pipe, self.run, self.out_of_memory)
         try:
@@ -87,6 +90,7 @@ class RunValidation:
                     loss_index=ev.entries,
                     eval_label=ev.label,
                     conditioning=ev.conditioning,
+                    full=full,
                 )
         except torch.OutOfMemoryError as err:  # the render's tensors go with err's frames (out_of_memory)
             self.out_of_memory += 1

@@ -125,9 +125,10 @@ def in_process_validator(run: RunConfig, store: ObjectStore) -> Validator:
     encoder only where a preview sample's embeddings are not cached, are loaded on first use beside it."""
     previews: RunValidation | None = None
     pipe: Any = None
+    full: Any = None  # validation_on_full_precision: the folder's unquantized transformer, loaded on first use
 
     def validate(trainer: Trainer, step: int) -> dict[str, Any]:
-        nonlocal previews, pipe
+        nonlocal previews, pipe, full
         if previews is None:  # imported here: the pipelines' libraries load after the process's logging set-up
             from shared.evaluate.validation import RunValidation
 
@@ -143,13 +144,18 @@ def in_process_validator(run: RunConfig, store: ObjectStore) -> Validator:
                 dtype=trainer.dtype,
                 components=("vae", *text, "scheduler"),
             )
+        from shared.evaluate.full_precision import load_full_transformer, wanted
+
+        if full is None and wanted(run):
+            full = load_full_transformer(run, trainer.device, trainer.dtype)
         result = previews.render(
             pipe,
             step,
-            _training_weights(pipe, trainer),
+            _training_weights(pipe, trainer, full, run),
             what=f"the validation at step {step}",
             next_one="the next one",
             detail_on_oom=True,
+            full=full,
         )
         return result.to_json()
 
@@ -157,12 +163,20 @@ def in_process_validator(run: RunConfig, store: ObjectStore) -> Validator:
 
 
 @contextmanager
-def _training_weights(pipe: Any, trainer: Trainer) -> Iterator[None]:
+def _training_weights(pipe: Any, trainer: Trainer, full: Any = None, run: RunConfig | None = None) -> Iterator[None]:
     """The pipeline renders with the training transformer, holding the weights the LoRA file holds (the EMA's
-    with use_ema); afterwards the pipeline lets it go."""
+    with use_ema); afterwards the pipeline lets it go. ``full``: the full-precision transformer gets the exported
+    LoRA file too."""
+    from shared.evaluate.full_precision import lora_from_bytes
+    from shared.model.lora import DIFFUSERS_FILE
+
     pipe.transformer = trainer.transformer
     try:
         with trainer.exported_weights():
-            yield
+            if full is None or run is None:
+                yield
+            else:
+                with lora_from_bytes(pipe, full, trainer.export_files(fmt="diffusers")[DIFFUSERS_FILE], run):
+                    yield
     finally:
         pipe.transformer = None

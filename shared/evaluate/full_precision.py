@@ -1,0 +1,110 @@
+"""``validation_on_full_precision``: the previews of a run trained on a quantized base (a GGUF or fp8 transformer
+file, or ``base_model_precision``) rendered a second time on the model folder's unquantized transformer, with the
+same LoRA file loaded into it, so a user sees the LoRA on the model they will also run it on.
+
+Each sample gets two more cells (``full base``, ``full + LoRA``) from the same seed, and an entry under ``adapters``
+labelled ``FULL_LABEL``: its PSNRs, and the effect retention (``shared.config.validation_adapters``) of the LoRA's
+change on the quantized base carried over to the full-precision one (1: all of it). The full-precision transformer
+is held beside the quantized one: the memory of both.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.config.schema import RunConfig
+
+log = logging.getLogger(__name__)
+
+FULL_LABEL = "full precision"
+
+
+def wanted(run: RunConfig) -> bool:
+    """Whether the run's previews render on the full-precision transformer too: asked for, and the base quantized."""
+    from shared.model.single_file import is_single_file
+
+    t = run.train
+    if not t.validation_on_full_precision:
+        return False
+    quantized = t.base_model_precision != "no_change" or is_single_file(t.pretrained_transformer_model_name_or_path)
+    if not quantized:
+        log.info("validation_on_full_precision: the base is not quantized; the previews are already full precision")
+    return quantized
+
+
+def load_full_transformer(run: RunConfig, device: torch.device | str, dtype: torch.dtype) -> Any:
+    """The model folder's transformer in ``dtype`` on ``device``, frozen, for rendering."""
+    from shared.model.loading import load_transformer
+
+    t = run.train
+    model = load_transformer(t.model_path, t.model_flavour, dtype=dtype)
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+@contextmanager
+def lora_in(pipe: Any, full: Any, lora_file: Path, run: RunConfig) -> Iterator[None]:
+    """``lora_file`` loaded into ``full`` as the trained adapter (by the pipeline's own loader, as into the rendering
+    transformer), and the run's frozen preview adapters (the assistant) beside it, for the block."""
+    from shared.model.adapters import ASSISTANT, TRAINED, attach_frozen_adapter, detach_adapter, preview_adapters
+
+    own = pipe.transformer
+    pipe.transformer = full
+    try:
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=TRAINED)
+    finally:
+        pipe.transformer = own
+    try:
+        if ASSISTANT in preview_adapters(run.train) and run.train.assistant_lora is not None:
+            attach_frozen_adapter(full, ASSISTANT, run.train.assistant_lora, "assistant_lora_path")
+        yield
+    finally:
+        detach_adapter(full, ASSISTANT)
+        if TRAINED in getattr(full, "peft_config", {}):
+            full.delete_adapters([TRAINED])
+
+
+@contextmanager
+def lora_from_bytes(pipe: Any, full: Any, data: bytes, run: RunConfig) -> Iterator[None]:
+    """``lora_in`` with a diffusers LoRA file's bytes (the training worker's ``Trainer.export_files``)."""
+    from shared.model.lora import DIFFUSERS_FILE
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / DIFFUSERS_FILE
+        path.write_bytes(data)
+        with lora_in(pipe, full, path, run):
+            yield
+
+
+def full_means(per_sample: list[dict[str, Any]]) -> dict[str, Any]:
+    """The full-precision entry of metrics.json's ``adapters``: the samples' mean PSNRs and effect retention."""
+
+    def mean(key: str) -> float | None:
+        values = [float(a[key]) for a in per_sample if a.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    return {
+        "label": FULL_LABEL,
+        "full_precision": True,
+        "psnr_base": mean("psnr_base"),
+        "psnr_lora": mean("psnr_lora"),
+        "retention": mean("retention"),
+    }
+
+
+@contextmanager
+def rendering_on(pipe: Any, transformer: Any) -> Iterator[None]:
+    """The pipeline renders with ``transformer`` for the block."""
+    own = pipe.transformer
+    pipe.transformer = transformer
+    try:
+        yield
+    finally:
+        pipe.transformer = own

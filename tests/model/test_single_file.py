@@ -303,3 +303,47 @@ def test_the_model_folder_needs_only_the_transformer_config(v2: Path, tmp_path: 
     (folder / "transformer" / "config.json").unlink()
     with pytest.raises(InvalidInput, match="transformer/config.json"):
         load_transformer(folder, "edit-v2", transformer=str(path))
+
+
+# ------------------------------------------------------------------------------------- the config's file, served
+def test_edittuner_check_names_the_files_types_and_services_read_it_only_under_their_model_roots(
+    tiny_models: Any, tmp_path: Path, capsys: Any, monkeypatch: Any
+) -> None:
+    from shared.cli.main import main
+    from shared.config.loading import load_run_config
+    from shared.data.synthetic import write_configs, write_dataset
+    from shared.errors import ConfigError
+    from shared.service.common import ServerPaths
+
+    model = Path(tiny_models("edit-v2"))
+    models = tmp_path / "models"
+    models.mkdir()
+    write("Q8_0", model, models / "qwen-edit-Q8_0.gguf")
+    root = write_dataset(tmp_path / "data", n=2, references=1)
+    monkeypatch.setenv("EDITTUNER_MODEL_DIR", str(models))
+    cfg, _ = write_configs(
+        tmp_path / "cfg",
+        root,
+        model,
+        "edit-v2",
+        1,
+        pretrained_transformer_model_name_or_path="qwen-edit-Q8_0.gguf",
+        base_model_precision="int8-quanto",
+    )
+    assert main(["check", "--config", str(cfg), "--store", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"transformer {models / 'qwen-edit-Q8_0.gguf'}: GGUF (qwen_image): Q8_0 ×34 354.7 kB, F32 ×43 18.3 kB; its "
+        "Linears keep the file's types (base_model_precision int8-quanto is not applied)"
+    ) in out
+    run = load_run_config(cfg)
+    ServerPaths(dataset_roots=("/",), model_roots=(str(model), str(models))).check(run)  # found under the model dir
+    with pytest.raises(ConfigError) as e:
+        ServerPaths(dataset_roots=("/",), model_roots=(str(model),)).check(run)
+    [problem] = e.value.problems
+    assert problem.where.endswith("$.pretrained_transformer_model_name_or_path")
+    assert "place the transformer file under EDITTUNER_MODEL_DIR" in problem.message
+    # a file the loader cannot read fails the check, naming it, before anything runs
+    (models / "qwen-edit-Q8_0.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    assert main(["check", "--config", str(cfg), "--store", str(tmp_path / "store")]) != 0
+    assert "qwen-edit-Q8_0.gguf: not a complete GGUF file" in capsys.readouterr().err

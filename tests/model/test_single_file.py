@@ -347,3 +347,14 @@ def test_edittuner_check_names_the_files_types_and_services_read_it_only_under_t
     (models / "qwen-edit-Q8_0.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
     assert main(["check", "--config", str(cfg), "--store", str(tmp_path / "store")]) != 0
     assert "qwen-edit-Q8_0.gguf: not a complete GGUF file" in capsys.readouterr().err
+
+
+def test_a_transformer_folder_with_or_without_subfolder(v2: Path, tmp_path: Path, reference: torch.Tensor) -> None:
+    """SimpleTuner's other use of the option: a diffusers transformer folder (its subfolder, or "none": the folder)."""
+    shutil.copytree(v2 / "transformer", tmp_path / "tuned" / "transformer")
+    for value, sub in ((tmp_path / "tuned", "transformer"), (tmp_path / "tuned" / "transformer", "none")):
+        m = load_transformer(v2, "edit-v2", transformer=str(value), subfolder=sub).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(m(**inputs(m))[0], reference)
+    with pytest.raises(InvalidInput, match="cannot load the transformer of"):
+        load_transformer(v2, "edit-v2", transformer=str(tmp_path / "tuned"), subfolder="none")

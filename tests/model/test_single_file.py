@@ -358,3 +358,31 @@ def test_a_transformer_folder_with_or_without_subfolder(v2: Path, tmp_path: Path
             torch.testing.assert_close(m(**inputs(m))[0], reference)
     with pytest.raises(InvalidInput, match="cannot load the transformer of"):
         load_transformer(v2, "edit-v2", transformer=str(tmp_path / "tuned"), subfolder="none")
+
+
+def test_todays_comfyui_fp8_names_and_e5m2(v2: Path, reference: torch.Tensor, tmp_path: Path) -> None:
+    """ComfyUI's current names (``weight_scale``, a ``comfy_quant`` JSON per layer, ``input_scale``) and a plain
+    float8_e5m2 file load as the legacy fp8_scaled file does; a per-channel scale is refused."""
+    legacy = load_file(str(write("fp8_scaled", v2, tmp_path / "legacy.safetensors")))
+    conf = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+    today: dict[str, torch.Tensor] = {}
+    for k, v in legacy.items():
+        if k.endswith(".scale_weight"):
+            layer = k[: -len(".scale_weight")]
+            today[layer + ".weight_scale"] = v
+            today[layer + ".input_scale"] = torch.tensor(1.0)
+            today[layer + ".comfy_quant"] = conf.clone()
+        elif not k.endswith("scaled_fp8"):
+            today[k] = v
+    save_file(today, str(tmp_path / "today.safetensors"))
+    e5 = {k: (v.to(torch.float8_e5m2) if v.ndim == 2 else v.bfloat16()) for k, v in weights(v2).items()}
+    save_file(e5, str(tmp_path / "e5m2.safetensors"))
+    for name, bound in (("today", TOLERANCE["fp8_scaled"]), ("e5m2", 0.1)):
+        m = load_transformer(v2, "edit-v2", transformer=str(tmp_path / f"{name}.safetensors")).eval()
+        assert len(file_quantized_layers(m)) == 34
+        with torch.no_grad():
+            err = rel_err(m(**inputs(m))[0], reference)
+        assert err < bound, (name, err)
+    today["model.diffusion_model.transformer_blocks.0.attn.to_q.weight_scale"] = torch.ones(64)
+    save_file(today, str(tmp_path / "channels.safetensors"))
+    assert "only per-tensor fp8 scales are read here" in check(tmp_path / "channels.safetensors", v2)

@@ -3,8 +3,9 @@
 The model, service by service:
 
 - trainer = base weights (bytes per weight by ``base_model_precision``; biases, ``KEEP_HIGH_PRECISION`` modules
-  and non-Linear parameters stay in the compute dtype) + LoRA (fp32 weights + fp32 grads + AdamW state; EMA lives
-  on the CPU) + activations + a fixed CUDA overhead.
+  and non-Linear parameters stay in the compute dtype; from a quantized single file, its Linears' own bytes and a
+  dequantization working set: ``shared.plan.single_file``) + LoRA (fp32 weights + fp32 grads + AdamW state; EMA
+  lives on the CPU) + activations + a fixed CUDA overhead.
 - encoder = Qwen2.5-VL text encoder (at ``text_encoder_1_precision``) + VAE (compute dtype) + the larger of the
   VAE's encode working set (a batch of ``vae_batch_size`` images, one with ``vae_enable_slicing``, a 256-pixel tile
   with ``vae_enable_tiling``) and the text encoder's forward.
@@ -23,6 +24,7 @@ Everything that is not counted or measured is listed in ``Plan.assumptions``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +33,7 @@ from shared import errors
 from shared.config.flavours import get_flavour
 from shared.config.schema import RunConfig
 from shared.model.rollout import Rollout
+from shared.model.single_file import TransformerFile
 from shared.plan import qwen21
 from shared.plan.adapters import stacked_bytes
 from shared.plan.counts import (
@@ -61,6 +64,7 @@ from shared.plan.memory import (
 )
 from shared.plan.placement import gpu_groups, gpu_placement, sharing
 from shared.plan.recommend import apply_recommendation, recommend_overrides, recommend_service_overrides
+from shared.plan.single_file import file_assumption, file_weight_bytes, run_transformer_file
 from shared.plan.tokens import CAPTION_TOKENS, VL_PIXELS_PER_TOKEN, Tokens, eval_tokens, training_tokens
 
 NCCL_BUFFER_BYTES = 512 * 2**20
@@ -120,6 +124,8 @@ class Plan:
     in_worker_validation_bytes: int = 0  # the trainer's GPU while a validation renders in the worker
     gpu_totals: dict[str, dict[str, int]] = field(default_factory=dict)  # GPU id → phase → bytes
     applied: Plan | None = None  # the plan again with every recommended change applied
+    transformer_file: str = ""  # the quantized single file the base comes from (its types), "" for a model folder
+    weight_bytes: int = 0  # the transformer's weights as the trainer holds them (of the trainer's breakdown)
 
     @property
     def all_recommendations(self) -> list[str]:
@@ -238,12 +244,17 @@ def plan_run(
     recommend: bool = True,
     gpus: int | None = None,
     environ: dict[str, str] | None = None,
+    transformer_file: TransformerFile | str | None = None,
 ) -> Plan:
     """Predict memory per service, tokens, FLOPs and seconds per step of ``run`` on ``gpu``; when the trainer does
     not fit ``gpu_memory_bytes`` (default: the GPU's memory), search for overrides that make it fit. ``gpus``
     (default: num_processes x num_machines) data parallel processes: the trainer's memory is per GPU, the step
     time is one GPU's share of the micro-batches plus the gradient all-reduce. ``environ`` (default: this
-    process's): the EDITTUNER_<SERVICE>_GPU variables that say which services share a GPU."""
+    process's): the EDITTUNER_<SERVICE>_GPU variables that say which services share a GPU. ``transformer_file``
+    (default: the run's ``pretrained_transformer_model_name_or_path`` when it is a single file): a
+    ``TransformerFile`` or a ``shared.plan.single_file.synthetic_file`` scheme (Q8_0, Q4_K_M, fp8, fp8_scaled) of the
+    model's shapes; a quantized file's base is its own bytes (``single_file.file_weight_bytes``), not
+    ``base_model_precision``'s."""
     name, peak_flops, default_memory = gpu_spec(gpu)
     memory = int(gpu_memory_bytes) if gpu_memory_bytes is not None else default_memory
     t = run.train
@@ -259,7 +270,14 @@ def plan_run(
     tokens = training_tokens(run)
     zero_cond = bool(counts.config.get("zero_cond_t", flav.zero_cond_t))
 
-    weights = transformer_weight_bytes(counts, t.base_model_precision, cb)
+    tf = run_transformer_file(run, counts, transformer_file)
+    tf = tf if tf is not None and tf.quantized else None  # a bf16/fp32 file is quantized as a folder's base
+    # a quantized file's Linears save no weight and no input for backward: the activations and MFU are bf16's
+    precision = "no_change" if tf is not None else t.base_model_precision
+    if tf is not None:
+        weights = file_weight_bytes(tf, cb)
+    else:
+        weights = transformer_weight_bytes(counts, t.base_model_precision, cb)
     n_lora = lora_params(targets, t.lora_rank)
     if counts.joint:
         acts = qwen21.training_activation_bytes(
@@ -268,7 +286,7 @@ def plan_run(
             targets,
             t.lora_rank,
             checkpointing=t.gradient_checkpointing,
-            precision=t.base_model_precision,
+            precision=precision,
             batch=t.train_batch_size,
         )
     else:
@@ -278,7 +296,7 @@ def plan_run(
             targets,
             t.lora_rank,
             checkpointing=t.gradient_checkpointing,
-            precision=t.base_model_precision,
+            precision=precision,
             zero_cond=zero_cond,
             batch=t.train_batch_size,
         )
@@ -364,7 +382,7 @@ def plan_run(
     flops["rollout"] = rollout_forwards * flops["forward"]  # the same forward, at batch size or below
     samples = t.train_batch_size * t.gradient_accumulation_steps
     per_step = sum(flops.values()) * samples
-    mfu = MFU[t.base_model_precision]
+    mfu = MFU[precision]
     services = {
         "trainer": ServicePlan("trainer", trainer, memory),
         "encoder": ServicePlan("encoder", encoder, memory),
@@ -389,7 +407,8 @@ def plan_run(
         seconds_per_step=per_step / n_gpus / (peak_flops * mfu) + allreduce_seconds(n_lora, n_gpus, t.num_machines),
         mfu=mfu,
         fits=services["trainer"].fits,
-        assumptions=_assumptions(name, mfu, cb, t.base_model_precision, counts.joint, caches)
+        assumptions=([file_assumption(tf, t.base_model_precision)] if tf is not None else [])
+        + _assumptions(name, mfu, cb, precision, counts.joint, caches)
         + (_dp_assumptions(t.num_machines) if n_gpus > 1 else [])
         + (_rollout_assumptions(rollout, rollout_forwards) if rollout is not None else [])
         + stacked_notes,
@@ -398,14 +417,18 @@ def plan_run(
         host_load_bytes=counts.total * cb,
         rollout_forwards=rollout_forwards,
         in_worker_validation_bytes=in_worker,
+        transformer_file=tf.describe() if tf is not None else "",
+        weight_bytes=sum(weights.values()),
     )
     place(plan, gpu_placement(environ))
+    # the recommendation's plans keep the file the plan was asked for
+    predict = plan_run if transformer_file is None else functools.partial(plan_run, transformer_file=transformer_file)
     if recommend and not plan.fits:
-        plan.recommendation, plan.recommended_bytes = recommend_overrides(run, memory, name, plan_run)
+        plan.recommendation, plan.recommended_bytes = recommend_overrides(run, memory, name, predict)
     if recommend:
-        plan.service_recommendations = recommend_service_overrides(run, plan.recommendation, memory, name, plan_run)
+        plan.service_recommendations = recommend_service_overrides(run, plan.recommendation, memory, name, predict)
         if plan.all_recommendations:
-            plan.applied = plan_run(
+            plan.applied = predict(
                 apply_recommendation(run, plan.all_recommendations),
                 memory,
                 gpu,
@@ -448,6 +471,8 @@ def encode_batch_size(run: RunConfig, memory: int) -> int:
     """The largest VAE batch, up to ``vae_batch_size``, with which the planner predicts the encoder fits ``memory``
     (1 when none does: the out-of-memory then says what else to change)."""
     t = run.train
+    if getattr(t, "pretrained_transformer_model_name_or_path", None):  # the encoder's figures do not read it
+        t = dataclasses.replace(t, pretrained_transformer_model_name_or_path=None)
     for b in range(t.vae_batch_size, 1, -1):
         cand = dataclasses.replace(run, train=dataclasses.replace(t, vae_batch_size=b))
         if plan_run(cand, memory, recommend=False, environ={}).services["encoder"].fits:

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------------------------- report
 def format_plan(plan: Plan) -> str:
     tk = plan.tokens
+    base = "from the transformer file" if plan.transformer_file else plan.precision
     lines = [
-        f"plan: {plan.flavour} ({plan.model}), base {plan.precision}, gradient_checkpointing "
+        f"plan: {plan.flavour} ({plan.model}), base {base}, gradient_checkpointing "
         f"{'on' if plan.checkpointing else 'off'}, LoRA rank {plan.lora_rank}, batch {plan.batch}",
         f"GPU: {plan.gpu} (timing), {fmt_gib(plan.gpu_memory_bytes)} to fit",
         "parameters: "
@@ -31,6 +32,7 @@ def format_plan(plan: Plan) -> str:
             if tk.joint
             else ""
         ),
+        *([f"transformer file: {plan.transformer_file}"] if plan.transformer_file else []),
         "",
         f"{'service':<8} {'predicted':>10}  {'fits':<4}  breakdown",
     ]
@@ -252,6 +254,55 @@ def gpus_table(gpu: str = "H100") -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------ transformer files
+FILE_SCHEMES = {None: "model folder (int8-quanto)", "Q8_0": "Q8_0 GGUF", "Q4_K_M": "Q4_K_M GGUF", "fp8": "fp8 e4m3fn"}
+
+
+def quickstart_run(flavour: str) -> RunConfig:
+    """The quickstart's settings for ``flavour`` (edit-v1, edit-v2): the bundled preset ``qwen_image.<flavour>-lora``
+    (int8-quanto, gradient checkpointing, 4 VAE images a batch, 1024² with one or three references, validation at
+    1024²), as docs/PLANNER.md's quickstart table plans them."""
+    from shared.config.loading import load_run_config_text, preset_dir
+
+    d = preset_dir(f"qwen_image.{flavour}-lora")
+    config, data = ((d / name).read_text(encoding="utf-8") for name in ("config.json", "multidatabackend.json"))
+    return load_run_config_text(config, data)
+
+
+def file_fit_table(memory: int = 24 * GiB, gpu: str = "RTX4090") -> str:
+    """docs/PLANNER.md's table of the quickstart on ``memory`` with the transformer from a Q8_0, Q4_K_M or fp8 file
+    (``shared.plan.single_file.synthetic_file``: the real model's shapes) beside the quickstart's own int8-quanto
+    base: as configured, then with every change the plan prints; every service on one GPU."""
+    lines = [
+        "| config | transformer | weights GiB | trainer GiB as configured (weights + LoRA / activations) | "
+        "with the changes: trainer / encoder / eval GiB | GPU 0 encoding / training GiB | "
+        f"fits {fmt_gib(memory)} | measured |",
+        "|" + "---|" * 8,
+    ]
+    notes = []
+    for flavour, label in (("edit-v1", "edit-v1"), ("edit-v2", "edit-v2, 3 refs")):
+        run = quickstart_run(flavour)
+        for scheme, what in FILE_SCHEMES.items():
+            p = plan_run(run, memory, gpu, environ={}, transformer_file=scheme)
+            a = p.applied or p
+            acts = sum(v for k, v in p.trainer.breakdown.items() if k in ("saved for backward", "backward working set"))
+            [phases] = a.gpu_totals.values()
+            lines.append(
+                f"| {label} | {what} | {p.weight_bytes / GiB:.1f} | {p.trainer.total / GiB:.1f} "
+                f"({(p.trainer.total - acts) / GiB:.1f} / {acts / GiB:.1f}) | "
+                + " / ".join(f"{s.total / GiB:.1f}" for s in a.services.values())
+                + f" | {' / '.join(f'{v / GiB:.1f}' for v in phases.values())} | {'yes' if a.gpus_fit else 'NO'} | |"
+            )
+            changes = ", ".join(f"`{c}`" for c in p.all_recommendations) or "none"
+            where = "the training worker" if a.validation == "training worker" else "eval_svc"
+            notes.append(
+                f"- {label}, {what}: changes {changes}"
+                + ("" if a.all_fit else " (no setting searched makes every service fit)")
+                + f"; validations render in {where}"
+            )
+    return "\n".join(lines + [""] + notes)
+
+
 # -------------------------------------------------------------------------------------------- Qwen-Image-2.1
 def qwen21_run(references: int, resolution: int = 1024, overrides: tuple[str, ...] = ()) -> RunConfig:
     """A v2.1 run of the hub model (the released model's figures): one image dataset at ``resolution`` with
@@ -312,6 +363,8 @@ if __name__ == "__main__":
 
     if sys.argv[1:2] == ["--gpus"]:
         print(gpus_table(*(sys.argv[2:3] or ["H100"])))
+    elif sys.argv[1:2] == ["--files"]:
+        print(file_fit_table())
     elif sys.argv[1:2] == ["--qwen21"]:
         print(qwen21_table(*(sys.argv[2:3] or ["H100"])))
         for memory, card in ((24 * GiB, "RTX4090"), (80 * GiB, "H100")):

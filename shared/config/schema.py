@@ -405,6 +405,13 @@ class TrainConfig:
         return None if self.disable_assistant_lora else self.assistant_lora_path
 
     @property
+    def full_precision_previews(self) -> bool:
+        """validation_on_full_precision where it shows something new: the base is quantized (a transformer file,
+        or base_model_precision)."""
+        single_file = (self.pretrained_transformer_model_name_or_path or "").lower().endswith((".gguf", ".safetensors"))
+        return self.validation_on_full_precision and (self.base_model_precision != "no_change" or single_file)
+
+    @property
     def effective_lora_alpha(self) -> float:
         return float(self.lora_alpha) if self.lora_alpha is not None else float(self.lora_rank)
 

@@ -28,15 +28,10 @@ FULL_LABEL = "full precision"
 
 def wanted(run: RunConfig) -> bool:
     """Whether the run's previews render on the full-precision transformer too: asked for, and the base quantized."""
-    from shared.model.single_file import is_single_file
-
     t = run.train
-    if not t.validation_on_full_precision:
-        return False
-    quantized = t.base_model_precision != "no_change" or is_single_file(t.pretrained_transformer_model_name_or_path)
-    if not quantized:
+    if t.validation_on_full_precision and not t.full_precision_previews:
         log.info("validation_on_full_precision: the base is not quantized; the previews are already full precision")
-    return quantized
+    return t.full_precision_previews
 
 
 def load_full_transformer(run: RunConfig, device: torch.device | str, dtype: torch.dtype) -> Any:

@@ -9,7 +9,8 @@ The model, service by service:
 - encoder = Qwen2.5-VL text encoder (at ``text_encoder_1_precision``) + VAE (compute dtype) + the larger of the
   VAE's encode working set (a batch of ``vae_batch_size`` images, one with ``vae_enable_slicing``, a 256-pixel tile
   with ``vae_enable_tiling``) and the text encoder's forward.
-- eval = transformer at the run's precision + VAE + the larger of a no-grad denoising step and the VAE decode
+- eval = transformer at the run's precision (+ the unquantized one with ``validation_on_full_precision``) + VAE +
+  the larger of a no-grad denoising step and the VAE decode
   (tiled with ``vae_enable_tiling``); the preview samples' embeddings are cached, so no text encoder — except with
   ``conditioning_multidataset_sampling=random``, whose cache entries see one reference each.
 - per GPU (``shared.plan.placement``): the encoder runs alone (the trainer has it release first); while training,
@@ -371,9 +372,18 @@ def plan_run(
         "working set (max of denoise step, VAE decode" + ("" if cached_text else ", text encoder") + ")": render,
         "CUDA overhead": CUDA_OVERHEAD,
     }
+    # validation_on_full_precision: the folder's unquantized transformer and its copy of the LoRA, beside the base
+    full = (
+        sum(transformer_weight_bytes(counts, "no_change", cb).values()) + n_lora * cb
+        if t.full_precision_previews
+        else 0
+    )
+    if full:
+        ev["full-precision transformer + LoRA (validation_on_full_precision)"] = full
     resident = sum(v for k, v in trainer.items() if k not in acts)  # between steps: no activations
     in_worker = max(
-        sum(trainer.values()), resident + sum(text_part.values()) + vae_params * cb + kv_cache + render + stacked_eval
+        sum(trainer.values()),
+        resident + sum(text_part.values()) + vae_params * cb + kv_cache + render + stacked_eval + full,
     )
 
     flops = step_flops(counts, tokens, targets, t.lora_rank, checkpointing=t.gradient_checkpointing)

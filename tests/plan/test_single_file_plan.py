@@ -302,3 +302,19 @@ def test_the_encoders_batch_does_not_read_the_transformer_file(tiny_models):
     with pytest.raises(errors.InvalidInput, match="was not found"):
         plan_run(run, recommend=False, environ={})
     assert encode_batch_size(run, 24 * GiB) == run.train.vae_batch_size  # the encoder never holds it
+
+
+def test_previews_on_full_precision_add_the_unquantized_transformer_to_eval(tiny_models, tiny_gguf):
+    path, _ = tiny_gguf
+    counts = _tiny_counts(tiny_models)
+    over = [f"pretrained_transformer_model_name_or_path={path}"]
+    alone = plan_run(tiny_run(tiny_models, *over), recommend=False, environ={})
+    both = plan_run(tiny_run(tiny_models, *over, "validation_on_full_precision=true"), recommend=False, environ={})
+    full = both.services["eval"].breakdown["full-precision transformer + LoRA (validation_on_full_precision)"]
+    lora = alone.services["eval"].breakdown["LoRA (compute dtype)"]
+    assert full == sum(transformer_weight_bytes(counts, "no_change", 2).values()) + lora
+    assert both.services["eval"].total - alone.services["eval"].total == full
+    assert both.trainer.total == alone.trainer.total  # training holds one transformer
+    # on an unquantized base the option adds nothing: the previews are already full precision
+    plain = plan_run(tiny_run(tiny_models, "validation_on_full_precision=true"), recommend=False, environ={})
+    assert not any("full-precision" in k for k in plain.services["eval"].breakdown)

@@ -38,7 +38,9 @@ FORMATS = (".gguf", ".safetensors")
 # ComfyUI's per-layer quantization tensors (legacy ``scale_weight``/``scale_input`` and today's names) and its marker
 _SCALES = (".scale_weight", ".weight_scale")
 _AUX = (*_SCALES, ".scale_input", ".input_scale", ".comfy_quant")
-_MARKERS = ("scaled_fp8",)
+# ComfyUI's marker tensors: fp8_scaled (its dtype is the fp8 type), and Qwen-Image-Edit-2511's reference timestep
+_MARKERS = ("scaled_fp8", "__index_timestep_zero__")
+ZERO_COND_MARKER = "__index_timestep_zero__"
 # safetensors dtype names → the names this project shows
 _ST_KINDS = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 PLAIN_KINDS = ("F32", "F16", "BF16")
@@ -205,11 +207,11 @@ def _safetensors_entries(path: Path) -> tuple[list[tuple[str, str, tuple[int, ..
                     conf = json.loads(bytes(f.get_tensor(name).tolist()).decode())
                     formats[name[: -len(".comfy_quant")]] = str(conf.get("format"))
                     continue
-                if dtype not in _ST_KINDS:
+                if dtype not in _ST_KINDS and _canonical(name) not in _MARKERS:
                     raise _bad(
                         path, f"tensor {name} is stored as {dtype}, which is not a weight type this loader reads"
                     )
-                kind = _ST_KINDS[dtype]
+                kind = _ST_KINDS.get(dtype, dtype)
                 out.append((name, kind, shape, n * {"F32": 4, "F16": 2, "BF16": 2}.get(kind, 1)))
     except errors.InvalidInput:
         raise
@@ -284,7 +286,14 @@ def inspect_transformer_file(path: str | Path, flavour: str, config: dict[str, A
             f"{get_flavour(flavour).name}",
         )
     entries: list[TensorEntry] = []
-    scaled = any(_canonical(n) in _MARKERS or n.endswith(_SCALES) for n, *_ in raw) or bool(formats)
+    scaled = any(_canonical(n) == "scaled_fp8" or n.endswith(_SCALES) for n, *_ in raw) or bool(formats)
+    flav = get_flavour(flavour)
+    if any(_canonical(n) == ZERO_COND_MARKER for n, *_ in raw) and not flav.zero_cond_t:
+        raise _bad(
+            path,
+            f"it carries ComfyUI's {ZERO_COND_MARKER} marker: it is Qwen-Image-Edit-2511, model_flavour edit-v3, "
+            f"not {flav.name}",
+        )
     for name, kind, shape, nbytes in raw:
         name = _canonical(name)
         if name in _MARKERS or name.endswith(_AUX):

@@ -386,3 +386,17 @@ def test_todays_comfyui_fp8_names_and_e5m2(v2: Path, reference: torch.Tensor, tm
     today["model.diffusion_model.transformer_blocks.0.attn.to_q.weight_scale"] = torch.ones(64)
     save_file(today, str(tmp_path / "channels.safetensors"))
     assert "only per-tensor fp8 scales are read here" in check(tmp_path / "channels.safetensors", v2)
+
+
+def test_comfyuis_2511_marker_is_read_as_edit_v3(tiny_models: Any, tmp_path: Path) -> None:
+    """Comfy-Org's Qwen-Image-Edit-2511 files carry an empty ``__index_timestep_zero__`` tensor: skipped for edit-v3,
+    and a clear error for another flavour (the file is edit-v3's: its references are modulated at t=0)."""
+    v3 = Path(tiny_models("edit-v3"))
+    path = write("fp8_scaled", v3, tmp_path / "2511.safetensors")
+    sd = load_file(str(path))
+    sd["model.diffusion_model.__index_timestep_zero__"] = torch.tensor([])
+    save_file(sd, str(path))
+    m = load_transformer(v3, "edit-v3", transformer=str(path))
+    assert len(file_quantized_layers(m)) == 34 and m.zero_cond_t
+    msg = check(path, Path(tiny_models("edit-v2")))
+    assert "it is Qwen-Image-Edit-2511, model_flavour edit-v3, not edit-v2" in msg

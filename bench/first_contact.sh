@@ -19,6 +19,9 @@
 #                                  beside the planner's prediction
 #   gpu_step    (FC_STEP_S=240)    bench/gpu_step.py: the cases FC_STEP_CASES (default nf4-bnb and fp8-quanto at
 #                                  that size), each again under a 24 GiB cap (what a 24 GB card holds)
+#   frozen_linear (FC_FROZEN_S=150, CUDA only) bench/frozen_linear.py at the real width (24 heads of 128, 2 blocks,
+#                                  4096 image tokens): GGUF Q8_0/Q4_0 and fp8_scaled steps against the stock
+#                                  GGUFLinear's, peak memory and time (needs the gguf package, e.g. in WHEEL_DIR)
 #
 # About five minutes on one H200 with the defaults (from its stages' times there: doctor 54 s, a real-size step
 # of the 20B model 4-5 s, building it 3-47 s a precision). PYTHON picks the interpreter (default python3). On a
@@ -95,6 +98,8 @@ stage full "${FC_FULL_S:-300}" "$PY" -m shared.cli.main doctor --full --skip hos
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     stage gpu_step "${FC_STEP_S:-240}" "$PY" bench/gpu_step.py --steps 2 --cap-gib 24 --json "$OUT/gpu_step.json" \
         --cases "${FC_STEP_CASES:-nf4-bnb:edit-v2:1024:on,fp8-quanto:edit-v2:1024:on}"
+    stage frozen_linear "${FC_FROZEN_S:-150}" "$PY" bench/frozen_linear.py --device cuda --heads 24 --blocks 2 \
+        --joint-dim 3584 --image-tokens 4096 --text-tokens 256 --steps 3
 else  # a CPU host: the same code on the small model
     stage gpu_step "${FC_STEP_S:-240}" "$PY" bench/gpu_step.py --small --device cpu --steps 1 \
         --json "$OUT/gpu_step.json" --cases nf4-bnb:edit-v2:64:on,fp8-quanto:edit-v2:64:on,int4-quanto:edit-v2:64:on

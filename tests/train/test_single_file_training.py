@@ -132,3 +132,15 @@ def test_a_bf16_single_file_is_quantized_by_base_model_precision(encoded: Any, t
     )
     assert set(quantized_modules(t.transformer).values()) == {"quanto:qint8"}
     t.loader.close()
+
+
+@pytest.mark.parametrize("flavour,refs", [("edit-v1", 1), ("edit-v3", 2), ("v2.1", 3)])
+def test_every_flavour_trains_over_a_q8_0_file(flavour: str, refs: int, tmp_path: Path, tiny_models: Any) -> None:
+    cfg, store = make_run(tmp_path, tiny_models, flavour=flavour, refs=refs, n=3, max_train_steps=3)
+    folder = trainer_for(cfg, store, "output_dir=folder").train()
+    path = write_file("Q8_0", model_dir(cfg), tmp_path)
+    t = trainer_for(cfg, store, "output_dir=file", f"pretrained_transformer_model_name_or_path={path}")
+    assert set(quantized_modules(t.transformer).values()) == {"file:Q8_0"}
+    s = t.train()
+    err = max(abs(a / b - 1) for a, b in zip(s.losses, folder.losses, strict=True))
+    assert 0 < err < 2 * LOSS_TOLERANCE["Q8_0"], (flavour, err)

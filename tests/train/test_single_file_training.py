@@ -144,3 +144,26 @@ def test_every_flavour_trains_over_a_q8_0_file(flavour: str, refs: int, tmp_path
     s = t.train()
     err = max(abs(a / b - 1) for a, b in zip(s.losses, folder.losses, strict=True))
     assert 0 < err < 2 * LOSS_TOLERANCE["Q8_0"], (flavour, err)
+
+
+def test_a_k_quant_file_trains(encoded: Any, tmp_path: Path) -> None:
+    """Q4_K_M-style: K-quant MLP outputs (random valid blocks: the gguf package has no K-quant encoder) beside Q8_0;
+    the LoRA on those layers trains."""
+    cfg, store, _ = encoded
+    sd = load_file(str(model_dir(cfg) / "transformer" / "diffusion_pytorch_model.safetensors"))
+    kinds = {k: ("Q4_K" if ".0." in k else "Q6_K") for k in sd if k.endswith("mlp.net.2.weight")}
+    path = tmp_path / "kq.gguf"
+    write_gguf(sd, path, "Q8_0", overrides=kinds)
+    over = [
+        f"pretrained_transformer_model_name_or_path={path}",
+        'lora_target_modules=["to_q", "to_k", "to_v", "to_out.0", "img_mlp.net.2", "txt_mlp.net.2"]',
+    ]
+    t = trainer_for(cfg, store, "output_dir=kquant", *over)
+    assert set(quantized_modules(t.transformer).values()) == {"file:Q8_0", "file:Q4_K", "file:Q6_K"}
+    before = {n: p.detach().clone() for n, p in t.transformer.named_parameters() if "mlp.net.2.lora_B" in n}
+    s = t.train()
+    assert len(before) == 4 and all(np.isfinite(s.losses))
+    after = dict(t.transformer.named_parameters())
+    last_text = "transformer_blocks.1.txt_mlp.net.2.lora_B.default.weight"  # the last block's text stream is unused
+    assert all(not torch.equal(after[n], v) for n, v in before.items() if n != last_text)
+    assert torch.equal(after[last_text], before[last_text])

@@ -15,9 +15,8 @@ import grpc
 
 from shared.config.schema import RunConfig
 from shared.errors import InvalidInput
-from shared.evaluate.full_precision import lora_in
 from shared.evaluate.validation import RunValidation
-from shared.model.adapters import ASSISTANT, TRAINED, attach_frozen_adapter, detach_adapter, preview_adapters
+from shared.model.adapters import TRAINED, lora_file_in
 from shared.model.device import free_gpu_memory, resolve_device, resolve_dtype
 from shared.model.loading import load_render_pipeline
 from shared.rpc import eval_pb2, eval_pb2_grpc
@@ -156,21 +155,17 @@ class EvalCore:
     def _lora_file(self, pipe: Any, key: str, run: RunConfig | None = None, full: Any = None) -> Iterator[None]:
         """The LoRA in the pipeline for one render, loaded from the file itself, not a state dict: diffusers reads
         the LoRA's alpha from the file's metadata (a dict would silently apply it at alpha = rank); beside it, the
-        frozen adapters the run's previews use (the assistant LoRA at its inference strength)."""
-        extra = preview_adapters(run.train) if run is not None else {}
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                name = key.rsplit("/", 1)[-1]
-                self.store.get_file(key, Path(tmp) / name)
-                pipe.load_lora_weights(tmp, weight_name=name, adapter_name=ADAPTER)
-                if run is not None and ASSISTANT in extra and run.train.assistant_lora is not None:
-                    attach_frozen_adapter(pipe.transformer, ASSISTANT, run.train.assistant_lora, "assistant_lora_path")
-                with lora_in(pipe, full, Path(tmp) / name, run) if full is not None and run else nullcontext():
-                    yield
-        finally:
-            detach_adapter(pipe.transformer, ASSISTANT)
-            if ADAPTER in getattr(pipe.transformer, "peft_config", {}):
-                pipe.delete_adapters(ADAPTER)
+        frozen adapters the run's previews use (the assistant LoRA at its inference strength); with ``full`` (the
+        full-precision transformer of validation_on_full_precision) the same in it."""
+        train = run.train if run is not None else None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / key.rsplit("/", 1)[-1]
+            self.store.get_file(key, path)
+            with (
+                lora_file_in(pipe, pipe.transformer, path, train),
+                lora_file_in(pipe, full, path, train) if full is not None else nullcontext(),
+            ):
+                yield
 
     def release(self) -> None:
         with self._lock:

@@ -68,15 +68,14 @@ def profile(cfg: RenderSettings, run: AdapterRun) -> RenderSettings:
 def run_means(run: AdapterRun, per_sample: Sequence[Mapping[str, Any]], scheduler: Mapping[str, Any]) -> dict[str, Any]:
     """An adapter run's entry in metrics.json: its profile (``scheduler``: the values it rendered with) and its
     samples' mean PSNRs and effect retention."""
+    return {**run.to_json(), "scheduler": dict(scheduler), **sample_means(per_sample)}
+
+
+def sample_means(per_sample: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """The mean PSNRs and effect retention of a run's per-sample scores (None where no sample has one)."""
 
     def mean(key: str) -> float | None:
         values = [float(a[key]) for a in per_sample if a.get(key) is not None]
         return float(np.mean(values)) if values else None
 
-    return {
-        **run.to_json(),
-        "scheduler": dict(scheduler),
-        "psnr_base": mean("psnr_base"),
-        "psnr_lora": mean("psnr_lora"),
-        "retention": mean("retention"),
-    }
+    return {"psnr_base": mean("psnr_base"), "psnr_lora": mean("psnr_lora"), "retention": mean("retention")}

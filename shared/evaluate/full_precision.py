@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from shared.config.schema import RunConfig
+from shared.evaluate.adapter_runs import sample_means
 
 log = logging.getLogger(__name__)
 
@@ -45,53 +46,22 @@ def load_full_transformer(run: RunConfig, device: torch.device | str, dtype: tor
 
 
 @contextmanager
-def lora_in(pipe: Any, full: Any, lora_file: Path, run: RunConfig) -> Iterator[None]:
-    """``lora_file`` loaded into ``full`` as the trained adapter (by the pipeline's own loader, as into the rendering
-    transformer), and the run's frozen preview adapters (the assistant) beside it, for the block."""
-    from shared.model.adapters import ASSISTANT, TRAINED, attach_frozen_adapter, detach_adapter, preview_adapters
-
-    own = pipe.transformer
-    pipe.transformer = full
-    try:
-        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=TRAINED)
-    finally:
-        pipe.transformer = own
-    try:
-        if ASSISTANT in preview_adapters(run.train) and run.train.assistant_lora is not None:
-            attach_frozen_adapter(full, ASSISTANT, run.train.assistant_lora, "assistant_lora_path")
-        yield
-    finally:
-        detach_adapter(full, ASSISTANT)
-        if TRAINED in getattr(full, "peft_config", {}):
-            full.delete_adapters([TRAINED])
-
-
-@contextmanager
 def lora_from_bytes(pipe: Any, full: Any, data: bytes, run: RunConfig) -> Iterator[None]:
-    """``lora_in`` with a diffusers LoRA file's bytes (the training worker's ``Trainer.export_files``)."""
+    """A diffusers LoRA file's bytes (the training worker's ``Trainer.export_files``) loaded into ``full``, with the
+    run's preview adapters, for the block (``shared.model.adapters.lora_file_in``)."""
+    from shared.model.adapters import lora_file_in
     from shared.model.lora import DIFFUSERS_FILE
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / DIFFUSERS_FILE
         path.write_bytes(data)
-        with lora_in(pipe, full, path, run):
+        with lora_file_in(pipe, full, path, run.train):
             yield
 
 
 def full_means(per_sample: list[dict[str, Any]]) -> dict[str, Any]:
     """The full-precision entry of metrics.json's ``adapters``: the samples' mean PSNRs and effect retention."""
-
-    def mean(key: str) -> float | None:
-        values = [float(a[key]) for a in per_sample if a.get(key) is not None]
-        return sum(values) / len(values) if values else None
-
-    return {
-        "label": FULL_LABEL,
-        "full_precision": True,
-        "psnr_base": mean("psnr_base"),
-        "psnr_lora": mean("psnr_lora"),
-        "retention": mean("retention"),
-    }
+    return {"label": FULL_LABEL, "full_precision": True, **sample_means(per_sample)}
 
 
 @contextmanager

@@ -309,6 +309,28 @@ def preview_adapters(train: TrainConfig) -> dict[str, float]:
     return extra
 
 
+@contextmanager
+def lora_file_in(pipe: Any, transformer: Any, lora_file: Path, train: TrainConfig | None = None) -> Iterator[None]:
+    """For the block: ``lora_file`` loaded into ``transformer`` as the ``TRAINED`` adapter by the pipeline's own
+    loader (diffusers reads the LoRA's alpha from the file's metadata; a state dict would apply it at alpha = rank),
+    and beside it the frozen adapters ``train``'s previews use (the assistant LoRA at its inference strength).
+    Afterwards both are gone, also when loading failed halfway."""
+    own = pipe.transformer
+    try:
+        pipe.transformer = transformer
+        try:
+            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=TRAINED)
+        finally:
+            pipe.transformer = own
+        if train is not None and ASSISTANT in preview_adapters(train) and train.assistant_lora is not None:
+            attach_frozen_adapter(transformer, ASSISTANT, train.assistant_lora, "assistant_lora_path")
+        yield
+    finally:
+        detach_adapter(transformer, ASSISTANT)
+        if TRAINED in getattr(transformer, "peft_config", {}):
+            transformer.delete_adapters([TRAINED])
+
+
 def trained_adapters(transformer: Any) -> dict[str, float]:
     """The active adapters that are not frozen ones (``attach_frozen_adapter``): the LoRA being trained or
     previewed, whatever its name (the pipeline may have loaded it from a file under any)."""

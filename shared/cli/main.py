@@ -83,9 +83,9 @@ def adapter_lines(run: RunConfig) -> list[str]:
 def transformer_line(run: RunConfig) -> str:
     """``edittuner check``'s line on ``pretrained_transformer_model_name_or_path``: a file's types and bytes (read
     from its header, checked against the flavour's transformer), or the folder it loads from."""
+    from shared.config.schema import is_single_file
     from shared.model.loading import inspect_transformer_source
     from shared.model.location import locate_model
-    from shared.model.single_file import is_single_file
 
     t = run.train
     value = t.pretrained_transformer_model_name_or_path

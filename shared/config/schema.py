@@ -42,6 +42,12 @@ def parse_wxh(value: Any) -> tuple[int, int] | str:
     return (w, h)
 
 
+def is_single_file(value: str | None) -> bool:
+    """Whether ``pretrained_transformer_model_name_or_path`` names a single transformer file (GGUF, safetensors)
+    rather than a folder: ``shared.model.single_file`` loads it."""
+    return bool(value) and str(value).lower().endswith((".gguf", ".safetensors"))
+
+
 def _check_wxh(v: str) -> str | None:
     r = parse_wxh(v)
     return r if isinstance(r, str) else None
@@ -408,8 +414,10 @@ class TrainConfig:
     def full_precision_previews(self) -> bool:
         """validation_on_full_precision where it shows something new: the base is quantized (a transformer file,
         or base_model_precision)."""
-        single_file = (self.pretrained_transformer_model_name_or_path or "").lower().endswith((".gguf", ".safetensors"))
-        return self.validation_on_full_precision and (self.base_model_precision != "no_change" or single_file)
+        quantized = self.base_model_precision != "no_change" or is_single_file(
+            self.pretrained_transformer_model_name_or_path
+        )
+        return self.validation_on_full_precision and quantized
 
     @property
     def effective_lora_alpha(self) -> float:

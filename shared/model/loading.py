@@ -17,6 +17,7 @@ import torch
 
 from shared import errors
 from shared.config.flavours import get_flavour
+from shared.config.schema import is_single_file
 from shared.model.location import locate_model
 
 log = logging.getLogger(__name__)
@@ -317,13 +318,18 @@ def load_transformer(
     ``transformer`` (``pretrained_transformer_model_name_or_path``): a single file (``shared.model.single_file``:
     GGUF, ComfyUI bf16/fp8/fp8_scaled safetensors; quantized Linears keep the file's types) or another folder
     holding the transformer under ``subfolder`` (``pretrained_transformer_subfolder``; none: the folder itself)."""
-    from shared.model.single_file import is_single_file, load_transformer_file, transformer_class
+    from shared.model.single_file import (
+        find_transformer_file,
+        inspect_transformer_file,
+        load_transformer_file,
+        transformer_class,
+    )
 
     cls = transformer_class(flavour)
     if transformer and is_single_file(transformer):
-        tf = inspect_transformer_source(source, flavour, transformer)
-        model = load_transformer_file(tf, flavour, transformer_config(source, flavour), dtype=dtype)
-        return apply_flavour(model, flavour)
+        config = transformer_config(source, flavour)
+        tf = inspect_transformer_file(find_transformer_file(transformer), flavour, config)
+        return apply_flavour(load_transformer_file(tf, flavour, config, dtype=dtype), flavour)
     where = transformer or source
     sub = subfolder if transformer else "transformer"
     sub = None if sub in (None, "", "none", ".") else sub

@@ -34,7 +34,6 @@ from shared.config.flavours import get_flavour
 log = logging.getLogger(__name__)
 
 PREFIX = "model.diffusion_model."
-FORMATS = (".gguf", ".safetensors")
 # ComfyUI's per-layer quantization tensors (legacy ``scale_weight``/``scale_input`` and today's names) and its marker
 _SCALES = (".scale_weight", ".weight_scale")
 _AUX = (*_SCALES, ".scale_input", ".input_scale", ".comfy_quant")
@@ -43,7 +42,6 @@ _MARKERS = ("scaled_fp8", "__index_timestep_zero__")
 ZERO_COND_MARKER = "__index_timestep_zero__"
 # safetensors dtype names → the names this project shows
 _ST_KINDS = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-PLAIN_KINDS = ("F32", "F16", "BF16")
 _FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
 
 
@@ -98,13 +96,17 @@ def _size(n: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- locating
-def find_transformer_file(value: str, option: str = "pretrained_transformer_model_name_or_path") -> Path:
-    """The local file ``value`` names: as given, else under ``EDITTUNER_MODEL_DIR``; an error naming the places."""
+def transformer_candidates(value: str) -> list[Path]:
+    """Where ``pretrained_transformer_model_name_or_path`` is looked for, in order: as given, then (a relative path)
+    under ``EDITTUNER_MODEL_DIR``."""
     path = Path(value).expanduser()
-    candidates = [path]
     root = os.environ.get("EDITTUNER_MODEL_DIR")
-    if root and not path.is_absolute():
-        candidates.append(Path(root) / path)
+    return [path, Path(root) / path] if root and not path.is_absolute() else [path]
+
+
+def find_transformer_file(value: str, option: str = "pretrained_transformer_model_name_or_path") -> Path:
+    """The local file ``value`` names (``transformer_candidates``); an error naming the places looked at."""
+    candidates = transformer_candidates(value)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
@@ -112,10 +114,6 @@ def find_transformer_file(value: str, option: str = "pretrained_transformer_mode
         f"{option}: {value!r} was not found (looked at {', '.join(map(str, candidates))}); place the file under "
         "EDITTUNER_MODEL_DIR, or give its full path"
     )
-
-
-def is_single_file(value: str | None) -> bool:
-    return bool(value) and str(value).lower().endswith(FORMATS)
 
 
 # ------------------------------------------------------------------------------------------------ inspection
@@ -254,15 +252,20 @@ def _expected(flavour: str, config: dict[str, Any]) -> dict[str, tuple[int, ...]
 
 
 def transformer_class(flavour: str) -> Any:
-    # diffusers' classes from their modules: mypy reads ``from diffusers import`` as its dummy placeholders
-    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
-    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21Transformer2DModel
+    """The diffusers transformer class of ``flavour``."""
+    return transformer_class_named(get_flavour(flavour).transformer_class_name)
 
-    classes = {
-        "QwenImageTransformer2DModel": QwenImageTransformer2DModel,
-        "QwenImage21Transformer2DModel": QwenImage21Transformer2DModel,
-    }
-    return classes[get_flavour(flavour).transformer_class_name]
+
+def transformer_class_named(class_name: str) -> Any:
+    """``QwenImage21Transformer2DModel`` by that name; for any other name, ``QwenImageTransformer2DModel``."""
+    # diffusers' classes from their modules: mypy reads ``from diffusers import`` as its dummy placeholders
+    if class_name == "QwenImage21Transformer2DModel":
+        from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21Transformer2DModel
+
+        return QwenImage21Transformer2DModel
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel
 
 
 def inspect_transformer_file(path: str | Path, flavour: str, config: dict[str, Any]) -> TransformerFile:

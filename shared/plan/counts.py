@@ -17,6 +17,7 @@ import torch
 
 from shared import errors
 from shared.model.quantize import keeps_high_precision
+from shared.model.single_file import transformer_class_named
 
 # ----------------------------------------------------------------------------------------- the real model
 # Qwen/Qwen-Image-Edit(-2509, -2511) transformer/config.json: used when the model is a hub id (not on disk).
@@ -173,21 +174,10 @@ def _stream(name: str, joint: bool = False) -> str:
     return "image"
 
 
-def _transformer_class(class_name: str) -> Any:
-    # diffusers' classes from their modules: mypy reads ``from diffusers import`` as its dummy placeholders
-    if class_name == QWEN21_CLASS:
-        from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21Transformer2DModel
-
-        return QwenImage21Transformer2DModel
-    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
-
-    return QwenImageTransformer2DModel
-
-
 def class_defaults(class_name: str) -> dict[str, Any]:
     """The constructor's default arguments of a transformer class (QwenImage21Transformer2DModel's are the released
     model's config)."""
-    params = inspect.signature(_transformer_class(class_name).__init__).parameters
+    params = inspect.signature(transformer_class_named(class_name).__init__).parameters
     return {
         k: list(p.default) if isinstance(p.default, tuple) else p.default
         for k, p in params.items()
@@ -246,14 +236,14 @@ def _counts(config_json: str, class_name: str) -> TransformerCounts:
 
 
 def _known(config: dict[str, Any], class_name: str) -> dict[str, Any]:
-    keys = set(inspect.signature(_transformer_class(class_name).__init__).parameters) - {"self"}
+    keys = set(inspect.signature(transformer_class_named(class_name).__init__).parameters) - {"self"}
     return {k: v for k, v in config.items() if k in keys}
 
 
 def build_meta_transformer(config: dict[str, Any], class_name: str = "QwenImageTransformer2DModel") -> Any:
     """The transformer class ``class_name`` from ``config`` on the meta device: shapes without memory."""
     with torch.device("meta"):
-        return _transformer_class(class_name)(**_known(config, class_name))
+        return transformer_class_named(class_name)(**_known(config, class_name))
 
 
 def counts_for_config(config: dict[str, Any], class_name: str | None = None) -> TransformerCounts:

@@ -36,12 +36,12 @@ import os
 from typing import TYPE_CHECKING
 
 from shared import errors
+from shared.config.schema import is_single_file
 from shared.model.single_file import (
     TensorEntry,
     TransformerFile,
     find_transformer_file,
     inspect_transformer_file,
-    is_single_file,
 )
 from shared.plan.counts import TransformerCounts, build_meta_transformer
 

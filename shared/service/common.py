@@ -20,9 +20,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from shared import errors
 from shared.config.loading import ConfigFiles, load_run_config_text
-from shared.config.schema import RunConfig
+from shared.config.schema import RunConfig, is_single_file
 from shared.model.location import looks_like_hub_id
-from shared.model.single_file import is_single_file
+from shared.model.single_file import transformer_candidates
 from shared.rpc import common_pb2
 from shared.service.jobs import JobManager
 from shared.service.outputs import result_of, set_result
@@ -286,11 +286,8 @@ class ServerPaths:
 
 
 def _transformer_path(value: str) -> str:
-    """Where the loader finds a transformer file or folder (as given, else under EDITTUNER_MODEL_DIR)."""
-    root = os.environ.get("EDITTUNER_MODEL_DIR")
-    if not os.path.exists(value) and root and not os.path.isabs(value) and os.path.exists(os.path.join(root, value)):
-        return os.path.join(root, value)
-    return value
+    """Where the loader finds a transformer file or folder: the first of its places that exists, else as given."""
+    return str(next((p for p in transformer_candidates(value) if p.exists()), value))
 
 
 def adapter_files(run: RunConfig) -> list[tuple[str, str]]:

@@ -31,7 +31,6 @@ class _FrozenWeightLinear(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, weight_of: Callable[[torch.dtype], torch.Tensor]
     ) -> torch.Tensor:
         ctx.weight_of = weight_of  # the module's resident packed weight, not a copy
-        ctx.x_shape = x.shape
         return F.linear(x, weight_of(x.dtype), bias)
 
     @staticmethod
@@ -128,8 +127,3 @@ def file_type(m: torch.nn.Module) -> str:
         return str(m.fp8_dtype).removeprefix("torch.")
     weight: Any = m.weight  # a GGUFParameter
     return str(weight.quant_type.name)
-
-
-def file_quantized_layers(model: torch.nn.Module) -> dict[str, str]:
-    """Module name → the file type of its weight, for the layers this module made."""
-    return {n: file_type(m) for n, m in model.named_modules() if type(m).__module__ == __name__}

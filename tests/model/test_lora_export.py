@@ -241,6 +241,21 @@ def reuse_reference_encoding(pipe: Any) -> None:
     pipe.vae.encode = cached
 
 
+def edit_kwargs() -> dict[str, Any]:
+    """A 2-step, guidance-free 64x64 edit of a fixed random 32x32 image: the call the exported files are checked
+    with on the tiny pipelines."""
+    rng = np.random.RandomState(0)
+    return dict(
+        image=Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8")),
+        prompt="make the sky blue",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        true_cfg_scale=1.0,
+        output_type="np",
+    )
+
+
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")  # two adapters: intended
 @pytest.mark.parametrize("flavour", ["edit-v1", "edit-v2"])
 def test_exported_files_load_into_the_flavours_pipeline(flavour: str, tiny_models: Any, tmp_path: Path) -> None:
@@ -252,16 +267,7 @@ def test_exported_files_load_into_the_flavours_pipeline(flavour: str, tiny_model
     pipe = load_pipeline(d, flavour)
     assert type(pipe).__name__ == pipeline_class(flavour).__name__
     reuse_reference_encoding(pipe)
-    rng = np.random.RandomState(0)
-    kwargs = dict(
-        image=Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8")),
-        prompt="make the sky blue",
-        height=64,
-        width=64,
-        num_inference_steps=2,
-        true_cfg_scale=1.0,
-        output_type="np",
-    )
+    kwargs = edit_kwargs()
 
     def run() -> np.ndarray:
         return pipe(generator=torch.Generator().manual_seed(0), **kwargs).images

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shared.errors import InvalidInput
-from shared.model.frozen_linear import file_quantized_layers
 from shared.model.loading import load_transformer, transformer_config
+from shared.model.quantize import quantized_modules
 from shared.model.single_file import inspect_transformer_file
 from shared.model.tiny_files import write_comfy_safetensors, write_gguf
 
@@ -26,6 +26,11 @@ from shared.model.tiny_files import write_comfy_safetensors, write_gguf
 # each bound ~1.5x what the type gives on this model (measured: Q8_0 0.0056, Q4_0 0.093, bf16 0.0022,
 # fp8 0.033, fp8_scaled 0.040)
 TOLERANCE = {"Q8_0": 0.01, "Q4_0": 0.15, "bf16": 0.005, "fp8": 0.05, "fp8_scaled": 0.06}
+
+
+def file_quantized_layers(model: torch.nn.Module) -> dict[str, str]:
+    """Module → the file type its weight is kept in (``quantized_modules``' ``file:`` entries)."""
+    return {n: k.removeprefix("file:") for n, k in quantized_modules(model).items() if k.startswith("file:")}
 
 
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:

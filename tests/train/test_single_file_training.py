@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
+from test_lora_export import edit_kwargs
 from test_training import make_run, trainer_for
 
 from shared.config.loading import load_run_config
@@ -84,16 +84,7 @@ def test_resume_is_bitwise_and_the_lora_is_the_usual_file(encoded: Any, tmp_path
     lora = tmp_path / "lora"
     store.get_file("runs/a/lora/pytorch_lora_weights.safetensors", lora / "pytorch_lora_weights.safetensors")
     pipe = load_pipeline(model_dir(cfg), "edit-v2")
-    rng = np.random.RandomState(0)
-    kwargs = dict(
-        image=Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8")),
-        prompt="make the sky blue",
-        height=64,
-        width=64,
-        num_inference_steps=2,
-        true_cfg_scale=1.0,
-        output_type="np",
-    )
+    kwargs = edit_kwargs()
     base = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
     pipe.load_lora_weights(str(lora), weight_name="pytorch_lora_weights.safetensors", adapter_name="trained")
     assert "trained" in pipe.transformer.transformer_blocks[0].attn.to_q.lora_A
